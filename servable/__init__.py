@@ -1,0 +1,1 @@
+"""Servable core: configuration, shared pre-processing and the model artifact contract (no torch)."""

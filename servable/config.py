@@ -1,0 +1,164 @@
+"""The one typed configuration place.
+
+Every field is overridable by environment variable (prefix shown per class) and, for the
+training commands, by a CLI flag of the same name in kebab-case (pydantic-settings parses both).
+`docs/configuration.md` is generated from these classes (`python -m servable.config_docs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _cfg(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, cli_kebab_case=True, extra="ignore")
+
+
+class TrainCommon(BaseSettings):
+    """Practices shared by both models; each one is a flag and is recorded in the artifact."""
+
+    name: str = Field(description="Model name in the BentoML model store.")
+    version: str | None = Field(None, description="Version label; default: UTC timestamp.")
+    runs_dir: Path = Field(Path("runs"), description="Where run outputs (metrics, plots, ONNX) go.")
+    seed: int = Field(42, description="Seed for python, numpy, torch and the data split.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
+    amp: bool = Field(True, description="Mixed precision (bf16/fp16 autocast) when on CUDA.")
+    num_threads: int = Field(0, description="torch CPU threads; 0 = all cores.")
+    batch_size: int = Field(64, ge=1)
+    epochs_head: int = Field(1, ge=0, description="Stage 1: epochs training the new head, backbone frozen.")
+    epochs_finetune: int = Field(2, ge=0, description="Stage 2: epochs with the backbone unfrozen.")
+    lr_head: float = Field(3e-3, gt=0, description="Learning rate of stage 1.")
+    lr_finetune: float = Field(5e-4, gt=0, description="Learning rate of stage 2 (lower: keep features).")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Linear warm-up share of each stage.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (the L2 answer).")
+    l1: float = Field(0.0, ge=0, description="Optional L1 penalty on the head weights.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classification head.")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without val-loss improvement.")
+    min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest val-loss gain that counts.")
+    clip_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 = off.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of training data held for validation.")
+    limit: int | None = Field(None, ge=10, description="Use at most this many training examples.")
+    test_limit: int | None = Field(None, ge=10, description="Evaluate on at most this many test examples.")
+    quantize: bool = Field(True, description="Also produce and measure an int8 ONNX model.")
+    register_model: bool = Field(True, description="Register the artifact in the BentoML model store.")
+    progress: bool = Field(True, description="Show tqdm progress bars.")
+
+
+class ImageTrainConfig(TrainCommon):
+    """Fine-tune EfficientNet-Lite0 (ImageNet) on Fashion-MNIST or an image folder."""
+
+    model_config = _cfg("SERVABLE_IMAGE_")
+
+    name: str = "fashion-cnn"
+    data_dir: Path | None = Field(
+        None, description="Image folder root/<class>/*.jpg; default: Fashion-MNIST (Debian package)."
+    )
+    fashion_mnist_dir: Path = Field(FASHION_MNIST_DIR, description="Where the Fashion-MNIST IDX files are.")
+    limit: int | None = Field(8000, ge=10, description="Use at most this many training images.")
+    image_size: int = Field(64, ge=16, le=512, description="Square input size the network sees.")
+    pretrained: bool = Field(True, description="ImageNet weights; false trains from scratch.")
+    augment: bool = Field(True, description="kornia flips, small affine jitter and random erasing.")
+    calibration_size: int = Field(256, ge=8, description="Training images used to calibrate int8.")
+    parity_tolerance: float = Field(1e-3, gt=0, description="Max |ONNX - PyTorch| logit diff allowed.")
+
+
+class TextTrainConfig(TrainCommon):
+    """Fine-tune a BERT-family encoder for sentiment."""
+
+    model_config = _cfg("SERVABLE_TEXT_")
+
+    name: str = "sentiment-bert"
+    data_file: Path | None = Field(
+        None, description="CSV/JSONL with text,label columns; default: bundled review sentences."
+    )
+    backbone: str | None = Field(None, description="Hugging Face name or local dir; default: bundled all-MiniLM-L6-v2.")
+    datasets_dir: Path = Field(Path(".cache/datasets"), description="Where `make data` put the vaderSentiment sdist.")
+    max_length: int = Field(64, ge=8, le=512, description="Tokens per text (truncation length).")
+    optimize: bool = Field(True, description="Also produce ONNX Runtime's fused-transformer graph.")
+    batch_size: int = 32
+    limit: int | None = Field(6000, ge=10, description="Use at most this many training sentences.")
+    epochs_head: int = 0
+    epochs_finetune: int = 2
+    lr_head: float = 1e-3
+    lr_finetune: float = 5e-5
+    dropout: float = 0.1
+    parity_tolerance: float = Field(1e-3, gt=0, description="Max |ONNX - PyTorch| logit diff allowed.")
+
+
+class LimitedDataConfig(ImageTrainConfig):
+    """Pretrained vs from-scratch at several training-set sizes (the limited-data experiment)."""
+
+    model_config = _cfg("SERVABLE_LIMITED_")
+
+    sizes: list[int] = Field([300, 1000, 3000], description="Training-set sizes to compare.")
+    epochs_head: int = 1
+    epochs_finetune: int = 3
+    test_limit: int | None = 2000
+    output: Path = Field(Path("docs/results/limited_data"), description="Where the table and plot go.")
+
+
+# ---------------------------------------------------------------- serving
+
+
+class ServeCommon(BaseSettings):
+    """Settings of one served model (both services share these fields, each with its own prefix)."""
+
+    model_tag: str = Field(description="BentoML model-store tag, e.g. fashion-cnn:latest or name:version.")
+    variant: Literal["fp32", "int8", "optimized"] = Field("fp32", description="Which ONNX file of the artifact.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA provider when it loads.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = its default.")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level."
+    )
+    batching: bool = Field(True, description="Adaptive batching of the model call (BentoML batchable).")
+    max_batch_size: int = Field(32, ge=2, description="Largest batch the model runs.")
+    max_latency_ms: int = Field(
+        2000, ge=10, description="Queue-wait bound of the batcher; past it a call is refused (503)."
+    )
+    max_items: int = Field(16, ge=1, description="Most items (images or texts) in one request.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above: 413.")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight per replica; above: 429/503 at once.")
+    timeout_s: float = Field(30.0, gt=0, description="Request timeout.")
+    workers: int = Field(1, ge=1, description="Model worker processes per replica.")
+    warmup_batches: list[int] = Field([1, 8], description="Batch sizes run once at start-up before ready.")
+
+
+class ImageServeSettings(ServeCommon):
+    model_config = _cfg("SERVABLE_IMAGE_SERVE_")
+
+    model_tag: str = "fashion-cnn:latest"
+    max_pixels: int = Field(25_000_000, ge=1, description="Decoded-size limit (decompression bombs).")
+    top_k: int = Field(3, ge=1, description="Default number of labels returned.")
+
+
+class TextServeSettings(ServeCommon):
+    model_config = _cfg("SERVABLE_TEXT_SERVE_")
+
+    model_tag: str = "sentiment-bert:latest"
+    max_items: int = 64
+    max_body_bytes: int = 1024 * 1024
+    max_text_chars: int = Field(5000, ge=1, description="Longest text accepted (characters).")
+    length_buckets: bool = Field(True, description="Split a batch into groups of similar token length.")
+    bucket_waste: float = Field(
+        0.3, ge=0, le=1, description="Padding share allowed in a length bucket before it is split."
+    )
+
+
+class AuthSettings(BaseSettings):
+    """API keys for the inference endpoints; health and metrics stay open unless metrics_require_key."""
+
+    model_config = _cfg("SERVABLE_AUTH_")
+
+    required: bool = Field(True, description="Refuse inference calls without a valid key (401).")
+    keys_file: Path | None = Field(
+        None, description="File of `name:key` lines (a mounted secret); re-read when it changes."
+    )
+    keys: str = Field("", description="Inline `name:key,name2:key2` (for development; prefer keys_file).")
+    header: str = Field("x-api-key", description="Header carrying the key (or Authorization: Bearer).")
+    metrics_require_key: bool = Field(False, description="Also require a key on /metrics.")

@@ -1,0 +1,139 @@
+"""Pre-processing shared by training's evaluation and by serving (numpy, Pillow, tokenizers only).
+
+Its parameters are pydantic models that travel inside the model artifact, so a served model is
+always fed exactly as it was evaluated.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel, Field
+
+# ---------------------------------------------------------------- images
+
+
+class ImagePreprocessing(BaseModel):
+    """How raw pixels become the network's input tensor."""
+
+    size: int = Field(description="Square side the image is resized to.")
+    color_mode: Literal["L", "RGB"] = Field(
+        "RGB", description="L: converted to grey, then repeated on 3 channels (as trained)."
+    )
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channel_order: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    resample: Literal["bilinear"] = "bilinear"
+    input_name: str = "pixels"
+
+
+class InvalidImage(ValueError):
+    """A client-side problem with an image; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(data: bytes, *, max_pixels: int = 25_000_000) -> Image.Image:
+    """Decode bytes into a fully loaded Pillow image, refusing bombs and broken files early."""
+    if not data:
+        raise InvalidImage("empty", "the image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, above 2x its default limit
+        raise InvalidImage("too_many_pixels", f"the image declares too many pixels ({exc})") from exc
+    except Exception as exc:  # Pillow raises several types for unknown formats
+        raise InvalidImage("not_an_image", "the data is not a decodable image (JPEG, PNG, ...)") from exc
+    width, height = img.size
+    # Checked before decoding pixels: a small file can declare a huge canvas (decompression bomb).
+    if width * height > max_pixels:
+        raise InvalidImage(
+            "too_many_pixels", f"the image has {width}x{height} pixels, more than the limit {max_pixels}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as exc:
+        raise InvalidImage("corrupt", "the image is truncated or corrupt") from exc
+    return ImageOps.exif_transpose(img) or img
+
+
+def to_model_pixels(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
+    """Colour-convert and resize: uint8 array of shape (size, size, 3)."""
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")
+    img = img.convert(cfg.color_mode)
+    if img.size != (cfg.size, cfg.size):
+        img = img.resize((cfg.size, cfg.size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return arr
+
+
+def normalize(pixels: np.ndarray, cfg: ImagePreprocessing) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W), scaled as the backbone's weights expect."""
+    mean = np.asarray(cfg.mean, dtype=np.float32)
+    std = np.asarray(cfg.std, dtype=np.float32)
+    x = (pixels.astype(np.float32) / 255.0 - mean) / std
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess_image(data: bytes | Image.Image, cfg: ImagePreprocessing, *, max_pixels: int = 25_000_000):
+    """The whole path for one image: decode, convert, resize, normalise -> float32 (3, H, W)."""
+    img = decode_image(data, max_pixels=max_pixels) if isinstance(data, bytes) else data
+    return normalize(to_model_pixels(img, cfg), cfg)
+
+
+# ---------------------------------------------------------------- text
+
+
+class TextPreprocessing(BaseModel):
+    """Tokenisation settings; the tokenizer file itself ships in the artifact."""
+
+    tokenizer_file: str = "tokenizer.json"
+    max_length: int = Field(description="Truncation length in tokens (special tokens included).")
+    input_names: list[str] = Field(description="ONNX inputs, e.g. input_ids, attention_mask, token_type_ids.")
+    pad_token_id: int = 0
+
+
+def load_tokenizer(path: Path, cfg: TextPreprocessing):
+    """A `tokenizers.Tokenizer` set to truncate as in training; padding is done per batch."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(max_length=cfg.max_length)
+    tok.no_padding()
+    return tok
+
+
+def encode_texts(tokenizer, texts: Sequence[str], cfg: TextPreprocessing) -> dict[str, np.ndarray]:
+    """Tokenise and pad to the longest text of this batch (dynamic padding): int64 arrays."""
+    encodings = tokenizer.encode_batch(list(texts))
+    return pad_encodings([e.ids for e in encodings], [e.type_ids for e in encodings], cfg)
+
+
+def pad_encodings(
+    ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]], cfg: TextPreprocessing
+) -> dict[str, np.ndarray]:
+    """Pad token id lists to a rectangle and build the inputs the ONNX model declares."""
+    length = max(len(x) for x in ids)
+    n = len(ids)
+    input_ids = np.full((n, length), cfg.pad_token_id, dtype=np.int64)
+    mask = np.zeros((n, length), dtype=np.int64)
+    types = np.zeros((n, length), dtype=np.int64)
+    for i, (row, trow) in enumerate(zip(ids, type_ids, strict=True)):
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+        types[i, : len(trow)] = trow
+    arrays = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: arrays[name] for name in cfg.input_names}

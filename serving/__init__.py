@@ -1,0 +1,1 @@
+"""BentoML services over ONNX Runtime for the registered models (no torch needed)."""

@@ -1,0 +1,77 @@
+"""One JSON log line per request: id, method, path, status, latency, key name. Never content.
+
+Request and response bodies, query strings and headers other than the request id are not
+logged, so nothing a user sends reaches the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+log = logging.getLogger("servable.access")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                 "msg": record.getMessage()}  # fmt: skip
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+        return json.dumps(entry)
+
+
+def configure_json_logging() -> None:
+    """Servable's loggers write JSON lines to stderr (BentoML's own access log is turned off)."""
+    root = logging.getLogger("servable")
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class AccessLogMiddleware:
+    """Outermost middleware: assigns/propagates X-Request-ID and logs the outcome of each call."""
+
+    def __init__(self, app, service: str) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start, status = time.perf_counter(), 500
+
+        async def send_with_id(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                msg["headers"] = [*msg.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] not in ("/livez", "/readyz", "/healthz", "/metrics"):
+                log.info("request", extra={"fields": {
+                    "service": self.service, "request_id": request_id, "method": scope["method"],
+                    "path": scope["path"], "status": status,
+                    "latency_ms": round(1000 * (time.perf_counter() - start), 2),
+                    "key_name": scope["state"].get("key_name"),
+                }})  # fmt: skip

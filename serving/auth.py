@@ -1,0 +1,109 @@
+"""API-key authentication for inference endpoints (header or Bearer token).
+
+Keys are `name:key` pairs from a secret file (re-read when its mtime changes, so keys rotate and
+are revoked without a restart) and/or the environment. Comparison is constant-time; only the
+key's *name* is ever logged or exported.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+
+from servable.config import AuthSettings
+from serving.errors import send_error
+
+log = logging.getLogger("servable.auth")
+
+# Always reachable without a key: probes, the OpenAPI document and its UI.
+OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready", "/docs.json", "/", "/docs"}
+
+
+def parse_keys(text: str) -> dict[str, str]:
+    """`name:key` entries separated by newlines or commas; `#` starts a comment."""
+    keys: dict[str, str] = {}
+    for raw in text.replace(",", "\n").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, key = line.partition(":")
+        if not sep or not name.strip() or len(key.strip()) < 8:
+            raise ValueError("API key entries must be `name:key` with a key of at least 8 characters")
+        keys[key.strip()] = name.strip()
+    return keys
+
+
+class KeyStore:
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self._inline = parse_keys(settings.keys)
+        self._file_keys: dict[str, str] = {}
+        self._mtime: float | None = None
+        self._reload()
+        if settings.required and not self.keys():
+            log.warning("auth is required but no API key is configured: every inference call will get 401")
+
+    def _reload(self) -> None:
+        path: Path | None = self.settings.keys_file
+        if path is None:
+            return
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            if self._file_keys:
+                log.warning("API key file %s disappeared: its keys are revoked", path)
+            self._file_keys, self._mtime = {}, None
+            return
+        if mtime != self._mtime:
+            self._file_keys, self._mtime = parse_keys(path.read_text()), mtime
+            log.info("loaded %d API key(s) from %s", len(self._file_keys), path)
+
+    def keys(self) -> dict[str, str]:
+        return {**self._inline, **self._file_keys}
+
+    def identify(self, presented: str | None) -> str | None:
+        """The name of the key, or None. Every stored key is compared, in constant time."""
+        self._reload()
+        if not presented:
+            return None
+        found = None
+        for key, name in self.keys().items():
+            if hmac.compare_digest(key.encode(), presented.encode()):
+                found = name
+        return found
+
+
+class ApiKeyMiddleware:
+    """401 JSON for protected paths without a valid key; sets scope["state"]["key_name"]."""
+
+    def __init__(self, app, settings: AuthSettings | None = None) -> None:
+        self.app = app
+        self.settings = settings or AuthSettings()
+        self.store = KeyStore(self.settings)
+        self.header = self.settings.header.lower().encode()
+
+    def _presented(self, scope) -> str | None:
+        for k, v in scope.get("headers", []):
+            if k == self.header:
+                return v.decode("latin-1").strip()
+            if k == b"authorization" and v[:7].lower() == b"bearer ":
+                return v[7:].decode("latin-1").strip()
+        return None
+
+    def _is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (path == "/metrics" and not self.settings.metrics_require_key)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.settings.required or self._is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        name = self.store.identify(self._presented(scope))
+        if name is None:
+            await send_error(send, 401, "unauthenticated",
+                             f"a valid API key is required (header {self.settings.header} or Bearer token)",
+                             [(b"www-authenticate", b"Bearer")])  # fmt: skip
+            return
+        scope.setdefault("state", {})["key_name"] = name
+        await self.app(scope, receive, send)

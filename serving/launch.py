@@ -1,0 +1,156 @@
+"""Start, probe and stop BentoML servers on 127.0.0.1: used by tests, `make serve` and the main job.
+
+Every server runs in its own process group and is stopped by that id (SIGTERM for a graceful
+drain, SIGKILL after a bound). Waits are bounded loops that give up by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICES = {
+    "image": "serving.image_service:ImageClassifier",
+    "text": "serving.text_service:SentimentClassifier",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    target: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+def start(target: str, env: dict[str, str] | None = None, port: int | None = None,
+          log_path: Path | None = None, cwd: Path | None = None) -> Server:  # fmt: skip
+    port = port or free_port()
+    log_path = log_path or Path(f"/tmp/servable-{target.split(':')[-1]}-{port}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)  # fmt: skip
+    return Server(target, port, log_path, proc)
+
+
+def get(url: str, headers: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def wait_until(server: Server, path: str = "/readyz", status: int = 200, timeout_s: float = 120.0) -> bool:
+    """Poll until `path` answers `status`; False on timeout or if the server process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return False
+        if get(server.url + path, timeout=2)[0] == status:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def start_ready(target: str, env: dict[str, str] | None = None, timeout_s: float = 180.0, **kw) -> Server:
+    server = start(target, env, **kw)
+    if not wait_until(server, timeout_s=timeout_s):
+        server.stop()
+        raise RuntimeError(f"{target} did not become ready in {timeout_s:.0f}s; log:\n{server.log()[-3000:]}")
+    return server
+
+
+def _demo_key() -> str:
+    from servable.config import AuthSettings
+    from serving.auth import parse_keys
+
+    keys = parse_keys(AuthSettings().keys)
+    return next(iter(keys), "")
+
+
+def demo() -> int:
+    """The main job's last step: serve both models, call them as the README shows, stop."""
+    key = _demo_key()
+    if not key:
+        print("set SERVABLE_AUTH_KEYS=name:key to run the demo", file=sys.stderr)
+        return 2
+    servers = {}
+    try:
+        for kind, target in SERVICES.items():
+            print(f"starting {target} ...", flush=True)
+            servers[kind] = start_ready(target)
+        img, txt = servers["image"].url, servers["text"].url
+        sample = Path("/usr/share/darknet/data/dog.jpg")
+        calls = [
+            f"curl -s -H 'x-api-key: {key}' -F image=@{sample} {img}/classify" if sample.exists() else None,
+            f"curl -s -H 'x-api-key: {key}' -H 'content-type: application/json' "
+            f'-d \'{{"texts": ["A gorgeous, witty film.", "Dull and far too long."]}}\' {txt}/sentiment',
+            f"curl -s {txt}/v2/health/ready",
+        ]
+        for cmd in filter(None, calls):
+            out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30, check=False).stdout
+            print(f"\n$ {cmd}\n{json.dumps(json.loads(out), indent=1)[:600]}")
+        print("\nServe them yourself: make serve  (image on :3000, sentiment on :3001, key from SERVABLE_AUTH_KEYS)")
+        return 0
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def serve_forever(image_port: int = 3000, text_port: int = 3001) -> int:
+    servers = [start_ready(SERVICES["image"], port=image_port), start_ready(SERVICES["text"], port=text_port)]
+    print(f"image: {servers[0].url}/docs  sentiment: {servers[1].url}/docs  (Ctrl-C stops both)", flush=True)
+    try:
+        while all(s.proc.poll() is None for s in servers):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for s in servers:
+            s.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(demo() if "--demo" in sys.argv else serve_forever())

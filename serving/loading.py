@@ -1,0 +1,90 @@
+"""Load a registered model for serving: verify, create the session, warm up, or stay un-ready.
+
+A missing, tampered or wrong-task artifact never crashes the replica into a restart loop and
+never serves: the replica stays up, `/readyz` answers 503 and the log says why, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from servable import artifact
+from servable.config import ServeCommon
+from serving import metrics
+from serving.onnx_runtime import create_session
+
+log = logging.getLogger("servable.loading")
+
+
+class ServedModel:
+    """The artifact (manifest + files), and for model workers the ONNX Runtime session."""
+
+    def __init__(self, settings: ServeCommon, task: str, *, with_session: bool) -> None:
+        self.settings, self.task = settings, task
+        self.art: artifact.Artifact | None = None
+        self.session = None
+        self.provider = "none"
+        self.error: str | None = None
+        try:
+            self.art = artifact.load(settings.model_tag)
+            if self.art.manifest.task != task:
+                raise artifact.ArtifactError(f"{self.art.tag} is a {self.art.manifest.task} model, not {task}")
+            self.art.onnx_path(settings.variant)  # the configured variant must exist
+            if with_session:
+                self.session, self.provider = create_session(self.art.onnx_path(settings.variant), settings)
+            log.info("model %s (%s) verified and loaded", self.art.tag, settings.variant)
+        except Exception as exc:  # any load failure keeps the replica un-ready, with the reason
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("model %s NOT loaded, replica stays un-ready: %s", settings.model_tag, self.error)
+
+    @property
+    def ready(self) -> bool:
+        return self.error is None and self.art is not None
+
+    @property
+    def manifest(self) -> artifact.ModelManifest:
+        assert self.art is not None
+        return self.art.manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name if self.art else self.settings.model_tag.split(":")[0]
+
+    def warm_up(self, make_batch: Callable[[int], object], run: Callable[[object], np.ndarray]) -> None:
+        """Run the configured batch sizes once so the first real request pays no start-up cost."""
+        if not self.ready:
+            return
+        try:
+            for n in self.settings.warmup_batches:
+                start = time.perf_counter()
+                out = run(make_batch(n))
+                if not np.isfinite(out).all():
+                    raise RuntimeError("warm-up produced non-finite outputs")
+                log.info("warm-up batch %d: %.1f ms", n, 1000 * (time.perf_counter() - start))
+            metrics.MODEL_INFO.labels(model=self.name, tag=self.art.tag, variant=self.settings.variant,
+                                      provider=self.provider).set(1)  # fmt: skip
+        except Exception as exc:
+            self.error = f"warm-up failed: {type(exc).__name__}: {exc}"
+            log.error("model %s NOT ready: %s", self.settings.model_tag, self.error)
+
+    def runtime(self) -> dict:
+        return {"provider": self.provider,
+                "providers": self.session.get_providers() if self.session is not None else []}  # fmt: skip
+
+    def info(self) -> dict:
+        if not self.ready:
+            return {"ready": False, "model_tag": self.settings.model_tag, "error": self.error}
+        m = self.manifest
+        return {
+            "ready": True, "model_tag": self.art.tag, "name": m.name, "version": m.version, "task": m.task,
+            "labels": m.labels, "variant": self.settings.variant,
+            "quantized": self.settings.variant == "int8", "variants_available": sorted(m.onnx),
+            "preprocessing": (m.image_preprocessing or m.text_preprocessing).model_dump(),
+            "batching": {"enabled": self.settings.batching, "max_batch_size": self.settings.max_batch_size,
+                         "max_latency_ms": self.settings.max_latency_ms},
+            "test_accuracy": {k: v["accuracy"] for k, v in m.metrics["test"].items()},
+        }  # fmt: skip

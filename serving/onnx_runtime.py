@@ -1,0 +1,54 @@
+"""ONNX Runtime sessions: CUDA provider when it really loads, CPU otherwise; never pretend."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from servable.config import ServeCommon
+
+log = logging.getLogger("servable.runtime")
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def requested_providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        if device == "cuda":
+            raise RuntimeError(f"device=cuda but this onnxruntime build has no CUDA provider ({available})")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def create_session(path, settings: ServeCommon) -> tuple[ort.InferenceSession, str]:
+    """Build the session and report the provider actually in use (CUDA can fall back silently)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = _LEVELS[settings.graph_optimization]
+    if settings.intra_op_threads:
+        opts.intra_op_num_threads = settings.intra_op_threads
+    opts.log_severity_level = 3  # the CUDA fallback error is reported below, once, in plain words
+    session = ort.InferenceSession(str(path), opts, providers=requested_providers(settings.device))
+    in_use = session.get_providers()[0]
+    if settings.device == "cuda" and in_use != "CUDAExecutionProvider":
+        raise RuntimeError("device=cuda but the CUDA provider did not load (CUDA/cuDNN libraries missing?)")
+    wanted = requested_providers(settings.device)[0]
+    if wanted != in_use:
+        log.warning("requested %s but ONNX Runtime fell back to %s", wanted, in_use)
+    log.info("ONNX Runtime providers in use for %s: %s", path.name, session.get_providers())
+    return session, in_use
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

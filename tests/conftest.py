@@ -1,0 +1,75 @@
+"""Shared fixtures: an isolated BentoML model store and tiny real training runs (reused)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports bentoml: every test session gets its own model store.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="servable-test-bentoml-")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def image_run(runs_dir):
+    """A real fine-tune on 400 Fashion-MNIST images at 32 px: seconds, not minutes."""
+    from servable.config import ImageTrainConfig
+    from training.image_pipeline import train_image
+
+    cfg = ImageTrainConfig(
+        runs_dir=runs_dir, limit=400, test_limit=300, image_size=32, epochs_head=1, epochs_finetune=2,
+        batch_size=32, lr_finetune=1e-3, calibration_size=64, progress=False, version="t1",
+    )  # fmt: skip
+    return train_image(cfg)
+
+
+@pytest.fixture(scope="session")
+def text_run(runs_dir):
+    """A real fine-tune of the bundled MiniLM on 400 review sentences."""
+    from servable.config import TextTrainConfig
+    from training.text_pipeline import train_text
+
+    cfg = TextTrainConfig(
+        runs_dir=runs_dir, limit=400, test_limit=150, max_length=48, epochs_head=1, epochs_finetune=1,
+        batch_size=32, progress=False, version="t1", datasets_dir=ROOT / ".cache" / "datasets",
+    )  # fmt: skip
+    return train_text(cfg)
+
+
+API_KEY = "test-key-0123456789"
+SECRET_SENTENCE = "my passport number is X1234567 and the secret word is PURPLE-ELEPHANT-42"
+
+
+def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None):
+    from serving import launch
+
+    prefix = "SERVABLE_IMAGE_SERVE_" if kind == "image" else "SERVABLE_TEXT_SERVE_"
+    env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}", f"{prefix}MAX_ITEMS": "8",
+           f"{prefix}MAX_LATENCY_MS": "5000", **(extra_env or {})}  # fmt: skip
+    log = tmp_path_factory.mktemp(f"{kind}-server") / "server.log"
+    return launch.start_ready(launch.SERVICES[kind], env, log_path=log)
+
+
+@pytest.fixture(scope="session")
+def image_server(image_run, tmp_path_factory):
+    server = _serve("image", image_run.tag, tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def text_server(text_run, tmp_path_factory):
+    server = _serve("text", text_run.tag, tmp_path_factory)
+    yield server
+    server.stop()

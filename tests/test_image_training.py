@@ -1,0 +1,198 @@
+"""Image model: real fine-tune, freezing, early stopping, export parity, int8, artifact contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from servable import artifact
+from servable.config import ImageTrainConfig
+from servable.preprocessing import ImagePreprocessing, normalize
+from training import onnx_tools
+from training.data_images import DataError, load_image_folder, scan_image_folder
+from training.image_model import ImageClassifier
+from training.image_pipeline import batches, onnx_predict, train_image
+from training.loop import EarlyStopping, run_stage
+
+
+def test_tiny_fine_tune_learns(image_run):
+    assert image_run.metrics["training"]["epochs_run"] == 3
+    rows = (image_run.staging / "history.json").read_text()
+    assert "finetune" in rows and "head" in rows
+    test = image_run.metrics["test"]["fp32"]
+    assert test["accuracy"] > 0.3, "10 classes: chance is 0.1"
+    assert test["n"] == 300
+    history = json.loads(rows)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for plot in ("curves.png", "confusion.png", "metrics.json", "history.csv"):
+        assert (image_run.staging / plot).stat().st_size > 0
+
+
+def test_frozen_stage_changes_head_only(image_run):
+    splits, prep = image_run.splits, image_run.preprocessing
+    model = ImageClassifier(len(splits.labels), dropout=0.2, pretrained=True)
+    before_backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    before_head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    cfg = ImageTrainConfig(epochs_head=1, batch_size=32, progress=False)
+    model.freeze_backbone(True)
+    x, y = splits.train_x[:96], splits.train_y[:96]
+    from training.image_model import normalize_batch
+
+    run_stage(
+        model, stage="head", params=list(model.head.parameters()), l1_params=[], epochs=1, lr=1e-2, cfg=cfg,
+        train_batches=lambda: batches(x, y, 32, torch.Generator().manual_seed(0)), n_train_batches=3,
+        val_batches=lambda: batches(x[:32], y[:32], 32), val_targets=torch.from_numpy(y[:32]),
+        forward=lambda b: (model(normalize_batch(b[0], prep)), b[1]), device=torch.device("cpu"),
+        stopper=EarlyStopping(2, 0.0), history=[], on_train_start=model.hold_frozen_batchnorm,
+    )  # fmt: skip
+    # Weights and BatchNorm running statistics of the backbone are untouched.
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before_backbone[k]), k
+    assert any(not torch.equal(v, before_head[k]) for k, v in model.head.state_dict().items())
+
+
+def test_early_stopping_stops_and_restores_best():
+    model = torch.nn.Linear(2, 2)
+    stopper = EarlyStopping(patience=2, min_delta=0.0)
+    snapshots = []
+    for epoch, loss in enumerate([1.0, 0.5, 0.7, 0.9], 1):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        snapshots.append(model.weight.clone())
+        stop = stopper.update(loss, model, ("s", epoch))
+        assert stop == (epoch == 4)
+    stopper.restore(model)
+    assert torch.equal(model.weight, snapshots[1]) and stopper.best_epoch == ("s", 2)
+
+
+def test_early_stopping_ends_training_run(tmp_path, image_run):
+    """The real pipeline with a min_delta no epoch can beat: it stops after `patience` and keeps epoch 1."""
+    cfg = ImageTrainConfig(
+        runs_dir=tmp_path, limit=200, test_limit=50, image_size=32, epochs_head=0, epochs_finetune=6,
+        patience=1, min_delta=10.0, quantize=False, register_model=False, progress=False,
+    )  # fmt: skip
+    run = train_image(cfg)
+    training = run.metrics["training"]
+    assert training["stopped_early"] is True and training["epochs_run"] == 2
+    assert training["best_epoch"] == ["finetune", 1]
+
+
+def test_export_parity_on_real_images(image_run):
+    prep = image_run.preprocessing
+    assert image_run.metrics["parity_max_abs_diff"] < 1e-3
+    sess = onnx_tools.cpu_session(image_run.staging / "model.onnx")
+    for n in (1, 7, 33):  # the batch axis is dynamic
+        feeds = {prep.input_name: normalize(image_run.splits.test_x[:n], prep)}
+        assert onnx_tools.parity(image_run.model, sess, feeds, tolerance=1e-3) < 1e-3
+
+
+def test_int8_model_loads_and_agrees(image_run):
+    prep, splits = image_run.preprocessing, image_run.splits
+    fp32 = onnx_predict(onnx_tools.cpu_session(image_run.staging / "model.onnx"), splits.test_x, prep).argmax(1)
+    int8_sess = onnx_tools.cpu_session(image_run.staging / "model.int8.onnx")
+    int8 = onnx_predict(int8_sess, splits.test_x, prep).argmax(1)
+    assert (fp32 == int8).mean() > 0.8
+    m = image_run.metrics
+    assert m["test"]["int8"]["bytes"] < m["test"]["fp32"]["bytes"] / 2
+    assert m["int8_within_1pt"] == (m["int8_accuracy_drop"] <= 0.01)
+
+
+def test_artifact_round_trip(image_run):
+    art = artifact.load(image_run.tag)
+    man = art.manifest
+    assert man.task == "image-classification" and len(man.labels) == 10
+    assert man.image_preprocessing == image_run.preprocessing
+    assert set(man.onnx) == {"fp32", "int8"} and art.onnx_path("int8").is_file()
+    assert {"model.onnx", "model.int8.onnx", "metrics.json", "curves.png", "confusion.png"} <= set(man.files)
+    assert man.files["model.onnx"].sha256 == artifact.sha256_file(art.onnx_path())
+    assert man.provenance["counts"]["train"] == 400 and man.provenance["split_seed"] == 42
+    assert man.training_config["augment"] is True and "torch" in man.versions
+    assert man.metrics["test"]["fp32"]["accuracy"] == image_run.metrics["test"]["fp32"]["accuracy"]
+    with pytest.raises(artifact.ArtifactError, match="no 'optimized'"):
+        art.onnx_path("optimized")
+
+
+def test_tampered_artifact_is_refused(image_run):
+    man = artifact.load(image_run.tag).manifest
+    tag = artifact.register(man.model_copy(update={"version": "tamper"}), image_run.staging)
+    art = artifact.load(tag)
+    with art.onnx_path().open("r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(artifact.ArtifactError, match="sha256 mismatch"):
+        artifact.load(tag)
+    gone = artifact.load(artifact.register(man.model_copy(update={"version": "gone"}), image_run.staging))
+    (gone.path / "model.int8.onnx").unlink()
+    with pytest.raises(artifact.ArtifactError, match="artifact file missing"):
+        artifact.load(gone.tag)
+    (gone.path / "manifest.json").write_text(gone.manifest.model_copy(update={"labels": ["x"] * 10}).model_dump_json())
+    with pytest.raises(artifact.ArtifactError, match="changed after registration"):
+        artifact.load(gone.tag)
+    with pytest.raises(artifact.ArtifactError, match="not in the BentoML model store"):
+        artifact.load("fashion-cnn:does-not-exist")
+
+
+def _write_folder(root, classes=("cat", "dog"), per_class=12):
+    rng = np.random.default_rng(0)
+    for ci, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+            colour = (200, 40 + ci * 100, 40) if i % 2 else 80 + ci * 90
+            img = Image.new("RGB" if i % 2 else "L", size, colour)
+            img.save(root / name / f"{i}.{'jpg' if i % 3 else 'png'}")
+
+
+def test_image_folder_trains_end_to_end(tmp_path):
+    _write_folder(tmp_path / "data")
+    cfg = ImageTrainConfig(
+        runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", image_size=32, limit=None, epochs_head=1,
+        epochs_finetune=1, batch_size=8, quantize=False, progress=False, version="folder",
+    )  # fmt: skip
+    run = train_image(cfg)
+    assert run.splits.labels == ["cat", "dog"]
+    assert run.preprocessing.color_mode == "RGB"
+    counts = run.splits.provenance["counts"]
+    assert counts["train"] + counts["val"] + counts["test"] == 24 and counts["test"] >= 2
+    assert artifact.load(run.tag).manifest.labels == ["cat", "dog"]
+
+
+def test_image_folder_errors_are_clear(tmp_path):
+    prep = ImagePreprocessing(size=32)
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        scan_image_folder(tmp_path / "empty")
+    _write_folder(tmp_path / "one", classes=("only",), per_class=3)
+    with pytest.raises(DataError, match="single class"):
+        scan_image_folder(tmp_path / "one")
+    _write_folder(tmp_path / "hole", classes=("a", "b"), per_class=3)
+    shutil.rmtree(tmp_path / "hole" / "b")
+    (tmp_path / "hole" / "b").mkdir()
+    (tmp_path / "hole" / "b" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="without images"):
+        scan_image_folder(tmp_path / "hole")
+    _write_folder(tmp_path / "bad", per_class=3)
+    (tmp_path / "bad" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 50)).save(buf, "PNG")
+    (tmp_path / "bad" / "dog" / "cut.png").write_bytes(buf.getvalue()[:40])
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\).*broken.jpg"):
+        load_image_folder(tmp_path / "bad", prep, seed=0, val_fraction=0.2, limit=None, progress=False)
+
+
+def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):
+    from training.__main__ import main
+
+    code = main(["image", "--data-dir", str(tmp_path / "missing"), "--runs-dir", str(tmp_path)])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

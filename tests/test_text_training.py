@@ -1,0 +1,109 @@
+"""Text model: real fine-tune, export parity across lengths, int8, tokenizer parity, bad files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from servable import artifact
+from servable.preprocessing import encode_texts, load_tokenizer
+from training import onnx_tools
+from training.data_images import DataError
+from training.data_text import load_user_file
+from training.text_model import LogitsOnly
+from training.text_pipeline import onnx_predict
+
+SENTENCES = [
+    "A gorgeous, witty, seductive movie.",
+    "Dull.",
+    "",
+    "The plot is thin, the acting wooden and the two hours feel like four — avoid it at all costs!!!",
+    "Ünïcödé façade, naïve café and emoji 🎬 in one review",
+    "word " * 300,
+]
+
+
+def test_tiny_fine_tune_lowers_loss(text_run):
+    history = json.loads((text_run.staging / "history.json").read_text())
+    assert [h["stage"] for h in history] == ["head", "finetune"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert text_run.metrics["test"]["fp32"]["accuracy"] > 0.6
+    assert "out_of_domain" in text_run.metrics["test"]["fp32"]
+
+
+def test_serving_tokenizer_matches_training_tokenizer(text_run):
+    prep = text_run.preprocessing
+    served = encode_texts(load_tokenizer(text_run.staging / prep.tokenizer_file, prep), SENTENCES, prep)
+    trained = text_run.tokenizer(SENTENCES, truncation=True, max_length=prep.max_length, padding=True,
+                                 return_tensors="np")  # fmt: skip
+    assert set(served) == set(prep.input_names) == {"input_ids", "attention_mask", "token_type_ids"}
+    for name in prep.input_names:
+        np.testing.assert_array_equal(served[name], trained[name])
+    assert served["input_ids"].shape[1] == prep.max_length  # the long one was truncated
+
+
+def test_export_parity_across_sequence_lengths(text_run):
+    prep = text_run.preprocessing
+    sess = onnx_tools.cpu_session(text_run.staging / "model.onnx")
+    wrapped = LogitsOnly(text_run.model, prep.input_names)
+    one_token = {n: np.array([[101 if n == "input_ids" else (1 if n == "attention_mask" else 0)]], dtype=np.int64)
+                 for n in prep.input_names}  # fmt: skip
+    tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
+    for feeds in (one_token, encode_texts(tok, SENTENCES, prep), encode_texts(tok, [SENTENCES[-1]], prep)):
+        assert onnx_tools.parity(wrapped, sess, feeds, tolerance=1e-3) < 1e-3
+
+
+def test_optimized_and_int8_agree_with_fp32(text_run):
+    prep, rows = text_run.preprocessing, text_run.splits.test[:100]
+    tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
+    preds = {
+        v: onnx_predict(onnx_tools.cpu_session(text_run.staging / f), tok, rows, prep).argmax(1)
+        for v, f in (("fp32", "model.onnx"), ("optimized", "model.optimized.onnx"), ("int8", "model.int8.onnx"))
+    }
+    assert (preds["optimized"] == preds["fp32"]).mean() >= 0.99
+    assert (preds["int8"] == preds["fp32"]).mean() >= 0.85
+    sizes = {v: text_run.metrics["test"][v]["bytes"] for v in preds}
+    assert sizes["int8"] < sizes["fp32"] / 2
+    assert set(text_run.metrics["test"]["int8"]["latency_ms"]) == {"batch_1", "batch_32"}
+
+
+def test_artifact_round_trip_shares_the_schema(text_run, image_run):
+    art = artifact.load(text_run.tag)
+    man = art.manifest
+    assert man.task == "text-classification" and man.labels == ["negative", "positive"]
+    assert man.text_preprocessing == text_run.preprocessing and man.image_preprocessing is None
+    assert "tokenizer/tokenizer.json" in man.files and set(man.onnx) == {"fp32", "optimized", "int8"}
+    assert man.provenance["counts"]["train"] == 400 and "rating_threshold" in man.provenance
+    assert man.provenance["dedup"]["in_domain"]["kept"] < man.provenance["dedup"]["in_domain"]["input"]
+    image_keys = set(artifact.load(image_run.tag).manifest.model_dump())
+    assert set(man.model_dump()) == image_keys
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.csv", "sentence,label\nnice,pos\nbad,neg\n", r"lacks column\(s\) \['text'\]"),
+        ("empty.csv", "", "is empty"),
+        ("blank.csv", "text,label\n,\n , \n", "no row with both"),
+        ("one.csv", "text,label\ngreat,pos\nfine,pos\n", "single class"),
+        ("latin1.csv", "text,label\ncaf\xe9,pos\nbad,neg\n".encode("latin-1"), "not UTF-8"),
+        ("bad.jsonl", '{"text": "ok", "label": "a"}\nnot json\n', "bad.jsonl:2: not valid JSON"),
+        ("data.xlsx", "text,label\n", "unsupported file type"),
+    ],
+)
+def test_bad_data_files_are_rejected_clearly(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=message):
+        load_user_file(path, seed=0, val_fraction=0.1)
+
+
+def test_user_csv_and_jsonl_load(tmp_path):
+    rows = [("loved it", "happy"), ("hated it", "sad"), ("so good", "happy"), ("so bad", "sad")] * 5
+    rows = [(f"{t} {i}", lab) for i, (t, lab) in enumerate(rows)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in rows))
+    splits = load_user_file(tmp_path / "d.jsonl", seed=1, val_fraction=0.2)
+    assert splits.labels == ["happy", "sad"]
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 20

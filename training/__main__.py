@@ -1,0 +1,61 @@
+"""`python -m training image|text|limited-data [--flags]`; every flag is also an env variable."""
+
+from __future__ import annotations
+
+import sys
+
+from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+
+from servable.config import ImageTrainConfig, LimitedDataConfig, TextTrainConfig
+from training.data_images import DataError
+
+
+class ImageCommand(ImageTrainConfig):
+    """Fine-tune the image classifier, export it to ONNX (fp32 + int8) and register it."""
+
+    def cli_cmd(self) -> None:
+        from training.image_pipeline import train_image
+
+        train_image(self)
+
+
+class TextCommand(TextTrainConfig):
+    """Fine-tune the sentiment BERT, export to ONNX (fp32, ORT-optimised, int8) and register it."""
+
+    def cli_cmd(self) -> None:
+        from training.text_pipeline import train_text
+
+        train_text(self)
+
+
+class LimitedDataCommand(LimitedDataConfig):
+    """Pretrained vs from-scratch at several training-set sizes; writes a table and a plot."""
+
+    def cli_cmd(self) -> None:
+        from training.limited_data import run_experiment
+
+        run_experiment(self)
+
+
+class Train(BaseSettings):
+    model_config = SettingsConfigDict(cli_kebab_case=True, cli_prog_name="python -m training")
+
+    image: CliSubCommand[ImageCommand]
+    text: CliSubCommand[TextCommand]
+    limited_data: CliSubCommand[LimitedDataCommand]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        CliApp.run(Train, cli_args=sys.argv[1:] if argv is None else argv)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

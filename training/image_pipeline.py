@@ -1,0 +1,151 @@
+"""Image model end to end: data -> two-stage fine-tune -> ONNX -> int8 -> metrics -> model store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from servable.artifact import ModelManifest
+from servable.config import ImageTrainConfig
+from servable.preprocessing import ImagePreprocessing, normalize
+from training import onnx_tools
+from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
+from training.image_model import ImageClassifier, build_augmentation, normalize_batch
+from training.loop import EarlyStopping, EpochLog, run_stage
+from training.metrics import classification_report
+from training.run_dir import finish, make_run_dir, training_summary, write_outputs
+from training.runtime import pick_device, seed_everything, set_threads
+
+
+@dataclass
+class ImageRun:
+    tag: str | None
+    staging: Path
+    metrics: dict
+    model: ImageClassifier
+    splits: ImageSplits
+    preprocessing: ImagePreprocessing
+
+
+def batches(x: np.ndarray, y: np.ndarray, size: int, gen: torch.Generator | None = None) -> Iterator:
+    """Mini-batches of uint8 pixels; shuffled when a generator is given."""
+    order = torch.randperm(len(x), generator=gen).numpy() if gen is not None else np.arange(len(x))
+    for i in range(0, len(x), size):
+        idx = order[i : i + size]
+        yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+
+
+def load_splits(cfg: ImageTrainConfig, prep: ImagePreprocessing) -> ImageSplits:
+    common = dict(seed=cfg.seed, val_fraction=cfg.val_fraction, limit=cfg.limit, progress=cfg.progress)
+    if cfg.data_dir is not None:
+        return load_image_folder(cfg.data_dir, prep, **common)
+    return load_fashion_mnist(cfg.fashion_mnist_dir, prep, test_limit=cfg.test_limit, **common)
+
+
+def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessing):
+    """Stage 1: new head on a frozen backbone. Stage 2: everything, at a lower learning rate."""
+    gen = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model = ImageClassifier(len(splits.labels), cfg.dropout, cfg.pretrained).to(device)
+    augment = build_augmentation().to(device) if cfg.augment else None
+
+    def forward(batch):
+        x, y = batch
+        x = normalize_batch(x.to(device, non_blocking=True), prep)
+        if augment is not None and model.training:
+            x = augment(x)
+        return model(x), y.to(device)
+
+    common = dict(
+        cfg=cfg, forward=forward, device=device,
+        train_batches=lambda: batches(splits.train_x, splits.train_y, cfg.batch_size, gen),
+        n_train_batches=-(-len(splits.train_y) // cfg.batch_size),
+        val_batches=lambda: batches(splits.val_x, splits.val_y, 256),
+        val_targets=torch.from_numpy(splits.val_y),
+        l1_params=list(model.head.parameters()),
+    )  # fmt: skip
+    history: list[EpochLog] = []
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    tqdm.write(f"training on {device}: {len(splits.train_y)} train / {len(splits.val_y)} val images")
+    model.freeze_backbone(True)
+    stopped = run_stage(model, stage="head", params=list(model.head.parameters()), epochs=cfg.epochs_head,
+                        lr=cfg.lr_head, stopper=stopper, history=history,
+                        on_train_start=model.hold_frozen_batchnorm, **common)  # fmt: skip
+    model.freeze_backbone(False)
+    if not stopped:
+        stopped = run_stage(model, stage="finetune", params=list(model.parameters()),
+                            epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, stopper=stopper,
+                            history=history, **common)  # fmt: skip
+    stopper.restore(model)
+    return model.cpu().eval(), history, stopper, stopped
+
+
+def onnx_predict(session, x: np.ndarray, prep: ImagePreprocessing, batch: int = 256) -> np.ndarray:
+    """Logits for uint8 pixels through the shared numpy normalisation and ONNX Runtime."""
+    out = [session.run(["logits"], {prep.input_name: normalize(x[i : i + batch], prep)})[0]
+           for i in range(0, len(x), batch)]  # fmt: skip
+    return np.concatenate(out)
+
+
+def export_and_measure(cfg: ImageTrainConfig, model, splits: ImageSplits, prep, staging: Path) -> dict:
+    fp32 = staging / "model.onnx"
+    example = torch.from_numpy(normalize(splits.test_x[:2], prep))
+    onnx_tools.export(model, (example,), fp32, [prep.input_name], {prep.input_name: {0: "batch"}})
+    sess = onnx_tools.cpu_session(fp32)
+    # Parity on real test images, at a batch of many and a batch of one (dynamic axis in use).
+    diff = max(
+        onnx_tools.parity(model, sess, {prep.input_name: normalize(splits.test_x[:64], prep)}, cfg.parity_tolerance),
+        onnx_tools.parity(model, sess, {prep.input_name: normalize(splits.test_x[-1:], prep)}, cfg.parity_tolerance),
+    )
+    tqdm.write(f"ONNX export parity: max |diff| = {diff:.2e}")
+    variants = {"fp32": fp32}
+    if cfg.quantize:
+        rng = np.random.default_rng(cfg.seed)
+        calib_idx = rng.choice(len(splits.train_x), min(cfg.calibration_size, len(splits.train_x)), replace=False)
+        calib = (normalize(splits.train_x[calib_idx[i : i + 32]], prep) for i in range(0, len(calib_idx), 32))
+        tqdm.write(f"int8 static quantisation, calibrated on {len(calib_idx)} training images")
+        variants["int8"] = onnx_tools.quantize_static_int8(fp32, staging / "model.int8.onnx", prep.input_name, calib)
+    results, preds = {}, {}
+    for name, path in variants.items():
+        session = onnx_tools.cpu_session(path)
+        start = time.perf_counter()
+        preds[name] = onnx_predict(session, splits.test_x, prep).argmax(1)
+        ms = 1000 * (time.perf_counter() - start) / len(splits.test_x)
+        results[name] = classification_report(splits.test_y, preds[name], splits.labels)
+        results[name].update(bytes=path.stat().st_size, ms_per_image_batch256=round(ms, 3))
+        tqdm.write(f"test accuracy {name}: {results[name]['accuracy']:.4f} on {len(splits.test_y)} images")
+    metrics = {"test": results, "parity_max_abs_diff": diff, "predictions": preds}
+    if "int8" in results:
+        drop = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
+        metrics["int8_accuracy_drop"] = drop
+        metrics["int8_within_1pt"] = drop <= 0.01
+        if drop > 0.01:
+            tqdm.write(f"WARNING: int8 loses {100 * drop:.2f} points of test accuracy (recorded in metadata)")
+    return metrics
+
+
+def train_image(cfg: ImageTrainConfig) -> ImageRun:
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    version, staging = make_run_dir(cfg)
+    prep = ImagePreprocessing(size=cfg.image_size, color_mode="RGB" if cfg.data_dir else "L")
+    splits = load_splits(cfg, prep)
+    model, history, stopper, stopped = fine_tune(cfg, splits, prep)
+    metrics = export_and_measure(cfg, model, splits, prep, staging)
+    preds = metrics.pop("predictions")
+    metrics["training"] = training_summary(history, stopper, stopped)
+    write_outputs(staging, history, splits.test_y, preds["fp32"], splits.labels, metrics)
+    manifest = ModelManifest(
+        name=cfg.name, version=version, task="image-classification", labels=splits.labels,
+        onnx={k: f"model.{k}.onnx" if k != "fp32" else "model.onnx" for k in metrics["test"]},
+        image_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
+        provenance=splits.provenance, versions={},
+    )  # fmt: skip
+    tag = finish(cfg, manifest, staging)
+    return ImageRun(tag, staging, metrics, model, splits, prep)

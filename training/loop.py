@@ -1,0 +1,161 @@
+"""One training loop for both models: stages, early stopping, clipping, L1, AMP, progress.
+
+The model-specific part is a `forward(batch) -> (logits, targets)` callable, so the image and
+text pipelines share every practice here instead of each keeping its own copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from servable.config import TrainCommon
+from training.runtime import amp_dtype
+
+Forward = Callable[[object], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EpochLog:
+    stage: str
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+
+
+class EarlyStopping:
+    """Stop after `patience` epochs without val-loss gain; keeps a copy of the best weights."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch: tuple[str, int] | None = None
+        self.bad_epochs = 0
+
+    def new_stage(self) -> None:
+        self.bad_epochs = 0
+
+    def update(self, val_loss: float, model: nn.Module, where: tuple[str, int]) -> bool:
+        """Record an epoch; True means stop now."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, where, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up then cosine decay to zero, stepped per batch."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, forward: Forward, device: torch.device, amp: bool):
+    """Mean loss, accuracy and the predicted class of every example."""
+    model.eval()
+    loss_sum, n, preds = 0.0, 0, []
+    dtype = amp_dtype(device, amp)
+    for batch in batches:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits, y = forward(batch)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        n += len(y)
+        preds.append(logits.argmax(1).cpu())
+    p = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return loss_sum / max(n, 1), p
+
+
+def run_stage(
+    model: nn.Module,
+    *,
+    stage: str,
+    params: Sequence[nn.Parameter],
+    l1_params: Sequence[nn.Parameter],
+    epochs: int,
+    lr: float,
+    cfg: TrainCommon,
+    train_batches: Callable[[], Iterable],
+    n_train_batches: int,
+    val_batches: Callable[[], Iterable],
+    val_targets: torch.Tensor,
+    forward: Forward,
+    device: torch.device,
+    stopper: EarlyStopping,
+    history: list[EpochLog],
+    on_train_start: Callable[[], None] = lambda: None,
+) -> bool:
+    """Train `params` for up to `epochs`; returns True when early stopping ended the stage."""
+    if epochs == 0:
+        return False
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, epochs * n_train_batches, cfg.warmup_fraction)
+    dtype = amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    stopper.new_stage()
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        on_train_start()
+        loss_sum = correct = seen = 0
+        bar = tqdm(train_batches(), total=n_train_batches, desc=f"{stage} {epoch}/{epochs}",
+                   disable=not cfg.progress, unit="batch", leave=False)  # fmt: skip
+        for batch in bar:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits, y = forward(batch)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+                if cfg.l1 > 0:
+                    loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        val_loss, val_pred = evaluate(model, val_batches(), forward, device, cfg.amp)
+        val_acc = (val_pred == val_targets).float().mean().item()
+        log = EpochLog(stage, epoch, optimizer.param_groups[0]["lr"], loss_sum / seen, correct / seen,
+                       val_loss, val_acc, time.perf_counter() - start)  # fmt: skip
+        history.append(log)
+        tqdm.write(
+            f"[{stage} {epoch}/{epochs}] train loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.0f}s"
+        )
+        if stopper.update(val_loss, model, (stage, epoch)):
+            tqdm.write(f"early stopping: no val-loss gain for {cfg.patience} epoch(s)")
+            return True
+    return False
+
+
+def history_rows(history: list[EpochLog]) -> list[dict]:
+    return [asdict(h) for h in history]

@@ -1,0 +1,64 @@
+"""Classification metrics and plots written next to the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, macro F1 and per-class precision/recall/F1/support."""
+    idx = list(range(len(labels)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    return {
+        "accuracy": float((y_true == y_pred).mean()),
+        "macro_f1": float(f.mean()),
+        "n": len(y_true),
+        "per_class": {
+            labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i in idx
+        },
+    }
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(1, len(history) + 1)
+    a1.plot(x, [h["train_loss"] for h in history], "o-", label="train")
+    a1.plot(x, [h["val_loss"] for h in history], "o-", label="val")
+    a2.plot(x, [h["train_acc"] for h in history], "o-", label="train")
+    a2.plot(x, [h["val_acc"] for h in history], "o-", label="val")
+    stages = [h["stage"] for h in history]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            for a in (a1, a2):
+                a.axvline(i + 0.5, color="grey", ls="--", lw=1)
+    a1.set(title="loss", xlabel="epoch")
+    a2.set(title="accuracy", xlabel="epoch")
+    a1.legend()
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], path: Path) -> None:
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")  # fmt: skip
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

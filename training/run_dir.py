@@ -1,0 +1,59 @@
+"""Run outputs shared by both pipelines: run folder, history/metrics/plots, registration."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from servable.artifact import ModelManifest, default_version, register
+from servable.config import TrainCommon
+from training.loop import EarlyStopping, EpochLog, history_rows
+from training.metrics import plot_confusion, plot_curves
+from training.onnx_tools import library_versions
+
+
+def make_run_dir(cfg: TrainCommon) -> tuple[str, Path]:
+    """runs/<name>/<version>/artifact is the staging folder that becomes the stored model."""
+    version = cfg.version or default_version()
+    staging = cfg.runs_dir / cfg.name / version / "artifact"
+    staging.mkdir(parents=True, exist_ok=True)
+    return version, staging
+
+
+def training_summary(history: list[EpochLog], stopper: EarlyStopping, stopped_early: bool) -> dict:
+    return {
+        "epochs_run": len(history),
+        "best_val_loss": stopper.best_loss,
+        "best_epoch": list(stopper.best_epoch) if stopper.best_epoch else None,
+        "stopped_early": stopped_early,
+        "seconds": round(sum(h.seconds for h in history), 1),
+    }
+
+
+def write_outputs(
+    staging: Path, history: list[EpochLog], y_true: np.ndarray, y_pred: np.ndarray, labels: list[str],
+    metrics: dict,
+) -> None:  # fmt: skip
+    rows = history_rows(history)
+    (staging / "history.json").write_text(json.dumps(rows, indent=2))
+    if rows:
+        with (staging / "history.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        plot_curves(rows, staging / "curves.png")
+    plot_confusion(y_true, y_pred, labels, staging / "confusion.png")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def finish(cfg: TrainCommon, manifest: ModelManifest, staging: Path) -> str | None:
+    """Register the staged artifact (unless --register false) and say where everything is."""
+    manifest.versions.update(library_versions())
+    tag = register(manifest, staging) if cfg.register_model else None
+    tqdm.write(f"run outputs: {staging}")
+    tqdm.write(f"registered: {tag}" if tag else "not registered (--register-model false)")
+    return tag

