@@ -1,0 +1,199 @@
+"""Locust load test of both services: real inputs, checked answers, load shapes and the SLO gate.
+
+Traffic mix (stated, by task weights; users split 40 % image, 60 % sentiment):
+  image      60 % one image as a multipart upload, 15 % four images as base64 JSON,
+             25 % V2 infer with 1-2 images;
+  sentiment  60 % one sentence, 15 % eight sentences, 25 % V2 infer with 1-4 sentences.
+Each answer is checked for status and shape (counts, labels, probabilities), so a wrong
+answer is a failure, not a success.
+
+Hosts: IMAGE_URL and TEXT_URL, each falling back to --host (one URL with path routing, as
+behind the proxy or docker compose). Key: LOADTEST_API_KEY, else the first of SERVABLE_AUTH_KEYS.
+Shape: LOAD_SHAPE=steady|ramp|spike (sizes: LOAD_USERS, LOAD_DURATION); unset: Locust's -u/-r/-t.
+Inputs: LOADTEST_INPUTS folder (see loadtest/inputs.py). Gate: loadtest/slo.toml (see loadtest/slo.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import sys
+from pathlib import Path
+
+from locust import HttpUser, between, events, task
+from locust.runners import WorkerRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` does not put the repo on the path
+from loadtest import inputs, shapes, slo
+
+DATA = inputs.load(Path(os.environ.get("LOADTEST_INPUTS") or inputs.DEFAULT_DIR))
+B64_IMAGES = [base64.b64encode(b).decode() for b in DATA.images]
+
+
+def api_key() -> str:
+    if key := os.environ.get("LOADTEST_API_KEY"):
+        return key
+    first = (os.environ.get("SERVABLE_AUTH_KEYS") or "").split(",")[0]
+    return first.split(":", 1)[1].strip() if ":" in first else ""
+
+
+HEADERS = {"x-api-key": api_key()}
+
+
+class BadAnswer(AssertionError):
+    """The server answered 200 with something that is not a valid prediction."""
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise BadAnswer(message)
+
+
+def check_probability(p: object) -> None:
+    check(isinstance(p, float | int) and 0.0 <= p <= 1.0, f"probability {p!r} outside [0, 1]")
+
+
+def check_v2(body: dict, n: int, labels: list[str]) -> None:
+    outputs = {o.get("name"): o for o in body.get("outputs", [])}
+    probs, lab = outputs.get("probabilities"), outputs.get("label")
+    check(probs is not None and lab is not None, "V2 answer lacks probabilities or label outputs")
+    c = len(labels)
+    check(probs["shape"] == [n, c] and len(probs["data"]) == n * c, f"V2 probabilities shape {probs['shape']}")
+    for i in range(n):
+        row = probs["data"][i * c : (i + 1) * c]
+        check(abs(sum(row) - 1.0) < 1e-3, f"V2 row {i} sums to {sum(row):.4f}")
+        check(lab["data"][i] == labels[max(range(c), key=row.__getitem__)], f"V2 label {i} is not the argmax")
+
+
+class _ModelUser(HttpUser):
+    abstract = True
+    wait_time = between(0.05, 0.3)
+    kind = ""
+    model_env, model_default = "", ""
+    labels: list[str] | None = None  # from the V2 metadata, fetched once per class
+
+    def on_start(self) -> None:
+        self.model = os.environ.get(self.model_env) or self.model_default
+        if type(self).labels is None:
+            with self.client.get(f"/v2/models/{self.model}", headers=HEADERS, name=f"{self.kind} v2 metadata",
+                                 catch_response=True) as r:  # fmt: skip
+                if r.status_code != 200:
+                    r.failure(f"metadata: HTTP {r.status_code}")
+                    return
+                type(self).labels = r.json()["parameters"]["labels"]
+
+    def post(self, name: str, path: str, validate, n: int, **kw) -> None:
+        with self.client.post(path, headers=HEADERS, name=name, catch_response=True, **kw) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            try:
+                validate(r.json(), n)
+            except (BadAnswer, ValueError, KeyError, TypeError, IndexError) as exc:
+                r.failure(f"bad answer: {type(exc).__name__}: {exc}")
+
+    def v2(self, name: str, tensor: str, data: list[str]) -> None:
+        body = {"inputs": [{"name": tensor, "datatype": "BYTES", "shape": [len(data)], "data": data}]}
+        self.post(name, f"/v2/models/{self.model}/infer", lambda b, n: check_v2(b, n, self.labels or []),
+                  len(data), json=body)  # fmt: skip
+
+
+class ImageUser(_ModelUser):
+    weight = 2
+    host = os.environ.get("IMAGE_URL") or None
+    kind, model_env, model_default = "image", "IMAGE_MODEL", "fashion-cnn"
+
+    def validate(self, body: dict, n: int, top_k: int) -> None:
+        preds = body["predictions"]
+        check(len(preds) == n, f"{len(preds)} predictions for {n} images")
+        for p in preds:
+            check(self.labels is None or p["label"] in self.labels, f"unknown label {p['label']!r}")
+            check_probability(p["probability"])
+            ranked = p["top_k"]
+            check(len(ranked) == top_k, f"top_k has {len(ranked)} entries, asked {top_k}")
+            check(ranked[0]["label"] == p["label"], "top_k[0] is not the predicted label")
+            probs = [x["probability"] for x in ranked]
+            check(probs == sorted(probs, reverse=True), "top_k not sorted by probability")
+
+    @task(12)
+    def classify_upload(self) -> None:
+        blob = random.choice(DATA.images)
+        ctype = "image/png" if blob.startswith(b"\x89PNG") else "image/jpeg"
+        self.post("image /classify", "/classify", lambda b, n: self.validate(b, n, 3), 1,
+                  files=[("image", ("item", blob, ctype))], data={"top_k": "3"})  # fmt: skip
+
+    @task(3)
+    def classify_batch_json(self) -> None:
+        batch = random.sample(B64_IMAGES, 4)
+        self.post("image /classify batch", "/classify", lambda b, n: self.validate(b, n, 1), 4,
+                  json={"images": batch, "top_k": 1})  # fmt: skip
+
+    @task(5)
+    def v2_infer(self) -> None:
+        self.v2("image v2 infer", "image", random.sample(B64_IMAGES, random.randint(1, 2)))
+
+
+class SentimentUser(_ModelUser):
+    weight = 3
+    host = os.environ.get("TEXT_URL") or None
+    kind, model_env, model_default = "text", "TEXT_MODEL", "sentiment-bert"
+
+    def validate(self, body: dict, n: int) -> None:
+        preds = body["predictions"]
+        check(len(preds) == n, f"{len(preds)} predictions for {n} texts")
+        for p in preds:
+            scores = p["scores"]
+            check(self.labels is None or set(scores) == set(self.labels), f"score labels {sorted(scores)}")
+            check(abs(sum(scores.values()) - 1.0) < 1e-3, f"scores sum to {sum(scores.values()):.4f}")
+            check(p["label"] == max(scores, key=scores.get), "label is not the highest score")
+            check_probability(p["probability"])
+
+    @task(12)
+    def one_text(self) -> None:
+        self.post("text /sentiment", "/sentiment", self.validate, 1, json={"text": random.choice(DATA.texts)})
+
+    @task(3)
+    def batch(self) -> None:
+        self.post("text /sentiment batch", "/sentiment", self.validate, 8, json={"texts": random.sample(DATA.texts, 8)})
+
+    @task(5)
+    def v2_infer(self) -> None:
+        self.v2("text v2 infer", "text", random.sample(DATA.texts, random.randint(1, 4)))
+
+
+# LOAD_ONLY=image|text drops the other user class (e.g. only one service is up).
+if os.environ.get("LOAD_ONLY") == "image":
+    SentimentUser.abstract = True
+elif os.environ.get("LOAD_ONLY") == "text":
+    ImageUser.abstract = True
+
+if (_shape := os.environ.get("LOAD_SHAPE", "").lower()) and _shape != "none":
+    if _shape not in shapes.SHAPES:
+        raise SystemExit(f"LOAD_SHAPE={_shape!r}: choose one of {sorted(shapes.SHAPES)} or none")
+
+    class SelectedShape(shapes.SHAPES[_shape]):  # the one shape class Locust finds in this module
+        abstract = False
+
+
+def endpoint_stats(environment) -> list[slo.EndpointStats]:
+    def row(name: str, e) -> slo.EndpointStats:
+        pct = e.get_response_time_percentile
+        return slo.EndpointStats(name, e.num_requests, e.num_failures, pct(0.5) or 0, pct(0.95) or 0, pct(0.99) or 0)
+
+    rows = [row(e.name, e) for e in environment.stats.entries.values()]
+    return [*sorted(rows, key=lambda r: r.name), row(slo.TOTAL, environment.stats.total)]
+
+
+@events.quitting.add_listener
+def slo_gate(environment, **_kw) -> None:
+    """Decide the exit code from the SLO alone (Locust would otherwise exit 1 on any failure)."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    stats = endpoint_stats(environment)
+    checks = slo.evaluate(stats, slo.load_config())
+    print("\n" + slo.verdict_table(checks) + "\n", flush=True)
+    options = environment.parsed_options
+    if prefix := (getattr(options, "csv_prefix", None) or os.environ.get("LOADTEST_VERDICT_PREFIX")):
+        slo.write_verdict(prefix, checks, stats)
+    environment.process_exit_code = 0 if all(c.ok for c in checks) else 1

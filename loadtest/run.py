@@ -1,0 +1,99 @@
+"""One command for a headless load test: against a URL, or against both services started here.
+
+    python -m loadtest.run                         # start image + sentiment on 127.0.0.1, test, stop
+    python -m loadtest.run --url http://127.0.0.1:8080   # a running stack (proxy / docker compose)
+    python -m loadtest.run --image-url URL --text-url URL --shape ramp --users 16 --duration 120
+
+Writes Locust's CSV and HTML reports and the SLO verdict (`<name>_slo.md/json`) under --results,
+and exits with the SLO gate's code. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from loadtest import inputs
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="one URL serving both (path routing: /classify, /sentiment, /v2/models/...)")
+    p.add_argument("--image-url", help="image service URL (overrides --url for it)")
+    p.add_argument("--text-url", help="sentiment service URL (overrides --url for it)")
+    p.add_argument("--shape", default="steady", choices=["steady", "ramp", "spike"])
+    p.add_argument("--users", type=int, default=6, help="peak concurrent users")
+    p.add_argument("--duration", type=float, default=30, help="seconds")
+    p.add_argument("--results", type=Path, default=Path("docs/results/loadtest"))
+    p.add_argument("--name", default="local", help="report file prefix")
+    p.add_argument("--image-tag", default=None, help="model tag when starting the services here")
+    p.add_argument("--text-tag", default=None, help="model tag when starting the services here")
+    p.add_argument("--inputs", type=Path, default=inputs.DEFAULT_DIR)
+    return p.parse_args(argv)
+
+
+def run_locust(args: argparse.Namespace, image_url: str, text_url: str, key: str) -> int:
+    args.results.mkdir(parents=True, exist_ok=True)
+    prefix = args.results / args.name
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+           "--host", text_url, "-t", f"{int(args.duration) + 15}s",  # the shape stops first; -t is a bound
+           "--csv", str(prefix), "--csv-full-history", "--html", f"{prefix}.html"]  # fmt: skip
+    env = {**os.environ, "IMAGE_URL": image_url, "TEXT_URL": text_url, "LOADTEST_API_KEY": key,
+           "LOADTEST_INPUTS": str(args.inputs), "LOAD_SHAPE": args.shape, "LOAD_USERS": str(args.users),
+           "LOAD_DURATION": str(args.duration)}  # fmt: skip
+    print(f"locust: {args.shape} load, {args.users} users, {args.duration:g}s -> {prefix}_*.csv, {prefix}.html",
+          flush=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=args.duration + 120)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        return 124
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    inputs.load(args.inputs)  # export the real inputs once, before the clock starts
+    if args.url or (args.image_url and args.text_url):
+        key = os.environ.get("LOADTEST_API_KEY") or _first_key(os.environ.get("SERVABLE_AUTH_KEYS", ""))
+        image_url, text_url = args.image_url or args.url, args.text_url or args.url
+        return run_locust(args, image_url.rstrip("/"), text_url.rstrip("/"), key)
+
+    from serving import launch  # only needed when this command starts the services itself
+
+    key = _first_key(os.environ.get("SERVABLE_AUTH_KEYS", "")) or secrets.token_urlsafe(24)
+    env = {"SERVABLE_AUTH_KEYS": os.environ.get("SERVABLE_AUTH_KEYS") or f"loadtest:{key}"}
+    if args.image_tag:
+        env["SERVABLE_IMAGE_SERVE_MODEL_TAG"] = args.image_tag
+    if args.text_tag:
+        env["SERVABLE_TEXT_SERVE_MODEL_TAG"] = args.text_tag
+    servers = []
+    try:
+        for kind in ("image", "text"):
+            print(f"starting the {kind} service on 127.0.0.1 ...", flush=True)
+            servers.append(launch.start_ready(launch.SERVICES[kind], env))
+        return run_locust(args, servers[0].url, servers[1].url, key)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _first_key(keys: str) -> str:
+    first = keys.split(",")[0]
+    return first.split(":", 1)[1].strip() if ":" in first else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
