@@ -70,10 +70,12 @@ class _ModelUser(HttpUser):
     abstract = True
     wait_time = between(0.05, 0.3)
     kind = ""
-    model_env, model_default = "", ""
+    url_env, model_env, model_default = "", "", ""
     labels: list[str] | None = None  # from the V2 metadata, fetched once per class
 
     def on_start(self) -> None:
+        if url := os.environ.get(self.url_env):  # Locust's --host overrides class hosts: this wins over both
+            self.client.base_url = url.rstrip("/")
         self.model = os.environ.get(self.model_env) or self.model_default
         if type(self).labels is None:
             with self.client.get(f"/v2/models/{self.model}", headers=HEADERS, name=f"{self.kind} v2 metadata",
@@ -102,7 +104,7 @@ class _ModelUser(HttpUser):
 class ImageUser(_ModelUser):
     weight = 2
     host = os.environ.get("IMAGE_URL") or None
-    kind, model_env, model_default = "image", "IMAGE_MODEL", "fashion-cnn"
+    kind, url_env, model_env, model_default = "image", "IMAGE_URL", "IMAGE_MODEL", "fashion-cnn"
 
     def validate(self, body: dict, n: int, top_k: int) -> None:
         preds = body["predictions"]
@@ -137,7 +139,7 @@ class ImageUser(_ModelUser):
 class SentimentUser(_ModelUser):
     weight = 3
     host = os.environ.get("TEXT_URL") or None
-    kind, model_env, model_default = "text", "TEXT_MODEL", "sentiment-bert"
+    kind, url_env, model_env, model_default = "text", "TEXT_URL", "TEXT_MODEL", "sentiment-bert"
 
     def validate(self, body: dict, n: int) -> None:
         preds = body["predictions"]
