@@ -11,11 +11,24 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dataset-fashion-mnist
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
+# A development key so the demo and `make serve` answer; real deployments mount a key file
+# (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
+export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt data train-image train-text limited-data test lint clean
+.PHONY: all setup apt data train-image train-text limited-data serve demo config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
+	$(BIN)/python -m serving.launch --demo
+
+serve: setup  ## serve both registered models on 127.0.0.1 (image :3000, sentiment :3001) until Ctrl-C
+	$(BIN)/python -m serving.launch
+
+demo: setup  ## start both services, call them with curl as the README shows, stop them
+	$(BIN)/python -m serving.launch --demo
+
+config-docs: setup  ## regenerate docs/configuration.md from servable/config.py
+	$(BIN)/python -m servable.config_docs
 
 apt:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \

@@ -30,7 +30,7 @@ class TrainCommon(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
     amp: bool = Field(True, description="Mixed precision (bf16/fp16 autocast) when on CUDA.")
     num_threads: int = Field(0, description="torch CPU threads; 0 = all cores.")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Training mini-batch size.")
     epochs_head: int = Field(1, ge=0, description="Stage 1: epochs training the new head, backbone frozen.")
     epochs_finetune: int = Field(2, ge=0, description="Stage 2: epochs with the backbone unfrozen.")
     lr_head: float = Field(3e-3, gt=0, description="Learning rate of stage 1.")

@@ -24,10 +24,23 @@ SERVICES = {
 }
 
 
+DEFAULT_PORTS = {"image": 3000, "text": 3001}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_or_free(port: int) -> int:
+    """`port` when nothing listens on it, else any free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
 
 
 @dataclass
@@ -109,39 +122,64 @@ def _demo_key() -> str:
     return next(iter(keys), "")
 
 
+def demo_image(path: Path) -> Path:
+    """The first Fashion-MNIST test image (an ankle boot) as a PNG a client would upload."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    from servable.config import FASHION_MNIST_DIR
+
+    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", "rb") as f:
+        pixels = np.frombuffer(f.read(16 + 28 * 28), dtype=np.uint8, offset=16).reshape(28, 28)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).resize((112, 112)).save(path)
+    return path
+
+
 def demo() -> int:
     """The main job's last step: serve both models, call them as the README shows, stop."""
     key = _demo_key()
     if not key:
         print("set SERVABLE_AUTH_KEYS=name:key to run the demo", file=sys.stderr)
         return 2
-    servers = {}
+    servers, failed = {}, False
     try:
         for kind, target in SERVICES.items():
             print(f"starting {target} ...", flush=True)
-            servers[kind] = start_ready(target)
+            # The ports `make serve` uses, so the printed calls work again there.
+            servers[kind] = start_ready(target, port=port_or_free(DEFAULT_PORTS[kind]))
         img, txt = servers["image"].url, servers["text"].url
-        sample = Path("/usr/share/darknet/data/dog.jpg")
+        sample = demo_image(Path("runs/demo/ankle-boot.png"))
         calls = [
-            f"curl -s -H 'x-api-key: {key}' -F image=@{sample} {img}/classify" if sample.exists() else None,
+            f"curl -s -H 'x-api-key: {key}' -F image=@{sample} {img}/classify",
             f"curl -s -H 'x-api-key: {key}' -H 'content-type: application/json' "
             f'-d \'{{"texts": ["A gorgeous, witty film.", "Dull and far too long."]}}\' {txt}/sentiment',
             f"curl -s {txt}/v2/health/ready",
         ]
-        for cmd in filter(None, calls):
+        for cmd in calls:
             out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30, check=False).stdout
-            print(f"\n$ {cmd}\n{json.dumps(json.loads(out), indent=1)[:600]}")
-        print("\nServe them yourself: make serve  (image on :3000, sentiment on :3001, key from SERVABLE_AUTH_KEYS)")
-        return 0
+            try:
+                shown = json.dumps(json.loads(out), indent=1)
+            except ValueError:
+                failed = True
+                shown = f"(no JSON answer: {out[:200]!r})"
+            print(f"\n$ {cmd}\n{shown[:700]}")
+        print("\nServe them yourself: make serve  (image on :3000, sentiment on :3001, key from SERVABLE_AUTH_KEYS);"
+              " API docs at http://127.0.0.1:3000/docs and :3001/docs")  # fmt: skip
+        return 1 if failed else 0
     finally:
         for s in servers.values():
             s.stop()
 
 
-def serve_forever(image_port: int = 3000, text_port: int = 3001) -> int:
-    servers = [start_ready(SERVICES["image"], port=image_port), start_ready(SERVICES["text"], port=text_port)]
-    print(f"image: {servers[0].url}/docs  sentiment: {servers[1].url}/docs  (Ctrl-C stops both)", flush=True)
+def serve_forever() -> int:
+    servers: list[Server] = []
     try:
+        for kind, port in DEFAULT_PORTS.items():
+            servers.append(start_ready(SERVICES[kind], port=port))
+        print(f"image: {servers[0].url}/docs  sentiment: {servers[1].url}/docs  (Ctrl-C stops both)", flush=True)
         while all(s.proc.poll() is None for s in servers):
             time.sleep(1)
     except KeyboardInterrupt:

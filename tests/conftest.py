@@ -41,7 +41,7 @@ def text_run(runs_dir):
     from training.text_pipeline import train_text
 
     cfg = TextTrainConfig(
-        runs_dir=runs_dir, limit=400, test_limit=150, max_length=48, epochs_head=1, epochs_finetune=1,
+        runs_dir=runs_dir, limit=600, test_limit=150, max_length=48, epochs_head=1, epochs_finetune=2, lr_finetune=1e-4,
         batch_size=32, progress=False, version="t1", datasets_dir=ROOT / ".cache" / "datasets",
     )  # fmt: skip
     return train_text(cfg)

@@ -18,3 +18,11 @@ def test_cli_flags_override_env(monkeypatch):
     monkeypatch.setenv("SERVABLE_IMAGE_DROPOUT", "0.3")
     cfg = CliApp.run(ImageTrainConfig, cli_args=["--dropout", "0.5", "--augment", "false", "--l1", "1e-5"])
     assert cfg.dropout == 0.5 and cfg.augment is False and cfg.l1 == 1e-5
+
+
+def test_configuration_reference_is_generated_and_current():
+    from servable import config_docs
+
+    assert config_docs.OUTPUT.read_text() == config_docs.render(), "run: python -m servable.config_docs"
+    for var in ("SERVABLE_IMAGE_EPOCHS_HEAD", "SERVABLE_TEXT_SERVE_MAX_TEXT_CHARS", "SERVABLE_AUTH_KEYS_FILE"):
+        assert f"`{var}`" in config_docs.render()

@@ -27,7 +27,7 @@ SENTENCES = [
 
 def test_tiny_fine_tune_lowers_loss(text_run):
     history = json.loads((text_run.staging / "history.json").read_text())
-    assert [h["stage"] for h in history] == ["head", "finetune"]
+    assert [h["stage"] for h in history] == ["head", "finetune", "finetune"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert text_run.metrics["test"]["fp32"]["accuracy"] > 0.6
     assert "out_of_domain" in text_run.metrics["test"]["fp32"]
@@ -75,7 +75,7 @@ def test_artifact_round_trip_shares_the_schema(text_run, image_run):
     assert man.task == "text-classification" and man.labels == ["negative", "positive"]
     assert man.text_preprocessing == text_run.preprocessing and man.image_preprocessing is None
     assert "tokenizer/tokenizer.json" in man.files and set(man.onnx) == {"fp32", "optimized", "int8"}
-    assert man.provenance["counts"]["train"] == 400 and "rating_threshold" in man.provenance
+    assert man.provenance["counts"]["train"] == 600 and "rating_threshold" in man.provenance
     assert man.provenance["dedup"]["in_domain"]["kept"] < man.provenance["dedup"]["in_domain"]["input"]
     image_keys = set(artifact.load(image_run.tag).manifest.model_dump())
     assert set(man.model_dump()) == image_keys

@@ -147,5 +147,9 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
         image_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
         provenance=splits.provenance, versions={},
     )  # fmt: skip
+    # The PyTorch weights stay beside the artifact (not in it: serving is torch-free); the
+    # benchmark's PyTorch-eager peer loads them.
+    torch.save({"state_dict": model.state_dict(), "num_classes": len(splits.labels), "dropout": cfg.dropout},
+               staging.parent / "pytorch_model.pt")  # fmt: skip
     tag = finish(cfg, manifest, staging)
     return ImageRun(tag, staging, metrics, model, splits, prep)

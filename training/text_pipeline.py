@@ -200,5 +200,8 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
         text_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
         provenance=splits.provenance, versions={"transformers": __import__("transformers").__version__},
     )  # fmt: skip
+    # PyTorch weights beside the artifact (serving is torch-free); the benchmark's eager peer loads them.
+    model.save_pretrained(staging.parent / "pytorch_model")
+    tokenizer.save_pretrained(staging.parent / "pytorch_model")
     tag = finish(cfg, manifest, staging)
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
