@@ -71,3 +71,21 @@ test: setup lint  ## ruff + the whole pytest suite (real training, export, servi
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ---------------------------------------------------------------- load test and benchmark (loadtest/)
+.PHONY: loadtest loadtest-url benchmark benchmark-quick
+LOADTEST_ARGS ?=
+BENCHMARK_ARGS ?=
+
+loadtest: setup  ## short Locust run against both services started on 127.0.0.1; prints the SLO verdict
+	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
+
+loadtest-url: setup  ## the same against a running deployment: make loadtest-url URL=http://127.0.0.1:8080
+	@test -n "$(URL)" || { echo "usage: make loadtest-url URL=http://host:port [LOADTEST_ARGS=...]"; exit 2; }
+	$(BIN)/python -m loadtest.run --url $(URL) --name url $(LOADTEST_ARGS)
+
+benchmark: setup  ## throughput/latency figures of raw ORT, served, int8, PyTorch eager -> docs/results/benchmark/
+	$(BIN)/python -m loadtest.benchmark $(BENCHMARK_ARGS)
+
+benchmark-quick: setup  ## the benchmark's code paths in about two minutes (figures not meant for publishing)
+	$(BIN)/python -m loadtest.benchmark --quick --out /tmp/servable-benchmark-quick $(BENCHMARK_ARGS)
