@@ -21,11 +21,11 @@ import random
 import sys
 from pathlib import Path
 
-from locust import HttpUser, between, events, task
+from locust import HttpUser, LoadTestShape, between, events, task
 from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` does not put the repo on the path
-from loadtest import inputs, shapes, slo
+from loadtest import inputs, profiles, slo
 
 DATA = inputs.load(Path(os.environ.get("LOADTEST_INPUTS") or inputs.DEFAULT_DIR))
 B64_IMAGES = [base64.b64encode(b).decode() for b in DATA.images]
@@ -171,11 +171,12 @@ elif os.environ.get("LOAD_ONLY") == "text":
     ImageUser.abstract = True
 
 if (_shape := os.environ.get("LOAD_SHAPE", "").lower()) and _shape != "none":
-    if _shape not in shapes.SHAPES:
-        raise SystemExit(f"LOAD_SHAPE={_shape!r}: choose one of {sorted(shapes.SHAPES)} or none")
+    PROFILE = profiles.Profile.from_env(_shape)
 
-    class SelectedShape(shapes.SHAPES[_shape]):  # the one shape class Locust finds in this module
-        abstract = False
+    class SelectedShape(LoadTestShape):  # the one shape class Locust finds in this module
+        def tick(self) -> tuple[int, float] | None:
+            users = PROFILE.users_at(self.get_run_time())
+            return None if users is None else (users, PROFILE.rate)
 
 
 def endpoint_stats(environment) -> list[slo.EndpointStats]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import inputs, shapes, slo
+from loadtest import inputs, profiles, slo
 from tests.conftest import API_KEY, ROOT
 
 
@@ -30,19 +30,15 @@ def test_slo_config_overrides_and_verdict(tmp_path):
     assert json.loads((tmp_path / "run_slo.json").read_text())["passed"] is False
 
 
-def test_load_shapes(monkeypatch):
-    monkeypatch.setenv("LOAD_USERS", "8")
-    monkeypatch.setenv("LOAD_DURATION", "60")
+def test_load_shapes():
+    def users(shape: str, times):
+        return [profiles.Profile(shape, users=8, duration=60).users_at(t) for t in times]
 
-    def users(shape_cls, t: float):
-        shape = type("S", (shape_cls,), {"abstract": False})()
-        monkeypatch.setattr(shape, "get_run_time", lambda: t)
-        tick = shape.tick()
-        return None if tick is None else tick[0]
-
-    assert [users(shapes.Steady, t) for t in (0, 59, 60)] == [8, 8, None]
-    assert [users(shapes.StepRamp, t) for t in (0, 16, 31, 59)] == [2, 4, 6, 8]
-    assert [users(shapes.Spike, t) for t in (10, 30, 40)] == [2, 8, 2]
+    assert users("steady", (0, 59, 60)) == [8, 8, None]
+    assert users("ramp", (0, 16, 31, 59)) == [2, 4, 6, 8]
+    assert users("spike", (10, 30, 40)) == [2, 8, 2]
+    with pytest.raises(ValueError, match="LOAD_SHAPE"):
+        profiles.Profile.from_env("sawtooth")
 
 
 def run_locust(tmp_path: Path, name: str, image_url: str, text_url: str, seconds: int, extra_env: dict):
