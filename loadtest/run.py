@@ -1,6 +1,7 @@
 """One command for a headless load test: against a URL, or against both services started here.
 
-    python -m loadtest.run                         # start image + sentiment on 127.0.0.1, test, stop
+    python -m loadtest.run                         # start the local stack (replicas behind nginx), test, stop
+    python -m loadtest.run --start services        # start the two services alone (no proxy), test, stop
     python -m loadtest.run --url http://127.0.0.1:8080   # a running stack (proxy / docker compose)
     python -m loadtest.run --image-url URL --text-url URL --shape ramp --users 16 --duration 120
 
@@ -36,6 +37,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-tag", default=None, help="model tag when starting the services here")
     p.add_argument("--text-tag", default=None, help="model tag when starting the services here")
     p.add_argument("--inputs", type=Path, default=inputs.DEFAULT_DIR)
+    p.add_argument("--start", choices=["auto", "stack", "services"], default="auto",
+                   help="without a URL: the local stack (deploy/local_stack.py: replicas behind nginx), the two "
+                        "services alone, or auto: the stack when it can start, else the services")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -71,14 +75,34 @@ def main(argv: list[str] | None = None) -> int:
         image_url, text_url = args.image_url or args.url, args.text_url or args.url
         return run_locust(args, image_url.rstrip("/"), text_url.rstrip("/"), key)
 
+    key = _first_key(os.environ.get("SERVABLE_AUTH_KEYS", "")) or secrets.token_urlsafe(24)
+    tags = {"image": args.image_tag or "fashion-cnn:latest", "text": args.text_tag or "sentiment-bert:latest"}
+    if args.start in ("auto", "stack"):
+        try:
+            return _against_stack(args, key, tags)
+        except (ImportError, FileNotFoundError) as exc:  # no deploy/ package, or no nginx installed
+            if args.start == "stack":
+                raise
+            print(f"local stack unavailable ({exc}); starting the two services alone", flush=True)
+    return _against_services(args, key, tags)
+
+
+def _against_stack(args: argparse.Namespace, key: str, tags: dict[str, str]) -> int:
+    import tempfile
+
+    from deploy.local_stack import LocalStack
+
+    workdir = Path(tempfile.mkdtemp(prefix="servable-loadtest-stack-"))
+    print(f"starting the local stack (2 replicas each behind nginx) in {workdir} ...", flush=True)
+    with LocalStack(workdir, tags["image"], tags["text"], {"loadtest": key}) as stack:
+        return run_locust(args, stack.proxy_url, stack.proxy_url, key)
+
+
+def _against_services(args: argparse.Namespace, key: str, tags: dict[str, str]) -> int:
     from serving import launch  # only needed when this command starts the services itself
 
-    key = _first_key(os.environ.get("SERVABLE_AUTH_KEYS", "")) or secrets.token_urlsafe(24)
-    env = {"SERVABLE_AUTH_KEYS": os.environ.get("SERVABLE_AUTH_KEYS") or f"loadtest:{key}"}
-    if args.image_tag:
-        env["SERVABLE_IMAGE_SERVE_MODEL_TAG"] = args.image_tag
-    if args.text_tag:
-        env["SERVABLE_TEXT_SERVE_MODEL_TAG"] = args.text_tag
+    env = {"SERVABLE_AUTH_KEYS": f"loadtest:{key}", "SERVABLE_IMAGE_SERVE_MODEL_TAG": tags["image"],
+           "SERVABLE_TEXT_SERVE_MODEL_TAG": tags["text"]}  # fmt: skip
     servers = []
     try:
         for kind in ("image", "text"):
