@@ -1,0 +1,134 @@
+"""One source for the deployment configs: the nginx template filler and the Grafana dashboard.
+
+- nginx: `deploy/nginx/servable.conf.template` is the routing config of every environment.
+  docker compose hands it to the nginx image's own envsubst (/etc/nginx/templates); the local
+  stack fills it here with `render_template` (same ${NAME} placeholders, nginx's own $variables
+  untouched).
+- Grafana: the dashboard's panels and PromQL live in `PANELS` below; `python -m deploy.render`
+  writes deploy/grafana/dashboards/servable.json and `--check` fails when that file is stale.
+  tests/test_local_stack.py queries every expression here against a real Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+DEPLOY = Path(__file__).resolve().parent
+NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
+DASHBOARD_JSON = DEPLOY / "grafana" / "dashboards" / "servable.json"
+RULES_DIR = DEPLOY / "prometheus" / "rules"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+
+
+def template_names(text: str) -> set[str]:
+    return set(_PLACEHOLDER.findall(text))
+
+
+def render_template(text: str, values: dict[str, str]) -> str:
+    """Fill ${NAME} placeholders as envsubst does; every placeholder must have a value."""
+    missing = template_names(text) - set(values)
+    if missing:
+        raise KeyError(f"no value for template placeholders {sorted(missing)}")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def upstream_servers(addresses: list[str], max_fails: int = 1, fail_timeout_s: int = 10) -> str:
+    """The `server ...;` lines of one upstream pool (compose passes the same text as an env var)."""
+    return " ".join(f"server {a} max_fails={max_fails} fail_timeout={fail_timeout_s}s;" for a in addresses)
+
+
+def nginx_values(image: list[str], text: list[str], listen_addr: str, listen_port: int, access_log: str) -> dict:
+    return {
+        "IMAGE_UPSTREAM_SERVERS": upstream_servers(image),
+        "TEXT_UPSTREAM_SERVERS": upstream_servers(text),
+        "LISTEN_ADDR": listen_addr,
+        "LISTEN_PORT": str(listen_port),
+        "ACCESS_LOG": access_log,
+    }
+
+
+# ---------------------------------------------------------------- Grafana dashboard
+
+FRONT = 'service_name=~".+_classifier"'
+INFER = 'endpoint=~"/classify|/sentiment"'
+
+# (title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written.
+PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Request rate per endpoint", "reqps", [("servable:requests:rate1m", "{{job}} {{endpoint}}")]),
+    ("5xx error ratio", "percentunit", [("servable:errors5xx:ratio_rate1m", "{{job}}")]),
+    ("4xx rejections by reason", "reqps", [("sum by (job, reason) (rate(servable_rejected_total[1m]))",
+                                            "{{job}} {{reason}}")]),
+    ("Latency per endpoint (p50 / p95 / p99)", "s", [
+        (f"histogram_quantile({q}, sum by (job, endpoint, le) (rate(bentoml_service_request_duration_seconds_bucket"
+         f"{{{FRONT}, {INFER}}}[1m])))", f"p{int(q * 100)} {{{{job}}}} {{{{endpoint}}}}")
+        for q in (0.5, 0.95, 0.99)
+    ]),
+    ("In-flight requests per replica", "short", [("servable:in_flight:sum", "{{instance}}")]),
+    ("Batch size (items per model run)", "short", [
+        ("sum by (job) (rate(servable_batch_size_sum[1m])) / sum by (job) (rate(servable_batch_size_count[1m]))",
+         "mean {{job}}"),
+        ("histogram_quantile(0.95, sum by (job, le) (rate(servable_batch_size_bucket[1m])))", "p95 {{job}}"),
+        ("sum by (job) (rate(bentoml_service_adaptive_batch_size_sum[1m])) "
+         "/ sum by (job) (rate(bentoml_service_adaptive_batch_size_count[1m]))", "BentoML batch {{job}}"),
+    ]),
+    ("Model time vs queue time (mean per request)", "s", [
+        ("servable:model_seconds:mean1m", "model (ONNX Runtime) {{job}}"),
+        ("servable:queue_seconds:mean1m", "queue + transport {{job}}"),
+        ("sum by (job) (rate(servable_preprocess_seconds_sum[1m])) "
+         "/ sum by (job) (rate(servable_preprocess_seconds_count[1m]))", "pre-processing {{job}}"),
+    ]),
+    ("Replicas up", "short", [('sum by (job) (up{job=~"servable-.+"})', "{{job}}")]),
+    ("Predictions by label", "reqps", [("sum by (model, label) (rate(servable_predictions_total[1m]))",
+                                        "{{model}} {{label}}")]),
+    ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
+                                        "{{tag}} {{variant}} {{provider}}")]),
+]  # fmt: skip
+
+
+def dashboard_exprs() -> list[str]:
+    return [expr for _, _, targets in PANELS for expr, _ in targets]
+
+
+def dashboard() -> dict:
+    panels = []
+    for i, (title, unit, targets) in enumerate(PANELS):
+        panels.append({
+            "id": i + 1, "type": "timeseries", "title": title,
+            "datasource": {"type": "prometheus", "uid": "prometheus"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max"]}},
+            "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
+                         "datasource": {"type": "prometheus", "uid": "prometheus"}}
+                        for j, (expr, legend) in enumerate(targets)],
+        })  # fmt: skip
+    return {
+        "uid": "servable-overview", "title": "Servable: inference services", "tags": ["servable"],
+        "schemaVersion": 39, "version": 1, "editable": True, "refresh": "10s",
+        "time": {"from": "now-30m", "to": "now"}, "timezone": "utc", "panels": panels,
+        "annotations": {"list": []}, "templating": {"list": []},
+    }  # fmt: skip
+
+
+def dashboard_text() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if "--check" in argv:
+        if not DASHBOARD_JSON.exists() or DASHBOARD_JSON.read_text() != dashboard_text():
+            print(f"{DASHBOARD_JSON} is stale: run python -m deploy.render", file=sys.stderr)
+            return 1
+        return 0
+    DASHBOARD_JSON.write_text(dashboard_text())
+    print(f"wrote {DASHBOARD_JSON}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

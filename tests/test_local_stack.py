@@ -1,0 +1,160 @@
+"""The compose topology on 127.0.0.1: proxy routing, Prometheus targets, every dashboard and alert
+expression against real metrics, and a replica failure behind the proxy."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import requests
+import yaml
+from PIL import Image
+
+from deploy import render
+from tests import stack_fixtures
+from tests.conftest import API_KEY
+
+local_stack = stack_fixtures.local_stack  # the fixture, used by name below
+KEY = {"x-api-key": API_KEY}
+COMPARISON = re.compile(r"^(?P<signal>.+?)\s*(?:==|!=|>=|<=|>|<)\s*-?[0-9.]+$", re.S)
+
+
+def _png(image_run, i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image_run.splits.test_x[i][:, :, 0])).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _query(stack, expr: str) -> list[dict]:
+    r = requests.get(stack.prometheus_url + "/api/v1/query", params={"query": expr}, timeout=10)
+    assert r.status_code == 200, (expr, r.text)
+    return r.json()["data"]["result"]
+
+
+def _traffic(stack, image_run, text_run, n: int = 12) -> None:
+    texts = [t for t, _ in text_run.splits.test[:n]]
+
+    def one(i):
+        img = requests.post(stack.proxy_url + "/classify", files={"image": ("x.png", _png(image_run, i))},
+                            headers=KEY, timeout=60)  # fmt: skip
+        txt = requests.post(stack.proxy_url + "/sentiment", json={"text": texts[i % len(texts)]}, headers=KEY,
+                            timeout=60)  # fmt: skip
+        return img.status_code, txt.status_code
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        assert set(ex.map(one, range(n))) == {(200, 200)}
+    # a few refused calls, so the rejection series exist too
+    requests.post(stack.proxy_url + "/sentiment", json={"text": ""}, headers=KEY, timeout=30)
+    requests.post(stack.proxy_url + "/classify", json={"images": []}, headers=KEY, timeout=30)
+
+
+def rule_exprs() -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """Recording-rule expressions, (alert name, alert signal) pairs, and the GPU-only expressions."""
+    records, alerts, gpu_only = [], [], []
+    for path in sorted(render.RULES_DIR.glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "DCGM_" in rule["expr"]:
+                    gpu_only.append(rule["expr"])
+                elif "record" in rule:
+                    records.append(rule["expr"])
+                else:
+                    m = COMPARISON.match(rule["expr"].strip())
+                    assert m, f"alert {rule['alert']} is not written as `<signal> <op> <threshold>`"
+                    alerts.append((rule["alert"], m.group("signal")))
+    return records, alerts, gpu_only
+
+
+def test_both_endpoints_answer_through_the_proxy(local_stack, image_run, text_run):
+    stack = local_stack
+    img = requests.post(stack.proxy_url + "/classify", headers=KEY, timeout=60,
+                        files=[("image", (f"{i}.png", _png(image_run, i), "image/png")) for i in range(2)])  # fmt: skip
+    assert img.status_code == 200, img.text
+    assert img.json()["model"] == image_run.tag and len(img.json()["predictions"]) == 2
+    assert img.headers.get("x-request-id")
+    b64 = base64.b64encode(_png(image_run, 0)).decode()
+    assert requests.post(stack.proxy_url + "/classify", json={"image": b64}, headers=KEY, timeout=60).status_code == 200
+    txt = requests.post(stack.proxy_url + "/sentiment", json={"texts": ["A gorgeous film.", "Dull."]}, headers=KEY,
+                        timeout=60)  # fmt: skip
+    assert txt.status_code == 200 and len(txt.json()["predictions"]) == 2, txt.text
+    # prefixed routes reach the right service; keys are still checked behind the proxy
+    assert requests.get(stack.proxy_url + "/image/info", headers=KEY, timeout=30).json()["model_tag"] == image_run.tag
+    assert requests.get(stack.proxy_url + "/text/info", headers=KEY, timeout=30).json()["model_tag"] == text_run.tag
+    assert requests.get(stack.proxy_url + "/text/readyz", timeout=10).status_code == 200
+    assert requests.post(stack.proxy_url + "/sentiment", json={"text": "x"}, timeout=30).status_code == 401
+    assert requests.get(stack.proxy_url + "/text/metrics", timeout=10).status_code == 404  # not public
+    assert requests.get(stack.proxy_url + "/nowhere", timeout=10).status_code == 404
+    # the proxy's body limit (1 MiB for text) answers before any replica sees the body
+    big = requests.post(stack.proxy_url + "/sentiment", data=b"x" * (2 * 1024 * 1024), timeout=30,
+                        headers={**KEY, "content-type": "application/json"})  # fmt: skip
+    assert big.status_code == 413
+    # round robin: both replicas of each pool answered
+    for _ in range(4):
+        requests.post(stack.proxy_url + "/sentiment", json={"text": "fine"}, headers=KEY, timeout=30)
+    upstreams = {json.loads(line)["upstream"] for line in (stack.dir / "nginx-access.log").read_text().splitlines()}
+    for kind in ("image", "text"):
+        assert set(stack.addresses(kind)) <= upstreams, (kind, upstreams)
+
+
+def test_prometheus_scrapes_every_replica(local_stack):
+    stack = local_stack
+    expected = {f"servable-{k}": set(stack.addresses(k)) for k in ("image", "text")}
+    deadline = time.monotonic() + 60
+    while True:
+        targets = requests.get(stack.prometheus_url + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        got = {job: {t["labels"]["instance"] for t in targets if t["labels"]["job"] == job} for job in expected}
+        if got == expected and all(t["health"] == "up" for t in targets):
+            break
+        assert time.monotonic() < deadline, f"targets not all up: {[(t['scrapeUrl'], t['health']) for t in targets]}"
+        time.sleep(1)
+    rules = requests.get(stack.prometheus_url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+    assert {g["name"] for g in rules} == {"servable-sli", "servable-alerts", "servable-gpu"}
+    assert all(r["health"] == "ok" for g in rules for r in g["rules"])
+
+
+def test_every_dashboard_and_alert_expression_returns_data(local_stack, image_run, text_run):
+    stack = local_stack
+    records, alerts, gpu_only = rule_exprs()
+    # GPU rules read the DCGM exporter, which only a GPU deployment has: they are covered by
+    # `promtool test rules` (tests/test_deploy_static.py), not here.
+    assert len(gpu_only) == 2 and len(alerts) >= 5 and len(records) >= 5
+    exprs = {e: "dashboard" for e in render.dashboard_exprs()}
+    exprs |= {e: "recording rule" for e in records} | {s: f"alert {a}" for a, s in alerts}
+    deadline = time.monotonic() + 120
+    missing = list(exprs)
+    while missing:
+        _traffic(stack, image_run, text_run, n=6)
+        time.sleep(3)
+        missing = [e for e in missing if not _query(stack, e)]
+        assert time.monotonic() < deadline, "no data for:\n" + "\n".join(f"{exprs[e]}: {e}" for e in missing)
+
+
+def test_killed_replica_proxy_keeps_answering_and_replica_down_fires(local_stack, image_run):
+    stack = local_stack
+    victim = stack.replicas["image"][0]
+    down_expr = next(
+        r["expr"] for g in yaml.safe_load((render.RULES_DIR / "servable.yml").read_text())["groups"]
+        for r in g["rules"] if r.get("alert") == "ServableReplicaDown"
+    )  # fmt: skip
+    assert not _query(stack, down_expr)
+    os.killpg(victim.proc.pid, signal.SIGKILL)  # a crash, not a graceful stop
+    victim.proc.wait(timeout=30)
+    statuses = [
+        requests.post(stack.proxy_url + "/classify", files={"image": ("x.png", _png(image_run, i % 5))}, headers=KEY,
+                      timeout=60).status_code
+        for i in range(12)
+    ]  # fmt: skip
+    assert statuses == [200] * 12
+    deadline = time.monotonic() + 60
+    while not (fired := _query(stack, down_expr)):
+        assert time.monotonic() < deadline, "ServableReplicaDown expression did not fire"
+        time.sleep(1)
+    assert [r["metric"]["instance"] for r in fired] == [f"127.0.0.1:{victim.port}"]
+    assert fired[0]["metric"]["job"] == "servable-image"
