@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATASETS := .cache/datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist
+APT_PACKAGES := dataset-fashion-mnist nginx prometheus docker-compose
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 # A development key so the demo and `make serve` answer; real deployments mount a key file
@@ -89,3 +89,26 @@ benchmark: setup  ## throughput/latency figures of raw ORT, served, int8, PyTorc
 
 benchmark-quick: setup  ## the benchmark's code paths in about two minutes (figures not meant for publishing)
 	$(BIN)/python -m loadtest.benchmark --quick --out /tmp/servable-benchmark-quick $(BENCHMARK_ARGS)
+
+# ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
+.PHONY: stack validate-deploy dashboard bake-models image-cpu-podman
+STACK_ARGS ?=
+MODELS ?= fashion-cnn:latest sentiment-bert:latest
+
+stack: setup  ## compose's topology on 127.0.0.1 without Docker: 2+2 replicas, nginx, Prometheus (Ctrl-C stops)
+	$(BIN)/python -m deploy.local_stack $(STACK_ARGS)
+
+validate-deploy: setup  ## offline checks of Dockerfile, compose, nginx, Prometheus rules, Grafana, k8s manifests
+	$(BIN)/pytest -q tests/test_deploy_static.py
+
+dashboard: setup  ## regenerate deploy/grafana/dashboards/servable.json from deploy/render.py
+	$(BIN)/python -m deploy.render
+
+bake-models: setup  ## export MODELS from the model store into deploy/model-store/ for the image build
+	rm -f deploy/model-store/*.bentomodel
+	for tag in $(MODELS); do $(BIN)/bentoml models export "$$tag" deploy/model-store/ || exit 1; done
+
+image-cpu-podman:  ## build the CPU image with podman from a local Debian base, run it, call both endpoints
+	@dpkg -s podman runc mmdebstrap >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap; }
+	deploy/podman/build_and_run.sh
