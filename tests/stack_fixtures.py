@@ -16,7 +16,10 @@ from tests.conftest import API_KEY
 def local_stack(image_run, text_run, tmp_path_factory):
     from deploy.local_stack import LocalStack
 
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), image_run.tag, text_run.tag, {"tester": API_KEY})
+    # as tests/conftest.py's servers: a generous batching queue bound on a busy 2-core machine
+    slack = {"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", "SERVABLE_TEXT_SERVE_MAX_LATENCY_MS": "5000"}
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), image_run.tag, text_run.tag, {"tester": API_KEY},
+                       extra_env=slack)  # fmt: skip
     try:
         stack.start(timeout_s=300)
     except BaseException:

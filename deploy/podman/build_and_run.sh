@@ -32,14 +32,20 @@ trap cleanup EXIT
 t0=$SECONDS
 if ! podman image exists "$BASE"; then
   log "base: Debian bookworm root filesystem with python3 (mmdebstrap) -> $BASE"
+  # The base trusts the host's CA bundle (pip inside the build then works behind a TLS-inspecting
+  # proxy, as on the CI machines here); pip is told to use the system bundle rather than certifi's.
   mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    --aptopt='Acquire::Retries "3"' bookworm "$WORK/rootfs.tar" "$MIRROR" >"$WORK/mmdebstrap.log" 2>&1 \
+    --aptopt='Acquire::Retries "3"' \
+    --customize-hook='if [ -s /etc/ssl/certs/ca-certificates.crt ]; then cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"; fi' \
+    --customize-hook='printf "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n" > "$1/etc/pip.conf"' \
+    bookworm "$WORK/rootfs.tar" "$MIRROR" >"$WORK/mmdebstrap.log" 2>&1 \
     || { tail -20 "$WORK/mmdebstrap.log"; exit 1; }
   podman import --change 'CMD ["/bin/bash"]' "$WORK/rootfs.tar" "$BASE" >/dev/null
   rm -f "$WORK/rootfs.tar"
 fi
 log "base ready ($((SECONDS - t0)) s); building $IMAGE from deploy/Dockerfile"
 podman build --format docker --network host -f "$ROOT/deploy/Dockerfile" --build-arg "BASE_IMAGE=$BASE" \
+  --build-arg ORT_PACKAGE=onnxruntime \
   -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
 log "image built ($((SECONDS - t0)) s): $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
 podman image inspect "$IMAGE" --format 'user={{.Config.User}} healthcheck={{.Config.Healthcheck.Test}}'
@@ -49,7 +55,9 @@ chmod 644 "$WORK/api_keys"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 run() { # name service port env...
   local name=$1 service=$2 port=$3; shift 3
-  podman run -d --name "$name" --read-only --tmpfs /tmp:rw,size=512m,mode=1777 \
+  # --no-healthcheck: podman schedules HEALTHCHECK with systemd timers, absent here; the same
+  # command is run by hand below.
+  podman run -d --name "$name" --no-healthcheck --read-only --tmpfs /tmp:rw,size=512m,mode=1777 \
     --security-opt no-new-privileges --cap-drop ALL \
     -p "127.0.0.1:$port:3000" -v "$MODEL_STORE:/models:ro" -v "$WORK/api_keys:/run/secrets/api_keys:ro" \
     -e "SERVABLE_SERVICE=$service" "$@" "$IMAGE" >/dev/null
