@@ -24,6 +24,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -347,8 +348,10 @@ def ratios(res: ModelResult) -> dict[str, float | None]:
     on, off = best(pts, "served fp32 batching on"), best(pts, "served fp32 batching off")
     served = max(filter(None, [on, off]), key=lambda p: p.items_s, default=None)
     open70 = next((p for p in pts if p.config == "served fp32 batching on @70%"), None)
+    raw_best = best(pts, "raw ORT fp32 b")
     out = {
-        "served_on/raw_best_batch": r(on, best(pts, "raw ORT fp32 b")),
+        "raw fp32 best batch size": raw_best.concurrency if raw_best else None,
+        "served_on/raw_best_batch": r(on, raw_best),
         "served_off/raw_b1": r(off, raw_b1),
         "served_best/pytorch_eager": r(served, best(pts, "pytorch eager")),
         "batching_on/off": r(on, off),
@@ -474,7 +477,8 @@ def write_report(results: list[ModelResult], args, command: str, out: Path, elap
     lines += [f"![{f}]({f})" for f in figures]
     md = out / "benchmark.md"
     md.write_text("\n".join(lines) + "\n")
-    payload = {"command": command, "machine": describe_machine(), "note": args.note, "versions": vers,
+    payload = {"command": command, "elapsed_s": round(elapsed, 1), "machine": describe_machine(), "note": args.note,
+               "versions": vers,
                "settings": {k: v for k, v in vars(args).items() if k != "out"},
                "models": [{**asdict(r), "ratios": ratios(r)} for r in results]}  # fmt: skip
     (out / "benchmark.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -496,18 +500,39 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="free text for the report, e.g. 'shared machine'")
     p.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("docs/results/benchmark"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the report and plots from --out's JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.seconds, args.warmup, args.raw_seconds, args.batches = [1, 4], 2.0, 0.5, 0.5, [1, 8]
     return args
 
 
+def render_only(args: argparse.Namespace) -> int:
+    """Re-render from the measured JSON (e.g. after changing the report), keeping its command and settings."""
+    import re
+
+    payload = json.loads((args.out / "benchmark.json").read_text())
+    results = [ModelResult(m["model"], m["tag"], [Point(**p) for p in m["points"]], m["notes"],
+                           m["preprocess_ms_per_item"]) for m in payload["models"]]  # fmt: skip
+    for key, value in payload["settings"].items():
+        if key not in ("render_only", "out"):
+            setattr(args, key, value)
+    elapsed = payload.get("elapsed_s")
+    if elapsed is None:  # reports written before elapsed_s was stored: read it from the old Markdown
+        found = re.search(r"\(([0-9.]+) min\)", (args.out / "benchmark.md").read_text())
+        elapsed = 60 * float(found.group(1)) if found else 0.0
+    write_report(results, args, payload["command"], args.out, elapsed)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     command = "python -m loadtest.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render_only:
+        return render_only(args)
     data = real_inputs.load(args.inputs)
-    log_dir = args.out / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="servable-benchmark-logs-"))  # server logs: not published
+    print(f"server logs in {log_dir}", flush=True)
     start = time.monotonic()
     tags = {"image": args.image_tag, "text": args.text_tag}
     results = [bench_model(m, tags[m], args, data, log_dir) for m in args.models]
