@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import secrets
@@ -70,6 +71,41 @@ def _spawn(name: str, cmd: list[str], log_path: Path, stop_signal: int = signal.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip
     return Proc(name, proc, log_path, stop_signal)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc). BentoML's workers call setsid: they are in their own
+    process groups, so killing a replica's group alone would leave them serving as orphans."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def stop_replica(server: launch.Server, crash: bool = False) -> None:
+    """Stop one replica and every worker it started; `crash=True` kills it all at once (SIGKILL)."""
+    tree = descendants(server.proc.pid)
+    if crash:
+        _kill_all([server.proc.pid, *tree])
+        server.proc.wait(timeout=30)
+    else:
+        server.stop()
+    _kill_all([pid for pid in tree if Path(f"/proc/{pid}").exists()])  # workers left behind
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -227,7 +263,7 @@ class LocalStack:
         servers = self.all_replicas()
         if servers:
             with cf.ThreadPoolExecutor(len(servers)) as ex:
-                list(ex.map(lambda s: s.stop(), servers))
+                list(ex.map(stop_replica, servers))
 
     def logs(self) -> str:
         parts = [f"--- {s.log_path.name}\n{s.log()[-1500:]}" for s in self.all_replicas()]

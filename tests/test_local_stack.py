@@ -7,9 +7,7 @@ import base64
 import concurrent.futures as cf
 import io
 import json
-import os
 import re
-import signal
 import time
 
 import numpy as np
@@ -18,6 +16,8 @@ import yaml
 from PIL import Image
 
 from deploy import render
+from deploy.local_stack import stop_replica
+from serving import launch
 from tests import stack_fixtures
 from tests.conftest import API_KEY
 
@@ -144,8 +144,8 @@ def test_killed_replica_proxy_keeps_answering_and_replica_down_fires(local_stack
         for r in g["rules"] if r.get("alert") == "ServableReplicaDown"
     )  # fmt: skip
     assert not _query(stack, down_expr)
-    os.killpg(victim.proc.pid, signal.SIGKILL)  # a crash, not a graceful stop
-    victim.proc.wait(timeout=30)
+    stop_replica(victim, crash=True)  # SIGKILL to the replica and its workers: a crash, not a drain
+    assert launch.get(victim.url + "/readyz")[0] == 0  # really gone
     statuses = [
         requests.post(stack.proxy_url + "/classify", files={"image": ("x.png", _png(image_run, i % 5))}, headers=KEY,
                       timeout=60).status_code
