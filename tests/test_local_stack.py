@@ -125,7 +125,9 @@ def test_every_dashboard_and_alert_expression_returns_data(local_stack, image_ru
     # GPU rules read the DCGM exporter, which only a GPU deployment has: they are covered by
     # `promtool test rules` (tests/test_deploy_static.py), not here.
     assert len(gpu_only) == 2 and len(alerts) >= 5 and len(records) >= 5
-    exprs = {e: "dashboard" for e in render.dashboard_exprs()}
+    dashboard = json.loads(render.DASHBOARD_JSON.read_text())  # the provisioned file itself
+    exprs = {t["expr"]: "dashboard" for panel in dashboard["panels"] for t in panel["targets"]}
+    assert set(exprs) == set(render.dashboard_exprs())
     exprs |= {e: "recording rule" for e in records} | {s: f"alert {a}" for a, s in alerts}
     deadline = time.monotonic() + 120
     missing = list(exprs)
