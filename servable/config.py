@@ -162,3 +162,32 @@ class AuthSettings(BaseSettings):
     keys: str = Field("", description="Inline `name:key,name2:key2` (for development; prefer keys_file).")
     header: str = Field("x-api-key", description="Header carrying the key (or Authorization: Bearer).")
     metrics_require_key: bool = Field(False, description="Also require a key on /metrics.")
+
+
+# ---------------------------------------------------------------- privacy: audit log, feedback loop
+
+
+class AuditSettings(BaseSettings):
+    """Audit trail: who (API-key name, never the key) called what, when, with which outcome. No content."""
+
+    model_config = _cfg("SERVABLE_AUDIT_")
+
+    file: Path | None = Field(
+        None, description="JSON-lines audit file; default: none, audit lines go to stderr (logger servable.audit)."
+    )
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Rotate the audit file at this size (bytes).")
+    backup_count: int = Field(10, ge=1, description="Rotated audit files kept; older ones are deleted (retention).")
+
+
+class FeedbackSettings(BaseSettings):
+    """Opt-in feedback loop: low-confidence or flagged predictions queued for labelling, only with consent."""
+
+    model_config = _cfg("SERVABLE_FEEDBACK_")
+
+    enabled: bool = Field(False, description="Queue items for labelling at all (off: nothing is ever stored).")
+    dir: Path = Field(Path("runs/feedback"), description="Queue root; one sub-folder per model.")
+    confidence_threshold: float = Field(
+        0.6, ge=0, le=1, description="Top-1 probability below which a prediction is low-confidence."
+    )
+    retention_days: float = Field(30.0, gt=0, description="Queued items older than this are deleted.")
+    max_items: int = Field(10_000, ge=1, description="Most queued items per model; when full, new ones are dropped.")

@@ -21,6 +21,8 @@ SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Image service", config.ImageServeSettings, "environment only (containers)"),
     ("Sentiment service", config.TextServeSettings, "environment only (containers)"),
     ("API-key authentication", config.AuthSettings, "environment only (containers)"),
+    ("Audit log", config.AuditSettings, "environment only (containers)"),
+    ("Feedback loop (opt-in)", config.FeedbackSettings, "environment only (containers)"),
 ]
 
 

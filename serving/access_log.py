@@ -46,8 +46,9 @@ def _header(scope, name: bytes) -> str | None:
 class AccessLogMiddleware:
     """Outermost middleware: assigns/propagates X-Request-ID and logs the outcome of each call."""
 
-    def __init__(self, app, service: str) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app, service: str, on_finish=None) -> None:
+        # on_finish(service, scope, status, start): the audit hook (serving/audit.py::record)
+        self.app, self.service, self.on_finish = app, service, on_finish
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -75,3 +76,5 @@ class AccessLogMiddleware:
                     "latency_ms": round(1000 * (time.perf_counter() - start), 2),
                     "key_name": scope["state"].get("key_name"),
                 }})  # fmt: skip
+                if self.on_finish is not None:
+                    self.on_finish(self.service, scope, status, start)

@@ -11,7 +11,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
 from servable.config import AuthSettings, ServeCommon
-from serving import metrics
+from serving import audit, metrics
 from serving.access_log import AccessLogMiddleware, configure_json_logging
 from serving.auth import ApiKeyMiddleware
 from serving.errors import ClientError, error_response
@@ -31,9 +31,10 @@ def service_config(settings: ServeCommon) -> dict:
 
 def install_middleware(service, settings: ServeCommon, name: str) -> None:
     configure_json_logging()
+    audit.configure()
     # Uploads stay in memory (never spooled to a temp file): the body limit bounds their size.
     MultiPartParser.spool_max_size = settings.max_body_bytes + 1
-    service.add_asgi_middleware(AccessLogMiddleware, service=name)
+    service.add_asgi_middleware(AccessLogMiddleware, service=name, on_finish=audit.record)
     service.add_asgi_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
 

@@ -19,7 +19,9 @@ from starlette.datastructures import UploadFile
 from servable.config import ImageServeSettings
 from servable.preprocessing import InvalidImage, preprocess_image
 from serving import frontend, metrics
+from serving.audit import set_model_tag
 from serving.errors import ClientError
+from serving.feedback.hook import FeedbackHook
 from serving.loading import ServedModel
 from serving.onnx_runtime import softmax
 
@@ -101,6 +103,11 @@ class ImageClassifier:
     def __init__(self) -> None:
         global _instance
         self.front = ServedModel(SETTINGS, TASK, with_session=False)
+        set_model_tag("image_classifier", self.front.art.tag if self.front.ready else SETTINGS.model_tag)
+        if self.front.ready:
+            self.feedback = FeedbackHook(
+                self.front.name, self.front.manifest.labels, "image", max_pixels=SETTINGS.max_pixels
+            )
         _instance = self
 
     def __is_ready__(self) -> bool:
@@ -181,6 +188,7 @@ class ImageClassifier:
         if not isinstance(probs, np.ndarray):
             return probs
         frontend.record_predictions(self.front, probs)
+        await self.feedback.observe(request.headers, blobs, probs, self.front.art.tag)  # opt-in only
         labels = self.front.manifest.labels
         order = np.argsort(-probs, axis=1)[:, :top_k]
         return {
@@ -229,6 +237,7 @@ class ImageClassifier:
         if (err := self._known(name)) is not None:
             return err
         s = self.front.manifest.image_preprocessing.size
+        blobs: list[bytes] | None = None  # pre-processed pixels are not a storable image
         try:
             inputs, rid = frontend.v2_request_inputs(await frontend.json_body(request))
             if len(inputs) != 1:
@@ -259,6 +268,7 @@ class ImageClassifier:
         if not isinstance(probs, np.ndarray):
             return probs
         frontend.record_predictions(self.front, probs)
+        await self.feedback.observe(request.headers, blobs or [None] * len(probs), probs, self.front.art.tag)
         return frontend.v2_response(self.front, probs, rid)
 
 

@@ -18,7 +18,9 @@ from fastapi import FastAPI, Request
 from servable.config import TextServeSettings
 from servable.preprocessing import load_tokenizer, pad_encodings
 from serving import frontend, metrics
+from serving.audit import set_model_tag
 from serving.errors import ClientError
+from serving.feedback.hook import FeedbackHook
 from serving.loading import ServedModel
 from serving.onnx_runtime import softmax
 
@@ -135,6 +137,8 @@ class SentimentClassifier:
         if self.front.ready:
             prep = self.front.manifest.text_preprocessing
             self.tokenizer = load_tokenizer(self.front.art.file(prep.tokenizer_file), prep)
+            self.feedback = FeedbackHook(self.front.name, self.front.manifest.labels, "text")
+        set_model_tag("sentiment_classifier", self.front.art.tag if self.front.ready else SETTINGS.model_tag)
         _instance = self
 
     def __is_ready__(self) -> bool:
@@ -181,6 +185,7 @@ class SentimentClassifier:
         if not isinstance(probs, np.ndarray):
             return probs
         frontend.record_predictions(self.front, probs)
+        await self.feedback.observe(request.headers, texts, probs, self.front.art.tag)  # opt-in only
         return {"model": self.front.art.tag, "variant": SETTINGS.variant, "predictions": self._answer(probs)}
 
     @app.get("/info", tags=["sentiment"])
@@ -232,6 +237,7 @@ class SentimentClassifier:
         if not isinstance(probs, np.ndarray):
             return probs
         frontend.record_predictions(self.front, probs)
+        await self.feedback.observe(request.headers, data, probs, self.front.art.tag)
         return frontend.v2_response(self.front, probs, rid)
 
 

@@ -7,6 +7,7 @@ colour/resize step serving uses; normalisation happens on the batch tensor.
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,17 @@ def load_fashion_mnist(
     )
 
 
+def feedback_provenance(data_path: Path) -> dict | None:
+    """`feedback_provenance.json` written beside an export of the feedback queue (serving/feedback), if any."""
+    path = (data_path if data_path.is_dir() else data_path.parent) / "feedback_provenance.json"
+    try:
+        prov = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    # beside a data file it must name that file: another file in the folder is not described by it
+    return prov if data_path.is_dir() or prov.get("file") == data_path.name else None
+
+
 def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Find `root/<class>/<image>` files; raise DataError naming what is wrong."""
     if not root.exists():
@@ -157,6 +169,7 @@ def load_image_folder(
     rest_idx, test_idx = _split(len(y), test_fraction, rng, y)
     train_rel, val_rel = _split(len(rest_idx), val_fraction, rng, y[rest_idx])
     train_idx, val_idx = _limit(rest_idx[train_rel], limit), rest_idx[val_rel]
+    feedback = feedback_provenance(root)
     return ImageSplits(
         labels=classes,
         train_x=x[train_idx], train_y=y[train_idx],
@@ -169,5 +182,6 @@ def load_image_folder(
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "counts": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
+            **({"feedback": feedback} if feedback else {}),
         },
     )  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data_images import DataError
+from training.data_images import DataError, feedback_provenance
 
 SENTIMENT_LABELS = ["negative", "positive"]
 # Hutto & Gilbert ratings are means of human scores on [-4, 4]; |rating| < NEUTRAL_BAND is
@@ -175,8 +175,10 @@ def load_user_file(path: Path, seed: int, val_fraction: float, test_fraction: fl
     ids = {lab: i for i, lab in enumerate(labels)}
     data, stats = dedupe([(t, ids[lab]) for t, lab in pairs])
     train, val, test = stratified_split(data, seed, val_fraction, test_fraction)
+    feedback = feedback_provenance(path)
     return TextSplits(
         labels=labels, train=train, val=val, test=test,
         provenance={"source": "user file", "path": str(path.resolve()), "dedup": stats, "split_seed": seed,
-                    "val_fraction": val_fraction, "test_fraction": test_fraction},
+                    "val_fraction": val_fraction, "test_fraction": test_fraction,
+                    **({"feedback": feedback} if feedback else {})},
     )  # fmt: skip

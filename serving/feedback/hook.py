@@ -1,0 +1,112 @@
+"""The service side of the feedback loop: decide per prediction, store only with the caller's consent.
+
+Header `x-servable-feedback` carries comma-separated tokens: `opt-in` (the caller consents to its
+input being stored for labelling) and `flag` (queue this prediction whatever its confidence, e.g.
+because it looks wrong). An item is queued when the loop is enabled AND the caller opted in AND
+(its top-1 probability is below the threshold OR it is flagged). Anything else stores nothing.
+Low-confidence predictions are counted either way (a drift signal without content).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import bentoml
+import numpy as np
+
+from servable.config import FeedbackSettings
+from serving.feedback.store import FeedbackStore, png_from_image_bytes
+
+log = logging.getLogger("servable.feedback")
+
+HEADER = "x-servable-feedback"
+PURGE_EVERY_S = 60.0  # retention is applied on write, at most this often (a purge reads every sidecar)
+
+LOW_CONFIDENCE = bentoml.metrics.Counter(
+    name="servable_low_confidence_total", documentation="Predictions whose top-1 probability is below the "
+    "feedback confidence threshold (a drift signal)", labelnames=["model"],
+)  # fmt: skip
+QUEUE_SIZE = bentoml.metrics.Gauge(
+    name="servable_feedback_queue_size", documentation="Items in the labelling queue of a model",
+    labelnames=["model"], multiprocess_mode="livemax",
+)  # fmt: skip
+FEEDBACK_ITEMS = bentoml.metrics.Counter(
+    name="servable_feedback_items_total",
+    documentation="Feedback candidates by outcome: stored, no_consent, queue_full, error",
+    labelnames=["model", "outcome"],
+)  # fmt: skip
+
+
+def parse_header(value: str | None) -> tuple[bool, bool]:
+    """(opted in, flagged) from the header value; unknown tokens are ignored."""
+    tokens = {t.strip().lower() for t in (value or "").replace(";", ",").split(",")}
+    return "opt-in" in tokens, "flag" in tokens
+
+
+class FeedbackHook:
+    def __init__(self, model: str, labels: list[str], kind: str, settings: FeedbackSettings | None = None,
+                 max_pixels: int = 25_000_000) -> None:  # fmt: skip
+        self.model, self.labels, self.kind, self.max_pixels = model, labels, kind, max_pixels
+        self.settings = settings or FeedbackSettings()
+        self.store = FeedbackStore(self.settings)
+        self._last_purge = 0.0
+        self._lock = asyncio.Lock()  # one writer per process: the size check and purge stay consistent
+        if self.settings.enabled:
+            log.info("feedback loop ON for %s: queue %s, threshold %.2f, retention %g days (opt-in only)",
+                     model, self.settings.dir, self.settings.confidence_threshold,
+                     self.settings.retention_days)  # fmt: skip
+            with contextlib.suppress(OSError):  # an unreadable queue shows up on the first write
+                QUEUE_SIZE.labels(model=model).set(self.store.count(model))
+
+    async def observe(self, headers, items: list, probs: np.ndarray, model_tag: str) -> list[str]:
+        """After a successful prediction; `items` are the raw inputs (texts or image bytes), or None
+        where there is no storable input. Returns the ids stored. Never raises: feedback must not
+        fail a request that was answered."""
+        thr = self.settings.confidence_threshold
+        top = probs.max(1)
+        low = top < thr
+        if low.any():
+            LOW_CONFIDENCE.labels(model=self.model).inc(int(low.sum()))
+        if not self.settings.enabled:
+            return []
+        consent, flagged = parse_header(headers.get(HEADER))
+        wanted = [i for i in range(len(top)) if (low[i] or flagged) and items[i] is not None]
+        if not wanted:
+            return []
+        if not consent:
+            FEEDBACK_ITEMS.labels(model=self.model, outcome="no_consent").inc(len(wanted))
+            return []
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(self._store, wanted, items, probs, model_tag, flagged)
+            except Exception as exc:  # disk full, permissions: logged by type only, never the content
+                log.warning("feedback item not stored: %s", type(exc).__name__)
+                FEEDBACK_ITEMS.labels(model=self.model, outcome="error").inc(len(wanted))
+                return []
+
+    def _store(self, wanted: list[int], items: list, probs: np.ndarray, model_tag: str, flagged: bool) -> list[str]:
+        now = time.time()
+        if now - self._last_purge >= PURGE_EVERY_S:
+            self._last_purge = now
+            if self.store.purge(now):
+                log.info("feedback retention: old items of the queue deleted")
+        size = self.store.count(self.model)
+        stored = []
+        for i in wanted:
+            if size >= self.settings.max_items:
+                FEEDBACK_ITEMS.labels(model=self.model, outcome="queue_full").inc()
+                continue
+            content = items[i] if self.kind == "text" else png_from_image_bytes(items[i], self.max_pixels)
+            item = self.store.add(
+                model=self.model, model_tag=model_tag, kind=self.kind, content=content,
+                predicted_label=self.labels[int(probs[i].argmax())], confidence=float(probs[i].max()),
+                reason="flagged" if flagged else "low_confidence", now=now,
+            )  # fmt: skip
+            stored.append(item.meta["id"])
+            size += 1
+        FEEDBACK_ITEMS.labels(model=self.model, outcome="stored").inc(len(stored))
+        QUEUE_SIZE.labels(model=self.model).set(size)
+        return stored
