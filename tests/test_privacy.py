@@ -391,3 +391,13 @@ def test_audit_file_rotation_bounds_retention(tmp_path, monkeypatch):
     assert all(p.stat().st_size <= 2048 for p in path.parent.iterdir())
     line = json.loads(path.read_text().splitlines()[-1])
     assert line["endpoint"] == "/v2/models/{name}/infer" and line["model_tag"] == "m:v1" and line["key_name"] == "alice"
+
+
+def test_feedback_write_failure_never_fails_the_request(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the queue root is a file: every write fails
+    from serving.feedback.hook import FeedbackHook
+
+    hook = FeedbackHook("m", ["negative", "positive"], "text", FeedbackSettings(dir=blocker, enabled=True))
+    stored = asyncio.run(hook.observe({"x-servable-feedback": "opt-in, flag"}, ["x"], np.array([[0.5, 0.5]]), "m:v1"))
+    assert stored == [] and blocker.read_text() == ""  # logged and counted as an error, never raised
