@@ -464,13 +464,15 @@ def plot(results: list[ModelResult], out: Path) -> list[str]:
     for ax, res in zip(axes[0], results, strict=True):
         http = [p for p in res.points if p.kind in ("served", "eager")]
         for cfg in dict.fromkeys(p.config for p in http):
-            pts = sorted((p for p in http if p.config == cfg), key=lambda p: p.rps)
+            pts = sorted((p for p in http if p.config == cfg), key=lambda p: p.concurrency)  # 1 -> 16 clients
             (line,) = ax.plot([p.rps for p in pts], [p.p50_ms for p in pts], marker="o", label=f"{cfg} p50")
             ax.plot([p.rps for p in pts], [p.p99_ms for p in pts], marker="x", linestyle="--", color=line.get_color(),
                     label=f"{cfg} p99")  # fmt: skip
         for p in res.points:
             if p.kind == "served-open":
-                ax.plot([p.rps], [p.p99_ms], marker="*", markersize=12, color="black", label="p99 at 70% saturation")
+                marker = "*" if "batching on" in p.config else "P"
+                ax.plot([p.rps], [p.p99_ms], marker=marker, markersize=11, color="black", linestyle="none",
+                        label=f"p99, {p.config.removeprefix('served ')}")  # fmt: skip
         ax.set(yscale="log", xlabel="requests/s", ylabel="latency (ms)", title=f"{res.model}: latency vs throughput")
         ax.legend(fontsize=6)
     fig.tight_layout()

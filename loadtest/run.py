@@ -43,7 +43,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_locust(args: argparse.Namespace, image_url: str, text_url: str, key: str) -> int:
+def run_locust(args: argparse.Namespace, image_url: str, text_url: str, key: str,
+               extra_env: dict[str, str] | None = None) -> int:  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     prefix = args.results / args.name
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
@@ -51,7 +52,7 @@ def run_locust(args: argparse.Namespace, image_url: str, text_url: str, key: str
            "--csv", str(prefix), "--csv-full-history", "--html", f"{prefix}.html"]  # fmt: skip
     env = {**os.environ, "IMAGE_URL": image_url, "TEXT_URL": text_url, "LOADTEST_API_KEY": key,
            "LOADTEST_INPUTS": str(args.inputs), "LOAD_SHAPE": args.shape, "LOAD_USERS": str(args.users),
-           "LOAD_DURATION": str(args.duration)}  # fmt: skip
+           "LOAD_DURATION": str(args.duration), **(extra_env or {})}  # fmt: skip
     print(f"locust: {args.shape} load, {args.users} users, {args.duration:g}s -> {prefix}_*.csv, {prefix}.html",
           flush=True)  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -95,7 +96,9 @@ def _against_stack(args: argparse.Namespace, key: str, tags: dict[str, str]) -> 
     workdir = Path(tempfile.mkdtemp(prefix="servable-loadtest-stack-"))
     print(f"starting the local stack (2 replicas each behind nginx) in {workdir} ...", flush=True)
     with LocalStack(workdir, tags["image"], tags["text"], {"loadtest": key}) as stack:
-        return run_locust(args, stack.proxy_url, stack.proxy_url, key)
+        # The proxy speaks HTTPS with the stack's own CA: Locust (requests) must trust it.
+        tls_env = stack.client_env() if hasattr(stack, "client_env") else {}
+        return run_locust(args, stack.proxy_url, stack.proxy_url, key, tls_env)
 
 
 def _against_services(args: argparse.Namespace, key: str, tags: dict[str, str]) -> int:
