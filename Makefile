@@ -20,6 +20,7 @@ export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
 	$(BIN)/python -m serving.launch --demo
+	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)  # short Locust run with the SLO gate; its verdict ends the job
 
 serve: setup  ## serve both registered models on 127.0.0.1 (image :3000, sentiment :3001) until Ctrl-C
 	$(BIN)/python -m serving.launch

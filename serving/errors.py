@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 from starlette.responses import JSONResponse
 
@@ -28,3 +29,43 @@ async def send_error(send, status: int, reason: str, message: str, headers: list
                     *(headers or [])],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": body})
+
+
+class JsonRouterErrors:
+    """Give the routers' 404/405 (unknown path or method: plain text, or FastAPI's `detail`) the JSON error body."""
+
+    REASONS: ClassVar[dict[int, str]] = {404: "not_found", 405: "method_not_allowed"}
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rewriting = False
+
+        async def wrapped(msg):
+            nonlocal rewriting
+            if msg["type"] == "http.response.start" and msg["status"] in self.REASONS:
+                ctype = dict(msg.get("headers", [])).get(b"content-type", b"")
+                # Our routes answer their own 404s in JSON; a 405 only ever comes from a router.
+                rewriting = msg["status"] == 405 or not ctype.startswith(b"application/json")
+                if rewriting:
+                    status = msg["status"]
+                    kept = [(k, v) for k, v in msg.get("headers", []) if k not in (b"content-type", b"content-length")]
+                    await send_error(
+                        send,
+                        status,
+                        self.REASONS[status],
+                        f"no route for {scope['method']} {scope['path']!r}"
+                        if status == 404
+                        else "method not allowed here",
+                        kept,
+                    )
+                    return
+            if rewriting:
+                return  # the plain-text body is replaced by the JSON one already sent
+            await send(msg)
+
+        await self.app(scope, receive, wrapped)

@@ -14,7 +14,7 @@ from servable.config import AuthSettings, ServeCommon
 from serving import audit, metrics
 from serving.access_log import AccessLogMiddleware, configure_json_logging
 from serving.auth import ApiKeyMiddleware
-from serving.errors import ClientError, error_response
+from serving.errors import ClientError, JsonRouterErrors, error_response
 from serving.http_guard import BodyLimitMiddleware
 from serving.loading import ServedModel
 
@@ -37,6 +37,7 @@ def install_middleware(service, settings: ServeCommon, name: str) -> None:
     service.add_asgi_middleware(AccessLogMiddleware, service=name, on_finish=audit.record)
     service.add_asgi_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
+    service.add_asgi_middleware(JsonRouterErrors)
 
 
 def not_ready(front: ServedModel) -> JSONResponse:

@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 
 from servable.config import ImageServeSettings
 from servable.preprocessing import InvalidImage, preprocess_image
-from serving import frontend, metrics
+from serving import frontend, metrics, schemas
 from serving.audit import set_model_tag
 from serving.errors import ClientError
 from serving.feedback.hook import FeedbackHook
@@ -74,25 +74,17 @@ app = FastAPI(
 )  # fmt: skip
 _instance: ImageClassifier | None = None
 
-CLASSIFY_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                          "description": "one or more image files (JPEG, PNG, ...)"},
-                "top_k": {"type": "integer", "minimum": 1}}, "required": ["image"]}},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "image": {"type": "string", "description": "base64-encoded image"},
-                "images": {"type": "array", "items": {"type": "string"}, "description": "base64-encoded images"},
-                "top_k": {"type": "integer", "minimum": 1}}}},
-        },
-    }
-}  # fmt: skip
-ERRORS = {code: {"description": d} for code, d in [
-    (400, "bad image or body"), (401, "missing or invalid API key"), (413, "body, image or item count too large"),
-    (415, "unsupported content type"), (422, "wrong field types"), (429, "too many requests in flight"),
-    (503, "model not ready or overloaded")]}  # fmt: skip
+B64 = {"type": "string", "description": "base64-encoded image (JPEG, PNG, ...)"}
+CLASSIFY_BODY = schemas.json_body(
+    {"type": "object", "properties": {"image": B64, "images": {"type": "array", "items": B64, "minItems": 1},
+                                      "top_k": {"type": "integer", "minimum": 1}}},
+    ("multipart/form-data", {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one or more image files (JPEG, PNG, ...)"},
+        "top_k": {"type": "integer", "minimum": 1}}}),
+)  # fmt: skip
+ERRORS = (400, 401, 413, 415, 422, 429, 503, 504)
+V2_ERRORS = (400, 401, 404, 413, 415, 422, 429, 503, 504)
 
 
 @bentoml.service(name="image_classifier", **frontend.service_config(SETTINGS))
@@ -172,7 +164,8 @@ class ImageClassifier:
 
     # ---------------------------------------------------------------- routes
 
-    @app.post("/classify", tags=["image"], openapi_extra=CLASSIFY_BODY, responses=ERRORS)
+    @app.post("/classify", tags=["image"], openapi_extra=CLASSIFY_BODY,
+              responses=schemas.responses(schemas.ClassifyResponse, *ERRORS))  # fmt: skip
     async def classify(self, request: Request):
         """Classify one or more images (multipart files, or base64 strings in JSON); top-k labels each."""
         if not self.front.ready:
@@ -221,17 +214,20 @@ class ImageClassifier:
                                                                  f"{self.front.manifest.name!r}")  # fmt: skip
         return None
 
-    @app.get("/v2/models/{name}", tags=["v2"])
+    @app.get("/v2/models/{name}", tags=["v2"], responses=schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS))
     async def v2_model(self, name: str):
         if (err := self._known(name)) is not None:
             return err
         return frontend.v2_metadata(self.front, *self._v2_io())
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses=schemas.responses(schemas.V2ModelReady, *V2_ERRORS))
     async def v2_model_ready(self, name: str):
         return self._known(name) or {"name": name, "ready": True}
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"], responses=ERRORS)
+    @app.post("/v2/models/{name}/infer", tags=["v2"], responses=schemas.responses(schemas.V2InferResponse, *V2_ERRORS),
+              openapi_extra=schemas.v2_infer_body([
+                  {"name": "image", "datatype": "BYTES", "items": B64},
+                  {"name": "pixels", "datatype": "FP32", "items": {"type": "number"}}]))  # fmt: skip
     async def v2_infer(self, name: str, request: Request):
         """V2 infer: FP32 `pixels` [N,3,S,S] (pre-processed) or BYTES `image` [N] (base64 images)."""
         if (err := self._known(name)) is not None:

@@ -6,6 +6,7 @@ drain, SIGKILL after a bound). Waits are bounded loops that give up by themselve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,17 +58,64 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 15.0, crash: bool = False) -> None:
+        """SIGTERM (a graceful drain) to the server's group, SIGKILL after `grace_s`; `crash=True` kills at once.
+
+        BentoML's workers call setsid, so they sit outside the group: they are found first and
+        killed last if the arbiter left any behind, so no orphan keeps serving on the port.
+        """
         if self.proc.poll() is not None:
             return
+        tree = descendants(self.proc.pid)
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if crash:
+                kill_all([self.proc.pid, *tree])
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         except ProcessLookupError:
             pass
+        kill_all([pid for pid in tree if Path(f"/proc/{pid}").exists()])
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def private_home(home: Path, env: dict[str, str]) -> Path:
+    """A BENTOML_HOME of the server's own whose `models` is the shared store (a symlink).
+
+    `bentoml serve` wipes and fills BENTOML_HOME/prometheus_multiproc_dir, so two servers sharing
+    one home would mix and erase each other's metrics (a container has its own home anyway).
+    """
+    store = Path(env.get("BENTOML_HOME", Path.home() / "bentoml")).expanduser() / "models"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(store.resolve(), target_is_directory=True)
+    return home
 
 
 def start(target: str, env: dict[str, str] | None = None, port: int | None = None,
@@ -76,6 +124,7 @@ def start(target: str, env: dict[str, str] | None = None, port: int | None = Non
     log_path = log_path or Path(f"/tmp/servable-{target.split(':')[-1]}-{port}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+    full_env["BENTOML_HOME"] = str(private_home(log_path.parent / f"bentoml-home-{port}", full_env))
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,

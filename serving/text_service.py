@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 
 from servable.config import TextServeSettings
 from servable.preprocessing import load_tokenizer, pad_encodings
-from serving import frontend, metrics
+from serving import frontend, metrics, schemas
 from serving.audit import set_model_tag
 from serving.errors import ClientError
 from serving.feedback.hook import FeedbackHook
@@ -101,17 +101,14 @@ app = FastAPI(
 )  # fmt: skip
 _instance: SentimentClassifier | None = None
 
-SENTIMENT_BODY = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {
-            "text": {"type": "string", "minLength": 1, "maxLength": SETTINGS.max_text_chars},
-            "texts": {"type": "array", "minItems": 1, "maxItems": SETTINGS.max_items,
-                      "items": {"type": "string", "minLength": 1, "maxLength": SETTINGS.max_text_chars}}}}}}}
-}  # fmt: skip
-ERRORS = {code: {"description": d} for code, d in [
-    (400, "bad body"), (401, "missing or invalid API key"), (413, "body or item count too large"),
-    (415, "unsupported content type"), (422, "wrong field types or texts"), (429, "too many requests in flight"),
-    (503, "model not ready or overloaded")]}  # fmt: skip
+TEXT = {"type": "string", "minLength": 1, "maxLength": SETTINGS.max_text_chars, "pattern": r"\S"}
+SENTIMENT_BODY = schemas.json_body({"oneOf": [
+    {"type": "object", "required": ["text"], "properties": {"text": TEXT}, "additionalProperties": False},
+    {"type": "object", "required": ["texts"], "additionalProperties": False, "properties": {
+        "texts": {"type": "array", "minItems": 1, "maxItems": SETTINGS.max_items, "items": TEXT}}},
+]})  # fmt: skip
+ERRORS = (400, 401, 413, 415, 422, 429, 503, 504)
+V2_ERRORS = (400, 401, 404, 413, 415, 422, 429, 503, 504)
 
 
 def check_text(i: int, text: object) -> str:
@@ -121,6 +118,11 @@ def check_text(i: int, text: object) -> str:
         raise ClientError(422, "empty_text", f"text {i} is empty")
     if len(text) > SETTINGS.max_text_chars:
         raise ClientError(413, "text_too_long", f"text {i} has {len(text)} characters; limit {SETTINGS.max_text_chars}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # JSON can carry lone surrogates ("\ud800") that no tokenizer accepts
+        except UnicodeEncodeError as exc:
+            raise ClientError(422, "invalid_unicode", f"text {i} is not valid Unicode (lone surrogate)") from exc
     if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
         raise ClientError(422, "control_characters", f"text {i} contains control characters")
     return text
@@ -164,7 +166,8 @@ class SentimentClassifier:
                  "scores": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)}}
                 for p in probs]  # fmt: skip
 
-    @app.post("/sentiment", tags=["sentiment"], openapi_extra=SENTIMENT_BODY, responses=ERRORS)
+    @app.post("/sentiment", tags=["sentiment"], openapi_extra=SENTIMENT_BODY,
+              responses=schemas.responses(schemas.SentimentResponse, *ERRORS))  # fmt: skip
     async def sentiment(self, request: Request):
         """Sentiment of one text (`text`) or several (`texts`): label, probability and scores each."""
         if not self.front.ready:
@@ -205,7 +208,7 @@ class SentimentClassifier:
                                                                  f"{self.front.manifest.name!r}")  # fmt: skip
         return None
 
-    @app.get("/v2/models/{name}", tags=["v2"])
+    @app.get("/v2/models/{name}", tags=["v2"], responses=schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS))
     async def v2_model(self, name: str):
         if (err := self._known(name)) is not None:
             return err
@@ -214,11 +217,16 @@ class SentimentClassifier:
                                     [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
                                      {"name": "label", "datatype": "BYTES", "shape": [-1]}])  # fmt: skip
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    @app.get("/v2/models/{name}/ready", tags=["v2"], responses=schemas.responses(schemas.V2ModelReady, *V2_ERRORS))
     async def v2_model_ready(self, name: str):
         return self._known(name) or {"name": name, "ready": True}
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"], responses=ERRORS)
+    @app.post(
+        "/v2/models/{name}/infer",
+        tags=["v2"],
+        responses=schemas.responses(schemas.V2InferResponse, *V2_ERRORS),
+        openapi_extra=schemas.v2_infer_body([{"name": "text", "datatype": "BYTES", "items": TEXT}]),
+    )
     async def v2_infer(self, name: str, request: Request):
         """V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings)."""
         if (err := self._known(name)) is not None:

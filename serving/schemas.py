@@ -1,0 +1,114 @@
+"""OpenAPI shapes of the public routes, so the served schema is accurate and fuzzable.
+
+The routes parse and validate the body themselves (clear 4xx with a reason, never BentoML's
+default 500); these pydantic models only *describe* requests and answers in `/docs.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, for a person")
+    reason: str = Field(description="Machine-readable code, e.g. empty_text, too_many_items")
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(ScoredLabel):
+    top_k: list[ScoredLabel]
+
+
+class ClassifyResponse(BaseModel):
+    model: str = Field(description="Model-store tag that answered (name:version)")
+    variant: str
+    predictions: list[ImagePrediction]
+
+
+class TextPrediction(ScoredLabel):
+    scores: dict[str, float]
+
+
+class SentimentResponse(BaseModel):
+    model: str = Field(description="Model-store tag that answered (name:version)")
+    variant: str
+    predictions: list[TextPrediction]
+
+
+class V2Tensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorSpec(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: Literal["onnxruntime"]
+    inputs: list[V2TensorSpec]
+    outputs: list[V2TensorSpec]
+    parameters: dict[str, Any]
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+def responses(ok: type[BaseModel], *codes: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=`: the 200 answer and the error statuses a route can give, with their bodies.
+
+    Documented rather than declared as `response_model`, so FastAPI does not re-filter the answers.
+    """
+    meaning = {
+        400: "bad body or image", 401: "missing or invalid API key", 404: "unknown model name",
+        413: "body, image, text or item count too large", 415: "unsupported content type",
+        422: "wrong field types or values", 429: "too many requests in flight",
+        503: "model not ready or overloaded", 504: "request timed out",
+    }  # fmt: skip
+    return {200: {"description": "OK", "model": ok},
+            **{code: {"description": meaning[code], "model": ErrorBody} for code in codes}}  # fmt: skip
+
+
+def json_body(schema: dict[str, Any], *alternatives: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """`openapi_extra` for a required request body: JSON `schema`, plus other media types."""
+    content = {"application/json": {"schema": schema}, **{m: {"schema": s} for m, s in alternatives}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def v2_infer_body(inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The V2 infer request: `inputs` holds one of the named typed tensors the model takes."""
+    tensor = {
+        "oneOf": [
+            {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
+                "name": {"const": spec["name"]}, "datatype": {"const": spec["datatype"]},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+                "data": {"type": "array", "minItems": 1, "items": spec["items"]}}}
+            for spec in inputs
+        ]
+    }  # fmt: skip
+    return json_body({
+        "type": "object", "required": ["inputs"],
+        "properties": {"id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1,
+                                                            "items": tensor}},
+    })  # fmt: skip

@@ -1,0 +1,50 @@
+"""The docs cannot rot: every code or test reference in docs/ and the README must exist.
+
+A reference is a backticked `path` or `path::symbol` (`serving/auth.py::KeyStore`,
+`tests/test_serving.py::test_metrics_after_traffic`); for Python the symbol must be defined
+there (function, class, method or module-level name), for other files it must appear in them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+SUFFIXES = "py|yaml|yml|toml|conf|template|sh|json|md|txt|cfg|ini|j2"
+REF = re.compile(rf"`((?:[\w.-]+/)*[\w.-]+\.(?:{SUFFIXES}))(?:::([\w.\[\]-]+))?`")
+# Paths that name files a run writes, or files of installed packages and the system.
+NOT_IN_REPO = ("runs/", "onnxruntime/", "../shared/", ".cache/", "/usr/", "/tmp/", "results/", "tokenizer/",
+               "pytorch_model")  # fmt: skip
+
+
+def references() -> list[tuple[str, str, str | None]]:
+    found = []
+    for doc in DOCS:
+        for path, symbol in REF.findall(doc.read_text()):
+            if "/" in path and not path.startswith(NOT_IN_REPO):
+                found.append((doc.relative_to(ROOT).as_posix(), path, symbol or None))
+    return found
+
+
+def defined(source: str, symbol: str) -> bool:
+    name = re.sub(r"\[.*\]$", "", symbol).split(".")[-1]  # parametrised ids and Class.method
+    pattern = rf"^\s*(?:async\s+def|def|class)\s+{re.escape(name)}\b|^{re.escape(name)}\s*[:=]"
+    return re.search(pattern, source, re.M) is not None
+
+
+def test_docs_have_references():
+    assert len(references()) > 40
+
+
+@pytest.mark.parametrize(("doc", "path", "symbol"), references())
+def test_reference_exists(doc, path, symbol):
+    target = ROOT / path
+    assert target.exists(), f"{doc} points at {path}, which does not exist"
+    if symbol:
+        text = target.read_text()
+        ok = defined(text, symbol) if target.suffix == ".py" else symbol in text
+        assert ok, f"{doc} points at {path}::{symbol}, which is not defined there"
