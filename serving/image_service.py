@@ -29,7 +29,7 @@ SETTINGS = ImageServeSettings()
 TASK = "image-classification"
 BATCH = (
     {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms}
-    if SETTINGS.batching
+    if SETTINGS.batching_enabled()
     else {}
 )
 

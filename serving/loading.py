@@ -84,7 +84,7 @@ class ServedModel:
             "labels": m.labels, "variant": self.settings.variant,
             "quantized": self.settings.variant == "int8", "variants_available": sorted(m.onnx),
             "preprocessing": (m.image_preprocessing or m.text_preprocessing).model_dump(),
-            "batching": {"enabled": self.settings.batching, "max_batch_size": self.settings.max_batch_size,
+            "batching": {"enabled": self.settings.batching_enabled(), "max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms},
             "test_accuracy": {k: v["accuracy"] for k, v in m.metrics["test"].items()},
         }  # fmt: skip
