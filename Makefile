@@ -8,14 +8,14 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATASETS := .cache/datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist nginx prometheus docker-compose
+APT_PACKAGES := dataset-fashion-mnist nginx prometheus docker-compose openssl
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 # A development key so the demo and `make serve` answer; real deployments mount a key file
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt data train-image train-text limited-data serve demo config-docs test lint clean
+.PHONY: all setup apt data train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
@@ -27,6 +27,9 @@ serve: setup  ## serve both registered models on 127.0.0.1 (image :3000, sentime
 
 demo: setup  ## start both services, call them with curl as the README shows, stop them
 	$(BIN)/python -m serving.launch --demo
+
+reliability: setup  ## fuzzing, hostile inputs, overload, SIGTERM, corrupted artifact -> docs/results/reliability.json
+	SERVABLE_RELIABILITY_REPORT=docs/results/reliability.json $(BIN)/pytest -q -s tests/test_reliability.py
 
 config-docs: setup  ## regenerate docs/configuration.md from servable/config.py
 	$(BIN)/python -m servable.config_docs
@@ -113,3 +116,16 @@ image-cpu-podman:  ## build the CPU image with podman from a local Debian base, 
 	@dpkg -s podman runc mmdebstrap >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap; }
 	deploy/podman/build_and_run.sh
+
+# ---------------------------------------------------------------- TLS and supply chain (deploy/tls/, deploy/supply_chain.py)
+.PHONY: tls-local sbom audit
+AUDIT_SERVICE ?= pypi
+
+tls-local:  ## a self-signed CA + server certificate for a compose stack on this machine -> deploy/tls/local/
+	deploy/tls/make_self_signed.sh deploy/tls/local
+
+sbom: setup  ## CycloneDX SBOM of the serving image's dependency set -> docs/results/sbom/serve.cdx.json
+	$(BIN)/python -m deploy.supply_chain sbom
+
+audit: setup  ## pip-audit of that set; needs PyPI's vulnerability API (or AUDIT_SERVICE=osv); fails on findings and on lookups it could not make
+	$(BIN)/python -m deploy.supply_chain audit --service $(AUDIT_SERVICE)
