@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 import numpy as np
 from fastapi import FastAPI, Request
 from starlette.formparsers import MultiPartParser
@@ -49,13 +51,26 @@ def rejected(front: ServedModel, err: ClientError) -> JSONResponse:
     return error_response(err.status, err.reason, err.message)
 
 
-async def call_model(front: ServedModel, coro) -> np.ndarray | JSONResponse:
-    """Await the model service; its overload or failure is a 503 for the caller, never a 500."""
+# A dropped connection to the model worker is retried: inference is a pure function of its input,
+# and BentoML 1.4's dependency client closes its pooled session every 100 calls while other calls
+# are still in flight on it (they fail with ServerDisconnectedError / ClientOSError).
+MODEL_CALL_ATTEMPTS = 3
+
+
+async def call_model(front: ServedModel, make_call: Callable[[], Awaitable]) -> np.ndarray | JSONResponse:
+    """Call the model service; its overload or failure is a 503 for the caller, never a 500."""
     start = time.perf_counter()
-    try:
-        out = await coro
-    except Exception as exc:
-        log.warning("model call failed: %s", type(exc).__name__)
+    for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
+        try:
+            out = await make_call()
+            break
+        except aiohttp.ClientConnectionError as exc:
+            if attempt < MODEL_CALL_ATTEMPTS:
+                metrics.MODEL_CALL_RETRIES.labels(model=front.name).inc()
+                continue
+            log.warning("model call failed after %d attempts: %s", attempt, type(exc).__name__)
+        except Exception as exc:
+            log.warning("model call failed: %s", type(exc).__name__)
         return error_response(503, "model_unavailable", "the model service could not answer; retry later",
                               {"Retry-After": "1"})  # fmt: skip
     metrics.MODEL_CALL_SECONDS.labels(model=front.name).observe(time.perf_counter() - start)

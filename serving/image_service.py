@@ -160,7 +160,7 @@ class ImageClassifier:
         return blobs, min(top_k, len(self.front.manifest.labels))
 
     async def _predict(self, pixels: np.ndarray):
-        return await frontend.call_model(self.front, self.model_service.to_async.predict(pixels))
+        return await frontend.call_model(self.front, lambda: self.model_service.to_async.predict(pixels))
 
     # ---------------------------------------------------------------- routes
 

@@ -19,6 +19,11 @@ MODEL_CALL_SECONDS = bentoml.metrics.Histogram(
     documentation="Time a request waits for the model service: batching queue + transport + model run",
     labelnames=["model"], buckets=_LATENCY,
 )  # fmt: skip
+MODEL_CALL_RETRIES = bentoml.metrics.Counter(
+    name="servable_model_call_retries_total",
+    documentation="Model-service calls retried after a dropped connection (front -> model worker)",
+    labelnames=["model"],
+)  # fmt: skip
 MODEL_SECONDS = bentoml.metrics.Histogram(
     name="servable_model_seconds", documentation="ONNX Runtime run time of one batch actually executed",
     labelnames=["model"], buckets=_LATENCY,

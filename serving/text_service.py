@@ -158,7 +158,7 @@ class SentimentClassifier:
         return [e.ids for e in self.tokenizer.encode_batch(checked)]
 
     async def _predict(self, ids: list[list[int]]):
-        return await frontend.call_model(self.front, self.model_service.to_async.predict(ids))
+        return await frontend.call_model(self.front, lambda: self.model_service.to_async.predict(ids))
 
     def _answer(self, probs: np.ndarray) -> list[dict]:
         labels = self.front.manifest.labels

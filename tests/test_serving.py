@@ -279,3 +279,17 @@ def test_wrong_tag_keeps_replica_unready(tmp_path_factory, text_run):
         assert "NOT loaded" in server.log() and "sentiment-bert:nope" in server.log()
     finally:
         server.stop()
+
+
+def test_sustained_concurrency_never_fails_a_call(text_server, text_run):
+    """Hundreds of calls from 16 clients all succeed: BentoML recycles its connection pool to the
+    model worker every 100 calls, dropping calls in flight; the front retries those."""
+    texts = [t for t, _ in text_run.splits.test[:40]]
+
+    def call(i: int) -> int:
+        return requests.post(text_server.url + "/sentiment", json={"text": texts[i % len(texts)]}, headers=KEY,
+                             timeout=60).status_code  # fmt: skip
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        codes = list(ex.map(call, range(320)))
+    assert codes.count(200) == len(codes), {c: codes.count(c) for c in set(codes)}
