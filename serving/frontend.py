@@ -77,6 +77,15 @@ async def call_model(front: ServedModel, make_call: Callable[[], Awaitable]) -> 
     return np.asarray(out)
 
 
+async def predict(front: ServedModel, make_call: Callable[[], Awaitable], feedback, headers, items: list):
+    """The model call and what follows every answer: prediction metrics and the opt-in feedback hook."""
+    probs = await call_model(front, make_call)
+    if isinstance(probs, np.ndarray):
+        record_predictions(front, probs)
+        await feedback.observe(headers, items, probs, front.art.tag)  # stores nothing unless opted in
+    return probs
+
+
 async def dependency_ready(svc) -> bool:
     """The model service's readiness, whether it runs as a separate process or in-process."""
     if hasattr(svc, "is_ready"):
@@ -139,6 +148,16 @@ def v2_health_routes(app: FastAPI, get_service) -> None:
         svc = get_service()
         ready = svc is not None and await svc.is_ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+def v2_model_error(front: ServedModel, name: str) -> JSONResponse | None:
+    """The answer for a V2 call naming `name`: None when this replica serves it and is ready."""
+    if not front.ready:
+        return not_ready(front)
+    if name != front.manifest.name:
+        return error_response(404, "unknown_model", f"no model named {name!r}; this service serves "
+                                                    f"{front.manifest.name!r}")  # fmt: skip
+    return None
 
 
 def v2_metadata(front: ServedModel, inputs: list[dict], outputs: list[dict]) -> dict:

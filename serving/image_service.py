@@ -159,8 +159,9 @@ class ImageClassifier:
             raise ClientError(422, "invalid_field", "top_k must be at least 1")
         return blobs, min(top_k, len(self.front.manifest.labels))
 
-    async def _predict(self, pixels: np.ndarray):
-        return await frontend.call_model(self.front, lambda: self.model_service.to_async.predict(pixels))
+    async def _predict(self, request: Request, pixels: np.ndarray, blobs: list):
+        call = lambda: self.model_service.to_async.predict(pixels)  # noqa: E731
+        return await frontend.predict(self.front, call, self.feedback, request.headers, blobs)
 
     # ---------------------------------------------------------------- routes
 
@@ -177,11 +178,9 @@ class ImageClassifier:
         except ClientError as err:
             return frontend.rejected(self.front, err)
         metrics.PREPROCESS_SECONDS.labels(model=self.front.name).observe(time.perf_counter() - start)
-        probs = await self._predict(pixels)
+        probs = await self._predict(request, pixels, blobs)
         if not isinstance(probs, np.ndarray):
             return probs
-        frontend.record_predictions(self.front, probs)
-        await self.feedback.observe(request.headers, blobs, probs, self.front.art.tag)  # opt-in only
         labels = self.front.manifest.labels
         order = np.argsort(-probs, axis=1)[:, :top_k]
         return {
@@ -207,12 +206,7 @@ class ImageClassifier:
                  {"name": "label", "datatype": "BYTES", "shape": [-1]}])  # fmt: skip
 
     def _known(self, name: str):
-        if not self.front.ready:
-            return frontend.not_ready(self.front)
-        if name != self.front.manifest.name:
-            return frontend.error_response(404, "unknown_model", f"no model named {name!r}; this service serves "
-                                                                 f"{self.front.manifest.name!r}")  # fmt: skip
-        return None
+        return frontend.v2_model_error(self.front, name)
 
     @app.get("/v2/models/{name}", tags=["v2"], responses=schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS))
     async def v2_model(self, name: str):
@@ -260,11 +254,9 @@ class ImageClassifier:
                 pixels = self._decode_all(blobs)
         except ClientError as err:
             return frontend.rejected(self.front, err)
-        probs = await self._predict(pixels)
+        probs = await self._predict(request, pixels, blobs or [None] * len(pixels))
         if not isinstance(probs, np.ndarray):
             return probs
-        frontend.record_predictions(self.front, probs)
-        await self.feedback.observe(request.headers, blobs or [None] * len(probs), probs, self.front.art.tag)
         return frontend.v2_response(self.front, probs, rid)
 
 

@@ -157,8 +157,9 @@ class SentimentClassifier:
         checked = [check_text(i, t) for i, t in enumerate(texts)]
         return [e.ids for e in self.tokenizer.encode_batch(checked)]
 
-    async def _predict(self, ids: list[list[int]]):
-        return await frontend.call_model(self.front, lambda: self.model_service.to_async.predict(ids))
+    async def _predict(self, request: Request, ids: list[list[int]], texts: list[str]):
+        call = lambda: self.model_service.to_async.predict(ids)  # noqa: E731
+        return await frontend.predict(self.front, call, self.feedback, request.headers, texts)
 
     def _answer(self, probs: np.ndarray) -> list[dict]:
         labels = self.front.manifest.labels
@@ -184,11 +185,9 @@ class SentimentClassifier:
         except ClientError as err:
             return frontend.rejected(self.front, err)
         metrics.PREPROCESS_SECONDS.labels(model=self.front.name).observe(time.perf_counter() - start)
-        probs = await self._predict(ids)
+        probs = await self._predict(request, ids, texts)
         if not isinstance(probs, np.ndarray):
             return probs
-        frontend.record_predictions(self.front, probs)
-        await self.feedback.observe(request.headers, texts, probs, self.front.art.tag)  # opt-in only
         return {"model": self.front.art.tag, "variant": SETTINGS.variant, "predictions": self._answer(probs)}
 
     @app.get("/info", tags=["sentiment"])
@@ -201,12 +200,7 @@ class SentimentClassifier:
     # ---------------------------------------------------------------- Open Inference Protocol (V2)
 
     def _known(self, name: str):
-        if not self.front.ready:
-            return frontend.not_ready(self.front)
-        if name != self.front.manifest.name:
-            return frontend.error_response(404, "unknown_model", f"no model named {name!r}; this service serves "
-                                                                 f"{self.front.manifest.name!r}")  # fmt: skip
-        return None
+        return frontend.v2_model_error(self.front, name)
 
     @app.get("/v2/models/{name}", tags=["v2"], responses=schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS))
     async def v2_model(self, name: str):
@@ -241,11 +235,9 @@ class SentimentClassifier:
             ids = self._tokenize(data)
         except ClientError as err:
             return frontend.rejected(self.front, err)
-        probs = await self._predict(ids)
+        probs = await self._predict(request, ids, data)
         if not isinstance(probs, np.ndarray):
             return probs
-        frontend.record_predictions(self.front, probs)
-        await self.feedback.observe(request.headers, data, probs, self.front.art.tag)
         return frontend.v2_response(self.front, probs, rid)
 
 
