@@ -8,7 +8,9 @@ Each answer is checked for status and shape (counts, labels, probabilities), so 
 answer is a failure, not a success.
 
 Hosts: IMAGE_URL and TEXT_URL, each falling back to --host (one URL with path routing, as
-behind the proxy or docker compose). Key: LOADTEST_API_KEY, else the first of SERVABLE_AUTH_KEYS.
+behind the proxy or docker compose, which serves V2 under IMAGE_V2_PREFIX=/image and
+TEXT_V2_PREFIX=/text); HTTPS with a private CA: LOADTEST_CA_BUNDLE (or REQUESTS_CA_BUNDLE).
+Key: LOADTEST_API_KEY, else the first of SERVABLE_AUTH_KEYS.
 Shape: LOAD_SHAPE=steady|ramp|spike (sizes: LOAD_USERS, LOAD_DURATION); unset: Locust's -u/-r/-t.
 Inputs: LOADTEST_INPUTS folder (see loadtest/inputs.py). Gate: loadtest/slo.toml (see loadtest/slo.py).
 """
@@ -71,24 +73,30 @@ class _ModelUser(HttpUser):
     wait_time = between(0.05, 0.3)
     kind = ""
     url_env, model_env, model_default = "", "", ""
+    prefix_env = ""  # the proxy serves V2 under /image/ and /text/ (friendly routes stay at the root)
     labels: list[str] | None = None  # from the V2 metadata, fetched once per class
 
     def on_start(self) -> None:
         if url := os.environ.get(self.url_env):  # Locust's --host overrides class hosts: this wins over both
             self.client.base_url = url.rstrip("/")
+        # HttpUser sets trust_env=False, so requests ignores REQUESTS_CA_BUNDLE: pass a private CA explicitly.
+        if ca := os.environ.get("LOADTEST_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE"):
+            self.client.verify = ca
         self.model = os.environ.get(self.model_env) or self.model_default
+        self.v2_base = f"{os.environ.get(self.prefix_env, '').rstrip('/')}/v2/models/{self.model}"
         if type(self).labels is None:
-            with self.client.get(f"/v2/models/{self.model}", headers=HEADERS, name=f"{self.kind} v2 metadata",
+            with self.client.get(self.v2_base, headers=HEADERS, name=f"{self.kind} v2 metadata",
                                  catch_response=True) as r:  # fmt: skip
                 if r.status_code != 200:
-                    r.failure(f"metadata: HTTP {r.status_code}")
+                    r.failure(f"metadata: HTTP {r.status_code} {repr(r.error)[:200] if r.error else ''}")
                     return
                 type(self).labels = r.json()["parameters"]["labels"]
 
     def post(self, name: str, path: str, validate, n: int, **kw) -> None:
         with self.client.post(path, headers=HEADERS, name=name, catch_response=True, **kw) as r:
             if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                # Status 0: no HTTP answer at all (refused, TLS, timeout): say which.
+                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200] or repr(r.error)[:200]}")
                 return
             try:
                 validate(r.json(), n)
@@ -97,7 +105,7 @@ class _ModelUser(HttpUser):
 
     def v2(self, name: str, tensor: str, data: list[str]) -> None:
         body = {"inputs": [{"name": tensor, "datatype": "BYTES", "shape": [len(data)], "data": data}]}
-        self.post(name, f"/v2/models/{self.model}/infer", lambda b, n: check_v2(b, n, self.labels or []),
+        self.post(name, f"{self.v2_base}/infer", lambda b, n: check_v2(b, n, self.labels or []),
                   len(data), json=body)  # fmt: skip
 
 
@@ -105,6 +113,7 @@ class ImageUser(_ModelUser):
     weight = 2
     host = os.environ.get("IMAGE_URL") or None
     kind, url_env, model_env, model_default = "image", "IMAGE_URL", "IMAGE_MODEL", "fashion-cnn"
+    prefix_env = "IMAGE_V2_PREFIX"
 
     def validate(self, body: dict, n: int, top_k: int) -> None:
         preds = body["predictions"]
@@ -140,6 +149,7 @@ class SentimentUser(_ModelUser):
     weight = 3
     host = os.environ.get("TEXT_URL") or None
     kind, url_env, model_env, model_default = "text", "TEXT_URL", "TEXT_MODEL", "sentiment-bert"
+    prefix_env = "TEXT_V2_PREFIX"
 
     def validate(self, body: dict, n: int) -> None:
         preds = body["predictions"]

@@ -68,13 +68,24 @@ def run_locust(args: argparse.Namespace, image_url: str, text_url: str, key: str
         return 124
 
 
+# The proxy (nginx, compose and local stack) routes /classify and /sentiment, and the rest under /image/, /text/.
+PROXY_PREFIXES = {"IMAGE_V2_PREFIX": "/image", "TEXT_V2_PREFIX": "/text"}
+
+
+def proxy_prefixes(args: argparse.Namespace) -> dict[str, str]:
+    """One URL for both services means the proxy: V2 lives under its prefixes (override by env)."""
+    if args.url and not (args.image_url or args.text_url):
+        return {k: os.environ.get(k, v) for k, v in PROXY_PREFIXES.items()}
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     inputs.load(args.inputs)  # export the real inputs once, before the clock starts
     if args.url or (args.image_url and args.text_url):
         key = os.environ.get("LOADTEST_API_KEY") or _first_key(os.environ.get("SERVABLE_AUTH_KEYS", ""))
         image_url, text_url = args.image_url or args.url, args.text_url or args.url
-        return run_locust(args, image_url.rstrip("/"), text_url.rstrip("/"), key)
+        return run_locust(args, image_url.rstrip("/"), text_url.rstrip("/"), key, proxy_prefixes(args))
 
     key = _first_key(os.environ.get("SERVABLE_AUTH_KEYS", "")) or secrets.token_urlsafe(24)
     tags = {"image": args.image_tag or "fashion-cnn:latest", "text": args.text_tag or "sentiment-bert:latest"}
@@ -98,7 +109,7 @@ def _against_stack(args: argparse.Namespace, key: str, tags: dict[str, str]) -> 
     with LocalStack(workdir, tags["image"], tags["text"], {"loadtest": key}) as stack:
         # The proxy speaks HTTPS with the stack's own CA: Locust (requests) must trust it.
         tls_env = stack.client_env() if hasattr(stack, "client_env") else {}
-        return run_locust(args, stack.proxy_url, stack.proxy_url, key, tls_env)
+        return run_locust(args, stack.proxy_url, stack.proxy_url, key, {**tls_env, **PROXY_PREFIXES})
 
 
 def _against_services(args: argparse.Namespace, key: str, tags: dict[str, str]) -> int:
