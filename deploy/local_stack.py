@@ -1,7 +1,8 @@
 """The compose topology on 127.0.0.1 without Docker: replicas, nginx in front, Prometheus.
 
 Two replicas of each service (`bentoml serve`, each in its own process group), nginx (Debian)
-rendering the same `deploy/nginx/servable.conf.template` as compose, and Prometheus (Debian)
+rendering the same `deploy/nginx/servable.conf.template` as compose (HTTPS with a self-signed
+certificate from deploy/tls/make_self_signed.sh, per-API-key rate limits), and Prometheus (Debian)
 with the same `deploy/prometheus/prometheus.yml` and rules, its file_sd targets pointing at the
 replicas' 127.0.0.1 ports. Everything listens on 127.0.0.1 only, every wait is bounded, and
 `stop()` ends each process it started by its own process group, also when a test failed.
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from deploy import render
 from serving import launch
 
 PREFIX = {"image": "SERVABLE_IMAGE_SERVE_", "text": "SERVABLE_TEXT_SERVE_"}
+MAKE_CERT = Path(__file__).resolve().parent / "tls" / "make_self_signed.sh"
 
 
 def _which(name: str) -> str:
@@ -73,39 +77,17 @@ def _spawn(name: str, cmd: list[str], log_path: Path, stop_signal: int = signal.
     return Proc(name, proc, log_path, stop_signal)
 
 
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (from /proc). BentoML's workers call setsid: they are in their own
-    process groups, so killing a replica's group alone would leave them serving as orphans."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def stop_replica(server: launch.Server, crash: bool = False) -> None:
     """Stop one replica and every worker it started; `crash=True` kills it all at once (SIGKILL)."""
-    tree = descendants(server.proc.pid)
-    if crash:
-        _kill_all([server.proc.pid, *tree])
-        server.proc.wait(timeout=30)
-    else:
-        server.stop()
-    _kill_all([pid for pid in tree if Path(f"/proc/{pid}").exists()])  # workers left behind
+    server.stop(crash=crash)
+
+
+def make_self_signed(out: Path) -> Path:
+    """A local CA and a server certificate for 127.0.0.1 in `out` (deploy/tls/make_self_signed.sh)."""
+    done = subprocess.run(["bash", str(MAKE_CERT), str(out)], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{MAKE_CERT.name} failed (is `openssl` installed?):\n{done.stderr}")
+    return out
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -115,6 +97,22 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
             return False
         if launch.get(url, timeout=2)[0] == 200:
             return True
+        time.sleep(0.3)
+    return False
+
+
+def _wait_https(url: str, ca_file: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    context = ssl.create_default_context(cafile=ca_file)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
         time.sleep(0.3)
     return False
 
@@ -138,22 +136,43 @@ http {{
 
 
 class LocalStack:
+    """`proxy_url` is HTTPS (clients verify with `ca_file`); `http_url` is nginx's plain listener,
+    which only redirects to it. `rate_limit`/`rate_burst`: nginx's per-API-key limit."""
+
     def __init__(self, workdir: Path, image_tag: str, text_tag: str, api_keys: dict[str, str],
-                 replicas: int = 2, extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 replicas: int = 2, extra_env: dict[str, str] | None = None, rate_limit: str = render.RATE_LIMIT,
+                 rate_burst: int = render.RATE_BURST, tls_dir: Path | None = None) -> None:  # fmt: skip
         self.dir = Path(workdir)
         self.tags = {"image": image_tag, "text": text_tag}
         self.api_keys = api_keys
         self.n = replicas
         self.extra_env = extra_env or {}
         self.replicas: dict[str, list[launch.Server]] = {"image": [], "text": []}
+        self.rate_limit, self.rate_burst = rate_limit, rate_burst
+        self.tls_dir = Path(tls_dir) if tls_dir else self.dir / "tls"  # a mounted real certificate, or generated
         self.nginx: Proc | None = None
+        self.extra_proxies: list[Proc] = []
         self.prometheus: Proc | None = None
         self.proxy_port = launch.free_port()
+        self.http_port = launch.free_port()
         self.prometheus_port = launch.free_port()
 
     @property
     def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}"
+        return f"https://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA that signed the proxy's certificate: `requests.get(..., verify=stack.ca_file)`."""
+        return str(self.tls_dir / "ca.pem")
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a client process (requests, Locust, curl) to trust the proxy's certificate."""
+        return {"REQUESTS_CA_BUNDLE": self.ca_file, "SSL_CERT_FILE": self.ca_file, "CURL_CA_BUNDLE": self.ca_file}
 
     @property
     def prometheus_url(self) -> str:
@@ -184,9 +203,8 @@ class LocalStack:
                    "SERVABLE_AUTH_KEYS_FILE": str(keys_file), **self.extra_env}  # fmt: skip
             for i in range(self.n):
                 name = f"{kind}-{i + 1}"
-                home = self._replica_home(name)
-                self.replicas[kind].append(launch.start(launch.SERVICES[kind], {**env, "BENTOML_HOME": str(home)},
-                                                        log_path=self.dir / f"{name}.log"))  # fmt: skip
+                # launch.start gives each replica its own BENTOML_HOME (metrics), sharing the model store.
+                self.replicas[kind].append(launch.start(launch.SERVICES[kind], env, log_path=self.dir / f"{name}.log"))
         # ... and the proxy starts only once all of them are ready (compose: service_healthy).
         deadline = time.monotonic() + timeout_s
         for server in self.all_replicas():
@@ -195,17 +213,6 @@ class LocalStack:
         self._start_nginx()
         self._start_prometheus()
 
-    def _replica_home(self, name: str) -> Path:
-        """Each replica its own BENTOML_HOME, as in a container: `bentoml serve` wipes and fills
-        BENTOML_HOME/prometheus_multiproc_dir, so replicas sharing one would mix (and erase) each
-        other's metrics. The model store itself is shared read-only through a symlink."""
-        store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")).expanduser() / "models"
-        home = self.dir / "homes" / name
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "models").exists():
-            (home / "models").symlink_to(store.resolve(), target_is_directory=True)
-        return home
-
     def all_replicas(self) -> list[launch.Server]:
         return self.replicas["image"] + self.replicas["text"]
 
@@ -213,23 +220,46 @@ class LocalStack:
         return [f"127.0.0.1:{s.port}" for s in self.replicas[kind]]
 
     def _start_nginx(self) -> None:
+        if not (self.tls_dir / "server.crt").exists():
+            make_self_signed(self.tls_dir)
+        self.nginx = self._nginx("nginx", self.dir, self.proxy_port, self.http_port, self.rate_limit, self.rate_burst)
+
+    def _nginx(self, name: str, prefix: Path, https_port: int, http_port: int, rate_limit: str,
+               rate_burst: int) -> Proc:  # fmt: skip
+        """One nginx from the shared template, its config, pid, temp files and logs under `prefix`."""
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.dir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-        values = render.nginx_values(self.addresses("image"), self.addresses("text"), "127.0.0.1",
-                                     self.proxy_port, str(self.dir / "nginx-access.log"))  # fmt: skip
-        (self.dir / "servable.conf").write_text(render.render_template(render.NGINX_TEMPLATE.read_text(), values))
+            (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        values = render.nginx_values(self.addresses("image"), self.addresses("text"), "127.0.0.1", https_port,
+                                     str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
+                                     tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
+                                     rate_limit=rate_limit, rate_burst=rate_burst)  # fmt: skip
+        (prefix / "servable.conf").write_text(render.render_template(render.NGINX_TEMPLATE.read_text(), values))
         user = "user root root;\n" if os.geteuid() == 0 else ""
-        (self.dir / "nginx.conf").write_text(NGINX_MAIN.format(dir=self.dir, user=user))
+        (prefix / "nginx.conf").write_text(NGINX_MAIN.format(dir=prefix, user=user))
         nginx = _which("nginx")
-        check = subprocess.run([nginx, "-t", "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+        check = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                                capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
-        self.nginx = _spawn("nginx", [nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
-                            self.dir / "nginx.out", signal.SIGQUIT)  # fmt: skip
-        if not _wait_http(self.proxy_url + "/healthz", self.nginx.proc, 30):
-            errors = (self.dir / "nginx-error.log").read_text(errors="replace")
-            raise RuntimeError(f"nginx did not start:\n{self.nginx.log()}\n{errors}")
+        proc = _spawn(name, [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], prefix / "nginx.out",
+                      signal.SIGQUIT)  # fmt: skip
+        # ready: the plain listener answers, and the TLS listener completes a verified handshake
+        if not (_wait_http(f"http://127.0.0.1:{http_port}/healthz", proc.proc, 30)
+                and _wait_https(f"https://127.0.0.1:{https_port}/healthz", self.ca_file, proc.proc, 30)):  # fmt: skip
+            errors = (prefix / "nginx-error.log").read_text(errors="replace")
+            proc.stop()
+            raise RuntimeError(f"nginx did not start:\n{proc.log()}\n{errors}")
+        return proc
+
+    def start_extra_proxy(self, name: str, rate_limit: str, rate_burst: int) -> str:
+        """One more nginx from the same template and certificate in front of the same replicas, with
+        other rate limits (a test of the limit without throttling the main proxy); its HTTPS URL.
+        Stopped with the stack."""
+        https_port, http_port = launch.free_port(), launch.free_port()
+        prefix = self.dir / name
+        prefix.mkdir(parents=True, exist_ok=True)
+        self.extra_proxies.append(self._nginx(name, prefix, https_port, http_port, rate_limit, rate_burst))
+        return f"https://127.0.0.1:{https_port}"
 
     def write_targets(self, prom_dir: Path) -> None:
         targets = prom_dir / "targets"
@@ -257,7 +287,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop everything this stack started, each by its own process group (idempotent)."""
-        for p in (self.prometheus, self.nginx):
+        for p in (self.prometheus, self.nginx, *self.extra_proxies):
             if p is not None:
                 p.stop()
         servers = self.all_replicas()
@@ -270,6 +300,13 @@ class LocalStack:
         parts += [f"--- {p.name}\n{p.log()[-1500:]}" for p in (self.nginx, self.prometheus) if p]
         return "\n".join(parts)
 
+    def written_files(self) -> list[Path]:
+        """Every file this stack wrote: logs (replicas, nginx access/error, Prometheus), rendered
+        configs, BentoML homes; Prometheus' TSDB and the TLS material excluded."""
+        skip = (self.dir / "prometheus" / "data", self.tls_dir)
+        return sorted(p for p in self.dir.rglob("*")
+                      if p.is_file() and not any(p.is_relative_to(d) for d in skip))  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -277,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-tag", default="sentiment-bert:latest")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--rate-limit", default=render.RATE_LIMIT, help="per API key, nginx syntax (e.g. 50r/s)")
+    ap.add_argument("--rate-burst", type=int, default=render.RATE_BURST, help="requests above the rate at once")
+    ap.add_argument("--tls-dir", type=Path, default=None,
+                    help="server.crt, server.key, ca.pem (default: a self-signed set made in the workdir)")  # fmt: skip
     args = ap.parse_args(argv)
     from serving.auth import parse_keys
 
@@ -288,11 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting {args.replicas}x image + {args.replicas}x text replicas, nginx, Prometheus in {workdir} ...",
           flush=True)  # fmt: skip
     try:
-        with LocalStack(workdir, args.image_tag, args.text_tag, keys, args.replicas) as stack:
+        with LocalStack(workdir, args.image_tag, args.text_tag, keys, args.replicas, rate_limit=args.rate_limit,
+                        rate_burst=args.rate_burst, tls_dir=args.tls_dir) as stack:  # fmt: skip
             key = next(iter(keys.values()))
-            print(f"proxy:      {stack.proxy_url}   (API key: {key})\n"
+            print(f"proxy:      {stack.proxy_url}   (API key: {key}; CA: {stack.ca_file})\n"
+                  f"            {stack.http_url} redirects to it\n"
                   f"prometheus: {stack.prometheus_url}\n"
-                  f"try:        curl -s -H 'x-api-key: {key}' -H 'content-type: application/json' "
+                  f"try:        curl -s --cacert {stack.ca_file} -H 'x-api-key: {key}' "
+                  "-H 'content-type: application/json' "
                   f"-d '{{\"text\": \"A fine film\"}}' {stack.proxy_url}/sentiment\n"
                   "Ctrl-C stops everything.", flush=True)  # fmt: skip
             while all(s.proc.poll() is None for s in stack.all_replicas()):

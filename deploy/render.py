@@ -1,6 +1,7 @@
 """One source for the deployment configs: the nginx template filler and the Grafana dashboard.
 
-- nginx: `deploy/nginx/servable.conf.template` is the routing config of every environment.
+- nginx: `deploy/nginx/servable.conf.template` is the proxy config of every environment (TLS,
+  security headers, per-API-key rate limits, routing).
   docker compose hands it to the nginx image's own envsubst (/etc/nginx/templates); the local
   stack fills it here with `render_template` (same ${NAME} placeholders, nginx's own $variables
   untouched).
@@ -42,13 +43,33 @@ def upstream_servers(addresses: list[str], max_fails: int = 1, fail_timeout_s: i
     return " ".join(f"server {a} max_fails={max_fails} fail_timeout={fail_timeout_s}s;" for a in addresses)
 
 
-def nginx_values(image: list[str], text: list[str], listen_addr: str, listen_port: int, access_log: str) -> dict:
+# Per-API-key limits when nothing else is said (compose: SERVABLE_RATE_LIMIT, SERVABLE_RATE_BURST;
+# local stack: --rate-limit, --rate-burst): sustained rate, and requests allowed at once above it.
+RATE_LIMIT = "50r/s"
+RATE_BURST = 100
+
+
+def nginx_values(image: list[str], text: list[str], listen_addr: str, listen_port: int, access_log: str, *,
+                 tls_cert: str = "/etc/nginx/tls/server.crt", tls_key: str = "/etc/nginx/tls/server.key",
+                 http_port: int = 8080, https_public_port: int | None = None, rate_limit: str = RATE_LIMIT,
+                 rate_burst: int = RATE_BURST) -> dict:  # fmt: skip
+    """Values for every placeholder of the nginx template: HTTPS on listen_addr:listen_port, the
+    redirect-only plain listener on listen_addr:http_port, the certificate, the per-key limits."""
+    if not re.fullmatch(r"[0-9]+r/[sm]", rate_limit):
+        raise ValueError(f"rate limit {rate_limit!r} is not nginx's <n>r/s or <n>r/m")
     return {
         "IMAGE_UPSTREAM_SERVERS": upstream_servers(image),
         "TEXT_UPSTREAM_SERVERS": upstream_servers(text),
         "LISTEN_ADDR": listen_addr,
         "LISTEN_PORT": str(listen_port),
+        "HTTP_LISTEN_ADDR": listen_addr,
+        "HTTP_PORT": str(http_port),
+        "HTTPS_PUBLIC_PORT": str(https_public_port or listen_port),
         "ACCESS_LOG": access_log,
+        "TLS_CERT": tls_cert,
+        "TLS_KEY": tls_key,
+        "RATE_LIMIT": rate_limit,
+        "RATE_BURST": str(int(rate_burst)),
     }
 
 

@@ -3,6 +3,11 @@
 Import the fixture into a test module (`from tests.stack_fixtures import local_stack`). It uses
 the tiny models the session fixtures of tests/conftest.py train, and stops every process it
 started (by process group) when the module's tests are done, whether they passed or not.
+
+The proxy is HTTPS with the stack's own self-signed CA: while the fixture is active,
+REQUESTS_CA_BUNDLE points at it, so `requests` verifies the proxy's certificate (never
+`verify=False`). Its per-key rate limit is set far above what the tests send; the rate-limit
+test starts a second proxy with a low limit (`LocalStack.start_extra_proxy`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,12 @@ import pytest
 
 from tests.conftest import API_KEY
 
+# Two more keys in the stack's key file: a second client (rate limits are per key) and a key
+# whose value must never appear in a log or a rendered config (tests/test_local_stack.py).
+OTHER_KEY = "other-client-key-6a0f2c9d41"
+PLANTED_KEY = "planted-secret-key-Zq8v3RkW0tYx"
+STACK_KEYS = {"tester": API_KEY, "other": OTHER_KEY, "planted": PLANTED_KEY}
+
 
 @pytest.fixture(scope="module")
 def local_stack(image_run, text_run, tmp_path_factory):
@@ -18,8 +29,8 @@ def local_stack(image_run, text_run, tmp_path_factory):
 
     # as tests/conftest.py's servers: a generous batching queue bound on a busy 2-core machine
     slack = {"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", "SERVABLE_TEXT_SERVE_MAX_LATENCY_MS": "5000"}
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), image_run.tag, text_run.tag, {"tester": API_KEY},
-                       extra_env=slack)  # fmt: skip
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), image_run.tag, text_run.tag, STACK_KEYS, extra_env=slack,
+                       rate_limit="1000r/s", rate_burst=1000)  # fmt: skip
     try:
         stack.start(timeout_s=300)
     except BaseException:
@@ -27,6 +38,8 @@ def local_stack(image_run, text_run, tmp_path_factory):
         stack.stop()
         pytest.fail(f"local stack did not start; logs:\n{logs}")
     try:
-        yield stack
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("REQUESTS_CA_BUNDLE", stack.ca_file)  # requests verifies the proxy against the stack's CA
+            yield stack
     finally:
         stack.stop()

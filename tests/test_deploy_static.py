@@ -154,7 +154,15 @@ def test_compose_topology():
     nginx = gpu["services"]["nginx"]
     assert nginx["depends_on"] == {r: {"condition": "service_healthy"} for r in replicas}
     assert gpu["services"]["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
-    assert len(nginx["ports"]) == 1  # one public port for the API
+    assert len(nginx["ports"]) == 1  # one public port for the API: HTTPS
+    assert nginx["ports"][0].endswith(":8443") and nginx["environment"]["LISTEN_PORT"] == "8443"
+    assert any(_target(v) == "/etc/nginx/tls" and v["read_only"] for v in nginx["volumes"])
+    # replicas (and the GPU exporter) only on the internal network; nginx and Prometheus bridge it
+    assert gpu["networks"]["backend"]["internal"] is True
+    for name in [*replicas, "dcgm-exporter"]:
+        assert gpu["services"][name]["networks"] == ["backend"], name
+    assert set(nginx["networks"]) == set(gpu["services"]["prometheus"]["networks"]) == {"frontend", "backend"}
+    assert gpu["services"]["grafana"]["networks"] == ["frontend"]
     # the template's placeholders are exactly what compose passes to the nginx image's envsubst
     template = render.NGINX_TEMPLATE.read_text()
     assert render.template_names(template) <= set(nginx["environment"])
@@ -181,22 +189,80 @@ def test_compose_topology():
 
 
 def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
-    from deploy.local_stack import NGINX_MAIN
+    from deploy.local_stack import NGINX_MAIN, make_self_signed
 
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / "tmp" / sub).mkdir(parents=True)
+    tls = make_self_signed(tmp_path / "tls")
     values = render.nginx_values(["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:3", "127.0.0.1:4"], "127.0.0.1", 5,
-                                 str(tmp_path / "access.log"))  # fmt: skip
+                                 str(tmp_path / "access.log"), tls_cert=str(tls / "server.crt"),
+                                 tls_key=str(tls / "server.key"), http_port=6, rate_limit="7r/s",
+                                 rate_burst=8)  # fmt: skip
     conf = render.render_template(render.NGINX_TEMPLATE.read_text(), values)
     assert "${" not in conf and "$request_id" in conf  # nginx's own variables survive
     for directive in ("client_max_body_size 8m", "proxy_next_upstream error timeout http_502 http_503 non_idempotent",
-                      "proxy_read_timeout", "keepalive"):  # fmt: skip
+                      "proxy_read_timeout", "keepalive", "listen 127.0.0.1:5 ssl;", "listen 127.0.0.1:6;",
+                      "return 301 https://$host:5$request_uri;", "rate=7r/s;", "burst=8 nodelay;"):  # fmt: skip
         assert directive in conf
     (tmp_path / "servable.conf").write_text(conf)
     (tmp_path / "nginx.conf").write_text(NGINX_MAIN.format(dir=tmp_path, user=""))
     run([tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
     with pytest.raises(KeyError):
         render.render_template(render.NGINX_TEMPLATE.read_text(), {})
+    with pytest.raises(ValueError):
+        render.nginx_values([], [], "127.0.0.1", 5, "off", rate_limit="7; evil")
+
+
+def _directives(conf: str) -> list[str]:
+    """The template's statements (split at ; { } outside quotes), comments dropped, whitespace
+    normalised, ${NAME} placeholders kept as written."""
+    text = re.sub(r"\$\{([A-Z_]+)\}", r"@\1@", conf)
+    stmts, cur, quote = [], "", ""
+    for line in text.splitlines():
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in ";{}":
+                stmts.append(cur)
+                cur = ""
+                continue
+            cur += ch
+        cur += " "
+    return [re.sub(r"@([A-Z_]+)@", r"${\1}", " ".join(s.split())) for s in stmts if s.strip()]
+
+
+def test_nginx_template_tls_headers_limits_and_log_format():
+    """TLS on the API's server block, security headers, per-key rate limit with 429 + Retry-After,
+    and an access log format that carries no key, token, query string or body."""
+    conf = render.NGINX_TEMPLATE.read_text()
+    stmts = _directives(conf)
+    assert "server_tokens off" in stmts
+    assert "listen ${LISTEN_ADDR}:${LISTEN_PORT} ssl" in stmts
+    assert "ssl_protocols TLSv1.2 TLSv1.3" in stmts
+    assert "return 301 https://$host:${HTTPS_PUBLIC_PORT}$request_uri" in stmts  # plain HTTP: redirect only
+    for header in ('Strict-Transport-Security "max-age=31536000; includeSubDomains"',
+                   'X-Content-Type-Options "nosniff"', 'X-Frame-Options "DENY"', 'Referrer-Policy "no-referrer"',
+                   "Content-Security-Policy \"default-src 'none'; frame-ancestors 'none'\""):  # fmt: skip
+        # once for the server, once again in the 429 location (its own add_header drops the inherited ones)
+        assert stmts.count(f"add_header {header} always") == 2, header
+    assert "limit_req_zone $servable_limit_key zone=servable_per_key:10m rate=${RATE_LIMIT}" in stmts
+    assert '"" $servable_key_or_addr' in " ".join(stmts) and 'default "key:$http_x_api_key"' in stmts
+    assert stmts.count("limit_req zone=servable_per_key burst=${RATE_BURST} nodelay") == 4  # every proxied route
+    assert sum(s.startswith("proxy_pass ") for s in stmts) == 4
+    assert "limit_req_status 429" in stmts and "error_page 429 @rate_limited" in stmts
+    assert "add_header Retry-After 1 always" in stmts
+    assert any(s.startswith("return 429 '") and '"reason":"rate_limited"' in s for s in stmts)
+    log_format = conf[conf.index("log_format") : conf.index(";", conf.index("log_format"))]
+    for secret_bearing in ("$http_", "$request_body", "$args", "$query_string", "$request_uri", "$request ",
+                           "$request\"", "$arg_", "$cookie_", "$servable_"):  # fmt: skip
+        assert secret_bearing not in log_format, secret_bearing
+    # every access log uses that format (or is off)
+    assert {s for s in stmts if s.startswith("access_log ")} == {"access_log ${ACCESS_LOG} servable_json",
+                                                                 "access_log off"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- Prometheus and Grafana

@@ -9,8 +9,11 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
+import certifi
 import numpy as np
+import pytest
 import requests
 import yaml
 from PIL import Image
@@ -160,3 +163,125 @@ def test_killed_replica_proxy_keeps_answering_and_replica_down_fires(local_stack
         time.sleep(1)
     assert [r["metric"]["instance"] for r in fired] == [f"127.0.0.1:{victim.port}"]
     assert fired[0]["metric"]["job"] == "servable-image"
+
+
+# ---------------------------------------------------------------- TLS, rate limits, secrets (issue 9)
+
+SECURITY_HEADERS = {
+    "strict-transport-security": "max-age=31536000; includeSubDomains",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) with a listening socket on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(addr)
+    return found
+
+
+def test_proxy_is_https_with_security_headers_and_plain_http_redirects(local_stack):
+    stack = local_stack
+    assert stack.proxy_url.startswith("https://")
+    ok = requests.get(stack.proxy_url + "/text/info", headers=KEY, timeout=30, verify=stack.ca_file)
+    assert ok.status_code == 200
+    refused = requests.post(stack.proxy_url + "/sentiment", json={"text": "x"}, timeout=30, verify=stack.ca_file)
+    nowhere = requests.get(stack.proxy_url + "/nowhere", timeout=10, verify=stack.ca_file)
+    for r in (ok, refused, nowhere):  # on answers from the replicas and from nginx itself, errors included
+        assert {h: r.headers.get(h) for h in SECURITY_HEADERS} == SECURITY_HEADERS, (r.status_code, r.headers)
+        assert r.headers.get("server", "nginx") == "nginx"  # server_tokens off: no version
+    assert (refused.status_code, nowhere.status_code) == (401, 404)
+    # the certificate is the stack's own: a client that does not trust that CA refuses the connection
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(stack.proxy_url + "/healthz", timeout=10, verify=certifi.where())
+    # plain HTTP serves no API: 301 to the same path on HTTPS
+    plain = requests.post(stack.http_url + "/sentiment?x=1", json={"text": "x"}, headers=KEY, timeout=10,
+                          allow_redirects=False)  # fmt: skip
+    assert plain.status_code == 301
+    assert plain.headers["location"] == f"{stack.proxy_url}/sentiment?x=1"
+    # everything the stack runs listens on 127.0.0.1 only
+    ports = [stack.proxy_port, stack.http_port, stack.prometheus_port, *(s.port for s in stack.all_replicas()
+             if s.proc.poll() is None)]  # fmt: skip
+    for port in ports:
+        assert _listening(port) in ({"0100007F"}, {"0000000000000000FFFF00000100007F"}), (port, _listening(port))
+
+
+def test_rate_limit_per_api_key_answers_429_with_retry_after(local_stack):
+    """A second proxy from the same template and certificate, limited to 2 r/s with a burst of 4:
+    one key flooding it gets 429s with Retry-After and a JSON body, while another key (as a Bearer
+    token) at the same time is not limited. The main proxy's limit is far above the other tests."""
+    stack = local_stack
+    url = stack.start_extra_proxy("proxy-limited", rate_limit="2r/s", rate_burst=4)
+    flooder = {"x-api-key": API_KEY}
+    other = {"authorization": f"Bearer {stack_fixtures.OTHER_KEY}"}
+
+    def get(headers):
+        return requests.get(url + "/text/info", headers=headers, timeout=30, verify=stack.ca_file)
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        flood = [ex.submit(get, flooder) for _ in range(40)]
+        calm = []
+        for _ in range(3):
+            calm.append(get(other))
+            time.sleep(0.1)
+        flood = [f.result() for f in flood]
+    codes = [r.status_code for r in flood]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 4 and codes.count(429) >= 20, codes
+    limited = next(r for r in flood if r.status_code == 429)
+    assert limited.headers["retry-after"] == "1"
+    assert limited.headers["content-type"].startswith("application/json")
+    assert limited.json()["reason"] == "rate_limited" and limited.json()["error"]
+    assert {h: limited.headers.get(h) for h in SECURITY_HEADERS} == SECURITY_HEADERS
+    assert [r.status_code for r in calm] == [200, 200, 200]  # the other key is not limited
+    time.sleep(1.5)  # the flooder's bucket drains: it is served again
+    assert get(flooder).status_code == 200
+
+
+def test_planted_key_and_sentence_never_reach_logs_or_configs(local_stack):
+    """A key from the stack's key file (as deployments mount one) and a sentence sent through the
+    proxy, on success, refusal, malformed-body and rate-limited paths: neither appears in any log
+    the stack wrote (replicas, nginx access and error logs, Prometheus' log) or rendered config."""
+    stack = local_stack
+    key, sentence = stack_fixtures.PLANTED_KEY, "my neighbour Ingrid Vasquez-Holt owes 4711 crowns"
+    planted = {"x-api-key": key}
+    url = stack.proxy_url
+    bearer = {"authorization": f"Bearer {key}"}
+    malformed, as_json = f'{{"text": "{sentence}"'.encode(), {**planted, "content-type": "application/json"}
+    calls = [
+        requests.post(url + "/sentiment", json={"text": sentence}, headers=planted, timeout=60),
+        requests.post(url + "/sentiment", json={"texts": [sentence, sentence]}, headers=bearer, timeout=60),
+        requests.post(url + "/sentiment", json={"text": sentence}, headers={"x-api-key": key + "-wrong"}, timeout=30),
+        requests.post(url + "/sentiment", data=malformed, headers=as_json, timeout=30),
+        requests.post(url + "/sentiment", json={"text": sentence * 3000}, headers=planted, timeout=30),
+        requests.get(url + f"/text/info?key={key}&q={sentence}", headers=planted, timeout=30),
+    ]
+    assert [c.status_code for c in calls][:3] == [200, 200, 401], [(c.status_code, c.text[:200]) for c in calls]
+    assert all(c.status_code < 500 for c in calls)
+    # the rate-limited path: nginx's error log notes each rejection
+    limited_url = stack.start_extra_proxy("proxy-secrets", rate_limit="1r/s", rate_burst=1)
+    with cf.ThreadPoolExecutor(6) as ex:
+        codes = list(ex.map(lambda _: requests.post(limited_url + "/sentiment", json={"text": sentence},
+                                                    headers=planted, timeout=60).status_code, range(12)))  # fmt: skip
+    assert 429 in codes
+    time.sleep(2)  # log buffers flushed
+    files = [p for p in stack.written_files() if p.name != "api_keys"]  # the key file is the one place it belongs
+    names = {p.name for p in files}
+    assert {"nginx-access.log", "nginx-error.log", "servable.conf", "nginx.conf", "prometheus.yml"} <= names
+    assert sum(p.suffix == ".log" and p.stat().st_size > 0 for p in files) >= 6, names
+    for path in files:
+        data = path.read_bytes()
+        for secret in (key, sentence, "Ingrid Vasquez-Holt", "4711 crowns"):
+            assert secret.encode() not in data, f"{secret!r} in {path}"
+    assert key in (stack.dir / "api_keys").read_text()  # the planted key really was in the key file
+    # and never in a replica's environment: keys reach the replicas by file only
+    for server in stack.all_replicas():
+        if server.proc.poll() is None:
+            assert key.encode() not in Path(f"/proc/{server.proc.pid}/environ").read_bytes()
