@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -355,9 +356,10 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
 # ---------------------------------------------------------------- report
 
 
-def best(points: list[Point], prefix: str) -> Point | None:
-    """The saturation point (highest items/s) among points whose config starts with `prefix`."""
-    cands = [p for p in points if p.config.startswith(prefix) and not p.config.endswith("@70%")]
+def best(points: list[Point], name: str) -> Point | None:
+    """The saturation point (highest items/s) of config `name`; for raw rows `name` is "raw ORT <variant>"."""
+    raw = re.compile(re.escape(name) + r" b\d+")
+    cands = [p for p in points if p.config == name or raw.fullmatch(p.config)]
     return max(cands, key=lambda p: p.items_s) if cands else None
 
 
@@ -374,21 +376,21 @@ def ratios(res: ModelResult, corrected: bool = True) -> dict[str, float | None]:
     raw_b1 = next((p for p in pts if p.config == "raw ORT fp32 b1"), None)
     on, off = best(pts, "served fp32 batching on"), best(pts, "served fp32 batching off")
     served = max(filter(None, [on, off]), key=val, default=None)
-    raw_best = best(pts, "raw ORT fp32 b")
+    raw_best = best(pts, "raw ORT fp32")
     out: dict[str, float | None] = {
         "served_on/raw_best_batch": r(on, raw_best),
         "served_off/raw_b1": r(off, raw_b1),
-        "served_best/pytorch_eager": r(served, best(pts, "pytorch eager")),
+        "served_best/pytorch_eager": r(served, best(pts, "pytorch eager (FastAPI)")),
         "batching_on/off": r(on, off),
-        "int8/fp32 served": r(best(pts, "served int8"), on),
-        "int8/fp32 raw": r(best(pts, "raw ORT int8 b"), raw_best),
+        "int8/fp32 served": r(best(pts, "served int8 batching on"), on),
+        "int8/fp32 raw": r(best(pts, "raw ORT int8"), raw_best),
     }
     if any(p.config.startswith("raw ORT optimized") for p in pts):
-        out["optimized/fp32 served"] = r(best(pts, "served optimized"), on)
-        out["optimized/fp32 raw"] = r(best(pts, "raw ORT optimized b"), raw_best)
+        out["optimized/fp32 served"] = r(best(pts, "served optimized batching on"), on)
+        out["optimized/fp32 raw"] = r(best(pts, "raw ORT optimized"), raw_best)
     if any("cuda" in p.config for p in pts):
         out["cuda/cpu served"] = r(best(pts, "served fp32 batching on cuda"), on)
-        out["cuda/cpu raw"] = r(best(pts, "raw ORT fp32 cuda b"), raw_best)
+        out["cuda/cpu raw"] = r(best(pts, "raw ORT fp32 cuda"), raw_best)
     return out
 
 
@@ -397,7 +399,7 @@ def tail_ratios(res: ModelResult) -> dict[str, float | None]:
     for p in res.points:
         if p.kind == "served-open":
             out[f"p99/p50 {p.config}"] = round(p.p99_ms / p.p50_ms, 2) if p.p50_ms else None
-    raw_best = best(res.points, "raw ORT fp32 b")
+    raw_best = best(res.points, "raw ORT fp32")
     out["raw fp32 best batch size"] = raw_best.concurrency if raw_best else None
     return out
 
@@ -444,7 +446,8 @@ def plot(results: list[ModelResult], out: Path) -> list[str]:
         for cfg in dict.fromkeys(p.config for p in http):
             pts = sorted((p for p in http if p.config == cfg), key=lambda p: p.concurrency)
             ax.plot([p.concurrency for p in pts], [p.items_s for p in pts], marker="o", label=cfg)
-        ceilings = {p.config: p for p in (best(res.points, "raw ORT fp32 b1"), best(res.points, "raw ORT fp32 b")) if p}
+        b1 = next((p for p in res.points if p.config == "raw ORT fp32 b1"), None)
+        ceilings = {p.config: p for p in (b1, best(res.points, "raw ORT fp32")) if p}
         for p, style in zip(ceilings.values(), (":", "--"), strict=False):
             ax.axhline(p.items_s, linestyle=style, color="grey", label=f"{p.config} (in-process ceiling)")
         concs = sorted({p.concurrency for p in http})
@@ -560,8 +563,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def render_only(args: argparse.Namespace) -> int:
     """Re-render from the measured JSON (e.g. after changing the report), keeping its command and settings."""
-    import re
-
     payload = json.loads((args.out / "benchmark.json").read_text())
     results = [ModelResult(m["model"], m["tag"], [Point(**p) for p in m["points"]], m["notes"],
                            m["preprocess_ms_per_item"]) for m in payload["models"]]  # fmt: skip
