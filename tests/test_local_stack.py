@@ -165,6 +165,42 @@ def test_killed_replica_proxy_keeps_answering_and_replica_down_fires(local_stack
     assert fired[0]["metric"]["job"] == "servable-image"
 
 
+def test_sigterm_one_replica_under_load_loses_no_request(local_stack, text_run):
+    """A rolling restart's step: SIGTERM one sentiment replica while clients keep calling the proxy.
+
+    The replica answers what it accepted or refuses with a retryable 503, and nginx retries those
+    (and refused connections) on the other replica (`proxy_next_upstream ... http_503 non_idempotent`),
+    so no client request fails.
+    """
+    stack = local_stack
+    texts = [t for t, _ in text_run.splits.test[:16]]
+    victim = stack.replicas["text"][0]
+    stop_at = time.monotonic() + 8
+    results: list[tuple[int, float]] = []
+
+    def client(i: int) -> None:
+        while time.monotonic() < stop_at:
+            start = time.perf_counter()
+            try:
+                code = requests.post(stack.proxy_url + "/sentiment", json={"texts": texts[i % 4 :: 4]}, headers=KEY,
+                                     timeout=30).status_code  # fmt: skip
+            except requests.RequestException:
+                code = 0
+            results.append((code, time.perf_counter() - start))
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(client, i) for i in range(6)]
+        time.sleep(2)
+        victim.stop()  # SIGTERM: a graceful stop, as `docker stop` or a pod deletion sends
+        cf.wait(futures, timeout=60)
+    codes = [c for c, _ in results]
+    figures = {"requests": len(codes), "failed": sum(c != 200 for c in codes),
+               "5xx": sum(c >= 500 for c in codes), "max_latency_s": round(max(s for _, s in results), 3)}  # fmt: skip
+    print("\nSIGTERM under load behind the proxy:", json.dumps(figures))
+    assert launch.get(victim.url + "/readyz")[0] == 0  # really stopped
+    assert figures["requests"] > 20 and figures["failed"] == 0, figures
+
+
 # ---------------------------------------------------------------- TLS, rate limits, secrets (issue 9)
 
 SECURITY_HEADERS = {
