@@ -84,7 +84,7 @@ BENCHMARK_ARGS ?=
 loadtest: setup  ## short Locust run against both services started on 127.0.0.1; prints the SLO verdict
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
 
-loadtest-url: setup  ## the same against a running deployment: make loadtest-url URL=http://127.0.0.1:8080
+loadtest-url: setup  ## the same against a running deployment: make loadtest-url URL=https://127.0.0.1:8443
 	@test -n "$(URL)" || { echo "usage: make loadtest-url URL=http://host:port [LOADTEST_ARGS=...]"; exit 2; }
 	$(BIN)/python -m loadtest.run --url $(URL) --name url $(LOADTEST_ARGS)
 

@@ -38,7 +38,7 @@ def render_template(text: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def upstream_servers(addresses: list[str], max_fails: int = 1, fail_timeout_s: int = 10) -> str:
+def upstream_servers(addresses: list[str], max_fails: int = 3, fail_timeout_s: int = 10) -> str:
     """The `server ...;` lines of one upstream pool (compose passes the same text as an env var)."""
     return " ".join(f"server {a} max_fails={max_fails} fail_timeout={fail_timeout_s}s;" for a in addresses)
 
