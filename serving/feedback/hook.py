@@ -54,6 +54,9 @@ class FeedbackHook:
         self.store = FeedbackStore(self.settings)
         self._last_purge = 0.0
         self._lock = asyncio.Lock()  # one writer per process: the size check and purge stay consistent
+        # Both series exist from the start (0), so the drift panel and alert have data, not silence.
+        LOW_CONFIDENCE.labels(model=model)
+        QUEUE_SIZE.labels(model=model).set(0)
         if self.settings.enabled:
             log.info("feedback loop ON for %s: queue %s, threshold %.2f, retention %g days (opt-in only)",
                      model, self.settings.dir, self.settings.confidence_threshold,
