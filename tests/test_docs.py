@@ -7,6 +7,7 @@ there (function, class, method or module-level name), for other files it must ap
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -48,3 +49,12 @@ def test_reference_exists(doc, path, symbol):
         text = target.read_text()
         ok = defined(text, symbol) if target.suffix == ".py" else symbol in text
         assert ok, f"{doc} points at {path}::{symbol}, which is not defined there"
+
+
+def test_api_reference_is_generated_from_the_served_openapi_and_current():
+    from serving import openapi_docs
+
+    for path, text in openapi_docs.outputs().items():
+        assert path.read_text() == text, f"{path} is stale: run python -m serving.openapi_docs"
+    sentiment = json.loads((ROOT / "docs/api/sentiment.openapi.json").read_text())
+    assert {"/sentiment", "/v2/models/{name}/infer"} <= set(sentiment["paths"])
