@@ -108,7 +108,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                                         "{{model}} {{label}}")]),
     ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
                                         "{{tag}} {{variant}} {{provider}}")]),
-    ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m", "{{job}} {{model}}")]),
+    ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m",
+                                                             "{{job}} {{model}}")]),
     ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
                                                                "{{model}}")]),
 ]  # fmt: skip
