@@ -7,17 +7,17 @@ project's data can run the load test from a copied folder.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import random
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from servable.idx import read_idx
 
 DEFAULT_DIR = Path(".cache/loadtest-inputs")
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -28,17 +28,6 @@ DATASETS_DIR = Path(".cache/datasets")
 class Inputs:
     images: list[bytes]  # encoded PNG/JPEG files as a client would upload them
     texts: list[str]  # real review sentences, natural length spread
-
-
-def read_idx_images(path: Path) -> np.ndarray:
-    """Unsigned-byte IDX (MNIST format) -> uint8 array; a copy of training's reader without its imports."""
-    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-        data = f.read()
-    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if dtype_code != 0x08:
-        raise ValueError(f"{path}: only unsigned-byte IDX files are supported")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def encode_images(pixels: np.ndarray, n: int, seed: int = 0) -> list[bytes]:
@@ -64,7 +53,7 @@ def review_sentences(n: int, seed: int = 0) -> list[str]:
 
 def export(folder: Path = DEFAULT_DIR, n_images: int = 200, n_texts: int = 400) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    images = encode_images(read_idx_images(FASHION_MNIST_TEST), n_images)
+    images = encode_images(read_idx(FASHION_MNIST_TEST), n_images)
     img_dir = folder / "images"
     img_dir.mkdir(exist_ok=True)
     for i, blob in enumerate(images):

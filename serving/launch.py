@@ -174,15 +174,12 @@ def _demo_key() -> str:
 
 def demo_image(path: Path) -> Path:
     """The first Fashion-MNIST test image (an ankle boot) as a PNG a client would upload."""
-    import gzip
-
-    import numpy as np
     from PIL import Image
 
     from servable.config import FASHION_MNIST_DIR
+    from servable.idx import read_idx
 
-    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", "rb") as f:
-        pixels = np.frombuffer(f.read(16 + 28 * 28), dtype=np.uint8, offset=16).reshape(28, 28)
+    pixels = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).resize((112, 112)).save(path)
     return path

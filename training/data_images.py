@@ -6,9 +6,7 @@ colour/resize step serving uses; normalisation happens on the batch tensor.
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from servable.idx import read_idx
 from servable.preprocessing import ImagePreprocessing, InvalidImage, decode_image, to_model_pixels
 
 FASHION_MNIST_LABELS = [
@@ -39,18 +38,6 @@ class ImageSplits:
     test_x: np.ndarray
     test_y: np.ndarray
     provenance: dict = field(default_factory=dict)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a (gzip) IDX file as used by MNIST-style data sets."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if dtype_code != 0x08:
-        raise DataError(f"{path}: only unsigned-byte IDX files are supported")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def _to_pixels(images: np.ndarray, cfg: ImagePreprocessing, progress: bool, desc: str) -> np.ndarray:
