@@ -53,8 +53,15 @@ def rejected(front: ServedModel, err: ClientError) -> JSONResponse:
 
 # A dropped connection to the model worker is retried: inference is a pure function of its input,
 # and BentoML 1.4's dependency client closes its pooled session every 100 calls while other calls
-# are still in flight on it (they fail with ServerDisconnectedError / ClientOSError).
+# are still in flight on it (they fail with ServerDisconnectedError / ClientOSError, or with
+# aiohttp's RuntimeError "Session is closed" when the call starts on the session being closed).
 MODEL_CALL_ATTEMPTS = 3
+
+
+def _dropped(exc: Exception) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectionError) or (
+        isinstance(exc, RuntimeError) and "session is closed" in str(exc).lower()
+    )
 
 
 async def call_model(front: ServedModel, make_call: Callable[[], Awaitable]) -> np.ndarray | JSONResponse:
@@ -64,13 +71,11 @@ async def call_model(front: ServedModel, make_call: Callable[[], Awaitable]) -> 
         try:
             out = await make_call()
             break
-        except aiohttp.ClientConnectionError as exc:
-            if attempt < MODEL_CALL_ATTEMPTS:
+        except Exception as exc:
+            if _dropped(exc) and attempt < MODEL_CALL_ATTEMPTS:
                 metrics.MODEL_CALL_RETRIES.labels(model=front.name).inc()
                 continue
-            log.warning("model call failed after %d attempts: %s", attempt, type(exc).__name__)
-        except Exception as exc:
-            log.warning("model call failed: %s", type(exc).__name__)
+            log.warning("model call failed (attempt %d): %s", attempt, type(exc).__name__)
         return error_response(503, "model_unavailable", "the model service could not answer; retry later",
                               {"Retry-After": "1"})  # fmt: skip
     metrics.MODEL_CALL_SECONDS.labels(model=front.name).observe(time.perf_counter() - start)
