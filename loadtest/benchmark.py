@@ -171,22 +171,31 @@ def request_bodies(model: str, data: real_inputs.Inputs) -> tuple[str, list[byte
     return "/sentiment", [json.dumps({"text": t}).encode() for t in data.texts]
 
 
-async def _one(session, url: str, body: bytes, headers: dict) -> bool:
-    async with session.post(url, data=body, headers=headers) as r:
-        payload = await r.read()
-        if r.status != 200:
-            return False
-        return len(json.loads(payload).get("predictions", [])) == 1
+HEADERS = {"content-type": "application/json", "x-api-key": KEY}
+
+
+def _client_session():
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60))
+
+
+async def _one(session, url: str, body: bytes) -> bool:
+    """One request; True for a 200 with one prediction. Any failure (status, body, network) is False."""
+    try:
+        async with session.post(url, data=body, headers=HEADERS) as r:
+            payload = await r.read()
+            if r.status != 200:
+                return False
+            return len(json.loads(payload).get("predictions", [])) == 1
+    except Exception:
+        return False
 
 
 async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float):
     """`concurrency` clients, each sending its next request when the previous answer arrives."""
-    import aiohttp
-
-    headers = {"content-type": "application/json", "x-api-key": KEY}
     records: list[tuple[float, float, bool]] = []
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+    async with _client_session() as session:
         t_start = time.perf_counter()
         t_end = t_start + warmup + seconds
 
@@ -194,10 +203,7 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: 
             i = cid * 7919
             while time.perf_counter() < t_end:
                 t0 = time.perf_counter()
-                try:
-                    ok = await _one(session, url, bodies[i % len(bodies)], headers)
-                except Exception:
-                    ok = False
+                ok = await _one(session, url, bodies[i % len(bodies)])
                 records.append((t0, time.perf_counter(), ok))
                 i += 1
 
@@ -208,19 +214,12 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: 
 
 async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, warmup: float):
     """Requests at a fixed rate whatever the answers do; latency from the scheduled send time."""
-    import aiohttp
-
-    headers = {"content-type": "application/json", "x-api-key": KEY}
     records: list[tuple[float, float, bool]] = []
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+    async with _client_session() as session:
         t_start = time.perf_counter()
 
         async def fire(t_sched: float, body: bytes) -> None:
-            try:
-                ok = await _one(session, url, body, headers)
-            except Exception:
-                ok = False
+            ok = await _one(session, url, body)
             records.append((t_sched, time.perf_counter(), ok))
 
         tasks, n = [], int(rate * (warmup + seconds))
