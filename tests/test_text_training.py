@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from servable import artifact
 from servable.preprocessing import encode_texts, load_tokenizer
 from training import onnx_tools
 from training.data_images import DataError
 from training.data_text import load_user_file
-from training.text_model import LogitsOnly
+from training.text_model import LogitsOnly, freeze_encoder, load_backbone
 from training.text_pipeline import onnx_predict
 
 SENTENCES = [
@@ -31,6 +32,25 @@ def test_tiny_fine_tune_lowers_loss(text_run):
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert text_run.metrics["test"]["fp32"]["accuracy"] > 0.6
     assert "out_of_domain" in text_run.metrics["test"]["fp32"]
+
+
+def test_unfreezing_keeps_the_bottom_frozen(text_run):
+    """The run's default keeps the embeddings pretrained; layers above and the head were trained."""
+    _, pretrained, _ = load_backbone(None, text_run.splits.labels, 0.1)
+    tuned, base = text_run.model.bert, pretrained.bert
+    assert artifact.load(text_run.tag).manifest.training_config["freeze_embeddings"] is True
+    assert torch.equal(tuned.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+    query = [m.encoder.layer[0].attention.self.query.weight for m in (tuned, base)]
+    assert not torch.equal(*query)
+    freeze_encoder(pretrained, False, keep_embeddings=True, keep_layers=2)
+    trainable = {_module_of(n) for n, p in pretrained.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4", "layer5", "pooler", "classifier"}
+
+
+def _module_of(name: str) -> str:
+    """bert.encoder.layer.3.x -> layer3, bert.pooler.x -> pooler, classifier.x -> classifier."""
+    parts = name.split(".")
+    return f"layer{parts[3]}" if ".layer." in name else parts[1] if parts[0] == "bert" else parts[0]
 
 
 def test_serving_tokenizer_matches_training_tokenizer(text_run):

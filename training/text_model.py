@@ -54,8 +54,20 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params + (list(pooler.parameters()) if pooler is not None else [])
 
 
-def freeze_encoder(model: nn.Module, frozen: bool) -> None:
-    getattr(model, model.base_model_prefix).requires_grad_(not frozen)
+def freeze_encoder(model: nn.Module, frozen: bool, keep_embeddings: bool = False, keep_layers: int = 0) -> None:
+    """Freeze (stage `head`) or unfreeze (stage `finetune`) the encoder; the head always trains.
+
+    Unfreezing can keep the bottom of the encoder frozen: the embeddings (half of MiniLM-L6's
+    22.7 M weights, a 30k-word table that a few thousand sentences mostly overfit) and the lowest
+    `keep_layers` transformer layers. This also skips their backward pass and optimiser update.
+    """
+    base = getattr(model, model.base_model_prefix)
+    base.requires_grad_(not frozen)
+    if not frozen:
+        if keep_embeddings:
+            base.embeddings.requires_grad_(False)
+        for layer in base.encoder.layer[:keep_layers]:
+            layer.requires_grad_(False)
     for p in head_parameters(model):
         p.requires_grad_(True)
 

@@ -97,9 +97,10 @@ def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
     freeze_encoder(model, True)
     stopped = run_stage(model, stage="head", params=head_parameters(model), epochs=cfg.epochs_head,
                         lr=cfg.lr_head, stopper=stopper, history=history, **common)  # fmt: skip
-    freeze_encoder(model, False)
+    freeze_encoder(model, False, keep_embeddings=cfg.freeze_embeddings, keep_layers=cfg.freeze_layers)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not stopped:
-        stopped = run_stage(model, stage="finetune", params=list(model.parameters()), epochs=cfg.epochs_finetune,
+        stopped = run_stage(model, stage="finetune", params=trainable, epochs=cfg.epochs_finetune,
                             lr=cfg.lr_finetune, stopper=stopper, history=history, **common)  # fmt: skip
     stopper.restore(model)
     return tokenizer, model.cpu().eval(), history, stopper, stopped, source
