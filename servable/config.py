@@ -39,8 +39,11 @@ class TrainCommon(BaseSettings):
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (the L2 answer).")
     l1: float = Field(0.0, ge=0, description="Optional L1 penalty on the head weights.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the classification head.")
-    patience: int = Field(2, ge=1, description="Early stopping: epochs without val-loss improvement.")
-    min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest val-loss gain that counts.")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without a gain in the monitored metric.")
+    min_delta: float = Field(1e-4, ge=0, description="Early stopping: smallest monitored-metric gain that counts.")
+    monitor: Literal["val_loss", "val_acc"] = Field(
+        "val_loss", description="Early stopping and best-weights restore watch this validation metric."
+    )
     clip_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 = off.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of training data held for validation.")
     limit: int | None = Field(None, ge=10, description="Use at most this many training examples.")

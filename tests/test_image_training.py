@@ -65,10 +65,20 @@ def test_early_stopping_stops_and_restores_best():
         with torch.no_grad():
             model.weight.fill_(float(epoch))
         snapshots.append(model.weight.clone())
-        stop = stopper.update(loss, model, ("s", epoch))
+        stop = stopper.update({"val_loss": loss, "val_acc": 0.5}, model, ("s", epoch))
         assert stop == (epoch == 4)
     stopper.restore(model)
     assert torch.equal(model.weight, snapshots[1]) and stopper.best_epoch == ("s", 2)
+
+
+def test_early_stopping_can_watch_accuracy():
+    """Rising loss with rising accuracy (an over-confident classifier): val_acc keeps the later epoch."""
+    by_loss, by_acc = EarlyStopping(2, 0.0), EarlyStopping(2, 0.0, monitor="val_acc")
+    model = torch.nn.Linear(2, 2)
+    for epoch, (loss, acc) in enumerate([(0.41, 0.80), (0.40, 0.83), (0.47, 0.85), (0.52, 0.84), (0.60, 0.84)], 1):
+        for stopper in (by_loss, by_acc):
+            stopper.update({"val_loss": loss, "val_acc": acc}, model, ("s", epoch))
+    assert by_loss.best_epoch == ("s", 2) and by_acc.best_epoch == ("s", 3) and by_acc.best_value == 0.85
 
 
 def test_early_stopping_ends_training_run(tmp_path, image_run):

@@ -71,7 +71,7 @@ def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessi
         l1_params=list(model.head.parameters()),
     )  # fmt: skip
     history: list[EpochLog] = []
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.monitor)
     tqdm.write(f"training on {device}: {len(splits.train_y)} train / {len(splits.val_y)} val images")
     model.freeze_backbone(True)
     stopped = run_stage(model, stage="head", params=list(model.head.parameters()), epochs=cfg.epochs_head,

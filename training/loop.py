@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,11 +36,15 @@ class EpochLog:
 
 
 class EarlyStopping:
-    """Stop after `patience` epochs without val-loss gain; keeps a copy of the best weights."""
+    """Stop after `patience` epochs without gain in the monitored validation metric; keeps the best weights.
 
-    def __init__(self, patience: int, min_delta: float) -> None:
-        self.patience, self.min_delta = patience, min_delta
-        self.best_loss = math.inf
+    `val_loss` (lower is better) is the default; `val_acc` (higher is better) suits a classifier whose
+    later epochs grow over-confident: its loss rises while it still ranks more examples correctly.
+    """
+
+    def __init__(self, patience: int, min_delta: float, monitor: Literal["val_loss", "val_acc"] = "val_loss") -> None:
+        self.patience, self.min_delta, self.monitor = patience, min_delta, monitor
+        self.best_value = math.inf if monitor == "val_loss" else -math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: tuple[str, int] | None = None
         self.bad_epochs = 0
@@ -47,10 +52,12 @@ class EarlyStopping:
     def new_stage(self) -> None:
         self.bad_epochs = 0
 
-    def update(self, val_loss: float, model: nn.Module, where: tuple[str, int]) -> bool:
-        """Record an epoch; True means stop now."""
-        if val_loss < self.best_loss - self.min_delta:
-            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, where, 0
+    def update(self, metrics: dict[str, float], model: nn.Module, where: tuple[str, int]) -> bool:
+        """Record an epoch's validation metrics; True means stop now."""
+        value = metrics[self.monitor]
+        gain = self.best_value - value if self.monitor == "val_loss" else value - self.best_value
+        if gain > self.min_delta:
+            self.best_value, self.best_epoch, self.bad_epochs = value, where, 0
             self.best_state = copy.deepcopy(model.state_dict())
             return False
         self.bad_epochs += 1
@@ -151,8 +158,8 @@ def run_stage(
             f"[{stage} {epoch}/{epochs}] train loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.0f}s"
         )
-        if stopper.update(val_loss, model, (stage, epoch)):
-            tqdm.write(f"early stopping: no val-loss gain for {cfg.patience} epoch(s)")
+        if stopper.update({"val_loss": val_loss, "val_acc": val_acc}, model, (stage, epoch)):
+            tqdm.write(f"early stopping: no {stopper.monitor} gain for {cfg.patience} epoch(s)")
             return True
     return False
 

@@ -27,7 +27,8 @@ def make_run_dir(cfg: TrainCommon) -> tuple[str, Path]:
 def training_summary(history: list[EpochLog], stopper: EarlyStopping, stopped_early: bool) -> dict:
     return {
         "epochs_run": len(history),
-        "best_val_loss": stopper.best_loss,
+        "monitor": stopper.monitor,
+        "best_value": stopper.best_value,
         "best_epoch": list(stopper.best_epoch) if stopper.best_epoch else None,
         "stopped_early": stopped_early,
         "seconds": round(sum(h.seconds for h in history), 1),

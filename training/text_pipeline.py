@@ -92,7 +92,7 @@ def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
         l1_params=head_parameters(model),
     )  # fmt: skip
     history: list[EpochLog] = []
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.monitor)
     tqdm.write(f"training {source} on {device}: {len(splits.train)} train / {len(splits.val)} val texts")
     freeze_encoder(model, True)
     stopped = run_stage(model, stage="head", params=head_parameters(model), epochs=cfg.epochs_head,
