@@ -127,3 +127,69 @@ def test_user_csv_and_jsonl_load(tmp_path):
     splits = load_user_file(tmp_path / "d.jsonl", seed=1, val_fraction=0.2)
     assert splits.labels == ["happy", "sad"]
     assert len(splits.train) + len(splits.val) + len(splits.test) == 20
+
+
+def _three_way_reviews(path, per_class: int = 40) -> None:
+    """Real Hutto & Gilbert movie sentences in three free-named bands of their human rating."""
+    import csv
+    import io
+    import tarfile
+
+    from tests.conftest import ROOT
+    from training.data_text import HUTTO_ARCHIVE, VADER_SDIST
+
+    with tarfile.open(ROOT / ".cache" / "datasets" / VADER_SDIST) as outer:
+        archive = io.BytesIO(outer.extractfile(HUTTO_ARCHIVE).read())
+    with tarfile.open(fileobj=archive) as inner:
+        raw = inner.extractfile("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt").read().decode()
+    bands = {"thumbs down": [], "so-so": [], "thumbs up": []}
+    for line in raw.splitlines():
+        _, rating, text = line.split("\t")
+        r = float(rating)
+        band = "thumbs up" if r >= 1.5 else "thumbs down" if r <= -1.5 else "so-so" if abs(r) < 0.3 else None
+        if band and len(bands[band]) < per_class:
+            bands[band].append(text.strip())
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows((t, lab) for lab, texts in bands.items() for t in texts)
+
+
+@pytest.mark.slow
+def test_user_csv_and_local_backbone_through_the_cli(tmp_path, capsys):
+    """A user's 3-class CSV and a backbone directory, as the README's CLI takes them, end to end to the store."""
+    from training.__main__ import main
+    from training.text_model import bundled_backbone
+
+    _three_way_reviews(tmp_path / "reviews.csv")
+    backbone = str(bundled_backbone())
+    flags = ["--data-file", str(tmp_path / "reviews.csv"), "--backbone", backbone, "--runs-dir", str(tmp_path),
+             "--name", "reviews-3way", "--version", "u1", "--epochs-head", "1", "--epochs-finetune", "1",
+             "--max-length", "32", "--batch-size", "16", "--optimize", "false", "--progress", "false"]  # fmt: skip
+    assert main(["text", *flags]) == 0
+    man = artifact.load("reviews-3way:u1").manifest
+    assert man.labels == ["so-so", "thumbs down", "thumbs up"] and set(man.onnx) == {"fp32", "int8"}
+    assert man.provenance["source"] == "user file" and man.provenance["backbone"] == backbone
+    assert man.training_config["data_file"].endswith("reviews.csv")
+    counts = man.provenance["counts"]
+    assert counts["train"] + counts["val"] + counts["test"] == 120 and counts["ood_test"] == 0
+    prep = man.text_preprocessing
+    tok = load_tokenizer(tmp_path / "reviews-3way" / "u1" / "artifact" / prep.tokenizer_file, prep)
+    sess = onnx_tools.cpu_session(tmp_path / "reviews-3way" / "u1" / "artifact" / "model.onnx")
+    assert sess.run(["logits"], encode_texts(tok, SENTENCES[:3], prep))[0].shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [("/nonexistent/bert-dir", "backbone directory /nonexistent/bert-dir does not exist"),
+     ("no-such-org/no-such-model", "backbone 'no-such-org/no-such-model' could not be loaded")],
+)  # fmt: skip
+def test_unloadable_backbone_is_a_clear_error(tmp_path, capsys, backbone, message):
+    """Neither a directory nor a cached hub name: exit 2 with one line that says what to pass, no traceback."""
+    from training.__main__ import main
+
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"good {i},pos\nbad {i},neg\n" for i in range(10)))
+    argv = ["text", "--data-file", str(tmp_path / "d.csv"), "--backbone", backbone, "--runs-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -33,16 +33,26 @@ def load_backbone(name: str | None, labels: list[str], dropout: float):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = str(bundled_backbone()) if name is None else name
+    if name is not None and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise DataError(f"backbone directory {name} does not exist")
     if name is not None and not Path(name).exists():
         # A hub name works when it is in the local cache; nothing is downloaded unless HF_HUB_OFFLINE=0.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)}, classifier_dropout=dropout,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:  # transformers' "not found / not cached / bad repo id" errors
+        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"backbone {source!r} could not be loaded: {reason}. Pass a local directory holding config.json, "
+            "the tokenizer files and the weights, or a Hugging Face name already in the local cache "
+            "(set HF_HUB_OFFLINE=0 to allow a download where the hub is reachable)"
+        ) from exc
     if not tokenizer.is_fast:
         raise DataError(f"{source} has no fast tokenizer (tokenizer.json); serving needs one")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)}, classifier_dropout=dropout,
-    )  # fmt: skip
     return tokenizer, model, source
 
 
