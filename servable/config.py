@@ -45,6 +45,12 @@ class TrainCommon(BaseSettings):
         "val_loss", description="Early stopping and best-weights restore watch this validation metric."
     )
     clip_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 = off.")
+    average_last: int = Field(
+        0,
+        ge=0,
+        description="Average the weights of the last N fine-tuning epochs (SWA-style); the average is "
+        "kept only if it beats every single epoch on validation. 0 or 1 = off.",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of training data held for validation.")
     limit: int | None = Field(None, ge=10, description="Use at most this many training examples.")
     test_limit: int | None = Field(None, ge=10, description="Evaluate on at most this many test examples.")

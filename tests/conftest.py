@@ -29,7 +29,7 @@ def image_run(runs_dir):
 
     cfg = ImageTrainConfig(
         runs_dir=runs_dir, limit=400, test_limit=300, image_size=32, epochs_head=1, epochs_finetune=2,
-        batch_size=32, lr_finetune=1e-3, calibration_size=64, progress=False, version="t1",
+        batch_size=32, lr_finetune=1e-3, calibration_size=64, progress=False, version="t1", average_last=2,
     )  # fmt: skip
     return train_image(cfg)
 

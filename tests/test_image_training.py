@@ -18,11 +18,13 @@ from training import onnx_tools
 from training.data_images import DataError, load_image_folder, scan_image_folder
 from training.image_model import ImageClassifier
 from training.image_pipeline import batches, onnx_predict, train_image
-from training.loop import EarlyStopping, run_stage
+from training.loop import EarlyStopping, keep_weight_average, run_stage, val_metrics, weight_averager
 
 
 def test_tiny_fine_tune_learns(image_run):
     assert image_run.metrics["training"]["epochs_run"] == 3
+    average = image_run.metrics["training"]["weight_average"]  # the fixture averages the last 2 epochs
+    assert average["epochs"] == 2 and isinstance(average["kept"], bool)
     rows = (image_run.staging / "history.json").read_text()
     assert "finetune" in rows and "head" in rows
     test = image_run.metrics["test"]["fp32"]
@@ -79,6 +81,34 @@ def test_early_stopping_can_watch_accuracy():
         for stopper in (by_loss, by_acc):
             stopper.update({"val_loss": loss, "val_acc": acc}, model, ("s", epoch))
     assert by_loss.best_epoch == ("s", 2) and by_acc.best_epoch == ("s", 3) and by_acc.best_value == 0.85
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "kept"),
+    [
+        ((2.0, -2.0), (-2.0, 2.0), True),  # each epoch right on one class only: their average beats both
+        ((2.0, 2.0), (-2.0, -2.0), False),  # the first epoch is right on both: the average (all zeros) is worse
+    ],
+)
+def test_weight_average_is_kept_only_when_it_beats_every_epoch(first, second, kept):
+    """Two 'epochs' of a 2x2 linear classifier, averaged; the stopper decides on real validation loss."""
+    cfg = ImageTrainConfig(average_last=2)
+    model = torch.nn.Linear(2, 2, bias=False)
+    x, y = torch.eye(2), torch.tensor([0, 1])
+    common = dict(cfg=cfg, val_batches=lambda: [(x, y)], val_targets=y, forward=lambda b: (model(b[0]), b[1]),
+                  device=torch.device("cpu"))  # fmt: skip
+    averager, stopper = weight_averager(model, cfg), EarlyStopping(2, 0.0)
+    for epoch, diag in enumerate((first, second), 1):
+        with torch.no_grad():
+            model.weight.copy_(torch.diag(torch.tensor(diag)))
+        averager.update_parameters(model)
+        val = val_metrics(model, common["val_batches"], y, common["forward"], common["device"], amp=False)
+        stopper.update(val, model, ("s", epoch))
+    info = keep_weight_average(averager, model, stopper, **common)
+    stopper.restore(model)
+    assert info["kept"] is kept and info["epochs"] == 2
+    expected = torch.zeros(2, 2) if kept else torch.diag(torch.tensor(first))
+    assert torch.allclose(model.weight, expected) and (stopper.best_epoch == ("average", 2)) is kept
 
 
 def test_early_stopping_ends_training_run(tmp_path, image_run):

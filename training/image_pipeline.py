@@ -17,7 +17,7 @@ from servable.preprocessing import ImagePreprocessing, normalize
 from training import onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
 from training.image_model import ImageClassifier, build_augmentation, normalize_batch
-from training.loop import EarlyStopping, EpochLog, run_stage
+from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
@@ -79,9 +79,11 @@ def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessi
                         on_train_start=model.hold_frozen_batchnorm, **common)  # fmt: skip
     model.freeze_backbone(False)
     if not stopped:
+        averager = weight_averager(model, cfg)
         stopped = run_stage(model, stage="finetune", params=list(model.parameters()),
                             epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, stopper=stopper,
-                            history=history, **common)  # fmt: skip
+                            history=history, averager=averager, **common)  # fmt: skip
+        keep_weight_average(averager, model, stopper, **common)
     stopper.restore(model)
     return model.cpu().eval(), history, stopper, stopped
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from servable.config import TrainCommon
@@ -48,6 +49,7 @@ class EarlyStopping:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: tuple[str, int] | None = None
         self.bad_epochs = 0
+        self.weight_average: dict | None = None  # set by keep_weight_average
 
     def new_stage(self) -> None:
         self.bad_epochs = 0
@@ -97,6 +99,12 @@ def evaluate(model: nn.Module, batches: Iterable, forward: Forward, device: torc
     return loss_sum / max(n, 1), p
 
 
+def val_metrics(model: nn.Module, val_batches: Callable[[], Iterable], val_targets: torch.Tensor, forward: Forward,
+                device: torch.device, amp: bool) -> dict[str, float]:  # fmt: skip
+    val_loss, val_pred = evaluate(model, val_batches(), forward, device, amp)
+    return {"val_loss": val_loss, "val_acc": (val_pred == val_targets).float().mean().item()}
+
+
 def run_stage(
     model: nn.Module,
     *,
@@ -115,8 +123,13 @@ def run_stage(
     stopper: EarlyStopping,
     history: list[EpochLog],
     on_train_start: Callable[[], None] = lambda: None,
+    averager: AveragedModel | None = None,
 ) -> bool:
-    """Train `params` for up to `epochs`; returns True when early stopping ended the stage."""
+    """Train `params` for up to `epochs`; returns True when early stopping ended the stage.
+
+    With an `averager`, the weights at the end of each of the last `cfg.average_last` epochs are
+    folded into its running average (see `keep_weight_average`).
+    """
     if epochs == 0:
         return False
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -149,8 +162,8 @@ def run_stage(
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        val_loss, val_pred = evaluate(model, val_batches(), forward, device, cfg.amp)
-        val_acc = (val_pred == val_targets).float().mean().item()
+        val = val_metrics(model, val_batches, val_targets, forward, device, cfg.amp)
+        val_loss, val_acc = val["val_loss"], val["val_acc"]
         log = EpochLog(stage, epoch, optimizer.param_groups[0]["lr"], loss_sum / seen, correct / seen,
                        val_loss, val_acc, time.perf_counter() - start)  # fmt: skip
         history.append(log)
@@ -158,10 +171,42 @@ def run_stage(
             f"[{stage} {epoch}/{epochs}] train loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.0f}s"
         )
-        if stopper.update({"val_loss": val_loss, "val_acc": val_acc}, model, (stage, epoch)):
+        if averager is not None and epoch > epochs - cfg.average_last:
+            averager.update_parameters(model)
+        if stopper.update(val, model, (stage, epoch)):
             tqdm.write(f"early stopping: no {stopper.monitor} gain for {cfg.patience} epoch(s)")
             return True
     return False
+
+
+def weight_averager(model: nn.Module, cfg: TrainCommon) -> AveragedModel | None:
+    """An equal-weight running average of the model (SWA-style), or None when `--average-last` < 2."""
+    # use_buffers: BatchNorm statistics are averaged too, so no extra pass over the data is needed.
+    return AveragedModel(model, use_buffers=True) if cfg.average_last >= 2 else None
+
+
+def keep_weight_average(
+    averager: AveragedModel | None, model: nn.Module, stopper: EarlyStopping, *, cfg: TrainCommon,
+    val_batches: Callable[[], Iterable], val_targets: torch.Tensor, forward: Forward, device: torch.device, **_: object,
+) -> dict | None:  # fmt: skip
+    """Offer the averaged weights to the stopper like one more epoch: kept only if they beat every epoch.
+
+    The average is loaded into `model` itself (the forward closures call `model`); `stopper.restore`
+    then leaves either the average or the best single epoch in place.
+    """
+    if averager is None or int(averager.n_averaged) < 2:
+        return None
+    model.load_state_dict(averager.module.state_dict())
+    metrics = val_metrics(model, val_batches, val_targets, forward, device, cfg.amp)
+    where = ("average", int(averager.n_averaged))
+    stopper.update(metrics, model, where)
+    kept = stopper.best_epoch == where
+    stopper.weight_average = {"epochs": where[1], **metrics, "kept": kept}
+    tqdm.write(
+        f"[weight average of the last {where[1]} epochs] val loss {metrics['val_loss']:.4f} "
+        f"acc {metrics['val_acc']:.3f} | {'kept' if kept else 'not kept: a single epoch was better'}"
+    )
+    return stopper.weight_average
 
 
 def history_rows(history: list[EpochLog]) -> list[dict]:

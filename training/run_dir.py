@@ -31,6 +31,7 @@ def training_summary(history: list[EpochLog], stopper: EarlyStopping, stopped_ea
         "best_value": stopper.best_value,
         "best_epoch": list(stopper.best_epoch) if stopper.best_epoch else None,
         "stopped_early": stopped_early,
+        "weight_average": stopper.weight_average,
         "seconds": round(sum(h.seconds for h in history), 1),
     }
 

@@ -15,7 +15,7 @@ from servable.config import TextTrainConfig
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
 from training import onnx_tools
 from training.data_text import TextSplits, load_bundled, load_user_file
-from training.loop import EarlyStopping, EpochLog, run_stage
+from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
@@ -100,8 +100,11 @@ def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
     freeze_encoder(model, False, keep_embeddings=cfg.freeze_embeddings, keep_layers=cfg.freeze_layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not stopped:
+        averager = weight_averager(model, cfg)
         stopped = run_stage(model, stage="finetune", params=trainable, epochs=cfg.epochs_finetune,
-                            lr=cfg.lr_finetune, stopper=stopper, history=history, **common)  # fmt: skip
+                            lr=cfg.lr_finetune, stopper=stopper, history=history, averager=averager,
+                            **common)  # fmt: skip
+        keep_weight_average(averager, model, stopper, **common)
     stopper.restore(model)
     return tokenizer, model.cpu().eval(), history, stopper, stopped, source
 
