@@ -53,14 +53,16 @@ def rejected(front: ServedModel, err: ClientError) -> JSONResponse:
 
 # A dropped connection to the model worker is retried: inference is a pure function of its input,
 # and BentoML 1.4's dependency client closes its pooled session every 100 calls while other calls
-# are still in flight on it (they fail with ServerDisconnectedError / ClientOSError, or with
-# aiohttp's RuntimeError "Session is closed" when the call starts on the session being closed).
+# are still in flight on it (they fail with ServerDisconnectedError / ClientOSError, or with one
+# of aiohttp's RuntimeErrors: "Session is closed" when the call starts on the session being closed,
+# "Connection closed." when its connection is closed while the answer's body is being read).
 MODEL_CALL_ATTEMPTS = 3
+DROPPED_RUNTIME_ERRORS = ("session is closed", "connection closed")
 
 
 def _dropped(exc: Exception) -> bool:
     return isinstance(exc, aiohttp.ClientConnectionError) or (
-        isinstance(exc, RuntimeError) and "session is closed" in str(exc).lower()
+        isinstance(exc, RuntimeError) and str(exc).lower().startswith(DROPPED_RUNTIME_ERRORS)
     )
 
 

@@ -298,3 +298,33 @@ def test_sustained_concurrency_never_fails_a_call(text_server, text_run):
         codes = list(ex.map(call, range(320)))
     failed = [line for line in text_server.log().splitlines() if "model call failed" in line]
     assert codes.count(200) == len(codes), ({c: codes.count(c) for c in set(codes)}, failed[-5:])
+
+
+def test_dropped_model_connections_are_retried_other_errors_are_not():
+    """The errors real aiohttp raises when BentoML closes its session under a call count as dropped."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.streams import StreamReader
+
+    from serving.frontend import _dropped
+
+    async def raised() -> list[Exception]:
+        errors = []
+        session = aiohttp.ClientSession()
+        await session.close()
+        reader = StreamReader(ResponseHandler(asyncio.get_running_loop()), 2**16, loop=asyncio.get_running_loop())
+        for call in (lambda: session.post("http://127.0.0.1:9/"), reader.read):  # closed session, closed connection
+            try:
+                await call()
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
+    closed_session, closed_connection = asyncio.run(raised())
+    assert str(closed_session) == "Session is closed" and str(closed_connection) == "Connection closed."
+    for exc in (closed_session, closed_connection, aiohttp.ServerDisconnectedError(), aiohttp.ClientOSError()):
+        assert _dropped(exc), exc
+    for exc in (RuntimeError("model output has the wrong shape"), ValueError("bad"), TimeoutError()):
+        assert not _dropped(exc), exc
