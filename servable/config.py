@@ -151,6 +151,12 @@ class ServeCommon(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above: 413.")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight per replica; above: 429/503 at once.")
     timeout_s: float = Field(30.0, gt=0, description="Request timeout.")
+    model_call_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline of one attempt of the front's call to the model worker; a stuck attempt is "
+        "retried (inference is idempotent). Keep it above max_latency_ms plus a batch's run time.",
+    )
     workers: int = Field(1, ge=1, description="Model worker processes per replica.")
     warmup_batches: list[int] = Field([1, 8], description="Batch sizes run once at start-up before ready.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -67,14 +68,22 @@ def _dropped(exc: Exception) -> bool:
 
 
 async def call_model(front: ServedModel, make_call: Callable[[], Awaitable]) -> np.ndarray | JSONResponse:
-    """Call the model service; its overload or failure is a 503 for the caller, never a 500."""
+    """Call the model service; its overload or failure is a 503 for the caller, never a 500.
+
+    Each attempt has its own deadline (`model_call_timeout_s`): under load about 1 call in 1,000
+    never got an answer across BentoML's session recycling and sat until the request timeout (a
+    504). A stuck attempt is abandoned and retried instead, like a dropped one.
+    """
     start = time.perf_counter()
     for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
         try:
-            out = await make_call()
+            out = await asyncio.wait_for(make_call(), front.settings.model_call_timeout_s)
             break
         except Exception as exc:
-            if _dropped(exc) and attempt < MODEL_CALL_ATTEMPTS:
+            if (_dropped(exc) or isinstance(exc, TimeoutError)) and attempt < MODEL_CALL_ATTEMPTS:
+                if isinstance(exc, TimeoutError):
+                    log.warning("model call attempt %d got no answer within %.1f s; retrying", attempt,
+                                front.settings.model_call_timeout_s)  # fmt: skip
                 metrics.MODEL_CALL_RETRIES.labels(model=front.name).inc()
                 continue
             log.warning("model call failed (attempt %d): %s", attempt, type(exc).__name__)

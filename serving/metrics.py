@@ -21,7 +21,7 @@ MODEL_CALL_SECONDS = bentoml.metrics.Histogram(
 )  # fmt: skip
 MODEL_CALL_RETRIES = bentoml.metrics.Counter(
     name="servable_model_call_retries_total",
-    documentation="Model-service calls retried after a dropped connection (front -> model worker)",
+    documentation="Model-service calls retried after a dropped connection or a stuck attempt (front -> model worker)",
     labelnames=["model"],
 )  # fmt: skip
 MODEL_SECONDS = bentoml.metrics.Histogram(

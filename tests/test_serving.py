@@ -328,3 +328,33 @@ def test_dropped_model_connections_are_retried_other_errors_are_not():
         assert _dropped(exc), exc
     for exc in (RuntimeError("model output has the wrong shape"), ValueError("bad"), TimeoutError()):
         assert not _dropped(exc), exc
+
+
+@pytest.mark.parametrize("stuck_attempts", [1, 3])
+def test_stuck_model_call_is_abandoned_and_retried(stuck_attempts):
+    """An attempt with no answer is cut at model_call_timeout_s and retried; if every attempt is stuck the
+    caller gets a 503 JSON error well before the request timeout, not a hang."""
+    import asyncio
+    import itertools
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from serving.frontend import MODEL_CALL_ATTEMPTS, call_model
+
+    front = SimpleNamespace(name="stuck-test", settings=SimpleNamespace(model_call_timeout_s=0.2))
+    started: list[float] = []
+
+    async def model_call():
+        started.append(time.perf_counter())
+        if len(started) <= stuck_attempts:
+            await asyncio.Event().wait()  # an answer that never comes
+        return [[0.25, 0.75]]
+
+    out = asyncio.run(call_model(front, model_call))
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(started))
+    if stuck_attempts < MODEL_CALL_ATTEMPTS:
+        assert len(started) == stuck_attempts + 1 and np.allclose(out, [[0.25, 0.75]])
+    else:
+        assert len(started) == MODEL_CALL_ATTEMPTS and out.status_code == 503
+        assert json.loads(out.body)["reason"] == "model_unavailable" and out.headers["retry-after"] == "1"
