@@ -80,8 +80,9 @@ async def call_model(front: ServedModel, make_call: Callable[[], Awaitable]) -> 
             out = await asyncio.wait_for(make_call(), front.settings.model_call_timeout_s)
             break
         except Exception as exc:
-            if (_dropped(exc) or isinstance(exc, TimeoutError)) and attempt < MODEL_CALL_ATTEMPTS:
-                if isinstance(exc, TimeoutError):
+            stuck = isinstance(exc, TimeoutError)
+            if (stuck or _dropped(exc)) and attempt < MODEL_CALL_ATTEMPTS:
+                if stuck:
                     log.warning("model call attempt %d got no answer within %.1f s; retrying", attempt,
                                 front.settings.model_call_timeout_s)  # fmt: skip
                 metrics.MODEL_CALL_RETRIES.labels(model=front.name).inc()

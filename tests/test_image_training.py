@@ -104,9 +104,9 @@ def test_weight_average_is_kept_only_when_it_beats_every_epoch(first, second, ke
         averager.update_parameters(model)
         val = val_metrics(model, common["val_batches"], y, common["forward"], common["device"], amp=False)
         stopper.update(val, model, ("s", epoch))
-    info = keep_weight_average(averager, model, stopper, **common)
+    keep_weight_average(averager, model, stopper, **common)
     stopper.restore(model)
-    assert info["kept"] is kept and info["epochs"] == 2
+    assert stopper.weight_average["kept"] is kept and stopper.weight_average["epochs"] == 2
     expected = torch.zeros(2, 2) if kept else torch.diag(torch.tensor(first))
     assert torch.allclose(model.weight, expected) and (stopper.best_epoch == ("average", 2)) is kept
 

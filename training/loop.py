@@ -188,14 +188,15 @@ def weight_averager(model: nn.Module, cfg: TrainCommon) -> AveragedModel | None:
 def keep_weight_average(
     averager: AveragedModel | None, model: nn.Module, stopper: EarlyStopping, *, cfg: TrainCommon,
     val_batches: Callable[[], Iterable], val_targets: torch.Tensor, forward: Forward, device: torch.device, **_: object,
-) -> dict | None:  # fmt: skip
+) -> None:  # fmt: skip
     """Offer the averaged weights to the stopper like one more epoch: kept only if they beat every epoch.
 
     The average is loaded into `model` itself (the forward closures call `model`); `stopper.restore`
-    then leaves either the average or the best single epoch in place.
+    then leaves either the average or the best single epoch in place. The outcome is recorded in
+    `stopper.weight_average`.
     """
     if averager is None or int(averager.n_averaged) < 2:
-        return None
+        return
     model.load_state_dict(averager.module.state_dict())
     metrics = val_metrics(model, val_batches, val_targets, forward, device, cfg.amp)
     where = ("average", int(averager.n_averaged))
@@ -206,7 +207,6 @@ def keep_weight_average(
         f"[weight average of the last {where[1]} epochs] val loss {metrics['val_loss']:.4f} "
         f"acc {metrics['val_acc']:.3f} | {'kept' if kept else 'not kept: a single epoch was better'}"
     )
-    return stopper.weight_average
 
 
 def history_rows(history: list[EpochLog]) -> list[dict]:

@@ -33,9 +33,11 @@ def load_backbone(name: str | None, labels: list[str], dropout: float):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = str(bundled_backbone()) if name is None else name
-    if name is not None and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
-        raise DataError(f"backbone directory {name} does not exist")
-    if name is not None and not Path(name).exists():
+    if name is not None and name.startswith(("/", ".", "~")):  # a path, never a hub name
+        source = str(Path(name).expanduser())
+        if not Path(source).is_dir():
+            raise DataError(f"backbone directory {name} does not exist")
+    elif name is not None and not Path(name).exists():
         # A hub name works when it is in the local cache; nothing is downloaded unless HF_HUB_OFFLINE=0.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
