@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import render
+from servable.config import SERVED_MODELS
 from serving import launch
 
-PREFIX = {"image": "SERVABLE_IMAGE_SERVE_", "text": "SERVABLE_TEXT_SERVE_"}
+PREFIX = {kind: e.env_prefix for kind, e in SERVED_MODELS.items()}
 MAKE_CERT = Path(__file__).resolve().parent / "tls" / "make_self_signed.sh"
 
 
@@ -199,8 +200,9 @@ class LocalStack:
         # All replicas start at once (on 2 cores they take most of the start-up time) ...
         for kind in ("image", "text"):
             p = PREFIX[kind]
-            env = {f"{p}MODEL_TAG": self.tags[kind], f"{p}INTRA_OP_THREADS": "1", "SERVABLE_AUTH_KEYS": "",
-                   "SERVABLE_AUTH_KEYS_FILE": str(keys_file), **self.extra_env}  # fmt: skip
+            # One HTTP worker per replica: the stack's 2+2 replicas already share this machine's cores.
+            env = {f"{p}MODEL_TAG": self.tags[kind], f"{p}INTRA_OP_THREADS": "1", f"{p}WORKERS": "1",
+                   "SERVABLE_AUTH_KEYS": "", "SERVABLE_AUTH_KEYS_FILE": str(keys_file), **self.extra_env}  # fmt: skip
             for i in range(self.n):
                 name = f"{kind}-{i + 1}"
                 # launch.start gives each replica its own BENTOML_HOME (metrics), sharing the model store.

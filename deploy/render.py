@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from servable.config import SERVED_MODELS
+
 DEPLOY = Path(__file__).resolve().parent
 NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
 DASHBOARD_JSON = DEPLOY / "grafana" / "dashboards" / "servable.json"
@@ -76,7 +78,7 @@ def nginx_values(image: list[str], text: list[str], listen_addr: str, listen_por
 # ---------------------------------------------------------------- Grafana dashboard
 
 FRONT = 'service_name=~".+_classifier"'
-INFER = 'endpoint=~"/classify|/sentiment"'
+INFER = f'endpoint=~"{"|".join(e.route for e in SERVED_MODELS.values())}"'
 
 # (title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
@@ -93,9 +95,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Batch size (items per model run)", "short", [
         ("sum by (job) (rate(servable_batch_size_sum[1m])) / sum by (job) (rate(servable_batch_size_count[1m]))",
          "mean {{job}}"),
+        # servable_batch_size covers both topologies; BentoML's adaptive_batch_size exists only in split.
         ("histogram_quantile(0.95, sum by (job, le) (rate(servable_batch_size_bucket[1m])))", "p95 {{job}}"),
-        ("sum by (job) (rate(bentoml_service_adaptive_batch_size_sum[1m])) "
-         "/ sum by (job) (rate(bentoml_service_adaptive_batch_size_count[1m]))", "BentoML batch {{job}}"),
     ]),
     ("Model time vs queue time (mean per request)", "s", [
         ("servable:model_seconds:mean1m", "model (ONNX Runtime) {{job}}"),

@@ -1,8 +1,8 @@
 """The peer a user would otherwise write: FastAPI + the PyTorch model, eager, one request at a time.
 
-Same request and answer format as the served endpoints (JSON `image`/`text`), the same
-pre-processing (from the artifact's manifest), the model in eval mode under inference_mode,
-and a lock so requests run one at a time. Run by the benchmark:
+Same request and answer formats as the served endpoints (JSON `image`/`text`, a multipart field
+`image` or a raw `image/*` body), the same pre-processing (from the artifact's manifest), the model
+in eval mode under inference_mode, and a lock so requests run one at a time. Run by the benchmark:
 
     PEER_MODEL_TAG=fashion-cnn:latest uvicorn loadtest.eager_peer:app --host 127.0.0.1 --port 3100
 """
@@ -10,14 +10,17 @@ and a lock so requests run one at a time. Run by the benchmark:
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from servable import artifact
 from servable.preprocessing import preprocess_image
@@ -62,9 +65,25 @@ def readyz() -> dict:
     return {"ready": True}
 
 
+async def image_bytes(request: Request) -> bytes:
+    """The uploaded image, whichever of the three formats it came in (as in loadtest/ort_peer.py)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        upload = (await request.form()).get("image")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, "send the image in the multipart field 'image'")
+        return await upload.read()
+    if ctype.startswith("image/"):
+        return await request.body()
+    try:
+        return base64.b64decode((await request.json())["image"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise HTTPException(400, "send JSON {'image': base64}, a multipart field 'image' or an image/* body") from exc
+
+
 @app.post("/classify")
-def classify(body: dict) -> dict:
-    x = preprocess_image(base64.b64decode(body["image"]), MANIFEST.image_preprocessing)
+def classify(blob: Annotated[bytes, Depends(image_bytes)]) -> dict:
+    x = preprocess_image(blob, MANIFEST.image_preprocessing)
     with LOCK, torch.inference_mode():
         probs = torch.softmax(MODEL(torch.from_numpy(x[None])), dim=1).numpy()
     return _answer(probs)

@@ -7,6 +7,9 @@ training commands, by a CLI flag of the same name in kebab-case (pydantic-settin
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -125,46 +128,109 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
 
 
+def cpu_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU set, capped by a cgroup CPU quota (a container's
+    `cpus:` / Kubernetes CPU limit), so a 2-CPU pod on a 64-core node starts 2 workers, not 64."""
+    cores = len(os.sched_getaffinity(0))
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 class ServeCommon(BaseSettings):
     """Settings of one served model (both services share these fields, each with its own prefix)."""
 
     model_tag: str = Field(description="BentoML model-store tag, e.g. fashion-cnn:latest or name:version.")
-    variant: Literal["fp32", "int8", "optimized"] = Field("fp32", description="Which ONNX file of the artifact.")
+    variant: Literal["auto", "fp32", "int8", "optimized"] = Field(
+        "auto",
+        description="Which ONNX file of the artifact. auto: int8 on CPU when the artifact's recorded int8 test "
+        "accuracy is within auto_int8_max_drop of fp32, else fp32; fp32 on a GPU.",
+    )
+    auto_int8_max_drop: float = Field(
+        0.005, ge=0, le=1, description="variant=auto: largest int8 accuracy loss (absolute) that still serves int8."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA provider when it loads.")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = its default.")
+    topology: Literal["auto", "inprocess", "split"] = Field(
+        "auto",
+        description="inprocess: each HTTP worker owns an ONNX Runtime session and an adaptive batcher (no hop). "
+        "split: one batching model process (per GPU) fed by the HTTP workers over BentoML's dependency call. "
+        "auto: split where a GPU will run the model, else inprocess.",
+    )
+    workers: int = Field(0, ge=0, description="HTTP worker processes per replica; 0 = one per CPU core.")
+    model_workers: int = Field(1, ge=1, description="split topology: model processes per replica (one per GPU).")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per session; 0 = auto: 1 for in-process CPU workers (one "
+        "worker per core, measured in docs/benchmark.md), ONNX Runtime's default otherwise.",
+    )
+    intra_op_spinning: bool = Field(
+        False, description="Let ONNX Runtime's idle intra-op threads busy-wait (takes CPU from the HTTP workers)."
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level."
     )
     batching: bool | Literal["auto"] = Field(
         "auto",
-        description="Adaptive batching of the model call (BentoML batchable): true, false, or auto = on with a "
-        "GPU, else the model's measured CPU default (cpu_batching).",
+        description="Adaptive batching of the model call: true, false, or auto = on with a GPU, else the model's "
+        "measured CPU default (cpu_batching).",
     )
-    # On for both models: on a quiet 2-core machine batching raised served throughput at saturation
-    # (image 1.33x, text 1.10x) and cut text's p99 at 70 % load tenfold (docs/benchmark.md).
     cpu_batching: bool = Field(True, description="What batching=auto means on CPU (set per model from the benchmark).")
-    max_batch_size: int = Field(32, ge=2, description="Largest batch the model runs.")
+    max_batch_size: int = Field(32, ge=1, description="Largest batch the model runs (items).")
     max_latency_ms: int = Field(
-        2000, ge=10, description="Queue-wait bound of the batcher; past it a call is refused (503)."
+        2000, ge=10, description="Queue-wait bound of the batcher; a call that waited longer is refused (503)."
     )
     max_items: int = Field(16, ge=1, description="Most items (images or texts) in one request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above: 413.")
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight per replica; above: 429/503 at once.")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight per worker; above: 429 at once.")
     timeout_s: float = Field(30.0, gt=0, description="Request timeout.")
     model_call_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="Deadline of one attempt of the front's call to the model worker; a stuck attempt is "
-        "retried (inference is idempotent). Keep it above max_latency_ms plus a batch's run time.",
+        description="split topology: deadline of one attempt of the call to the model process; a stuck attempt "
+        "is retried (inference is idempotent). Keep it above max_latency_ms plus a batch's run time.",
     )
-    workers: int = Field(1, ge=1, description="Model worker processes per replica.")
+    runner_max_requests: int = Field(
+        1_000_000_000,
+        ge=1,
+        description="split topology: calls before BentoML recycles its client session to the model process "
+        "(its default of 100 drops calls in flight).",
+    )
+    runner_max_age_s: float = Field(
+        1e9, gt=0, description="split topology: seconds before BentoML recycles that client session."
+    )
+    tracing: bool = Field(
+        False, description="OpenTelemetry spans on the inference routes (off: they skip the tracing middleware)."
+    )
     warmup_batches: list[int] = Field([1, 8], description="Batch sizes run once at start-up before ready.")
+
+    def on_gpu(self) -> bool:
+        """The model is meant for a GPU: device cuda, or auto with an NVIDIA device present."""
+        return self.device == "cuda" or (self.device == "auto" and gpu_present())
 
     def batching_enabled(self) -> bool:
         """`batching` resolved: auto means on where a GPU will run the model, else `cpu_batching`."""
         if self.batching != "auto":
             return self.batching
-        return (self.device != "cpu" and gpu_present()) or self.cpu_batching
+        return self.on_gpu() or self.cpu_batching
+
+    def resolved_topology(self) -> Literal["inprocess", "split"]:
+        if self.topology != "auto":
+            return self.topology
+        return "split" if self.on_gpu() else "inprocess"
+
+    def http_workers(self) -> int:
+        return self.workers or cpu_cores()
+
+    def resolved_intra_op_threads(self) -> int:
+        """0 leaves ONNX Runtime's default (one thread per core)."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return 1 if self.resolved_topology() == "inprocess" and not self.on_gpu() else 0
 
 
 class ImageServeSettings(ServeCommon):
@@ -229,3 +295,37 @@ class FeedbackSettings(BaseSettings):
     )
     retention_days: float = Field(30.0, gt=0, description="Queued items older than this are deleted.")
     max_items: int = Field(10_000, ge=1, description="Most queued items per model; when full, new ones are dropped.")
+
+
+# ---------------------------------------------------------------- the served models: one list
+
+
+@dataclass(frozen=True)
+class ServedModelEntry:
+    """One served model. The launcher, the API reference, the local stack's replicas and routes,
+    and the dashboard's route filter are derived from SERVED_MODELS; a test checks that the compose,
+    Kubernetes, nginx and Prometheus files cover every entry."""
+
+    kind: str  # short name: CLI choices, replica names, nginx path prefix (/<kind>/)
+    service: str  # `bentoml serve` target
+    settings: type[ServeCommon]
+    route: str  # the REST predict route
+    port: int  # `make serve` port
+    docs_name: str  # docs/api/<docs_name>.openapi.json
+
+    @property
+    def env_prefix(self) -> str:
+        return self.settings.model_config["env_prefix"]
+
+
+SERVED_MODELS: dict[str, ServedModelEntry] = {
+    e.kind: e
+    for e in (
+        ServedModelEntry(
+            "image", "serving.image_service:ImageClassifier", ImageServeSettings, "/classify", 3000, "image"
+        ),
+        ServedModelEntry(
+            "text", "serving.text_service:SentimentClassifier", TextServeSettings, "/sentiment", 3001, "sentiment"
+        ),
+    )
+}

@@ -47,7 +47,7 @@ class AccessLogMiddleware:
     """Outermost middleware: assigns/propagates X-Request-ID and logs the outcome of each call."""
 
     def __init__(self, app, service: str, on_finish=None) -> None:
-        # on_finish(service, scope, status, start): the audit hook (serving/audit.py::record)
+        # on_finish(service, scope, status, start, fields): the audit hook (serving/audit.py::record)
         self.app, self.service, self.on_finish = app, service, on_finish
 
     async def __call__(self, scope, receive, send) -> None:
@@ -70,11 +70,13 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if scope["path"] not in ("/livez", "/readyz", "/healthz", "/metrics"):
-                log.info("request", extra={"fields": {
+                fields = {
                     "service": self.service, "request_id": request_id, "method": scope["method"],
                     "path": scope["path"], "status": status,
                     "latency_ms": round(1000 * (time.perf_counter() - start), 2),
                     "key_name": scope["state"].get("key_name"),
-                }})  # fmt: skip
-                if self.on_finish is not None:
-                    self.on_finish(self.service, scope, status, start)
+                }  # fmt: skip
+                if self.on_finish is not None:  # the audit record carries these fields: one line per request
+                    self.on_finish(self.service, scope, status, start, fields)
+                else:
+                    log.info("request", extra={"fields": fields})

@@ -20,13 +20,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SERVICES = {
-    "image": "serving.image_service:ImageClassifier",
-    "text": "serving.text_service:SentimentClassifier",
-}
+from servable.config import SERVED_MODELS
 
-
-DEFAULT_PORTS = {"image": 3000, "text": 3001}
+SERVICES = {kind: e.service for kind, e in SERVED_MODELS.items()}
+DEFAULT_PORTS = {kind: e.port for kind, e in SERVED_MODELS.items()}
 
 
 def free_port() -> int:
@@ -226,7 +223,8 @@ def serve_forever() -> int:
     try:
         for kind, port in DEFAULT_PORTS.items():
             servers.append(start_ready(SERVICES[kind], port=port))
-        print(f"image: {servers[0].url}/docs  sentiment: {servers[1].url}/docs  (Ctrl-C stops both)", flush=True)
+        docs = "  ".join(f"{kind}: {s.url}/docs" for kind, s in zip(DEFAULT_PORTS, servers, strict=True))
+        print(f"{docs}  (Ctrl-C stops them)", flush=True)
         while all(s.proc.poll() is None for s in servers):
             time.sleep(1)
     except KeyboardInterrupt:

@@ -20,6 +20,20 @@ from serving.onnx_runtime import create_session
 log = logging.getLogger("servable.loading")
 
 
+def resolve_variant(settings: ServeCommon, manifest: artifact.ModelManifest) -> str:
+    """variant=auto: int8 on CPU when its recorded test accuracy is within `auto_int8_max_drop` of fp32."""
+    if settings.variant != "auto":
+        return settings.variant
+    if settings.on_gpu() or "int8" not in manifest.onnx:
+        return "fp32"
+    test = manifest.metrics.get("test", {})
+    try:
+        drop = test["fp32"]["accuracy"] - test["int8"]["accuracy"]
+    except (KeyError, TypeError):
+        return "fp32"  # no recorded accuracy: never trade it blind
+    return "int8" if drop <= settings.auto_int8_max_drop else "fp32"
+
+
 class ServedModel:
     """The artifact (manifest + files), and for model workers the ONNX Runtime session."""
 
@@ -28,15 +42,17 @@ class ServedModel:
         self.art: artifact.Artifact | None = None
         self.session = None
         self.provider = "none"
+        self.variant = settings.variant
         self.error: str | None = None
         try:
             self.art = artifact.load(settings.model_tag)
             if self.art.manifest.task != task:
                 raise artifact.ArtifactError(f"{self.art.tag} is a {self.art.manifest.task} model, not {task}")
-            self.art.onnx_path(settings.variant)  # the configured variant must exist
+            self.variant = resolve_variant(settings, self.art.manifest)
+            self.art.onnx_path(self.variant)  # the configured variant must exist
             if with_session:
-                self.session, self.provider = create_session(self.art.onnx_path(settings.variant), settings)
-            log.info("model %s (%s) verified and loaded", self.art.tag, settings.variant)
+                self.session, self.provider = create_session(self.art.onnx_path(self.variant), settings)
+            log.info("model %s (%s) verified and loaded", self.art.tag, self.variant)
         except Exception as exc:  # any load failure keeps the replica un-ready, with the reason
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("model %s NOT loaded, replica stays un-ready: %s", settings.model_tag, self.error)
@@ -65,7 +81,7 @@ class ServedModel:
                 if not np.isfinite(out).all():
                     raise RuntimeError("warm-up produced non-finite outputs")
                 log.info("warm-up batch %d: %.1f ms", n, 1000 * (time.perf_counter() - start))
-            metrics.MODEL_INFO.labels(model=self.name, tag=self.art.tag, variant=self.settings.variant,
+            metrics.MODEL_INFO.labels(model=self.name, tag=self.art.tag, variant=self.variant,
                                       provider=self.provider).set(1)  # fmt: skip
         except Exception as exc:
             self.error = f"warm-up failed: {type(exc).__name__}: {exc}"
@@ -81,10 +97,11 @@ class ServedModel:
         m = self.manifest
         return {
             "ready": True, "model_tag": self.art.tag, "name": m.name, "version": m.version, "task": m.task,
-            "labels": m.labels, "variant": self.settings.variant,
-            "quantized": self.settings.variant == "int8", "variants_available": sorted(m.onnx),
+            "labels": m.labels, "variant": self.variant, "variant_setting": self.settings.variant,
+            "quantized": self.variant == "int8", "variants_available": sorted(m.onnx),
             "preprocessing": (m.image_preprocessing or m.text_preprocessing).model_dump(),
             "batching": {"enabled": self.settings.batching_enabled(), "max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms},
+            "topology": self.settings.resolved_topology(), "workers": self.settings.http_workers(),
             "test_accuracy": {k: v["accuracy"] for k, v in m.metrics["test"].items()},
         }  # fmt: skip

@@ -34,8 +34,11 @@ def create_session(path, settings: ServeCommon) -> tuple[ort.InferenceSession, s
     """Build the session and report the provider actually in use (CUDA can fall back silently)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _LEVELS[settings.graph_optimization]
-    if settings.intra_op_threads:
-        opts.intra_op_num_threads = settings.intra_op_threads
+    if threads := settings.resolved_intra_op_threads():
+        opts.intra_op_num_threads = threads
+    # Idle intra-op threads spin by default; on a box where HTTP workers share the cores, that is
+    # CPU taken from them after every run (docs/benchmark.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
     opts.log_severity_level = 3  # the CUDA fallback error is reported below, once, in plain words
     session = ort.InferenceSession(str(path), opts, providers=requested_providers(settings.device))
     in_use = session.get_providers()[0]

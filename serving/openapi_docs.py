@@ -11,8 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from servable.config import SERVED_MODELS
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-SERVICES = {"image": "serving.image_service:ImageClassifier", "sentiment": "serving.text_service:SentimentClassifier"}
+SERVICES = {e.docs_name: e.service for e in SERVED_MODELS.values()}
 
 
 def spec(target: str) -> dict:

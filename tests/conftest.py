@@ -56,7 +56,7 @@ def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None)
 
     prefix = "SERVABLE_IMAGE_SERVE_" if kind == "image" else "SERVABLE_TEXT_SERVE_"
     env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}", f"{prefix}MAX_ITEMS": "8",
-           f"{prefix}MAX_LATENCY_MS": "5000", **(extra_env or {})}  # fmt: skip
+           f"{prefix}MAX_LATENCY_MS": "5000", f"{prefix}VARIANT": "fp32", **(extra_env or {})}  # fmt: skip
     log = tmp_path_factory.mktemp(f"{kind}-server") / "server.log"
     return launch.start_ready(launch.SERVICES[kind], env, log_path=log)
 

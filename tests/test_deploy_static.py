@@ -341,3 +341,24 @@ def test_k8s_manifests(k8s):
     for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
         (metric,) = hpa["spec"]["metrics"]
         assert metric["type"] == ("Pods" if variant == "gpu" else "Resource")
+
+
+def test_every_served_model_is_wired_into_every_deployment_file():
+    """SERVED_MODELS is the one list: each model has its compose service, Kubernetes manifest, nginx
+    upstream and route, Prometheus job and entrypoint target (launcher, API docs, local stack and the
+    dashboard's route filter are derived from it in code)."""
+    from servable.config import SERVED_MODELS
+
+    deploy = ROOT / "deploy"
+    compose = (deploy / "compose.yaml").read_text()
+    nginx = (deploy / "nginx" / "servable.conf.template").read_text()
+    prometheus = (deploy / "prometheus" / "prometheus.yml").read_text()
+    entrypoint = (deploy / "docker" / "entrypoint.sh").read_text()
+    kustomization = (deploy / "k8s" / "base" / "kustomization.yaml").read_text()
+    for kind, entry in SERVED_MODELS.items():
+        assert f"SERVABLE_SERVICE: {kind}" in compose, kind
+        assert f"{kind}.yaml" in kustomization and (deploy / "k8s" / "base" / f"{kind}.yaml").exists(), kind
+        assert f"upstream servable_{kind}" in nginx and f"location = {entry.route} " in nginx, kind
+        assert f"location /{kind}/" in nginx, kind
+        assert f"job_name: servable-{kind}" in prometheus and f"targets/{kind}*.json" in prometheus, kind
+        assert entry.service in entrypoint, kind

@@ -311,7 +311,7 @@ def test_dropped_model_connections_are_retried_other_errors_are_not():
     from aiohttp.client_proto import ResponseHandler
     from aiohttp.streams import StreamReader
 
-    from serving.frontend import _dropped
+    from serving.model_call import dropped
 
     async def raised() -> list[Exception]:
         errors = []
@@ -328,24 +328,21 @@ def test_dropped_model_connections_are_retried_other_errors_are_not():
     closed_session, closed_connection = asyncio.run(raised())
     assert str(closed_session) == "Session is closed" and str(closed_connection) == "Connection closed."
     for exc in (closed_session, closed_connection, aiohttp.ServerDisconnectedError(), aiohttp.ClientOSError()):
-        assert _dropped(exc), exc
+        assert dropped(exc), exc
     for exc in (RuntimeError("model output has the wrong shape"), ValueError("bad"), TimeoutError()):
-        assert not _dropped(exc), exc
+        assert not dropped(exc), exc
 
 
 @pytest.mark.parametrize("stuck_attempts", [1, 3])
 def test_stuck_model_call_is_abandoned_and_retried(stuck_attempts):
-    """An attempt with no answer is cut at model_call_timeout_s and retried; if every attempt is stuck the
-    caller gets a 503 JSON error well before the request timeout, not a hang."""
+    """split topology: an attempt with no answer is cut at model_call_timeout_s and retried; if every
+    attempt is stuck the call fails (a 503 for the caller) well before the request timeout, not a hang."""
     import asyncio
     import itertools
-    import json
     import time
-    from types import SimpleNamespace
 
-    from serving.frontend import MODEL_CALL_ATTEMPTS, call_model
+    from serving.model_call import MODEL_CALL_ATTEMPTS, ModelUnavailable, call_model
 
-    front = SimpleNamespace(name="stuck-test", settings=SimpleNamespace(model_call_timeout_s=0.2))
     started: list[float] = []
 
     async def model_call():
@@ -354,10 +351,123 @@ def test_stuck_model_call_is_abandoned_and_retried(stuck_attempts):
             await asyncio.Event().wait()  # an answer that never comes
         return [[0.25, 0.75]]
 
-    out = asyncio.run(call_model(front, model_call))
-    assert all(b - a >= 0.2 for a, b in itertools.pairwise(started))
     if stuck_attempts < MODEL_CALL_ATTEMPTS:
+        out = asyncio.run(call_model("stuck-test", 0.2, model_call))
         assert len(started) == stuck_attempts + 1 and np.allclose(out, [[0.25, 0.75]])
     else:
-        assert len(started) == MODEL_CALL_ATTEMPTS and out.status_code == 503
-        assert json.loads(out.body)["reason"] == "model_unavailable" and out.headers["retry-after"] == "1"
+        with pytest.raises(ModelUnavailable):
+            asyncio.run(call_model("stuck-test", 0.2, model_call))
+        assert len(started) == MODEL_CALL_ATTEMPTS
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(started))
+
+
+def test_raw_image_body_is_the_same_as_multipart(image_server, image_run):
+    blob = test_images(image_run, 1)[0]
+    expected = local_probs(image_run, [blob])[0]
+    headers = {**KEY, "content-type": "image/png"}
+    r = requests.post(image_server.url + "/classify?top_k=2", data=blob, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    pred = r.json()["predictions"][0]
+    assert len(pred["top_k"]) == 2 and pred["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
+    r = requests.post(image_server.url + "/classify", data=b"GIF89a not really", headers=headers, timeout=30)
+    assert r.status_code == 400 and r.json()["reason"]
+
+
+def test_a_hostile_request_never_fails_a_good_batch_mate(image_server, text_server, image_run, text_run):
+    """Good and malformed requests at the same time from many clients: every good one answers 200 with
+    the same answer as when sent alone; every bad one a 4xx; the batches kept forming."""
+    from tests.test_preprocessing import _bomb_png
+
+    good_img = test_images(image_run, 4)
+    alone_img = local_probs(image_run, good_img)
+    texts = [t for t, _ in text_run.splits.test[:4]]
+    prep = text_run.preprocessing
+    tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
+    sess = onnx_tools.cpu_session(text_run.staging / "model.onnx")
+    alone_txt = [softmax(sess.run(["logits"], encode_texts(tok, [t], prep))[0])[0] for t in texts]
+    img, txt = image_server.url + "/classify", text_server.url + "/sentiment"
+    bomb = _bomb_png(30000, 30000)
+    bad = [
+        lambda: requests.post(img, files={"image": ("x.png", good_img[0][: len(good_img[0]) // 2])}, headers=KEY),
+        lambda: requests.post(img, files={"image": ("x.png", bomb)}, headers=KEY),
+        lambda: requests.post(img, files={"picture": ("x.png", good_img[0])}, headers=KEY),
+        lambda: requests.post(txt, data=b'{"text": "ok \\ud800"}', headers={**KEY, "content-type": "application/json"}),
+        lambda: requests.post(txt, json={"texts": ["fine", 3]}, headers=KEY),
+    ]
+
+    def call(i: int):
+        kind = i % 3
+        if kind == 2:
+            return "bad", bad[(i // 3) % len(bad)]().status_code, None
+        if kind == 0:
+            k = (i // 3) % 4
+            r = requests.post(img, files={"image": ("x.png", good_img[k])}, headers=KEY, timeout=60)
+            return ("img", k), r.status_code, r.json()
+        k = (i // 3) % 4
+        r = requests.post(txt, json={"text": texts[k]}, headers=KEY, timeout=60)
+        return ("txt", k), r.status_code, r.json()
+
+    batches_before = _metric(image_server, "servable_batch_size_count")
+    with cf.ThreadPoolExecutor(24) as ex:
+        results = list(ex.map(call, range(240)))
+    for what, status, body in results:
+        if what == "bad":
+            assert 400 <= status < 500, status
+            continue
+        assert status == 200, body
+        p = body["predictions"][0]
+        if what[0] == "img":
+            assert p["probability"] == pytest.approx(float(alone_img[what[1]].max()), abs=1e-4)
+        else:
+            assert p["scores"]["positive"] == pytest.approx(float(alone_txt[what[1]][1]), abs=1e-4)
+    image_items = _metric(image_server, "servable_batch_size_count") - batches_before
+    assert 0 < image_items <= 80  # every good image ran (80 sent), some of them in shared batches or alone
+
+
+def test_variant_auto_serves_int8_on_cpu_only_within_the_accuracy_bound():
+    from types import SimpleNamespace
+
+    from servable.config import TextServeSettings
+    from serving.loading import resolve_variant
+
+    def manifest(fp32: float, int8: float | None):
+        test = {"fp32": {"accuracy": fp32}} | ({"int8": {"accuracy": int8}} if int8 is not None else {})
+        onnx = {"fp32": "model.onnx"} | ({"int8": "model.int8.onnx"} if int8 is not None else {})
+        return SimpleNamespace(onnx=onnx, metrics={"test": test})
+
+    cpu = TextServeSettings(device="cpu")
+    assert resolve_variant(cpu, manifest(0.85, 0.848)) == "int8"
+    assert resolve_variant(cpu, manifest(0.85, 0.86)) == "int8"
+    assert resolve_variant(cpu, manifest(0.85, 0.84)) == "fp32"  # a full point lost: not traded
+    assert resolve_variant(cpu, manifest(0.85, None)) == "fp32"
+    assert resolve_variant(TextServeSettings(device="cuda"), manifest(0.85, 0.85)) == "fp32"
+    assert resolve_variant(TextServeSettings(device="cpu", variant="fp32"), manifest(0.85, 0.85)) == "fp32"
+
+
+def test_split_topology_starts_and_answers_like_the_in_process_one(text_run, text_server, tmp_path_factory):
+    """The GPU layout (one batching model process fed by HTTP workers over BentoML's dependency call),
+    run on CPU: same answers, /info says which layout and variant, the model process is un-ready-aware."""
+    from tests.conftest import _serve
+
+    server = _serve("text", text_run.tag, tmp_path_factory, {"SERVABLE_TEXT_SERVE_TOPOLOGY": "split",
+                                                              "SERVABLE_TEXT_SERVE_VARIANT": "auto"})  # fmt: skip
+    try:
+        texts = [t for t, _ in text_run.splits.test[:6]]
+        split = requests.post(server.url + "/sentiment", json={"texts": texts}, headers=KEY, timeout=60)
+        info = requests.get(server.url + "/info", headers=KEY, timeout=30).json()
+        assert info["topology"] == "split" and info["provider"] == "CPUExecutionProvider"
+        test = text_run.metrics["test"]
+        expected = "int8" if test["fp32"]["accuracy"] - test["int8"]["accuracy"] <= 0.005 else "fp32"
+        assert info["variant"] == expected and split.json()["variant"] == expected
+        with cf.ThreadPoolExecutor(8) as ex:
+            codes = list(ex.map(lambda t: requests.post(server.url + "/sentiment", json={"text": t}, headers=KEY,
+                                                        timeout=60).status_code, texts * 20))  # fmt: skip
+        assert codes == [200] * len(codes)
+        assert _metric(server, "servable_model_call_seconds_count") > 0
+        local = requests.get(text_server.url + "/info", headers=KEY, timeout=30).json()
+        assert local["topology"] == "inprocess"
+        if expected == "fp32":
+            ref = requests.post(text_server.url + "/sentiment", json={"texts": texts}, headers=KEY, timeout=60)
+            assert split.json()["predictions"] == ref.json()["predictions"]
+    finally:
+        server.stop()

@@ -1,0 +1,172 @@
+"""Image classification: multipart files, a raw image/* body or base64 JSON -> top-k labels."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from servable.config import SERVED_MODELS, ImageServeSettings
+from servable.preprocessing import InvalidImage, preprocess_image
+from serving import metrics, schemas
+from serving.adapters.base import Parsed, TaskAdapter
+from serving.errors import ClientError
+from serving.onnx_runtime import softmax
+from serving.request_body import content_type, json_body
+
+B64 = {"type": "string", "description": "base64-encoded image (JPEG, PNG, ...)"}
+RAW_IMAGE = {"type": "string", "format": "binary", "description": "one image file as the whole body"}
+
+
+def _b64(item: str, i: int) -> bytes:
+    try:
+        return base64.b64decode(item.split(",", 1)[-1], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ClientError(400, "invalid_base64", f"image {i} is not valid base64") from exc
+
+
+class ImageAdapter(TaskAdapter):
+    kind = "image"
+    task = "image-classification"
+    service_name = "image_classifier"
+    model_service_name = "image_model"
+    summary = "Classify"
+    doc = (
+        "Classify one or more images (multipart files, a raw image/* body, or base64 strings in JSON); "
+        "top-k labels each."
+    )
+    v2_doc = "V2 infer: FP32 `pixels` [N,3,S,S] (pre-processed) or BYTES `image` [N] (base64 images)."
+    route = SERVED_MODELS["image"].route
+    title = "Servable image classifier"
+    description = (
+        "Top-k image classification (ONNX Runtime with adaptive batching). "
+        "Inference endpoints need an API key (x-api-key header or Bearer token)."
+    )
+    response_model = schemas.ClassifyResponse
+    wire_type = np.ndarray
+    settings: ImageServeSettings
+
+    def openapi_body(self) -> dict:
+        return schemas.json_body(
+        {"type": "object", "properties": {"image": B64, "images": {"type": "array", "items": B64, "minItems": 1},
+                                          "top_k": {"type": "integer", "minimum": 1}}},
+        ("multipart/form-data", {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "one or more image files (JPEG, PNG, ...)"},
+            "top_k": {"type": "integer", "minimum": 1}}}),
+            ("image/jpeg", RAW_IMAGE), ("image/png", RAW_IMAGE),
+        )  # fmt: skip
+
+    def v2_input_body(self) -> list[dict]:
+        return [{"name": "image", "datatype": "BYTES", "items": B64},
+                {"name": "pixels", "datatype": "FP32", "items": {"type": "number"}}]  # fmt: skip
+
+    def load(self, art) -> None:
+        super().load(art)
+        self.prep = art.manifest.image_preprocessing
+        self.size = self.prep.size
+
+    def _decode(self, blobs: list[bytes]) -> list[np.ndarray]:
+        if not blobs:
+            raise ClientError(400, "no_image", "send at least one image")
+        if len(blobs) > self.settings.max_items:
+            raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} images per request")
+        rows = []
+        for i, blob in enumerate(blobs):
+            try:
+                rows.append(preprocess_image(blob, self.prep, max_pixels=self.settings.max_pixels))
+            except InvalidImage as exc:
+                status = 413 if exc.reason == "too_many_pixels" else 400
+                raise ClientError(status, exc.reason, f"image {i}: {exc}") from exc
+        return rows
+
+    def _top_k(self, value: Any) -> int:
+        try:
+            top_k = int(value)
+        except (TypeError, ValueError) as exc:
+            raise ClientError(422, "invalid_field", "top_k must be an integer") from exc
+        if top_k < 1:
+            raise ClientError(422, "invalid_field", "top_k must be at least 1")
+        return min(top_k, len(self.labels))
+
+    async def parse(self, request: Request) -> Parsed:
+        ctype = content_type(request)
+        top_k: Any = request.query_params.get("top_k", self.settings.top_k)
+        if ctype.startswith("image/"):  # the cheapest upload: the file is the body
+            blobs = [await request.body()]
+        elif ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=self.settings.max_items + 1, max_fields=8)
+            except Exception as exc:
+                raise ClientError(400, "invalid_multipart", f"the multipart body could not be parsed: {exc}") from exc
+            files = [f for key in ("image", "images") for f in form.getlist(key) if isinstance(f, UploadFile)]
+            blobs = [await f.read() for f in files]
+            top_k = form.get("top_k", top_k)
+        else:
+            body = await json_body(request)
+            if not isinstance(body, dict):
+                raise ClientError(422, "invalid_field", "the JSON body must be an object with image or images")
+            items = body.get("images", [body["image"]] if "image" in body else [])
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise ClientError(422, "invalid_field", "images must be a list of base64 strings")
+            if len(items) > self.settings.max_items:
+                raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} images per request")
+            blobs = [_b64(item, i) for i, item in enumerate(items)]
+            top_k = body.get("top_k", top_k)
+        top_k = self._top_k(top_k)
+        return Parsed(self._decode(blobs), list(blobs), {"top_k": top_k})
+
+    def v2_io(self) -> tuple[list[dict], list[dict]]:
+        s = self.size
+        return ([{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, s, s]},
+                 {"name": "image", "datatype": "BYTES", "shape": [-1]}],
+                [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.labels)]},
+                 {"name": "label", "datatype": "BYTES", "shape": [-1]}])  # fmt: skip
+
+    def v2_datatypes(self) -> dict[str, str]:
+        return {"pixels": "FP32", "image": "BYTES"}
+
+    def parse_v2(self, name: str, shape: list[int], data: list) -> Parsed:
+        s = self.size
+        if name == "pixels":
+            if len(shape) != 4 or shape[1:] != [3, s, s]:
+                raise ClientError(422, "wrong_shape", f"pixels must have shape [N, 3, {s}, {s}], got {shape}")
+            if shape[0] > self.settings.max_items:
+                raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} images per request")
+            try:
+                pixels = np.asarray(data, dtype=np.float32).reshape(shape)
+            except (TypeError, ValueError) as exc:
+                raise ClientError(422, "wrong_datatype", "pixels must be numbers") from exc
+            if not np.isfinite(pixels).all():
+                raise ClientError(422, "non_finite", "pixels must be finite numbers")
+            return Parsed(list(pixels), [None] * len(pixels))  # pre-processed pixels are not a storable image
+        if len(shape) != 1 or not all(isinstance(x, str) for x in data):
+            raise ClientError(422, "wrong_shape", "image must be a [N] BYTES tensor of base64 strings")
+        blobs = [_b64(x, i) for i, x in enumerate(data)]
+        return Parsed(self._decode(blobs), list(blobs))
+
+    def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:
+        labels, top_k = self.labels, parsed.options.get("top_k", self.settings.top_k)
+        order = np.argsort(-probs, axis=1)[:, :top_k]
+        return [{"label": labels[row[0]], "probability": round(float(p[row[0]]), 6),
+                 "top_k": [{"label": labels[j], "probability": round(float(p[j]), 6)} for j in row]}
+                for row, p in zip(order, probs, strict=True)]  # fmt: skip
+
+    def to_wire(self, rows: list[np.ndarray]) -> np.ndarray:
+        return np.stack(rows)
+
+    def feedback_kwargs(self) -> dict:
+        return {"max_pixels": self.settings.max_pixels}
+
+    def run(self, session, rows) -> np.ndarray:
+        pixels = np.stack(rows).astype(np.float32, copy=False)
+        logits = session.run(["logits"], {self.prep.input_name: pixels})[0]
+        metrics.BATCH_SIZE.labels(model=self.manifest.name).observe(len(pixels))
+        return softmax(logits)
+
+    def warmup_rows(self, n: int) -> list[np.ndarray]:
+        return list(np.zeros((n, 3, self.size, self.size), np.float32))

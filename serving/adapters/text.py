@@ -1,0 +1,153 @@
+"""Sentiment: one text or several (JSON) -> label, probability and scores per text.
+
+The batch runs in length buckets, so a batch of short and long texts does not pay for padding
+everything to its longest member.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+import numpy as np
+from starlette.requests import Request
+
+from servable.config import SERVED_MODELS, TextServeSettings
+from servable.preprocessing import load_tokenizer, pad_encodings
+from serving import metrics, schemas
+from serving.adapters.base import Parsed, TaskAdapter
+from serving.errors import ClientError
+from serving.onnx_runtime import softmax
+from serving.request_body import json_body
+
+
+def text_schema(max_chars: int) -> dict:
+    return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": r"\S"}
+
+
+def length_buckets(lengths: list[int], max_waste: float) -> list[list[int]]:
+    """Group indices of similar length so that padding stays under `max_waste` of each group."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        candidate = [*current, i]
+        longest = lengths[i]  # sorted ascending: the newest is the longest
+        waste = 1 - sum(lengths[j] for j in candidate) / (longest * len(candidate))
+        if current and waste > max_waste:
+            buckets.append(current)
+            candidate = [i]
+        current = candidate
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class TextAdapter(TaskAdapter):
+    kind = "text"
+    task = "text-classification"
+    service_name = "sentiment_classifier"
+    model_service_name = "sentiment_model"
+    summary = "Sentiment"
+    doc = "Sentiment of one text (`text`) or several (`texts`): label, probability and scores each."
+    v2_doc = "V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings)."
+    route = SERVED_MODELS["text"].route
+    title = "Servable sentiment classifier"
+    description = (
+        "Sentiment of English texts (MiniLM BERT, ONNX Runtime with adaptive batching). "
+        "Inference endpoints need an API key (x-api-key header or Bearer token)."
+    )
+    response_model = schemas.SentimentResponse
+    wire_type = list[list[int]]
+    settings: TextServeSettings
+
+    def openapi_body(self) -> dict:
+        text = text_schema(self.settings.max_text_chars)
+        return schemas.json_body({"oneOf": [
+            {"type": "object", "required": ["text"], "properties": {"text": text}, "additionalProperties": False},
+            {"type": "object", "required": ["texts"], "additionalProperties": False, "properties": {
+                "texts": {"type": "array", "minItems": 1, "maxItems": self.settings.max_items, "items": text}}},
+        ]})  # fmt: skip
+
+    def v2_input_body(self) -> list[dict]:
+        return [{"name": "text", "datatype": "BYTES", "items": text_schema(self.settings.max_text_chars)}]
+
+    def load(self, art) -> None:
+        super().load(art)
+        self.prep = art.manifest.text_preprocessing
+        self.tokenizer = load_tokenizer(art.file(self.prep.tokenizer_file), self.prep)
+
+    def check_text(self, i: int, text: object) -> str:
+        if not isinstance(text, str):
+            raise ClientError(422, "invalid_field", f"text {i} must be a string")
+        if not text.strip():
+            raise ClientError(422, "empty_text", f"text {i} is empty")
+        limit = self.settings.max_text_chars
+        if len(text) > limit:
+            raise ClientError(413, "text_too_long", f"text {i} has {len(text)} characters; limit {limit}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")  # JSON can carry lone surrogates ("\ud800") that no tokenizer accepts
+            except UnicodeEncodeError as exc:
+                raise ClientError(422, "invalid_unicode", f"text {i} is not valid Unicode (lone surrogate)") from exc
+        if not text.isprintable() and any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
+            raise ClientError(422, "control_characters", f"text {i} contains control characters")
+        return text
+
+    def _tokenize(self, texts: list) -> Parsed:
+        if not texts:
+            raise ClientError(422, "no_text", "send text or a non-empty texts list")
+        if len(texts) > self.settings.max_items:
+            raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} texts per request")
+        checked = [self.check_text(i, t) for i, t in enumerate(texts)]
+        return Parsed([e.ids for e in self.tokenizer.encode_batch(checked)], checked)
+
+    async def parse(self, request: Request) -> Parsed:
+        body = await json_body(request)
+        if not isinstance(body, dict) or ("text" in body) == ("texts" in body):
+            raise ClientError(422, "invalid_field", "send an object with either text or texts")
+        texts = [body["text"]] if "text" in body else body["texts"]
+        if not isinstance(texts, list):
+            raise ClientError(422, "invalid_field", "texts must be a list of strings")
+        return self._tokenize(texts)
+
+    def v2_io(self) -> tuple[list[dict], list[dict]]:
+        return ([{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.labels)]},
+                 {"name": "label", "datatype": "BYTES", "shape": [-1]}])  # fmt: skip
+
+    def v2_datatypes(self) -> dict[str, str]:
+        return {"text": "BYTES"}
+
+    def parse_v2(self, name: str, shape: list[int], data: list) -> Parsed:
+        if len(shape) != 1:
+            raise ClientError(422, "wrong_shape", f"text must have shape [N], got {shape}")
+        return self._tokenize(data)
+
+    def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:
+        labels = self.labels
+        return [{"label": labels[int(p.argmax())], "probability": round(float(p.max()), 6),
+                 "scores": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)}}
+                for p in probs]  # fmt: skip
+
+    def info(self) -> dict:
+        return {"max_text_chars": self.settings.max_text_chars, "length_buckets": self.settings.length_buckets}
+
+    def _run_padded(self, session, ids: list[list[int]]) -> np.ndarray:
+        feeds = pad_encodings(ids, [[0] * len(x) for x in ids], self.prep)
+        logits = session.run(["logits"], feeds)[0]
+        name = self.manifest.name
+        metrics.BATCH_SIZE.labels(model=name).observe(len(ids))
+        metrics.PADDING_RATIO.labels(model=name).observe(float(1 - feeds["attention_mask"].mean()))
+        return softmax(logits)
+
+    def run(self, session, rows) -> np.ndarray:
+        ids = [list(x) for x in rows]
+        if not self.settings.length_buckets:
+            return self._run_padded(session, ids)
+        out = np.empty((len(ids), len(self.labels)), np.float32)
+        for bucket in length_buckets([len(x) for x in ids], self.settings.bucket_waste):
+            out[bucket] = self._run_padded(session, [ids[i] for i in bucket])
+        return out
+
+    def warmup_rows(self, n: int) -> list[list[int]]:
+        return [[1] * 16] * n  # any in-vocabulary ids

@@ -1,0 +1,297 @@
+"""The serving core: one BentoML service per model, built from a task adapter and its settings.
+
+Topologies (`topology` setting, auto by device):
+- inprocess (CPU default): each HTTP worker (one per core) verifies the artifact, owns an ONNX
+  Runtime session and an in-process adaptive batcher (serving/batcher.py). A request is read,
+  validated and pre-processed in the worker, its rows join the next batch, the answer is built
+  from its own output rows: no hop, no serialisation.
+- split (GPU default): the HTTP workers do the same per-request work and call one batching model
+  process per GPU through BentoML's dependency call (its own adaptive batching); the model
+  process owns the device.
+
+Validation and decoding happen per request, before any batch, so a bad request never reaches a
+batch; a batch that fails answers 503 to its own callers only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Request
+from starlette.formparsers import MultiPartParser
+from starlette.responses import JSONResponse
+
+from servable.config import AuthSettings, ServeCommon
+from serving import audit, metrics, schemas, v2
+from serving.access_log import AccessLogMiddleware, configure_json_logging
+from serving.adapters.base import Parsed, TaskAdapter
+from serving.auth import ApiKeyMiddleware
+from serving.batcher import Batcher, BatchFailed, QueueTimeout
+from serving.errors import ClientError, JsonRouterErrors, error_response
+from serving.feedback.hook import FeedbackHook
+from serving.http_guard import BodyLimitMiddleware
+from serving.loading import ServedModel
+from serving.model_call import ModelUnavailable, call_model
+from serving.request_body import json_body
+
+log = logging.getLogger("servable.service")
+
+ERRORS = (400, 401, 413, 415, 422, 429, 503, 504)
+V2_ERRORS = (400, 401, 404, 413, 415, 422, 429, 503, 504)
+PROBES = ("/readyz", "/livez", "/healthz", "/metrics")
+
+
+def service_config(settings: ServeCommon, routes: list[str]) -> dict:
+    """BentoML service options from the typed settings (BentoML's plain access log is replaced)."""
+    config: dict[str, Any] = {
+        "traffic": {"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency},
+        "logging": {"access": {"enabled": False}},
+    }
+    if not settings.tracing:  # OpenTelemetry's ASGI middleware skips these paths (regex search on the URL)
+        config["tracing"] = {"excluded_urls": [*routes, "/v2/", *PROBES]}
+    return config
+
+
+def install_middleware(service, settings: ServeCommon, name: str) -> None:
+    configure_json_logging()
+    audit.configure()
+    # Uploads stay in memory (never spooled to a temp file): the body limit bounds their size.
+    MultiPartParser.spool_max_size = settings.max_body_bytes + 1
+    service.add_asgi_middleware(AccessLogMiddleware, service=name, on_finish=audit.record)
+    service.add_asgi_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
+    service.add_asgi_middleware(JsonRouterErrors)
+
+
+def _timed(adapter: TaskAdapter, model: ServedModel):
+    def run(rows) -> np.ndarray:
+        start = time.perf_counter()
+        out = adapter.run(model.session, rows)
+        metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
+        return out
+
+    return run
+
+
+# ---------------------------------------------------------------- split topology: the model process
+
+
+def model_service(adapter_cls: type[TaskAdapter], settings: ServeCommon):
+    """The batching model process of the split topology (BentoML's adaptive batching)."""
+
+    class Model:
+        def __init__(self) -> None:
+            self.adapter = adapter_cls(settings)
+            self.model = ServedModel(settings, adapter_cls.task, with_session=True)
+            if self.model.ready:
+                self.adapter.load(self.model.art)
+                self.run = _timed(self.adapter, self.model)
+                self.model.warm_up(self.adapter.warmup_rows, self.run)
+
+        def __is_ready__(self) -> bool:
+            return self.model.ready
+
+        @bentoml.api
+        def runtime(self) -> dict:
+            """The execution provider this process really uses (CUDA can fall back to CPU)."""
+            return self.model.runtime()
+
+    def predict(self, rows):
+        if not self.model.ready:
+            raise bentoml.exceptions.ServiceUnavailable(f"model not ready: {self.model.error}")
+        return self.run(rows)
+
+    predict.__annotations__ = {"rows": adapter_cls.wire_type, "return": np.ndarray}
+    batch = {"batchable": True, "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
+    Model.predict = bentoml.api(**(batch if settings.batching_enabled() else {}))(predict)
+    Model.__name__ = Model.__qualname__ = f"{adapter_cls.kind.capitalize()}Model"
+    # One process per GPU, each pinned to its device; on CPU, model_workers processes.
+    n = settings.model_workers
+    workers: Any = [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(n)] if settings.on_gpu() and n > 1 else n
+    config = service_config(settings, [])
+    config["runner_connection"] = {"max_requests": settings.runner_max_requests,
+                                   "max_age": float(settings.runner_max_age_s)}  # fmt: skip
+    return bentoml.service(name=adapter_cls.model_service_name, workers=workers, **config)(Model)
+
+
+# ---------------------------------------------------------------- the public service
+
+
+class _Replica:
+    """What one HTTP worker holds: the artifact, the adapter, and the in-process model or the client."""
+
+    def __init__(self, adapter_cls: type[TaskAdapter], settings: ServeCommon, model_client=None) -> None:
+        self.settings, self.client = settings, model_client
+        self.adapter = adapter_cls(settings)
+        self.front = ServedModel(settings, adapter_cls.task, with_session=model_client is None)
+        self.batcher: Batcher | None = None
+        if self.front.ready:
+            self.adapter.load(self.front.art)
+            self.feedback = FeedbackHook(self.front.name, self.adapter.labels, adapter_cls.kind,
+                                         **self.adapter.feedback_kwargs())  # fmt: skip
+            if model_client is None:
+                run = _timed(self.adapter, self.front)
+                self.front.warm_up(self.adapter.warmup_rows, run)
+                size = settings.max_batch_size if settings.batching_enabled() else 1
+                self.batcher = Batcher(run, size, settings.max_latency_ms / 1000)
+        audit.set_model_tag(adapter_cls.service_name, self.front.art.tag if self.front.art else settings.model_tag)
+
+    @property
+    def ready(self) -> bool:
+        return self.front.ready
+
+    async def dependency_ready(self) -> bool:
+        return self.client is None or bool(await self.client.is_ready(5))
+
+    async def runtime(self) -> dict:
+        if self.client is None:
+            return self.front.runtime()
+        try:
+            return await self.client.to_async.runtime()
+        except Exception as exc:  # reported, not hidden: the info call still answers
+            return {"provider": "unknown", "runtime_error": type(exc).__name__}
+
+    async def infer(self, rows: list) -> np.ndarray | JSONResponse:
+        """Probabilities for `rows`, or the 503 that says why there are none."""
+        start, name = time.perf_counter(), self.front.name
+        try:
+            if self.batcher is not None:
+                probs = await self.batcher.submit(rows)
+            else:
+                wire = self.adapter.to_wire(rows)
+                probs = await call_model(name, self.settings.model_call_timeout_s,
+                                         lambda: self.client.to_async.predict(wire))  # fmt: skip
+        except QueueTimeout:
+            return error_response(503, "overloaded", "the model queue is full; retry later", {"Retry-After": "1"})
+        except (BatchFailed, ModelUnavailable):
+            return error_response(503, "model_unavailable", "the model could not answer; retry later",
+                                  {"Retry-After": "1"})  # fmt: skip
+        metrics.MODEL_CALL_SECONDS.labels(model=name).observe(time.perf_counter() - start)
+        return probs
+
+    async def predicted(self, request: Request, parsed: Parsed) -> np.ndarray | JSONResponse:
+        probs = await self.infer(parsed.rows)
+        if isinstance(probs, np.ndarray):
+            top = probs.argmax(1)
+            labels = self.adapter.labels
+            for i, p in zip(top, probs[np.arange(len(top)), top], strict=True):
+                metrics.PREDICTIONS.labels(model=self.front.name, label=labels[i]).inc()
+                metrics.CONFIDENCE.labels(model=self.front.name).observe(float(p))
+            await self.feedback.observe(request.headers, parsed.items, probs, self.front.art.tag)  # opt-in only
+        return probs
+
+    def not_ready(self) -> JSONResponse:
+        return error_response(503, "not_ready", f"model not ready: {self.front.error or 'loading'}",
+                              {"Retry-After": "5"})  # fmt: skip
+
+    def rejected(self, err: ClientError) -> JSONResponse:
+        metrics.REJECTED.labels(model=self.front.name, reason=err.reason).inc()
+        return error_response(err.status, err.reason, err.message)
+
+
+def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon, current) -> None:
+    """REST predict, /info and the V2 routes; `current()` is this worker's _Replica."""
+    doc = adapter_cls(settings)  # for the OpenAPI document only
+
+    @app.post(adapter_cls.route, tags=[adapter_cls.kind], summary=adapter_cls.summary, description=adapter_cls.doc,
+              openapi_extra=doc.openapi_body(),
+              responses=schemas.responses(adapter_cls.response_model, *ERRORS))  # fmt: skip
+    async def predict(request: Request):
+        rep = current()
+        if not rep.ready:
+            return rep.not_ready()
+        start = time.perf_counter()
+        try:
+            parsed = await rep.adapter.parse(request)
+        except ClientError as err:
+            return rep.rejected(err)
+        metrics.PREPROCESS_SECONDS.labels(model=rep.front.name).observe(time.perf_counter() - start)
+        probs = await rep.predicted(request, parsed)
+        if not isinstance(probs, np.ndarray):
+            return probs
+        return JSONResponse({"model": rep.front.art.tag, "variant": rep.front.variant,
+                             "predictions": rep.adapter.answer(probs, parsed)})  # fmt: skip
+
+    @app.get("/info", tags=[adapter_cls.kind], summary="Info")
+    async def info() -> dict:
+        """Model tag, labels, provider in use, variant, topology and batching settings."""
+        rep = current()
+        return {**rep.front.info(), **await rep.runtime(), "service": adapter_cls.service_name, **rep.adapter.info()}
+
+    def known(name: str) -> JSONResponse | None:
+        rep = current()
+        served = rep.front.manifest.name if rep.ready else ""
+        return v2.model_error(rep.ready, rep.not_ready(), served, name)
+
+    @app.get("/v2/health/live", tags=["v2"], summary="V2 Live")
+    async def v2_live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"], summary="V2 Ready", responses={503: {"description": "not ready"}})
+    async def v2_ready():
+        rep = current()
+        ready = rep is not None and rep.ready and await rep.dependency_ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v2/models/{name}", tags=["v2"], summary="V2 Model",
+             responses=schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS))  # fmt: skip
+    async def v2_model(name: str):
+        if (err := known(name)) is not None:
+            return err
+        rep = current()
+        return v2.metadata(rep.front.manifest, rep.front.art.tag, *rep.adapter.v2_io())
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="V2 Model Ready",
+             responses=schemas.responses(schemas.V2ModelReady, *V2_ERRORS))  # fmt: skip
+    async def v2_model_ready(name: str):
+        return known(name) or {"name": name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer", tags=["v2"], summary="V2 Infer", description=adapter_cls.v2_doc,
+              responses=schemas.responses(schemas.V2InferResponse, *V2_ERRORS),
+              openapi_extra=schemas.v2_infer_body(doc.v2_input_body()))  # fmt: skip
+    async def v2_infer(name: str, request: Request):
+        if (err := known(name)) is not None:
+            return err
+        rep = current()
+        try:
+            tname, shape, data, rid = v2.request_input(await json_body(request), rep.adapter.v2_datatypes())
+            parsed = rep.adapter.parse_v2(tname, shape, data)
+        except ClientError as err:
+            return rep.rejected(err)
+        probs = await rep.predicted(request, parsed)
+        if not isinstance(probs, np.ndarray):
+            return probs
+        return JSONResponse(v2.response(rep.front.manifest, probs, rid))
+
+
+def build(adapter_cls: type[TaskAdapter], settings: ServeCommon):
+    """(public service, model service or None): what `bentoml serve module:Public` starts."""
+    app = FastAPI(title=adapter_cls.title, description=adapter_cls.description)
+    split = settings.resolved_topology() == "split"
+    model = model_service(adapter_cls, settings) if split else None
+    holder: dict[str, _Replica] = {}
+
+    def __init__(self) -> None:
+        holder["replica"] = _Replica(adapter_cls, settings, self.model_service if split else None)
+
+    def __is_ready__(self) -> bool:
+        return holder["replica"].ready
+
+    topology = "split" if split else "inprocess"
+    namespace: dict[str, Any] = {"__init__": __init__, "__is_ready__": __is_ready__,
+                                 "__doc__": f"{adapter_cls.title} ({topology} topology)"}  # fmt: skip
+    if split:
+        namespace["model_service"] = bentoml.depends(model)
+    name = "".join(part.capitalize() for part in adapter_cls.service_name.split("_"))
+    public = type(name, (), namespace)
+    _routes(app, adapter_cls, settings, lambda: holder.get("replica"))
+    public = bentoml.asgi_app(app)(public)
+    workers = settings.http_workers()
+    public = bentoml.service(name=adapter_cls.service_name, workers=workers,
+                             **service_config(settings, [adapter_cls.route]))(public)  # fmt: skip
+    install_middleware(public, settings, adapter_cls.service_name)
+    return public, model

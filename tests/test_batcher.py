@@ -1,0 +1,132 @@
+"""The in-process adaptive batcher (serving/batcher.py): its behaviour pinned without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher, BatchFailed, QueueTimeout
+
+
+class Model:
+    """Row i -> [i, 2i]; records each batch; sleeps `delay` per batch; raises on a poisoned row."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.batches, self.threads = delay, [], set()
+
+    def __call__(self, rows: list) -> np.ndarray:
+        self.batches.append(list(rows))
+        self.threads.add(threading.current_thread().name)
+        if any(r == "poison" for r in rows):
+            raise ValueError("bad row")
+        time.sleep(self.delay)
+        return np.array([[r, 2 * r] for r in rows], dtype=np.float64)
+
+
+def test_concurrent_callers_each_get_their_own_rows_and_batches_form():
+    model = Model(delay=0.02)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=16, max_wait_s=5)
+        calls = [list(range(10 * i, 10 * i + 1 + i % 3)) for i in range(40)]  # 1 to 3 rows each
+        outs = await asyncio.gather(*(batcher.submit(rows) for rows in calls))
+        return calls, outs
+
+    calls, outs = asyncio.run(main())
+    for rows, out in zip(calls, outs, strict=True):
+        np.testing.assert_array_equal(out, [[r, 2 * r] for r in rows])
+    assert sum(len(b) for b in model.batches) == sum(len(c) for c in calls)  # each row ran exactly once
+    assert len(model.batches) < len(calls) / 3, "concurrent calls were not batched"
+    assert max(len(b) for b in model.batches) <= 16
+    assert all(name.startswith("model") for name in model.threads)  # off the event loop
+
+
+def test_a_lone_caller_is_not_delayed_by_a_batching_window():
+    model = Model()
+
+    async def main() -> list[float]:
+        batcher = Batcher(model, max_batch_size=32, max_wait_s=5)
+        await batcher.submit([0])  # start the worker and the model thread
+        took = []
+        for i in range(50):
+            start = time.perf_counter()
+            await batcher.submit([i])
+            took.append(time.perf_counter() - start)
+        return took
+
+    took = asyncio.run(main())
+    assert np.median(took) < 0.002, f"median {1000 * np.median(took):.2f} ms for a model that takes ~0 ms"
+    assert all(len(b) == 1 for b in model.batches)
+
+
+def test_a_failing_batch_fails_only_its_callers_and_the_batcher_keeps_serving():
+    model = Model(delay=0.05)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=2, max_wait_s=5)
+        first = asyncio.ensure_future(batcher.submit([1]))  # runs alone while the next ones queue
+        await asyncio.sleep(0.01)
+        # Queued behind it: [poison, 2] form one batch of 2, [3, 4] the next.
+        bad = asyncio.ensure_future(batcher.submit(["poison"]))
+        mate = asyncio.ensure_future(batcher.submit([2]))
+        later = asyncio.ensure_future(batcher.submit([3, 4]))
+        results = await asyncio.gather(first, bad, mate, later, return_exceptions=True)
+        after = await batcher.submit([5])
+        return results, after
+
+    (first, bad, mate, later), after = asyncio.run(main())
+    np.testing.assert_array_equal(first, [[1, 2]])
+    assert isinstance(bad, BatchFailed) and isinstance(mate, BatchFailed)  # the poisoned batch only
+    np.testing.assert_array_equal(later, [[3, 6], [4, 8]])
+    np.testing.assert_array_equal(after, [[5, 10]])
+    assert "ValueError" in str(bad) and "bad row" not in str(bad)  # the type, never the input
+
+
+def test_calls_that_waited_past_the_bound_are_refused_not_run_late():
+    model = Model(delay=0.2)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=1, max_wait_s=0.05)
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(batcher.submit([2]))
+        return await asyncio.gather(first, waiting, return_exceptions=True)
+
+    first, waiting = asyncio.run(main())
+    np.testing.assert_array_equal(first, [[1, 2]])
+    assert isinstance(waiting, QueueTimeout)
+    assert model.batches == [[1]]
+
+
+def test_a_call_larger_than_the_batch_runs_alone_and_a_cancelled_call_is_skipped():
+    model = Model(delay=0.05)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=4, max_wait_s=5)
+        head = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher.submit([99]))
+        big = asyncio.ensure_future(batcher.submit(list(range(1, 7))))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await asyncio.gather(head, big)
+
+    _, big = asyncio.run(main())
+    assert len(big) == 6 and [99] not in model.batches and all(99 not in b for b in model.batches)
+    assert model.batches == [[0], [1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_batching_off_is_max_batch_size_one(size):
+    model = Model(delay=0.01)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=1, max_wait_s=5)
+        return await asyncio.gather(*(batcher.submit(list(range(size))) for _ in range(6)))
+
+    asyncio.run(main())
+    assert [len(b) for b in model.batches] == [size] * 6  # one call per run, whole
