@@ -77,9 +77,10 @@ clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url benchmark benchmark-quick
+.PHONY: loadtest loadtest-url benchmark benchmark-quick profile
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
+PROFILE_ARGS ?=
 
 loadtest: setup  ## short Locust run against both services started on 127.0.0.1; prints the SLO verdict
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
@@ -88,11 +89,14 @@ loadtest-url: setup  ## the same against a running deployment: make loadtest-url
 	@test -n "$(URL)" || { echo "usage: make loadtest-url URL=http://host:port [LOADTEST_ARGS=...]"; exit 2; }
 	$(BIN)/python -m loadtest.run --url $(URL) --name url $(LOADTEST_ARGS)
 
-benchmark: setup  ## throughput/latency figures of raw ORT, served, int8, PyTorch eager -> docs/results/benchmark/
+benchmark: setup  ## throughput/latency of raw ORT, each served layout, int8, a FastAPI+ORT and a PyTorch-eager peer -> docs/results/benchmark/
 	$(BIN)/python -m loadtest.benchmark $(BENCHMARK_ARGS)
 
 benchmark-quick: setup  ## the benchmark's code paths in about two minutes (figures not meant for publishing)
 	$(BIN)/python -m loadtest.benchmark --quick --out /tmp/servable-benchmark-quick $(BENCHMARK_ARGS)
+
+profile: setup  ## py-spy flame graphs of the served request path at 32 clients -> docs/results/profiles/
+	$(BIN)/python -m loadtest.profile $(PROFILE_ARGS)
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
 .PHONY: stack validate-deploy dashboard bake-models image-cpu-podman

@@ -270,6 +270,11 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool) -> dict[str
     }
     if not quick:
         configs |= {f"served {v} inprocess batching on": cpu("inprocess", v, True) for v in variants if v != "fp32"}
+        if "int8" in variants:
+            configs["served int8 inprocess batching off"] = cpu("inprocess", "int8", False)
+        # The threading choices of the default, measured rather than assumed (docs/benchmark.md).
+        configs["served default, 2 ORT threads per worker"] = {"INTRA_OP_THREADS": "2"}
+        configs["served default, ORT spinning on"] = {"INTRA_OP_SPINNING": "true"}
     if has_cuda:
         configs["served fp32 split batching on cuda"] = {"TOPOLOGY": "split", "VARIANT": "fp32", "BATCHING": "true",
                                                          "DEVICE": "cuda"}  # fmt: skip

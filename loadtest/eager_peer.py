@@ -9,8 +9,6 @@ in eval mode under inference_mode, and a lock so requests run one at a time. Run
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import threading
 from pathlib import Path
@@ -18,10 +16,10 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
 
+from loadtest.peer_upload import image_bytes
 from servable import artifact
 from servable.preprocessing import preprocess_image
 
@@ -63,22 +61,6 @@ def _answer(probs: np.ndarray) -> dict:
 @app.get("/readyz")
 def readyz() -> dict:
     return {"ready": True}
-
-
-async def image_bytes(request: Request) -> bytes:
-    """The uploaded image, whichever of the three formats it came in (as in loadtest/ort_peer.py)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        upload = (await request.form()).get("image")
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(400, "send the image in the multipart field 'image'")
-        return await upload.read()
-    if ctype.startswith("image/"):
-        return await request.body()
-    try:
-        return base64.b64decode((await request.json())["image"], validate=True)
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise HTTPException(400, "send JSON {'image': base64}, a multipart field 'image' or an image/* body") from exc
 
 
 @app.post("/classify")

@@ -13,8 +13,6 @@ body; `POST /sentiment` with JSON `{"text": ...}`. Run by the benchmark:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from typing import Annotated
 
@@ -23,8 +21,8 @@ import onnxruntime as ort
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
 
+from loadtest.peer_upload import image_bytes
 from servable import artifact
 from servable.preprocessing import InvalidImage, encode_texts, load_tokenizer, preprocess_image
 
@@ -46,22 +44,6 @@ def _answer(logits: np.ndarray) -> dict:
     probs = e / e.sum(axis=1, keepdims=True)
     preds = [{"label": LABELS[int(p.argmax())], "probability": round(float(p.max()), 6)} for p in probs]
     return {"model": ART.tag, "variant": "fastapi-ort", "predictions": preds}
-
-
-async def image_bytes(request: Request) -> bytes:
-    """The uploaded image, whichever of the three formats it came in."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        upload = (await request.form()).get("image")
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(400, "send the image in the multipart field 'image'")
-        return await upload.read()
-    if ctype.startswith("image/"):
-        return await request.body()
-    try:
-        return base64.b64decode((await request.json())["image"], validate=True)
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise HTTPException(400, "send JSON {'image': base64}, a multipart field 'image' or an image/* body") from exc
 
 
 @app.get("/readyz")

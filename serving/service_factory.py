@@ -15,6 +15,7 @@ batch; a batch that fails answers 503 to its own callers only.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -91,6 +92,7 @@ def model_service(adapter_cls: type[TaskAdapter], settings: ServeCommon):
                 self.adapter.load(self.model.art)
                 self.run = _timed(self.adapter, self.model)
                 self.model.warm_up(self.adapter.warmup_rows, self.run)
+            gc.freeze()  # as in _Replica: long-lived start-up objects out of the collector's walks
 
         def __is_ready__(self) -> bool:
             return self.model.ready
@@ -139,6 +141,10 @@ class _Replica:
                 size = settings.max_batch_size if settings.batching_enabled() else 1
                 self.batcher = Batcher(run, size, settings.max_latency_ms / 1000)
         audit.set_model_tag(adapter_cls.service_name, self.front.art.tag if self.front.art else settings.model_tag)
+        # Everything loaded so far (BentoML, FastAPI, the model, the tokenizer) lives as long as the
+        # worker: out of the collector's sight, a full collection no longer walks it. Without this,
+        # gen-2 collections paused a worker for ~100 ms about once a second at 1,000+ req/s.
+        gc.freeze()
 
     @property
     def ready(self) -> bool:
