@@ -471,3 +471,30 @@ def test_split_topology_starts_and_answers_like_the_in_process_one(text_run, tex
             assert split.json()["predictions"] == ref.json()["predictions"]
     finally:
         server.stop()
+
+
+def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
+    """OpenTelemetry's ASGI middleware (BentoML adds it to every service) excludes the inference routes,
+    the V2 routes and the probes unless SERVABLE_*_SERVE_TRACING=true. In the split topology BentoML's
+    client to the model process is told not to recycle its session every 100 calls."""
+    from opentelemetry.util.http import ExcludeList
+
+    from servable.config import ImageServeSettings
+    from serving.service_factory import service_config
+
+    off = service_config(ImageServeSettings(), ["/classify"])["tracing"]["excluded_urls"]
+    skipped = ExcludeList(off)
+    for url in ("http://h/classify", "http://h/v2/models/m/infer", "http://h/readyz", "http://h/metrics"):
+        assert skipped.url_disabled(url), url
+    assert not skipped.url_disabled("http://h/info")
+    assert "tracing" not in service_config(ImageServeSettings(tracing=True), ["/classify"])
+    import serving.image_service as image_service
+
+    assert image_service.ImageModel is None  # in-process on this CPU machine: no model process at all
+    assert image_service.ImageClassifier.config["tracing"]["excluded_urls"] == [*off]
+    from servable.config import TextServeSettings
+    from serving.adapters.text import TextAdapter
+    from serving.service_factory import model_service
+
+    split = model_service(TextAdapter, TextServeSettings(topology="split", runner_max_requests=10**9))
+    assert split.config["runner_connection"]["max_requests"] == 10**9
