@@ -109,7 +109,7 @@ stack: setup  ## compose's topology on 127.0.0.1 without Docker: 2+2 replicas, n
 validate-deploy: setup  ## offline checks of Dockerfile, compose, nginx, Prometheus rules, Grafana, k8s manifests
 	$(BIN)/pytest -q tests/test_deploy_static.py
 
-dashboard: setup  ## regenerate deploy/grafana/dashboards/servable.json from deploy/render.py
+dashboard: setup  ## regenerate the Grafana dashboard and prometheus.yml from deploy/render.py (SERVED_MODELS)
 	$(BIN)/python -m deploy.render
 
 bake-models: setup  ## export MODELS from the model store into deploy/model-store/ for the image build

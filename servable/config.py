@@ -302,9 +302,9 @@ class FeedbackSettings(BaseSettings):
 
 @dataclass(frozen=True)
 class ServedModelEntry:
-    """One served model. The launcher, the API reference, the local stack's replicas and routes,
-    and the dashboard's route filter are derived from SERVED_MODELS; a test checks that the compose,
-    Kubernetes, nginx and Prometheus files cover every entry."""
+    """One served model. The launcher, the API reference, the local stack's environment, the
+    dashboard's route filter and Prometheus' scrape jobs (deploy/render.py) are derived from
+    SERVED_MODELS; a test checks that the compose, Kubernetes and nginx files cover every entry."""
 
     kind: str  # short name: CLI choices, replica names, nginx path prefix (/<kind>/)
     service: str  # `bentoml serve` target
