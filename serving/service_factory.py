@@ -172,7 +172,7 @@ class _Replica:
                 probs = await call_model(name, self.settings.model_call_timeout_s,
                                          lambda: self.client.to_async.predict(wire))  # fmt: skip
         except QueueTimeout:
-            return error_response(503, "overloaded", "the model queue is full; retry later", {"Retry-After": "1"})
+            return error_response(503, "overloaded", "waited too long for the model; retry later", {"Retry-After": "1"})
         except (BatchFailed, ModelUnavailable):
             return error_response(503, "model_unavailable", "the model could not answer; retry later",
                                   {"Retry-After": "1"})  # fmt: skip
