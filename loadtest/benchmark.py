@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -283,49 +282,32 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool) -> dict[str
 
 def start_served(model: str, tag: str, config: dict[str, str], label: str, log_dir: Path):
     """The model's BentoML service with `config`'s settings (keys without the SERVABLE_<MODEL>_SERVE_ prefix)."""
+    from servable.config import SERVED_MODELS
     from serving import launch
 
-    prefix = "SERVABLE_IMAGE_SERVE_" if model == "image" else "SERVABLE_TEXT_SERVE_"
+    prefix = SERVED_MODELS[model].env_prefix
     settings = {"MODEL_TAG": tag, "MAX_CONCURRENCY": "256", **config}  # 256: no 429 from the harness's clients
     env = {**{prefix + k: v for k, v in settings.items()}, "SERVABLE_AUTH_KEYS": f"bench:{KEY}"}
     name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label}".lower()).strip("-")
     return launch.start_ready(launch.SERVICES[model], env, log_path=log_dir / f"{name}.log", timeout_s=240)
 
 
-class PeerServer:
-    """uvicorn running `module`:app (a peer server) in its own process group on 127.0.0.1, one worker."""
+def start_peer(module: str, tag: str, log_path: Path, uvicorn_args: Sequence[str] = ()):
+    """uvicorn running `module`:app (a peer server), one worker on 127.0.0.1, in its own process group:
+    a `serving.launch.Server`, so it is waited for and stopped like the served ones."""
+    from serving import launch
 
-    def __init__(self, module: str, tag: str, log_path: Path, uvicorn_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
-        from serving import launch
-
-        self.port = launch.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "PEER_MODEL_TAG": tag, **(env or {})}
-        cmd = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--log-level", "warning", *uvicorn_args]  # fmt: skip
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if launch.get(self.url + "/readyz", timeout=2)[0] == 200:
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{module} did not start; log:\n{log_path.read_text(errors='replace')[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+    port = launch.free_port()
+    cmd = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--log-level", "warning", *uvicorn_args]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, "PEER_MODEL_TAG": tag}, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    server = launch.Server(f"{module}:app", port, log_path, proc)
+    if not launch.wait_until(server, "/readyz", timeout_s=240):
+        server.stop()
+        raise RuntimeError(f"{module} did not start; log:\n{server.log()[-2000:]}")
+    return server
 
 
 @dataclass(frozen=True)
@@ -369,7 +351,7 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
     for label in order:
         peer = peers.get(label)
         name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label}".lower()).strip("-")
-        server = (PeerServer(peer.module, art.tag, log_dir / f"{name}.log", peer.uvicorn_args) if peer
+        server = (start_peer(peer.module, art.tag, log_dir / f"{name}.log", peer.uvicorn_args) if peer
                   else start_served(model, art.tag, res.configs[label], label, log_dir))  # fmt: skip
         kind = peer.kind if peer else "served"
         try:

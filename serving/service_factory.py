@@ -68,14 +68,24 @@ def install_middleware(service, settings: ServeCommon, name: str) -> None:
     service.add_asgi_middleware(JsonRouterErrors)
 
 
-def _timed(adapter: TaskAdapter, model: ServedModel):
-    def run(rows) -> np.ndarray:
-        start = time.perf_counter()
-        out = adapter.run(model.session, rows)
-        metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
-        return out
+def load_model(adapter_cls: type[TaskAdapter], settings: ServeCommon, *, with_session: bool):
+    """(adapter, model, run): the verified artifact read by the adapter; with a session, the timed batch
+    function, warmed up before the process reports ready (else run is None)."""
+    adapter = adapter_cls(settings)
+    model = ServedModel(settings, adapter_cls.task, with_session=with_session)
+    run = None
+    if model.ready:
+        adapter.load(model.art)
+        if with_session:
 
-    return run
+            def run(rows) -> np.ndarray:
+                start = time.perf_counter()
+                out = adapter.run(model.session, rows)
+                metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
+                return out
+
+            model.warm_up(adapter.warmup_rows, run)
+    return adapter, model, run
 
 
 # ---------------------------------------------------------------- split topology: the model process
@@ -86,12 +96,7 @@ def model_service(adapter_cls: type[TaskAdapter], settings: ServeCommon):
 
     class Model:
         def __init__(self) -> None:
-            self.adapter = adapter_cls(settings)
-            self.model = ServedModel(settings, adapter_cls.task, with_session=True)
-            if self.model.ready:
-                self.adapter.load(self.model.art)
-                self.run = _timed(self.adapter, self.model)
-                self.model.warm_up(self.adapter.warmup_rows, self.run)
+            self.adapter, self.model, self.run = load_model(adapter_cls, settings, with_session=True)
             gc.freeze()  # as in _Replica: long-lived start-up objects out of the collector's walks
 
         def __is_ready__(self) -> bool:
@@ -128,16 +133,12 @@ class _Replica:
 
     def __init__(self, adapter_cls: type[TaskAdapter], settings: ServeCommon, model_client=None) -> None:
         self.settings, self.client = settings, model_client
-        self.adapter = adapter_cls(settings)
-        self.front = ServedModel(settings, adapter_cls.task, with_session=model_client is None)
+        self.adapter, self.front, run = load_model(adapter_cls, settings, with_session=model_client is None)
         self.batcher: Batcher | None = None
         if self.front.ready:
-            self.adapter.load(self.front.art)
             self.feedback = FeedbackHook(self.front.name, self.adapter.labels, adapter_cls.kind,
                                          **self.adapter.feedback_kwargs())  # fmt: skip
-            if model_client is None:
-                run = _timed(self.adapter, self.front)
-                self.front.warm_up(self.adapter.warmup_rows, run)
+            if run is not None:
                 size = settings.max_batch_size if settings.batching_enabled() else 1
                 self.batcher = Batcher(run, size, settings.max_latency_ms / 1000)
         audit.set_model_tag(adapter_cls.service_name, self.front.art.tag if self.front.art else settings.model_tag)
@@ -229,9 +230,11 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
         return {**rep.front.info(), **await rep.runtime(), "service": adapter_cls.service_name, **rep.adapter.info()}
 
     def known(name: str) -> JSONResponse | None:
+        """The answer for a V2 call naming `name`: None when this replica serves it and is ready."""
         rep = current()
-        served = rep.front.manifest.name if rep.ready else ""
-        return v2.model_error(rep.ready, rep.not_ready(), served, name)
+        if not rep.ready:
+            return rep.not_ready()
+        return v2.unknown_model(rep.front.manifest.name, name)
 
     @app.get("/v2/health/live", tags=["v2"], summary="V2 Live")
     async def v2_live() -> dict:
@@ -249,7 +252,7 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
         if (err := known(name)) is not None:
             return err
         rep = current()
-        return v2.metadata(rep.front.manifest, rep.front.art.tag, *rep.adapter.v2_io())
+        return v2.metadata(rep.front.manifest, rep.front.art.tag, rep.adapter.v2_inputs())
 
     @app.get("/v2/models/{name}/ready", tags=["v2"], summary="V2 Model Ready",
              responses=schemas.responses(schemas.V2ModelReady, *V2_ERRORS))  # fmt: skip
@@ -264,7 +267,7 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
             return err
         rep = current()
         try:
-            tname, shape, data, rid = v2.request_input(await json_body(request), rep.adapter.v2_datatypes())
+            tname, shape, data, rid = v2.request_input(await json_body(request), rep.adapter.v2_inputs())
             parsed = rep.adapter.parse_v2(tname, shape, data)
         except ClientError as err:
             return rep.rejected(err)

@@ -8,16 +8,17 @@ from starlette.responses import JSONResponse
 from serving.errors import ClientError, error_response
 
 
-def model_error(ready: bool, not_ready: JSONResponse, served: str, name: str) -> JSONResponse | None:
-    """The answer for a V2 call naming `name`: None when this replica serves it and is ready."""
-    if not ready:
-        return not_ready
+def unknown_model(served: str, name: str) -> JSONResponse | None:
+    """404 for a V2 call naming a model this service does not serve; None when it serves `name`."""
     if name != served:
         return error_response(404, "unknown_model", f"no model named {name!r}; this service serves {served!r}")
     return None
 
 
-def metadata(manifest, tag: str, inputs: list[dict], outputs: list[dict]) -> dict:
+def metadata(manifest, tag: str, inputs: list[dict]) -> dict:
+    """Model metadata: the adapter's input tensors, and the outputs every classifier answers with."""
+    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.labels)]},
+               {"name": "label", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip
     return {"name": manifest.name, "versions": [manifest.version], "platform": "onnxruntime", "inputs": inputs,
             "outputs": outputs, "parameters": {"tag": tag, "labels": manifest.labels}}  # fmt: skip
 
@@ -42,8 +43,9 @@ def tensor(spec: object, datatypes: dict[str, str]) -> tuple[str, str, list[int]
     return name, dtype, shape, flat
 
 
-def request_input(body: object, datatypes: dict[str, str]) -> tuple[str, list[int], list, str | None]:
-    """The one input tensor of a V2 infer request, validated, and the request id."""
+def request_input(body: object, inputs: list[dict]) -> tuple[str, list[int], list, str | None]:
+    """The one input tensor of a V2 infer request, validated against the model's `inputs`, and the request id."""
+    datatypes = {spec["name"]: spec["datatype"] for spec in inputs}
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise ClientError(422, "invalid_v2", "a V2 infer request needs a non-empty `inputs` list")
     if len(body["inputs"]) != 1:

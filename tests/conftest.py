@@ -52,9 +52,10 @@ SECRET_SENTENCE = "my passport number is X1234567 and the secret word is PURPLE-
 
 
 def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None):
+    from servable.config import SERVED_MODELS
     from serving import launch
 
-    prefix = "SERVABLE_IMAGE_SERVE_" if kind == "image" else "SERVABLE_TEXT_SERVE_"
+    prefix = SERVED_MODELS[kind].env_prefix
     env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}", f"{prefix}MAX_ITEMS": "8",
            f"{prefix}MAX_LATENCY_MS": "5000", f"{prefix}VARIANT": "fp32", **(extra_env or {})}  # fmt: skip
     log = tmp_path_factory.mktemp(f"{kind}-server") / "server.log"

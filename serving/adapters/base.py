@@ -71,12 +71,8 @@ class TaskAdapter(ABC):
         """The V2 infer request's input tensors, for the OpenAPI document."""
 
     @abstractmethod
-    def v2_datatypes(self) -> dict[str, str]:
-        """V2 input name -> datatype."""
-
-    @abstractmethod
-    def v2_io(self) -> tuple[list[dict], list[dict]]:
-        """V2 metadata: input and output tensor specs."""
+    def v2_inputs(self) -> list[dict]:
+        """The V2 input tensors (name, datatype, shape) this model takes; the outputs are the core's."""
 
     @abstractmethod
     def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:

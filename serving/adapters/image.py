@@ -51,14 +51,14 @@ class ImageAdapter(TaskAdapter):
     settings: ImageServeSettings
 
     def openapi_body(self) -> dict:
-        return schemas.json_body(
-        {"type": "object", "properties": {"image": B64, "images": {"type": "array", "items": B64, "minItems": 1},
-                                          "top_k": {"type": "integer", "minimum": 1}}},
-        ("multipart/form-data", {"type": "object", "required": ["image"], "properties": {
+        multipart = {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "array", "items": {"type": "string", "format": "binary"},
                       "description": "one or more image files (JPEG, PNG, ...)"},
-            "top_k": {"type": "integer", "minimum": 1}}}),
-            ("image/jpeg", RAW_IMAGE), ("image/png", RAW_IMAGE),
+            "top_k": {"type": "integer", "minimum": 1}}}  # fmt: skip
+        return schemas.json_body(
+            {"type": "object", "properties": {"image": B64, "images": {"type": "array", "items": B64, "minItems": 1},
+                                              "top_k": {"type": "integer", "minimum": 1}}},
+            ("multipart/form-data", multipart), ("image/jpeg", RAW_IMAGE), ("image/png", RAW_IMAGE),
         )  # fmt: skip
 
     def v2_input_body(self) -> list[dict]:
@@ -120,15 +120,10 @@ class ImageAdapter(TaskAdapter):
         top_k = self._top_k(top_k)
         return Parsed(self._decode(blobs), list(blobs), {"top_k": top_k})
 
-    def v2_io(self) -> tuple[list[dict], list[dict]]:
+    def v2_inputs(self) -> list[dict]:
         s = self.size
-        return ([{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, s, s]},
-                 {"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.labels)]},
-                 {"name": "label", "datatype": "BYTES", "shape": [-1]}])  # fmt: skip
-
-    def v2_datatypes(self) -> dict[str, str]:
-        return {"pixels": "FP32", "image": "BYTES"}
+        return [{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, s, s]},
+                {"name": "image", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip
 
     def parse_v2(self, name: str, shape: list[int], data: list) -> Parsed:
         s = self.size

@@ -110,13 +110,8 @@ class TextAdapter(TaskAdapter):
             raise ClientError(422, "invalid_field", "texts must be a list of strings")
         return self._tokenize(texts)
 
-    def v2_io(self) -> tuple[list[dict], list[dict]]:
-        return ([{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-                [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.labels)]},
-                 {"name": "label", "datatype": "BYTES", "shape": [-1]}])  # fmt: skip
-
-    def v2_datatypes(self) -> dict[str, str]:
-        return {"text": "BYTES"}
+    def v2_inputs(self) -> list[dict]:
+        return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
 
     def parse_v2(self, name: str, shape: list[int], data: list) -> Parsed:
         if len(shape) != 1:
