@@ -39,11 +39,15 @@ def bracket_depth(raw: bytes) -> int:
 
 
 async def json_body(request: Request, max_depth: int = MAX_JSON_DEPTH) -> object:
-    """Parse JSON with clear 4xx: wrong content type, non-UTF-8, invalid or too deeply nested JSON."""
+    """Parse a JSON body with clear 4xx: wrong content type, then as `parse_json`."""
     ctype = content_type(request)
     if ctype != "application/json":
         raise ClientError(415, "unsupported_media_type", f"send application/json, not {ctype or 'nothing'}")
-    raw = await request.body()
+    return parse_json(await request.body(), max_depth)
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Parse JSON bytes with clear 4xx: empty, non-UTF-8, invalid or too deeply nested JSON."""
     if not raw.strip():
         raise ClientError(400, "empty_body", "the request body is empty")
     try:

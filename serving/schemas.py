@@ -45,7 +45,8 @@ class V2Tensor(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="absent when the output follows the JSON as binary data")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size of a binary output")
 
 
 class V2InferResponse(BaseModel):
@@ -68,6 +69,12 @@ class V2ModelMetadata(BaseModel):
     inputs: list[V2TensorSpec]
     outputs: list[V2TensorSpec]
     parameters: dict[str, Any]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
 
 
 class V2ModelReady(BaseModel):
@@ -96,8 +103,9 @@ def json_body(schema: dict[str, Any], *alternatives: tuple[str, dict[str, Any]])
     return {"requestBody": {"required": True, "content": content}}
 
 
-def v2_infer_body(inputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The V2 infer request: `inputs` holds one of the named typed tensors the model takes."""
+def v2_infer_body(inputs: list[dict[str, Any]], outputs: tuple[str, ...]) -> dict[str, Any]:
+    """The V2 infer request: `inputs` holds one of the named typed tensors the model takes, as JSON data; or
+    (binary tensor data extension) the JSON header, whose length a header gives, followed by the tensor's bytes."""
     tensor = {
         "oneOf": [
             {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
@@ -107,8 +115,27 @@ def v2_infer_body(inputs: list[dict[str, Any]]) -> dict[str, Any]:
             for spec in inputs
         ]
     }  # fmt: skip
-    return json_body({
+    binary = {"type": "boolean", "description": "answer as binary data after the JSON header"}
+    parameters = {"type": "object", "properties": {"binary_data": binary}}
+    output = {"type": "object", "required": ["name"],
+              "properties": {"name": {"enum": list(outputs)}, "parameters": parameters}}  # fmt: skip
+    body = json_body({
         "type": "object", "required": ["inputs"],
         "properties": {"id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1,
-                                                            "items": tensor}},
-    })  # fmt: skip
+                                                            "items": tensor},
+                       "outputs": {"type": "array", "items": output},
+                       "parameters": {"type": "object", "properties": {"binary_data_output": binary}}},
+    }, ("application/octet-stream", {"type": "string", "format": "binary", "description":
+        "binary tensor data extension: the JSON request (its input with parameters.binary_data_size instead of "
+        "data), then the tensor's bytes"}))  # fmt: skip
+    header = {"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+              "description": "length of the JSON part of a body that carries binary tensor data",
+              "schema": {"type": "integer", "minimum": 1}}  # fmt: skip
+    return {**body, "parameters": [header]}
+
+
+def v2_infer_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses(V2InferResponse)`, and the binary answer (JSON header, then outputs asked for as binary)."""
+    out = responses(V2InferResponse, *codes)
+    out[200]["content"] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    return out

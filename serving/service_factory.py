@@ -37,7 +37,6 @@ from serving.feedback.hook import FeedbackHook
 from serving.http_guard import BodyLimitMiddleware
 from serving.loading import ServedModel
 from serving.model_call import ModelUnavailable, call_model
-from serving.request_body import json_body
 
 log = logging.getLogger("servable.service")
 
@@ -229,12 +228,12 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
         rep = current()
         return {**rep.front.info(), **await rep.runtime(), "service": adapter_cls.service_name, **rep.adapter.info()}
 
-    def known(name: str) -> JSONResponse | None:
-        """The answer for a V2 call naming `name`: None when this replica serves it and is ready."""
+    def known(name: str, version: str | None) -> JSONResponse | None:
+        """The answer for a V2 call naming `name` (and `version`): None when this replica serves it and is ready."""
         rep = current()
         if not rep.ready:
             return rep.not_ready()
-        return v2.unknown_model(rep.front.manifest.name, name)
+        return v2.unknown_model(rep.front.manifest, name, version)
 
     @app.get("/v2/health/live", tags=["v2"], summary="V2 Live")
     async def v2_live() -> dict:
@@ -246,35 +245,66 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
         ready = rep is not None and rep.ready and await rep.dependency_ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/v2/models/{name}", tags=["v2"], summary="V2 Model",
-             responses=schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS))  # fmt: skip
-    async def v2_model(name: str):
-        if (err := known(name)) is not None:
+    @app.get("/v2", tags=["v2"], summary="V2 Server Metadata",
+             responses=schemas.responses(schemas.V2ServerMetadata, 401))  # fmt: skip
+    async def v2_server() -> dict:
+        """Server name, version and the protocol extensions it supports."""
+        return v2.server_metadata()
+
+    # Each model route also under /versions/{version} (the version this service serves; another is a 404).
+    async def model_metadata(name: str, version: str | None = None):
+        if (err := known(name, version)) is not None:
             return err
         rep = current()
         return v2.metadata(rep.front.manifest, rep.front.art.tag, rep.adapter.v2_inputs())
 
-    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="V2 Model Ready",
-             responses=schemas.responses(schemas.V2ModelReady, *V2_ERRORS))  # fmt: skip
-    async def v2_model_ready(name: str):
-        return known(name) or {"name": name, "ready": True}
+    async def model_ready(name: str, version: str | None = None):
+        return known(name, version) or {"name": name, "ready": True}
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"], summary="V2 Infer", description=adapter_cls.v2_doc,
-              responses=schemas.responses(schemas.V2InferResponse, *V2_ERRORS),
-              openapi_extra=schemas.v2_infer_body(doc.v2_input_body()))  # fmt: skip
-    async def v2_infer(name: str, request: Request):
-        if (err := known(name)) is not None:
+    async def infer(request: Request, name: str, version: str | None = None):
+        if (err := known(name, version)) is not None:
             return err
         rep = current()
+        start = time.perf_counter()
         try:
-            tname, shape, data, rid = v2.request_input(await json_body(request), rep.adapter.v2_inputs())
-            parsed = rep.adapter.parse_v2(tname, shape, data)
+            req = await v2.read_request(request, rep.adapter.v2_inputs(), settings.max_items)
+            parsed = rep.adapter.parse_v2(req.name, req.shape, req.data)
         except ClientError as err:
             return rep.rejected(err)
+        metrics.PREPROCESS_SECONDS.labels(model=rep.front.name).observe(time.perf_counter() - start)
         probs = await rep.predicted(request, parsed)
         if not isinstance(probs, np.ndarray):
             return probs
-        return JSONResponse(v2.response(rep.front.manifest, probs, rid))
+        return v2.response(rep.front.manifest, probs, req)
+
+    meta = {"tags": ["v2"], "responses": schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS)}
+    ready = {"tags": ["v2"], "responses": schemas.responses(schemas.V2ModelReady, *V2_ERRORS)}
+    infer_doc = {"tags": ["v2"], "description": adapter_cls.v2_doc, "responses": schemas.v2_infer_responses(*V2_ERRORS),
+                 "openapi_extra": schemas.v2_infer_body(doc.v2_input_body(), v2.OUTPUTS)}  # fmt: skip
+
+    @app.get("/v2/models/{name}", summary="V2 Model", **meta)
+    async def v2_model(name: str):
+        return await model_metadata(name)
+
+    @app.get("/v2/models/{name}/versions/{version}", summary="V2 Model Version", **meta)
+    async def v2_model_version(name: str, version: str):
+        return await model_metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", summary="V2 Model Ready", **ready)
+    async def v2_model_ready(name: str):
+        return await model_ready(name)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="V2 Model Version Ready", **ready)
+    async def v2_model_version_ready(name: str, version: str):
+        return await model_ready(name, version)
+
+    @app.post("/v2/models/{name}/infer", summary="V2 Infer", **infer_doc)
+    async def v2_infer(name: str, request: Request):
+        return await infer(request, name)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", summary="V2 Version Infer", **infer_doc)
+    async def v2_version_infer(name: str, version: str, request: Request):
+        return await infer(request, name, version)
 
 
 def build(adapter_cls: type[TaskAdapter], settings: ServeCommon):

@@ -59,8 +59,10 @@ class TaskAdapter(ABC):
         """Validate and pre-process one REST request; raises ClientError."""
 
     @abstractmethod
-    def parse_v2(self, name: str, shape: list[int], data: list) -> Parsed:
-        """Rows from one validated V2 input tensor; raises ClientError."""
+    def parse_v2(self, name: str, shape: list[int], data: np.ndarray | list) -> Parsed:
+        """Rows from one V2 input tensor, its name, datatype and element count already checked by the core
+        (serving/v2.py): FP32 data is a float32 array of `shape`, BYTES data a flat list of str (sent as JSON)
+        or bytes (sent as binary data). Raises ClientError."""
 
     @abstractmethod
     def openapi_body(self) -> dict:

@@ -24,6 +24,14 @@ def text_schema(max_chars: int) -> dict:
     return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": r"\S"}
 
 
+def _utf8(i: int, blob: bytes) -> str:
+    """A binary BYTES element as text."""
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientError(422, "invalid_unicode", f"text {i} is not UTF-8 (bad byte at offset {exc.start})") from exc
+
+
 def length_buckets(lengths: list[int], max_waste: float) -> list[list[int]]:
     """Group indices of similar length so that padding stays under `max_waste` of each group."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -49,7 +57,7 @@ class TextAdapter(TaskAdapter):
     model_service_name = "sentiment_model"
     summary = "Sentiment"
     doc = "Sentiment of one text (`text`) or several (`texts`): label, probability and scores each."
-    v2_doc = "V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings)."
+    v2_doc = "V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings); JSON or the binary tensor data extension."
     route = SERVED_MODELS["text"].route
     title = "Servable sentiment classifier"
     description = (
@@ -113,10 +121,10 @@ class TextAdapter(TaskAdapter):
     def v2_inputs(self) -> list[dict]:
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
 
-    def parse_v2(self, name: str, shape: list[int], data: list) -> Parsed:
+    def parse_v2(self, name: str, shape: list[int], data: np.ndarray | list) -> Parsed:
         if len(shape) != 1:
             raise ClientError(422, "wrong_shape", f"text must have shape [N], got {shape}")
-        return self._tokenize(data)
+        return self._tokenize([_utf8(i, x) if isinstance(x, bytes) else x for i, x in enumerate(data)])
 
     def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:
         labels = self.labels
