@@ -32,7 +32,9 @@ def render_index(specs: dict[str, dict]) -> str:
         "Generated from the services' own OpenAPI by `python -m serving.openapi_docs` (do not edit by hand;",
         "`tests/test_docs.py` fails when it is stale). The full documents, with request and response",
         "schemas, are in `docs/api/` and are served live at `GET /docs.json` (interactive: `/docs`).",
-        "Errors, metrics and examples: [serving.md](serving.md).",
+        "Errors, metrics and examples: [serving.md](serving.md); the Open Inference Protocol (V2), what of it",
+        "is supported and examples with `requests` and tritonclient:",
+        "[serving.md](serving.md#open-inference-protocol-v2).",
         "",
     ]
     for name, doc in specs.items():
