@@ -8,7 +8,8 @@ For each model it measures throughput (requests/s, items/s) and p50/p95/p99 late
   4. FastAPI + PyTorch eager (loadtest/eager_peer.py), one request at a time;
   5. CUDA vs CPU provider, when a GPU really loads (skipped, and said so, where none does);
 plus an open-loop run at 70 % of the default config's saturation for the p99/p50 target. Image requests
-are multipart uploads (what a new user sends first), JSON base64 as a second format. Writes benchmark.md,
+are multipart uploads (what a new user sends first), JSON base64 as a second format, and for the default
+config V2 binary FP32 pixels (pre-processed by the client) as a third. Writes benchmark.md,
 benchmark.json and PNG plots to docs/results/benchmark/ (the report: loadtest/benchmark_report.py).
 
     python -m loadtest.benchmark            # full
@@ -36,7 +37,17 @@ from pathlib import Path
 import numpy as np
 
 from loadtest import inputs as real_inputs
-from loadtest.benchmark_report import DEFAULT, EAGER, PEER, SPLIT, ModelResult, Point, load_results, write_report
+from loadtest.benchmark_report import (
+    DEFAULT,
+    EAGER,
+    PEER,
+    PEER_FORMATS,
+    SPLIT,
+    ModelResult,
+    Point,
+    load_results,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "bench-" + secrets.token_hex(8)
@@ -134,14 +145,16 @@ def _text_slice(art, data, b: int, k: int) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- HTTP load (aiohttp, in this process)
 
-# Request formats per model, the first the default: image multipart upload (what a new user sends first) or
-# base64 in JSON; text JSON.
-FORMATS = {"image": ("multipart", "json"), "text": ("json",)}
+# Request formats per model, the first the default: image multipart upload (what a new user sends first),
+# base64 in JSON, or V2 binary FP32 pixels (pre-processed by the client, the binary tensor data extension:
+# what a pipeline that already holds tensors sends); text JSON. The FastAPI peer speaks PEER_FORMATS.
+FORMATS = {"image": ("multipart", "json", "v2-fp32"), "text": ("json",)}
 BOUNDARY = "servable-bench-" + secrets.token_hex(8)  # one boundary: every multipart body shares the headers
 
 
-def request_bodies(model: str, data: real_inputs.Inputs, fmt: str) -> tuple[str, dict[str, str], list[bytes]]:
-    """The path, headers and pre-encoded single-item bodies of format `fmt`: the client spends almost no CPU."""
+def request_bodies(model: str, data: real_inputs.Inputs, fmt: str, art=None) -> tuple[str, dict[str, str], list[bytes]]:
+    """The path, headers and pre-encoded single-item bodies of format `fmt` (v2-fp32: pre-processed with the
+    artifact `art`'s parameters): the client spends almost no CPU."""
     if fmt not in FORMATS[model]:
         raise ValueError(f"{model} requests have formats {FORMATS[model]}, not {fmt!r}")
     if model == "text":
@@ -149,6 +162,8 @@ def request_bodies(model: str, data: real_inputs.Inputs, fmt: str) -> tuple[str,
     if fmt == "json":
         bodies = [json.dumps({"image": base64.b64encode(b).decode()}).encode() for b in data.images]
         return "/classify", _headers("application/json"), bodies
+    if fmt == "v2-fp32":
+        return v2_pixel_bodies(art, data)
     from urllib3 import encode_multipart_formdata
 
     bodies = []
@@ -159,8 +174,31 @@ def request_bodies(model: str, data: real_inputs.Inputs, fmt: str) -> tuple[str,
     return "/classify", _headers(f"multipart/form-data; boundary={BOUNDARY}"), bodies
 
 
+def v2_pixel_bodies(art, data: real_inputs.Inputs) -> tuple[str, dict[str, str], list[bytes]]:
+    """V2 infer bodies: the JSON header, then one image's float32 pixels [1, 3, S, S] (answers in JSON)."""
+    from servable.preprocessing import preprocess_image
+
+    if art is None:
+        raise ValueError("v2-fp32 bodies need the artifact (its pre-processing parameters)")
+    prep = art.manifest.image_preprocessing
+    pixels = [preprocess_image(b, prep)[None].astype("<f4") for b in data.images]
+    tensor = {"name": "pixels", "datatype": "FP32", "shape": list(pixels[0].shape),
+              "parameters": {"binary_data_size": pixels[0].nbytes}}  # fmt: skip
+    head = json.dumps({"inputs": [tensor]}).encode()  # the same for every image: one set of headers
+    headers = {**_headers("application/octet-stream"), "Inference-Header-Content-Length": str(len(head))}
+    return f"/v2/models/{art.manifest.name}/infer", headers, [head + p.tobytes() for p in pixels]
+
+
 def _headers(content_type: str) -> dict[str, str]:
     return {"content-type": content_type, "x-api-key": KEY}
+
+
+def answered_one(payload: bytes) -> bool:
+    """A REST answer with one prediction, or a V2 answer whose outputs hold one item."""
+    body = json.loads(payload)
+    if "outputs" in body:
+        return all(o["shape"][0] == 1 for o in body["outputs"])
+    return len(body.get("predictions", [])) == 1
 
 
 def _client_session():
@@ -174,9 +212,7 @@ async def _one(session, url: str, headers: dict[str, str], body: bytes) -> bool:
     try:
         async with session.post(url, data=body, headers=headers) as r:
             payload = await r.read()
-            if r.status != 200:
-                return False
-            return len(json.loads(payload).get("predictions", [])) == 1
+            return r.status == 200 and answered_one(payload)
     except Exception:
         return False
 
@@ -229,9 +265,9 @@ def to_point(model: str, config: str, kind: str, conc: int, records, seconds: fl
                  p50, p95, p99, rate, request_format=fmt)  # fmt: skip
 
 
-def http_points(model: str, config: str, kind: str, base_url: str, data, fmt: str, args) -> list[Point]:
+def http_points(model: str, config: str, kind: str, base_url: str, data, fmt: str, args, art=None) -> list[Point]:
     """Closed-loop points of one server at each of args.concurrency, requests of format `fmt`."""
-    path, headers, bodies = request_bodies(model, data, fmt)
+    path, headers, bodies = request_bodies(model, data, fmt, art)
     out = []
     for c in args.concurrency:
         records, secs = asyncio.run(closed_loop(base_url + path, headers, bodies, c, args.seconds, args.warmup))
@@ -348,8 +384,12 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
     peers = {p.label: p for p in [ORT_PEER, *([] if args.no_eager else [EAGER_PEER])]}
     # The ORT peer right after served default: the pair the targets compare, measured as close in time as possible.
     order = [DEFAULT, PEER, *(c for c in res.configs if c != DEFAULT), *(c for c in peers if c != PEER)]
+    order = [label for label in order if not args.only or label in args.only]
     for label in order:
         peer = peers.get(label)
+        if peer and main_fmt not in PEER_FORMATS:
+            res.notes.append(f"`{label}` not run: it takes no {main_fmt} requests.")
+            continue
         name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label}".lower()).strip("-")
         server = (start_peer(peer.module, art.tag, log_dir / f"{name}.log", peer.uvicorn_args) if peer
                   else start_served(model, art.tag, res.configs[label], label, log_dir))  # fmt: skip
@@ -358,8 +398,8 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
             before = probe(model, art, data, args.raw_seconds)  # server idle: the probe has the cores
             pts = http_points(model, label, kind, server.url, data, main_fmt, args)
             if label in (DEFAULT, PEER):
-                for fmt in more_fmts:
-                    pts += http_points(model, f"{label} [{fmt}]", kind, server.url, data, fmt, args)
+                for fmt in more_fmts if label == DEFAULT else [f for f in more_fmts if f in PEER_FORMATS]:
+                    pts += http_points(model, f"{label} [{fmt}]", kind, server.url, data, fmt, args, art)
             if label == DEFAULT:  # the p99 <= 3x p50 target at 70 % of saturation
                 rate = 0.7 * max(p.rps for p in pts if p.request_format == main_fmt)
                 pts.append(open_loop_point(model, f"{label} @70%", server.url, data, main_fmt, rate, args))
@@ -386,6 +426,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="image request formats: the first for every image point, the others also measured for "
                    f"{DEFAULT!r} and the {PEER!r}")  # fmt: skip
     p.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager peer (torch not installed)")
+    p.add_argument("--only", nargs="+", default=[], metavar="LABEL",
+                   help=f"run only these servers (config or peer labels, e.g. {DEFAULT!r}); default: all")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="short smoke run: 2 concurrencies, 2 s points, fp32 only")
     p.add_argument("--note", default="", help="free text for the report, e.g. 'shared machine'")
     p.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)

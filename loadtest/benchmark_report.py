@@ -20,6 +20,7 @@ SPLIT = "served fp32 split (old design)"
 CUDA = "served fp32 split batching on cuda"
 PEER = "fastapi+ort peer"
 EAGER = "pytorch eager (FastAPI)"
+PEER_FORMATS = ("multipart", "json")  # the image formats the FastAPI + ORT peer takes (no V2 route)
 HTTP_KINDS = ("served", "peer", "eager")  # closed-loop HTTP rows, in the summary's order
 # served default against the FastAPI + ORT peer at 32 clients: least req/s, least multiple of the peer's req/s.
 RPS_TARGETS = {"image": (900.0, 1.6), "text": (160.0, 1.1)}
@@ -44,7 +45,7 @@ class Point:
     # The machine-speed probe (raw ORT fp32 batch 1, items/s) measured around this point: the machine is
     # shared, so ratios divide each throughput by the probe taken at the same time (drift-corrected).
     probe_items_s: float | None = None
-    request_format: str = ""  # HTTP rows: multipart | json ("" in reports written before formats were recorded)
+    request_format: str = ""  # HTTP rows: multipart | json | v2-fp32 ("" in reports older than formats)
 
     @property
     def relative(self) -> float | None:
@@ -316,7 +317,9 @@ def write_report(results: list[ModelResult], args, command: str, out: Path, elap
         "",
         f"Client: aiohttp in the benchmark process on the same machine, single-item requests of real inputs "
         f"(image: {formats[0]} unless the row says otherwise"
-        + (f", {', '.join(formats[1:])} also for {DEFAULT} and the {PEER}" if formats[1:] else "")
+        + "".join(
+            f", {fmt} also for {DEFAULT}" + (f" and the {PEER}" if fmt in PEER_FORMATS else "") for fmt in formats[1:]
+        )
         + "; text: JSON), "
         f"closed loop at {args.concurrency} clients, {args.seconds:g} s per point after {args.warmup:g} s warm-up; "
         f"raw ORT: one caller thread, ONNX Runtime's default thread count, {args.raw_seconds:g} s per batch size, "

@@ -66,11 +66,14 @@ def unknown_model(manifest, name: str, model_version: str | None) -> JSONRespons
 
 
 def metadata(manifest, tag: str, inputs: list[dict]) -> dict:
-    """Model metadata: the adapter's input tensors, and the outputs every classifier answers with."""
+    """Model metadata: the adapter's input tensors, the outputs every classifier answers with, and the
+    artifact's labels and pre-processing (what a client that sends pre-processed tensors must do)."""
     outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.labels)]},
                {"name": "label", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip
+    prep = (manifest.image_preprocessing or manifest.text_preprocessing).model_dump()
+    parameters = {"tag": tag, "labels": manifest.labels, "preprocessing": prep}
     return {"name": manifest.name, "versions": [manifest.version], "platform": "onnxruntime", "inputs": inputs,
-            "outputs": outputs, "parameters": {"tag": tag, "labels": manifest.labels}}  # fmt: skip
+            "outputs": outputs, "parameters": parameters}  # fmt: skip
 
 
 # ---------------------------------------------------------------- requests

@@ -78,6 +78,7 @@ def test_server_and_model_metadata_and_readiness(image_server, text_server, imag
         assert model == c.get_model_metadata(name, version, headers=key())
         assert model["name"] == name and model["versions"] == [version] and model["platform"] == "onnxruntime"
         assert model["parameters"]["labels"] == run.splits.labels
+        assert model["parameters"]["preprocessing"] == run.preprocessing.model_dump(mode="json")
         assert {o["name"]: o["shape"] for o in model["outputs"]} == {
             "probabilities": [-1, len(run.splits.labels)], "label": [-1]}  # fmt: skip
         assert c.is_model_ready(name, headers=key()) and c.is_model_ready(name, version, headers=key())
