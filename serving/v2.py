@@ -81,6 +81,9 @@ def metadata(manifest, tag: str, inputs: list[dict]) -> dict:
 
 async def read_request(request: Request, inputs: list[dict], max_items: int) -> InferRequest:
     """The validated infer request of `request` (JSON or JSON + binary tensors); raises ClientError."""
+    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        raise ClientError(415, "unsupported_media_type", "compressed request bodies (Content-Encoding) are not "
+                                                         "supported: send the body uncompressed")  # fmt: skip
     ctype = content_type(request)
     if ctype not in MEDIA_TYPES:
         allowed = "application/json, application/octet-stream (binary tensors) or no content type"

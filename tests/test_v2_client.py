@@ -169,6 +169,8 @@ def test_mistakes_are_the_clients_exception_with_the_right_status(image_server, 
     unknown_output = [triton.InferRequestedOutput("logits")]
     _raises("422", lambda: txt.infer(TEXT_MODEL, [tensor("text", texts, "BYTES")], outputs=unknown_output,
                                      headers=key()))  # fmt: skip
+    _raises("415", lambda: txt.infer(TEXT_MODEL, [tensor("text", texts, "BYTES")], headers=key(),
+                                     request_compression_algorithm="gzip"))  # fmt: skip
     _raises("401", lambda: txt.infer(TEXT_MODEL, [tensor("text", texts, "BYTES")]))
     _raises("401", lambda: txt.get_server_metadata())
     # The servers kept serving.
