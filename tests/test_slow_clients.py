@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import socket
 import ssl
 import threading
@@ -152,6 +153,9 @@ def test_slow_header_and_slow_body_attack_from_one_address_leaves_other_clients_
     request succeeds; the attacker alone is refused (429, too many requests in progress from its
     address) or timed out; no attack connection lives longer than its timeout."""
     stack = local_stack
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 600 sockets in this process
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     duration = HEADER_TIMEOUT_S + 4
     good: list[tuple[int | str, float]] = []
     held: list[int] = []
