@@ -6,7 +6,8 @@ proxy. Every refusal is a JSON error (`{"error", "reason"}`) and closes the conn
 
 - `GuardedHttpToolsProtocol`, uvicorn's HTTP protocol (httptools) with:
   request line + headers over MAX_HEADER_BYTES, or more than MAX_HEADERS fields: 431, as soon as
-  the limit is passed (not after the whole header was buffered); the whole header not received
+  the limit is passed (not after the whole header was buffered; what the client still sends is
+  read and dropped for LINGER_S so that it gets the answer); the whole header not received
   within HEADER_TIMEOUT_S of the connection's accept or of the request's first byte: 408 (a
   connection that sent nothing is closed). BentoML starts uvicorn itself and passes neither these
   limits nor a protocol class (uvicorn has no header size, header count or header-read timeout
@@ -40,6 +41,9 @@ MAX_HEADERS = 100
 # (nginx: client_header_timeout); a body may pause this long between two reads (client_body_timeout).
 HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0
+# After refusing, what the client still sends is read and dropped for this long (nginx's lingering
+# close): closing with unread data would reset the connection and lose the answer on the way.
+LINGER_S = 2.0
 CLOSE = [(b"connection", b"close")]
 log = logging.getLogger("servable.http_guard")
 
@@ -146,7 +150,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"content-type: application/json\r\nconnection: close\r\n")
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        if self.transport.can_write_eof():  # the answer, then our end closed; theirs drained until LINGER_S
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
 
 def install_protocol_limits() -> None:
