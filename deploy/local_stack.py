@@ -1,8 +1,9 @@
 """The compose topology on 127.0.0.1 without Docker: replicas, nginx in front, Prometheus.
 
 Two replicas of each service (`bentoml serve`, each in its own process group), nginx (Debian)
-rendering the same `deploy/nginx/servable.conf.template` as compose (HTTPS with a self-signed
-certificate from deploy/tls/make_self_signed.sh, per-API-key rate limits), and Prometheus (Debian)
+running the same `deploy/nginx/nginx.conf` and `deploy/nginx/servable.conf.template` as compose
+(HTTPS with a self-signed certificate from deploy/tls/make_self_signed.sh, per-API-key rate limits,
+per-address connection limits, client timeouts), and Prometheus (Debian)
 with the same `deploy/prometheus/prometheus.yml` and rules, its file_sd targets pointing at the
 replicas' 127.0.0.1 ports. Everything listens on 127.0.0.1 only, every wait is bounded, and
 `stop()` ends each process it started by its own process group, also when a test failed.
@@ -118,22 +119,39 @@ def _wait_https(url: str, ca_file: str, proc: subprocess.Popen, timeout_s: float
     return False
 
 
-NGINX_MAIN = """# Local-stack wrapper around the shared servable.conf (compose: the nginx image's own nginx.conf).
-{user}worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 512; }}
-http {{
-    default_type application/octet-stream;
-    client_body_temp_path {dir}/tmp/body;
-    proxy_temp_path {dir}/tmp/proxy;
-    fastcgi_temp_path {dir}/tmp/fastcgi;
-    uwsgi_temp_path {dir}/tmp/uwsgi;
-    scgi_temp_path {dir}/tmp/scgi;
-    include {dir}/servable.conf;
-}}
+# The local stack's own lines around the shared deploy/nginx/nginx.conf: main-context directives on
+# the command line (-g), http-context ones in conf.d/ (the shared file includes conf.d/servable*.conf).
+NGINX_LOCAL_HTTP = """# Local stack: temp files under its own directory (compose: the image's defaults).
+client_body_temp_path {dir}/tmp/body;
+proxy_temp_path {dir}/tmp/proxy;
+fastcgi_temp_path {dir}/tmp/fastcgi;
+uwsgi_temp_path {dir}/tmp/uwsgi;
+scgi_temp_path {dir}/tmp/scgi;
 """
+
+
+def nginx_version(nginx: str) -> tuple[int, ...]:
+    out = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=30, check=True).stderr
+    return tuple(int(n) for n in out.strip().rsplit("/", 1)[-1].split(".")[:3])
+
+
+def write_nginx_config(prefix: Path, servable_conf: str, nginx: str) -> list[str]:
+    """The shared main config (deploy/nginx/nginx.conf), the rendered template and the local temp
+    paths under `prefix`; the command line that runs them in the foreground, pid and logs there."""
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    conf_d = prefix / "conf.d"
+    conf_d.mkdir(parents=True, exist_ok=True)
+    shutil.copy(render.NGINX_MAIN, prefix / "nginx.conf")
+    (conf_d / "servable.conf").write_text(servable_conf)
+    (conf_d / "servable-local.conf").write_text(NGINX_LOCAL_HTTP.format(dir=prefix))
+    if nginx_version(nginx) >= (1, 25, 3):  # older nginx bounds the handshake with client_header_timeout
+        shutil.copy(render.NGINX_HANDSHAKE, conf_d / render.NGINX_HANDSHAKE.name)
+    error_log = prefix / "nginx-error.log"
+    main = f"daemon off; pid {prefix}/nginx.pid; error_log {error_log} warn;"
+    if os.geteuid() == 0:  # workers write the temp dirs this (root) process created
+        main += " user root root;"
+    return [nginx, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", str(error_log), "-g", main]
 
 
 class LocalStack:
@@ -228,23 +246,17 @@ class LocalStack:
 
     def _nginx(self, name: str, prefix: Path, https_port: int, http_port: int, rate_limit: str,
                rate_burst: int) -> Proc:  # fmt: skip
-        """One nginx from the shared template, its config, pid, temp files and logs under `prefix`."""
-        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        """One nginx from the shared configuration, its rendered config, pid, temp files and logs under `prefix`."""
         values = render.nginx_values(self.addresses("image"), self.addresses("text"), "127.0.0.1", https_port,
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
                                      rate_limit=rate_limit, rate_burst=rate_burst)  # fmt: skip
-        (prefix / "servable.conf").write_text(render.render_template(render.NGINX_TEMPLATE.read_text(), values))
-        user = "user root root;\n" if os.geteuid() == 0 else ""
-        (prefix / "nginx.conf").write_text(NGINX_MAIN.format(dir=prefix, user=user))
-        nginx = _which("nginx")
-        check = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                               capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        cmd = write_nginx_config(prefix, render.render_template(render.NGINX_TEMPLATE.read_text(), values),
+                                 _which("nginx"))  # fmt: skip
+        check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
-        proc = _spawn(name, [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], prefix / "nginx.out",
-                      signal.SIGQUIT)  # fmt: skip
+        proc = _spawn(name, cmd, prefix / "nginx.out", signal.SIGQUIT)
         # ready: the plain listener answers, and the TLS listener completes a verified handshake
         if not (_wait_http(f"http://127.0.0.1:{http_port}/healthz", proc.proc, 30)
                 and _wait_https(f"https://127.0.0.1:{https_port}/healthz", self.ca_file, proc.proc, 30)):  # fmt: skip

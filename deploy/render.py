@@ -1,7 +1,8 @@
 """One source for the deployment configs: the nginx template filler and the Grafana dashboard.
 
 - nginx: `deploy/nginx/servable.conf.template` is the proxy config of every environment (TLS,
-  security headers, per-API-key rate limits, routing).
+  security headers, per-API-key rate limits, per-address connection limits, client timeouts,
+  routing), included by the main `deploy/nginx/nginx.conf` (processes, connection slots).
   docker compose hands it to the nginx image's own envsubst (/etc/nginx/templates); the local
   stack fills it here with `render_template` (same ${NAME} placeholders, nginx's own $variables
   untouched).
@@ -22,6 +23,8 @@ from servable.config import SERVED_MODELS
 
 DEPLOY = Path(__file__).resolve().parent
 NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
+NGINX_MAIN = DEPLOY / "nginx" / "nginx.conf"  # processes and connection slots; includes conf.d/servable*.conf
+NGINX_HANDSHAKE = DEPLOY / "nginx" / "servable-handshake.conf"  # nginx >= 1.25.3 only
 DASHBOARD_JSON = DEPLOY / "grafana" / "dashboards" / "servable.json"
 RULES_DIR = DEPLOY / "prometheus" / "rules"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
@@ -50,14 +53,18 @@ def upstream_servers(addresses: list[str], max_fails: int = 3, fail_timeout_s: i
 # local stack: --rate-limit, --rate-burst): sustained rate, and requests allowed at once above it.
 RATE_LIMIT = "50r/s"
 RATE_BURST = 100
+# Requests in progress at once per client address (compose: SERVABLE_CONN_LIMIT; local stack:
+# --conn-limit): as many as the rate limit lets one key send at once.
+CONN_LIMIT = RATE_BURST
 
 
 def nginx_values(image: list[str], text: list[str], listen_addr: str, listen_port: int, access_log: str, *,
                  tls_cert: str = "/etc/nginx/tls/server.crt", tls_key: str = "/etc/nginx/tls/server.key",
                  http_port: int = 8080, https_public_port: int | None = None, rate_limit: str = RATE_LIMIT,
-                 rate_burst: int = RATE_BURST) -> dict:  # fmt: skip
+                 rate_burst: int = RATE_BURST, conn_limit: int = CONN_LIMIT) -> dict:  # fmt: skip
     """Values for every placeholder of the nginx template: HTTPS on listen_addr:listen_port, the
-    redirect-only plain listener on listen_addr:http_port, the certificate, the per-key limits."""
+    redirect-only plain listener on listen_addr:http_port, the certificate, the per-key and
+    per-address limits."""
     if not re.fullmatch(r"[0-9]+r/[sm]", rate_limit):
         raise ValueError(f"rate limit {rate_limit!r} is not nginx's <n>r/s or <n>r/m")
     return {
@@ -73,6 +80,7 @@ def nginx_values(image: list[str], text: list[str], listen_addr: str, listen_por
         "TLS_KEY": tls_key,
         "RATE_LIMIT": rate_limit,
         "RATE_BURST": str(int(rate_burst)),
+        "CONN_LIMIT": str(int(conn_limit)),
     }
 
 

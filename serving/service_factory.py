@@ -34,7 +34,7 @@ from serving.auth import ApiKeyMiddleware
 from serving.batcher import Batcher, BatchFailed, QueueTimeout
 from serving.errors import ClientError, JsonRouterErrors, error_response
 from serving.feedback.hook import FeedbackHook
-from serving.http_guard import BodyLimitMiddleware
+from serving.http_guard import BodyLimitMiddleware, install_protocol_limits
 from serving.loading import ServedModel
 from serving.model_call import ModelUnavailable, call_model
 
@@ -63,6 +63,7 @@ def install_middleware(service, settings: ServeCommon, name: str) -> None:
     MultiPartParser.spool_max_size = settings.max_body_bytes + 1
     service.add_asgi_middleware(AccessLogMiddleware, service=name, on_finish=audit.record)
     service.add_asgi_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_protocol_limits()  # header size, count and read-time limits below the app (BentoML starts uvicorn)
     service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
     service.add_asgi_middleware(JsonRouterErrors)
 

@@ -189,10 +189,8 @@ def test_compose_topology():
 
 
 def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
-    from deploy.local_stack import NGINX_MAIN, make_self_signed
+    from deploy.local_stack import make_self_signed, write_nginx_config
 
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / "tmp" / sub).mkdir(parents=True)
     tls = make_self_signed(tmp_path / "tls")
     values = render.nginx_values(["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:3", "127.0.0.1:4"], "127.0.0.1", 5,
                                  str(tmp_path / "access.log"), tls_cert=str(tls / "server.crt"),
@@ -204,9 +202,8 @@ def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
                       "proxy_read_timeout", "keepalive", "listen 127.0.0.1:5 ssl;", "listen 127.0.0.1:6;",
                       "return 301 https://$host:5$request_uri;", "rate=7r/s;", "burst=8 nodelay;"):  # fmt: skip
         assert directive in conf
-    (tmp_path / "servable.conf").write_text(conf)
-    (tmp_path / "nginx.conf").write_text(NGINX_MAIN.format(dir=tmp_path, user=""))
-    run([tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
+    # the shared main config (compose's /etc/nginx/nginx.conf) includes it, as in the local stack
+    run([*write_nginx_config(tmp_path, conf, tool("nginx")), "-t"])
     with pytest.raises(KeyError):
         render.render_template(render.NGINX_TEMPLATE.read_text(), {})
     with pytest.raises(ValueError):
@@ -263,6 +260,52 @@ def test_nginx_template_tls_headers_limits_and_log_format():
     # every access log uses that format (or is off)
     assert {s for s in stmts if s.startswith("access_log ")} == {"access_log ${ACCESS_LOG} servable_json",
                                                                  "access_log off"}  # fmt: skip
+
+
+def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
+    """Client timeouts, header buffers, keep-alive bounds and the per-address connection limit are
+    the same numbers in the nginx template (compose and the local stack), the Ingress and the
+    ingress-nginx controller's ConfigMap; compose runs the shared main nginx.conf, not the image's."""
+    stmts = _directives(render.NGINX_TEMPLATE.read_text())
+    main = _directives(render.NGINX_MAIN.read_text())
+
+    def value(name: str, found: list[str] = stmts) -> str:
+        values = [s.split(" ", 1)[1] for s in found if s.startswith(name + " ")]
+        assert len(values) == 1, (name, values)
+        return values[0]
+
+    config = yaml.safe_load((DEPLOY / "k8s" / "ingress-nginx" / "controller-config.yaml").read_text())
+    assert config["metadata"] == {"name": "ingress-nginx-controller", "namespace": "ingress-nginx"}
+    cm = config["data"]
+    assert value("client_header_timeout") == cm["client-header-timeout"] + "s"
+    assert value("client_body_timeout") == cm["client-body-timeout"] + "s"
+    assert f"keepalive_timeout {cm['keep-alive']}s" in stmts  # clients (the upstreams have their own, below)
+    assert int(value("client_header_timeout")[:-1]) <= 15 and int(value("send_timeout")[:-1]) <= 15
+    assert value("keepalive_requests") == cm["keep-alive-requests"]
+    assert value("client_header_buffer_size") == cm["client-header-buffer-size"]
+    assert value("large_client_header_buffers") == cm["large-client-header-buffers"]
+    assert value("limit_conn_status") == cm["limit-conn-status-code"] == "429"
+    assert "reset_timedout_connection on" in stmts
+    # idle connections to the replicas end before the replicas' own keep-alive (5 s) ends them
+    assert stmts.count("keepalive_timeout 4s") == 2 and cm["upstream-keepalive-timeout"] == "4"
+    # the per-address limit: one zone keyed by address, on the API's server, same number everywhere
+    assert "limit_conn_zone $binary_remote_addr zone=servable_per_addr:10m" in stmts
+    assert stmts.count("limit_conn servable_per_addr ${CONN_LIMIT}") == 1
+    ingress = yaml.safe_load((DEPLOY / "k8s" / "base" / "ingress.yaml").read_text())["metadata"]["annotations"]
+    assert ingress["nginx.ingress.kubernetes.io/limit-connections"] == str(render.CONN_LIMIT)
+    nginx = load_compose("compose.yaml")["services"]["nginx"]
+    assert nginx["environment"]["CONN_LIMIT"] == f"${{SERVABLE_CONN_LIMIT:-{render.CONN_LIMIT}}}"
+    # the main config: sized, and mounted by compose together with the handshake bound
+    slots = int(value("worker_connections", main))
+    assert slots >= 4096 and int(value("worker_rlimit_nofile", main)) >= 2 * slots
+    assert value("worker_processes", main) == "auto" and "include conf.d/servable*.conf" in main
+    mounts = {_target(v): v.split(":")[0] for v in nginx["volumes"] if isinstance(v, str)}
+    assert mounts["/etc/nginx/nginx.conf"] == "./nginx/nginx.conf"
+    assert mounts["/etc/nginx/conf.d/servable-handshake.conf"] == "./nginx/servable-handshake.conf"
+    handshake = _directives(render.NGINX_HANDSHAKE.read_text())
+    assert handshake == [f"ssl_handshake_timeout {value('client_header_timeout')}"]
+    assert int(nginx["ulimits"]["nofile"]["soft"]) >= int(value("worker_rlimit_nofile", main))
+    run([tool("kubernetes-validate"), "--strict", str(DEPLOY / "k8s" / "ingress-nginx" / "controller-config.yaml")])
 
 
 # ---------------------------------------------------------------- Prometheus and Grafana
