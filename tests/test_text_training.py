@@ -34,6 +34,29 @@ def test_tiny_fine_tune_lowers_loss(text_run):
     assert "out_of_domain" in text_run.metrics["test"]["fp32"]
 
 
+def test_the_encoder_starts_from_the_pretrained_checkpoint_and_frozen_embeddings_keep_it(text_run):
+    """Transfer learning really starts from the bundled MiniLM: before training every encoder tensor equals
+    the checkpoint's (model.safetensors); after the fixture's fine-tune the frozen embeddings still do,
+    while the trained layers moved away from it."""
+    from safetensors.torch import load_file
+
+    from training.text_model import bundled_backbone
+
+    checkpoint = {k: v for k, v in load_file(bundled_backbone() / "model.safetensors").items()
+                  if not k.endswith("position_ids")}  # fmt: skip
+    _, fresh, _ = load_backbone(None, ["negative", "positive"], 0.1)
+    for model, trained in ((fresh, False), (text_run.model, True)):
+        encoder = {k.removeprefix("bert."): v for k, v in model.state_dict().items() if k.startswith("bert.")}
+        assert set(checkpoint) <= set(encoder) and len(checkpoint) > 90
+        same = {k for k, v in checkpoint.items() if torch.equal(encoder[k].cpu(), v)}
+        if not trained:
+            assert same == set(checkpoint)
+        else:  # embeddings frozen (freeze_embeddings=True), the transformer layers fine-tuned
+            embeddings = {k for k in checkpoint if k.startswith("embeddings.")}
+            assert embeddings and embeddings <= same
+            assert any(k.startswith("encoder.layer.") for k in set(checkpoint) - same)
+
+
 def test_unfreezing_keeps_the_bottom_frozen(text_run):
     """The run's default keeps the embeddings pretrained; layers above and the head were trained."""
     _, pretrained, _ = load_backbone(None, text_run.splits.labels, 0.1)
