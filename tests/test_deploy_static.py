@@ -278,6 +278,19 @@ def test_alert_unit_tests():
     assert "SUCCESS" in out.stdout
 
 
+def test_every_alert_fires_in_a_promtool_test():
+    """Each alert rule has a promtool case where it fires (non-empty exp_alerts): a rule whose expression
+    or `for:` could never fire, or that was added without a test, fails here (the cases run in
+    test_alert_unit_tests)."""
+    alerts = {r["alert"] for f in render.RULES_DIR.glob("*.yml") for g in yaml.safe_load(f.read_text())["groups"]
+              for r in g["rules"] if "alert" in r}  # fmt: skip
+    cases = yaml.safe_load((DEPLOY / "prometheus/tests/alerts_test.yml").read_text())
+    rule_files = {(DEPLOY / "prometheus/tests" / f).resolve() for f in cases["rule_files"]}
+    assert rule_files == {p.resolve() for p in render.RULES_DIR.glob("*.yml")}, "every rule file is under test"
+    fired = {t["alertname"] for case in cases["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
+    assert alerts - fired == set(), f"alerts never shown firing: {sorted(alerts - fired)}"
+
+
 def test_alerts_cover_the_required_signals():
     alerts = {r["alert"]: r for f in render.RULES_DIR.glob("*.yml")
               for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r}  # fmt: skip
