@@ -83,7 +83,8 @@ clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url benchmark benchmark-quick profile
+.PHONY: loadtest loadtest-url benchmark benchmark-quick profile soak
+SOAK_ARGS ?=
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
 PROFILE_ARGS ?=
@@ -100,6 +101,9 @@ benchmark: setup  ## throughput/latency of raw ORT, each served layout, int8, a 
 
 benchmark-quick: setup  ## the benchmark's code paths in about two minutes (figures not meant for publishing)
 	$(BIN)/python -m loadtest.benchmark --quick --out /tmp/servable-benchmark-quick $(BENCHMARK_ARGS)
+
+soak: setup  ## 20 min at 70 % of saturation through the local stack (2+2 replicas) -> docs/results/soak.json
+	$(BIN)/python -m loadtest.soak $(SOAK_ARGS)
 
 profile: setup  ## py-spy flame graphs of the served request path at 32 clients -> docs/results/profiles/
 	$(BIN)/python -m loadtest.profile $(PROFILE_ARGS)
