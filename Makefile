@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt data kubectl train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all setup apt data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
@@ -76,8 +76,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint  ## ruff + the whole pytest suite (real training, export, serving)
+test: setup lint  ## ruff + the whole pytest suite (real training, export, serving) + a sample of proofs run alone
 	$(BIN)/pytest
+	$(BIN)/python -m tests.proofs_alone
+
+proofs-alone: setup  ## cited proofs of docs/deployment-answers.md, each in a pytest of its own (PROOFS_ARGS=--all: every one)
+	$(BIN)/python -m tests.proofs_alone $(PROOFS_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
