@@ -589,21 +589,36 @@ def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
 # ---------------------------------------------------------------- loading: provider in use, warm-up (in-process)
 
 
+@pytest.fixture
+def servable_logs(caplog):
+    """caplog for servable's loggers, each record once: they stop propagating to the root logger once a
+    service module in this process has set up JSON logging (serving/access_log.py)."""
+    import logging
+
+    logger = logging.getLogger("servable")
+    saved = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.level, logger.propagate = saved
+
+
 def _runtime_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "servable.runtime" and r.levelname == "WARNING"]
 
 
-def test_device_cuda_without_a_working_cuda_provider_keeps_the_replica_unready(image_run, caplog):
+def test_device_cuda_without_a_working_cuda_provider_keeps_the_replica_unready(image_run, servable_logs):
     """This machine has no GPU: the CUDA provider cannot load (onnxruntime-gpu lists it, then falls back;
     a CPU-only build does not list it). device=cuda must not serve on CPU: un-ready, with the reason logged."""
-    import logging
 
     from servable.config import ImageServeSettings, gpu_present
     from serving.adapters.image import ImageAdapter
     from serving.service_factory import load_model
 
     assert not gpu_present(), "a test of the CPU machine: with a GPU, device=cuda is expected to load"
-    caplog.set_level(logging.INFO)
+    caplog = servable_logs
     settings = ImageServeSettings(model_tag=image_run.tag, device="cuda", variant="fp32")
     _, model, run = load_model(ImageAdapter, settings, with_session=True)
     assert not model.ready and run is None and model.session is None
@@ -612,10 +627,9 @@ def test_device_cuda_without_a_working_cuda_provider_keeps_the_replica_unready(i
     assert len(lines) == 1 and image_run.tag in lines[0] and "device=cuda" in lines[0], lines
 
 
-def test_device_auto_reports_the_provider_in_use_and_logs_a_fallback_once(image_run, caplog):
+def test_device_auto_reports_the_provider_in_use_and_logs_a_fallback_once(image_run, servable_logs):
     """device=auto asks for CUDA whenever the onnxruntime build has it; here it falls back. The provider
     reported is the one ONNX Runtime says it uses, and the fallback is one warning, not one per batch."""
-    import logging
 
     import onnxruntime as ort
 
@@ -623,7 +637,7 @@ def test_device_auto_reports_the_provider_in_use_and_logs_a_fallback_once(image_
     from serving.adapters.image import ImageAdapter
     from serving.service_factory import load_model
 
-    caplog.set_level(logging.INFO)
+    caplog = servable_logs
     settings = ImageServeSettings(model_tag=image_run.tag, device="auto", variant="fp32")
     adapter, model, run = load_model(ImageAdapter, settings, with_session=True)  # runs the warm-up batches too
     assert model.ready and model.provider == model.session.get_providers()[0] == "CPUExecutionProvider"
@@ -675,12 +689,11 @@ def _register_image_variant(image_run, tmp_path, version: str, make_onnx) -> str
 
 @pytest.mark.parametrize("fault", ["non_finite_output", "wrong_input_shape", "wrong_task_graph", "valid"])
 def test_a_model_that_loads_but_fails_its_warm_up_keeps_the_replica_unready(fault, image_run, text_run, tmp_path,
-                                                                           caplog):  # fmt: skip
+                                                                           servable_logs):  # fmt: skip
     """The checksum-verified model loads, but its warm-up batches fail: NaN logits, an input of a fixed
     shape the pre-processing does not produce, or a text graph in an image artifact. The replica stays
     un-ready (no batch function, `ready` False, what BentoML's /readyz reads) and the log says why, once.
     The same fixture with a sound graph warms up and becomes ready, so the failures are the faults'."""
-    import logging
     import shutil
 
     from servable.config import ImageServeSettings
@@ -695,7 +708,7 @@ def test_a_model_that_loads_but_fails_its_warm_up_keeps_the_replica_unready(faul
         "valid": lambda p: _onnx_image_model(p, size, 0.0),
     }[fault]
     tag = _register_image_variant(image_run, tmp_path, fault.replace("_", "-"), make)
-    caplog.set_level(logging.INFO)
+    caplog = servable_logs
     settings = ImageServeSettings(model_tag=tag, variant="fp32", device="cpu")
     adapter, model, run = load_model(ImageAdapter, settings, with_session=True)
     if fault == "valid":
