@@ -821,9 +821,15 @@ def test_text_int8_on_two_workers(setting_servers, text_run):
     assert (info["variant"], info["quantized"], info["workers"]) == ("int8", True, 2)
     assert worker_ids(server) == {"1", "2"}  # two HTTP worker processes, each with its own session
     texts = [t for t, _ in text_run.splits.test[:24]]
-    expected = served_text_probs(server, text_run, texts)
-    got = _burst(server.url + "/sentiment", [{"text": t} for t in texts])
-    np.testing.assert_allclose([g["predictions"][0]["scores"]["positive"] for g in got], expected[:, 1], atol=1e-4)
+    expected = served_text_probs(server, text_run, texts)[:, 1]
+    got = np.array([g["predictions"][0]["scores"]["positive"] for g in _burst(server.url + "/sentiment",
+                                                                            [{"text": t} for t in texts])])  # fmt: skip
+    # Dynamic int8 quantisation scales activations over the whole batch, so a text's int8 score moves a
+    # little with its batch-mates (measured up to 0.027 on this fixture); alone it is exact. (fp32 and the
+    # optimised graph are batch-independent: test_concurrent_calls_are_batched_and_answered_to_the_right_caller.)
+    np.testing.assert_allclose(got, expected, atol=0.05)
+    alone = requests.post(server.url + "/sentiment", json={"text": texts[0]}, headers=KEY, timeout=60).json()
+    assert alone["predictions"][0]["scores"]["positive"] == pytest.approx(float(expected[0]), abs=1e-4)
     assert _metric(server, "servable_batch_size_sum") >= len(texts)  # both workers' metrics are aggregated
 
 
