@@ -313,7 +313,7 @@ def test_sigterm_stops_cleanly_and_never_drops_an_accepted_request(text_run, tmp
             outcome = str(r.status_code) if clean else f"unclean-{r.status_code}"
         except requests.ConnectionError as exc:
             # Refused = arrived after the listener closed (never accepted); reset/aborted = dropped mid-flight.
-            outcome = "refused" if "refused" in str(exc).lower() else "dropped"
+            outcome = "refused" if "refused" in str(exc).lower() else f"dropped ({type(exc).__name__}: {exc})"[:160]
         outcomes.append((outcome, start, time.monotonic()))
 
     grace_s = _grace_period_s()
@@ -334,7 +334,7 @@ def test_sigterm_stops_cleanly_and_never_drops_an_accepted_request(text_run, tmp
     REPORT["sigterm_single_replica"] = {"requests": 12, "outcomes": {o: kinds.count(o) for o in set(kinds)},
                                         "in_flight_at_sigterm": len(in_flight), "exit_s": round(exit_s, 2),
                                         "grace_period_s": grace_s}  # fmt: skip
-    assert len(outcomes) == 12 and set(kinds) <= {"200", "503", "refused"}, outcomes
+    assert len(outcomes) == 12 and set(kinds) <= {"200", "503", "refused"}, (REPORT["sigterm_single_replica"], outcomes)
     assert in_flight, f"no request was in flight when SIGTERM came: {REPORT['sigterm_single_replica']}"
     assert exit_s < grace_s, f"exited {exit_s:.1f} s after SIGTERM; the grace period is {grace_s:.0f} s"
 
