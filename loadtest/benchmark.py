@@ -202,9 +202,13 @@ def answered_one(payload: bytes) -> bool:
 
 
 def _client_session():
+    import ssl
+
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60))
+    # A context made now, not at import: it trusts SSL_CERT_FILE as set by then (the local stack's own CA, soak).
+    connector = aiohttp.TCPConnector(limit=0, ssl=ssl.create_default_context())
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
 
 
 async def _one(session, url: str, headers: dict[str, str], body: bytes) -> bool:
@@ -275,6 +279,17 @@ def http_points(model: str, config: str, kind: str, base_url: str, data, fmt: st
     return out
 
 
+def padding_share(base_url: str) -> float:
+    """Mean share of padded token positions over the text batches a server ran (servable_padding_ratio)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = {k: sum(float(v) for v in re.findall(rf"^servable_padding_ratio_{k}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+             for k in ("sum", "count")}  # fmt: skip
+    return total["sum"] / total["count"] if total["count"] else float("nan")
+
+
 def show(p: Point) -> Point:
     where = f"{p.target_rps:.0f}/s" if p.target_rps else f"c={p.concurrency}"
     print(f"  {p.config:40s} {where:<7s} {p.rps:7.1f} req/s  p50 {p.p50_ms:7.1f}  p99 {p.p99_ms:7.1f} ms"
@@ -291,7 +306,10 @@ def open_loop_point(model: str, config: str, base_url: str, data, fmt: str, rate
 # ---------------------------------------------------------------- servers
 
 
-def served_configs(variants: list[str], has_cuda: bool, quick: bool) -> dict[str, dict[str, str]]:
+LENGTH_BUCKETS_OFF = "served default, length buckets off"
+
+
+def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str = "image") -> dict[str, dict[str, str]]:
     """Label -> SERVABLE_<MODEL>_SERVE_ settings (without the prefix) of each served configuration."""
 
     def cpu(topology: str, variant: str, batching: bool) -> dict[str, str]:
@@ -310,6 +328,8 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool) -> dict[str
         # The threading choices of the default, measured rather than assumed (docs/benchmark.md).
         configs["served default, 2 ORT threads per worker"] = {"INTRA_OP_THREADS": "2"}
         configs["served default, ORT spinning on"] = {"INTRA_OP_SPINNING": "true"}
+    if model == "text":  # texts of mixed lengths: padding with and without length buckets (docs/benchmark.md)
+        configs[LENGTH_BUCKETS_OFF] = {"LENGTH_BUCKETS": "false"}
     if has_cuda:
         configs["served fp32 split batching on cuda"] = {"TOPOLOGY": "split", "VARIANT": "fp32", "BATCHING": "true",
                                                          "DEVICE": "cuda"}  # fmt: skip
@@ -380,7 +400,7 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
 
     formats = list(args.image_formats) if model == "image" else list(FORMATS[model])
     main_fmt, more_fmts = formats[0], formats[1:]  # more_fmts: measured for served default and the ORT peer
-    res.configs = served_configs(variants, has_cuda, args.quick)
+    res.configs = served_configs(variants, has_cuda, args.quick, model)
     peers = {p.label: p for p in [ORT_PEER, *([] if args.no_eager else [EAGER_PEER])]}
     # The ORT peer right after served default: the pair the targets compare, measured as close in time as possible.
     order = [DEFAULT, PEER, *(c for c in res.configs if c != DEFAULT), *(c for c in peers if c != PEER)]
@@ -404,6 +424,8 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
                 rate = 0.7 * max(p.rps for p in pts if p.request_format == main_fmt)
                 pts.append(open_loop_point(model, f"{label} @70%", server.url, data, main_fmt, rate, args))
             res.points += with_probe(pts, before, probe(model, art, data, args.raw_seconds))
+            if model == "text" and not peer:
+                res.notes.append(f"{label}: {padding_share(server.url):.1%} of the token positions run were padding")
         finally:
             server.stop()
     return res

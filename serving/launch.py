@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,45 @@ def demo_image(path: Path) -> Path:
     return path
 
 
+def demo_calls(img: str, txt: str, key: str, sample: Path) -> list[tuple[str, Callable[[object], bool]]]:
+    """The README's calls (curl command lines) and, for each, what its answer must be to count as success."""
+    from pydantic import BaseModel, ValidationError
+
+    from serving import schemas
+
+    def answers(model: type[BaseModel], n: int) -> Callable[[object], bool]:
+        def check(body: object) -> bool:
+            try:
+                return len(model.model_validate(body).predictions) == n
+            except ValidationError:
+                return False
+
+        return check
+
+    return [
+        (f"curl -s -H 'x-api-key: {key}' -F image=@{sample} {img}/classify", answers(schemas.ClassifyResponse, 1)),
+        (f"curl -s -H 'x-api-key: {key}' -H 'content-type: application/json' "
+         f'-d \'{{"texts": ["A gorgeous, witty film.", "Dull and far too long."]}}\' {txt}/sentiment',
+         answers(schemas.SentimentResponse, 2)),
+        (f"curl -s {txt}/v2/health/ready", lambda body: body == {"ready": True}),
+    ]  # fmt: skip
+
+
+def run_call(cmd: str, check: Callable[[object], bool]) -> tuple[bool, str]:
+    """Run one demo call; success only for HTTP 200 with the expected answer (a 401 or 503 body is JSON too)."""
+    done = subprocess.run(cmd + " -w '\\n%{http_code}'", shell=True, capture_output=True, text=True, timeout=30,
+                          check=False)  # fmt: skip
+    out, _, status = done.stdout.rpartition("\n")
+    try:
+        body = json.loads(out)
+    except ValueError:
+        return False, f"(HTTP {status or '-'}, no JSON answer: {out[:200]!r})"
+    shown = json.dumps(body, indent=1)[:700]
+    if status != "200" or not check(body):
+        return False, f"(HTTP {status}, not the expected answer)\n{shown}"
+    return True, shown
+
+
 def demo() -> int:
     """The main job's last step: serve both models, call them as the README shows, stop."""
     key, env = _demo_key(), {}
@@ -194,22 +234,11 @@ def demo() -> int:
             print(f"starting {target} ...", flush=True)
             # The ports `make serve` uses, so the printed calls work again there.
             servers[kind] = start_ready(target, env, port=port_or_free(DEFAULT_PORTS[kind]))
-        img, txt = servers["image"].url, servers["text"].url
         sample = demo_image(Path("runs/demo/ankle-boot.png"))
-        calls = [
-            f"curl -s -H 'x-api-key: {key}' -F image=@{sample} {img}/classify",
-            f"curl -s -H 'x-api-key: {key}' -H 'content-type: application/json' "
-            f'-d \'{{"texts": ["A gorgeous, witty film.", "Dull and far too long."]}}\' {txt}/sentiment',
-            f"curl -s {txt}/v2/health/ready",
-        ]
-        for cmd in calls:
-            out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30, check=False).stdout
-            try:
-                shown = json.dumps(json.loads(out), indent=1)
-            except ValueError:
-                failed = True
-                shown = f"(no JSON answer: {out[:200]!r})"
-            print(f"\n$ {cmd}\n{shown[:700]}")
+        for cmd, check in demo_calls(servers["image"].url, servers["text"].url, key, sample):
+            ok, shown = run_call(cmd, check)
+            failed |= not ok
+            print(f"\n$ {cmd}\n{shown}")
         print("\nServe them yourself: make serve  (image on :3000, sentiment on :3001, key from SERVABLE_AUTH_KEYS);"
               " API docs at http://127.0.0.1:3000/docs and :3001/docs")  # fmt: skip
         return 1 if failed else 0

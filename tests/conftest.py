@@ -51,13 +51,18 @@ API_KEY = "test-key-0123456789"
 SECRET_SENTENCE = "my passport number is X1234567 and the secret word is PURPLE-ELEPHANT-42"
 
 
-def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None):
+def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None, shipped: bool = False):
+    """A server of the `kind` model on a free port. The test settings (fp32, 8 items per request so the
+    limits are cheap to reach, a 5 s batching-queue bound for a busy machine) unless `shipped`: then
+    every setting is the shipped default but the model tag and the key."""
     from servable.config import SERVED_MODELS
     from serving import launch
 
     prefix = SERVED_MODELS[kind].env_prefix
-    env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}", f"{prefix}MAX_ITEMS": "8",
-           f"{prefix}MAX_LATENCY_MS": "5000", f"{prefix}VARIANT": "fp32", **(extra_env or {})}  # fmt: skip
+    env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}"}
+    if not shipped:
+        env |= {f"{prefix}MAX_ITEMS": "8", f"{prefix}MAX_LATENCY_MS": "5000", f"{prefix}VARIANT": "fp32"}
+    env |= extra_env or {}
     log = tmp_path_factory.mktemp(f"{kind}-server") / "server.log"
     return launch.start_ready(launch.SERVICES[kind], env, log_path=log)
 
@@ -72,5 +77,14 @@ def image_server(image_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_server(text_run, tmp_path_factory):
     server = _serve("text", text_run.tag, tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shipped_text_server(text_run, tmp_path_factory):
+    """The sentiment service exactly as shipped (variant auto, 2 s queue bound, 64 items, one worker per
+    core): the concurrency proofs run against it."""
+    server = _serve("text", text_run.tag, tmp_path_factory, shipped=True)
     yield server
     server.stop()

@@ -130,3 +130,60 @@ def test_batching_off_is_max_batch_size_one(size):
 
     asyncio.run(main())
     assert [len(b) for b in model.batches] == [size] * 6  # one call per run, whole
+
+
+# ---------------------------------------------------------------- text length buckets (serving/adapters/text.py)
+
+
+def _padding_share(lengths: list[int], groups: list[list[int]]) -> float:
+    """Share of padded positions when each group is padded to its own longest member."""
+    padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+    return 1 - sum(lengths) / padded
+
+
+@pytest.mark.parametrize("max_waste", [0.0, 0.1, 0.3, 0.6])
+def test_length_buckets_group_every_index_once_under_the_waste_bound(max_waste):
+    from serving.adapters.text import length_buckets
+
+    rng = np.random.default_rng(7)
+    lengths = [int(n) for n in rng.choice([3, 4, 5, 9, 12, 30, 31, 64], size=40)]
+    groups = length_buckets(lengths, max_waste)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each index exactly once
+    for g in groups:  # within each bucket, padding to its longest stays within the bound
+        assert 1 - sum(lengths[i] for i in g) / (max(lengths[i] for i in g) * len(g)) <= max_waste + 1e-9
+    # similar lengths share a bucket: far fewer buckets than texts, and far less padding than one batch
+    assert len(groups) <= len(set(lengths))
+    assert _padding_share(lengths, groups) <= max_waste + 1e-9 < _padding_share(lengths, [list(range(40))])
+
+
+def test_length_buckets_keep_a_uniform_batch_whole_and_split_short_from_long():
+    from serving.adapters.text import length_buckets
+
+    assert length_buckets([16] * 8, 0.0) == [list(range(8))]
+    assert length_buckets([], 0.3) == []
+    groups = length_buckets([60, 4, 62, 5, 4, 64], 0.3)
+    assert sorted(map(sorted, groups)) == [[0, 2, 5], [1, 3, 4]]
+    assert length_buckets([4, 60], 1.0) == [[0, 1]]  # any waste allowed: one batch
+
+
+def test_bucketed_run_restores_the_callers_order_and_matches_one_padded_batch(text_run):
+    """TextAdapter.run with buckets answers row i with text i's probabilities, the same as padding the
+    whole batch at once and as running each text alone (attention masks hide the padding)."""
+    from servable import artifact
+    from servable.config import TextServeSettings
+    from serving.adapters.text import TextAdapter
+    from training import onnx_tools
+
+    art = artifact.load(text_run.tag)
+    texts = ["Fine.", "word " * 40, "Dull.", "A gorgeous, witty, seductive movie that I loved " * 2, "ok", "bad " * 30]
+    runs = {}
+    for buckets in (True, False):
+        adapter = TextAdapter(TextServeSettings(model_tag=text_run.tag, length_buckets=buckets))
+        adapter.load(art)
+        rows = adapter._tokenize(texts).rows
+        session = onnx_tools.cpu_session(art.onnx_path("fp32"))
+        runs[buckets] = adapter.run(session, rows)
+        alone = np.concatenate([adapter.run(session, [r]) for r in rows])
+    np.testing.assert_allclose(runs[True], runs[False], atol=1e-5)
+    np.testing.assert_allclose(runs[True], alone, atol=1e-5)  # row i is text i's answer, not a bucket-mate's
+    assert len({round(float(p), 4) for p in alone[:, 1]}) > 3  # answers differ, so a mix-up would show

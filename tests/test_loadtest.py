@@ -79,3 +79,89 @@ def test_headless_locust_against_real_servers(image_server, text_server, image_r
     assert "SLO FAILED" in out and "p95_ms" in out.split("SLO FAILED", 1)[1].splitlines()[0]
     verdict = json.loads(Path(f"{prefix}_slo.json").read_text())
     assert verdict["passed"] is False and any(c["metric"] == "p95_ms" and not c["ok"] for c in verdict["checks"])
+
+
+def test_run_command_against_running_services(image_server, text_server, tmp_path):
+    """`python -m loadtest.run` (make loadtest-url) against two URLs: Locust runs, the SLO gate's verdict is
+    the exit code, the reports are written."""
+    inputs.export(tmp_path / "inputs", n_images=20, n_texts=40)
+    cmd = [sys.executable, "-m", "loadtest.run", "--image-url", image_server.url, "--text-url", text_server.url,
+           "--users", "2", "--duration", "6", "--results", str(tmp_path / "results"), "--name", "cmd",
+           "--inputs", str(tmp_path / "inputs")]  # fmt: skip
+    env = {**os.environ, "LOADTEST_API_KEY": API_KEY, "SERVABLE_SLO_MIN_REQUESTS": "5"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    verdict = json.loads((tmp_path / "results" / "cmd_slo.json").read_text())
+    assert verdict["passed"] is True and verdict["checks"]
+    assert (tmp_path / "results" / "cmd.html").stat().st_size > 0
+
+
+def test_benchmark_code_paths_against_the_test_servers(image_server, text_server, image_run, text_run, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    """The benchmark's quick-mode code, minus starting its own servers (`make benchmark-quick` does that):
+    raw ONNX Runtime points, closed- and open-loop HTTP points for each request format, the padding figure
+    with length buckets on (the off row is a served config of its own), and the report."""
+    from loadtest import benchmark
+    from loadtest.benchmark_report import ModelResult
+    from servable import artifact
+
+    monkeypatch.setattr(benchmark, "KEY", API_KEY)  # the test servers' key (the benchmark's own servers use its own)
+    args = benchmark.parse(["--quick", "--out", str(tmp_path / "bench")])
+    args.seconds, args.warmup, args.concurrency = 1.0, 0.2, [1, 4]
+    data = inputs.load(inputs.export(tmp_path / "inputs", n_images=20, n_texts=40))
+    configs = benchmark.served_configs(["fp32", "int8"], False, True, "text")
+    assert configs[benchmark.LENGTH_BUCKETS_OFF] == {"LENGTH_BUCKETS": "false"}
+    assert benchmark.LENGTH_BUCKETS_OFF not in benchmark.served_configs(["fp32"], False, True, "image")
+    results = []
+    for model, server, run in (("image", image_server, image_run), ("text", text_server, text_run)):
+        art = artifact.load(run.tag)
+        res = ModelResult(model, art.tag, configs=configs)
+        res.points += benchmark.raw_points(model, art, data, "fp32", "cpu", [1, 4], 0.2)
+        for fmt in benchmark.FORMATS[model]:
+            res.points += benchmark.http_points(model, "served default", "served", server.url, data, fmt, args)
+        res.points.append(benchmark.open_loop_point(model, "served default @70%", server.url, data,
+                                                    benchmark.FORMATS[model][0], 20, args))  # fmt: skip
+        served = [p for p in res.points if p.kind.startswith("served")]
+        assert served and all(p.errors == 0 and p.rps > 0 and p.p99_ms >= p.p50_ms > 0 for p in served), served
+        results.append(res)
+    share = benchmark.padding_share(text_server.url)
+    assert 0 <= share < 1
+    md = benchmark.write_report(results, args, "python -m loadtest.benchmark --quick", args.out, 1.0)
+    report = md.read_text()
+    assert "served default" in report and "raw ORT fp32" in report
+    assert json.loads((args.out / "benchmark.json").read_text())["settings"]
+
+
+def test_soak_quick_mode(image_run, text_run, tmp_path):
+    """`python -m loadtest.soak --quick` (the code of `make soak`, 20 s instead of 20 min) through a local
+    stack of one replica per model: saturation measured, the soak at 70 % of it, no errors, windows with
+    p99, worker RSS at start and end, the command and machine recorded."""
+    out = tmp_path / "soak.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.soak",
+        "--quick",
+        "--replicas",
+        "1",
+        "--image-tag",
+        image_run.tag,
+        "--text-tag",
+        text_run.tag,
+        "--out",
+        str(out),
+        "--inputs",
+        str(inputs.export(tmp_path / "inputs", 20, 40)),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m loadtest.soak --quick") and report["machine"]["cores"]
+    for model in ("image", "text"):
+        r = report[model]
+        assert r["errors"] == 0 and r["requests"] > 0 and r["saturation_rps"] > r["target_rps"] > 0, r
+        assert len(r["windows"]) == 4 and all(w["requests"] > 0 for w in r["windows"]), r["windows"]
+        assert r["p99_last_window_ms"] > 0
+    workers = report["workers"]
+    assert {w.split("-")[0] for w in workers["rss_start_mb"]} == {"image", "text"} and not workers["lost"]
+    assert set(workers["rss_growth_mb"]) == set(workers["rss_start_mb"])

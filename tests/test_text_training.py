@@ -34,6 +34,29 @@ def test_tiny_fine_tune_lowers_loss(text_run):
     assert "out_of_domain" in text_run.metrics["test"]["fp32"]
 
 
+def test_the_encoder_starts_from_the_pretrained_checkpoint_and_frozen_embeddings_keep_it(text_run):
+    """Transfer learning really starts from the bundled MiniLM: before training every encoder tensor equals
+    the checkpoint's (model.safetensors); after the fixture's fine-tune the frozen embeddings still do,
+    while the trained layers moved away from it."""
+    from safetensors.torch import load_file
+
+    from training.text_model import bundled_backbone
+
+    checkpoint = {k: v for k, v in load_file(bundled_backbone() / "model.safetensors").items()
+                  if not k.endswith("position_ids")}  # fmt: skip
+    _, fresh, _ = load_backbone(None, ["negative", "positive"], 0.1)
+    for model, trained in ((fresh, False), (text_run.model, True)):
+        encoder = {k.removeprefix("bert."): v for k, v in model.state_dict().items() if k.startswith("bert.")}
+        assert set(checkpoint) <= set(encoder) and len(checkpoint) > 90
+        same = {k for k, v in checkpoint.items() if torch.equal(encoder[k].cpu(), v)}
+        if not trained:
+            assert same == set(checkpoint)
+        else:  # embeddings frozen (freeze_embeddings=True), the transformer layers fine-tuned
+            embeddings = {k for k in checkpoint if k.startswith("embeddings.")}
+            assert embeddings and embeddings <= same
+            assert any(k.startswith("encoder.layer.") for k in set(checkpoint) - same)
+
+
 def test_unfreezing_keeps_the_bottom_frozen(text_run):
     """The run's default keeps the embeddings pretrained; layers above and the head were trained."""
     _, pretrained, _ = load_backbone(None, text_run.splits.labels, 0.1)
@@ -76,17 +99,26 @@ def test_export_parity_across_sequence_lengths(text_run):
 
 
 def test_optimized_and_int8_agree_with_fp32(text_run):
-    prep, rows = text_run.preprocessing, text_run.splits.test[:100]
+    """The optimised graph computes what fp32 does; int8 is smaller and its cost is measured on the test set
+    (the recorded accuracies, agreement and flag are what the files do, measured again here), never hidden."""
+    prep, rows, m = text_run.preprocessing, text_run.splits.test, text_run.metrics
     tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
-    preds = {
-        v: onnx_predict(onnx_tools.cpu_session(text_run.staging / f), tok, rows, prep).argmax(1)
-        for v, f in (("fp32", "model.onnx"), ("optimized", "model.optimized.onnx"), ("int8", "model.int8.onnx"))
-    }
-    assert (preds["optimized"] == preds["fp32"]).mean() >= 0.99
-    assert (preds["int8"] == preds["fp32"]).mean() >= 0.85
-    sizes = {v: text_run.metrics["test"][v]["bytes"] for v in preds}
-    assert sizes["int8"] < sizes["fp32"] / 2
-    assert set(text_run.metrics["test"]["int8"]["latency_ms"]) == {"batch_1", "batch_32"}
+    files = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx"}
+    probs = {v: onnx_predict(onnx_tools.cpu_session(text_run.staging / f), tok, rows, prep) for v, f in files.items()}
+    preds = {v: p.argmax(1) for v, p in probs.items()}
+    labels = np.array([label for _, label in rows])
+    for v in files:
+        assert m["test"][v]["accuracy"] == pytest.approx(float((preds[v] == labels).mean()), abs=1e-12), v
+        assert m["test"][v]["bytes"] == (text_run.staging / files[v]).stat().st_size
+    np.testing.assert_allclose(probs["optimized"], probs["fp32"], atol=1e-4)  # the same function, fused
+    agreement = float((preds["int8"] == preds["fp32"]).mean())
+    assert m["agreement_int8_fp32"] == pytest.approx(agreement, abs=1e-12)
+    assert agreement >= 0.9, agreement  # the fixture measures 0.95; the default run 0.961 (docs/training.md)
+    drop = m["test"]["fp32"]["accuracy"] - m["test"]["int8"]["accuracy"]
+    assert m["int8_within_1pt"] is (drop <= 0.01)
+    sizes = {v: m["test"][v]["bytes"] for v in files}
+    assert sizes["int8"] < 0.3 * sizes["fp32"]  # the default run: 23.0 of 91.0 MB
+    assert set(m["test"]["int8"]["latency_ms"]) == {"batch_1", "batch_32"}
 
 
 def test_artifact_round_trip_shares_the_schema(text_run, image_run):
