@@ -120,8 +120,7 @@ class TextTrainConfig(TrainCommon):
 
 
 class LimitedDataConfig(ImageTrainConfig):
-    """The limited-data study: pretrained vs two from-scratch baselines, augmentation, pseudo-labelling
-    and active learning at several labelled-set sizes, several seeds each."""
+    """The limited-data study: pretrained vs 2 from-scratch baselines, augmentation, pseudo-labels, active learning."""
 
     model_config = _cfg("SERVABLE_LIMITED_")
 
@@ -137,14 +136,14 @@ class LimitedDataConfig(ImageTrainConfig):
     register_model: bool = False
     tune_size: int = Field(1000, ge=20, description="Labelled size at which from-scratch lr and epochs are tuned.")
     tune_lrs: list[float] = Field([1e-3, 3e-3, 1e-2], description="From-scratch learning rates tried.")
-    scratch_max_epochs: int = Field(10, ge=1, description="Tuning: most epochs tried, EfficientNet from scratch.")
-    small_cnn_max_epochs: int = Field(20, ge=1, description="Tuning: most epochs tried, small CNN.")
+    scratch_max_epochs: int = Field(8, ge=1, description="Tuning: most epochs tried, EfficientNet from scratch.")
+    small_cnn_max_epochs: int = Field(15, ge=1, description="Tuning: most epochs tried, small CNN.")
     method_model: Literal["pretrained", "efficientnet-scratch", "small-cnn"] = Field(
         "small-cnn", description="The model trained with and without augmentation, pseudo-labels and active learning."
     )
     unlabelled_pool: int = Field(10000, ge=10, description="Unlabelled images (rest of the training set) used.")
     pseudo_threshold: float = Field(0.95, gt=0, le=1, description="Top-1 probability a pseudo-label needs.")
-    pseudo_epochs: int = Field(5, ge=1, description="Epochs of the second (self-training) round.")
+    pseudo_epochs: int = Field(3, ge=1, description="Epochs of the second (self-training) round.")
     active_initial: float = Field(0.5, gt=0, lt=1, description="Share of the label budget drawn at random first.")
     active_rounds: int = Field(1, ge=1, description="Uncertainty rounds that fill the rest of the budget.")
     output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")

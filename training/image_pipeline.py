@@ -108,7 +108,7 @@ def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessi
     return model.cpu().eval(), history, stopper, stopped
 
 
-PRECISE_BN_IMAGES = 2048
+PRECISE_BN_IMAGES = 1024
 
 
 def recompute_batchnorm(model: BackboneHead, x: np.ndarray, prep: ImagePreprocessing, device: torch.device) -> None:
@@ -116,7 +116,7 @@ def recompute_batchnorm(model: BackboneHead, x: np.ndarray, prep: ImagePreproces
 
     A network trained from scratch changes fast; the moving averages of a short run still mix in the
     statistics of earlier weights, and in eval mode it can then score near chance while it learns
-    (a few thousand images give stable statistics: Wu & Johnson, "Rethinking 'Batch' in BatchNorm").
+    (a thousand images give stable statistics: Wu & Johnson, "Rethinking 'Batch' in BatchNorm").
     """
     x = x[:PRECISE_BN_IMAGES]
     update_bn((normalize_batch(xb.to(device), prep) for xb, _ in batches(x, np.zeros(len(x)), 256)), model, device)
