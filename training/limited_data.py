@@ -45,6 +45,7 @@ MODELS = {  # arm -> what differs in the training config
     "small-cnn": {"architecture": "small-cnn", "pretrained": False, "epochs_head": 0, "image_size": SMALL_CNN_SIZE},
 }
 SCRATCH = ("efficientnet-scratch", "small-cnn")
+TUNE_VAL_IMAGES = 1000  # a choice among a few settings needs a steadier estimate than 200 images give
 METHODS = ("no-augmentation", "pseudo-label", "active")
 LABELS = {
     "pretrained": "EfficientNet-Lite0, ImageNet-pretrained",
@@ -89,9 +90,9 @@ def load_pools(cfg: LimitedDataConfig) -> dict[int, Pool]:
     return pools
 
 
-def draw(cfg: LimitedDataConfig, n_pool: int, size: int, seed: int) -> Draw:
+def draw(cfg: LimitedDataConfig, n_pool: int, size: int, seed: int, n_val: int | None = None) -> Draw:
     order = np.random.default_rng(seed).permutation(n_pool)
-    n_val = max(200, int(size * cfg.val_fraction))
+    n_val = n_val or max(200, int(size * cfg.val_fraction))
     rest = order[n_val:-size]
     return Draw(labelled=order[-size:], val=order[:n_val], unlabelled=rest[: cfg.unlabelled_pool])
 
@@ -128,7 +129,7 @@ def tune_scratch(cfg: LimitedDataConfig, pools: dict[int, Pool]) -> dict:
     for arm in SCRATCH:
         max_epochs = cfg.scratch_max_epochs if arm == "efficientnet-scratch" else cfg.small_cnn_max_epochs
         pool = pools[MODELS[arm].get("image_size", cfg.image_size)]
-        d = draw(cfg, len(pool.y), cfg.tune_size, cfg.seeds[0])
+        d = draw(cfg, len(pool.y), cfg.tune_size, cfg.seeds[0], n_val=TUNE_VAL_IMAGES)
         curves = {}
         for lr in cfg.tune_lrs:
             tqdm.write(f"== tuning {arm}: lr {lr:g}, up to {max_epochs} epochs on {cfg.tune_size} images")
@@ -301,7 +302,7 @@ frozen, then {cfg.epochs_finetune} epochs of everything at lr {cfg.lr_finetune:g
 ### From scratch: tuned on the validation split, and shown to learn
 
 Learning rate and epochs chosen by validation accuracy (best epoch of each rate) at {cfg.tune_size:,}
-labelled images, seed {cfg.seeds[0]}; the test set plays no part.
+labelled images, seed {cfg.seeds[0]}, on {TUNE_VAL_IMAGES:,} held-out training images; the test set plays no part.
 
 | baseline | best validation accuracy by learning rate | chosen lr | chosen epochs |
 |---|---|---:|---:|
