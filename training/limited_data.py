@@ -104,11 +104,14 @@ def arm_config(cfg: LimitedDataConfig, arm: str, seed: int, tuned: dict, **updat
     return cfg.model_copy(update={**fields, **update})
 
 
-def train(run_cfg: LimitedDataConfig, pool: Pool, train_idx: np.ndarray, val_idx: np.ndarray, **kwargs):
+def splits_of(pool: Pool, train_idx: np.ndarray, val_idx: np.ndarray) -> ImageSplits:
+    return ImageSplits(pool.labels, pool.x[train_idx], pool.y[train_idx], pool.x[val_idx], pool.y[val_idx],
+                       pool.test_x, pool.test_y)  # fmt: skip
+
+
+def train(run_cfg: LimitedDataConfig, pool: Pool, train_idx: np.ndarray, val_idx: np.ndarray):
     """One run of the project's own training (image_pipeline.fine_tune) on the chosen images."""
-    splits = ImageSplits(pool.labels, pool.x[train_idx], pool.y[train_idx], pool.x[val_idx], pool.y[val_idx],
-                         pool.test_x, pool.test_y)  # fmt: skip
-    model, history, *_ = fine_tune(run_cfg, splits, pool.prep, **kwargs)
+    model, history, *_ = fine_tune(run_cfg, splits_of(pool, train_idx, val_idx), pool.prep)
     return model, history
 
 
@@ -154,8 +157,7 @@ def run_methods(cfg: LimitedDataConfig, pool: Pool, d: Draw, size: int, seed: in
 
     start = time.perf_counter()
     second = base_cfg.model_copy(update={"epochs_head": 0, "epochs_finetune": cfg.pseudo_epochs})
-    splits = ImageSplits(pool.labels, pool.x[d.labelled], pool.y[d.labelled], pool.x[d.val], pool.y[d.val],
-                         pool.test_x, pool.test_y)  # fmt: skip
+    splits = splits_of(pool, d.labelled, d.val)
     student, history, pseudo = self_train(
         second, splits, pool.prep, teacher, pool.x[d.unlabelled], cfg.pseudo_threshold
     )
@@ -235,7 +237,7 @@ def command_line() -> str:
 
 
 LEARNED_HEAD = (
-    "| baseline | labelled | training loss (first, highest last) | training accuracy, last epoch (lowest) "
+    "| baseline | labelled | training loss, epoch 1 (lowest) → last (highest) | training accuracy, last epoch (lowest) "
     "| test accuracy (lowest) | epochs run (mean) |\n|---|---:|---|---:|---:|---:|\n"
 )
 
@@ -307,7 +309,7 @@ labelled images, seed {cfg.seeds[0]}, on {TUNE_VAL_IMAGES:,} held-out training i
 | baseline | best validation accuracy by learning rate | chosen lr | chosen epochs |
 |---|---|---:|---:|
 {tuning}
-Every from-scratch run, first → last epoch (worst seed shown):
+Every from-scratch run learns (worst seed shown for each figure):
 
 {LEARNED_HEAD}{learned}
 ## Methods for limited labels, on the {LABELS[method]}
