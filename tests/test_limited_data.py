@@ -72,6 +72,6 @@ def test_quick_study_end_to_end(tmp_path):
     pseudo = results["runs"]["pseudo-label"]["120"][0]
     assert pseudo["pseudo_labels"] > 0  # a 0.2 cut keeps some of the 100 unlabelled images
     text = (cfg.output / "limited_data.md").read_text()
-    for arm in ("from scratch", "pseudo-labels", "active learning", "without augmentation", "cross"):
+    for arm in ("from-scratch runs", "pseudo-labels", "active learning", "without augmentation", "cross"):
         assert arm in text
     assert (cfg.output / "limited_data.png").stat().st_size > 10_000
