@@ -201,7 +201,7 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
                         runs[method][size].append(record)
     results = {
         "config": cfg.model_dump(mode="json"), "machine": describe_machine(),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command_line(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command_line(cfg),
         "minutes": round((time.perf_counter() - started) / 60, 1), "tuned": tuned,
         "runs": runs, "summary": summarize(runs),
     }  # fmt: skip
@@ -230,10 +230,17 @@ def crossings(summary: dict, a: str, b: str, sizes: list[int]) -> str:
     return f"{LABELS[a]} vs {LABELS[b]}: no crossing; {ahead} is ahead at every size measured."
 
 
-def command_line() -> str:
-    return (
-        "python -m training " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else "make limited-data"
-    )
+def command_line(cfg: LimitedDataConfig) -> str:
+    """The command that reproduces this run: as typed, or the settings that differ from the defaults."""
+    if sys.argv[0].endswith("__main__.py"):
+        return "python -m training " + " ".join(sys.argv[1:])
+    default, ours = LimitedDataConfig().model_dump(mode="json"), cfg.model_dump(mode="json")
+    flags = [
+        f"--{k.replace('_', '-')} '{v if isinstance(v, str) else json.dumps(v)}'"
+        for k, v in ours.items()
+        if v != default[k]
+    ]
+    return " ".join(["python -m training limited-data", *flags])
 
 
 LEARNED_ACC = 0.3  # three times chance for ten classes
