@@ -69,7 +69,7 @@ train-image: setup  ## fine-tune, export, quantise and register the image classi
 train-text: setup  ## fine-tune, export, optimise, quantise and register the sentiment model
 	$(BIN)/python -m training text
 
-limited-data: setup  ## pretrained vs from scratch at 300/1000/3000 images -> docs/results/
+limited-data: setup  ## limited-data study: pretrained vs 2 from-scratch baselines, augmentation, pseudo-labels, active learning -> docs/results/limited_data/
 	$(BIN)/python -m training limited-data
 
 lint: setup

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -74,10 +74,21 @@ class ImageTrainConfig(TrainCommon):
     fashion_mnist_dir: Path = Field(FASHION_MNIST_DIR, description="Where the Fashion-MNIST IDX files are.")
     limit: int | None = Field(8000, ge=10, description="Use at most this many training images.")
     image_size: int = Field(64, ge=16, le=512, description="Square input size the network sees.")
+    architecture: Literal["efficientnet-lite0", "small-cnn"] = Field(
+        "efficientnet-lite0",
+        description="efficientnet-lite0, or small-cnn: three conv + pooling blocks and a softmax head "
+        "(from scratch only; its native size is 28 px).",
+    )
     pretrained: bool = Field(True, description="ImageNet weights; false trains from scratch.")
     augment: bool = Field(True, description="kornia flips, small affine jitter and random erasing.")
     calibration_size: int = Field(256, ge=8, description="Training images used to calibrate int8.")
     parity_tolerance: float = Field(1e-3, gt=0, description="Max |ONNX - PyTorch| logit diff allowed.")
+
+    @model_validator(mode="after")
+    def _small_cnn_from_scratch(self) -> ImageTrainConfig:
+        if self.architecture == "small-cnn" and self.pretrained:
+            raise ValueError("the small CNN has no pretrained weights: pass --pretrained false")
+        return self
 
 
 class TextTrainConfig(TrainCommon):
@@ -109,15 +120,33 @@ class TextTrainConfig(TrainCommon):
 
 
 class LimitedDataConfig(ImageTrainConfig):
-    """Pretrained vs from-scratch at several training-set sizes (the limited-data experiment)."""
+    """The limited-data study: pretrained vs 2 from-scratch baselines, augmentation, pseudo-labels, active learning."""
 
     model_config = _cfg("SERVABLE_LIMITED_")
 
-    sizes: list[int] = Field([300, 1000, 3000], description="Training-set sizes to compare.")
+    sizes: list[int] = Field([300, 1000, 3000, 10000], description="Labelled training-set sizes.")
+    seeds: list[int] = Field([0, 1, 2], description="One run per seed at each size (labelled draw and init).")
+    test_limit: int | None = 2000
+    image_size: int = Field(32, ge=16, le=512, description="EfficientNet input size (the small CNN uses 28).")
     epochs_head: int = 1
     epochs_finetune: int = 3
-    test_limit: int | None = 2000
-    output: Path = Field(Path("docs/results/limited_data"), description="Where the table and plot go.")
+    patience: int = 3
+    monitor: Literal["val_loss", "val_acc"] = "val_acc"
+    quantize: bool = False
+    register_model: bool = False
+    tune_size: int = Field(1000, ge=20, description="Labelled size at which from-scratch lr and epochs are tuned.")
+    tune_lrs: list[float] = Field([1e-3, 3e-3, 1e-2], description="From-scratch learning rates tried.")
+    scratch_max_epochs: int = Field(6, ge=1, description="Tuning: most epochs tried, EfficientNet from scratch.")
+    small_cnn_max_epochs: int = Field(12, ge=1, description="Tuning: most epochs tried, small CNN.")
+    method_model: Literal["pretrained", "efficientnet-scratch", "small-cnn"] = Field(
+        "small-cnn", description="The model trained with and without augmentation, pseudo-labels and active learning."
+    )
+    unlabelled_pool: int = Field(10000, ge=10, description="Unlabelled images (rest of the training set) used.")
+    pseudo_threshold: float = Field(0.95, gt=0, le=1, description="Top-1 probability a pseudo-label needs.")
+    pseudo_epochs: int = Field(3, ge=1, description="Epochs of the second (self-training) round.")
+    active_initial: float = Field(0.5, gt=0, lt=1, description="Share of the label budget drawn at random first.")
+    active_rounds: int = Field(1, ge=1, description="Uncertainty rounds that fill the rest of the budget.")
+    output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")
 
 
 # ---------------------------------------------------------------- serving

@@ -32,6 +32,8 @@ def test_tiny_fine_tune_learns(image_run):
     assert test["n"] == 300
     history = json.loads(rows)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for h in history:  # gradient health is recorded for every epoch
+        assert h["grad_norm"] > 0 and h["grad_norm_max"] >= h["grad_norm"] and 0 <= h["clipped_fraction"] <= 1
     for plot in ("curves.png", "confusion.png", "metrics.json", "history.csv"):
         assert (image_run.staging / plot).stat().st_size > 0
 
@@ -75,6 +77,27 @@ def test_frozen_stage_changes_head_only(image_run):
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, before_backbone[k]), k
     assert any(not torch.equal(v, before_head[k]) for k, v in model.head.state_dict().items())
+
+
+@pytest.mark.parametrize(("clip_norm", "clipped"), [(1e-6, 1.0), (0.0, 0.0), (1e6, 0.0)])
+def test_gradient_norm_and_clipping_are_logged(clip_norm, clipped):
+    """The pre-clipping global norm is measured whether or not clipping is on; the clipped share follows it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    before = model.weight.detach().clone()
+    history = []
+    run_stage(
+        model, stage="s", params=list(model.parameters()), l1_params=[], epochs=2, lr=0.1,
+        cfg=ImageTrainConfig(clip_norm=clip_norm, warmup_fraction=0.0),
+        train_batches=lambda: batches(x.numpy(), y.numpy(), 16),
+        n_train_batches=4, val_batches=lambda: [(x, y)], val_targets=y, forward=lambda b: (model(b[0]), b[1]),
+        device=torch.device("cpu"), stopper=EarlyStopping(5, 0.0), history=history,
+    )  # fmt: skip
+    assert len(history) == 2 and not torch.equal(model.weight, before)
+    for h in history:
+        assert h.grad_norm > 1e-3 and h.grad_norm_max >= h.grad_norm  # measured before clipping
+        assert h.clipped_fraction == clipped
 
 
 def test_early_stopping_stops_and_restores_best():

@@ -10,7 +10,25 @@ from servable.preprocessing import ImagePreprocessing
 FEATURES = 1280
 
 
-class ImageClassifier(nn.Module):
+class BackboneHead(nn.Module):
+    """A feature extractor (`backbone`) and a classification `head`: what the two-stage loop trains."""
+
+    backbone: nn.Module
+    head: nn.Module
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(pixels))
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        self.backbone.requires_grad_(not frozen)
+
+    def hold_frozen_batchnorm(self) -> None:
+        """While frozen, BatchNorm keeps its ImageNet statistics (eval mode) too."""
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+
+
+class ImageClassifier(BackboneHead):
     """Pre-trained convolutional feature extractor + dropout + a new linear head."""
 
     def __init__(self, num_classes: int, dropout: float, pretrained: bool = True) -> None:
@@ -26,21 +44,17 @@ class ImageClassifier(nn.Module):
             )
         else:
             self.backbone = EfficientNet.from_name("efficientnet-lite0")
+            # The package keeps TensorFlow's BatchNorm momentum 0.99, i.e. 0.01 in PyTorch: in a short
+            # run the running statistics hardly leave their initial (0, 1), so in eval mode a network
+            # that learned in train mode scores chance. Fresh statistics need PyTorch's default 0.1
+            # (the ImageNet statistics of the pretrained network are already right).
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = 0.1
         # The ImageNet classifier goes; the backbone now ends at pooled 1280-d features.
         self.backbone._dropout = nn.Identity()
         self.backbone._fc = nn.Identity()
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURES, num_classes))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(pixels))
-
-    def freeze_backbone(self, frozen: bool) -> None:
-        self.backbone.requires_grad_(not frozen)
-
-    def hold_frozen_batchnorm(self) -> None:
-        """While frozen, BatchNorm keeps its ImageNet statistics (eval mode) too."""
-        if not any(p.requires_grad for p in self.backbone.parameters()):
-            self.backbone.eval()
 
 
 def normalize_batch(pixels: torch.Tensor, cfg: ImagePreprocessing) -> torch.Tensor:

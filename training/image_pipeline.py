@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from servable.artifact import ModelManifest
@@ -16,11 +17,12 @@ from servable.config import ImageTrainConfig
 from servable.preprocessing import ImagePreprocessing, normalize
 from training import onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
-from training.image_model import ImageClassifier, build_augmentation, normalize_batch
+from training.image_model import BackboneHead, ImageClassifier, build_augmentation, normalize_batch
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
+from training.small_cnn import SmallCNN
 
 
 @dataclass
@@ -48,11 +50,24 @@ def load_splits(cfg: ImageTrainConfig, prep: ImagePreprocessing) -> ImageSplits:
     return load_fashion_mnist(cfg.fashion_mnist_dir, prep, test_limit=cfg.test_limit, **common)
 
 
-def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessing):
-    """Stage 1: new head on a frozen backbone. Stage 2: everything, at a lower learning rate."""
+def build_model(cfg: ImageTrainConfig, num_classes: int) -> BackboneHead:
+    if cfg.architecture == "small-cnn":
+        return SmallCNN(num_classes, cfg.dropout)
+    return ImageClassifier(num_classes, cfg.dropout, cfg.pretrained)
+
+
+def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessing, init_state: dict | None = None):
+    """Stage 1: new head on a frozen backbone. Stage 2: everything, at a lower learning rate.
+
+    From scratch, stage 1 is skipped (`epochs_head=0`): there is nothing worth keeping frozen.
+    `init_state` starts from trained weights instead (a second round of training, e.g. self-training).
+    """
     gen = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    model = ImageClassifier(len(splits.labels), cfg.dropout, cfg.pretrained).to(device)
+    model = build_model(cfg, len(splits.labels))
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device)
     augment = build_augmentation().to(device) if cfg.augment else None
 
     def forward(batch):
@@ -62,11 +77,16 @@ def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessi
             x = augment(x)
         return model(x), y.to(device)
 
+    def val_batches():
+        if not cfg.pretrained:  # every evaluation of a from-scratch network sees its current statistics
+            recompute_batchnorm(model, splits.train_x, prep, device)
+        return batches(splits.val_x, splits.val_y, 256)
+
     common = dict(
         cfg=cfg, forward=forward, device=device,
         train_batches=lambda: batches(splits.train_x, splits.train_y, cfg.batch_size, gen),
         n_train_batches=-(-len(splits.train_y) // cfg.batch_size),
-        val_batches=lambda: batches(splits.val_x, splits.val_y, 256),
+        val_batches=val_batches,
         val_targets=torch.from_numpy(splits.val_y),
         l1_params=list(model.head.parameters()),
     )  # fmt: skip
@@ -84,8 +104,32 @@ def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessi
                             epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, stopper=stopper,
                             history=history, averager=averager, **common)  # fmt: skip
         keep_weight_average(averager, model, stopper, **common)
-    stopper.restore(model)
+    stopper.restore(model)  # the best epoch's weights with the BatchNorm statistics measured for them
     return model.cpu().eval(), history, stopper, stopped
+
+
+PRECISE_BN_IMAGES = 1024
+
+
+def recompute_batchnorm(model: BackboneHead, x: np.ndarray, prep: ImagePreprocessing, device: torch.device) -> None:
+    """Precise BatchNorm: running statistics recomputed with the current weights on training images.
+
+    A network trained from scratch changes fast; the moving averages of a short run still mix in the
+    statistics of earlier weights, and in eval mode it can then score near chance while it learns
+    (a thousand images give stable statistics: Wu & Johnson, "Rethinking 'Batch' in BatchNorm").
+    """
+    x = x[:PRECISE_BN_IMAGES]
+    update_bn((normalize_batch(xb.to(device), prep) for xb, _ in batches(x, np.zeros(len(x)), 256)), model, device)
+
+
+@torch.no_grad()
+def predict_proba(model: BackboneHead, x: np.ndarray, prep: ImagePreprocessing, batch: int = 512) -> np.ndarray:
+    """Softmax probabilities of an eval-mode model for uint8 pixels (on the model's device)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [torch.softmax(model(normalize_batch(torch.from_numpy(x[i : i + batch]).to(device), prep)), 1).cpu()
+           for i in range(0, len(x), batch)]  # fmt: skip
+    return torch.cat(out).numpy() if out else np.empty((0, 0), dtype=np.float32)
 
 
 def onnx_predict(session, x: np.ndarray, prep: ImagePreprocessing, batch: int = 256) -> np.ndarray:

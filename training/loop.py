@@ -34,6 +34,11 @@ class EpochLog:
     val_loss: float
     val_acc: float
     seconds: float
+    # Gradient health: global L2 norm of the gradients before clipping (mean and max over the
+    # epoch's steps) and the share of steps where clipping engaged (0 when clipping is off).
+    grad_norm: float = math.nan
+    grad_norm_max: float = math.nan
+    clipped_fraction: float = 0.0
 
 
 class EarlyStopping:
@@ -142,6 +147,7 @@ def run_stage(
         model.train()
         on_train_start()
         loss_sum = correct = seen = 0
+        grad_norms: list[torch.Tensor] = []
         bar = tqdm(train_batches(), total=n_train_batches, desc=f"{stage} {epoch}/{epochs}",
                    disable=not cfg.progress, unit="batch", leave=False)  # fmt: skip
         for batch in bar:
@@ -152,9 +158,9 @@ def run_stage(
                     loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.clip_norm > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            scaler.unscale_(optimizer)  # true gradients (a no-op without fp16 loss scaling)
+            # Returns the norm before clipping; with clipping off (inf) it only measures.
+            grad_norms.append(nn.utils.clip_grad_norm_(params, cfg.clip_norm or math.inf).detach())
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -166,10 +172,12 @@ def run_stage(
         val_loss, val_acc = val["val_loss"], val["val_acc"]
         log = EpochLog(stage, epoch, optimizer.param_groups[0]["lr"], loss_sum / seen, correct / seen,
                        val_loss, val_acc, time.perf_counter() - start)  # fmt: skip
+        record_grad_health(log, grad_norms, cfg.clip_norm)
         history.append(log)
         tqdm.write(
             f"[{stage} {epoch}/{epochs}] train loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.0f}s"
+            f"val loss {val_loss:.4f} acc {val_acc:.3f} | grad norm {log.grad_norm:.3g} "
+            f"(max {log.grad_norm_max:.3g}, clipped {100 * log.clipped_fraction:.0f}%) | {log.seconds:.0f}s"
         )
         if averager is not None and epoch > epochs - cfg.average_last:
             averager.update_parameters(model)
@@ -177,6 +185,15 @@ def run_stage(
             tqdm.write(f"early stopping: no {stopper.monitor} gain for {cfg.patience} epoch(s)")
             return True
     return False
+
+
+def record_grad_health(log: EpochLog, grad_norms: list[torch.Tensor], clip_norm: float) -> None:
+    """Fill the epoch's gradient-norm fields (one device sync per epoch, not per step)."""
+    norms = torch.stack(grad_norms).float().cpu()
+    norms = norms[torch.isfinite(norms)]  # an fp16 overflow step (skipped by the scaler) has no norm
+    if len(norms):
+        log.grad_norm, log.grad_norm_max = norms.mean().item(), norms.max().item()
+        log.clipped_fraction = (norms > clip_norm).float().mean().item() if clip_norm > 0 else 0.0
 
 
 def weight_averager(model: nn.Module, cfg: TrainCommon) -> AveragedModel | None:

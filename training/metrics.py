@@ -28,21 +28,29 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    """Loss, accuracy and gradient health (global norm before clipping, share of clipped steps) by epoch."""
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
     x = np.arange(1, len(history) + 1)
     a1.plot(x, [h["train_loss"] for h in history], "o-", label="train")
     a1.plot(x, [h["val_loss"] for h in history], "o-", label="val")
     a2.plot(x, [h["train_acc"] for h in history], "o-", label="train")
     a2.plot(x, [h["val_acc"] for h in history], "o-", label="val")
+    a3.plot(x, [h.get("grad_norm", np.nan) for h in history], "o-", label="mean")
+    a3.plot(x, [h.get("grad_norm_max", np.nan) for h in history], "o--", label="max")
+    for xi, h in zip(x, history, strict=True):
+        if h.get("clipped_fraction"):
+            a3.annotate(f"{100 * h['clipped_fraction']:.0f}% clipped", (xi, h["grad_norm"]), fontsize=7,
+                        textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
     stages = [h["stage"] for h in history]
     for i in range(1, len(stages)):
         if stages[i] != stages[i - 1]:
-            for a in (a1, a2):
+            for a in (a1, a2, a3):
                 a.axvline(i + 0.5, color="grey", ls="--", lw=1)
     a1.set(title="loss", xlabel="epoch")
     a2.set(title="accuracy", xlabel="epoch")
-    a1.legend()
-    a2.legend()
+    a3.set(title="gradient norm before clipping", xlabel="epoch", yscale="log")
+    for a in (a1, a2, a3):
+        a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
