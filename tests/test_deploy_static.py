@@ -630,3 +630,42 @@ def test_ingress_exposes_the_proxy_routes_with_their_body_limits(k8s):
             assert routed(f"/{kind}/{sub}") == f"/{sub}", sub
         for hidden in ("metrics", "readyz", "livez", "docs", "v2x"):
             assert routed(f"/{kind}/{hidden}") is None, hidden
+
+
+STAND_IN_DOCKER = """#!/bin/sh
+# Records each call and answers like Docker Compose v2 for a stack of two replicas per service.
+echo "$*" >> "$CALLS"
+case "$*" in
+  *"config --services") printf 'image-1\\nimage-2\\ntext-1\\ntext-2\\nnginx\\nprometheus\\n' ;;
+  *" config") printf '      SERVABLE_TEXT_SERVE_MODEL_TAG: sentiment-bert:v2\\n' ;;
+  *" ps -q "*) echo "id-${*##* }" ;;
+  inspect*) case "${*##* }" in "id-$UNHEALTHY") echo unhealthy ;; *) echo healthy ;; esac ;;
+esac
+"""
+
+
+def test_compose_rollout_rolls_one_replica_at_a_time_and_reloads_nginx(tmp_path):
+    """The roll-out script's order against a stand-in `docker` that records its calls (no Docker
+    engine is available to the tests): recreate a replica, wait for its health, reload nginx, then
+    the next; an unhealthy replica stops the roll before the next one is touched."""
+    (tmp_path / "docker").write_text(STAND_IN_DOCKER)
+    (tmp_path / "docker").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls), "UNHEALTHY": "none"}
+    out = subprocess.run([str(DEPLOY / "compose_rollout.sh"), "text"], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SERVABLE_TEXT_SERVE_MODEL_TAG=sentiment-bert:v2" in out.stdout
+    steps = [line.split(" -f deploy/compose.yaml ")[-1] for line in calls.read_text().splitlines()
+             if "config" not in line]  # fmt: skip
+    assert steps == [
+        "up -d --no-deps --force-recreate text-1", "ps -q text-1",
+        "inspect -f {{.State.Health.Status}} id-text-1", "exec -T nginx nginx -s reload",
+        "up -d --no-deps --force-recreate text-2", "ps -q text-2",
+        "inspect -f {{.State.Health.Status}} id-text-2", "exec -T nginx nginx -s reload",
+    ]  # fmt: skip
+    calls.unlink()
+    failed = subprocess.run([str(DEPLOY / "compose_rollout.sh"), "text"], env={**env, "UNHEALTHY": "text-1"},
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert failed.returncode == 1 and "text-1 is unhealthy" in failed.stderr
+    assert "text-2" not in calls.read_text() and "reload" not in calls.read_text()
