@@ -37,7 +37,8 @@ for example in "$SECRETS"/*.example; do
   chmod 644 "$secret"
 done
 
-tls="${SERVABLE_TLS_DIR:-$DEPLOY/tls/local}"
+tls="${SERVABLE_TLS_DIR:-./tls/local}"
+case "$tls" in /*) ;; *) tls="$DEPLOY/$tls" ;; esac # relative to deploy/, as compose reads it
 if [ -s "$tls/server.crt" ] && [ -s "$tls/server.key" ] && openssl x509 -checkend 86400 -noout -in "$tls/server.crt" >/dev/null; then
   echo "certificate: $tls/server.crt (valid for at least another day)"
 else
