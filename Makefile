@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATASETS := .cache/datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist nginx prometheus docker-compose openssl
+APT_PACKAGES := dataset-fashion-mnist nginx prometheus prometheus-alertmanager docker-compose openssl
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 # A development key so the demo and `make serve` answer; real deployments mount a key file
@@ -96,9 +96,15 @@ PROFILE_ARGS ?=
 loadtest: setup  ## short Locust run against both services started on 127.0.0.1; prints the SLO verdict
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
 
+# Against a running deployment the key is that deployment's, not the demo key above: LOADTEST_API_KEY,
+# else the first key of deploy/secrets/api_keys (what compose mounts); an https URL trusts
+# deploy/tls/local/ca.pem unless LOADTEST_CA_BUNDLE says otherwise.
 loadtest-url: setup  ## the same against a running deployment: make loadtest-url URL=https://127.0.0.1:8443
-	@test -n "$(URL)" || { echo "usage: make loadtest-url URL=http://host:port [LOADTEST_ARGS=...]"; exit 2; }
-	$(BIN)/python -m loadtest.run --url $(URL) --name url $(LOADTEST_ARGS)
+	@test -n "$(URL)" || { echo "usage: make loadtest-url URL=https://host:port [LOADTEST_API_KEY=...] [LOADTEST_ARGS=...]"; exit 2; }
+	@key="$${LOADTEST_API_KEY:-$$(sed -n 's/^[^#:][^:]*:\(.*\)$$/\1/p' deploy/secrets/api_keys 2>/dev/null | head -1)}"; \
+	  test -n "$$key" || { echo "no API key: set LOADTEST_API_KEY, or run make compose-prep (deploy/secrets/api_keys)"; exit 2; }; \
+	  ca="$${LOADTEST_CA_BUNDLE:-$$([ -s deploy/tls/local/ca.pem ] && echo deploy/tls/local/ca.pem)}"; \
+	  LOADTEST_API_KEY="$$key" LOADTEST_CA_BUNDLE="$$ca" $(BIN)/python -m loadtest.run --url $(URL) --name url $(LOADTEST_ARGS)
 
 benchmark: setup  ## throughput/latency of raw ORT, each served layout, int8, a FastAPI+ORT and a PyTorch-eager peer -> docs/results/benchmark/
 	$(BIN)/python -m loadtest.benchmark $(BENCHMARK_ARGS)
@@ -113,7 +119,7 @@ profile: setup  ## py-spy flame graphs of the served request path at 32 clients 
 	$(BIN)/python -m loadtest.profile $(PROFILE_ARGS)
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
-.PHONY: stack validate-deploy dashboard bake-models image-cpu-podman
+.PHONY: stack validate-deploy dashboard bake-models image-cpu-podman compose-prep compose-rollout k8s-release
 STACK_ARGS ?=
 MODELS ?= fashion-cnn:latest sentiment-bert:latest
 
@@ -129,6 +135,16 @@ dashboard: setup  ## regenerate the Grafana dashboard and prometheus.yml from de
 bake-models: setup  ## export MODELS from the model store into deploy/model-store/ for the image build
 	rm -f deploy/model-store/*.bentomodel
 	for tag in $(MODELS); do $(BIN)/bentoml models export "$$tag" deploy/model-store/ || exit 1; done
+
+compose-prep:  ## secrets from the examples (random API key), a development certificate, the model store checked
+	deploy/compose_prep.sh
+
+compose-rollout:  ## roll KIND=image|text replica by replica to the tag compose reads (COMPOSE_FILES="-f deploy/compose.yaml -f deploy/compose.cpu.yaml" on CPU)
+	@test -n "$(KIND)" || { echo "usage: SERVABLE_TEXT_SERVE_MODEL_TAG=sentiment-bert:v... make compose-rollout KIND=text"; exit 2; }
+	deploy/compose_rollout.sh $(KIND)
+
+k8s-release: setup  ## a kustomize overlay pinning the image tag of the model pair: make k8s-release VARIANT=cpu REGISTRY=registry.example.com/servable
+	$(BIN)/python -m deploy.k8s_release --variant $(or $(VARIANT),cpu) --registry $(or $(REGISTRY),registry.example.com/servable) $(MODELS)
 
 image-cpu-podman:  ## build the CPU image with podman from a local Debian base, run it, call both endpoints
 	@dpkg -s podman runc mmdebstrap >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \

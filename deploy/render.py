@@ -171,6 +171,14 @@ global:
 rule_files:
   - rules/*.yml
 
+# Firing alerts go to Alertmanager (compose: the `alertmanager` service, targets/alertmanager.json;
+# deploy/alertmanager/alertmanager.yml says who is paged). Without a target file nothing is sent.
+alerting:
+  alertmanagers:
+    - file_sd_configs:
+        - files: [targets/alertmanager*.json]
+          refresh_interval: 30s
+
 scrape_configs:
 """
 PROMETHEUS_TAIL = """  # NVIDIA DCGM exporter (GPU deployments only; the CPU variants list no target here).

@@ -1,12 +1,14 @@
-"""One command for a headless load test: against a URL, or against both services started here.
+"""One command for a headless load test: against a URL, or against both services it starts on 127.0.0.1.
 
     python -m loadtest.run                         # start the local stack (replicas behind nginx), test, stop
     python -m loadtest.run --start services        # start the two services alone (no proxy), test, stop
-    python -m loadtest.run --url http://127.0.0.1:8080   # a running stack (proxy / docker compose)
+    python -m loadtest.run --url https://127.0.0.1:8443  # a running compose stack (its nginx; make loadtest-url)
     python -m loadtest.run --image-url URL --text-url URL --shape ramp --users 16 --duration 120
 
 Writes Locust's CSV and HTML reports and the SLO verdict (`<name>_slo.md/json`) under --results,
-and exits with the SLO gate's code. Torch-free.
+and exits with the SLO gate's code. Torch-free. Against a URL the key is LOADTEST_API_KEY (else the
+first of SERVABLE_AUTH_KEYS); an HTTPS URL with a private CA needs LOADTEST_CA_BUNDLE (compose's
+development CA: deploy/tls/local/ca.pem). `make loadtest-url URL=...` sets both for a compose stack.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=30, help="seconds")
     p.add_argument("--results", type=Path, default=Path("docs/results/loadtest"))
     p.add_argument("--name", default="local", help="report file prefix")
-    p.add_argument("--image-tag", default=None, help="model tag when starting the services here")
-    p.add_argument("--text-tag", default=None, help="model tag when starting the services here")
+    p.add_argument("--image-tag", default=None, help="model tag when this command starts the services")
+    p.add_argument("--text-tag", default=None, help="model tag when this command starts the services")
     p.add_argument("--inputs", type=Path, default=inputs.DEFAULT_DIR)
     p.add_argument("--start", choices=["auto", "stack", "services"], default="auto",
                    help="without a URL: the local stack (deploy/local_stack.py: replicas behind nginx), the two "

