@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATASETS := .cache/datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist nginx prometheus docker-compose openssl
+APT_PACKAGES := dataset-fashion-mnist nginx prometheus docker-compose openssl chromium
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 # A development key so the demo and `make serve` answer; real deployments mount a key file
@@ -77,7 +77,7 @@ clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url benchmark benchmark-quick profile
+.PHONY: loadtest loadtest-url benchmark benchmark-quick profile explain-load
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
 PROFILE_ARGS ?=
@@ -97,6 +97,9 @@ benchmark-quick: setup  ## the benchmark's code paths in about two minutes (figu
 
 profile: setup  ## py-spy flame graphs of the served request path at 32 clients -> docs/results/profiles/
 	$(BIN)/python -m loadtest.profile $(PROFILE_ARGS)
+
+explain-load: setup  ## predict p99 with and without concurrent explanations, cost per explanation -> docs/results/explain/
+	$(BIN)/python -m loadtest.explain_load
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
 .PHONY: stack validate-deploy dashboard bake-models image-cpu-podman

@@ -41,9 +41,14 @@ def occluded_images(pixels: np.ndarray, grid: int) -> np.ndarray:
     return batch
 
 
-def occlusion_scores(probs: np.ndarray, target: int) -> np.ndarray:
-    """Drop of the target's probability per perturbed row: probs[0] is the unperturbed input."""
-    return probs[0, target] - probs[1:, target]
+def occlusion_scores(probs: np.ndarray, target: int, log_odds: bool = False) -> np.ndarray:
+    """Drop of the target's probability per perturbed row (probs[0] is the unperturbed input); with
+    `log_odds`, the drop of its log-odds, which still separates the words of a 0.999-confident answer."""
+    p = probs[:, target].astype(np.float64)
+    if log_odds:
+        p = np.clip(p, 1e-12, 1 - 1e-12)
+        p = np.log(p) - np.log1p(-p)
+    return p[0] - p[1:]
 
 
 def image_heatmap(probs: np.ndarray, target: int, grid: int) -> np.ndarray:
@@ -103,6 +108,13 @@ def texts_without_each_word(text: str, found: list[Word]) -> list[str]:
     return out
 
 
-def word_scores(probs: np.ndarray, target: int) -> np.ndarray:
-    """Per word: how much removing it lowers the target class's probability."""
-    return occlusion_scores(probs, target)
+def word_scores(probs: np.ndarray, target: int, log_odds: bool = False) -> np.ndarray:
+    """Per word: how much removing it lowers the target class's probability (or log-odds)."""
+    return occlusion_scores(probs, target, log_odds)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (the models output logits)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
