@@ -72,6 +72,8 @@ def check_image_page(page: Page, png: bytes, size: tuple[int, int]) -> None:
     page.set_input_files("#file", files=[{"name": "garment.png", "mimeType": "image/png", "buffer": png}])
     expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
     expect(page.locator("#bars .bar")).to_have_count(5)
+    widths = page.locator("#bars .fill").evaluate_all("fills => fills.map(f => f.getBoundingClientRect().width)")
+    assert widths[0] > 0 and widths == sorted(widths, reverse=True)  # bars drawn, longest first
     expect(page.locator("#heatmap")).to_be_visible()
     natural = page.eval_on_selector("#heatmap", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
     assert natural == [True, *size]  # the overlay is a decoded PNG of the input's size
@@ -85,6 +87,7 @@ def check_text_page(page: Page, text: str) -> None:
     page.click("#run-text")
     expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
     expect(page.locator("#bars .bar")).to_have_count(2)
+    assert page.locator("#bars .fill").first.evaluate("f => f.getBoundingClientRect().width") > 0
     words = page.locator("#words span.word")
     expect(words).to_have_count(len(text.split()))
     assert page.inner_text("#words") == text  # the sentence, word for word, each coloured by its score
