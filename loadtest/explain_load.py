@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -168,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m loadtest.explain_load " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": describe_machine(), "python": platform.python_version(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "rate")} | {"rate": args.rate},
         "models": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="explain-load-") as logs:
         for model in args.models:
             report["models"][model] = run_model(model, tags[model], args, data, Path(logs))
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows here
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "explain_load.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.out / 'explain_load.json'}")

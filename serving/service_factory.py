@@ -201,7 +201,11 @@ class _Replica:
         for i in range(0, len(rows), step):
             if time.monotonic() > deadline:
                 raise ExplainTimeout
-            out.append(self.adapter.run(self.front.session, rows[i : i + step]))
+            try:
+                out.append(self.adapter.run(self.front.session, rows[i : i + step]))
+            except Exception as exc:  # as a failing batch: a 503 for this caller, logged by type only
+                log.error("explanation chunk of %d rows failed: %s", len(rows[i : i + step]), type(exc).__name__)
+                raise BatchFailed(type(exc).__name__) from exc
         return np.concatenate(out)
 
     async def _score(self, rows: list, deadline: float) -> np.ndarray:
