@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DATASETS := .cache/datasets
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist nginx prometheus prometheus-alertmanager docker-compose openssl
+APT_PACKAGES := dataset-fashion-mnist nginx prometheus prometheus-alertmanager docker-compose openssl chromium
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 # A development key so the demo and `make serve` answer; real deployments mount a key file
@@ -87,7 +87,7 @@ clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url benchmark benchmark-quick profile soak
+.PHONY: loadtest loadtest-url benchmark benchmark-quick profile soak explain-load
 SOAK_ARGS ?=
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
@@ -117,6 +117,9 @@ soak: setup  ## 20 min at 70 % of saturation through the local stack (2+2 replic
 
 profile: setup  ## py-spy flame graphs of the served request path at 32 clients -> docs/results/profiles/
 	$(BIN)/python -m loadtest.profile $(PROFILE_ARGS)
+
+explain-load: setup  ## predict p99 with and without concurrent explanations, cost per explanation -> docs/results/explain/
+	$(BIN)/python -m loadtest.explain_load
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
 .PHONY: stack validate-deploy dashboard bake-models image-cpu-podman compose-prep compose-rollout k8s-release

@@ -236,6 +236,24 @@ class ServeCommon(BaseSettings):
         False, description="OpenTelemetry spans on the inference routes (off: they skip the tracing middleware)."
     )
     warmup_batches: list[int] = Field([1, 8], description="Batch sizes run once at start-up before ready.")
+    explain_max_concurrency: int = Field(
+        1, ge=1, description="Explanations computed at once per worker (each is many model rows: its own limit)."
+    )
+    explain_max_queue: int = Field(
+        4, ge=0, description="Explanations waiting for a slot per worker; beyond: 429 at once (explain_busy)."
+    )
+    explain_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Bound on an explanation's wait for a slot plus its model rows; past it: 503 (explain_timeout).",
+    )
+    explain_nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="How much lower the OS priority of the explain thread is than the worker's (nice increment): "
+        "under load the predict path gets the CPU first. 0 = same priority.",
+    )
 
     def on_gpu(self) -> bool:
         """The model is meant for a GPU: device cuda, or auto with an NVIDIA device present."""
@@ -268,6 +286,11 @@ class ImageServeSettings(ServeCommon):
     model_tag: str = "fashion-cnn:latest"
     max_pixels: int = Field(25_000_000, ge=1, description="Decoded-size limit (decompression bombs).")
     top_k: int = Field(3, ge=1, description="Default number of labels returned.")
+    explain_grid: int = Field(8, ge=2, le=32, description="Occlusion grid of /classify/explain (grid x grid patches).")
+    explain_max_grid: int = Field(16, ge=2, le=32, description="Largest grid a request may ask for.")
+    explain_overlay_max_pixels: int = Field(
+        4_000_000, ge=1, description="Overlay PNGs of larger inputs are scaled down to this many pixels."
+    )
 
 
 class TextServeSettings(ServeCommon):
@@ -277,6 +300,9 @@ class TextServeSettings(ServeCommon):
     max_items: int = 64
     max_body_bytes: int = 1024 * 1024
     max_text_chars: int = Field(5000, ge=1, description="Longest text accepted (characters).")
+    explain_max_words: int = Field(
+        128, ge=1, description="Most words /sentiment/explain takes (one model row per word); above: 413."
+    )
     length_buckets: bool = Field(True, description="Split a batch into groups of similar token length.")
     bucket_waste: float = Field(
         0.3, ge=0, le=1, description="Padding share allowed in a length bucket before it is split."

@@ -14,11 +14,14 @@ from pathlib import Path
 
 from servable.config import AuthSettings
 from serving.errors import send_error
+from serving.playground import PATHS as PLAYGROUND_PATHS
 
 log = logging.getLogger("servable.auth")
 
-# Always reachable without a key: probes, the OpenAPI document and its UI.
-OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready", "/docs.json", "/", "/docs"}
+# Always reachable without a key: probes, the OpenAPI document and its UI, the playground page
+# (its calls carry the key the user types in).
+OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready", "/docs.json", "/", "/docs",
+              *PLAYGROUND_PATHS}  # fmt: skip
 
 
 def parse_keys(text: str) -> dict[str, str]:

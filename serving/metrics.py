@@ -51,3 +51,7 @@ MODEL_INFO = bentoml.metrics.Gauge(
     name="servable_model_info", documentation="1 for the model version this replica serves",
     labelnames=["model", "tag", "variant", "provider"], multiprocess_mode="max",
 )  # fmt: skip
+EXPLAIN_SECONDS = bentoml.metrics.Histogram(
+    name="servable_explain_seconds", documentation="Time of one explanation: queue wait + its model rows + rendering",
+    labelnames=["model"], buckets=_LATENCY,
+)  # fmt: skip

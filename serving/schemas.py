@@ -139,3 +139,46 @@ def v2_infer_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     out = responses(V2InferResponse, *codes)
     out[200]["content"] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
     return out
+
+
+# ---------------------------------------------------------------- explanations (/classify/explain, /sentiment/explain)
+
+
+class ImageExplanation(BaseModel):
+    method: Literal["occlusion"]
+    label: str = Field(description="The class explained (the top prediction unless `label` was asked)")
+    probability: float
+    grid: int
+    heatmap: list[list[float]] = Field(description="grid x grid drops of the class's probability, row-major")
+    rows: int = Field(description="Model rows the explanation ran (1 + grid²)")
+    overlay_png: str | None = Field(None, description="base64 PNG: the heatmap over the image (overlay=true)")
+    overlay_size: list[int] | None = Field(None, description="[width, height] of the overlay")
+
+
+class ImageExplainResponse(BaseModel):
+    model: str
+    variant: str
+    prediction: ImagePrediction
+    explanation: ImageExplanation
+
+
+class WordScore(BaseModel):
+    word: str
+    start: int = Field(description="Character offset of the word in the text")
+    end: int
+    score: float = Field(description="Drop of the class's probability without this word")
+
+
+class TextExplanation(BaseModel):
+    method: Literal["word_occlusion"]
+    label: str
+    probability: float
+    rows: int = Field(description="Model rows the explanation ran (1 + words)")
+    words: list[WordScore]
+
+
+class TextExplainResponse(BaseModel):
+    model: str
+    variant: str
+    prediction: TextPrediction
+    explanation: TextExplanation

@@ -33,10 +33,12 @@ from serving.adapters.base import Parsed, TaskAdapter
 from serving.auth import ApiKeyMiddleware
 from serving.batcher import Batcher, BatchFailed, QueueTimeout
 from serving.errors import ClientError, JsonRouterErrors, error_response
+from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from serving.feedback.hook import FeedbackHook
 from serving.http_guard import BodyLimitMiddleware, install_protocol_limits
 from serving.loading import ServedModel
 from serving.model_call import ModelUnavailable, call_model
+from serving.playground import playground_routes
 
 log = logging.getLogger("servable.service")
 
@@ -135,6 +137,8 @@ class _Replica:
         self.settings, self.client = settings, model_client
         self.adapter, self.front, run = load_model(adapter_cls, settings, with_session=model_client is None)
         self.batcher: Batcher | None = None
+        self.explainer = ExplainQueue(settings.explain_max_concurrency, settings.explain_max_queue,
+                                      settings.explain_timeout_s, settings.explain_nice)  # fmt: skip
         if self.front.ready:
             self.feedback = FeedbackHook(self.front.name, self.adapter.labels, adapter_cls.kind,
                                          **self.adapter.feedback_kwargs())  # fmt: skip
@@ -191,6 +195,57 @@ class _Replica:
             await self.feedback.observe(request.headers, parsed.items, probs, self.front.art.tag)  # opt-in only
         return probs
 
+    def _run_rows(self, rows: list, deadline: float) -> np.ndarray:
+        """In-process: the rows in chunks on this worker's session, in the low-priority explain thread."""
+        out, step = [], self.settings.max_batch_size
+        for i in range(0, len(rows), step):
+            if time.monotonic() > deadline:
+                raise ExplainTimeout
+            try:
+                out.append(self.adapter.run(self.front.session, rows[i : i + step]))
+            except Exception as exc:  # as a failing batch: a 503 for this caller, logged by type only
+                log.error("explanation chunk of %d rows failed: %s", len(rows[i : i + step]), type(exc).__name__)
+                raise BatchFailed(type(exc).__name__) from exc
+        return np.concatenate(out)
+
+    async def _score(self, rows: list, deadline: float) -> np.ndarray:
+        if self.client is None:
+            return await self.explainer.run(self._run_rows, rows, deadline)
+        out, step = [], self.settings.max_batch_size  # split: chunks join the model process's batches
+        for i in range(0, len(rows), step):
+            if time.monotonic() > deadline:
+                raise ExplainTimeout
+            wire = self.adapter.to_wire(rows[i : i + step])
+            out.append(await call_model(self.front.name, self.settings.model_call_timeout_s,
+                                        lambda wire=wire: self.client.to_async.predict(wire)))  # fmt: skip
+        return np.concatenate(out)
+
+    async def explained(self, request: Request) -> JSONResponse:
+        """One explanation, admitted by this worker's explain queue (never by the predict batcher's)."""
+        start, name = time.perf_counter(), self.front.name
+        try:
+            async with self.explainer.slot() as deadline:
+                try:
+                    parsed = await self.adapter.parse_explain(request)
+                except ClientError as err:
+                    return self.rejected(err)
+                rows = await self.explainer.run(self.adapter.explain_rows, parsed)
+                probs = await self._score(rows, deadline)
+                found = await self.explainer.run(self.adapter.explanation, parsed, probs)
+        except ExplainBusy:
+            metrics.REJECTED.labels(model=name, reason="explain_busy").inc()
+            return error_response(429, "explain_busy", "too many explanations in progress; retry later",
+                                  {"Retry-After": "1"})  # fmt: skip
+        except ExplainTimeout:
+            limit = self.settings.explain_timeout_s
+            return error_response(503, "explain_timeout", f"the explanation did not finish within {limit:g} s; "
+                                  "retry later", {"Retry-After": "2"})  # fmt: skip
+        except (BatchFailed, ModelUnavailable):
+            return error_response(503, "model_unavailable", "the model could not answer; retry later",
+                                  {"Retry-After": "1"})  # fmt: skip
+        metrics.EXPLAIN_SECONDS.labels(model=name).observe(time.perf_counter() - start)
+        return JSONResponse({"model": self.front.art.tag, "variant": self.front.variant, **found})
+
     def not_ready(self) -> JSONResponse:
         return error_response(503, "not_ready", f"model not ready: {self.front.error or 'loading'}",
                               {"Retry-After": "5"})  # fmt: skip
@@ -222,6 +277,17 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
             return probs
         return JSONResponse({"model": rep.front.art.tag, "variant": rep.front.variant,
                              "predictions": rep.adapter.answer(probs, parsed)})  # fmt: skip
+
+    @app.post(adapter_cls.route + "/explain", tags=[adapter_cls.kind], summary=adapter_cls.explain_summary,
+              description=adapter_cls.explain_doc, openapi_extra=doc.openapi_explain_body(),
+              responses=schemas.responses(adapter_cls.explain_model, *ERRORS))  # fmt: skip
+    async def explain(request: Request):
+        rep = current()
+        if not rep.ready:
+            return rep.not_ready()
+        return await rep.explained(request)
+
+    playground_routes(app, adapter_cls.kind)
 
     @app.get("/info", tags=[adapter_cls.kind], summary="Info")
     async def info() -> dict:

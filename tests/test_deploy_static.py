@@ -249,10 +249,14 @@ def test_nginx_template_tls_headers_limits_and_log_format():
     assert "ssl_protocols TLSv1.2 TLSv1.3" in stmts
     assert "return 301 https://$host:${HTTPS_PUBLIC_PORT}$request_uri" in stmts  # plain HTTP: redirect only
     for header in ('Strict-Transport-Security "max-age=31536000; includeSubDomains"',
-                   'X-Content-Type-Options "nosniff"', 'X-Frame-Options "DENY"', 'Referrer-Policy "no-referrer"',
-                   "Content-Security-Policy \"default-src 'none'; frame-ancestors 'none'\""):  # fmt: skip
+                   'X-Content-Type-Options "nosniff"', 'X-Frame-Options "DENY"',
+                   'Referrer-Policy "no-referrer"'):  # fmt: skip
         # once for the server, once again in the 429 location (its own add_header drops the inherited ones)
         assert stmts.count(f"add_header {header} always") == 2, header
+    # CSP: nothing may load, except on the playground page (the map's default; tests/test_playground.py)
+    assert "add_header Content-Security-Policy $servable_csp always" in stmts
+    assert "default \"default-src 'none'; frame-ancestors 'none'\"" in stmts
+    assert "add_header Content-Security-Policy \"default-src 'none'; frame-ancestors 'none'\" always" in stmts
     assert "limit_req_zone $servable_limit_key zone=servable_per_key:10m rate=${RATE_LIMIT}" in stmts
     assert '"" $servable_key_or_addr' in " ".join(stmts) and 'default "key:$http_x_api_key"' in stmts
     assert stmts.count("limit_req zone=servable_per_key burst=${RATE_BURST} nodelay") == 4  # every proxied route

@@ -72,6 +72,7 @@ def _fuzz(server, name: str) -> None:
         run()
     REPORT[f"fuzz_{name}"] = {"operations": len(calls), "requests": sum(calls.values())}
     assert {"POST /v2/models/{name}/infer", "GET /v2/models/{name}"} <= set(calls)
+    assert any(label.endswith("/explain") for label in calls)  # the explain route is fuzzed too
 
 
 def test_fuzz_image_api_no_5xx_and_schema_conformant(image_server):

@@ -1,9 +1,11 @@
-"""`python -m training image|text|limited-data [--flags]`; every flag is also an env variable."""
+"""`python -m training image|text|limited-data|gallery [--flags]`; every flag is also an env variable."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from servable.config import ImageTrainConfig, LimitedDataConfig, TextTrainConfig
@@ -37,12 +39,29 @@ class LimitedDataCommand(LimitedDataConfig):
         run_experiment(self)
 
 
+class GalleryCommand(BaseSettings):
+    """Confusion matrix with per-class precision/recall/F1 and the gallery of the most confident test
+    mistakes with their explanations, for a registered model (no retraining)."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True)
+
+    model_tag: str = Field(description="Model-store tag, e.g. fashion-cnn:latest.")
+    out: Path = Field(description="Folder for confusion.png, per_class.md, gallery.* and summary.json.")
+    mistakes: int = Field(8, ge=1, description="Mistakes shown, the most confident first.")
+
+    def cli_cmd(self) -> None:
+        from training.gallery import for_registered
+
+        print(for_registered(self.model_tag, self.out, self.mistakes))
+
+
 class Train(BaseSettings):
     model_config = SettingsConfigDict(cli_kebab_case=True, cli_prog_name="python -m training")
 
     image: CliSubCommand[ImageCommand]
     text: CliSubCommand[TextCommand]
     limited_data: CliSubCommand[LimitedDataCommand]
+    gallery: CliSubCommand[GalleryCommand]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

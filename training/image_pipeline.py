@@ -14,9 +14,11 @@ from tqdm import tqdm
 
 from servable.artifact import ModelManifest
 from servable.config import ImageTrainConfig
+from servable.explain import probabilities
 from servable.preprocessing import ImagePreprocessing, normalize
 from training import onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
+from training.gallery import image_gallery
 from training.image_model import BackboneHead, ImageClassifier, build_augmentation, normalize_batch
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
@@ -161,12 +163,15 @@ def export_and_measure(cfg: ImageTrainConfig, model, splits: ImageSplits, prep, 
     for name, path in variants.items():
         session = onnx_tools.cpu_session(path)
         start = time.perf_counter()
-        preds[name] = onnx_predict(session, splits.test_x, prep).argmax(1)
+        logits = onnx_predict(session, splits.test_x, prep)
+        preds[name] = logits.argmax(1)
+        if name == "fp32":
+            test_logits = logits
         ms = 1000 * (time.perf_counter() - start) / len(splits.test_x)
         results[name] = classification_report(splits.test_y, preds[name], splits.labels)
         results[name].update(bytes=path.stat().st_size, ms_per_image_batch256=round(ms, 3))
         tqdm.write(f"test accuracy {name}: {results[name]['accuracy']:.4f} on {len(splits.test_y)} images")
-    metrics = {"test": results, "parity_max_abs_diff": diff, "predictions": preds}
+    metrics = {"test": results, "parity_max_abs_diff": diff, "predictions": preds, "test_logits": test_logits}
     if "int8" in results:
         drop = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
         metrics["int8_accuracy_drop"] = drop
@@ -184,9 +189,11 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
     splits = load_splits(cfg, prep)
     model, history, stopper, stopped = fine_tune(cfg, splits, prep)
     metrics = export_and_measure(cfg, model, splits, prep, staging)
-    preds = metrics.pop("predictions")
+    preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
     write_outputs(staging, history, splits.test_y, preds["fp32"], splits.labels, metrics)
+    image_gallery(onnx_tools.cpu_session(staging / "model.onnx"), prep, splits.test_x, splits.test_y,
+                  probabilities(logits), splits.labels, staging)  # fmt: skip
     manifest = ModelManifest(
         name=cfg.name, version=version, task="image-classification", labels=splits.labels,
         onnx={k: f"model.{k}.onnx" if k != "fp32" else "model.onnx" for k in metrics["test"]},

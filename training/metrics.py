@@ -57,8 +57,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], path: Path) -> None:
+    """The confusion matrix, with each class's precision, recall, F1 and support beside it."""
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+    per_class = classification_report(y_true, y_pred, labels)["per_class"]
+    side = 1.0 + 0.6 * len(labels)
+    fig, (ax, tab) = plt.subplots(1, 2, figsize=(side + 4.2, side), gridspec_kw={"width_ratios": [side, 4.2]})
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -67,6 +70,23 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], pa
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > cm.max() / 2 else "black")  # fmt: skip
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+    rows = [[f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])]
+            for m in per_class.values()]  # fmt: skip
+    tab.axis("off")
+    table = tab.table(cellText=rows, rowLabels=list(per_class), colLabels=["precision", "recall", "F1", "n"],
+                      loc="center", cellLoc="right")  # fmt: skip
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.3)
+    tab.set_title("per class (test)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def per_class_markdown(report: dict) -> str:
+    """The per-class precision / recall / F1 / support of `classification_report` as a Markdown table."""
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, m in report["per_class"].items():
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    return "\n".join(lines) + "\n"

@@ -12,9 +12,11 @@ from tqdm import tqdm
 
 from servable.artifact import ModelManifest
 from servable.config import TextTrainConfig
+from servable.explain import probabilities
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
 from training import onnx_tools
 from training.data_text import TextSplits, load_bundled, load_user_file
+from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
@@ -160,6 +162,8 @@ def export_and_measure(cfg: TextTrainConfig, model, tokenizer, splits: TextSplit
         session = onnx_tools.cpu_session(path)
         logits = onnx_predict(session, tok, splits.test, prep)
         preds[name] = logits.argmax(1)
+        if name == "fp32":
+            test_logits = logits
         y = np.array([lab for _, lab in splits.test])
         results[name] = classification_report(y, preds[name], splits.labels)
         if splits.ood_test:
@@ -177,6 +181,7 @@ def export_and_measure(cfg: TextTrainConfig, model, tokenizer, splits: TextSplit
         "test": results,
         "parity_max_abs_diff": diff,
         "predictions": preds,
+        "test_logits": test_logits,
         "agreement_int8_fp32": float((preds["int8"] == preds["fp32"]).mean()) if "int8" in preds else None,
     }
     if "int8" in results:
@@ -194,9 +199,11 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     splits = load_splits(cfg)
     tokenizer, model, history, stopper, stopped, source = fine_tune(cfg, splits)
     metrics, prep = export_and_measure(cfg, model, tokenizer, splits, staging)
-    preds = metrics.pop("predictions")
+    preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
     write_outputs(staging, history, np.array([lab for _, lab in splits.test]), preds["fp32"], splits.labels, metrics)
+    text_gallery(onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep),
+                 prep, splits.test, probabilities(logits), splits.labels, staging)  # fmt: skip
     splits.provenance["backbone"] = source
     manifest = ModelManifest(
         name=cfg.name, version=version, task="text-classification", labels=splits.labels,

@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from servable import artifact
 from servable.config import ServeCommon
+from serving.errors import ClientError
 
 
 @dataclass
@@ -39,6 +40,9 @@ class TaskAdapter(ABC):
     description: ClassVar[str]
     response_model: ClassVar[type]
     wire_type: ClassVar[Any]  # how a batch of rows travels to a split model process
+    explain_summary: ClassVar[str]  # of the explain route, in the OpenAPI document
+    explain_doc: ClassVar[str]
+    explain_model: ClassVar[type]  # the explain route's answer
 
     def __init__(self, settings: ServeCommon) -> None:
         self.settings = settings
@@ -52,6 +56,14 @@ class TaskAdapter(ABC):
     def labels(self) -> list[str]:
         assert self.manifest is not None
         return self.manifest.labels
+
+    def target(self, label: object) -> int | None:
+        """The class an explanation is for: a label the model has, or None for its top prediction."""
+        if label is None:
+            return None
+        if not isinstance(label, str) or label not in self.labels:
+            raise ClientError(422, "unknown_label", f"label must be one of {self.labels}")
+        return self.labels.index(label)
 
     # ------------------------------------------------------------ per request (HTTP worker)
     @abstractmethod
@@ -79,6 +91,23 @@ class TaskAdapter(ABC):
     @abstractmethod
     def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:
         """The `predictions` of the REST answer."""
+
+    # ------------------------------------------------------------ explanations (occlusion: servable/explain.py)
+    @abstractmethod
+    async def parse_explain(self, request: Request) -> Parsed:
+        """Validate one explain request (one item, its options); raises ClientError."""
+
+    @abstractmethod
+    def openapi_explain_body(self) -> dict:
+        """`openapi_extra` of the explain route."""
+
+    @abstractmethod
+    def explain_rows(self, parsed: Parsed) -> list[Any]:
+        """The perturbed rows to score, the unperturbed item first (runs off the event loop)."""
+
+    @abstractmethod
+    def explanation(self, parsed: Parsed, probs: np.ndarray) -> dict:
+        """`prediction` and `explanation` of the answer, from the rows' probabilities (off the event loop)."""
 
     def to_wire(self, rows: list[Any]) -> Any:
         """A batch of rows as the split topology's model process takes it."""

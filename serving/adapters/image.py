@@ -10,8 +10,9 @@ import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from servable import explain
 from servable.config import SERVED_MODELS, ImageServeSettings
-from servable.preprocessing import InvalidImage, preprocess_image
+from servable.preprocessing import InvalidImage, decode_image, preprocess_image
 from serving import metrics, schemas
 from serving.adapters.base import Parsed, TaskAdapter
 from serving.errors import ClientError
@@ -50,6 +51,14 @@ class ImageAdapter(TaskAdapter):
         "Inference endpoints need an API key (x-api-key header or Bearer token)."
     )
     response_model = schemas.ClassifyResponse
+    explain_summary = "Classify Explain"
+    explain_doc = (
+        "Why the model answered, for one image: occlusion sensitivity from the served model (no gradients). "
+        "`heatmap[i][j]` is how much the class's probability drops when patch (i, j) of a grid x grid "
+        "partition is masked with the image's mean colour: positive = the patch supports the class. "
+        "`overlay=true` adds the heatmap over the image as a PNG (base64), at the image's size."
+    )
+    explain_model = schemas.ImageExplainResponse
     wire_type = np.ndarray
     settings: ImageServeSettings
 
@@ -96,9 +105,10 @@ class ImageAdapter(TaskAdapter):
             raise ClientError(422, "invalid_field", "top_k must be at least 1")
         return min(top_k, len(self.labels))
 
-    async def parse(self, request: Request) -> Parsed:
+    async def _read(self, request: Request, fields: tuple[str, ...]) -> tuple[list[bytes], dict[str, Any]]:
+        """The uploaded images and the option `fields` of any of the three body formats (query too)."""
         ctype = content_type(request)
-        top_k: Any = request.query_params.get("top_k", self.settings.top_k)
+        opts: dict[str, Any] = {k: request.query_params[k] for k in fields if k in request.query_params}
         if ctype.startswith("image/"):  # the cheapest upload: the file is the body
             blobs = [await request.body()]
         elif ctype == "multipart/form-data":
@@ -108,7 +118,7 @@ class ImageAdapter(TaskAdapter):
                 raise ClientError(400, "invalid_multipart", f"the multipart body could not be parsed: {exc}") from exc
             files = [f for key in ("image", "images") for f in form.getlist(key) if isinstance(f, UploadFile)]
             blobs = [await f.read() for f in files]
-            top_k = form.get("top_k", top_k)
+            opts.update({k: form[k] for k in fields if k in form})
         else:
             body = await json_body(request)
             if not isinstance(body, dict):
@@ -119,9 +129,81 @@ class ImageAdapter(TaskAdapter):
             if len(items) > self.settings.max_items:
                 raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} images per request")
             blobs = [_b64(item, i) for i, item in enumerate(items)]
-            top_k = body.get("top_k", top_k)
-        top_k = self._top_k(top_k)
+            opts.update({k: body[k] for k in fields if k in body})
+        return blobs, opts
+
+    async def parse(self, request: Request) -> Parsed:
+        blobs, opts = await self._read(request, ("top_k",))
+        top_k = self._top_k(opts.get("top_k", self.settings.top_k))
         return Parsed(self._decode(blobs), list(blobs), {"top_k": top_k})
+
+    # ------------------------------------------------------------ explanations
+    def openapi_explain_body(self) -> dict:
+        options = {
+            "grid": {"type": "integer", "minimum": 2, "maximum": self.settings.explain_max_grid,
+                     "description": f"patches per side (default {self.settings.explain_grid})"},
+            "overlay": {"type": "boolean", "description": "also return the heatmap over the image as a PNG"},
+            "label": {"type": "string", "description": "explain this class instead of the top prediction"},
+            "top_k": {"type": "integer", "minimum": 1},
+        }  # fmt: skip
+        multipart = {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary", "description": "one image file"}, **options}}  # fmt: skip
+        return schemas.json_body(
+            {"type": "object", "required": ["image"], "properties": {"image": B64, **options}},
+            ("multipart/form-data", multipart),
+            ("image/jpeg", RAW_IMAGE),
+            ("image/png", RAW_IMAGE),
+        )
+
+    def _option_int(self, value: Any, name: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ClientError(422, "invalid_field", f"{name} must be an integer")
+        try:
+            number = int(value)
+        except ValueError as exc:
+            raise ClientError(422, "invalid_field", f"{name} must be an integer") from exc
+        if not low <= number <= high:
+            raise ClientError(422, "invalid_field", f"{name} must be between {low} and {high}")
+        return number
+
+    async def parse_explain(self, request: Request) -> Parsed:
+        blobs, opts = await self._read(request, ("top_k", "grid", "overlay", "label"))
+        if len(blobs) != 1:
+            raise ClientError(400 if not blobs else 413, "no_image" if not blobs else "too_many_items",
+                              "send exactly one image to explain")  # fmt: skip
+        try:
+            image = decode_image(blobs[0], max_pixels=self.settings.max_pixels)
+        except InvalidImage as exc:
+            raise ClientError(413 if exc.reason == "too_many_pixels" else 400, exc.reason, f"image 0: {exc}") from exc
+        overlay = opts.get("overlay", False)
+        if isinstance(overlay, str) and overlay.lower() in ("true", "false", "1", "0"):
+            overlay = overlay.lower() in ("true", "1")
+        if not isinstance(overlay, bool):
+            raise ClientError(422, "invalid_field", "overlay must be true or false")
+        options = {
+            "top_k": self._top_k(opts.get("top_k", self.settings.top_k)),
+            "grid": self._option_int(opts.get("grid", self.settings.explain_grid), "grid", 2,
+                                     self.settings.explain_max_grid),
+            "overlay": overlay, "target": self.target(opts.get("label")), "image": image,
+        }  # fmt: skip
+        return Parsed([preprocess_image(image, self.prep)], [None], options)
+
+    def explain_rows(self, parsed: Parsed) -> list[np.ndarray]:
+        return list(explain.occluded_images(parsed.rows[0], parsed.options["grid"]))
+
+    def explanation(self, parsed: Parsed, probs: np.ndarray) -> dict:
+        opts = parsed.options
+        target = int(probs[0].argmax()) if opts["target"] is None else opts["target"]
+        heat = explain.image_heatmap(probs, target, opts["grid"])
+        found = {
+            "method": "occlusion", "label": self.labels[target], "probability": round(float(probs[0, target]), 6),
+            "grid": opts["grid"], "heatmap": np.round(heat.astype(np.float64), 6).tolist(), "rows": len(probs),
+        }  # fmt: skip
+        if opts["overlay"]:
+            png, size = explain.overlay_png(opts["image"], heat, self.settings.explain_overlay_max_pixels)
+            found["overlay_png"] = base64.b64encode(png).decode()
+            found["overlay_size"] = list(size)
+        return {"prediction": self.answer(probs[:1], parsed)[0], "explanation": found}
 
     def v2_inputs(self) -> list[dict]:
         s = self.size

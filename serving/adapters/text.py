@@ -11,6 +11,7 @@ import unicodedata
 import numpy as np
 from starlette.requests import Request
 
+from servable import explain
 from servable.config import SERVED_MODELS, TextServeSettings
 from servable.preprocessing import load_tokenizer, pad_encodings
 from serving import metrics, schemas
@@ -65,6 +66,13 @@ class TextAdapter(TaskAdapter):
         "Inference endpoints need an API key (x-api-key header or Bearer token)."
     )
     response_model = schemas.SentimentResponse
+    explain_summary = "Sentiment Explain"
+    explain_doc = (
+        "Why the model answered, for one text: word occlusion from the served model (no gradients). Each "
+        "word's `score` is how much the class's probability drops when that word is removed: positive = "
+        "the word pushes toward the class, negative = away from it."
+    )
+    explain_model = schemas.TextExplainResponse
     wire_type = list[list[int]]
     settings: TextServeSettings
 
@@ -117,6 +125,40 @@ class TextAdapter(TaskAdapter):
         if not isinstance(texts, list):
             raise ClientError(422, "invalid_field", "texts must be a list of strings")
         return self._tokenize(texts)
+
+    # ------------------------------------------------------------ explanations
+    def openapi_explain_body(self) -> dict:
+        return schemas.json_body({
+            "type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+                "text": text_schema(self.settings.max_text_chars),
+                "label": {"type": "string", "description": "explain this class instead of the top prediction"}},
+        })  # fmt: skip
+
+    async def parse_explain(self, request: Request) -> Parsed:
+        body = await json_body(request)
+        if not isinstance(body, dict) or "text" not in body:
+            raise ClientError(422, "invalid_field", "send an object with one text (and optionally a label)")
+        text = self.check_text(0, body["text"])
+        found = explain.words(text)
+        if len(found) > self.settings.explain_max_words:
+            raise ClientError(413, "too_many_words", f"the text has {len(found)} words; explain takes at most "
+                                                     f"{self.settings.explain_max_words}")  # fmt: skip
+        return Parsed([], [text], {"words": found, "target": self.target(body.get("label"))})
+
+    def explain_rows(self, parsed: Parsed) -> list[list[int]]:
+        texts = explain.texts_without_each_word(parsed.items[0], parsed.options["words"])
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def explanation(self, parsed: Parsed, probs: np.ndarray) -> dict:
+        target = int(probs[0].argmax()) if parsed.options["target"] is None else parsed.options["target"]
+        scores = explain.word_scores(probs, target)
+        found = {
+            "method": "word_occlusion", "label": self.labels[target],
+            "probability": round(float(probs[0, target]), 6), "rows": len(probs),
+            "words": [{"word": w.text, "start": w.start, "end": w.end, "score": round(float(v), 6)}
+                      for w, v in zip(parsed.options["words"], scores, strict=True)],
+        }  # fmt: skip
+        return {"prediction": self.answer(probs[:1], parsed)[0], "explanation": found}
 
     def v2_inputs(self) -> list[dict]:
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]

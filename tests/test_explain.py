@@ -1,0 +1,323 @@
+"""Explanations: known answers from fixture models served for real, limits, hostile inputs, priority.
+
+The fixture models are built with onnx.helper so the right answer is known: an image model whose
+only signal is one patch of the image, a text model whose only signal is one word. They are
+registered in the test store and served by real BentoML servers like any trained model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures as cf
+import io
+import os
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+import requests
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from servable import artifact, explain
+from servable.preprocessing import ImagePreprocessing, TextPreprocessing
+from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
+from tests.conftest import API_KEY, _serve
+from tests.test_reliability import IMAGE_CORPUS, TEXT_CORPUS, _fire_corpus, _png
+
+KEY = {"x-api-key": API_KEY}
+SIZE = 32  # the fixture image model's input side
+MARK = (slice(8, 16), slice(16, 24))  # the one patch that carries the signal: cell (1, 2) of a 4 x 4 grid
+SIGNAL_WORD = "excellent"
+
+
+# ---------------------------------------------------------------- fixture models with a known answer
+
+
+def _register(name: str, task: str, labels: list[str], model: onnx.ModelProto, staging, **prep) -> str:
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, staging / "model.onnx")
+    manifest = artifact.ModelManifest(
+        name=name, version="known", task=task, labels=labels, onnx={"fp32": "model.onnx"}, training_config={},
+        metrics={"test": {"fp32": {"accuracy": 1.0}}}, provenance={"fixture": "tests/test_explain.py"}, versions={},
+        **prep,
+    )  # fmt: skip
+    return artifact.register(manifest, staging)
+
+
+def _image_model() -> onnx.ModelProto:
+    """logits = [0, 0.05 * sum of the pixels in MARK]: only that patch can move the answer."""
+    mask = np.zeros((3, SIZE, SIZE), np.float32)
+    mask[:, MARK[0], MARK[1]] = 0.05
+    weights = np.zeros((3 * SIZE * SIZE, 2), np.float32)
+    weights[:, 1] = mask.reshape(-1)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "mark_patch",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(weights, "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # ORT-loadable
+
+
+def _text_model(signal_id: int) -> onnx.ModelProto:
+    """logits = [1, 4 * count of the signal word's id]: only that word can move the answer."""
+    nodes = [
+        helper.make_node("Equal", ["input_ids", "signal"], ["hit"]),
+        helper.make_node("Cast", ["hit"], ["hitf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["hitf", "axes"], ["count"], keepdims=1),
+        helper.make_node("MatMul", ["count", "w"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(signal_id, np.int64), "signal"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes"),
+             numpy_helper.from_array(np.array([[0.0, 4.0]], np.float32), "w"),
+             numpy_helper.from_array(np.array([1.0, 0.0], np.float32), "b")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "signal_word", [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+                               for name in ("input_ids", "attention_mask")],  # the mask is fed, not used
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # ORT-loadable
+
+
+@pytest.fixture(scope="module")
+def known_models(tmp_path_factory) -> dict[str, str]:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    image_dir, text_dir = tmp_path_factory.mktemp("mark-patch"), tmp_path_factory.mktemp("signal-word")
+    image_tag = _register("mark-patch", "image-classification", ["blank", "mark"], _image_model(), image_dir,
+                          image_preprocessing=ImagePreprocessing(size=SIZE, color_mode="L"))  # fmt: skip
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", SIGNAL_WORD, "the", "film", "was", "long", "but"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(text_dir / "tokenizer.json"))
+    prep = TextPreprocessing(
+        tokenizer_file="tokenizer.json", max_length=32, input_names=["input_ids", "attention_mask"]
+    )
+    text_tag = _register("signal-word", "text-classification", ["negative", "positive"],
+                         _text_model(vocab[SIGNAL_WORD]), text_dir, text_preprocessing=prep)  # fmt: skip
+    return {"image": image_tag, "text": text_tag}
+
+
+@pytest.fixture(scope="module")
+def known_servers(known_models, tmp_path_factory):
+    servers = {}
+    try:
+        for kind, prefix in (("image", "SERVABLE_IMAGE_SERVE_"), ("text", "SERVABLE_TEXT_SERVE_")):
+            servers[kind] = _serve(kind, known_models[kind], tmp_path_factory, {f"{prefix}WORKERS": "1"})
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def _marked_png(width: int = 96, height: int = 64) -> bytes:
+    """Black, with the patch that maps onto MARK (after the resize to SIZE x SIZE) white."""
+    pixels = np.zeros((height, width), np.uint8)
+    pixels[height // 4 : height // 2, width // 2 : 3 * width // 4] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- known answers, served
+
+
+def test_image_explanation_points_at_the_only_patch_that_carries_the_signal(known_servers):
+    url = known_servers["image"].url + "/classify/explain"
+    r = requests.post(url, params={"grid": 4, "overlay": "true"}, data=_marked_png(),
+                      headers={**KEY, "content-type": "image/png"}, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prediction"]["label"] == "mark" and body["explanation"]["label"] == "mark"
+    heat = np.array(body["explanation"]["heatmap"])
+    assert heat.shape == (4, 4) and body["explanation"]["rows"] == 17
+    assert np.unravel_index(heat.argmax(), heat.shape) == (1, 2)
+    assert heat[1, 2] > 0.9  # masking the patch removes the whole signal
+    others = np.delete(heat.ravel(), 1 * 4 + 2)
+    assert np.abs(others).max() < 1e-6  # masking anything else changes nothing
+
+    # The overlay: a valid PNG of the input's size, red where the patch supported the class.
+    png = base64.b64decode(body["explanation"]["overlay_png"])
+    overlay = Image.open(io.BytesIO(png))
+    assert overlay.format == "PNG" and overlay.size == (96, 64) == tuple(body["explanation"]["overlay_size"])
+    overlay.verify()
+    red, green, blue = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[24, 60].astype(int)
+    assert red > blue + 50 and red > green + 50
+    assert tuple(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[5, 5]) == (0, 0, 0)  # score 0: untouched
+
+    # Deterministic: the same input, the same explanation (here as multipart, with a finer grid).
+    finer = [requests.post(url, files={"image": ("m.png", _marked_png())}, data={"grid": "8"}, headers=KEY,
+                           timeout=30).json()["explanation"] for _ in range(2)]  # fmt: skip
+    assert finer[0] == finer[1] and "overlay_png" not in finer[0]
+    top4 = {divmod(int(i), 8) for i in np.argsort(-np.array(finer[0]["heatmap"]).ravel())[:4]}
+    assert top4 == {(2, 4), (2, 5), (3, 4), (3, 5)}  # the four finer cells covering the patch
+
+
+def test_text_explanation_points_at_the_only_word_that_carries_the_signal(known_servers):
+    url = known_servers["text"].url + "/sentiment/explain"
+    text = f"the film was long but {SIGNAL_WORD}"
+    answers = [requests.post(url, json={"text": text}, headers=KEY, timeout=30) for _ in range(2)]
+    assert all(r.status_code == 200 for r in answers), answers[0].text
+    assert answers[0].json() == answers[1].json()  # deterministic
+    exp = answers[0].json()["explanation"]
+    assert exp["label"] == "positive" and exp["rows"] == 7
+    scores = {w["word"]: w["score"] for w in exp["words"]}
+    assert max(scores, key=scores.get) == SIGNAL_WORD and scores[SIGNAL_WORD] > 0.5
+    assert all(abs(v) < 1e-6 for w, v in scores.items() if w != SIGNAL_WORD)
+    assert [text[w["start"] : w["end"]] for w in exp["words"]] == text.split()
+    # Explaining the other class: the signal word speaks against it (signed toward the class asked).
+    r = requests.post(url, json={"text": text, "label": "negative"}, headers=KEY, timeout=30)
+    against = {w["word"]: w["score"] for w in r.json()["explanation"]["words"]}
+    assert r.json()["prediction"]["label"] == "positive" and against[SIGNAL_WORD] < -0.5
+
+
+def test_explain_routes_answer_json_4xx_like_the_predict_routes(known_servers):
+    image, text = known_servers["image"].url, known_servers["text"].url
+    cases = [
+        (image, {"files": [("image", ("a.png", _png())), ("image", ("b.png", _png()))]}, 413, "too_many_items"),
+        (image, {"json": {"image": base64.b64encode(_png()).decode(), "grid": 99}}, 422, "invalid_field"),
+        (image, {"json": {"image": base64.b64encode(_png()).decode(), "grid": "x"}}, 422, "invalid_field"),
+        (image, {"json": {"image": base64.b64encode(_png()).decode(), "overlay": "maybe"}}, 422, "invalid_field"),
+        (image, {"json": {"image": base64.b64encode(_png()).decode(), "label": "cat"}}, 422, "unknown_label"),
+        (image, {"json": {"images": []}}, 400, "no_image"),
+        (image, {"data": b"not an image", "headers": {"content-type": "image/png"}}, 400, "not_an_image"),
+        (text, {"json": {"texts": ["two", "texts"]}}, 422, "invalid_field"),
+        (text, {"json": {"text": "   "}}, 422, "empty_text"),
+        (text, {"json": {"text": "word " * 129}}, 413, "too_many_words"),
+        (text, {"json": {"text": "fine", "label": 3}}, 422, "unknown_label"),
+        (text, {"data": b"text=hi", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    ]
+    for base, kwargs, status, reason in cases:
+        kwargs = dict(kwargs)
+        headers = {**KEY, **kwargs.pop("headers", {})}
+        path = "/classify/explain" if base == image else "/sentiment/explain"
+        r = requests.post(base + path, headers=headers, timeout=30, **kwargs)
+        assert (r.status_code, r.json()["reason"]) == (status, reason), (kwargs, r.text)
+    for base, path in ((image, "/classify/explain"), (text, "/sentiment/explain")):
+        r = requests.post(base + path, json={"text": "x"}, headers={"x-api-key": "wrong-key-123456"}, timeout=10)
+        assert r.status_code == 401 and r.json()["reason"] == "unauthenticated"
+
+
+def test_hostile_inputs_to_the_explain_routes_answer_4xx_fast(image_server, text_server):
+    for server, path, corpus in ((image_server, "/classify/explain", IMAGE_CORPUS),
+                                 (text_server, "/sentiment/explain", TEXT_CORPUS)):  # fmt: skip
+        figures = _fire_corpus(server, path, corpus)
+        assert figures["max_latency_s"] < 5, figures
+        assert figures["rss_mb_after"] - figures["rss_mb_before"] < 300, figures
+    assert requests.post(text_server.url + "/sentiment/explain", json={"text": "fine"}, headers=KEY, timeout=30).ok
+
+
+def test_a_burst_of_explanations_gets_429_beyond_the_queue_while_predictions_keep_answering(image_server):
+    """The trained test model, 2 workers x (1 running + 4 queued): 24 grid-16 explanations at once."""
+    explain_url, predict_url = image_server.url + "/classify/explain", image_server.url + "/classify"
+    png = _png((64, 64))
+
+    def one_explain(_):
+        r = requests.post(explain_url, params={"grid": 16}, data=png,
+                          headers={**KEY, "content-type": "image/png"}, timeout=60)  # fmt: skip
+        return r.status_code, r.headers.get("content-type", ""), r.json().get("reason")
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        burst = pool.map(one_explain, range(24))
+        predicts = []
+        for _ in range(10):
+            r = requests.post(predict_url, data=png, headers={**KEY, "content-type": "image/png"}, timeout=30)
+            predicts.append(r.status_code)
+        results = list(burst)
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 429}, results
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+    assert all(ct.startswith("application/json") and reason == "explain_busy" for s, ct, reason in results if s == 429)
+    assert predicts == [200] * 10
+
+
+# ---------------------------------------------------------------- the explain queue and its thread
+
+
+def test_explain_queue_bounds_concurrency_queue_and_wait():
+    async def scenario():
+        queue = ExplainQueue(max_concurrency=1, max_queue=1, timeout_s=0.3, nice=0)
+        release = asyncio.Event()
+        outcomes: list[str] = []
+
+        async def hold():
+            async with queue.slot():
+                outcomes.append("ran")
+                await release.wait()
+
+        first = asyncio.create_task(hold())
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(hold())  # queued
+        await asyncio.sleep(0.01)
+        with pytest.raises(ExplainBusy):  # one running, one queued: the third is refused at once
+            async with queue.slot():
+                pass
+        with pytest.raises(ExplainTimeout):  # the queued one waits past its deadline
+            await second
+        release.set()
+        await first
+        async with queue.slot():  # the slot is free again
+            outcomes.append("ran")
+        return outcomes, queue.running, queue.waiting
+
+    assert asyncio.run(scenario()) == (["ran", "ran"], 0, 0)
+
+
+def test_explain_thread_runs_at_a_lower_os_priority():
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    queue = ExplainQueue(max_concurrency=1, max_queue=0, timeout_s=5, nice=10)
+    seen = queue.executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert seen == min(19, base + 10)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is untouched
+
+
+def test_occlusion_helpers_are_exact_on_a_known_input():
+    pixels = np.zeros((3, 8, 8), np.float32)
+    batch = explain.occluded_images(pixels + 1, 2)
+    assert batch.shape == (5, 3, 8, 8) and (batch[0] == 1).all()
+    pixels[:, :4, 4:] = 1.0
+    batch = explain.occluded_images(pixels, 2)
+    fill = pixels.mean()
+    assert np.allclose(batch[2][:, :4, 4:], fill) and np.array_equal(batch[2][:, 4:, :], pixels[:, 4:, :])
+    text = "  not  bad at all "
+    found = explain.words(text)
+    assert [w.text for w in found] == ["not", "bad", "at", "all"]
+    assert explain.texts_without_each_word(text, found)[1:3] == ["bad at all", "not   at all"]
+    start = time.perf_counter()
+    png, size = explain.overlay_png(Image.new("RGB", (3000, 2000)), np.ones((8, 8)), max_pixels=600_000)
+    assert size == (948, 632) and Image.open(io.BytesIO(png)).size == size and time.perf_counter() - start < 5
+
+
+# ---------------------------------------------------------------- in training: per-class figures, the gallery
+
+
+def test_training_runs_write_per_class_figures_and_a_gallery_of_explained_mistakes(image_run, text_run, tmp_path):
+    import json
+
+    from training.gallery import for_registered
+
+    for run in (image_run, text_run):
+        assert Image.open(run.staging / "confusion.png").format == "PNG"  # the matrix with P/R/F1 beside it
+        entries = json.loads((run.staging / "gallery.json").read_text())
+        assert entries and all(e["true"] != e["predicted"] for e in entries)  # mistakes only
+        confidences = [e["confidence"] for e in entries]
+        assert confidences == sorted(confidences, reverse=True)  # the most confident first
+    image_entries = json.loads((image_run.staging / "gallery.json").read_text())
+    assert Image.open(image_run.staging / "gallery.png").format == "PNG"
+    assert all(np.array(e["heatmap"]).shape == (e["grid"], e["grid"]) for e in image_entries)
+    text_entries = json.loads((text_run.staging / "gallery.json").read_text())
+    assert all([w["word"] for w in e["words"]] == e["text"].split()[: len(e["words"])] for e in text_entries)
+    assert "| true | predicted" in (text_run.staging / "gallery.md").read_text()
+    # For a registered model, without retraining: the same test split is rebuilt (same accuracy).
+    summary = for_registered(image_run.tag, tmp_path / "image", n=3)
+    assert summary["accuracy"] == summary["recorded_accuracy"] and summary["mistakes_shown"] == 3
+    assert {"confusion.png", "per_class.md", "gallery.png", "gallery.json"} <= {
+        p.name for p in (tmp_path / "image").iterdir()
+    }
