@@ -136,6 +136,8 @@ class LimitedDataConfig(ImageTrainConfig):
     register_model: bool = False
     tune_size: int = Field(1000, ge=20, description="Labelled size at which from-scratch lr and epochs are tuned.")
     tune_lrs: list[float] = Field([1e-3, 3e-3, 1e-2], description="From-scratch learning rates tried.")
+    tune_lrs_pretrained: list[float] = Field([3e-4, 1e-3, 3e-3], description="Fine-tuning learning rates tried.")
+    pretrained_max_epochs: int = Field(4, ge=1, description="Tuning: most fine-tuning epochs tried, pretrained.")
     scratch_max_epochs: int = Field(6, ge=1, description="Tuning: most epochs tried, EfficientNet from scratch.")
     small_cnn_max_epochs: int = Field(12, ge=1, description="Tuning: most epochs tried, small CNN.")
     method_model: Literal["pretrained", "efficientnet-scratch", "small-cnn"] = Field(

@@ -55,14 +55,15 @@ def test_quick_study_end_to_end(tmp_path):
     """Every arm at tiny sizes, one seed, one epoch: the JSON, table and plot come out complete."""
     cfg = LimitedDataConfig(
         sizes=[60, 120], seeds=[0], test_limit=100, tune_size=60, tune_lrs=[1e-3, 3e-3], scratch_max_epochs=1,
+        tune_lrs_pretrained=[1e-3], pretrained_max_epochs=1,
         small_cnn_max_epochs=2, epochs_finetune=1, unlabelled_pool=100, pseudo_epochs=1, pseudo_threshold=0.2,
         progress=False, output=tmp_path / "out", runs_dir=tmp_path / "runs",
     )  # fmt: skip
     run_experiment(cfg)
     results = json.loads((cfg.output / "limited_data.json").read_text())
-    assert set(results["tuned"]) == set(SCRATCH)
+    assert set(results["tuned"]) == set(MODELS)
     for arm, tuned in results["tuned"].items():
-        assert tuned["lr"] in cfg.tune_lrs and 1 <= tuned["epochs"] <= 2, arm
+        assert tuned["lr"] in cfg.tune_lrs + cfg.tune_lrs_pretrained and 1 <= tuned["epochs"] <= 2, arm
     arms = {*MODELS, "no-augmentation", "pseudo-label", "active"}
     assert set(results["runs"]) == arms == set(results["summary"])
     for arm in arms:

@@ -126,20 +126,23 @@ def run_record(model, pool: Pool, history: list[EpochLog], seed: int, start: flo
     }  # fmt: skip
 
 
-def tune_scratch(cfg: LimitedDataConfig, pools: dict[int, Pool]) -> dict:
-    """Learning rate and epochs of each from-scratch model, chosen by validation accuracy at `tune_size`."""
+def tune(cfg: LimitedDataConfig, pools: dict[int, Pool]) -> dict:
+    """Fine-tuning (pretrained) or training (from scratch) learning rate and epochs of each model, chosen by
+    validation accuracy at `tune_size`: each model gets its own, none the others' defaults."""
     tuned = {}
-    for arm in SCRATCH:
-        max_epochs = cfg.scratch_max_epochs if arm == "efficientnet-scratch" else cfg.small_cnn_max_epochs
+    for arm in MODELS:
+        max_epochs = {"pretrained": cfg.pretrained_max_epochs, "efficientnet-scratch": cfg.scratch_max_epochs,
+                      "small-cnn": cfg.small_cnn_max_epochs}[arm]  # fmt: skip
+        lrs = cfg.tune_lrs_pretrained if arm == "pretrained" else cfg.tune_lrs
         pool = pools[MODELS[arm].get("image_size", cfg.image_size)]
         d = draw(cfg, len(pool.y), cfg.tune_size, cfg.seeds[0], n_val=TUNE_VAL_IMAGES)
         curves = {}
-        for lr in cfg.tune_lrs:
+        for lr in lrs:
             tqdm.write(f"== tuning {arm}: lr {lr:g}, up to {max_epochs} epochs on {cfg.tune_size} images")
             run_cfg = arm_config(cfg, arm, cfg.seeds[0], {}, lr_finetune=lr, epochs_finetune=max_epochs,
                                    patience=max_epochs)  # fmt: skip
             _, history = train(run_cfg, pool, d.labelled, d.val)
-            curves[lr] = [h.val_acc for h in history]
+            curves[lr] = [h.val_acc for h in history if h.stage == "finetune"]  # epochs of the tuned stage
         lr, epoch = max(((lr, e) for lr, c in curves.items() for e in range(len(c))), key=lambda k: curves[k[0]][k[1]])
         tuned[arm] = {"lr": lr, "epochs": epoch + 1, "val_acc": curves[lr][epoch], "val_acc_by_lr": curves}
         tqdm.write(f"tuned {arm}: lr {lr:g}, {epoch + 1} epochs (val acc {curves[lr][epoch]:.3f})")
@@ -184,7 +187,7 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
     cfg.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pools = load_pools(cfg)
-    tuned = tune_scratch(cfg, pools)
+    tuned = tune(cfg, pools)
     runs: dict[str, dict[int, list[dict]]] = {arm: {s: [] for s in cfg.sizes} for arm in (*MODELS, *METHODS)}
     for size in cfg.sizes:
         for seed in cfg.seeds:
@@ -319,15 +322,16 @@ EfficientNet-Lite0 runs at {cfg.image_size} px, the small CNN at 28 px.
 {head}{row("pretrained")}{row("efficientnet-scratch")}{row("small-cnn")}
 {cross}
 
-Pretrained: the main job's recipe ({cfg.epochs_head} head epoch at lr {cfg.lr_head:g} with the backbone
-frozen, then {cfg.epochs_finetune} epochs of everything at lr {cfg.lr_finetune:g}), augmentation on.
+Pretrained: {cfg.epochs_head} head epoch at lr {cfg.lr_head:g} with the backbone frozen, then the tuned
+epochs of everything at the tuned rate; all arms with augmentation on.
 
-### From scratch: tuned on the validation split, and shown to learn
+### Each model tuned on the validation split; the from-scratch ones shown to learn
 
-Learning rate and epochs chosen by validation accuracy (best epoch of each rate) at {cfg.tune_size:,}
+Learning rate and epochs (of fine-tuning, for the pretrained network) chosen by validation accuracy
+(best epoch of each rate) at {cfg.tune_size:,}
 labelled images, seed {cfg.seeds[0]}, on {TUNE_VAL_IMAGES:,} held-out training images; the test set plays no part.
 
-| baseline | best validation accuracy by learning rate | chosen lr | chosen epochs |
+| model | best validation accuracy by learning rate | chosen lr | chosen epochs |
 |---|---|---:|---:|
 {tuning}
 {learned_verdict} Worst seed shown for each figure:
