@@ -5,7 +5,8 @@
     python -m loadtest.run --url http://127.0.0.1:8080   # a running stack (proxy / docker compose)
     python -m loadtest.run --image-url URL --text-url URL --shape ramp --users 16 --duration 120
 
-Writes Locust's CSV and HTML reports and the SLO verdict (`<name>_slo.md/json`) under --results,
+Writes Locust's CSV and HTML reports and the SLO verdict (`<name>_slo.md/json`) under --results
+(runs/loadtest/; `make publish-loadtest` copies a run to docs/results/loadtest/ on purpose),
 and exits with the SLO gate's code. Torch-free.
 """
 
@@ -32,7 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default="steady", choices=["steady", "ramp", "spike"])
     p.add_argument("--users", type=int, default=6, help="peak concurrent users")
     p.add_argument("--duration", type=float, default=30, help="seconds")
-    p.add_argument("--results", type=Path, default=Path("docs/results/loadtest"))
+    p.add_argument("--results", type=Path, default=Path("runs/loadtest"))
     p.add_argument("--name", default="local", help="report file prefix")
     p.add_argument("--image-tag", default=None, help="model tag when starting the services here")
     p.add_argument("--text-tag", default=None, help="model tag when starting the services here")
