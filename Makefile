@@ -47,7 +47,7 @@ ifneq ($(SKIP_APT),1)
 	@requirements/apt.sh $(APT_PACKAGES)
 endif
 
-$(BIN)/python:
+$(BIN)/python: | apt
 	$(PY) -m venv $(VENV)
 
 # The locked set (hashes checked; complete, so --no-deps), torch for this machine, the project itself

@@ -72,7 +72,7 @@ def test_make_installs_the_lock_then_torch_for_the_machine():
 
 
 def test_torch_spec_reaches_pip_unquoted_so_it_can_carry_an_index():
-    spec = f"torch=={VERSION} --index-url https://download.pytorch.org/whl/cu126"
+    spec = f"torch=={VERSION} --index-url https://download.pytorch.org/whl/cu130"
     assert f"pip install -q {spec}\n" in make_dry_run(f"TORCH_SPEC={spec}")
 
 
@@ -126,3 +126,15 @@ def test_training_progress_bar_on_a_terminal(monkeypatch, capsys):
 @pytest.mark.parametrize("script", ["torch.sh", "apt.sh", "lock.sh"])
 def test_install_scripts_are_valid_bash(script):
     subprocess.run(["bash", "-n", str(ROOT / "requirements" / script)], check=True)
+
+
+def test_main_job_writes_under_runs_and_publishing_is_a_step_of_its_own():
+    """`make all` must not rewrite committed results: its load test reports go to runs/loadtest/."""
+    from loadtest import run
+
+    assert run.parse([]).results == Path("runs/loadtest")
+    main_job = subprocess.run(["make", "-n", "-o", "setup", "-o", "train-image", "-o", "train-text", "all"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert "loadtest.run" in main_job and "docs/results" not in main_job
+    publish = subprocess.run(["make", "-n", "publish-loadtest"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "runs/loadtest/local_" in publish.stdout and "docs/results/loadtest/" in publish.stdout
