@@ -8,7 +8,7 @@
 #   2. otherwise the CPU build `torch==VERSION+cpu`: from pip's configured sources if they hold it
 #      (pip.conf / PIP_* with a find-links folder, a mirror or PyTorch's CPU index), checked with a
 #      dry run that downloads nothing; else from PyTorch's CPU index. PyPI's own Linux wheel is the
-#      CUDA build (some 3 GB with its nvidia-* libraries), which a CPU-only machine never needs.
+#      CUDA build (several GB with its nvidia-* libraries), which a CPU-only machine never needs.
 # `make TORCH_SPEC="..."` bypasses this script (another CUDA build: --index-url .../whl/cu126).
 set -euo pipefail
 pip=${1:?usage: torch.sh PIP VERSION [auto|cpu]}

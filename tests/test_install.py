@@ -57,10 +57,16 @@ def test_torch_cuda_build_where_nvidia_smi_lists_a_gpu(tmp_path):
     assert torch_choice(env, "cpu").startswith(f"torch=={VERSION}+cpu")  # what `make lock` resolves against
 
 
+def make_n(*args: str) -> str:
+    """What `make -n ARGS` would run, as a top-level make (the suite itself may run under `make test`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    cmd = ["make", "--no-print-directory", "-n", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
 def make_dry_run(*args: str) -> str:
     """The recipe `make` would run for the virtualenv, with pyproject.toml taken as changed."""
-    cmd = ["make", "-n", "-W", "pyproject.toml", ".venv/.installed", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    return make_n("-W", "pyproject.toml", ".venv/.installed", *args)
 
 
 def test_make_installs_the_lock_then_torch_for_the_machine():
@@ -77,11 +83,10 @@ def test_torch_spec_reaches_pip_unquoted_so_it_can_carry_an_index():
 
 
 def test_apt_list_has_what_a_stock_machine_lacks_and_can_be_skipped():
-    apt = subprocess.run(["make", "-n", "apt"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    apt = make_n("apt")
     assert apt.startswith("requirements/apt.sh ")
     assert {"python3-venv", "curl", "nginx", "prometheus", "dataset-fashion-mnist"} <= set(apt.split())
-    skipped = subprocess.run(["make", "-n", "apt", "SKIP_APT=1"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "apt.sh" not in skipped.stdout
+    assert "apt.sh" not in make_n("apt", "SKIP_APT=1")
     script = (ROOT / "requirements" / "apt.sh").read_text()
     assert "--no-install-recommends" in script and "exit 101" in script and "systemctl disable --now" in script
 
@@ -133,8 +138,7 @@ def test_main_job_writes_under_runs_and_publishing_is_a_step_of_its_own():
     from loadtest import run
 
     assert run.parse([]).results == Path("runs/loadtest")
-    main_job = subprocess.run(["make", "-n", "-o", "setup", "-o", "train-image", "-o", "train-text", "all"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    main_job = make_n("-o", "setup", "-o", "train-image", "-o", "train-text", "all")
     assert "loadtest.run" in main_job and "docs/results" not in main_job
-    publish = subprocess.run(["make", "-n", "publish-loadtest"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "runs/loadtest/local_" in publish.stdout and "docs/results/loadtest/" in publish.stdout
+    publish = make_n("publish-loadtest")
+    assert "runs/loadtest/local_" in publish and "docs/results/loadtest/" in publish
