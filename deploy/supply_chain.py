@@ -1,39 +1,40 @@
-"""Supply chain of the serving image: its dependency set, a CycloneDX SBOM of it, a vulnerability audit.
+"""Supply chain of the serving image: its locked dependency set, a CycloneDX SBOM of it, a vulnerability audit.
 
-The serving image installs `pip install ".[serve]"` (deploy/Dockerfile): the project's base
-dependencies plus the `serve` extra, never torch. The development virtualenv holds far more
-(torch, transformers, Locust, test tools), so an SBOM of that environment would describe the
-wrong thing. Here the set is resolved from pyproject.toml (`[project] dependencies` + the
-`serve` extra) and walked through the metadata of the installed distributions, markers and
-extras evaluated: the exact versions this virtualenv serves with, no network needed.
+The serving image installs requirements/serve.txt (deploy/Dockerfile): the project's base
+dependencies plus the `serve` extra, never torch, pinned with hashes by `make lock`. The SBOM and
+the audit read that lock, so they describe what the image installs, not the development
+virtualenv (which holds torch, transformers, Locust, test tools on top).
 
-    python -m deploy.supply_chain requirements   # docs/results/sbom/serve-requirements.txt (pinned)
-    python -m deploy.supply_chain sbom           # + docs/results/sbom/serve.cdx.json (CycloneDX 1.6, cyclonedx-py)
-    python -m deploy.supply_chain audit          # pip-audit of that set; needs PyPI's JSON API or OSV
+    python -m deploy.supply_chain sbom           # docs/results/sbom/serve.cdx.json (CycloneDX 1.6, cyclonedx-py)
+    python -m deploy.supply_chain audit          # pip-audit of the lock; needs PyPI's JSON API or OSV
+    python -m deploy.supply_chain audit --lock requirements/dev.txt --out /tmp/audit   # any other lock
 
-The image itself resolves `.[serve]` again at build time (and the CPU image swaps onnxruntime-gpu
-for onnxruntime): for the SBOM of one built image, run `cyclonedx-py environment /opt/venv/bin/python`
-inside it (docs/deploy.md, "Supply chain").
+The CPU image swaps onnxruntime-gpu for requirements/onnxruntime.txt (the same version, CPU build):
+for the SBOM of one built image, run `cyclonedx-py environment /opt/venv/bin/python` inside it
+(docs/deploy.md, "Supply chain").
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
+LOCKS = ROOT / "requirements"
+SERVE_LOCK = LOCKS / "serve.txt"
 OUT_DIR = ROOT / "docs" / "results" / "sbom"
 BIN = Path(sys.executable).parent
+# A pin as pip-compile writes it: `name==version \` at the start of a line (hashes follow).
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", re.M)
 
 
 def top_level(extras: tuple[str, ...] = ("serve",)) -> list[Requirement]:
@@ -53,46 +54,9 @@ def top_level(extras: tuple[str, ...] = ("serve",)) -> list[Requirement]:
     return out
 
 
-def _applies(req: Requirement, extra: str) -> bool:
-    return req.marker is None or req.marker.evaluate({**default_environment(), "extra": extra})
-
-
-def resolve(extras: tuple[str, ...] = ("serve",)) -> dict[str, str]:
-    """{canonical name: installed version} of everything the serve set pulls in, transitively."""
-    found: dict[str, str] = {}
-    todo: list[tuple[Requirement, str]] = [(r, "") for r in top_level(extras)]
-    seen: set[tuple[str, frozenset[str]]] = set()
-    while todo:
-        req, extra = todo.pop()
-        if not _applies(req, extra):
-            continue
-        name = canonicalize_name(req.name)
-        key = (name, frozenset(req.extras))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError as exc:
-            raise RuntimeError(f"{req} is required by the serve set but not installed: `make setup`") from exc
-        if not req.specifier.contains(dist.version, prereleases=True):
-            raise RuntimeError(f"installed {name}=={dist.version} does not satisfy {req}")
-        found[name] = dist.version
-        for spec in dist.requires or []:
-            child = Requirement(spec)
-            # the dependency's own base requirements, and those of each extra it was asked for
-            todo += [(child, e) for e in ("", *req.extras)]
-    return dict(sorted(found.items()))
-
-
-def write_requirements(out_dir: Path = OUT_DIR) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "serve-requirements.txt"
-    lines = [f"{n}=={v}" for n, v in resolve().items()]
-    header = "# The serving image's dependency set (pyproject.toml: dependencies + [serve]), as installed here.\n"
-    header += "# Generated by `python -m deploy.supply_chain requirements`; do not edit.\n"
-    path.write_text(header + "\n".join(lines) + "\n")
-    return path
+def locked(lock: Path = SERVE_LOCK) -> dict[str, str]:
+    """{canonical name: version} of every package pinned in a lock of requirements/."""
+    return {canonicalize_name(name): version for name, version in PIN.findall(lock.read_text())}
 
 
 def _tool(name: str) -> str:
@@ -102,21 +66,22 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-def write_sbom(out_dir: Path = OUT_DIR) -> Path:
-    """CycloneDX 1.6 JSON of the serve set (cyclonedx-py from the pinned requirements; offline)."""
-    reqs = write_requirements(out_dir)
-    out = out_dir / "serve.cdx.json"
-    cmd = [_tool("cyclonedx-py"), "requirements", str(reqs), "--pyproject", str(PYPROJECT), "--of", "JSON",
+def write_sbom(out_dir: Path = OUT_DIR, lock: Path = SERVE_LOCK) -> Path:
+    """CycloneDX 1.6 JSON of a lock (cyclonedx-py: versions and the lock's hashes; offline)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{lock.stem}.cdx.json"
+    cmd = [_tool("cyclonedx-py"), "requirements", str(lock), "--pyproject", str(PYPROJECT), "--of", "JSON",
            "--output-reproducible", "--mc-type", "application", "-o", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, timeout=300, capture_output=True, text=True)
     return out
 
 
-def audit_command(reqs: Path, report: Path, service: str = "pypi") -> list[str]:
-    """pip-audit of the pinned serve set. `--strict`: a package it could not look up fails the
-    audit (without it, an unreachable vulnerability service reads as "no known vulnerabilities")."""
-    return [_tool("pip-audit"), "--requirement", str(reqs), "--no-deps", "--disable-pip", "--strict",
-            "--vulnerability-service", service, "--progress-spinner", "off", "--format", "json",
+def audit_command(lock: Path, report: Path, service: str = "pypi") -> list[str]:
+    """pip-audit of a lock (complete and hashed, so --no-deps). `--strict`: a package it could not
+    look up fails the audit (without it, an unreachable vulnerability service reads as "no known
+    vulnerabilities")."""
+    return [_tool("pip-audit"), "--requirement", str(lock), "--require-hashes", "--no-deps", "--disable-pip",
+            "--strict", "--vulnerability-service", service, "--progress-spinner", "off", "--format", "json",
             "--output", str(report)]  # fmt: skip
 
 
@@ -137,33 +102,33 @@ def failure_reason(output: str, report: Path) -> str:
     return (errors or lines or ["no output"])[-1][:500]
 
 
-def audit(out_dir: Path = OUT_DIR, service: str = "pypi") -> int:
+def audit(out_dir: Path = OUT_DIR, service: str = "pypi", lock: Path = SERVE_LOCK) -> int:
     """Run the audit; 0 only when every package was looked up and none has a known vulnerability."""
-    reqs = write_requirements(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / f"audit-{service}.json"
     report.unlink(missing_ok=True)  # a report left by an earlier run must not speak for this one
-    done = subprocess.run(audit_command(reqs, report, service), timeout=900, check=False, capture_output=True,
+    done = subprocess.run(audit_command(lock, report, service), timeout=900, check=False, capture_output=True,
                           text=True)  # fmt: skip
     sys.stdout.write(done.stdout)
     sys.stderr.write(done.stderr)
     if done.returncode == 0:
-        print(f"pip-audit ({service}) of {reqs}: every package looked up, no known vulnerabilities; report {report}")
+        print(f"pip-audit ({service}) of {lock}: every package looked up, no known vulnerabilities; report {report}")
     else:
         why = failure_reason(done.stdout + "\n" + done.stderr, report)
-        print(f"pip-audit ({service}) of {reqs} FAILED (exit {done.returncode}): {why}")
+        print(f"pip-audit ({service}) of {lock} FAILED (exit {done.returncode}): {why}")
     return done.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["requirements", "sbom", "audit"])
+    ap.add_argument("what", choices=["sbom", "audit"])
+    ap.add_argument("--lock", type=Path, default=SERVE_LOCK, help="a lock of requirements/ (default: serve.txt)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--service", choices=["pypi", "osv"], default="pypi", help="pip-audit's vulnerability service")
     args = ap.parse_args(argv)
     if args.what == "audit":
-        return audit(args.out, args.service)
-    path = write_sbom(args.out) if args.what == "sbom" else write_requirements(args.out)
-    print(f"wrote {path}")
+        return audit(args.out, args.service, args.lock)
+    print(f"wrote {write_sbom(args.out, args.lock)}")
     return 0
 
 

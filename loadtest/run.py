@@ -5,7 +5,8 @@
     python -m loadtest.run --url https://127.0.0.1:8443  # a running compose stack (its nginx; make loadtest-url)
     python -m loadtest.run --image-url URL --text-url URL --shape ramp --users 16 --duration 120
 
-Writes Locust's CSV and HTML reports and the SLO verdict (`<name>_slo.md/json`) under --results,
+Writes Locust's CSV and HTML reports and the SLO verdict (`<name>_slo.md/json`) under --results
+(runs/loadtest/; `make publish-loadtest` copies a run to docs/results/loadtest/ on purpose),
 and exits with the SLO gate's code. Torch-free. Against a URL the key is LOADTEST_API_KEY (else the
 first of SERVABLE_AUTH_KEYS); an HTTPS URL with a private CA needs LOADTEST_CA_BUNDLE (compose's
 development CA: deploy/tls/local/ca.pem). `make loadtest-url URL=...` sets both for a compose stack.
@@ -34,7 +35,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", default="steady", choices=["steady", "ramp", "spike"])
     p.add_argument("--users", type=int, default=6, help="peak concurrent users")
     p.add_argument("--duration", type=float, default=30, help="seconds")
-    p.add_argument("--results", type=Path, default=Path("docs/results/loadtest"))
+    p.add_argument("--results", type=Path, default=Path("runs/loadtest"))
     p.add_argument("--name", default="local", help="report file prefix")
     p.add_argument("--image-tag", default=None, help="model tag when this command starts the services")
     p.add_argument("--text-tag", default=None, help="model tag when this command starts the services")

@@ -59,7 +59,9 @@ class TrainCommon(BaseSettings):
     test_limit: int | None = Field(None, ge=10, description="Evaluate on at most this many test examples.")
     quantize: bool = Field(True, description="Also produce and measure an int8 ONNX model.")
     register_model: bool = Field(True, description="Register the artifact in the BentoML model store.")
-    progress: bool = Field(True, description="Show tqdm progress bars.")
+    progress: bool = Field(
+        True, description="Show progress bars when stderr is a terminal (a log gets one line per epoch)."
+    )
 
 
 class ImageTrainConfig(TrainCommon):

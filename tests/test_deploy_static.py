@@ -71,13 +71,15 @@ def test_dockerfile_runtime_stage_properties():
         assert build_tool not in final, f"{build_tool!r} in the final stage"
     assert "pip uninstall -y pip" in stages["builder"]  # the venv copied over carries no pip ...
     assert "python3 -m pip uninstall -y pip" in final  # ... nor the base's own Python (python:3.11-slim has one)
-    assert 'pip install --only-binary=:all: ".[serve]"' in stages["builder"]  # no torch, no compiler
+    # the locked serve set, hashes checked (no torch, no compiler), then the project without dependencies
+    assert "pip install --require-hashes --no-deps --only-binary=:all: -r requirements/serve.txt" in stages["builder"]
     # no secret is baked in: keys come from a mounted file
     assert "SERVABLE_AUTH_KEYS_FILE=/run/secrets/api_keys" in final
     assert "SERVABLE_AUTH_KEYS=" not in final.replace("SERVABLE_AUTH_KEYS_FILE", "")
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignore  # deny by default ...
-    for needed in ("!servable/", "!serving/", "!pyproject.toml", "!deploy/docker/", "!deploy/model-store/"):
+    for needed in ("!servable/", "!serving/", "!pyproject.toml", "!deploy/docker/", "!deploy/model-store/",
+                   "!requirements/serve.txt", "!requirements/onnxruntime.txt", "!LICENSE"):  # fmt: skip
         assert needed in ignore  # ... and allow exactly what the Dockerfile copies
 
 

