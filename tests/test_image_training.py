@@ -291,27 +291,3 @@ def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):
     code = main(["image", "--data-dir", str(tmp_path / "missing"), "--runs-dir", str(tmp_path)])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_limited_data_experiment_runs_both_arms_and_reports_what_it_measured(tmp_path):
-    """`make limited-data` at a toy size: a pretrained and a from-scratch run per size, same data and test
-    set, the table and JSON written from the measured accuracies (training/limited_data.py)."""
-    from servable.config import LimitedDataConfig
-    from training.limited_data import run_experiment
-
-    cfg = LimitedDataConfig(sizes=[120], test_limit=60, image_size=32, epochs_head=0, epochs_finetune=1,
-                            batch_size=32, runs_dir=tmp_path / "runs", output=tmp_path / "out", progress=False,
-                            augment=False)  # fmt: skip
-    results = run_experiment(cfg)
-    assert set(results) == {"pretrained", "scratch"} and all(set(r) == {120} for r in results.values())
-    assert all(0 <= acc <= 1 for r in results.values() for acc in r.values())
-    assert json.loads((cfg.output / "limited_data.json").read_text()) == {
-        kind: {str(k): v for k, v in r.items()} for kind, r in results.items()
-    }
-    table = (cfg.output / "limited_data.md").read_text()
-    for size in (120,):
-        gain = results["pretrained"][size] - results["scratch"][size]
-        assert f"| {size} | {results['pretrained'][size]:.4f} | {results['scratch'][size]:.4f} | {gain:+.4f} |" in table
-    assert (cfg.output / "limited_data.png").stat().st_size > 0
-    runs = {p.name for p in (tmp_path / "runs" / "limited_data" / "fashion-cnn").iterdir()}
-    assert runs >= {"limited-pretrained-120", "limited-scratch-120"}

@@ -118,7 +118,7 @@ def test_benchmark_code_paths_against_the_test_servers(image_server, text_server
         res = ModelResult(model, art.tag, configs=configs)
         res.points += benchmark.raw_points(model, art, data, "fp32", "cpu", [1, 4], 0.2)
         for fmt in benchmark.FORMATS[model]:
-            res.points += benchmark.http_points(model, "served default", "served", server.url, data, fmt, args)
+            res.points += benchmark.http_points(model, "served default", "served", server.url, data, fmt, args, art)
         res.points.append(benchmark.open_loop_point(model, "served default @70%", server.url, data,
                                                     benchmark.FORMATS[model][0], 20, args))  # fmt: skip
         served = [p for p in res.points if p.kind.startswith("served")]

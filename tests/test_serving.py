@@ -226,7 +226,7 @@ def test_v2_errors(text_server, image_server, image_run):
          {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 5, 5], "data": [0.0] * 75}]}, 422,
          "wrong_shape"),
         (image_server, f"/v2/models/{name}/infer",
-         {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1], "data": ["a"]}]}, 422, "wrong_shape"),
+         {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1], "data": [0.5]}]}, 422, "wrong_shape"),
         (image_server, f"/v2/models/{name}/infer",
          {"inputs": [{"name": "other", "datatype": "FP32", "shape": [1], "data": [1]}]}, 422, "unknown_input"),
         (image_server, f"/v2/models/{name}/infer",  # sent as JSON Infinity: a tensor no model should see

@@ -97,6 +97,8 @@ async def _attacker(kind: str, port: int, context: ssl.SSLContext, stop: float, 
             continue
         conn = AttackConn(kind, accepted)
         conns.append(conn)
+        # a connection opened late (handshakes queue on a busy machine) is still held to its timeout
+        until = max(stop, accepted + max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 2)
         reading = asyncio.create_task(_read_until_closed(reader, conn))
         try:
             if kind == "header":  # one byte every 0.5 s: the header never completes
@@ -104,13 +106,13 @@ async def _attacker(kind: str, port: int, context: ssl.SSLContext, stop: float, 
                     writer.write(SLOW_HEADER[i : i + 1])
                     await writer.drain()
                     await asyncio.wait([reading], timeout=0.5)
-                    if reading.done() or time.monotonic() >= stop:
+                    if reading.done() or time.monotonic() >= until:
                         break
             else:  # the header, the start of the body, then nothing: the body timer starts now
                 writer.write(SLOW_BODY)
                 await writer.drain()
                 conn.opened = time.monotonic()
-                await asyncio.wait([reading], timeout=max(0.0, stop - time.monotonic()))
+                await asyncio.wait([reading], timeout=max(0.0, until - time.monotonic()))
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -143,7 +145,7 @@ async def _attack(port: int, ca_file: str, duration_s: float, held: list[int]) -
     while time.monotonic() < stop:  # attack connections open at once, sampled
         held.append(sum(c.closed is None and not c.given_up for c in conns))
         await asyncio.sleep(0.5)
-    await asyncio.wait(tasks, timeout=15)
+    await asyncio.wait(tasks, timeout=max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 8)
     return conns
 
 
