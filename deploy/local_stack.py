@@ -156,18 +156,20 @@ def write_nginx_config(prefix: Path, servable_conf: str, nginx: str) -> list[str
 
 class LocalStack:
     """`proxy_url` is HTTPS (clients verify with `ca_file`); `http_url` is nginx's plain listener,
-    which only redirects to it. `rate_limit`/`rate_burst`: nginx's per-API-key limit."""
+    which only redirects to it. `rate_limit`/`rate_burst`: nginx's per-API-key limit; `conn_limit`: its
+    per-address limit of requests in progress (a load generator is one address: lift it there)."""
 
     def __init__(self, workdir: Path, image_tag: str, text_tag: str, api_keys: dict[str, str],
                  replicas: int = 2, extra_env: dict[str, str] | None = None, rate_limit: str = render.RATE_LIMIT,
-                 rate_burst: int = render.RATE_BURST, tls_dir: Path | None = None) -> None:  # fmt: skip
+                 rate_burst: int = render.RATE_BURST, tls_dir: Path | None = None,
+                 conn_limit: int = render.CONN_LIMIT) -> None:  # fmt: skip
         self.dir = Path(workdir)
         self.tags = {"image": image_tag, "text": text_tag}
         self.api_keys = api_keys
         self.n = replicas
         self.extra_env = extra_env or {}
         self.replicas: dict[str, list[launch.Server]] = {"image": [], "text": []}
-        self.rate_limit, self.rate_burst = rate_limit, rate_burst
+        self.rate_limit, self.rate_burst, self.conn_limit = rate_limit, rate_burst, conn_limit
         self.tls_dir = Path(tls_dir) if tls_dir else self.dir / "tls"  # a mounted real certificate, or generated
         self.nginx: Proc | None = None
         self.extra_proxies: list[Proc] = []
@@ -250,7 +252,8 @@ class LocalStack:
         values = render.nginx_values(self.addresses("image"), self.addresses("text"), "127.0.0.1", https_port,
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
-                                     rate_limit=rate_limit, rate_burst=rate_burst)  # fmt: skip
+                                     rate_limit=rate_limit, rate_burst=rate_burst,
+                                     conn_limit=self.conn_limit)  # fmt: skip
         cmd = write_nginx_config(prefix, render.render_template(render.NGINX_TEMPLATE.read_text(), values),
                                  _which("nginx"))  # fmt: skip
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)

@@ -9,7 +9,8 @@ A figure the test suite cannot hold (it takes 20 minutes), so it is a command wi
 Saturation is measured first through the proxy (closed loop, `--concurrency` clients per model, both
 models at once); the soak then sends each model's requests at `--load` x that rate whatever the answers
 do (latency from the scheduled send time, so queueing shows). Requests: the benchmark's real inputs
-(image multipart uploads, single-sentence JSON), one API key with the proxy's rate limit out of reach.
+(image multipart uploads, single-sentence JSON), one API key, with the proxy's per-key rate limit and
+per-address connection limit out of reach (the load generator is one client address).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the local stack ({args.replicas}+{args.replicas} replicas behind nginx) in {workdir}", flush=True)
     started = time.time()
     with LocalStack(workdir, args.image_tag, args.text_tag, {"soak": benchmark.KEY}, replicas=args.replicas,
-                    rate_limit="100000r/s", rate_burst=100000) as stack:  # fmt: skip
+                    rate_limit="100000r/s", rate_burst=100000, conn_limit=65535) as stack:  # fmt: skip  (65535: limit_conn's largest)
         os.environ.update(stack.client_env())  # the clients trust the proxy's own CA (read per session)
         tags = {m: stack.tags[m] for m in MODELS}
         report = soak(stack, data, args)
