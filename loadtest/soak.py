@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="servable-soak-"))
     print(f"starting the local stack ({args.replicas}+{args.replicas} replicas behind nginx) in {workdir}", flush=True)
     started = time.time()
+    # the proxy's limits out of reach of the one load-generator address (65535: limit_conn's largest)
     with LocalStack(workdir, args.image_tag, args.text_tag, {"soak": benchmark.KEY}, replicas=args.replicas,
-                    rate_limit="100000r/s", rate_burst=100000, conn_limit=65535) as stack:  # fmt: skip  (65535: limit_conn's largest)
+                    rate_limit="100000r/s", rate_burst=100000, conn_limit=65535) as stack:  # fmt: skip
         os.environ.update(stack.client_env())  # the clients trust the proxy's own CA (read per session)
         tags = {m: stack.tags[m] for m in MODELS}
         report = soak(stack, data, args)
