@@ -86,26 +86,16 @@
     $("explanation").hidden = false;
   }
 
-  async function runImage(file) {
-    if (busy) return;
-    if (!file.type.startsWith("image/")) { say(`${file.name} is not an image file.`, true); return; }
-    busy = true;
-    const preview = $("preview");
-    if (preview.src) URL.revokeObjectURL(preview.src);
-    preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
-    const init = { headers: { "content-type": file.type }, body: file };
+  // Predict, then explain the same input; shared by both pages. The caller has set `busy`; this
+  // clears it, and says on the page what failed (a wrong key, a refused file), never throws.
+  async function predictThenExplain({ init, predictUrl, explainUrl, working, explaining, showPrediction,
+                                      showExplanation }) {
     try {
-      say("Classifying…");
-      const predicted = await call(`${route}?top_k=5`, init);
-      bars(predicted.predictions[0].top_k, predicted.model);
-      say("Explaining (occlusion: the image re-scored with each patch masked)…");
-      const grid = $("grid").value;
-      const answer = await call(`${route}/explain?overlay=true&top_k=5&grid=${grid}`, init);
-      const img = $("heatmap");
-      img.src = `data:image/png;base64,${answer.explanation.overlay_png}`;
-      $("heatmap-figure").hidden = false;
-      $("words-figure").hidden = true;
+      say(working);
+      showPrediction(await call(predictUrl, init));
+      say(explaining);
+      const answer = await call(explainUrl(), init);
+      showExplanation(answer);
       explained(answer);
       say(`Done: ${answer.explanation.rows} model rows for the explanation.`);
     } catch (err) {
@@ -115,32 +105,53 @@
     }
   }
 
+  async function runImage(file) {
+    if (busy) return;
+    if (!file.type.startsWith("image/")) { say(`${file.name} is not an image file.`, true); return; }
+    busy = true;
+    const preview = $("preview");
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+    await predictThenExplain({
+      init: { headers: { "content-type": file.type }, body: file },
+      predictUrl: `${route}?top_k=5`,
+      explainUrl: () => `${route}/explain?overlay=true&top_k=5&grid=${$("grid").value}`,
+      working: "Classifying…",
+      explaining: "Explaining (occlusion: the image re-scored with each patch masked)…",
+      showPrediction: (predicted) => bars(predicted.predictions[0].top_k, predicted.model),
+      showExplanation: (answer) => {
+        $("heatmap").src = `data:image/png;base64,${answer.explanation.overlay_png}`;
+        $("heatmap-figure").hidden = false;
+        $("words-figure").hidden = true;
+      },
+    });
+  }
+
   async function runText() {
     if (busy) return;
     const text = $("text").value;
     if (!text.trim()) { say("Type a sentence first.", true); return; }
     busy = true;
     $("run-text").disabled = true;
-    const init = { headers: { "content-type": "application/json" }, body: JSON.stringify({ text }) };
-    try {
-      say("Analysing…");
-      const predicted = await call(route, init);
-      const p = predicted.predictions[0];
-      bars(Object.entries(p.scores).map(([label, probability]) => ({ label, probability }))
-        .sort((a, b) => b.probability - a.probability), predicted.model);
-      say("Explaining (word occlusion: the text re-scored with each word removed)…");
-      const answer = await call(`${route}/explain`, init);
-      words(text, answer.explanation.words);
-      $("words-figure").hidden = false;
-      $("heatmap-figure").hidden = true;
-      explained(answer);
-      say(`Done: ${answer.explanation.rows} model rows for the explanation.`);
-    } catch (err) {
-      say(err.message, true);
-    } finally {
-      busy = false;
-      $("run-text").disabled = false;
-    }
+    await predictThenExplain({
+      init: { headers: { "content-type": "application/json" }, body: JSON.stringify({ text }) },
+      predictUrl: route,
+      explainUrl: () => `${route}/explain`,
+      working: "Analysing…",
+      explaining: "Explaining (word occlusion: the text re-scored with each word removed)…",
+      showPrediction: (predicted) => {
+        const p = predicted.predictions[0];
+        bars(Object.entries(p.scores).map(([label, probability]) => ({ label, probability }))
+          .sort((a, b) => b.probability - a.probability), predicted.model);
+      },
+      showExplanation: (answer) => {
+        words(text, answer.explanation.words);
+        $("words-figure").hidden = false;
+        $("heatmap-figure").hidden = true;
+      },
+    });
+    $("run-text").disabled = false;
   }
 
   if (kind === "image") {
