@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,14 +212,29 @@ def _client_session():
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
 
 
-async def _one(session, url: str, headers: dict[str, str], body: bytes) -> bool:
-    """One request; True for a 200 with one prediction. Any failure (status, body, network) is False."""
+def failure_kind(status: int, payload: bytes) -> str:
+    """`<status> <error reason>` of a failed answer (the reason from the JSON error body, when there is one)."""
+    try:
+        reason = json.loads(payload).get("error", "")
+    except (ValueError, AttributeError):
+        reason = ""
+    return f"{status} {reason}".strip() if isinstance(reason, str) else str(status)
+
+
+async def _one(session, url: str, headers: dict[str, str], body: bytes, failures: Counter | None = None) -> bool:
+    """One request; True for a 200 with one prediction. Any failure (status, body, network) is False,
+    counted by kind in `failures` when given (status and reason, or the exception's class)."""
     try:
         async with session.post(url, data=body, headers=headers) as r:
             payload = await r.read()
-            return r.status == 200 and answered_one(payload)
-    except Exception:
-        return False
+            if r.status == 200 and answered_one(payload):
+                return True
+            kind = failure_kind(r.status, payload)
+    except Exception as exc:
+        kind = type(exc).__name__
+    if failures is not None:
+        failures[kind] += 1
+    return False
 
 
 async def closed_loop(url: str, headers, bodies: list[bytes], concurrency: int, seconds: float, warmup: float):
@@ -241,14 +257,16 @@ async def closed_loop(url: str, headers, bodies: list[bytes], concurrency: int, 
     return window, seconds
 
 
-async def open_loop(url: str, headers, bodies: list[bytes], rate: float, seconds: float, warmup: float):
+async def open_loop(
+    url: str, headers, bodies: list[bytes], rate: float, seconds: float, warmup: float, failures: Counter | None = None
+):
     """Requests at a fixed rate whatever the answers do; latency from the scheduled send time."""
     records: list[tuple[float, float, bool]] = []
     async with _client_session() as session:
         t_start = time.perf_counter()
 
         async def fire(t_sched: float, body: bytes) -> None:
-            ok = await _one(session, url, headers, body)
+            ok = await _one(session, url, headers, body, failures)
             records.append((t_sched, time.perf_counter(), ok))
 
         tasks, n = [], int(rate * (warmup + seconds))

@@ -24,6 +24,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,14 @@ def soak(stack, data: real_inputs.Inputs, args: argparse.Namespace) -> dict:
     print(f"saturation {saturation} req/s; soaking at {rates} req/s for {args.minutes:g} min ...", flush=True)
     rss_start = worker_rss_mb(stack)
     seconds = 60 * args.minutes
+    failures: dict[str, Counter] = {m: Counter() for m in MODELS}
+    me, cpu_start = psutil.Process(), time.perf_counter()
+    own_cpu = sum(me.cpu_times()[:2])
     t0 = time.perf_counter()
-    runs = asyncio.run(_all(benchmark.open_loop(urls[m], requests[m][1], requests[m][2], rates[m], seconds, 0.0)
-                            for m in MODELS))  # fmt: skip
+    runs = asyncio.run(_all(benchmark.open_loop(urls[m], requests[m][1], requests[m][2], rates[m], seconds, 0.0,
+                                                failures[m]) for m in MODELS))  # fmt: skip
+    # The load generator shares the machine: how much of it did it take (1.0 = one core)?
+    generator_cores = (sum(me.cpu_times()[:2]) - own_cpu) / (time.perf_counter() - cpu_start)
     rss_end = worker_rss_mb(stack)
     report = {}
     for m, (records, _) in zip(MODELS, runs, strict=True):
@@ -106,11 +112,13 @@ def soak(stack, data: real_inputs.Inputs, args: argparse.Namespace) -> dict:
         report[m] = {
             "saturation_rps": round(saturation[m], 1), "target_rps": round(rates[m], 1),
             "requests": len(records), "errors": sum(not ok for *_, ok in records),
+            "errors_by_kind": dict(failures[m].most_common()),
             "achieved_rps": round(sum(ok for *_, ok in records) / seconds, 1),
             "p99_first_window_ms": per_window[0]["p99_ms"], "p99_last_window_ms": per_window[-1]["p99_ms"],
             "windows": per_window,
         }  # fmt: skip
     growth = {w: round(rss_end[w] - rss_start[w], 1) for w in rss_start if w in rss_end}
+    report["load_generator_cores"] = round(generator_cores, 2)
     report["workers"] = {"rss_start_mb": {w: round(v, 1) for w, v in rss_start.items()},
                          "rss_end_mb": {w: round(v, 1) for w, v in rss_end.items()}, "rss_growth_mb": growth,
                          "lost": sorted(set(rss_start) - set(rss_end))}  # fmt: skip
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(report[m]["errors"] for m in MODELS)
     for m in MODELS:
         r = report[m]
-        print(f"{m}: {r['requests']} requests at {r['target_rps']}/s, {r['errors']} errors, p99 "
+        print(f"{m}: {r['requests']} requests at {r['target_rps']}/s, {r['errors']} errors {r['errors_by_kind']}, p99 "
               f"{r['p99_first_window_ms']} -> {r['p99_last_window_ms']} ms")  # fmt: skip
     print(f"worker RSS growth (MB): {report['workers']['rss_growth_mb']}; written {args.out}")
     return 1 if errors or report["workers"]["lost"] or not all(np.isfinite(report[m]["p99_last_window_ms"])

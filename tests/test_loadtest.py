@@ -159,9 +159,21 @@ def test_soak_quick_mode(image_run, text_run, tmp_path):
     assert report["command"].startswith("python -m loadtest.soak --quick") and report["machine"]["cores"]
     for model in ("image", "text"):
         r = report[model]
-        assert r["errors"] == 0 and r["requests"] > 0 and r["saturation_rps"] > r["target_rps"] > 0, r
+        assert r["errors"] == 0 and r["errors_by_kind"] == {} and r["requests"] > 0, r
+        assert r["saturation_rps"] > r["target_rps"] > 0, r
         assert len(r["windows"]) == 4 and all(w["requests"] > 0 for w in r["windows"]), r["windows"]
         assert r["p99_last_window_ms"] > 0
+    assert 0 < report["load_generator_cores"] <= 2.5, report["load_generator_cores"]
     workers = report["workers"]
     assert {w.split("-")[0] for w in workers["rss_start_mb"]} == {"image", "text"} and not workers["lost"]
     assert set(workers["rss_growth_mb"]) == set(workers["rss_start_mb"])
+
+
+def test_failures_are_counted_by_kind():
+    """The soak and the benchmark say what failed: the status with the JSON error reason, or the exception."""
+    from loadtest import benchmark
+
+    body = b'{"error": "too_many_connections", "message": "x"}'
+    assert benchmark.failure_kind(429, body) == "429 too_many_connections"
+    assert benchmark.failure_kind(502, b"<html>bad gateway</html>") == "502"
+    assert benchmark.failure_kind(503, b'["not", "an", "object"]') == "503"
