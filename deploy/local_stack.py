@@ -336,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-dir", type=Path, default=None,
                     help="server.crt, server.key, ca.pem (default: a self-signed set made in the workdir)")  # fmt: skip
     args = ap.parse_args(argv)
-    from serving.auth import parse_keys
+    from servable.config import parse_api_keys
 
-    # parse_keys maps key -> name; the stack takes name -> key.
-    keys = {name: key for key, name in parse_keys(os.environ.get("SERVABLE_AUTH_KEYS", "")).items()}
+    # parse_api_keys maps key -> name; the stack takes name -> key.
+    keys = {name: key for key, name in parse_api_keys(os.environ.get("SERVABLE_AUTH_KEYS", "")).items()}
     keys = keys or {"local": secrets.token_urlsafe(18)}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="servable-stack-"))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -313,10 +313,28 @@ class TextServeSettings(ServeCommon):
     )
 
 
+MIN_KEY_CHARS = 8
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """key -> name from `name:key` entries separated by newlines or commas; `#` starts a comment."""
+    keys: dict[str, str] = {}
+    for raw in text.replace(",", "\n").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, key = line.partition(":")
+        if not sep or not name.strip() or len(key.strip()) < MIN_KEY_CHARS:
+            raise ValueError(f"API key entries must be `name:key` with a key of at least {MIN_KEY_CHARS} characters")
+        keys[key.strip()] = name.strip()
+    return keys
+
+
 class AuthSettings(BaseSettings):
     """API keys for the inference endpoints; health and metrics stay open unless metrics_require_key."""
 
-    model_config = _cfg("SERVABLE_AUTH_")
+    # The error of a malformed key must not print the keys (pydantic shows the input by default).
+    model_config = _cfg("SERVABLE_AUTH_") | SettingsConfigDict(hide_input_in_errors=True)
 
     required: bool = Field(True, description="Refuse inference calls without a valid key (401).")
     keys_file: Path | None = Field(
@@ -325,6 +343,17 @@ class AuthSettings(BaseSettings):
     keys: str = Field("", description="Inline `name:key,name2:key2` (for development; prefer keys_file).")
     header: str = Field("x-api-key", description="Header carrying the key (or Authorization: Bearer).")
     metrics_require_key: bool = Field(False, description="Also require a key on /metrics.")
+
+    @model_validator(mode="after")
+    def _keys_well_formed(self) -> AuthSettings:
+        """Malformed keys stop the service at start with a clear error, never each request with a 500."""
+        parse_api_keys(self.keys)
+        if self.keys_file is not None and self.keys_file.is_file():  # a file mounted later is read when it comes
+            try:
+                parse_api_keys(self.keys_file.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{self.keys_file}: {exc}") from None
+        return self
 
 
 # ---------------------------------------------------------------- privacy: audit log, feedback loop

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from servable.config import AuthSettings
+from servable.config import AuthSettings, parse_api_keys
 from serving.errors import send_error
 from serving.playground import PATHS as PLAYGROUND_PATHS
 
@@ -24,24 +24,10 @@ OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/re
               *PLAYGROUND_PATHS}  # fmt: skip
 
 
-def parse_keys(text: str) -> dict[str, str]:
-    """`name:key` entries separated by newlines or commas; `#` starts a comment."""
-    keys: dict[str, str] = {}
-    for raw in text.replace(",", "\n").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, sep, key = line.partition(":")
-        if not sep or not name.strip() or len(key.strip()) < 8:
-            raise ValueError("API key entries must be `name:key` with a key of at least 8 characters")
-        keys[key.strip()] = name.strip()
-    return keys
-
-
 class KeyStore:
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
-        self._inline = parse_keys(settings.keys)
+        self._inline = parse_api_keys(settings.keys)
         self._file_keys: dict[str, str] = {}
         self._mtime: float | None = None
         self._reload()
@@ -60,7 +46,12 @@ class KeyStore:
             self._file_keys, self._mtime = {}, None
             return
         if mtime != self._mtime:
-            self._file_keys, self._mtime = parse_keys(path.read_text()), mtime
+            self._mtime = mtime
+            try:
+                self._file_keys = parse_api_keys(path.read_text())
+            except (OSError, ValueError) as exc:  # a bad rotation keeps the keys in force, never a 500
+                log.error("API key file %s not loaded, the previous keys stay in force: %s", path, exc)
+                return
             log.info("loaded %d API key(s) from %s", len(self._file_keys), path)
 
     def keys(self) -> dict[str, str]:

@@ -163,10 +163,9 @@ def start_ready(target: str, env: dict[str, str] | None = None, timeout_s: float
 
 
 def _demo_key() -> str:
-    from servable.config import AuthSettings
-    from serving.auth import parse_keys
+    from servable.config import AuthSettings, parse_api_keys
 
-    keys = parse_keys(AuthSettings().keys)
+    keys = parse_api_keys(AuthSettings().keys)
     return next(iter(keys), "")
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from pydantic_settings import CliApp
 
-from servable.config import ImageTrainConfig, TextTrainConfig
+from servable.config import AuthSettings, ImageTrainConfig, TextTrainConfig
 
 
 def test_env_overrides(monkeypatch):
@@ -46,3 +47,38 @@ def test_serving_layout_defaults_follow_the_device_and_the_cpu_quota(tmp_path, m
     assert (gpu.resolved_topology(), gpu.resolved_intra_op_threads(), gpu.batching_enabled()) == ("split", 0, True)
     assert config.TextServeSettings(device="cpu", topology="split").resolved_intra_op_threads() == 0
     assert config.ImageServeSettings(workers=3).http_workers() == 3
+
+
+def test_malformed_api_keys_stop_the_service_at_start_not_each_request(tmp_path, monkeypatch):
+    """A key under 8 characters (inline or in the key file) fails the settings, which the service builds at
+    start, with a message that says what is wrong; nothing is left to fail each request with a 500."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at least 8 characters") as err:
+        AuthSettings(keys="ops:short,ci:a-long-enough-key")
+    assert "short" not in str(err.value) and "a-long-enough-key" not in str(err.value)  # keys never printed
+    bad = tmp_path / "api_keys"
+    bad.write_text("ops:a-long-enough-key\nci:short\n")
+    with pytest.raises(ValidationError, match=f"{bad}.*at least 8 characters"):
+        AuthSettings(keys_file=bad)
+    assert AuthSettings(keys="ops:a-long-enough-key").keys
+
+
+def test_a_malformed_key_file_rotation_keeps_the_keys_in_force(tmp_path, caplog):
+    """Rotating the mounted key file to a malformed one is logged and ignored: the keys in force stay,
+    and a later good rotation is picked up."""
+    import os
+
+    from serving.auth import KeyStore
+
+    keys = tmp_path / "api_keys"
+    keys.write_text("ops:first-key-123\n")
+    store = KeyStore(AuthSettings(keys_file=keys))
+    assert store.identify("first-key-123") == "ops"
+    keys.write_text("ops:tiny\n")
+    os.utime(keys, (1, 1))  # a new mtime, whatever the clock's resolution
+    assert store.identify("first-key-123") == "ops" and store.identify("tiny") is None
+    assert "not loaded, the previous keys stay in force" in caplog.text and "tiny" not in caplog.text
+    keys.write_text("ops:second-key-456\n")
+    os.utime(keys, (2, 2))
+    assert store.identify("second-key-456") == "ops" and store.identify("first-key-123") is None
