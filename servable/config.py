@@ -74,7 +74,7 @@ class ImageTrainConfig(TrainCommon):
         None, description="Image folder root/<class>/*.jpg; default: Fashion-MNIST (Debian package)."
     )
     fashion_mnist_dir: Path = Field(FASHION_MNIST_DIR, description="Where the Fashion-MNIST IDX files are.")
-    limit: int | None = Field(8000, ge=10, description="Use at most this many training images.")
+    limit: int | None = Field(20000, ge=10, description="Use at most this many training images.")
     image_size: int = Field(64, ge=16, le=512, description="Square input size the network sees.")
     architecture: Literal["efficientnet-lite0", "small-cnn"] = Field(
         "efficientnet-lite0",
