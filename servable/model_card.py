@@ -300,8 +300,8 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
     if m.metrics.get("int8_accuracy_drop") is not None:
         lines.append(f"- int8 against fp32: {_points(-m.metrics['int8_accuracy_drop'])} of test accuracy")
     if mistakes:
-        lines += ["", "The most confident test mistakes (all of them, with their explanations, in the run's "
-                  "gallery files):", ""]  # fmt: skip
+        lines += ["", "The most confident test mistakes (with their explanations in the artifact's gallery "
+                  "files):", ""]  # fmt: skip
         for e in mistakes[:5]:
             what = f"{e['true']} called {e['predicted']} at {e['confidence']:.2f}"
             if "text" in e:
