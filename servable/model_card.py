@@ -53,8 +53,9 @@ def _kind(m: ModelManifest) -> str:
 
 
 def _bundled(m: ModelManifest) -> bool:
+    """Trained on the bundled data set (the config records no user folder or file)."""
     key = "data_dir" if _kind(m) == "image" else "data_file"
-    return m.training_config.get(key) is None
+    return key in m.training_config and m.training_config[key] is None
 
 
 def _show(value: Any) -> str:
@@ -71,6 +72,15 @@ def _show(value: Any) -> str:
     return text.replace("|", "\\|")
 
 
+def _num(x: float | None, spec: str = ".4f") -> str:
+    return "not recorded" if x is None else format(x, spec)
+
+
+def _fp32(m: ModelManifest) -> dict:
+    """The fp32 test report (an artifact registered by hand may record little of it)."""
+    return m.metrics.get("test", {}).get("fp32", {})
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -80,6 +90,8 @@ def _points(x: float) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    if not rows:
+        return "(not recorded)"
     align = align or "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
     lines = ["| " + " | ".join(header) + " |", align]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -134,11 +146,12 @@ def _intended_use(m: ModelManifest) -> str:
                    f"{m.provenance.get('source')}. It is the reference text model of the Servable "
                    "deployment.")  # fmt: skip
         else:
-            use = (f"Sorts short texts into the labels of its training file ({labels}), for texts like "
-                   f"those in {Path(str(m.training_config['data_file'])).name}.")  # fmt: skip
+            data = m.training_config.get("data_file")
+            use = (f"Sorts short texts into the labels of its training data ({labels}), for texts like "
+                   f"those in {Path(str(data)).name if data else 'its training data'}.")  # fmt: skip
         out = [
             "languages other than its training data's",
-            f"long documents: only the first {max_len} tokens are read",
+            f"long documents: only the first {max_len} tokens are read" if max_len else "long documents: they are cut",
             "neutral, mixed or off-topic texts: it has no 'neutral' answer and always names one of its labels",
             "texts of other kinds than its training data: the out-of-domain figures below show what that costs",
             "decisions about individuals (moderation, screening) without human review",
@@ -167,20 +180,21 @@ def _data(m: ModelManifest) -> str:
 
 
 def _evaluation(m: ModelManifest) -> str:
-    test = m.metrics["test"]["fp32"]
+    test = _fp32(m)
     training = m.metrics.get("training", {})
     lines = ["## Metrics per split (fp32)", ""]
     if training.get("best_value") is not None:
         lines.append(f"- validation: best {training['monitor']} {training['best_value']:.4f} at epoch "
                      f"{_epoch(training.get('best_epoch'))}, whose weights were kept (every epoch: How it was "
                      "trained)")  # fmt: skip
-    lines.append(f"- test: accuracy **{test['accuracy']:.4f}**, macro F1 {test['macro_f1']:.4f}, on {test['n']:,} "
-                 "examples")  # fmt: skip
+    lines.append(f"- test: accuracy **{_num(test.get('accuracy'))}**, macro F1 {_num(test.get('macro_f1'))}, on "
+                 f"{_num(test.get('n'), ',')} examples")  # fmt: skip
     ood = test.get("out_of_domain")
     if ood:
         gap = ood["accuracy"] - test["accuracy"]
-        lines.append(f"- out-of-domain test: accuracy **{ood['accuracy']:.4f}** ({_points(gap)} against the test "
-                     f"split), macro F1 {ood['macro_f1']:.4f}, on {ood['n']:,} examples")  # fmt: skip
+        lines.append(f"- out-of-domain test: accuracy **{ood['accuracy']:.4f}** ({_points(gap)} against the "
+                     f"test split), macro F1 {_num(ood.get('macro_f1'))}, on {_num(ood.get('n'), ',')} "
+                     "examples")  # fmt: skip
     domains = test.get("by_domain")
     if domains:
         rows = [[d, "yes" if r.get("in_domain") else "no", f"{r['n']:,}", f"{r['accuracy']:.4f}",
@@ -189,8 +203,9 @@ def _evaluation(m: ModelManifest) -> str:
         lines += ["", "Per domain (false positive: a negative text called positive):", "",
                   _table(["domain", "in training domain", "n", "accuracy", "false positives", "false negatives"],
                          rows)]  # fmt: skip
-    lines += ["", "Per class, test split:", "", _per_class(test)]
-    if ood:
+    if "per_class" in test:
+        lines += ["", "Per class, test split:", "", _per_class(test)]
+    if ood and "per_class" in ood:
         lines += ["", "Per class, out-of-domain test:", "", _per_class(ood)]
     return "\n".join(lines)
 
@@ -208,13 +223,13 @@ def _latency(r: dict) -> str:
 
 
 def _variants(m: ModelManifest) -> str:
-    test, base = m.metrics["test"], m.metrics["test"]["fp32"]["accuracy"]
+    test, base = m.metrics.get("test", {}), _fp32(m).get("accuracy")
     rows = []
     for variant, r in test.items():
-        ood = r.get("out_of_domain", {}).get("accuracy")
-        rows.append([variant, f"`{m.onnx.get(variant, '?')}`", f"{r.get('bytes', 0) / 1e6:.1f} MB",
-                     f"{r['accuracy']:.4f}", "" if variant == "fp32" else _points(r["accuracy"] - base),
-                     "" if ood is None else f"{ood:.4f}", _latency(r)])  # fmt: skip
+        ood, acc, size = r.get("out_of_domain", {}).get("accuracy"), r.get("accuracy"), r.get("bytes")
+        against = "" if variant == "fp32" or None in (acc, base) else _points(acc - base)
+        rows.append([variant, f"`{m.onnx.get(variant, '?')}`", "" if size is None else f"{size / 1e6:.1f} MB",
+                     _num(acc), against, "" if ood is None else f"{ood:.4f}", _latency(r)])  # fmt: skip
     header = ["variant", "file", "size", "test accuracy", "against fp32", "out-of-domain", "latency"]
     lines = ["## fp32, int8" + (" and optimised" if "optimized" in test else ""), "", _table(header, rows)]
     lines.append("")
@@ -239,7 +254,7 @@ def _confusions(report: dict, labels: list[str]) -> list[dict] | None:
     """The recorded most frequent mistakes; for two classes they follow from per-class recall if not recorded."""
     if "confusions" in report:
         return report["confusions"]
-    if len(labels) != 2:
+    if len(labels) != 2 or "per_class" not in report:
         return None
     pc = report["per_class"]
     out = []
@@ -253,7 +268,7 @@ def _confusions(report: dict, labels: list[str]) -> list[dict] | None:
 def _balance(report: dict, labels: list[str], where: str) -> str | None:
     """Two classes: the false positives and negatives, and which way the model errs (by rate, so that a
     larger class does not look worse for being larger)."""
-    if len(labels) != 2:
+    if len(labels) != 2 or "per_class" not in report:
         return None
     confusions = {(c["true"], c["predicted"]): c["count"] for c in _confusions(report, labels) or []}
     neg, pos = ("negative", "positive") if set(labels) == {"negative", "positive"} else labels
@@ -266,7 +281,7 @@ def _balance(report: dict, labels: list[str], where: str) -> str | None:
 
 
 def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
-    test = m.metrics["test"]["fp32"]
+    test = _fp32(m)
     lines = ["## Known limitations and error patterns", "",
              "Found by the evaluation of the fp32 model on the test split (and the out-of-domain test set, if "
              "any):", ""]  # fmt: skip
@@ -276,7 +291,7 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
             f"{c['true']} called {c['predicted']} {c['count']} times ({_pct(c['share_of_true'])} of {c['true']})"
             for c in confusions))  # fmt: skip
     elif confusions is None:
-        lines.append("- the most frequent confusions are not recorded in this artifact (registered before they were)")
+        lines.append("- the most frequent confusions are not recorded in this artifact")
     balance = _balance(test, m.labels, "test split")
     if balance:
         lines.append(f"- {balance}")
@@ -284,11 +299,11 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
         ood = _balance(test["out_of_domain"], m.labels, "out-of-domain")
         if ood:
             lines.append(f"- {ood}")
-    ranked = sorted(test["per_class"].items(), key=lambda kv: kv[1]["f1"])
-    weakest = ranked[: min(3, len(ranked) - 1)]
-    lines.append("- weakest classes (F1): " + ", ".join(
-        f"{name} {c['f1']:.3f} (precision {c['precision']:.3f}, recall {c['recall']:.3f})"
-        for name, c in weakest))  # fmt: skip
+    ranked = sorted(test.get("per_class", {}).items(), key=lambda kv: kv[1]["f1"])
+    if ranked:
+        lines.append("- weakest classes (F1): " + ", ".join(
+            f"{name} {c['f1']:.3f} (precision {c['precision']:.3f}, recall {c['recall']:.3f})"
+            for name, c in ranked[: min(3, len(ranked) - 1)]))  # fmt: skip
     domains = test.get("by_domain")
     if domains:
         name, worst = min(domains.items(), key=lambda kv: kv[1]["accuracy"])

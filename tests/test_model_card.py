@@ -9,7 +9,8 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from servable import artifact
-from servable.model_card import MODEL_CARD, for_registered
+from servable.artifact import ModelManifest
+from servable.model_card import MODEL_CARD, for_registered, render_model_card
 from servable.preprocessing import load_tokenizer
 from training import onnx_tools
 from training.image_pipeline import onnx_predict as image_predict
@@ -86,3 +87,14 @@ def test_card_cli_renders_the_stored_card_of_a_registered_model(image_run, tmp_p
     out = tmp_path / "cards" / "fashion.md"
     assert main(["card", "--model-tag", image_run.tag, "--out", str(out)]) == 0
     assert out.read_text() == stored_card(image_run.tag) == for_registered(image_run.tag)
+
+
+def test_a_hand_registered_artifact_with_few_records_gets_a_card_that_says_what_is_missing():
+    """register() writes a card for any artifact, e.g. one built by hand with only an accuracy recorded."""
+    sparse = ModelManifest(name="hand-made", version="v1", task="text-classification",
+                           labels=["negative", "positive"], onnx={"fp32": "model.onnx"}, training_config={},
+                           metrics={"test": {"fp32": {"accuracy": 0.9}}}, provenance={}, versions={})  # fmt: skip
+    card = render_model_card(sparse)
+    assert all(section in card for section in SECTIONS) and not re.search(r"\bNone\b", card)
+    assert "accuracy **0.9000**, macro F1 not recorded" in card and "confusions are not recorded" in card
+    assert "not recorded: this artifact was registered before the gate existed" in card
