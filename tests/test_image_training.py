@@ -175,9 +175,10 @@ def test_export_parity_on_real_images(image_run):
 
 def test_int8_model_loads_and_agrees(image_run):
     """int8 is smaller and its accuracy cost is measured and recorded, never hidden: the recorded figures are
-    what the two ONNX files do on the test set (measured again here), a loss over one point is flagged, and
-    variant=auto then does not serve int8. This tiny 32 px fixture loses more than the default run's 0.6
-    points (docs/training.md), which is the case the flag exists for."""
+    what the two ONNX files do on the test set (measured again here), the run's log and model card report the
+    loss, and variant=auto does not serve int8 when it loses over half a point. This tiny 32 px fixture is not
+    the default run: the documented claim (at most one point, docs/training.md) gates the default run only
+    (tests/test_training_gates.py)."""
     from servable.config import ImageServeSettings
     from serving.loading import resolve_variant
 
@@ -190,11 +191,14 @@ def test_int8_model_loads_and_agrees(image_run):
         assert m["test"][v]["bytes"] == f.stat().st_size, v
     drop = acc["fp32"] - acc["int8"]
     assert m["int8_accuracy_drop"] == pytest.approx(drop, abs=1e-12)
-    assert m["int8_within_1pt"] is (drop <= 0.01)
+    stored = artifact.load(image_run.tag).manifest.metrics
+    assert stored["agreement_int8_fp32"] == pytest.approx(float((preds["fp32"] == preds["int8"]).mean()), abs=1e-12)
+    assert stored["gate"]["lines"][0].startswith(f"gate: int8 loses {100 * drop:.2f} points of test accuracy; no ")
     assert files["int8"].stat().st_size < 0.4 * files["fp32"].stat().st_size  # the default run: 3.8 of 13.6 MB
     served = resolve_variant(ImageServeSettings(device="cpu"), artifact.load(image_run.tag).manifest)
     assert served == ("int8" if drop <= 0.005 else "fp32")
-    # top-1 agreement with fp32 (a broken calibration or graph falls far below)
+    # top-1 agreement with fp32: a broken calibration or graph falls far below (the tiny fixture's floor, not a
+    # claim; the default run's documented figures are gated by training/gates.py)
     assert (preds["fp32"] == preds["int8"]).mean() >= 0.85, (preds["fp32"] == preds["int8"]).mean()
 
 

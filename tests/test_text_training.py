@@ -130,7 +130,8 @@ def test_export_parity_across_sequence_lengths(text_run):
 
 def test_optimized_and_int8_agree_with_fp32(text_run):
     """The optimised graph computes what fp32 does; int8 is smaller and its cost is measured on the test set
-    (the recorded accuracies, agreement and flag are what the files do, measured again here), never hidden."""
+    (the recorded accuracies and agreement are what the files do, measured again here) and reported, never
+    hidden. The documented agreement and int8 claim gate the default run (tests/test_training_gates.py)."""
     prep, rows, m = text_run.preprocessing, text_run.splits.test, text_run.metrics
     tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
     files = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx"}
@@ -143,9 +144,11 @@ def test_optimized_and_int8_agree_with_fp32(text_run):
     np.testing.assert_allclose(probs["optimized"], probs["fp32"], atol=1e-4)  # the same function, fused
     agreement = float((preds["int8"] == preds["fp32"]).mean())
     assert m["agreement_int8_fp32"] == pytest.approx(agreement, abs=1e-12)
-    assert agreement >= 0.9, agreement  # the fixture measures 0.95; the default run 0.961 (docs/training.md)
+    assert agreement >= 0.9, agreement  # the tiny fixture's floor (it measures 0.95): a broken graph falls far below
     drop = m["test"]["fp32"]["accuracy"] - m["test"]["int8"]["accuracy"]
-    assert m["int8_within_1pt"] is (drop <= 0.01)
+    assert m["int8_accuracy_drop"] == pytest.approx(drop, abs=1e-12)
+    gate = artifact.load(text_run.tag).manifest.metrics["gate"]
+    assert gate["lines"][0].startswith(f"gate: int8 loses {100 * drop:.2f} points of test accuracy; no ")
     sizes = {v: m["test"][v]["bytes"] for v in files}
     assert sizes["int8"] < 0.3 * sizes["fp32"]  # the default run: 23.0 of 91.0 MB
     assert set(m["test"]["int8"]["latency_ms"]) == {"batch_1", "batch_32"}

@@ -172,12 +172,9 @@ def export_and_measure(cfg: ImageTrainConfig, model, splits: ImageSplits, prep, 
         results[name].update(bytes=path.stat().st_size, ms_per_image_batch256=round(ms, 3))
         tqdm.write(f"test accuracy {name}: {results[name]['accuracy']:.4f} on {len(splits.test_y)} images")
     metrics = {"test": results, "parity_max_abs_diff": diff, "predictions": preds, "test_logits": test_logits}
-    if "int8" in results:
-        drop = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
-        metrics["int8_accuracy_drop"] = drop
-        metrics["int8_within_1pt"] = drop <= 0.01
-        if drop > 0.01:
-            tqdm.write(f"WARNING: int8 loses {100 * drop:.2f} points of test accuracy (recorded in metadata)")
+    if "int8" in results:  # judged against the documented claim by training/gates.py at registration
+        metrics["int8_accuracy_drop"] = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
+        metrics["agreement_int8_fp32"] = float((preds["int8"] == preds["fp32"]).mean())
     return metrics
 
 

@@ -11,9 +11,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+TOP_CONFUSIONS = 5
+
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, macro F1 and per-class precision/recall/F1/support."""
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the most frequent confusions."""
     idx = list(range(len(labels)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
     return {
@@ -24,6 +26,7 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
             labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i in idx
         },
+        "confusions": top_confusions(y_true, y_pred, labels),
     }
 
 
@@ -56,6 +59,18 @@ def domain_table(by_variant: dict[str, dict]) -> list[str]:
             where = "in-domain" if m["in_domain"] else "out-of-domain"
             lines.append(f"{variant:<10} {name:<12} {where:<13} {m['n']:>6} {m['accuracy']:>8.4f} {fp:>5} {fn:>5}")
     return lines
+
+
+def top_confusions(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], k: int = TOP_CONFUSIONS) -> list[dict]:
+    """The `k` most frequent (true, predicted) mistakes, with their share of the true class: what the
+    model card reports as the error pattern (for two classes: the false positives and negatives)."""
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
+    np.fill_diagonal(cm, 0)
+    support = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(labels))
+    pairs = sorted(((int(cm[i, j]), i, j) for i in range(len(labels)) for j in range(len(labels)) if cm[i, j]),
+                   key=lambda c: (-c[0], c[1], c[2]))[:k]  # fmt: skip
+    return [{"true": labels[i], "predicted": labels[j], "count": n, "share_of_true": n / int(support[i])}
+            for n, i, j in pairs]  # fmt: skip
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

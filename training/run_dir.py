@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from servable.artifact import ModelManifest, default_version, register
 from servable.config import TrainCommon
+from servable.model_card import write_model_card
+from training import gates
 from training.loop import EarlyStopping, EpochLog, history_rows
 from training.metrics import plot_confusion, plot_curves
 from training.onnx_tools import library_versions
@@ -53,9 +55,19 @@ def write_outputs(
 
 
 def finish(cfg: TrainCommon, manifest: ModelManifest, staging: Path) -> str | None:
-    """Register the staged artifact (unless --register false) and say where everything is."""
+    """Gate the run against the figures its documentation states (training/gates.py), register the staged
+    artifact with its model card (unless --register-model false) and say where everything is. A default
+    run that misses its figures raises GateFailed and is not registered."""
     manifest.versions.update(library_versions())
+    manifest.metrics["gate"] = gate = gates.check(manifest)
+    for line in gate["lines"]:
+        tqdm.write(line)
+    if gate.get("passed") is False:
+        write_model_card(manifest, staging)  # beside the run's other outputs, to see what went wrong
+        raise gates.GateFailed(f"{gates.failure_message(gate)}\nnot registered; the run's outputs: {staging}")
     tag = register(manifest, staging) if cfg.register_model else None
+    if tag is None:
+        write_model_card(manifest, staging)
     tqdm.write(f"run outputs: {staging}")
     tqdm.write(f"registered: {tag}" if tag else "not registered (--register-model false)")
     return tag

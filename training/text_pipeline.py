@@ -188,11 +188,8 @@ def export_and_measure(cfg: TextTrainConfig, model, tokenizer, splits: TextSplit
         "test_logits": test_logits,
         "agreement_int8_fp32": float((preds["int8"] == preds["fp32"]).mean()) if "int8" in preds else None,
     }
-    if "int8" in results:
-        drop = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
-        metrics["int8_accuracy_drop"], metrics["int8_within_1pt"] = drop, drop <= 0.01
-        if drop > 0.01:
-            tqdm.write(f"WARNING: int8 loses {100 * drop:.2f} points of test accuracy (recorded in metadata)")
+    if "int8" in results:  # judged against the documented claim by training/gates.py at registration
+        metrics["int8_accuracy_drop"] = results["fp32"]["accuracy"] - results["int8"]["accuracy"]
     return metrics, prep
 
 

@@ -1,0 +1,387 @@
+"""The model card of an artifact: the facts a user checks before deploying it, rendered from what the
+artifact records (its manifest, and the run's `history.json` and `gallery.json` beside it).
+
+Written as `MODEL_CARD.md` into every artifact at registration (`servable/artifact.py::register`), so it is
+checksummed and stored with the model; `python -m training card --model-tag <tag>` renders a registered
+model's. Intended use, data and provenance, metrics per split (and per domain when recorded), per class,
+fp32 vs int8 (vs optimised), the release gate's verdict, error patterns found by the evaluation, the
+recipe and the library versions. No torch: serving may show it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from servable.artifact import ModelManifest
+
+MODEL_CARD = "MODEL_CARD.md"
+HISTORY = "history.json"
+GALLERY = "gallery.json"
+# Flags that only say where a run went or how it showed progress: left out of the reproduce command.
+NOT_A_CHOICE = ("name", "version", "runs_dir", "progress", "register_model")
+
+
+def render_model_card(manifest: ModelManifest, history: list[dict] | None = None,
+                      mistakes: list[dict] | None = None) -> str:  # fmt: skip
+    """The card as Markdown. `history`: the run's epochs; `mistakes`: its most confident test mistakes."""
+    m = manifest
+    sections = [
+        _header(m), _intended_use(m), _data(m), _evaluation(m), _variants(m),
+        _error_patterns(m, mistakes or []), _training(m, history or []), _versions(m),
+    ]  # fmt: skip
+    return "\n\n".join(s.strip("\n") for s in sections) + "\n"
+
+
+def write_model_card(manifest: ModelManifest, directory: Path) -> Path:
+    """Render the card of the artifact staged in `directory` and write it there as MODEL_CARD.md."""
+    path = directory / MODEL_CARD
+    path.write_text(render_model_card(manifest, _read_json(directory / HISTORY), _read_json(directory / GALLERY)))
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _kind(m: ModelManifest) -> str:
+    return "image" if m.task == "image-classification" else "text"
+
+
+def _bundled(m: ModelManifest) -> bool:
+    """Trained on the bundled data set (the config records no user folder or file)."""
+    key = "data_dir" if _kind(m) == "image" else "data_file"
+    return key in m.training_config and m.training_config[key] is None
+
+
+def _show(value: Any) -> str:
+    """A provenance or config value in a table: paths inside an installed package shortened to the package."""
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(", ", ": "))
+    text = str(value)
+    if "site-packages/" in text:
+        text = text.split("site-packages/", 1)[1] + " (installed package)"
+    return text.replace("|", "\\|")
+
+
+def _num(x: float | None, spec: str = ".4f") -> str:
+    return "not recorded" if x is None else format(x, spec)
+
+
+def _fp32(m: ModelManifest) -> dict:
+    """The fp32 test report (an artifact registered by hand may record little of it)."""
+    return m.metrics.get("test", {}).get("fp32", {})
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.2f} points"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    if not rows:
+        return "(not recorded)"
+    align = align or "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", align]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _per_class(report: dict) -> str:
+    rows = [[name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"])]
+            for name, c in report["per_class"].items()]  # fmt: skip
+    return _table(["class", "precision", "recall", "F1", "support"], rows)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _header(m: ModelManifest) -> str:
+    return (
+        f"# Model card: `{m.name}:{m.version}`\n\n"
+        f"{m.task}, {len(m.labels)} classes ({', '.join(m.labels)}); registered {m.created_at}. "
+        "Generated at registration from the artifact's own records by `servable/model_card.py` "
+        "(every figure below is the artifact's, measured by the training run)."
+    )
+
+
+def _intended_use(m: ModelManifest) -> str:
+    labels = ", ".join(m.labels)
+    if _kind(m) == "image":
+        size = m.image_preprocessing.size if m.image_preprocessing else m.training_config.get("image_size")
+        if _bundled(m):
+            use = (f"Classifies a picture of one garment or shoe into one of the {len(m.labels)} Fashion-MNIST "
+                   f"classes ({labels}). It learned from Fashion-MNIST's 28x28 grey-level product photos: one "
+                   f"centred item on a plain background, seen at {size} px. It is the reference image model of "
+                   "the Servable deployment: fit for product pictures like those, and for trying the serving "
+                   "stack.")  # fmt: skip
+        else:
+            use = (f"Classifies images into the classes of its training folder ({labels}), for images like "
+                   f"those it was trained on (seen at {size} px).")  # fmt: skip
+        out = [
+            "images unlike the training data: photos of people wearing clothes, several items in one picture, "
+            "cluttered backgrounds"
+            if _bundled(m)
+            else "images unlike the training folder's",
+            "anything outside its classes: it has no 'other' answer and always names one of its classes",
+            "decisions about people, or any decision without a human check of its answers",
+        ]
+        if _bundled(m):
+            out.insert(1, "colour: it sees grey levels only (colour images are converted)")
+    else:
+        max_len = m.text_preprocessing.max_length if m.text_preprocessing else m.training_config.get("max_length")
+        if _bundled(m):
+            use = (f"Tells the sentiment ({labels}) of short English texts like those it was trained on: "
+                   f"{m.provenance.get('source')}. It is the reference text model of the Servable "
+                   "deployment.")  # fmt: skip
+        else:
+            data = m.training_config.get("data_file")
+            use = (f"Sorts short texts into the labels of its training data ({labels}), for texts like "
+                   f"those in {Path(str(data)).name if data else 'its training data'}.")  # fmt: skip
+        out = [
+            "languages other than its training data's",
+            f"long documents: only the first {max_len} tokens are read" if max_len else "long documents: they are cut",
+            "neutral, mixed or off-topic texts: it has no 'neutral' answer and always names one of its labels",
+            "texts of other kinds than its training data: the out-of-domain figures below show what that costs",
+            "decisions about individuals (moderation, screening) without human review",
+        ]
+    return "## Intended use\n\n" + use + "\n\n**Out of scope:**\n\n" + "\n".join(f"- {o}" for o in out)
+
+
+def _data(m: ModelManifest) -> str:
+    p = dict(m.provenance)
+    lines = ["## Training data and provenance", ""]
+    lines.append(f"- source: {_show(p.pop('source', 'not recorded'))}")
+    if "out_of_domain" in p:
+        lines.append(f"- out-of-domain test set: {_show(p.pop('out_of_domain'))}")
+    if _bundled(m):
+        lines.append("- licences, versions and checksums of the bundled data and weights: `docs/assets.md` in "
+                     "the Servable repository")  # fmt: skip
+    else:
+        lines.append("- the data is the user's: its licence and consent are theirs to check")
+    counts = p.pop("counts", {})
+    for key in sorted(p):
+        lines.append(f"- {key.replace('_', ' ')}: {_show(p[key])}")
+    names = {"train": "training", "val": "validation", "test": "test", "ood_test": "out-of-domain test"}
+    if counts:
+        lines += ["", _table(["split", "examples"], [[names.get(k, k), f"{v:,}"] for k, v in counts.items()])]
+    return "\n".join(lines)
+
+
+def _evaluation(m: ModelManifest) -> str:
+    test = _fp32(m)
+    training = m.metrics.get("training", {})
+    lines = ["## Metrics per split (fp32)", ""]
+    if training.get("best_value") is not None:
+        lines.append(f"- validation: best {training['monitor']} {training['best_value']:.4f} at epoch "
+                     f"{_epoch(training.get('best_epoch'))}, whose weights were kept (every epoch: How it was "
+                     "trained)")  # fmt: skip
+    lines.append(f"- test: accuracy **{_num(test.get('accuracy'))}**, macro F1 {_num(test.get('macro_f1'))}, on "
+                 f"{_num(test.get('n'), ',')} examples")  # fmt: skip
+    ood = test.get("out_of_domain")
+    if ood:
+        gap = ood["accuracy"] - test["accuracy"]
+        lines.append(f"- out-of-domain test: accuracy **{ood['accuracy']:.4f}** ({_points(gap)} against the "
+                     f"test split), macro F1 {_num(ood.get('macro_f1'))}, on {_num(ood.get('n'), ',')} "
+                     "examples")  # fmt: skip
+    domains = test.get("by_domain")
+    if domains:
+        rows = [[d, "yes" if r.get("in_domain") else "no", f"{r['n']:,}", f"{r['accuracy']:.4f}",
+                 str(r.get("false_positive", "")), str(r.get("false_negative", ""))]
+                for d, r in domains.items()]  # fmt: skip
+        lines += ["", "Per domain (false positive: a negative text called positive):", "",
+                  _table(["domain", "in training domain", "n", "accuracy", "false positives", "false negatives"],
+                         rows)]  # fmt: skip
+    if "per_class" in test:
+        lines += ["", "Per class, test split:", "", _per_class(test)]
+    if ood and "per_class" in ood:
+        lines += ["", "Per class, out-of-domain test:", "", _per_class(ood)]
+    return "\n".join(lines)
+
+
+def _epoch(best: Any) -> str:
+    return f"{best[1]} of stage {best[0]}" if isinstance(best, list | tuple) and len(best) == 2 else str(best)
+
+
+def _latency(r: dict) -> str:
+    if "latency_ms" in r:
+        return ", ".join(f"{k.replace('_', ' ')}: {v:.1f} ms" for k, v in r["latency_ms"].items())
+    if "ms_per_image_batch256" in r:
+        return f"{r['ms_per_image_batch256']:.2f} ms per image (batch 256)"
+    return "not measured"
+
+
+def _variants(m: ModelManifest) -> str:
+    test, base = m.metrics.get("test", {}), _fp32(m).get("accuracy")
+    rows = []
+    for variant, r in test.items():
+        ood, acc, size = r.get("out_of_domain", {}).get("accuracy"), r.get("accuracy"), r.get("bytes")
+        against = "" if variant == "fp32" or None in (acc, base) else _points(acc - base)
+        rows.append([variant, f"`{m.onnx.get(variant, '?')}`", "" if size is None else f"{size / 1e6:.1f} MB",
+                     _num(acc), against, "" if ood is None else f"{ood:.4f}", _latency(r)])  # fmt: skip
+    header = ["variant", "file", "size", "test accuracy", "against fp32", "out-of-domain", "latency"]
+    lines = ["## fp32, int8" + (" and optimised" if "optimized" in test else ""), "", _table(header, rows)]
+    lines.append("")
+    lines.append("Latency is one measurement in the training process on the training machine; the serving "
+                 "benchmark is the reference for speed.")  # fmt: skip
+    if m.metrics.get("agreement_int8_fp32") is not None:
+        lines.append(f"int8 gives the same answer as fp32 on {_pct(m.metrics['agreement_int8_fp32'])} of the test "
+                     "examples.")  # fmt: skip
+    if m.metrics.get("parity_max_abs_diff") is not None:
+        lines.append(f"ONNX export parity with PyTorch: max |logit difference| {m.metrics['parity_max_abs_diff']:.1e}.")
+    gate = m.metrics.get("gate")
+    lines += ["", "**Release gate** (the default run against the figures its documentation states, "
+              "`training/gates.py`):", ""]  # fmt: skip
+    if gate is None:
+        lines.append("- not recorded: this artifact was registered before the gate existed")
+    else:
+        lines += [f"- {line.removeprefix('gate: ')}" for line in gate.get("lines", [])]
+    return "\n".join(lines)
+
+
+def _confusions(report: dict, labels: list[str]) -> list[dict] | None:
+    """The recorded most frequent mistakes; for two classes they follow from per-class recall if not recorded."""
+    if "confusions" in report:
+        return report["confusions"]
+    if len(labels) != 2 or "per_class" not in report:
+        return None
+    pc = report["per_class"]
+    out = []
+    for true, pred in ((labels[0], labels[1]), (labels[1], labels[0])):
+        n = round(pc[true]["support"] * (1 - pc[true]["recall"]))
+        if n:
+            out.append({"true": true, "predicted": pred, "count": n, "share_of_true": n / pc[true]["support"]})
+    return sorted(out, key=lambda c: -c["count"])
+
+
+def _balance(report: dict, labels: list[str], where: str) -> str | None:
+    """Two classes: the false positives and negatives, and which way the model errs (by rate, so that a
+    larger class does not look worse for being larger)."""
+    if len(labels) != 2 or "per_class" not in report:
+        return None
+    confusions = {(c["true"], c["predicted"]): c["count"] for c in _confusions(report, labels) or []}
+    neg, pos = ("negative", "positive") if set(labels) == {"negative", "positive"} else labels
+    n_neg, n_pos = report["per_class"][neg]["support"], report["per_class"][pos]["support"]
+    fp, fn = confusions.get((neg, pos), 0), confusions.get((pos, neg), 0)
+    fpr, fnr = fp / max(n_neg, 1), fn / max(n_pos, 1)
+    lean = "about evenly" if abs(fpr - fnr) < 0.02 else f"towards {pos}" if fpr > fnr else f"towards {neg}"
+    return (f"{where}: {fp} of {n_neg:,} {neg} examples called {pos} (false positives, {_pct(fpr)}) and {fn} of "
+            f"{n_pos:,} {pos} examples called {neg} (false negatives, {_pct(fnr)}): it errs {lean}")  # fmt: skip
+
+
+def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
+    test = _fp32(m)
+    lines = ["## Known limitations and error patterns", "",
+             "Found by the evaluation of the fp32 model on the test split (and the out-of-domain test set, if "
+             "any):", ""]  # fmt: skip
+    confusions = _confusions(test, m.labels)
+    if len(m.labels) > 2 and confusions:  # (with two classes, the balance below says it with rates)
+        lines.append("- most frequent mistakes: " + "; ".join(
+            f"{c['true']} called {c['predicted']} {c['count']} times ({_pct(c['share_of_true'])} of {c['true']})"
+            for c in confusions))  # fmt: skip
+    elif confusions is None:
+        lines.append("- the most frequent confusions are not recorded in this artifact")
+    balance = _balance(test, m.labels, "test split")
+    if balance:
+        lines.append(f"- {balance}")
+    if test.get("out_of_domain"):
+        ood = _balance(test["out_of_domain"], m.labels, "out-of-domain")
+        if ood:
+            lines.append(f"- {ood}")
+    ranked = sorted(test.get("per_class", {}).items(), key=lambda kv: kv[1]["f1"])
+    if ranked:
+        lines.append("- weakest classes (F1): " + ", ".join(
+            f"{name} {c['f1']:.3f} (precision {c['precision']:.3f}, recall {c['recall']:.3f})"
+            for name, c in ranked[: min(3, len(ranked) - 1)]))  # fmt: skip
+    domains = test.get("by_domain")
+    if domains:
+        name, worst = min(domains.items(), key=lambda kv: kv[1]["accuracy"])
+        lines.append(f"- weakest domain: {name}, accuracy {worst['accuracy']:.4f} on {worst['n']:,} examples"
+                     + ("" if worst.get("in_domain") else " (not in the training data)"))  # fmt: skip
+    if test.get("out_of_domain"):
+        gap = test["out_of_domain"]["accuracy"] - test["accuracy"]
+        lines.append(f"- outside its training domain accuracy moves by {_points(gap)}")
+    if m.metrics.get("int8_accuracy_drop") is not None:
+        lines.append(f"- int8 against fp32: {_points(-m.metrics['int8_accuracy_drop'])} of test accuracy")
+    if mistakes:
+        lines += ["", "The most confident test mistakes (with their explanations in the artifact's gallery "
+                  "files):", ""]  # fmt: skip
+        for e in mistakes[:5]:
+            what = f"{e['true']} called {e['predicted']} at {e['confidence']:.2f}"
+            if "text" in e:
+                top = max(e.get("words", []), key=lambda w: w["score"], default=None)
+                said = e["text"].replace("|", "\\|")
+                pushed = f' (the word that pushed most: "{top["word"]}")' if top else ""
+                lines.append(f'- {what}: "{said}"{pushed}')
+            else:
+                lines.append(f"- test image {e['test_index']}: {what}")
+    return "\n".join(lines)
+
+
+def _reproduce(m: ModelManifest) -> str:
+    from servable.config import ImageTrainConfig, TextTrainConfig
+
+    kind = _kind(m)
+    defaults = (ImageTrainConfig if kind == "image" else TextTrainConfig).model_construct().model_dump(mode="json")
+    flags = [f"--{k.replace('_', '-')} {_flag(v)}" for k, v in m.training_config.items()
+             if k not in NOT_A_CHOICE and k in defaults and defaults[k] != v]  # fmt: skip
+    return " ".join(["python -m training", kind, *flags])
+
+
+def _flag(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def _training(m: ModelManifest, history: list[dict]) -> str:
+    c, t = m.training_config, m.metrics.get("training", {})
+    if _kind(m) == "image":
+        arch = c.get("architecture", "efficientnet-lite0")
+        start = "ImageNet weights" if c.get("pretrained", True) else "random initialisation (from scratch)"
+        backbone = f"{arch}, from {start}, with a new dropout + linear head"
+    else:
+        backbone = (f"{_show(m.provenance.get('backbone', c.get('backbone')))}, a pretrained BERT-family encoder "
+                    "with a new classification head")  # fmt: skip
+    lines = ["## How it was trained", "", f"- backbone: {backbone}",
+             f"- command (flags that differ from the defaults): `{_reproduce(m)}`"]  # fmt: skip
+    if t:
+        lines.append(f"- {t.get('epochs_run')} epochs run in {t.get('seconds')} s; early stopping on "
+                     f"{t.get('monitor')} kept epoch {_epoch(t.get('best_epoch'))}"
+                     + ("; stopped early" if t.get("stopped_early") else ""))  # fmt: skip
+        if t.get("weight_average"):
+            lines.append(f"- weight averaging: {_show(t['weight_average'])}")
+    lines += ["", "Recipe (every training setting as run, `python -m training "
+              f"{_kind(m)} --help` explains each):", "",
+              _table(["setting", "value"], [[k, _show(v)] for k, v in c.items()], "|---|---|")]  # fmt: skip
+    if history:
+        rows = [[h["stage"], str(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
+                 f"{h['train_acc']:.4f}", f"{h['val_acc']:.4f}", f"{h['seconds']:.0f}"] for h in history]  # fmt: skip
+        lines += ["", "By epoch:", "",
+                  _table(["stage", "epoch", "train loss", "val loss", "train acc", "val acc", "s"], rows,
+                         "|---|---:|---:|---:|---:|---:|---:|")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _versions(m: ModelManifest) -> str:
+    rows = [[k, v] for k, v in sorted(m.versions.items())]
+    return "## Versions\n\n" + _table(["library", "version"], rows, "|---|---|")
+
+
+def for_registered(tag: str) -> str:
+    """The card of a model in the store, rendered from its verified artifact."""
+    from servable import artifact
+
+    art = artifact.load(tag)
+    return render_model_card(art.manifest, _read_json(art.file(HISTORY)), _read_json(art.file(GALLERY)))
