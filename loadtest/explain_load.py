@@ -8,8 +8,9 @@ For each served model (the registered defaults, default settings):
      so a stall counts in full);
   3. the same predictions while `--explain-clients` clients send explanations back to back (more
      than a replica admits, so its queue limit answers 429 to the excess);
-  4. step 3 again with the explain thread at the predict path's priority (EXPLAIN_NICE=0): what
-     the lower priority buys.
+  4. step 3 again with the explain process at the predict path's priority (EXPLAIN_NICE=0): what
+     the lower priority buys on top of the separate process (in-process topology: each worker
+     computes explanations in a child process of its own, serving/explain_process.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ async def cost(base: str, model: str, data, n: int) -> dict:
     return out
 
 
+async def warm_explanations(base: str, model: str, data, calls: int = 6) -> None:
+    """A few explanations before measuring: each worker's explain process starts with the worker but in the
+    background (predict readiness does not wait for it), so the first explanations would include its start."""
+    _, explain, headers, bodies, query = _bodies(model, data)
+    async with _client_session() as session:
+        for i in range(calls):
+            _, status, _ = await _timed(session, base + explain, headers, bodies[i % len(bodies)], query)
+            assert status == 200, (explain, status)
+
+
 async def explain_clients(base: str, model: str, data, clients: int, seconds: float, warmup: float) -> list:
     _, explain, headers, bodies, query = _bodies(model, data)
     records: list[tuple[float, float, int]] = []
@@ -128,14 +139,36 @@ async def under_load(base: str, model: str, data, rate: float, seconds: float, w
     return out
 
 
+def resident_memory_mib(server) -> dict[str, list[float]]:
+    """Resident memory of the server's HTTP workers and of their explain processes (the children
+    multiprocessing spawned for explanations), MiB each."""
+    from serving import launch
+
+    out: dict[str, list[float]] = {"http_workers": [], "explain_processes": []}
+    for pid in launch.descendants(server.proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        kind = "explain_processes" if b"spawn_main" in cmd else "http_workers" if b"worker" in cmd else None
+        rss = [int(line.split()[1]) for line in status if line.startswith("VmRSS:")]
+        if kind and rss:
+            out[kind].append(round(rss[0] / 1024, 1))
+    return out
+
+
 def run_model(model: str, tag: str, args, data, log_dir: Path) -> dict:
     result: dict = {"tag": tag}
     for label, settings in (("default", {}), ("explain_nice_0", {"EXPLAIN_NICE": "0"})):
         server = start_served(model, tag, settings, label, log_dir)
         try:
+            asyncio.run(warm_explanations(server.url, model, data))
             if label == "default":
                 result["cost"] = asyncio.run(cost(server.url, model, data, args.cost_calls))
                 print(f"{model} cost: {json.dumps(result['cost'])}", flush=True)
+                result["resident_memory_mib"] = resident_memory_mib(server)
+                print(f"{model} resident memory: {json.dumps(result['resident_memory_mib'])}", flush=True)
                 result["predict_alone"] = asyncio.run(
                     under_load(server.url, model, data, args.rate[model], args.seconds, args.warmup, 0)
                 )

@@ -254,7 +254,10 @@ class ServeCommon(BaseSettings):
     )
     warmup_batches: list[int] = Field([1, 8], description="Batch sizes run once at start-up before ready.")
     explain_max_concurrency: int = Field(
-        1, ge=1, description="Explanations computed at once per worker (each is many model rows: its own limit)."
+        1,
+        ge=1,
+        description="Explanations computed at once per worker (each is many model rows: its own limit); in-process "
+        "topology: also the worker's explain processes (each holds the model).",
     )
     explain_max_queue: int = Field(
         4, ge=0, description="Explanations waiting for a slot per worker; beyond: 429 at once (explain_busy)."
@@ -268,8 +271,8 @@ class ServeCommon(BaseSettings):
         19,
         ge=0,
         le=19,
-        description="How much lower the OS priority of the explain thread is than the worker's (nice increment): "
-        "under load the predict path gets the CPU first. 0 = same priority.",
+        description="How much lower the OS priority of the explain process is than the worker's (nice increment; "
+        "in-process topology): under load the predict path gets the CPU first. 0 = same priority.",
     )
 
     def on_gpu(self) -> bool:

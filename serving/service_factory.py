@@ -4,7 +4,8 @@ Topologies (`topology` setting, auto by device):
 - inprocess (CPU default): each HTTP worker (one per core) verifies the artifact, owns an ONNX
   Runtime session and an in-process adaptive batcher (serving/batcher.py). A request is read,
   validated and pre-processed in the worker, its rows join the next batch, the answer is built
-  from its own output rows: no hop, no serialisation.
+  from its own output rows: no hop, no serialisation. Explanations are computed in a low-priority
+  child process of the worker (serving/explain_process.py), never on the predict path.
 - split (GPU default): the HTTP workers do the same per-request work and call one batching model
   process per GPU through BentoML's dependency call (its own adaptive batching); the model
   process owns the device.
@@ -15,6 +16,7 @@ batch; a batch that fails answers 503 to its own callers only.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -33,6 +35,7 @@ from serving.adapters.base import Parsed, TaskAdapter
 from serving.auth import ApiKeyMiddleware
 from serving.batcher import Batcher, BatchFailed, QueueTimeout
 from serving.errors import ClientError, JsonRouterErrors, error_response
+from serving.explain_process import ExplainCrashed, ExplainProcess
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from serving.feedback.hook import FeedbackHook
 from serving.http_guard import BodyLimitMiddleware, install_protocol_limits
@@ -137,14 +140,18 @@ class _Replica:
         self.settings, self.client = settings, model_client
         self.adapter, self.front, run = load_model(adapter_cls, settings, with_session=model_client is None)
         self.batcher: Batcher | None = None
-        self.explainer = ExplainQueue(settings.explain_max_concurrency, settings.explain_max_queue,
-                                      settings.explain_timeout_s, settings.explain_nice)  # fmt: skip
+        self.explain_queue = ExplainQueue(settings.explain_max_concurrency, settings.explain_max_queue,
+                                          settings.explain_timeout_s)  # fmt: skip
+        self.explain_process: ExplainProcess | None = None
         if self.front.ready:
             self.feedback = FeedbackHook(self.front.name, self.adapter.labels, adapter_cls.kind,
                                          **self.adapter.feedback_kwargs())  # fmt: skip
             if run is not None:
                 size = settings.max_batch_size if settings.batching_enabled() else 1
                 self.batcher = Batcher(run, size, settings.max_latency_ms / 1000)
+                # Explanations get a child process of their own, started now (in the background).
+                self.explain_process = ExplainProcess(adapter_cls, settings, self.front.art.tag, self.front.variant)
+                self.explain_process.start()
         audit.set_model_tag(adapter_cls.service_name, self.front.art.tag if self.front.art else settings.model_tag)
         # Everything loaded so far (BentoML, FastAPI, the model, the tokenizer) lives as long as the
         # worker: out of the collector's sight, a full collection no longer walks it. Without this,
@@ -195,43 +202,31 @@ class _Replica:
             await self.feedback.observe(request.headers, parsed.items, probs, self.front.art.tag)  # opt-in only
         return probs
 
-    def _run_rows(self, rows: list, deadline: float) -> np.ndarray:
-        """In-process: the rows in chunks on this worker's session, in the low-priority explain thread."""
-        out, step = [], self.settings.max_batch_size
-        for i in range(0, len(rows), step):
-            if time.monotonic() > deadline:
-                raise ExplainTimeout
-            try:
-                out.append(self.adapter.run(self.front.session, rows[i : i + step]))
-            except Exception as exc:  # as a failing batch: a 503 for this caller, logged by type only
-                log.error("explanation chunk of %d rows failed: %s", len(rows[i : i + step]), type(exc).__name__)
-                raise BatchFailed(type(exc).__name__) from exc
-        return np.concatenate(out)
-
-    async def _score(self, rows: list, deadline: float) -> np.ndarray:
-        if self.client is None:
-            return await self.explainer.run(self._run_rows, rows, deadline)
-        out, step = [], self.settings.max_batch_size  # split: chunks join the model process's batches
+    async def _explain(self, parsed: Parsed, deadline: float) -> dict:
+        """The `prediction` and `explanation` of the answer: in-process, all of it in the explain process;
+        split, the rows built and the answer rendered in a thread, the rows scored by the model process."""
+        if self.explain_process is not None:
+            return await self.explain_process.explain(parsed, deadline)
+        rows = await asyncio.to_thread(self.adapter.explain_rows, parsed)
+        out, step = [], self.settings.max_batch_size  # chunks join the model process's batches
         for i in range(0, len(rows), step):
             if time.monotonic() > deadline:
                 raise ExplainTimeout
             wire = self.adapter.to_wire(rows[i : i + step])
             out.append(await call_model(self.front.name, self.settings.model_call_timeout_s,
                                         lambda wire=wire: self.client.to_async.predict(wire)))  # fmt: skip
-        return np.concatenate(out)
+        return await asyncio.to_thread(self.adapter.explanation, parsed, np.concatenate(out))
 
     async def explained(self, request: Request) -> JSONResponse:
         """One explanation, admitted by this worker's explain queue (never by the predict batcher's)."""
         start, name = time.perf_counter(), self.front.name
         try:
-            async with self.explainer.slot() as deadline:
+            async with self.explain_queue.slot() as deadline:
                 try:
                     parsed = await self.adapter.parse_explain(request)
                 except ClientError as err:
                     return self.rejected(err)
-                rows = await self.explainer.run(self.adapter.explain_rows, parsed)
-                probs = await self._score(rows, deadline)
-                found = await self.explainer.run(self.adapter.explanation, parsed, probs)
+                found = await self._explain(parsed, deadline)
         except ExplainBusy:
             metrics.REJECTED.labels(model=name, reason="explain_busy").inc()
             return error_response(429, "explain_busy", "too many explanations in progress; retry later",
@@ -240,11 +235,15 @@ class _Replica:
             limit = self.settings.explain_timeout_s
             return error_response(503, "explain_timeout", f"the explanation did not finish within {limit:g} s; "
                                   "retry later", {"Retry-After": "2"})  # fmt: skip
-        except (BatchFailed, ModelUnavailable):
+        except (BatchFailed, ModelUnavailable, ExplainCrashed):
             return error_response(503, "model_unavailable", "the model could not answer; retry later",
                                   {"Retry-After": "1"})  # fmt: skip
         metrics.EXPLAIN_SECONDS.labels(model=name).observe(time.perf_counter() - start)
         return JSONResponse({"model": self.front.art.tag, "variant": self.front.variant, **found})
+
+    def stop(self) -> None:
+        if self.explain_process is not None:
+            self.explain_process.stop()
 
     def not_ready(self) -> JSONResponse:
         return error_response(503, "not_ready", f"model not ready: {self.front.error or 'loading'}",
@@ -387,8 +386,15 @@ def build(adapter_cls: type[TaskAdapter], settings: ServeCommon):
     def __is_ready__(self) -> bool:
         return holder["replica"].ready
 
+    @bentoml.on_shutdown
+    async def stop_explanations(self) -> None:
+        """The worker's explain process stops with it (a running explanation finishes first)."""
+        if (replica := holder.get("replica")) is not None:
+            await asyncio.to_thread(replica.stop)
+
     topology = "split" if split else "inprocess"
     namespace: dict[str, Any] = {"__init__": __init__, "__is_ready__": __is_ready__,
+                                 "stop_explanations": stop_explanations,
                                  "__doc__": f"{adapter_cls.title} ({topology} topology)"}  # fmt: skip
     if split:
         namespace["model_service"] = bentoml.depends(model)

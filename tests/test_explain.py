@@ -1,4 +1,4 @@
-"""Explanations: known answers from fixture models served for real, limits, hostile inputs, priority.
+"""Explanations: known answers from fixture models served for real, limits, hostile inputs, the explain process.
 
 The fixture models are built with onnx.helper so the right answer is known: an image model whose
 only signal is one patch of the image, a text model whose only signal is one word. They are
@@ -12,8 +12,9 @@ import base64
 import concurrent.futures as cf
 import io
 import os
-import threading
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,6 +25,7 @@ from PIL import Image
 
 from servable import artifact, explain
 from servable.preprocessing import ImagePreprocessing, TextPreprocessing
+from serving import launch
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from tests.conftest import API_KEY, _serve
 from tests.test_reliability import IMAGE_CORPUS, TEXT_CORPUS, _fire_corpus, _png
@@ -238,12 +240,12 @@ def test_a_burst_of_explanations_gets_429_beyond_the_queue_while_predictions_kee
     assert predicts == [200] * 10
 
 
-# ---------------------------------------------------------------- the explain queue and its thread
+# ---------------------------------------------------------------- the explain queue and process
 
 
 def test_explain_queue_bounds_concurrency_queue_and_wait():
     async def scenario():
-        queue = ExplainQueue(max_concurrency=1, max_queue=1, timeout_s=0.3, nice=0)
+        queue = ExplainQueue(max_concurrency=1, max_queue=1, timeout_s=0.3)
         release = asyncio.Event()
         outcomes: list[str] = []
 
@@ -270,12 +272,79 @@ def test_explain_queue_bounds_concurrency_queue_and_wait():
     assert asyncio.run(scenario()) == (["ran", "ran"], 0, 0)
 
 
-def test_explain_thread_runs_at_a_lower_os_priority():
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    queue = ExplainQueue(max_concurrency=1, max_queue=0, timeout_s=5, nice=10)
-    seen = queue.executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-    assert seen == min(19, base + 10)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is untouched
+def _stat(path: str) -> dict | None:
+    """ppid, session and nice of a process (or thread) from its /proc stat; None once it has exited."""
+    try:
+        fields = Path(path, "stat").read_text().rsplit(")", 1)[1].split()  # fields from the 3rd (state) on
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else {"ppid": int(fields[1]), "session": int(fields[3]), "nice": int(fields[16])}
+
+
+def _explain_processes(server) -> dict[int, int]:
+    """{explain process: its worker}: the server's processes started by multiprocessing's spawn."""
+    found = {}
+    for pid in launch.descendants(server.proc.pid):
+        try:
+            spawned = b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if spawned and (stat := _stat(f"/proc/{pid}")):
+            found[pid] = stat["ppid"]
+    return found
+
+
+def _wait(check, timeout_s: float = 60.0):
+    """`check()` once it is truthy, or its last value after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+def test_explanations_run_in_a_lower_priority_process_that_is_replaced_when_it_dies(known_servers):
+    server = known_servers["text"]
+    url, body = server.url + "/sentiment/explain", {"text": f"the film was {SIGNAL_WORD}"}
+    assert requests.post(url, json=body, headers=KEY, timeout=60).status_code == 200
+    ((child, worker),) = _wait(lambda: _explain_processes(server)).items()  # 1 worker x EXPLAIN_MAX_CONCURRENCY 1
+    worker_nice = _stat(f"/proc/{worker}")["nice"]
+    threads = [_stat(f"/proc/{child}/task/{tid}") for tid in os.listdir(f"/proc/{child}/task")]
+    assert worker_nice < 19 and {t["nice"] for t in threads if t} == {min(19, worker_nice + 19)}  # every thread
+
+    os.kill(child, signal.SIGKILL)  # as the out-of-memory killer would
+    assert _wait(lambda: _stat(f"/proc/{child}") is None, 10)
+    r = requests.post(url, json=body, headers=KEY, timeout=60)
+    assert (r.status_code, r.json()["reason"], r.headers["retry-after"]) == (503, "model_unavailable", "1")
+    assert requests.post(server.url + "/sentiment", json={"text": "fine"}, headers=KEY, timeout=30).ok
+    r = requests.post(url, json=body, headers=KEY, timeout=60)  # served by a new explain process
+    assert r.status_code == 200 and r.json()["explanation"]["label"] == "positive", r.text
+    assert list(_explain_processes(server).values()) == [worker] and child not in _explain_processes(server)
+
+
+def test_explain_processes_stop_with_their_worker_and_leave_nothing_behind(known_models, tmp_path_factory):
+    """A killed worker's explain process exits by itself; after a server's SIGTERM no process of it is left."""
+    server = _serve("text", known_models["text"], tmp_path_factory, {"SERVABLE_TEXT_SERVE_WORKERS": "1"})
+    seen: set[int] = set()
+    try:
+        ((child, worker),) = _wait(lambda: _explain_processes(server)).items()
+        seen = {child, worker}
+        os.kill(worker, signal.SIGKILL)  # no clean-up runs
+        assert _wait(lambda: _stat(f"/proc/{child}") is None, 15), "the explain process outlived its worker"
+        new = _wait(lambda: {c: w for c, w in _explain_processes(server).items() if w != worker}, 120)
+        assert new, "the restarted worker has no explain process"
+        seen = {server.proc.pid, *launch.descendants(server.proc.pid), worker, child}
+        sessions = {_stat(f"/proc/{pid}")["session"] for pid in seen if _stat(f"/proc/{pid}")}
+
+        def left() -> list[int]:
+            procs = {int(p.name): _stat(str(p)) for p in Path("/proc").glob("[0-9]*")}
+            return [pid for pid, st in procs.items() if st and (pid in seen or st["session"] in sessions)]
+
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        assert _wait(lambda: not left(), 20), f"left after the server stopped: {left()}"
+    finally:
+        launch.kill_all([pid for pid in seen if _stat(f"/proc/{pid}")])  # only when the test failed
+        server.stop()
 
 
 def test_occlusion_helpers_are_exact_on_a_known_input():

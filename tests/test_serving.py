@@ -544,6 +544,10 @@ def test_split_topology_starts_and_answers_like_the_in_process_one(text_run, tex
             codes = list(ex.map(lambda t: requests.post(server.url + "/sentiment", json={"text": t}, headers=KEY,
                                                         timeout=60).status_code, texts * 20))  # fmt: skip
         assert codes == [200] * len(codes)
+        # explanations: rows built in the front worker, scored by the model process (no explain process here)
+        text = "A warm, funny film, though the ending drags."
+        exp = requests.post(server.url + "/sentiment/explain", json={"text": text}, headers=KEY, timeout=60)
+        assert exp.status_code == 200 and exp.json()["explanation"]["rows"] == 1 + len(text.split()), exp.text
         calls = _metric(server, "servable_model_call_seconds_count")
         assert calls >= len(codes)
         # BentoML's session recycling is out of reach (runner_max_requests): a retry is left only for an

@@ -95,7 +95,8 @@ class TaskAdapter(ABC):
     # ------------------------------------------------------------ explanations (occlusion: servable/explain.py)
     @abstractmethod
     async def parse_explain(self, request: Request) -> Parsed:
-        """Validate one explain request (one item, its options); raises ClientError."""
+        """Validate one explain request (one item, its options); raises ClientError. In the in-process topology
+        the Parsed is pickled to the worker's explain process: keep in it only what the explanation needs."""
 
     @abstractmethod
     def openapi_explain_body(self) -> dict:
@@ -103,11 +104,12 @@ class TaskAdapter(ABC):
 
     @abstractmethod
     def explain_rows(self, parsed: Parsed) -> list[Any]:
-        """The perturbed rows to score, the unperturbed item first (runs off the event loop)."""
+        """The perturbed rows to score, the unperturbed item first (runs in the explain process, or a thread
+        in the split topology: never on the event loop)."""
 
     @abstractmethod
     def explanation(self, parsed: Parsed, probs: np.ndarray) -> dict:
-        """`prediction` and `explanation` of the answer, from the rows' probabilities (off the event loop)."""
+        """`prediction` and `explanation` of the answer, from the rows' probabilities (where explain_rows runs)."""
 
     def to_wire(self, rows: list[Any]) -> Any:
         """A batch of rows as the split topology's model process takes it."""

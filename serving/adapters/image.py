@@ -184,7 +184,8 @@ class ImageAdapter(TaskAdapter):
             "top_k": self._top_k(opts.get("top_k", self.settings.top_k)),
             "grid": self._option_int(opts.get("grid", self.settings.explain_grid), "grid", 2,
                                      self.settings.explain_max_grid),
-            "overlay": overlay, "target": self.target(opts.get("label")), "image": image,
+            "overlay": overlay, "target": self.target(opts.get("label")),
+            "image": image if overlay else None,  # sent to the explain process only when it is drawn on
         }  # fmt: skip
         return Parsed([preprocess_image(image, self.prep)], [None], options)
 
