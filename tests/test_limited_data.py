@@ -13,7 +13,7 @@ from servable.preprocessing import ImagePreprocessing
 from training.active_learning import least_confident, select_labels
 from training.data_images import load_fashion_mnist
 from training.image_pipeline import fine_tune, predict_proba
-from training.limited_data import MODELS, SCRATCH, run_experiment
+from training.limited_data import MODELS, SCRATCH, progress_path, run_experiment
 
 
 @pytest.mark.parametrize("arm", SCRATCH)
@@ -76,3 +76,36 @@ def test_quick_study_end_to_end(tmp_path):
     for arm in ("from-scratch runs", "pseudo-labels", "active learning", "without augmentation", "cross"):
         assert arm in text
     assert (cfg.output / "limited_data.png").stat().st_size > 10_000
+
+
+def test_a_stopped_study_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """Stopped at its second size, the study keeps tuning and the first size's runs; started again with
+    the same settings it trains only what is missing, and the report holds both parts."""
+    import training.limited_data as ld
+
+    cfg = LimitedDataConfig(
+        sizes=[60, 120], seeds=[0], test_limit=100, tune_size=60, tune_lrs=[1e-3], scratch_max_epochs=1,
+        tune_lrs_pretrained=[1e-3], pretrained_max_epochs=1, small_cnn_max_epochs=1, epochs_finetune=1,
+        unlabelled_pool=100, pseudo_epochs=1, pseudo_threshold=0.2, progress=False,
+        output=tmp_path / "out", runs_dir=tmp_path / "runs",
+    )  # fmt: skip
+    real_methods = ld.run_methods
+
+    def stop_at_120(cfg_, pool, d, size, *rest):
+        if size == 120:
+            raise KeyboardInterrupt  # as Ctrl-C (or the end of a session) would
+        return real_methods(cfg_, pool, d, size, *rest)
+
+    monkeypatch.setattr(ld, "run_methods", stop_at_120)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    saved = json.loads(progress_path(cfg).read_text())
+    assert all(len(by["60"]) == 1 and not by["120"] for by in saved["runs"].values())
+
+    monkeypatch.setattr(ld, "run_methods", real_methods)
+    monkeypatch.setattr(ld, "tune", lambda *a: pytest.fail("tuning ran again"))
+    results = run_experiment(cfg.model_copy(update={"num_threads": 1}))  # a setting that changes no result
+    assert results["resumed"] and not progress_path(cfg).exists()
+    for arm, by_size in results["runs"].items():
+        assert by_size[60] == saved["runs"][arm]["60"], arm  # kept, not trained again
+        assert len(by_size[120]) == 1, arm

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import matplotlib
 
@@ -182,15 +183,65 @@ def run_methods(cfg: LimitedDataConfig, pool: Pool, d: Draw, size: int, seed: in
     return out
 
 
+# Settings that do not change a result: a stopped study resumes under other values of these.
+RESUME_IGNORES = ("output", "runs_dir", "num_threads", "progress", "device")
+
+
+def progress_path(cfg: LimitedDataConfig) -> Path:
+    return cfg.runs_dir / "limited_data" / "progress.json"
+
+
+def load_progress(cfg: LimitedDataConfig) -> dict | None:
+    """What a stopped run of the same study finished (tuning, every completed size and seed), or None."""
+    path = progress_path(cfg)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    same = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_IGNORES}
+    if saved["config"] != same:
+        tqdm.write(f"{path} is from another configuration of the study: starting afresh")
+        return None
+    # JSON keys are strings: the sizes and the tuned learning rates come back as numbers
+    saved["runs"] = {arm: {int(size): rs for size, rs in by.items()} for arm, by in saved["runs"].items()}
+    for t in saved["tuned"].values():
+        t["val_acc_by_lr"] = {float(lr): accs for lr, accs in t["val_acc_by_lr"].items()}
+    return saved
+
+
+def save_progress(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: float) -> None:
+    path = progress_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    same = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_IGNORES}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": same, "tuned": tuned, "runs": runs, "seconds": seconds}))
+    tmp.replace(path)  # atomic: a run stopped mid-write keeps the previous state
+
+
+def done(runs: dict, size: int, seed: int) -> bool:
+    return all(any(r["seed"] == seed for r in by_size[size]) for by_size in runs.values())
+
+
 def run_experiment(cfg: LimitedDataConfig) -> dict:
+    """The whole study. Progress is saved after tuning and after each size and seed (under runs_dir),
+    so a stopped run, started again with the same settings, goes on where it stopped."""
     set_threads(cfg.num_threads)
     cfg.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pools = load_pools(cfg)
-    tuned = tune(cfg, pools)
+    saved = load_progress(cfg)
+    earlier = saved["seconds"] if saved else 0.0
+    elapsed = lambda: earlier + time.perf_counter() - started  # noqa: E731
+    tuned = saved["tuned"] if saved else tune(cfg, pools)
     runs: dict[str, dict[int, list[dict]]] = {arm: {s: [] for s in cfg.sizes} for arm in (*MODELS, *METHODS)}
+    if saved:
+        runs = saved["runs"]
+        finished = sum(done(runs, z, e) for z in cfg.sizes for e in cfg.seeds)
+        tqdm.write(f"resuming from {progress_path(cfg)}: tuning and {finished} size-seed pairs done")
+    save_progress(cfg, tuned, runs, elapsed())
     for size in cfg.sizes:
         for seed in cfg.seeds:
+            if done(runs, size, seed):
+                continue
             for arm in MODELS:
                 pool = pools[MODELS[arm].get("image_size", cfg.image_size)]
                 d = draw(cfg, len(pool.y), size, seed)
@@ -202,13 +253,15 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
                     tqdm.write(f"== methods on {arm}, {size} labelled images, seed {seed}")
                     for method, record in run_methods(cfg, pool, d, size, seed, tuned, model).items():
                         runs[method][size].append(record)
+            save_progress(cfg, tuned, runs, elapsed())
     results = {
         "config": cfg.model_dump(mode="json"), "machine": describe_machine(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command_line(cfg),
-        "minutes": round((time.perf_counter() - started) / 60, 1), "tuned": tuned,
+        "minutes": round(elapsed() / 60, 1), "resumed": saved is not None, "tuned": tuned,
         "runs": runs, "summary": summarize(runs),
     }  # fmt: skip
     write_report(cfg, results)
+    progress_path(cfg).unlink()
     return results
 
 
