@@ -40,9 +40,9 @@ from types import FrameType
 
 import uvicorn
 
-# How long a worker keeps taking new connections after SIGTERM: long enough for every worker of
-# the replica to take its copy of the socket over (and for a health check to see the 503), short
-# against any grace period (compose 40 s, Kubernetes 60 s).
+# How long a worker keeps serving new connections after SIGTERM, reporting not ready meanwhile (a
+# load balancer polling /readyz stops sending): short against any grace period (compose 40 s,
+# Kubernetes 60 s after its preStop sleep).
 DRAIN_ACCEPT_S = 1.0
 SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27  # Linux (asm-generic/socket.h); Python's socket module lacks them
 log = logging.getLogger("servable.shutdown")

@@ -20,6 +20,9 @@ proxy. Every refusal is a JSON error (`{"error", "reason"}`) and closes the conn
   (nginx refuses it from the declaration).
 - Idle keep-alive connections: uvicorn's own timeout (BentoML passes its `--timeout-keep-alive`,
   5 s by default).
+- While the replica stops (serving/graceful_shutdown.py): every answer closes its connection, and a
+  connection accepted whose request has not arrived yet is kept for it (uvicorn would close it
+  unanswered), within the header timeout.
 """
 
 from __future__ import annotations
