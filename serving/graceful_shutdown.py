@@ -12,7 +12,7 @@ SIGTERM or SIGINT instead:
 1. the replica reports not ready at once (`draining()`: `/readyz` and `/v2/health/ready` 503);
 2. for DRAIN_ACCEPT_S the worker keeps taking connections, from its own duplicate of the socket,
    and serves their requests as usual, each answer with `Connection: close`;
-3. then the last worker still holding the socket stops it listening, for every process that
+3. then the last worker still holding the (TCP) socket stops it listening, for every process that
    shares it: a filter drops new connection attempts, the queued connections are taken, and
    shutdown(2) turns the socket from listening to closed. A later connection attempt is refused
    (ECONNREFUSED: nothing was sent, so a client or proxy may retry it anywhere). A worker stopped
@@ -161,15 +161,16 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         for sock, fd in self._listeners:
             loop.remove_reader(sock.fileno())
-            if _others_still_accepting(fd, os.fstat(sock.fileno()).st_ino):
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                pass  # the split topology's model process (a Unix socket, its callers are the stopping workers)
+            elif _others_still_accepting(fd, os.fstat(sock.fileno()).st_ino):
                 log.info("another worker still takes connections: this one stops, the socket keeps listening")
             else:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    try:
-                        _drop_new_connections(sock)
-                        self._filtered = True
-                    except OSError as exc:  # then a connection completing in the next microseconds may be reset
-                        log.warning("could not filter the listening socket (%s); stopping it all the same", exc)
+                try:
+                    _drop_new_connections(sock)
+                    self._filtered = True
+                except OSError as exc:  # then a connection completing in the next microseconds may be reset
+                    log.warning("could not filter the listening socket (%s); stopping it all the same", exc)
                 if self._accept_all(sock):
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RD)  # LISTEN -> CLOSE, for the one socket every process shares
