@@ -20,6 +20,9 @@ proxy. Every refusal is a JSON error (`{"error", "reason"}`) and closes the conn
   (nginx refuses it from the declaration).
 - Idle keep-alive connections: uvicorn's own timeout (BentoML passes its `--timeout-keep-alive`,
   5 s by default).
+- While the replica stops (serving/graceful_shutdown.py): every answer closes its connection, and a
+  connection accepted whose request has not arrived yet is kept for it (uvicorn would close it
+  unanswered), within the header timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import send_error
+from serving.graceful_shutdown import draining
 
 # Request line + header fields. nginx forwards at most 4 x 8 KiB of client headers (its
 # large_client_header_buffers) plus the few it adds; API clients send well under 1 KiB.
@@ -94,10 +98,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_header = False
         self._disarm_header_timer()
         super().on_headers_complete()
+        if draining() and self.cycle is not None:  # the replica is stopping: answer, then close
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_header, self._header_raw = True, 0
+
+    def shutdown(self) -> None:
+        """The server stops (serving/graceful_shutdown.py). uvicorn closes a connection with no request in
+        progress; one accepted that has not sent its request yet, or only part of it, would lose it unanswered:
+        it stays open for that request (answered with `Connection: close`), within the header timeout."""
+        if self._refusal is not None:  # being refused: closes itself after the linger
+            return
+        idle = self.cycle is None or self.cycle.response_complete
+        awaited = self.cycle is None or self._header_raw > 0  # a new connection's first request, or one arriving
+        if idle and awaited and not self.transport.is_closing():
+            self._arm_header_timer()
+        else:
+            super().shutdown()
 
     def _count(self, size: int, fields: int) -> None:
         self._header_bytes += size

@@ -38,6 +38,7 @@ from serving.errors import ClientError, JsonRouterErrors, error_response
 from serving.explain_process import ExplainCrashed, ExplainProcess
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from serving.feedback.hook import FeedbackHook
+from serving.graceful_shutdown import draining, install_graceful_shutdown
 from serving.http_guard import BodyLimitMiddleware, install_protocol_limits
 from serving.loading import ServedModel
 from serving.model_call import ModelUnavailable, call_model
@@ -69,6 +70,7 @@ def install_middleware(service, settings: ServeCommon, name: str) -> None:
     service.add_asgi_middleware(AccessLogMiddleware, service=name, on_finish=audit.record)
     service.add_asgi_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     install_protocol_limits()  # header size, count and read-time limits below the app (BentoML starts uvicorn)
+    install_graceful_shutdown()  # on SIGTERM: answer what reached the worker, refuse the rest (not reset it)
     service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
     service.add_asgi_middleware(JsonRouterErrors)
 
@@ -308,7 +310,7 @@ def _routes(app: FastAPI, adapter_cls: type[TaskAdapter], settings: ServeCommon,
     @app.get("/v2/health/ready", tags=["v2"], summary="V2 Ready", responses={503: {"description": "not ready"}})
     async def v2_ready():
         rep = current()
-        ready = rep is not None and rep.ready and await rep.dependency_ready()
+        ready = rep is not None and rep.ready and not draining() and await rep.dependency_ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/v2", tags=["v2"], summary="V2 Server Metadata",
@@ -384,7 +386,7 @@ def build(adapter_cls: type[TaskAdapter], settings: ServeCommon):
         holder["replica"] = _Replica(adapter_cls, settings, self.model_service if split else None)
 
     def __is_ready__(self) -> bool:
-        return holder["replica"].ready
+        return holder["replica"].ready and not draining()
 
     @bentoml.on_shutdown
     async def stop_explanations(self) -> None:

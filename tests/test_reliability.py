@@ -7,6 +7,7 @@ SERVABLE_RELIABILITY_REPORT=path.json, written for docs/reliability.md (`make re
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
 import io
 import json
 import os
@@ -290,54 +291,107 @@ def _grace_period_s() -> float:
     return min(periods)
 
 
-def test_sigterm_stops_cleanly_and_never_drops_an_accepted_request(text_run, tmp_path_factory):
-    """SIGTERM with requests in flight: each one completes (200) or gets a clean, retryable 503 with
-    Retry-After; none is cut off mid-response, at least one was in flight when the signal came, and
-    the replica exits within the shortest grace period a deployment gives it (compose, Kubernetes).
+def _answered_cleanly(r: requests.Response) -> bool:
+    return r.status_code == 200 or (r.status_code == 503 and "retry-after" in r.headers and bool(r.json()["error"]))
 
-    BentoML stops the front and the model worker together, so requests still waiting for the
-    model get the 503; behind the proxy they are retried on another replica
+
+def _outcome(call, clean=_answered_cleanly) -> str:
+    """The status ('200', '503': clean, a JSON error with Retry-After), 'refused' (the connection was never
+    accepted), or what else happened: an unclean answer, or a connection reset or closed without an
+    answer (a dropped request)."""
+    try:
+        r = call()
+    except requests.ConnectionError as exc:
+        return "refused" if "connection refused" in str(exc).lower() else f"dropped: {exc}"[:160]
+    return str(r.status_code) if clean(r) else f"unclean {r.status_code}: {r.text[:80]}"
+
+
+def test_sigterm_stops_cleanly_and_never_drops_an_accepted_request(text_run, tmp_path_factory):
+    """SIGTERM of a lone replica while clients keep sending (serving/graceful_shutdown.py): every request
+    is answered (200, or a clean retryable 503 with Retry-After) or its connection is refused, never
+    accepted (safe to retry anywhere); none is reset or left without an answer. Asserted too: requests
+    were in flight when the signal came; the replica kept answering new requests for its drain window,
+    reporting not ready (/readyz 503), before it stopped listening; a connection it had accepted before
+    the signal whose request only came after it stopped listening was still answered; and the replica
+    exits within the shortest grace period a deployment gives it (compose, Kubernetes).
+
+    Behind the proxy a refused connection (or a 503) is retried on another replica
     (`tests/test_local_stack.py::test_sigterm_one_replica_under_load_loses_no_request`).
     """
     server = _serve("text", text_run.tag, tmp_path_factory)
     url, body = server.url + "/sentiment", {"texts": _long_texts(text_run)}
-    outcomes: list[tuple[str, float, float]] = []  # (outcome, sent at, answered at)
-    sent_before_term = threading.Event()
-
-    def call(i: int) -> None:
-        if i == 6:
-            sent_before_term.set()
-        start = time.monotonic()
-        try:
-            r = requests.post(url, json=body, headers=KEY, timeout=60)
-            clean = r.status_code == 200 or (r.status_code == 503 and "retry-after" in r.headers and r.json()["error"])
-            outcome = str(r.status_code) if clean else f"unclean-{r.status_code}"
-        except requests.ConnectionError as exc:
-            # Refused = arrived after the listener closed (never accepted); reset/aborted = dropped mid-flight.
-            outcome = "refused" if "refused" in str(exc).lower() else f"dropped ({type(exc).__name__}: {exc})"[:160]
-        outcomes.append((outcome, start, time.monotonic()))
-
+    outcomes: list[tuple[str, float, float]] = []  # (outcome, sent at, answered at), every request
+    readiness: list[str] = []  # /readyz after the signal, until refused: 503 from the worker's drain on
+    warm, signalled, stop = threading.Barrier(7), threading.Event(), threading.Event()
     grace_s = _grace_period_s()
+
+    def send() -> None:  # one client: requests back to back, each on a new connection, until refused
+        warm.wait(30)
+        while not stop.is_set():
+            sent = time.monotonic()
+            outcome = _outcome(lambda: requests.post(url, json=body, headers=KEY, timeout=60))
+            outcomes.append((outcome, sent, time.monotonic()))
+            if outcome == "refused":
+                return
+
+    def poll_readiness() -> None:
+        signalled.wait(30)
+        while not stop.is_set() and (not readiness or readiness[-1] != "refused"):
+            readiness.append(_outcome(lambda: requests.get(server.url + "/readyz", timeout=30), clean=lambda r: True))
+            time.sleep(0.02)
+
     try:
-        with cf.ThreadPoolExecutor(12) as ex:
-            futures = [ex.submit(call, i) for i in range(12)]
-            sent_before_term.wait(10)
-            time.sleep(0.05)
+        with cf.ThreadPoolExecutor(7) as ex:
+            clients = [ex.submit(send) for _ in range(6)] + [ex.submit(poll_readiness)]
+            warm.wait(30)
+            time.sleep(1.0)  # clients in full swing
+            early = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            early.connect()  # its request is sent only once the replica has stopped listening
             term_at = time.monotonic()
             os.killpg(server.proc.pid, signal.SIGTERM)
-            cf.wait(futures, timeout=90)
-        server.proc.wait(timeout=grace_s + 30)
-        exit_s = time.monotonic() - term_at
+            signalled.set()
+            cf.wait(clients[:6], timeout=90)
+            refused_at = min((done for o, _, done in outcomes if o == "refused"), default=None)
+            time.sleep(0.5)  # uvicorn's own shutdown has begun: idle connections are closed by now
+            late = _send_on(early, body)
+            server.proc.wait(timeout=grace_s + 30)
+            exit_s = time.monotonic() - term_at
+            stop.set()
     finally:
+        stop.set()
         server.stop()
     kinds = [o for o, *_ in outcomes]
+    bad = [(o, round(sent - term_at, 3)) for o, sent, _ in outcomes if o not in ("200", "503", "refused")]
     in_flight = [o for o, sent, done in outcomes if sent < term_at < done and o in ("200", "503")]
-    REPORT["sigterm_single_replica"] = {"requests": 12, "outcomes": {o: kinds.count(o) for o in set(kinds)},
-                                        "in_flight_at_sigterm": len(in_flight), "exit_s": round(exit_s, 2),
-                                        "grace_period_s": grace_s}  # fmt: skip
-    assert len(outcomes) == 12 and set(kinds) <= {"200", "503", "refused"}, (REPORT["sigterm_single_replica"], outcomes)
-    assert in_flight, f"no request was in flight when SIGTERM came: {REPORT['sigterm_single_replica']}"
+    answered_after = [o for o, sent, _ in outcomes if sent > term_at and o in ("200", "503")]
+    REPORT["sigterm_single_replica"] = {
+        "requests": len(outcomes), "outcomes": {o: kinds.count(o) for o in sorted(set(kinds))},
+        "in_flight_at_sigterm": len(in_flight), "answered_though_sent_after_sigterm": len(answered_after),
+        "refused_after_s": refused_at and round(refused_at - term_at, 2), "late_request_on_early_connection": late,
+        "readiness_after_sigterm": {o: readiness.count(o) for o in sorted(set(readiness))},
+        "exit_s": round(exit_s, 2), "grace_period_s": grace_s,
+    }  # fmt: skip
+    figures = REPORT["sigterm_single_replica"]
+    assert not bad, f"requests dropped or answered uncleanly (outcome, sent s after SIGTERM): {bad} {figures}"
+    assert in_flight, f"no request was in flight when SIGTERM came: {figures}"
+    assert answered_after, f"no request sent after SIGTERM was answered (no drain window): {figures}"
+    assert kinds.count("refused") == 6, f"every client ends refused once the replica stops listening: {figures}"
+    assert "503" in readiness and set(readiness) <= {"200", "503", "refused"}, f"/readyz after SIGTERM: {figures}"
+    assert late == "200 close", f"an accepted connection's request was not answered during the shutdown: {figures}"
     assert exit_s < grace_s, f"exited {exit_s:.1f} s after SIGTERM; the grace period is {grace_s:.0f} s"
+
+
+def _send_on(conn: http.client.HTTPConnection, body: dict) -> str:
+    """One request on an open connection: '<status> <Connection header>', or how it was dropped."""
+    try:
+        conn.request("POST", "/sentiment", json.dumps(body), {**KEY, "content-type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        return f"{r.status} {r.getheader('connection')}"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"dropped: {exc!r}"
+    finally:
+        conn.close()
 
 
 def test_corrupted_artifact_keeps_replica_unready_with_a_clear_log(text_run, tmp_path_factory):
