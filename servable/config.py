@@ -271,8 +271,9 @@ class ServeCommon(BaseSettings):
         19,
         ge=0,
         le=19,
-        description="How much lower the OS priority of the explain process is than the worker's (nice increment; "
-        "in-process topology): under load the predict path gets the CPU first. 0 = same priority.",
+        description="How much lower the OS priority of the explain process is than the worker's (nice increment, "
+        "and Linux's SCHED_IDLE class when above 0; in-process topology): the predict path gets the CPU first. "
+        "0 = same priority.",
     )
 
     def on_gpu(self) -> bool:

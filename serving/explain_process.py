@@ -4,8 +4,8 @@ The worker parses and validates the request (per request, before anything) and s
 input; the child builds the perturbed rows, scores them in chunks of `max_batch_size` on its own
 ONNX Runtime session (same artifact, same variant, 1 intra-op thread) with the deadline checked
 between chunks, and builds the answer. The child shares no interpreter lock with the worker and
-its every thread runs `explain_nice` lower, so the predict path (event loop, batcher) never
-waits behind an explanation that holds the lock.
+its every thread runs `explain_nice` lower in the SCHED_IDLE class, so the predict path (event
+loop, batcher) never waits behind an explanation that holds the lock, nor for the CPU.
 
 The child is started with the worker, in the background (predict readiness does not wait for
 it), stops with it (the shutdown hook; on its own if the worker is killed) and is replaced when it
@@ -43,15 +43,19 @@ _child: dict[str, Any] = {}  # the adapter, its session and the chunk size, set 
 
 
 def _lower_priority(increment: int) -> None:
-    """Raise the nice value of every thread of this process (Linux nice is per thread; threads made
-    later inherit their creator's). Never fatal: the admission limits still bound explanations."""
+    """Every thread of this process (Linux nice and policy are per thread; threads made later inherit
+    their creator's) gets the nice increment and Linux's SCHED_IDLE class: it runs only on CPU time
+    the predict path leaves idle, and a waking prediction preempts it at once (a nice value alone
+    still gets a CFS share, which showed in predict p99). Never fatal: the admission limits still
+    bound explanations."""
     if not increment:
         return
     try:
         target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment)
         for tid in os.listdir("/proc/self/task"):  # numpy's BLAS pool, for one, exists before this runs
             os.setpriority(os.PRIO_PROCESS, int(tid), target)
-    except OSError as exc:
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError) as exc:  # AttributeError: no SCHED_IDLE (not Linux)
         log.warning("could not lower the explain process's priority: %s", exc)
 
 

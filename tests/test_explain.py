@@ -273,12 +273,15 @@ def test_explain_queue_bounds_concurrency_queue_and_wait():
 
 
 def _stat(path: str) -> dict | None:
-    """ppid, session and nice of a process (or thread) from its /proc stat; None once it has exited."""
+    """ppid, session, nice and scheduling policy of a process (or thread) from its /proc stat; None once
+    it has exited."""
     try:
         fields = Path(path, "stat").read_text().rsplit(")", 1)[1].split()  # fields from the 3rd (state) on
     except OSError:
         return None
-    return None if fields[0] in "ZX" else {"ppid": int(fields[1]), "session": int(fields[3]), "nice": int(fields[16])}
+    if fields[0] in "ZX":
+        return None
+    return {"ppid": int(fields[1]), "session": int(fields[3]), "nice": int(fields[16]), "policy": int(fields[38])}
 
 
 def _explain_processes(server) -> dict[int, int]:
@@ -310,6 +313,7 @@ def test_explanations_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     worker_nice = _stat(f"/proc/{worker}")["nice"]
     threads = [_stat(f"/proc/{child}/task/{tid}") for tid in os.listdir(f"/proc/{child}/task")]
     assert worker_nice < 19 and {t["nice"] for t in threads if t} == {min(19, worker_nice + 19)}  # every thread
+    assert _stat(f"/proc/{worker}")["policy"] == 0 and {t["policy"] for t in threads if t} == {os.SCHED_IDLE}
 
     os.kill(child, signal.SIGKILL)  # as the out-of-memory killer would
     assert _wait(lambda: _stat(f"/proc/{child}") is None, 10)
