@@ -187,6 +187,11 @@ def run_methods(cfg: LimitedDataConfig, pool: Pool, d: Draw, size: int, seed: in
 RESUME_IGNORES = ("output", "runs_dir", "num_threads", "progress", "device")
 
 
+def resume_key(cfg: LimitedDataConfig) -> dict:
+    """The settings a saved progress must match to be resumed (those that change a result)."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_IGNORES}
+
+
 def progress_path(cfg: LimitedDataConfig) -> Path:
     return cfg.runs_dir / "limited_data" / "progress.json"
 
@@ -197,8 +202,7 @@ def load_progress(cfg: LimitedDataConfig) -> dict | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    same = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_IGNORES}
-    if saved["config"] != same:
+    if saved["config"] != resume_key(cfg):
         tqdm.write(f"{path} is from another configuration of the study: starting afresh")
         return None
     # JSON keys are strings: the sizes and the tuned learning rates come back as numbers
@@ -211,9 +215,8 @@ def load_progress(cfg: LimitedDataConfig) -> dict | None:
 def save_progress(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: float) -> None:
     path = progress_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    same = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_IGNORES}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": same, "tuned": tuned, "runs": runs, "seconds": seconds}))
+    tmp.write_text(json.dumps({"config": resume_key(cfg), "tuned": tuned, "runs": runs, "seconds": seconds}))
     tmp.replace(path)  # atomic: a run stopped mid-write keeps the previous state
 
 
