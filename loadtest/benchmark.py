@@ -202,13 +202,14 @@ def answered_one(payload: bytes) -> bool:
     return len(body.get("predictions", [])) == 1
 
 
-def _client_session():
+def _client_session(connections: int = 0):
+    """An HTTP client session; `connections` bounds its open connections (0: a new one whenever none is free)."""
     import ssl
 
     import aiohttp
 
     # A context made now, not at import: it trusts SSL_CERT_FILE as set by then (the local stack's own CA, soak).
-    connector = aiohttp.TCPConnector(limit=0, ssl=ssl.create_default_context())
+    connector = aiohttp.TCPConnector(limit=connections, ssl=ssl.create_default_context())
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
 
 
@@ -258,14 +259,28 @@ async def closed_loop(url: str, headers, bodies: list[bytes], concurrency: int, 
 
 
 async def open_loop(
-    url: str, headers, bodies: list[bytes], rate: float, seconds: float, warmup: float, failures: Counter | None = None
+    url: str,
+    headers,
+    bodies: list[bytes],
+    rate: float,
+    seconds: float,
+    warmup: float,
+    failures: Counter | None = None,
+    connections: int = 0,
+    send_lag: list[tuple[float, float]] | None = None,
 ):
-    """Requests at a fixed rate whatever the answers do; latency from the scheduled send time."""
+    """Requests at a fixed rate whatever the answers do; latency from the scheduled send time.
+
+    `connections` bounds the client's connections (0: unbounded); a request finding none free waits for one,
+    and that wait counts in its latency. `send_lag`, when given, gets (scheduled time, seconds late) of each
+    request as the generator's own event loop starts it: a late generator, not a slow server."""
     records: list[tuple[float, float, bool]] = []
-    async with _client_session() as session:
+    async with _client_session(connections) as session:
         t_start = time.perf_counter()
 
         async def fire(t_sched: float, body: bytes) -> None:
+            if send_lag is not None:
+                send_lag.append((t_sched, time.perf_counter() - t_sched))
             ok = await _one(session, url, headers, body, failures)
             records.append((t_sched, time.perf_counter(), ok))
 

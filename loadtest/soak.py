@@ -8,7 +8,10 @@ A figure the test suite cannot hold (it takes 20 minutes), so it is a command wi
 
 Saturation is measured first through the proxy (closed loop, `--concurrency` clients per model, both
 models at once); the soak then sends each model's requests at `--load` x that rate whatever the answers
-do (latency from the scheduled send time, so queueing shows). Requests: the benchmark's real inputs
+do (latency from the scheduled send time, so queueing shows), over at most `--connections` keep-alive
+connections per model, as a front end's connection pool would (a request finding none free waits, and
+the wait counts; unbounded, a stall turns into a burst of TLS handshakes on the cores the stack needs).
+Each window also reports how late the generator itself started its requests. Requests: the benchmark's real inputs
 (image multipart uploads, single-sentence JSON), one API key, with the proxy's per-key rate limit and
 per-address connection limit out of reach (the load generator is one client address).
 """
@@ -46,6 +49,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--saturation-seconds", type=float, default=30.0, help="closed-loop seconds to measure saturation")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients per model for saturation")
     p.add_argument("--replicas", type=int, default=2, help="replicas per model behind the proxy")
+    p.add_argument("--connections", type=int, default=64,
+                   help="the generator's connections per model (0: a new one whenever none is free)")  # fmt: skip
     p.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("docs/results/soak.json"))
     p.add_argument("--note", default="", help="free text for the report, e.g. 'shared machine'")
@@ -70,15 +75,19 @@ def worker_rss_mb(stack) -> dict[str, float]:
     return out
 
 
-def windows(records: list[tuple[float, float, bool]], t0: float, width: float, seconds: float) -> list[dict]:
-    """Per window of `width` seconds (by scheduled send time): requests, errors, p50 and p99 of the good ones."""
+def windows(
+    records: list[tuple[float, float, bool]], lags: list[tuple[float, float]], t0: float, width: float, seconds: float
+) -> list[dict]:
+    """Per window of `width` seconds (by scheduled send time): requests, errors, p50 and p99 of the good ones,
+    and the p99 of how late the generator itself started them (its own stalls, not the server's)."""
     out = []
     for k in range(max(1, round(seconds / width))):
         lo, hi = t0 + k * width, t0 + (k + 1) * width
         inside = [(s, e, ok) for s, e, ok in records if lo <= s < hi]
         p50, _, p99 = benchmark.pct([e - s for s, e, ok in inside if ok])
+        *_, lag99 = benchmark.pct([lag for s, lag in lags if lo <= s < hi])
         out.append({"window": k, "requests": len(inside), "errors": sum(not ok for *_, ok in inside),
-                    "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)})  # fmt: skip
+                    "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "send_lag_p99_ms": round(lag99, 2)})  # fmt: skip
     return out
 
 
@@ -98,17 +107,18 @@ def soak(stack, data: real_inputs.Inputs, args: argparse.Namespace) -> dict:
     rss_start = worker_rss_mb(stack)
     seconds = 60 * args.minutes
     failures: dict[str, Counter] = {m: Counter() for m in MODELS}
+    lags: dict[str, list[tuple[float, float]]] = {m: [] for m in MODELS}
     me, cpu_start = psutil.Process(), time.perf_counter()
     own_cpu = sum(me.cpu_times()[:2])
     t0 = time.perf_counter()
     runs = asyncio.run(_all(benchmark.open_loop(urls[m], requests[m][1], requests[m][2], rates[m], seconds, 0.0,
-                                                failures[m]) for m in MODELS))  # fmt: skip
+                                                failures[m], args.connections, lags[m]) for m in MODELS))  # fmt: skip
     # The load generator shares the machine: how much of it did it take (1.0 = one core)?
     generator_cores = (sum(me.cpu_times()[:2]) - own_cpu) / (time.perf_counter() - cpu_start)
     rss_end = worker_rss_mb(stack)
     report = {}
     for m, (records, _) in zip(MODELS, runs, strict=True):
-        per_window = windows(records, t0, args.window, seconds)
+        per_window = windows(records, lags[m], t0, args.window, seconds)
         report[m] = {
             "saturation_rps": round(saturation[m], 1), "target_rps": round(rates[m], 1),
             "requests": len(records), "errors": sum(not ok for *_, ok in records),
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                            "memory_gib": round(psutil.virtual_memory().total / 2**30)},
                "note": args.note, "models": tags, "minutes": args.minutes, "load": args.load, "window_s": args.window,
-               "replicas_per_model": args.replicas, **report}  # fmt: skip
+               "replicas_per_model": args.replicas, "connections_per_model": args.connections, **report}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     errors = sum(report[m]["errors"] for m in MODELS)

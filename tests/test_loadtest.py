@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
@@ -162,8 +163,10 @@ def test_soak_quick_mode(image_run, text_run, tmp_path):
         assert r["errors"] == 0 and r["errors_by_kind"] == {} and r["requests"] > 0, r
         assert r["saturation_rps"] > r["target_rps"] > 0, r
         assert len(r["windows"]) == 4 and all(w["requests"] > 0 for w in r["windows"]), r["windows"]
+        assert all(0 <= w["send_lag_p99_ms"] < 1000 for w in r["windows"]), r["windows"]
         assert r["p99_last_window_ms"] > 0
     assert 0 < report["load_generator_cores"] <= 2.5, report["load_generator_cores"]
+    assert report["connections_per_model"] == 64
     workers = report["workers"]
     assert {w.split("-")[0] for w in workers["rss_start_mb"]} == {"image", "text"} and not workers["lost"]
     assert set(workers["rss_growth_mb"]) == set(workers["rss_start_mb"])
@@ -177,3 +180,42 @@ def test_failures_are_counted_by_kind():
     assert benchmark.failure_kind(429, body) == "429 too_many_connections"
     assert benchmark.failure_kind(502, b"<html>bad gateway</html>") == "502"
     assert benchmark.failure_kind(503, b'["not", "an", "object"]') == "503"
+
+
+def test_open_loop_keeps_to_its_connections():
+    """The soak's generator bounds its connections: slow answers make requests wait for one of the
+    `connections`, never open more (no handshake bursts); every request is still sent and its wait counted."""
+    from aiohttp import web
+
+    from loadtest import benchmark
+
+    peers: set = set()
+
+    async def handle(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername"))
+        await asyncio.sleep(0.05)
+        return web.json_response({"predictions": [{"label": "x"}]})
+
+    async def scenario() -> tuple[list, list]:
+        app = web.Application()
+        app.router.add_post("/p", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        lags: list = []
+        try:
+            records, _ = await benchmark.open_loop(
+                f"http://127.0.0.1:{port}/p", {}, [b"{}"], 200.0, 0.5, 0.0, connections=3, send_lag=lags
+            )
+        finally:
+            await runner.cleanup()
+        return records, lags
+
+    records, lags = asyncio.run(scenario())
+    assert len(records) == 100 and all(ok for *_, ok in records)
+    assert len(peers) == 3, peers  # 200/s against 50 ms answers would want 10 at once
+    assert len(lags) == 100
+    # three connections serve 60/s: the last requests waited about a second for one, and that counts
+    assert max(e - s for s, e, _ in records) > 0.8
