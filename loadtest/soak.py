@@ -1,5 +1,6 @@
 """Soak: the local stack (nginx, 2+2 replicas, Prometheus) under open-loop load at 70 % of its measured
-saturation, for 20 minutes: errors, p99 drift from the first to the last minute, RSS growth per worker.
+saturation, for 20 minutes: errors, p99 drift from the first to the last minute, RSS growth per worker
+(and its course, window by window).
 
 A figure the test suite cannot hold (it takes 20 minutes), so it is a command with a committed result:
 
@@ -26,6 +27,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -110,9 +112,23 @@ def soak(stack, data: real_inputs.Inputs, args: argparse.Namespace) -> dict:
     lags: dict[str, list[tuple[float, float]]] = {m: [] for m in MODELS}
     me, cpu_start = psutil.Process(), time.perf_counter()
     own_cpu = sum(me.cpu_times()[:2])
+    # Each worker's RSS at every window's end, from a thread: growth that levels off is warm-up (arenas,
+    # caches), growth that keeps its slope is a leak.
+    rss_by_window: dict[str, list[float]] = {w: [] for w in rss_start}
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop.wait(args.window):
+            for w, mb in worker_rss_mb(stack).items():
+                rss_by_window.setdefault(w, []).append(round(mb, 1))
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
     t0 = time.perf_counter()
+    sampler.start()
     runs = asyncio.run(_all(benchmark.open_loop(urls[m], requests[m][1], requests[m][2], rates[m], seconds, 0.0,
                                                 failures[m], args.connections, lags[m]) for m in MODELS))  # fmt: skip
+    stop.set()
+    sampler.join()
     # The load generator shares the machine: how much of it did it take (1.0 = one core)?
     generator_cores = (sum(me.cpu_times()[:2]) - own_cpu) / (time.perf_counter() - cpu_start)
     rss_end = worker_rss_mb(stack)
@@ -131,7 +147,7 @@ def soak(stack, data: real_inputs.Inputs, args: argparse.Namespace) -> dict:
     report["load_generator_cores"] = round(generator_cores, 2)
     report["workers"] = {"rss_start_mb": {w: round(v, 1) for w, v in rss_start.items()},
                          "rss_end_mb": {w: round(v, 1) for w, v in rss_end.items()}, "rss_growth_mb": growth,
-                         "lost": sorted(set(rss_start) - set(rss_end))}  # fmt: skip
+                         "rss_by_window_mb": rss_by_window, "lost": sorted(set(rss_start) - set(rss_end))}  # fmt: skip
     return report
 
 

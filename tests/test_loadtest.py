@@ -170,6 +170,7 @@ def test_soak_quick_mode(image_run, text_run, tmp_path):
     workers = report["workers"]
     assert {w.split("-")[0] for w in workers["rss_start_mb"]} == {"image", "text"} and not workers["lost"]
     assert set(workers["rss_growth_mb"]) == set(workers["rss_start_mb"])
+    assert all(len(course) >= 3 for course in workers["rss_by_window_mb"].values()), workers["rss_by_window_mb"]
 
 
 def test_failures_are_counted_by_kind():
