@@ -141,20 +141,18 @@ async def under_load(base: str, model: str, data, rate: float, seconds: float, w
 
 def resident_memory_mib(server) -> dict[str, list[float]]:
     """Resident memory of the server's HTTP workers and of their explain processes (the children
-    multiprocessing spawned for explanations), MiB each."""
-    from serving import launch
+    multiprocessing spawned for explanations), MiB each; read as `loadtest/soak.py` reads its workers'."""
+    import psutil
 
     out: dict[str, list[float]] = {"http_workers": [], "explain_processes": []}
-    for pid in launch.descendants(server.proc.pid):
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            status = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
+            cmd, rss = " ".join(proc.cmdline()), proc.memory_info().rss
+        except psutil.Error:
             continue
-        kind = "explain_processes" if b"spawn_main" in cmd else "http_workers" if b"worker" in cmd else None
-        rss = [int(line.split()[1]) for line in status if line.startswith("VmRSS:")]
-        if kind and rss:
-            out[kind].append(round(rss[0] / 1024, 1))
+        kind = "explain_processes" if "spawn_main" in cmd else "http_workers" if "worker" in cmd else None
+        if kind:
+            out[kind].append(round(rss / 2**20, 1))
     return out
 
 
