@@ -282,14 +282,19 @@ def test_audit_log_names_callers_and_model_never_keys_or_content(privacy_text_se
         r = requests.post(txt + "/sentiment", json={"text": SECRET_SENTENCE}, headers={"x-api-key": key}, timeout=30)
         assert r.status_code == 200, r.text
         rids[who] = r.headers["x-request-id"]
-    r = requests.post(txt + "/sentiment", json={"text": SECRET_SENTENCE}, headers={"x-api-key": "nope-nope-nope"},
-                      timeout=30)  # fmt: skip
-    assert r.status_code == 401
+    refused = requests.post(txt + "/sentiment", json={"text": SECRET_SENTENCE}, headers={"x-api-key": "nope-nope-nope"},
+                            timeout=30)  # fmt: skip
+    assert refused.status_code == 401
     blob = _png(image_run.splits.test_x[0][:, :, 0])
     r = requests.post(img + "/classify", files={"image": ("x.png", blob)}, headers={"x-api-key": BOB}, timeout=30)
     assert r.status_code == 200
+    # A worker writes the audit line once the answer is sent: wait (bounded) for the last calls' lines.
+    last_text, last_image = refused.headers["x-request-id"], r.headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (last_text not in _audit_text(privacy_dirs["audit"])
+                                           or last_image not in privacy_image_server.log()):  # fmt: skip
+        time.sleep(0.1)
     metrics = requests.get(txt + "/metrics", timeout=10).text
-
     audit_text = _audit_text(privacy_dirs["audit"])
     entries = _audit_lines(audit_text)
     by_name = {e["key_name"]: e for e in entries if e["endpoint"] == "/sentiment"}
