@@ -356,8 +356,11 @@ def test_opt_in_text_is_scrubbed_before_it_reaches_disk(privacy_text_server, pri
     r2 = requests.post(url + "/v2/models/sentiment-bert/infer", json=v2,
                        headers={"x-api-key": BOB, "x-servable-feedback": "opt-in"}, timeout=30)  # fmt: skip
     assert r2.status_code == 200
+    # and one call without consent: counted as such, not stored (this test's own traffic, so it passes alone)
+    r3 = requests.post(url + "/sentiment", json={"text": "No consent given."}, headers={"x-api-key": BOB}, timeout=30)
+    assert r3.status_code == 200
     items = FeedbackStore(FeedbackSettings(dir=privacy_dirs["fb_on"])).items("sentiment-bert")
-    assert len(items) >= 2
+    assert len(items) >= 2 and not any(b"No consent given" in it.content_path.read_bytes() for it in items)
     for it in items[-2:]:
         text = it.content_path.read_text()
         assert "[EMAIL]" in text and "[PHONE]" in text and "Terrible film" in text
