@@ -19,7 +19,10 @@ import time
 from tests.test_docs import ROOT, answer_rows
 
 # Proofs that once depended on other tests' traffic: run alone every time.
-ALWAYS = ("tests/test_serving.py::test_secret_content_never_logged",)
+ALWAYS = (
+    "tests/test_serving.py::test_secret_content_never_logged",
+    "tests/test_privacy.py::test_opt_in_text_is_scrubbed_before_it_reaches_disk",
+)
 
 
 def cited() -> list[str]:
