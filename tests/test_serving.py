@@ -307,26 +307,36 @@ def test_metrics_after_traffic(image_server, text_server):
 
 def test_secret_content_never_logged(text_server, image_server, image_run):
     """Runs alone as well as in the suite: it sends its own traffic to both servers (success, refusal)."""
-    r = requests.post(text_server.url + "/sentiment", json={"text": SECRET_SENTENCE}, headers=KEY, timeout=30)
-    assert r.status_code == 200
-    requests.post(text_server.url + "/sentiment", json={"text": SECRET_SENTENCE + "\x00"}, headers=KEY, timeout=30)
+    text, image = text_server.url + "/sentiment", image_server.url + "/classify"
+    text_calls = [
+        requests.post(text, json={"text": SECRET_SENTENCE}, headers=KEY, timeout=30),
+        requests.post(text, json={"text": SECRET_SENTENCE + "\x00"}, headers=KEY, timeout=30),
+    ]
     blob = test_images(image_run, 1)[0]
-    r = requests.post(image_server.url + "/classify", files={"image": (SECRET_SENTENCE + ".png", blob)}, headers=KEY,
-                      data={"note": SECRET_SENTENCE}, timeout=30)  # fmt: skip
-    assert r.status_code == 200
-    requests.post(image_server.url + "/classify", json={"images": [SECRET_SENTENCE]}, headers=KEY, timeout=30)
+    image_calls = [
+        requests.post(
+            image,
+            files={"image": (SECRET_SENTENCE + ".png", blob)},
+            headers=KEY,
+            timeout=30,
+            data={"note": SECRET_SENTENCE},
+        ),
+        requests.post(image, json={"images": [SECRET_SENTENCE]}, headers=KEY, timeout=30),
+    ]
+    assert [c.status_code for c in text_calls + image_calls] == [200, 422, 200, 400]
 
     def request_ids(log: str) -> set[str]:
         return {json.loads(line)["request_id"] for line in log.splitlines() if line.startswith("{") and
                 '"request_id"' in line}  # fmt: skip
 
-    for server in (text_server, image_server):
+    for server, calls in ((text_server, text_calls), (image_server, image_calls)):
         # A worker writes its access line once the answer is sent, so the last call's line may trail it.
+        ids = {c.headers["x-request-id"] for c in calls}
         deadline = time.monotonic() + 10
-        while len(request_ids(server.log())) < 2 and time.monotonic() < deadline:
+        while not ids <= request_ids(server.log()) and time.monotonic() < deadline:
             time.sleep(0.1)
         log = server.log()
-        assert len(request_ids(log)) >= 2  # the JSON access log is there, a line per call ...
+        assert ids <= request_ids(log)  # the JSON access log is there, a line per call ...
         assert "PURPLE-ELEPHANT" not in log and "X1234567" not in log  # ... without the content
         assert API_KEY not in log
 
