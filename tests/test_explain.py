@@ -28,6 +28,7 @@ from servable.preprocessing import ImagePreprocessing, TextPreprocessing
 from serving import launch
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from tests.conftest import API_KEY, _serve
+from tests.polling import wait_for
 from tests.test_reliability import IMAGE_CORPUS, TEXT_CORPUS, _fire_corpus, _png
 
 KEY = {"x-api-key": API_KEY}
@@ -297,26 +298,18 @@ def _explain_processes(server) -> dict[int, int]:
     return found
 
 
-def _wait(check, timeout_s: float = 60.0):
-    """`check()` once it is truthy, or its last value after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return value
-
-
 def test_explanations_run_in_a_lower_priority_process_that_is_replaced_when_it_dies(known_servers):
     server = known_servers["text"]
     url, body = server.url + "/sentiment/explain", {"text": f"the film was {SIGNAL_WORD}"}
     assert requests.post(url, json=body, headers=KEY, timeout=60).status_code == 200
-    ((child, worker),) = _wait(lambda: _explain_processes(server)).items()  # 1 worker x EXPLAIN_MAX_CONCURRENCY 1
+    ((child, worker),) = wait_for(lambda: _explain_processes(server)).items()  # 1 worker x EXPLAIN_MAX_CONCURRENCY 1
     worker_nice = _stat(f"/proc/{worker}")["nice"]
     threads = [_stat(f"/proc/{child}/task/{tid}") for tid in os.listdir(f"/proc/{child}/task")]
     assert worker_nice < 19 and {t["nice"] for t in threads if t} == {min(19, worker_nice + 19)}  # every thread
     assert _stat(f"/proc/{worker}")["policy"] == 0 and {t["policy"] for t in threads if t} == {os.SCHED_IDLE}
 
     os.kill(child, signal.SIGKILL)  # as the out-of-memory killer would
-    assert _wait(lambda: _stat(f"/proc/{child}") is None, 10)
+    assert wait_for(lambda: _stat(f"/proc/{child}") is None, 10)
     r = requests.post(url, json=body, headers=KEY, timeout=60)
     assert (r.status_code, r.json()["reason"], r.headers["retry-after"]) == (503, "model_unavailable", "1")
     assert requests.post(server.url + "/sentiment", json={"text": "fine"}, headers=KEY, timeout=30).ok
@@ -330,11 +323,11 @@ def test_explain_processes_stop_with_their_worker_and_leave_nothing_behind(known
     server = _serve("text", known_models["text"], tmp_path_factory, {"SERVABLE_TEXT_SERVE_WORKERS": "1"})
     seen: set[int] = set()
     try:
-        ((child, worker),) = _wait(lambda: _explain_processes(server)).items()
+        ((child, worker),) = wait_for(lambda: _explain_processes(server)).items()
         seen = {child, worker}
         os.kill(worker, signal.SIGKILL)  # no clean-up runs
-        assert _wait(lambda: _stat(f"/proc/{child}") is None, 15), "the explain process outlived its worker"
-        new = _wait(lambda: {c: w for c, w in _explain_processes(server).items() if w != worker}, 120)
+        assert wait_for(lambda: _stat(f"/proc/{child}") is None, 15), "the explain process outlived its worker"
+        new = wait_for(lambda: {c: w for c, w in _explain_processes(server).items() if w != worker}, 120)
         assert new, "the restarted worker has no explain process"
         seen = {server.proc.pid, *launch.descendants(server.proc.pid), worker, child}
         sessions = {_stat(f"/proc/{pid}")["session"] for pid in seen if _stat(f"/proc/{pid}")}
@@ -345,7 +338,7 @@ def test_explain_processes_stop_with_their_worker_and_leave_nothing_behind(known
 
         os.killpg(server.proc.pid, signal.SIGTERM)
         server.proc.wait(timeout=60)
-        assert _wait(lambda: not left(), 20), f"left after the server stopped: {left()}"
+        assert wait_for(lambda: not left(), 20), f"left after the server stopped: {left()}"
     finally:
         launch.kill_all([pid for pid in seen if _stat(f"/proc/{pid}")])  # only when the test failed
         server.stop()

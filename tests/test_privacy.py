@@ -22,6 +22,7 @@ from servable.config import FeedbackSettings
 from serving.feedback.pii import luhn_valid, scrub
 from serving.feedback.store import PROVENANCE_FILE, FeedbackStore, png_from_image_bytes
 from tests.conftest import ROOT, SECRET_SENTENCE, _serve
+from tests.polling import wait_for
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 ROTOR_OLD, ROTOR_NEW = "rotor-old-key-1111", "rotor-new-key-2222"
@@ -290,10 +291,8 @@ def test_audit_log_names_callers_and_model_never_keys_or_content(privacy_text_se
     assert r.status_code == 200
     # A worker writes the audit line once the answer is sent: wait (bounded) for the last calls' lines.
     last_text, last_image = refused.headers["x-request-id"], r.headers["x-request-id"]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (last_text not in _audit_text(privacy_dirs["audit"])
-                                           or last_image not in privacy_image_server.log()):  # fmt: skip
-        time.sleep(0.1)
+    wait_for(lambda: last_text in _audit_text(privacy_dirs["audit"]) and last_image in privacy_image_server.log(),
+             timeout_s=10)  # fmt: skip
     metrics = requests.get(txt + "/metrics", timeout=10).text
     audit_text = _audit_text(privacy_dirs["audit"])
     entries = _audit_lines(audit_text)

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 from servable.preprocessing import encode_texts, load_tokenizer, preprocess_image
 from serving.onnx_runtime import softmax
 from tests.conftest import API_KEY, SECRET_SENTENCE
+from tests.polling import wait_for
 from training import onnx_tools
 
 KEY = {"x-api-key": API_KEY}
@@ -329,13 +329,15 @@ def test_secret_content_never_logged(text_server, image_server, image_run):
         return {json.loads(line)["request_id"] for line in log.splitlines() if line.startswith("{") and
                 '"request_id"' in line}  # fmt: skip
 
-    for server, calls in ((text_server, text_calls), (image_server, image_calls)):
-        # A worker writes its access line once the answer is sent, so the last call's line may trail it.
+    def logged(server, calls) -> tuple[set[str], str]:
+        """The calls' request ids and the server's log once it holds them: a worker writes its access line once
+        the answer is sent, so the last call's line may trail it."""
         ids = {c.headers["x-request-id"] for c in calls}
-        deadline = time.monotonic() + 10
-        while not ids <= request_ids(server.log()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        log = server.log()
+        wait_for(lambda: ids <= request_ids(server.log()), timeout_s=10)
+        return ids, server.log()
+
+    for server, calls in ((text_server, text_calls), (image_server, image_calls)):
+        ids, log = logged(server, calls)
         assert ids <= request_ids(log)  # the JSON access log is there, a line per call ...
         assert "PURPLE-ELEPHANT" not in log and "X1234567" not in log  # ... without the content
         assert API_KEY not in log
@@ -351,9 +353,7 @@ def test_incoming_request_id_is_propagated_and_logged(text_server):
     bad = requests.post(text_server.url + "/sentiment", json={"text": ""}, timeout=30,
                         headers={**KEY, "x-request-id": "x" * 200})  # fmt: skip
     assert bad.status_code == 422 and len(bad.headers["x-request-id"]) == 32 != 200
-    deadline = time.monotonic() + 10
-    while rid not in text_server.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: rid in text_server.log(), timeout_s=10)
     lines = [json.loads(line) for line in text_server.log().splitlines() if rid in line]
     assert lines and lines[-1]["request_id"] == rid and lines[-1]["status"] == 200
 
