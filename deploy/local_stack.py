@@ -145,6 +145,7 @@ def write_nginx_config(prefix: Path, servable_conf: str, nginx: str) -> list[str
     shutil.copy(render.NGINX_MAIN, prefix / "nginx.conf")
     (conf_d / "servable.conf").write_text(servable_conf)
     (conf_d / "servable-local.conf").write_text(NGINX_LOCAL_HTTP.format(dir=prefix))
+    shutil.copy(render.NGINX_QUERY, conf_d / render.NGINX_QUERY.name)
     if nginx_version(nginx) >= (1, 25, 3):  # older nginx bounds the handshake with client_header_timeout
         shutil.copy(render.NGINX_HANDSHAKE, conf_d / render.NGINX_HANDSHAKE.name)
     error_log = prefix / "nginx-error.log"
@@ -247,9 +248,13 @@ class LocalStack:
         self.nginx = self._nginx("nginx", self.dir, self.proxy_port, self.http_port, self.rate_limit, self.rate_burst)
 
     def _nginx(self, name: str, prefix: Path, https_port: int, http_port: int, rate_limit: str,
-               rate_burst: int) -> Proc:  # fmt: skip
-        """One nginx from the shared configuration, its rendered config, pid, temp files and logs under `prefix`."""
-        values = render.nginx_values(self.addresses("image"), self.addresses("text"), "127.0.0.1", https_port,
+               rate_burst: int, dead: tuple[str, ...] = ()) -> Proc:  # fmt: skip
+        """One nginx from the shared configuration, its rendered config, pid, temp files and logs under
+        `prefix`; `dead`: addresses nothing listens on, listed first in each pool, then the running
+        replicas only (one retry then always reaches a live one)."""
+        image, text = ([*dead, *(f"127.0.0.1:{s.port}" for s in self.replicas[kind] if s.proc.poll() is None)]
+                       if dead else self.addresses(kind) for kind in ("image", "text"))  # fmt: skip
+        values = render.nginx_values(image, text, "127.0.0.1", https_port,
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
                                      rate_limit=rate_limit, rate_burst=rate_burst,
@@ -268,14 +273,16 @@ class LocalStack:
             raise RuntimeError(f"nginx did not start:\n{proc.log()}\n{errors}")
         return proc
 
-    def start_extra_proxy(self, name: str, rate_limit: str, rate_burst: int) -> str:
+    def start_extra_proxy(self, name: str, rate_limit: str, rate_burst: int, dead_replica: bool = False) -> str:
         """One more nginx from the same template and certificate in front of the same replicas, with
         other rate limits (a test of the limit without throttling the main proxy); its HTTPS URL.
-        Stopped with the stack."""
+        `dead_replica`: each pool lists first an address nothing listens on (a crashed replica), so
+        nginx's upstream-error path runs. Stopped with the stack."""
         https_port, http_port = launch.free_port(), launch.free_port()
         prefix = self.dir / name
         prefix.mkdir(parents=True, exist_ok=True)
-        self.extra_proxies.append(self._nginx(name, prefix, https_port, http_port, rate_limit, rate_burst))
+        dead = (f"127.0.0.1:{launch.free_port()}",) if dead_replica else ()
+        self.extra_proxies.append(self._nginx(name, prefix, https_port, http_port, rate_limit, rate_burst, dead))
         return f"https://127.0.0.1:{https_port}"
 
     def write_targets(self, prom_dir: Path) -> None:

@@ -432,6 +432,9 @@ class ServedModelEntry:
     route: str  # the REST predict route
     port: int  # `make serve` port
     docs_name: str  # docs/api/<docs_name>.openapi.json
+    # The options a client may put in the query string (the only ones the proxy lets through:
+    # deploy/nginx/servable-query.conf is generated from these).
+    query_options: tuple[str, ...] = ()
 
     @property
     def env_prefix(self) -> str:
@@ -442,7 +445,13 @@ SERVED_MODELS: dict[str, ServedModelEntry] = {
     e.kind: e
     for e in (
         ServedModelEntry(
-            "image", "serving.image_service:ImageClassifier", ImageServeSettings, "/classify", 3000, "image"
+            "image",
+            "serving.image_service:ImageClassifier",
+            ImageServeSettings,
+            "/classify",
+            3000,
+            "image",
+            query_options=("top_k", "grid", "overlay", "label"),
         ),
         ServedModelEntry(
             "text", "serving.text_service:SentimentClassifier", TextServeSettings, "/sentiment", 3001, "sentiment"

@@ -219,6 +219,30 @@ def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
         render.nginx_values([], [], "127.0.0.1", 5, "off", rate_limit="7; evil")
 
 
+def test_the_proxy_lets_through_only_the_apis_query_options():
+    """nginx writes a request's line, query included, into its error log (on a limit, body-size or
+    upstream error), so the API's server refuses, in its rewrite phase, a query string with any
+    parameter SERVED_MODELS does not declare; the declared ones are those the adapters read."""
+    from serving.adapters.image import EXPLAIN_OPTIONS, PREDICT_OPTIONS
+
+    assert set(PREDICT_OPTIONS) <= set(EXPLAIN_OPTIONS) == {o for e in SERVED_MODELS.values() for o in e.query_options}
+    generated = render.NGINX_QUERY.read_text()
+    assert generated == render.nginx_query_text() and "map $args $servable_query_refused" in generated
+    allowed = re.compile(re.search(r'"~(.+)" 0;', generated).group(1))
+    for ok in ("top_k=5", "overlay=true&top_k=5&grid=4", "top_k=5&", "label=golden%20retriever", "overlay"):
+        assert allowed.search(ok), ok
+    for bad in ("key=x", "top_k=5&api_key=x", "q=hi", "top_kx=1", "Top_k=1", "top_k=1&token", "x&top_k=1"):
+        assert not allowed.search(bad), bad
+    stmts = _directives(render.NGINX_TEMPLATE.read_text())
+    refusal = stmts.index("if ($servable_query_refused)")
+    assert stmts[refusal + 1].startswith("return 400 '") and '"reason":"invalid_query"' in stmts[refusal + 1]
+    api_server = max(i for i, st in enumerate(stmts[:refusal]) if st.strip() == "server")
+    assert not any(st.startswith("location") for st in stmts[api_server:refusal])  # server level: before any location
+    mounts = {_target(v): v.split(":")[0] for v in load_compose("compose.yaml")["services"]["nginx"]["volumes"]
+              if isinstance(v, str)}  # fmt: skip
+    assert mounts["/etc/nginx/conf.d/servable-query.conf"] == "./nginx/servable-query.conf"
+
+
 def _directives(conf: str) -> list[str]:
     """The template's statements (split at ; { } outside quotes), comments dropped, whitespace
     normalised, ${NAME} placeholders kept as written."""
@@ -298,6 +322,13 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     assert value("client_header_buffer_size") == cm["client-header-buffer-size"]
     assert value("large_client_header_buffers") == cm["large-client-header-buffers"]
     assert value("limit_conn_status") == cm["limit-conn-status-code"] == "429"
+    # the controller's access log: the same fields as servable_json (its request id is $req_id), no query
+    fields = re.findall(r'"(\w+)":"?\$(\w+)', re.search(r"log_format servable_json escape=json(.*?);",
+                                                         render.NGINX_TEMPLATE.read_text(), re.S)[1])  # fmt: skip
+    assert re.findall(r'"(\w+)":"?\$(\w+)', cm["log-format-upstream"]) == [
+        (name, "req_id" if var == "request_id" else var) for name, var in fields
+    ]
+    assert cm["log-format-escape-json"] == "true"
     assert "reset_timedout_connection on" in stmts
     # idle connections to the replicas end before the replicas' own keep-alive (5 s) ends them
     assert stmts.count("keepalive_timeout 4s") == 2 and cm["upstream-keepalive-timeout"] == "4"

@@ -25,6 +25,7 @@ from deploy.local_stack import stop_replica
 from serving import launch
 from tests import stack_fixtures
 from tests.conftest import API_KEY
+from tests.polling import wait_for
 
 local_stack = stack_fixtures.local_stack  # the fixture, used by name below
 KEY = {"x-api-key": API_KEY}
@@ -310,10 +311,11 @@ def test_rate_limit_per_api_key_answers_429_with_retry_after(local_stack):
     assert set(codes) <= {200, 429} and codes.count(200) <= 7, codes
 
 
-def test_planted_key_and_sentence_never_reach_logs_or_configs(local_stack):
+def test_planted_key_and_sentence_never_reach_logs_or_configs(local_stack, image_run):
     """A key from the stack's key file (as deployments mount one) and a sentence sent through the
-    proxy, on success, refusal, malformed-body and rate-limited paths: neither appears in any log
-    the stack wrote (replicas, nginx access and error logs, Prometheus' log) or rendered config."""
+    proxy, on success, refusal, malformed-body, rate-limited and upstream-error paths, and put in the
+    URL by mistake: neither appears in any log the stack wrote (replicas, nginx access and error
+    logs, Prometheus' log) or rendered config."""
     stack = local_stack
     key, sentence = stack_fixtures.PLANTED_KEY, "my neighbour Ingrid Vasquez-Holt owes 4711 crowns"
     planted = {"x-api-key": key}
@@ -326,16 +328,31 @@ def test_planted_key_and_sentence_never_reach_logs_or_configs(local_stack):
         requests.post(url + "/sentiment", json={"text": sentence}, headers={"x-api-key": key + "-wrong"}, timeout=30),
         requests.post(url + "/sentiment", data=malformed, headers=as_json, timeout=30),
         requests.post(url + "/sentiment", json={"text": sentence * 3000}, headers=planted, timeout=30),
-        requests.get(url + f"/text/info?key={key}&q={sentence}", headers=planted, timeout=30),
     ]
     assert [c.status_code for c in calls][:3] == [200, 200, 401], [(c.status_code, c.text[:200]) for c in calls]
     assert all(c.status_code < 500 for c in calls)
-    # the rate-limited path: nginx's error log notes each rejection
-    limited_url = stack.start_extra_proxy("proxy-secrets", rate_limit="1r/s", rate_burst=1)
+    # the API's own query options pass the proxy
+    top1 = requests.post(url + "/classify?top_k=1", files={"image": ("x.png", _png(image_run, 0))}, headers=planted,
+                         timeout=60)  # fmt: skip
+    assert top1.status_code == 200 and len(top1.json()["predictions"][0]["top_k"]) == 1, top1.text
+    # A second proxy whose pools list a dead replica first, at 1 r/s: nginx's error log records the
+    # request line (query included) of each request that meets a dead replica or the limit. The key
+    # and the sentence put in the URL (a body too big for the route, too) are refused before either.
+    second = stack.start_extra_proxy("proxy-secrets", rate_limit="1r/s", rate_burst=1, dead_replica=True)
+    in_url = [f"/text/info?key={key}&q={sentence}", f"/sentiment?top_k=1&api_key={key}", f"/classify?text={sentence}"]
+    for base in (url, second):
+        for path in in_url * 2:
+            refused = requests.post(base + path, data=b"x" * (2 * 1024 * 1024), headers=as_json, timeout=30)
+            assert refused.status_code == 400 and refused.json()["reason"] == "invalid_query", (path, refused.text)
+            assert refused.headers["content-type"] == "application/json"
+            assert requests.get(base + path, headers=planted, timeout=30).status_code == 400
     with cf.ThreadPoolExecutor(6) as ex:
-        codes = list(ex.map(lambda _: requests.post(limited_url + "/sentiment", json={"text": sentence},
+        codes = list(ex.map(lambda _: requests.post(second + "/sentiment", json={"text": sentence},
                                                     headers=planted, timeout=60).status_code, range(12)))  # fmt: skip
-    assert 429 in codes
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    errors = wait_for(lambda: (p := stack.dir / "proxy-secrets" / "nginx-error.log").exists() and p.read_text(),
+                      timeout_s=10)  # fmt: skip
+    assert "limiting requests" in errors and "connect() failed" in errors, errors  # both paths were logged
     time.sleep(2)  # log buffers flushed
     files = [p for p in stack.written_files() if p.name != "api_keys"]  # the key file is the one place it belongs
     names = {p.name for p in files}

@@ -21,6 +21,10 @@ from serving.request_body import content_type, json_body
 
 B64 = {"type": "string", "description": "base64-encoded image (JPEG, PNG, ...)"}
 RAW_IMAGE = {"type": "string", "format": "binary", "description": "one image file as the whole body"}
+# Options read from the query string, a form field or the JSON body; the proxy lets through only
+# the query options SERVED_MODELS declares (explain reads them all, predict only top_k).
+EXPLAIN_OPTIONS = SERVED_MODELS["image"].query_options
+PREDICT_OPTIONS = ("top_k",)
 
 
 def _b64(item: str, i: int) -> bytes:
@@ -133,7 +137,7 @@ class ImageAdapter(TaskAdapter):
         return blobs, opts
 
     async def parse(self, request: Request) -> Parsed:
-        blobs, opts = await self._read(request, ("top_k",))
+        blobs, opts = await self._read(request, PREDICT_OPTIONS)
         top_k = self._top_k(opts.get("top_k", self.settings.top_k))
         return Parsed(self._decode(blobs), list(blobs), {"top_k": top_k})
 
@@ -167,7 +171,7 @@ class ImageAdapter(TaskAdapter):
         return number
 
     async def parse_explain(self, request: Request) -> Parsed:
-        blobs, opts = await self._read(request, ("top_k", "grid", "overlay", "label"))
+        blobs, opts = await self._read(request, EXPLAIN_OPTIONS)
         if len(blobs) != 1:
             raise ClientError(400 if not blobs else 413, "no_image" if not blobs else "too_many_items",
                               "send exactly one image to explain")  # fmt: skip
