@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data = real_inputs.load(args.inputs)
     log_dir = Path(tempfile.mkdtemp(prefix="servable-profile-logs-"))
+    print(f"server logs: {log_dir} (kept)")
     tags = {"image": args.image_tag, "text": args.text_tag}
     runs = [profile_one(m, tags[m], c, args, data, log_dir) for m in args.models for c in args.configs]
     summary = {"command": " ".join(["python -m loadtest.profile", *(sys.argv[1:] if argv is None else argv)]),
