@@ -53,7 +53,10 @@ SLOW_BODY = (b"POST /sentiment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl
 @dataclass
 class AttackConn:
     kind: str
-    opened: float  # when its timeout started: the TCP connection (header), the body's last byte (body)
+    connected: float  # its TCP connection completed: nginx's header timer cannot start earlier
+    # the latest its timer can have started: the TLS handshake done (header; nginx accepted it by
+    # then; 600 connections at once can wait seconds in its accept queue), the last body byte (body)
+    opened: float
     closed: float | None = None  # when the server closed it (end of stream or reset)
     given_up: bool = False  # the attacker closed it itself (the attack ended)
     reply: bytes = b""
@@ -88,17 +91,17 @@ async def _attacker(kind: str, port: int, context: ssl.SSLContext, stop: float, 
         try:
             sock.bind((ATTACKER, 0))
             await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), timeout=10)
-            accepted = time.monotonic()  # nginx's header timer starts at its accept (the handshake included)
+            connected = time.monotonic()  # nginx's header timer starts at its accept (the handshake included)
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(sock=sock, ssl=context, server_hostname="127.0.0.1"), timeout=10)  # fmt: skip
         except (OSError, ssl.SSLError, TimeoutError):
             sock.close()
             await asyncio.sleep(0.1)
             continue
-        conn = AttackConn(kind, accepted)
+        conn = AttackConn(kind, connected, time.monotonic())
         conns.append(conn)
         # a connection opened late (handshakes queue on a busy machine) is still held to its timeout
-        until = max(stop, accepted + max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 2)
+        until = max(stop, conn.opened + max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 2)
         reading = asyncio.create_task(_read_until_closed(reader, conn))
         try:
             if kind == "header":  # one byte every 0.5 s: the header never completes
@@ -169,7 +172,9 @@ def test_slow_header_and_slow_body_attack_from_one_address_leaves_other_clients_
     finally:
         innocent.join(timeout=30)
     end = start + duration
-    # how long each attack connection lived: until nginx closed it, or until the attack ended
+    # how long each attack connection lived: until nginx closed it, or until the attack ended; each
+    # bound is checked from the timer's start that makes it strict (the latest for the longest life,
+    # the earliest for the soonest close)
     lifetimes = {kind: [(c.closed or end) - c.opened for c in conns if c.kind == kind] for kind in ("header", "body")}
     closed = {kind: sum(c.closed is not None and c.kind == kind for c in conns) for kind in ("header", "body")}
     replies = {}
@@ -181,8 +186,9 @@ def test_slow_header_and_slow_body_attack_from_one_address_leaves_other_clients_
         "good_max_latency_s": round(max((t for _, t in good), default=0), 3),
         "attack_connections": len(conns), "attack_held_max": max(held, default=0),
         "slow_header_closed_by_proxy": closed["header"], "slow_body_closed_by_proxy": closed["body"],
-        "slow_header_min_close_s": round(min((c.closed - c.opened for c in conns if c.kind == "header" and c.closed),
+        "slow_header_min_close_s": round(min((c.closed - c.connected for c in conns if c.kind == "header" and c.closed),
                                              default=0), 2),
+        "slowest_handshake_s": round(max(c.opened - c.connected for c in conns if c.kind == "header"), 2),
         "slow_header_max_life_s": round(max(lifetimes["header"], default=0), 2),
         "slow_body_max_life_s": round(max(lifetimes["body"], default=0), 2), "attack_replies": replies,
     }  # fmt: skip
@@ -192,8 +198,10 @@ def test_slow_header_and_slow_body_attack_from_one_address_leaves_other_clients_
     assert figures["attack_held_max"] >= N_SLOW_HEADER, figures
     assert closed["header"] >= N_SLOW_HEADER and closed["body"] >= N_SLOW_BODY, figures
     assert figures["slow_header_max_life_s"] <= HEADER_TIMEOUT_S + SLACK_S, figures
-    # ... closed by the header timeout, not earlier (nginx did not drop them for lack of slots)
-    assert figures["slow_header_min_close_s"] >= HEADER_TIMEOUT_S - 1, figures
+    # ... closed by the header timeout, not earlier (nginx did not drop them for lack of slots, which
+    # it does at once); the attacker stamps its own connect late on a busy machine (9.19 s measured
+    # with two other busy processes)
+    assert figures["slow_header_min_close_s"] >= HEADER_TIMEOUT_S - SLACK_S, figures
     assert figures["slow_body_max_life_s"] <= BODY_TIMEOUT_S + SLACK_S, figures
     # the attacker only ever got 429 (its own address' limit) or 408, never a 5xx
     assert {c.status for c in conns} <= {None, 408, 429}, replies
