@@ -54,11 +54,12 @@ SLOW_BODY = (b"POST /sentiment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl
 class AttackConn:
     kind: str
     connected: float  # its TCP connection completed: nginx's header timer cannot start earlier
-    # the latest its timer can have started: the TLS handshake done (header; nginx accepted it by
-    # then; 600 connections at once can wait seconds in its accept queue), the last body byte (body)
+    # the latest its timer can have started: the TLS handshake done (header: nginx has accepted it
+    # by then), the last body byte (body)
     opened: float
     closed: float | None = None  # when the server closed it (end of stream or reset)
     given_up: bool = False  # the attacker closed it itself (the attack ended)
+    close_met_by_write: bool = False  # a write met the server's close before the reading task saw it
     reply: bytes = b""
 
     @property
@@ -116,10 +117,10 @@ async def _attacker(kind: str, port: int, context: ssl.SSLContext, stop: float, 
                 await writer.drain()
                 conn.opened = time.monotonic()
                 await asyncio.wait([reading], timeout=max(0.0, until - time.monotonic()))
-        except (OSError, ssl.SSLError):
-            pass
+        except (OSError, ssl.SSLError):  # nginx closed it; the reading task (it has the reset) stamps when
+            conn.close_met_by_write = True
         finally:
-            conn.given_up = not reading.done()
+            conn.given_up = not (conn.close_met_by_write or reading.done())
             writer.transport.abort()
             await asyncio.wait([reading], timeout=1)
         await asyncio.sleep(0.1)
@@ -189,6 +190,7 @@ def test_slow_header_and_slow_body_attack_from_one_address_leaves_other_clients_
         "slow_header_min_close_s": round(min((c.closed - c.connected for c in conns if c.kind == "header" and c.closed),
                                              default=0), 2),
         "slowest_handshake_s": round(max(c.opened - c.connected for c in conns if c.kind == "header"), 2),
+        "slow_header_closes_met_by_a_write": sum(c.close_met_by_write for c in conns if c.kind == "header"),
         "slow_header_max_life_s": round(max(lifetimes["header"], default=0), 2),
         "slow_body_max_life_s": round(max(lifetimes["body"], default=0), 2), "attack_replies": replies,
     }  # fmt: skip
