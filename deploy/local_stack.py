@@ -239,8 +239,8 @@ class LocalStack:
     def all_replicas(self) -> list[launch.Server]:
         return self.replicas["image"] + self.replicas["text"]
 
-    def addresses(self, kind: str) -> list[str]:
-        return [f"127.0.0.1:{s.port}" for s in self.replicas[kind]]
+    def addresses(self, kind: str, running_only: bool = False) -> list[str]:
+        return [f"127.0.0.1:{s.port}" for s in self.replicas[kind] if not running_only or s.proc.poll() is None]
 
     def _start_nginx(self) -> None:
         if not (self.tls_dir / "server.crt").exists():
@@ -252,8 +252,7 @@ class LocalStack:
         """One nginx from the shared configuration, its rendered config, pid, temp files and logs under
         `prefix`; `dead`: addresses nothing listens on, listed first in each pool, then the running
         replicas only (one retry then always reaches a live one)."""
-        image, text = ([*dead, *(f"127.0.0.1:{s.port}" for s in self.replicas[kind] if s.proc.poll() is None)]
-                       if dead else self.addresses(kind) for kind in ("image", "text"))  # fmt: skip
+        image, text = ([*dead, *self.addresses(kind, running_only=bool(dead))] for kind in ("image", "text"))
         values = render.nginx_values(image, text, "127.0.0.1", https_port,
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,

@@ -222,7 +222,8 @@ def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
 def test_the_proxy_lets_through_only_the_apis_query_options():
     """nginx writes a request's line, query included, into its error log (on a limit, body-size or
     upstream error), so the API's server refuses, in its rewrite phase, a query string with any
-    parameter SERVED_MODELS does not declare; the declared ones are those the adapters read."""
+    parameter SERVED_MODELS does not declare; the declared ones are those the adapters read (compose
+    mounts the generated file: test_slow_client_limits_agree_across_nginx_compose_and_ingress)."""
     from serving.adapters.image import EXPLAIN_OPTIONS, PREDICT_OPTIONS
 
     assert set(PREDICT_OPTIONS) <= set(EXPLAIN_OPTIONS) == {o for e in SERVED_MODELS.values() for o in e.query_options}
@@ -238,9 +239,6 @@ def test_the_proxy_lets_through_only_the_apis_query_options():
     assert stmts[refusal + 1].startswith("return 400 '") and '"reason":"invalid_query"' in stmts[refusal + 1]
     api_server = max(i for i, st in enumerate(stmts[:refusal]) if st.strip() == "server")
     assert not any(st.startswith("location") for st in stmts[api_server:refusal])  # server level: before any location
-    mounts = {_target(v): v.split(":")[0] for v in load_compose("compose.yaml")["services"]["nginx"]["volumes"]
-              if isinstance(v, str)}  # fmt: skip
-    assert mounts["/etc/nginx/conf.d/servable-query.conf"] == "./nginx/servable-query.conf"
 
 
 def _directives(conf: str) -> list[str]:
@@ -349,6 +347,7 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     mounts = {_target(v): v.split(":")[0] for v in nginx["volumes"] if isinstance(v, str)}
     assert mounts["/etc/nginx/nginx.conf"] == "./nginx/nginx.conf"
     assert mounts["/etc/nginx/conf.d/servable-handshake.conf"] == "./nginx/servable-handshake.conf"
+    assert mounts["/etc/nginx/conf.d/servable-query.conf"] == "./nginx/servable-query.conf"  # the query allowlist
     handshake = _directives(render.NGINX_HANDSHAKE.read_text())
     assert handshake == [f"ssl_handshake_timeout {value('client_header_timeout')}"]
     assert int(nginx["ulimits"]["nofile"]["soft"]) >= int(value("worker_rlimit_nofile", main))
