@@ -432,6 +432,8 @@ class ServedModelEntry:
     route: str  # the REST predict route
     port: int  # `make serve` port
     docs_name: str  # docs/api/<docs_name>.openapi.json
+    service_name: str  # BentoML name of the public service: metrics' service_name, audit and alert selectors
+    model_service_name: str  # BentoML name of the split topology's model process
     # The options a client may put in the query string (the only ones the proxy lets through:
     # deploy/nginx/servable-query.conf is generated from these).
     query_options: tuple[str, ...] = ()
@@ -451,10 +453,19 @@ SERVED_MODELS: dict[str, ServedModelEntry] = {
             "/classify",
             3000,
             "image",
+            "image_classifier",
+            "image_model",
             query_options=("top_k", "grid", "overlay", "label"),
         ),
         ServedModelEntry(
-            "text", "serving.text_service:SentimentClassifier", TextServeSettings, "/sentiment", 3001, "sentiment"
+            "text",
+            "serving.text_service:SentimentClassifier",
+            TextServeSettings,
+            "/sentiment",
+            3001,
+            "sentiment",
+            "sentiment_classifier",
+            "sentiment_model",
         ),
     )
 }

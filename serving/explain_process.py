@@ -78,7 +78,7 @@ def _start_child(adapter_cls, settings, nice: int) -> None:
     _lower_priority(nice)
     _exit_with_parent()
     from serving.access_log import configure_json_logging
-    from serving.service_factory import load_model
+    from serving.loading import load_model
 
     configure_json_logging()
     adapter, model, _ = load_model(adapter_cls, settings, with_session=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from servable import artifact
 from servable.config import ServeCommon
 from serving import metrics
 from serving.onnx_runtime import create_session
+
+if TYPE_CHECKING:
+    from serving.adapters.base import TaskAdapter
 
 log = logging.getLogger("servable.loading")
 
@@ -105,3 +109,23 @@ class ServedModel:
             "topology": self.settings.resolved_topology(), "workers": self.settings.http_workers(),
             "test_accuracy": {k: v["accuracy"] for k, v in m.metrics["test"].items()},
         }  # fmt: skip
+
+
+def load_model(adapter_cls: type[TaskAdapter], settings: ServeCommon, *, with_session: bool):
+    """(adapter, model, run): the verified artifact read by the adapter; with a session, the timed batch
+    function, warmed up before the process reports ready (else run is None)."""
+    adapter = adapter_cls(settings)
+    model = ServedModel(settings, adapter_cls.task, with_session=with_session)
+    run = None
+    if model.ready:
+        adapter.load(model.art)
+        if with_session:
+
+            def run(rows) -> np.ndarray:
+                start = time.perf_counter()
+                out = adapter.run(model.session, rows)
+                metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
+                return out
+
+            model.warm_up(adapter.warmup_rows, run)
+    return adapter, model, run

@@ -40,7 +40,7 @@ from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from serving.feedback.hook import FeedbackHook
 from serving.graceful_shutdown import draining, install_graceful_shutdown
 from serving.http_guard import BodyLimitMiddleware, install_protocol_limits
-from serving.loading import ServedModel
+from serving.loading import load_model
 from serving.model_call import ModelUnavailable, call_model
 from serving.playground import playground_routes
 
@@ -73,26 +73,6 @@ def install_middleware(service, settings: ServeCommon, name: str) -> None:
     install_graceful_shutdown()  # on SIGTERM: answer what reached the worker, refuse the rest (not reset it)
     service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
     service.add_asgi_middleware(JsonRouterErrors)
-
-
-def load_model(adapter_cls: type[TaskAdapter], settings: ServeCommon, *, with_session: bool):
-    """(adapter, model, run): the verified artifact read by the adapter; with a session, the timed batch
-    function, warmed up before the process reports ready (else run is None)."""
-    adapter = adapter_cls(settings)
-    model = ServedModel(settings, adapter_cls.task, with_session=with_session)
-    run = None
-    if model.ready:
-        adapter.load(model.art)
-        if with_session:
-
-            def run(rows) -> np.ndarray:
-                start = time.perf_counter()
-                out = adapter.run(model.session, rows)
-                metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
-                return out
-
-            model.warm_up(adapter.warmup_rows, run)
-    return adapter, model, run
 
 
 # ---------------------------------------------------------------- split topology: the model process

@@ -636,7 +636,7 @@ def test_device_cuda_without_a_working_cuda_provider_keeps_the_replica_unready(i
 
     from servable.config import ImageServeSettings, gpu_present
     from serving.adapters.image import ImageAdapter
-    from serving.service_factory import load_model
+    from serving.loading import load_model
 
     assert not gpu_present(), "a test of the CPU machine: with a GPU, device=cuda is expected to load"
     caplog = servable_logs
@@ -656,7 +656,7 @@ def test_device_auto_reports_the_provider_in_use_and_logs_a_fallback_once(image_
 
     from servable.config import ImageServeSettings
     from serving.adapters.image import ImageAdapter
-    from serving.service_factory import load_model
+    from serving.loading import load_model
 
     caplog = servable_logs
     settings = ImageServeSettings(model_tag=image_run.tag, device="auto", variant="fp32")
@@ -719,7 +719,7 @@ def test_a_model_that_loads_but_fails_its_warm_up_keeps_the_replica_unready(faul
 
     from servable.config import ImageServeSettings
     from serving.adapters.image import ImageAdapter
-    from serving.service_factory import load_model
+    from serving.loading import load_model
 
     size = image_run.preprocessing.size
     make = {

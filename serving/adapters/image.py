@@ -37,8 +37,8 @@ def _b64(item: str, i: int) -> bytes:
 class ImageAdapter(TaskAdapter):
     kind = "image"
     task = "image-classification"
-    service_name = "image_classifier"
-    model_service_name = "image_model"
+    service_name = SERVED_MODELS["image"].service_name
+    model_service_name = SERVED_MODELS["image"].model_service_name
     summary = "Classify"
     doc = (
         "Classify one or more images (multipart files, a raw image/* body, or base64 strings in JSON); "

@@ -54,8 +54,8 @@ def length_buckets(lengths: list[int], max_waste: float) -> list[list[int]]:
 class TextAdapter(TaskAdapter):
     kind = "text"
     task = "text-classification"
-    service_name = "sentiment_classifier"
-    model_service_name = "sentiment_model"
+    service_name = SERVED_MODELS["text"].service_name
+    model_service_name = SERVED_MODELS["text"].model_service_name
     summary = "Sentiment"
     doc = "Sentiment of one text (`text`) or several (`texts`): label, probability and scores each."
     v2_doc = "V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings); JSON or the binary tensor data extension."
