@@ -26,7 +26,7 @@ export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 .PHONY: all setup apt lock data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
-	@$(BIN)/python -m servable.summary
+	@$(BIN)/python -m training.summary
 	$(BIN)/python -m serving.launch --demo
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)  # short Locust run with the SLO gate; its verdict ends the job
 

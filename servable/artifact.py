@@ -1,10 +1,10 @@
 """The model artifact contract: one BentoML model-store tag per version, checksummed.
 
 A version's directory holds the ONNX file(s), the tokenizer files (text), `MODEL_CARD.md`
-(servable/model_card.py) and `manifest.json`: labels, pre-processing, training config, metrics,
-data provenance, library versions and the sha256 of every file. The manifest's own sha256 sits in
-the BentoML metadata, so loading can prove that neither the files nor the manifest changed since
-registration.
+(written by training/model_card.py before registration) and `manifest.json`: labels, pre-processing,
+training config, metrics, data provenance, library versions and the sha256 of every file. The
+manifest's own sha256 sits in the BentoML metadata, so loading can prove that neither the files nor
+the manifest changed since registration.
 """
 
 from __future__ import annotations
@@ -73,13 +73,10 @@ def _hash_tree(root: Path) -> dict[str, FileEntry]:
 
 
 def register(manifest: ModelManifest, staging: Path) -> str:
-    """Write the model card, checksum every file in `staging`, write the manifest and store it all under
-    name:version."""
+    """Checksum every file in `staging`, write the manifest and store it all under name:version. Whatever
+    should travel with the model (training writes its model card first) must be in `staging` by then."""
     import bentoml
 
-    from servable.model_card import write_model_card
-
-    write_model_card(manifest, staging)
     manifest = manifest.model_copy(update={"files": _hash_tree(staging)})
     missing = [f for f in manifest.onnx.values() if f not in manifest.files]
     if missing:

@@ -367,7 +367,7 @@ def test_occlusion_helpers_are_exact_on_a_known_input():
 def test_training_runs_write_per_class_figures_and_a_gallery_of_explained_mistakes(image_run, text_run, tmp_path):
     import json
 
-    from training.gallery import for_registered
+    from training.review import for_registered
 
     for run in (image_run, text_run):
         assert Image.open(run.staging / "confusion.png").format == "PNG"  # the matrix with P/R/F1 beside it

@@ -10,10 +10,10 @@ from sklearn.metrics import confusion_matrix
 
 from servable import artifact
 from servable.artifact import ModelManifest
-from servable.model_card import MODEL_CARD, for_registered, render_model_card
 from servable.preprocessing import load_tokenizer
 from training import onnx_tools
 from training.image_pipeline import onnx_predict as image_predict
+from training.model_card import MODEL_CARD, for_registered, render_model_card
 from training.text_pipeline import onnx_predict as text_predict
 
 SECTIONS = ("## Intended use", "**Out of scope:**", "## Training data and provenance", "## Metrics per split (fp32)",
@@ -90,7 +90,7 @@ def test_card_cli_renders_the_stored_card_of_a_registered_model(image_run, tmp_p
 
 
 def test_a_hand_registered_artifact_with_few_records_gets_a_card_that_says_what_is_missing():
-    """register() writes a card for any artifact, e.g. one built by hand with only an accuracy recorded."""
+    """A card renders for any manifest, e.g. one built by hand with only an accuracy recorded."""
     sparse = ModelManifest(name="hand-made", version="v1", task="text-classification",
                            labels=["negative", "positive"], onnx={"fp32": "model.onnx"}, training_config={},
                            metrics={"test": {"fp32": {"accuracy": 0.9}}}, provenance={}, versions={})  # fmt: skip

@@ -52,7 +52,7 @@ class GalleryCommand(BaseSettings):
     mistakes: int = Field(8, ge=1, description="Mistakes shown, the most confident first.")
 
     def cli_cmd(self) -> None:
-        from training.gallery import for_registered
+        from training.review import for_registered
 
         print(for_registered(self.model_tag, self.out, self.mistakes))
 
@@ -67,7 +67,7 @@ class CardCommand(BaseSettings):
     out: Path | None = Field(None, description="Write the card to this file instead of printing it.")
 
     def cli_cmd(self) -> None:
-        from servable.model_card import for_registered
+        from training.model_card import for_registered
 
         card = for_registered(self.model_tag)
         if self.out is None:

@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from servable.artifact import ModelManifest, default_version, register
 from servable.config import TrainCommon
-from servable.model_card import write_model_card
 from training import gates
 from training.loop import EarlyStopping, EpochLog, history_rows
 from training.metrics import plot_confusion, plot_curves
+from training.model_card import write_model_card
 from training.onnx_tools import library_versions
 
 
@@ -62,12 +62,12 @@ def finish(cfg: TrainCommon, manifest: ModelManifest, staging: Path) -> str | No
     manifest.metrics["gate"] = gate = gates.check(manifest)
     for line in gate["lines"]:
         tqdm.write(line)
+    # Before registering, so the card is checksummed and stored with the model; a run that fails its gate
+    # or is not registered keeps it beside its other outputs.
+    write_model_card(manifest, staging)
     if gate.get("passed") is False:
-        write_model_card(manifest, staging)  # beside the run's other outputs, to see what went wrong
         raise gates.GateFailed(f"{gates.failure_message(gate)}\nnot registered; the run's outputs: {staging}")
     tag = register(manifest, staging) if cfg.register_model else None
-    if tag is None:
-        write_model_card(manifest, staging)
     tqdm.write(f"run outputs: {staging}")
     tqdm.write(f"registered: {tag}" if tag else "not registered (--register-model false)")
     return tag

@@ -1,11 +1,12 @@
 """The model card of an artifact: the facts a user checks before deploying it, rendered from what the
 artifact records (its manifest, and the run's `history.json` and `gallery.json` beside it).
 
-Written as `MODEL_CARD.md` into every artifact at registration (`servable/artifact.py::register`), so it is
-checksummed and stored with the model; `python -m training card --model-tag <tag>` renders a registered
-model's. Intended use, data and provenance, metrics per split (and per domain when recorded), per class,
-fp32 vs int8 (vs optimised), the release gate's verdict, error patterns found by the evaluation, the
-recipe and the library versions. No torch: serving may show it.
+Written as `MODEL_CARD.md` into every run's artifact just before registration
+(`training/run_dir.py::finish`), so `servable/artifact.py::register` checksums and stores it with the
+model; `python -m training card --model-tag <tag>` renders a registered model's. Intended use, data
+and provenance, metrics per split (and per domain when recorded), per class, fp32 vs int8 (vs
+optimised), the release gate's verdict, error patterns found by the evaluation, the recipe and the
+library versions. No torch.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _header(m: ModelManifest) -> str:
     return (
         f"# Model card: `{m.name}:{m.version}`\n\n"
         f"{m.task}, {len(m.labels)} classes ({', '.join(m.labels)}); registered {m.created_at}. "
-        "Generated at registration from the artifact's own records by `servable/model_card.py` "
+        "Generated at registration from the artifact's own records by `training/model_card.py` "
         "(every figure below is the artifact's, measured by the training run)."
     )
 
