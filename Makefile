@@ -27,14 +27,14 @@ export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m training.summary
-	$(BIN)/python -m serving.launch --demo
+	$(BIN)/python -m deploy.launch --demo
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)  # short Locust run with the SLO gate; its verdict ends the job
 
 serve: setup  ## serve both registered models on 127.0.0.1 (image :3000, sentiment :3001) until Ctrl-C
-	$(BIN)/python -m serving.launch
+	$(BIN)/python -m deploy.launch
 
 demo: setup  ## start both services, call them with curl as the README shows, stop them
-	$(BIN)/python -m serving.launch --demo
+	$(BIN)/python -m deploy.launch --demo
 
 reliability: setup  ## fuzzing, hostile inputs, overload, SIGTERM, corrupted artifact -> docs/results/reliability.json
 	SERVABLE_RELIABILITY_REPORT=docs/results/reliability.json $(BIN)/pytest -q -s tests/test_reliability.py

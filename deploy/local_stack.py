@@ -31,9 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy import render
+from deploy import launch, render
 from servable.config import SERVED_MODELS
-from serving import launch
 
 PREFIX = {kind: e.env_prefix for kind, e in SERVED_MODELS.items()}
 MAKE_CERT = Path(__file__).resolve().parent / "tls" / "make_self_signed.sh"

@@ -375,8 +375,8 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str 
 
 def start_served(model: str, tag: str, config: dict[str, str], label: str, log_dir: Path):
     """The model's BentoML service with `config`'s settings (keys without the SERVABLE_<MODEL>_SERVE_ prefix)."""
+    from deploy import launch
     from servable.config import SERVED_MODELS
-    from serving import launch
 
     prefix = SERVED_MODELS[model].env_prefix
     settings = {"MODEL_TAG": tag, "MAX_CONCURRENCY": "256", **config}  # 256: no 429 from the harness's clients
@@ -387,8 +387,8 @@ def start_served(model: str, tag: str, config: dict[str, str], label: str, log_d
 
 def start_peer(module: str, tag: str, log_path: Path, uvicorn_args: Sequence[str] = ()):
     """uvicorn running `module`:app (a peer server), one worker on 127.0.0.1, in its own process group:
-    a `serving.launch.Server`, so it is waited for and stopped like the served ones."""
-    from serving import launch
+    a `deploy.launch.Server`, so it is waited for and stopped like the served ones."""
+    from deploy import launch
 
     port = launch.free_port()
     cmd = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1", "--port", str(port),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from deploy import launch
 from servable.idx import read_idx
-from serving import launch
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 SENTENCE = "A warm, funny and beautifully acted film, though the ending drags."

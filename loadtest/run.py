@@ -116,7 +116,7 @@ def _against_stack(args: argparse.Namespace, key: str, tags: dict[str, str]) -> 
 
 
 def _against_services(args: argparse.Namespace, key: str, tags: dict[str, str]) -> int:
-    from serving import launch  # only needed when this command starts the services itself
+    from deploy import launch  # only needed when this command starts the services itself
 
     env = {"SERVABLE_AUTH_KEYS": f"loadtest:{key}", "SERVABLE_IMAGE_SERVE_MODEL_TAG": tags["image"],
            "SERVABLE_TEXT_SERVE_MODEL_TAG": tags["text"]}  # fmt: skip

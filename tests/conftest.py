@@ -59,8 +59,8 @@ def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None,
     """A server of the `kind` model on a free port. The test settings (fp32, 8 items per request so the
     limits are cheap to reach, a 5 s batching-queue bound for a busy machine) unless `shipped`: then
     every setting is the shipped default but the model tag and the key."""
+    from deploy import launch
     from servable.config import SERVED_MODELS
-    from serving import launch
 
     prefix = SERVED_MODELS[kind].env_prefix
     env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}"}

@@ -556,7 +556,7 @@ def test_alertmanager_pages_and_posts_with_the_runbook_link(tmp_path):
     import time
     import urllib.request
 
-    from serving.launch import free_port
+    from deploy.launch import free_port
 
     got: list[tuple[str, dict]] = []
 

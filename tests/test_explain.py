@@ -23,9 +23,9 @@ import requests
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from deploy import launch
 from servable import artifact, explain
 from servable.preprocessing import ImagePreprocessing, TextPreprocessing
-from serving import launch
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from tests.conftest import API_KEY, _serve
 from tests.polling import wait_for

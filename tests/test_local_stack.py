@@ -20,9 +20,8 @@ import requests
 import yaml
 from PIL import Image
 
-from deploy import render
+from deploy import launch, render
 from deploy.local_stack import stop_replica
-from serving import launch
 from tests import stack_fixtures
 from tests.conftest import API_KEY
 from tests.polling import wait_for

@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from deploy import launch
 from servable import artifact
-from serving import launch
 from tests.conftest import API_KEY, _serve
 from tests.test_preprocessing import _bomb_png
 

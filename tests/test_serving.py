@@ -359,7 +359,7 @@ def test_incoming_request_id_is_propagated_and_logged(text_server):
 
 
 def test_wrong_tag_keeps_replica_unready(tmp_path_factory, text_run):
-    from serving import launch
+    from deploy import launch
 
     server = launch.start(launch.SERVICES["text"], {"SERVABLE_TEXT_SERVE_MODEL_TAG": "sentiment-bert:nope",
                                                     "SERVABLE_AUTH_KEYS": f"t:{API_KEY}"})  # fmt: skip
@@ -759,7 +759,7 @@ SETTINGS = {
 
 def worker_ids(server) -> set[str]:
     """--worker-id of each BentoML HTTP worker process under the server."""
-    from serving import launch
+    from deploy import launch
 
     ids = set()
     for pid in launch.descendants(server.proc.pid):
@@ -774,8 +774,8 @@ def worker_ids(server) -> set[str]:
 
 @pytest.fixture(scope="module")
 def setting_servers(image_run, text_run, tmp_path_factory):
+    from deploy import launch
     from servable.config import SERVED_MODELS
-    from serving import launch
 
     tags = {"image": image_run.tag, "text": text_run.tag}
     servers = {}
@@ -875,9 +875,9 @@ def test_image_int8_is_served_through_bentoml(setting_servers, image_run):
 
 
 def test_demo_counts_only_the_expected_answers_as_success(image_server, text_server, tmp_path):
-    """`make demo`'s calls (serving/launch.py::demo) against real servers: with the right key every call
+    """`make demo`'s calls (deploy/launch.py::demo) against real servers: with the right key every call
     succeeds; with a wrong one the 401 JSON bodies count as failures, not as answers."""
-    from serving import launch
+    from deploy import launch
 
     sample = launch.demo_image(tmp_path / "ankle-boot.png")
     good = [launch.run_call(cmd, check) for cmd, check in launch.demo_calls(image_server.url, text_server.url, API_KEY,

@@ -1,5 +1,8 @@
 """Start, probe and stop BentoML servers on 127.0.0.1: used by tests, `make serve` and the main job.
 
+It starts the services from outside, as the local stack does, so it sits in deploy/ rather than in the
+serving package (nor is it in the serving image).
+
 Every server runs in its own process group and is stopped by that id (SIGTERM for a graceful
 drain, SIGKILL after a bound). Waits are bounded loops that give up by themselves.
 """
