@@ -6,10 +6,14 @@
   docker compose hands it to the nginx image's own envsubst (/etc/nginx/templates); the local
   stack fills it here with `render_template` (same ${NAME} placeholders, nginx's own $variables
   untouched).
-- Grafana: the dashboard's panels and PromQL live in `PANELS` below; `python -m deploy.render`
+- Grafana: the dashboard's panels and PromQL live in `panels()` below; `python -m deploy.render`
   writes deploy/grafana/dashboards/servable.json, deploy/prometheus/prometheus.yml (a scrape job
-  per served model) and deploy/nginx/servable-query.conf (the query options the proxy lets
-  through), and `--check` fails when any is stale.
+  per served model), deploy/nginx/servable-query.conf (the query options the proxy lets
+  through), the Prometheus rules deploy/prometheus/rules/servable.yml and the GPU overlay's
+  Prometheus-adapter rule (from their *.template files), and `--check` fails when any is stale.
+- Which calls are the served models' inference calls (service_name and endpoint matchers) is
+  derived from SERVED_MODELS in one place, `selector_values()`: the dashboard, the recording
+  rules and the adapter all use it, so a new model is monitored without editing a selector.
   tests/test_local_stack.py queries every expression here against a real Prometheus.
 """
 
@@ -29,6 +33,10 @@ NGINX_HANDSHAKE = DEPLOY / "nginx" / "servable-handshake.conf"  # nginx >= 1.25.
 NGINX_QUERY = DEPLOY / "nginx" / "servable-query.conf"  # generated: the query options the proxy lets through
 DASHBOARD_JSON = DEPLOY / "grafana" / "dashboards" / "servable.json"
 RULES_DIR = DEPLOY / "prometheus" / "rules"
+RULES_TEMPLATE = DEPLOY / "prometheus" / "servable-rules.yml.template"
+RULES_YML = RULES_DIR / "servable.yml"  # generated from RULES_TEMPLATE; gpu.yml beside it is written by hand
+ADAPTER_TEMPLATE = DEPLOY / "k8s" / "overlays" / "gpu" / "prometheus-adapter-rules.yaml.template"
+ADAPTER_RULES = ADAPTER_TEMPLATE.with_suffix("")  # generated: Helm values of the Prometheus adapter
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
@@ -100,55 +108,93 @@ def nginx_query_text() -> str:
     )
 
 
+# ---------------------------------------------------------------- the served models' calls, as PromQL selectors
+
+# Names and routes go into PromQL regexes as they are: they may hold no regex (or string) syntax.
+_PLAIN = re.compile(r"[A-Za-z0-9_/-]+")
+V2_ROUTES = "/v2/models/.+"  # the V2 inference protocol: one route family, every model's name in it
+
+
+def _alternation(values: list[str]) -> str:
+    bad = [v for v in values if not _PLAIN.fullmatch(v)]
+    if bad:
+        raise ValueError(f"{bad} cannot go into a PromQL regex unescaped: use letters, digits, _, - and /")
+    return "|".join(dict.fromkeys(values))
+
+
+def front_selector() -> str:
+    """Matcher of the served models' public services (BentoML's service_name): the split
+    topology's model processes (model_service_name) count the same calls again and stay out."""
+    return f'service_name=~"{_alternation([e.service_name for e in SERVED_MODELS.values()])}"'
+
+
+def endpoint_selector(v2: bool = True) -> str:
+    """Matcher of the public inference routes: each model's REST route and, with v2, the V2
+    protocol's. Never the probes, /metrics or the docs: they would dilute the ratios."""
+    routes = _alternation([e.route for e in SERVED_MODELS.values()])
+    return f'endpoint=~"{routes}|{V2_ROUTES}"' if v2 else f'endpoint=~"{routes}"'
+
+
+def selector_values() -> dict[str, str]:
+    """The placeholders of the files generated from a template (GENERATED): the one place the
+    rules, the adapter and the dashboard learn which calls are the served models' inference calls."""
+    return {
+        "SERVICES": front_selector(),
+        "ENDPOINTS": endpoint_selector(),  # REST and V2 inference routes
+        "REST_ENDPOINTS": endpoint_selector(v2=False),  # REST only (the latency SLO, the dashboard)
+        "JOBS": ", ".join(f"servable-{kind}" for kind in SERVED_MODELS),
+    }
+
+
 # ---------------------------------------------------------------- Grafana dashboard
 
-FRONT = 'service_name=~".+_classifier"'
-INFER = f'endpoint=~"{"|".join(e.route for e in SERVED_MODELS.values())}"'
 
-# (title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written.
-PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
-    ("Request rate per endpoint", "reqps", [("servable:requests:rate1m", "{{job}} {{endpoint}}")]),
-    ("5xx error ratio", "percentunit", [("servable:errors5xx:ratio_rate1m", "{{job}}")]),
-    ("4xx rejections by reason", "reqps", [("sum by (job, reason) (rate(servable_rejected_total[1m]))",
-                                            "{{job}} {{reason}}")]),
-    ("Latency per endpoint (p50 / p95 / p99)", "s", [
-        (f"histogram_quantile({q}, sum by (job, endpoint, le) (rate(bentoml_service_request_duration_seconds_bucket"
-         f"{{{FRONT}, {INFER}}}[1m])))", f"p{int(q * 100)} {{{{job}}}} {{{{endpoint}}}}")
-        for q in (0.5, 0.95, 0.99)
-    ]),
-    ("In-flight requests per replica", "short", [("servable:in_flight:sum", "{{instance}}")]),
-    ("Batch size (items per model run)", "short", [
-        ("sum by (job) (rate(servable_batch_size_sum[1m])) / sum by (job) (rate(servable_batch_size_count[1m]))",
-         "mean {{job}}"),
-        # servable_batch_size covers both topologies; BentoML's adaptive_batch_size exists only in split.
-        ("histogram_quantile(0.95, sum by (job, le) (rate(servable_batch_size_bucket[1m])))", "p95 {{job}}"),
-    ]),
-    ("Model time vs queue time (mean per request)", "s", [
-        ("servable:model_seconds:mean1m", "model (ONNX Runtime) {{job}}"),
-        ("servable:queue_seconds:mean1m", "queue + transport {{job}}"),
-        ("sum by (job) (rate(servable_preprocess_seconds_sum[1m])) "
-         "/ sum by (job) (rate(servable_preprocess_seconds_count[1m]))", "pre-processing {{job}}"),
-    ]),
-    ("Replicas up", "short", [('sum by (job) (up{job=~"servable-.+"})', "{{job}}")]),
-    ("Predictions by label", "reqps", [("sum by (model, label) (rate(servable_predictions_total[1m]))",
-                                        "{{model}} {{label}}")]),
-    ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
-                                        "{{tag}} {{variant}} {{provider}}")]),
-    ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m",
-                                                             "{{job}} {{model}}")]),
-    ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
-                                                               "{{model}}")]),
-]  # fmt: skip
+def panels() -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written."""
+    rest_calls = f"{front_selector()}, {endpoint_selector(v2=False)}"
+    return [
+        ("Request rate per endpoint", "reqps", [("servable:requests:rate1m", "{{job}} {{endpoint}}")]),
+        ("5xx error ratio", "percentunit", [("servable:errors5xx:ratio_rate1m", "{{job}}")]),
+        ("4xx rejections by reason", "reqps", [("sum by (job, reason) (rate(servable_rejected_total[1m]))",
+                                                "{{job}} {{reason}}")]),
+        ("Latency per endpoint (p50 / p95 / p99)", "s", [
+            (f"histogram_quantile({q}, sum by (job, endpoint, le) (rate(bentoml_service_request_duration_seconds_bucket"
+             f"{{{rest_calls}}}[1m])))", f"p{int(q * 100)} {{{{job}}}} {{{{endpoint}}}}")
+            for q in (0.5, 0.95, 0.99)
+        ]),
+        ("In-flight requests per replica", "short", [("servable:in_flight:sum", "{{instance}}")]),
+        ("Batch size (items per model run)", "short", [
+            ("sum by (job) (rate(servable_batch_size_sum[1m])) / sum by (job) (rate(servable_batch_size_count[1m]))",
+             "mean {{job}}"),
+            # servable_batch_size covers both topologies; BentoML's adaptive_batch_size exists only in split.
+            ("histogram_quantile(0.95, sum by (job, le) (rate(servable_batch_size_bucket[1m])))", "p95 {{job}}"),
+        ]),
+        ("Model time vs queue time (mean per request)", "s", [
+            ("servable:model_seconds:mean1m", "model (ONNX Runtime) {{job}}"),
+            ("servable:queue_seconds:mean1m", "queue + transport {{job}}"),
+            ("sum by (job) (rate(servable_preprocess_seconds_sum[1m])) "
+             "/ sum by (job) (rate(servable_preprocess_seconds_count[1m]))", "pre-processing {{job}}"),
+        ]),
+        ("Replicas up", "short", [('sum by (job) (up{job=~"servable-.+"})', "{{job}}")]),
+        ("Predictions by label", "reqps", [("sum by (model, label) (rate(servable_predictions_total[1m]))",
+                                            "{{model}} {{label}}")]),
+        ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
+                                            "{{tag}} {{variant}} {{provider}}")]),
+        ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m",
+                                                                 "{{job}} {{model}}")]),
+        ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
+                                                                   "{{model}}")]),
+    ]  # fmt: skip
 
 
 def dashboard_exprs() -> list[str]:
-    return [expr for _, _, targets in PANELS for expr, _ in targets]
+    return [expr for _, _, targets in panels() for expr, _ in targets]
 
 
 def dashboard() -> dict:
-    panels = []
-    for i, (title, unit, targets) in enumerate(PANELS):
-        panels.append({
+    out = []
+    for i, (title, unit, targets) in enumerate(panels()):
+        out.append({
             "id": i + 1, "type": "timeseries", "title": title,
             "datasource": {"type": "prometheus", "uid": "prometheus"},
             "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
@@ -161,7 +207,7 @@ def dashboard() -> dict:
     return {
         "uid": "servable-overview", "title": "Servable: inference services", "tags": ["servable"],
         "schemaVersion": 39, "version": 1, "editable": True, "refresh": "10s",
-        "time": {"from": "now-30m", "to": "now"}, "timezone": "utc", "panels": panels,
+        "time": {"from": "now-30m", "to": "now"}, "timezone": "utc", "panels": out,
         "annotations": {"list": []}, "templating": {"list": []},
     }  # fmt: skip
 
@@ -219,7 +265,27 @@ def prometheus_text() -> str:
     return PROMETHEUS_HEAD + jobs + PROMETHEUS_TAIL
 
 
-GENERATED = {DASHBOARD_JSON: dashboard_text, PROMETHEUS_YML: prometheus_text, NGINX_QUERY: nginx_query_text}
+# ---------------------------------------------------------------- files filled from a template
+
+
+def templated_text(template: Path) -> str:
+    """A *.template file with its ${NAME} placeholders (selector_values) filled, under a header
+    saying where it comes from: edit the template, then run `python -m deploy.render`."""
+    head = (
+        f"# Generated from {template.relative_to(DEPLOY.parent)}\n"
+        "# and SERVED_MODELS (servable/config.py) by `python -m deploy.render`: do not edit by hand\n"
+        "# (`python -m deploy.render --check` fails when it is stale).\n"
+    )
+    return head + render_template(template.read_text(), selector_values())
+
+
+GENERATED = {
+    DASHBOARD_JSON: dashboard_text,
+    PROMETHEUS_YML: prometheus_text,
+    NGINX_QUERY: nginx_query_text,
+    RULES_YML: lambda: templated_text(RULES_TEMPLATE),
+    ADAPTER_RULES: lambda: templated_text(ADAPTER_TEMPLATE),
+}
 
 
 def main(argv: list[str]) -> int:
