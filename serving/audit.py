@@ -20,7 +20,7 @@ from pathlib import Path
 
 import bentoml
 
-from servable.config import AuditSettings
+from servable.config import SERVED_MODELS, AuditSettings
 from serving.access_log import JsonFormatter
 
 log = logging.getLogger("servable.audit")
@@ -31,8 +31,18 @@ REQUESTS_BY_KEY = bentoml.metrics.Counter(
     labelnames=["key_name", "endpoint", "status"],
 )  # fmt: skip
 
-# Paths that are labels as they are; anything else is folded so that scanners cannot blow up cardinality.
-_FIXED = {"/classify", "/sentiment", "/info", "/metrics", "/docs", "/docs.json", "/v2/health/live", "/v2/health/ready"}
+# Paths every service answers besides its model's routes.
+_SERVICE_PATHS = frozenset({"/info", "/metrics", "/docs", "/docs.json", "/v2/health/live", "/v2/health/ready"})
+
+
+def labelled_routes() -> set[str]:
+    """Paths that are labels as they are: each served model's predict and explain routes (from
+    SERVED_MODELS, so a new model is audited under its own route) and the service paths. Anything
+    else is folded so that scanners cannot blow up cardinality."""
+    return set(_SERVICE_PATHS) | {r for e in SERVED_MODELS.values() for r in (e.route, e.route + "/explain")}
+
+
+_FIXED = frozenset(labelled_routes())  # once per process: the served models do not change while it runs
 _V2 = re.compile(r"^/v2/models/[^/]+(/ready|/infer)?$")
 # The model tag each public service in this process serves, set when it has loaded its artifact.
 _MODEL_TAGS: dict[str, str] = {}
