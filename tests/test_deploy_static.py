@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def test_compose_validates(compose_files, variant):
 
 def test_compose_topology():
     gpu, cpu = load_compose("compose.yaml"), load_compose("compose.yaml", "compose.cpu.yaml")
-    replicas = ["image-1", "image-2", "text-1", "text-2"]
+    replicas = [f"{kind}-{n}" for kind in SERVED_MODELS for n in (1, 2)]  # two replicas per served model
     for name in replicas:
         svc = gpu["services"][name]
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -175,7 +176,7 @@ def test_compose_topology():
     # the template's placeholders are exactly what compose passes to the nginx image's envsubst
     template = render.NGINX_TEMPLATE.read_text()
     assert render.template_names(template) <= set(nginx["environment"])
-    for kind in ("image", "text"):
+    for kind in SERVED_MODELS:
         servers = nginx["environment"][f"{kind.upper()}_UPSTREAM_SERVERS"]
         assert servers == render.upstream_servers([f"{kind}-1:3000", f"{kind}-2:3000"])
     # Prometheus scrapes every replica, by the names compose gives them
@@ -446,21 +447,37 @@ def test_k8s_manifests(k8s):
 
 def test_every_served_model_is_wired_into_every_deployment_file():
     """SERVED_MODELS is the one list: each model has its compose service, Kubernetes manifest, nginx
-    upstream and route, Prometheus job and entrypoint target (launcher, API docs, local stack and the
-    dashboard's route filter are derived from it in code)."""
+    upstream and route, Prometheus job and entrypoint target (launcher, API docs, the dashboard's and
+    the rules' selectors are derived from it in code). The files kept by hand are checked here, and
+    in test_compose_topology (replicas, upstream servers, scrape targets), test_k8s_manifests and
+    test_ingress_exposes_the_proxy_routes_with_their_body_limits."""
     deploy = ROOT / "deploy"
     compose = (deploy / "compose.yaml").read_text()
+    compose_cpu = yaml.load((deploy / "compose.cpu.yaml").read_text(), Loader=_ComposeLoader)["services"]
     nginx = (deploy / "nginx" / "servable.conf.template").read_text()
     prometheus = (deploy / "prometheus" / "prometheus.yml").read_text()
     entrypoint = (deploy / "docker" / "entrypoint.sh").read_text()
     kustomization = (deploy / "k8s" / "base" / "kustomization.yaml").read_text()
+    compose_prep = (deploy / "compose_prep.sh").read_text()
+    podman = (deploy / "podman" / "build_and_run.sh").read_text()
+    locust_kinds = set(re.findall(r'^\s+kind, url_env, model_env, model_default = "(\w+)"',
+                                  (ROOT / "loadtest" / "locustfile.py").read_text(), re.M))  # fmt: skip
     for kind, entry in SERVED_MODELS.items():
         assert f"SERVABLE_SERVICE: {kind}" in compose, kind
+        assert {f"{kind}-1", f"{kind}-2"} <= set(compose_cpu), f"compose.cpu.yaml: {kind} replicas not under x-cpu"
+        assert f"{entry.env_prefix}MODEL_TAG" in compose_prep, f"compose_prep.sh does not check the {kind} tag"
         assert f"{kind}.yaml" in kustomization and (deploy / "k8s" / "base" / f"{kind}.yaml").exists(), kind
         assert f"upstream servable_{kind}" in nginx and f"location = {entry.route} " in nginx, kind
         assert f"location /{kind}/" in nginx, kind
+        assert f"${{{kind.upper()}_UPSTREAM_SERVERS}}" in nginx, kind
         assert f"job_name: servable-{kind}" in prometheus and f"targets/{kind}*.json" in prometheus, kind
         assert entry.service in entrypoint, kind
+        assert entry.route in podman, f"deploy/podman/build_and_run.sh does not call {entry.route}"
+        assert kind in locust_kinds, f"loadtest/locustfile.py has no user for {kind}"
+    slo_names = tomllib.loads((ROOT / "loadtest" / "slo.toml").read_text()).get("endpoints", {})
+    routes = {(kind, entry.route) for kind, entry in SERVED_MODELS.items()}
+    stale = [n for n in slo_names if tuple(n.split()[:2]) not in routes]
+    assert not stale, f"loadtest/slo.toml has thresholds for no served route: {stale}"
 
 
 # ---------------------------------------------------------------- compose: variables, preparation, alerting
