@@ -419,7 +419,7 @@ def k8s(request, tmp_path_factory) -> tuple[str, list[dict]]:
 def test_k8s_manifests(k8s):
     variant, docs = k8s
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for svc in ("servable-image", "servable-text"):
+    for svc in (f"servable-{model}" for model in SERVED_MODELS):
         for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
             assert (kind, svc) in kinds, (kind, svc)
     assert {("Ingress", f"servable-{kind}") for kind in SERVED_MODELS} <= kinds
