@@ -455,6 +455,8 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     compose = (deploy / "compose.yaml").read_text()
     compose_cpu = yaml.load((deploy / "compose.cpu.yaml").read_text(), Loader=_ComposeLoader)["services"]
     nginx = (deploy / "nginx" / "servable.conf.template").read_text()
+    csp_map = re.search(r"^map \$uri \$servable_csp \{\n(.*?)^\}", nginx, re.M | re.S)[1]
+    playground_csp = re.findall(r'^\s*"~(\S+)"', csp_map, re.M)
     prometheus = (deploy / "prometheus" / "prometheus.yml").read_text()
     entrypoint = (deploy / "docker" / "entrypoint.sh").read_text()
     kustomization = (deploy / "k8s" / "base" / "kustomization.yaml").read_text()
@@ -470,6 +472,8 @@ def test_every_served_model_is_wired_into_every_deployment_file():
         assert f"upstream servable_{kind}" in nginx and f"location = {entry.route} " in nginx, kind
         assert f"location /{kind}/" in nginx, kind
         assert f"${{{kind.upper()}_UPSTREAM_SERVERS}}" in nginx, kind
+        # every service serves its playground page: the proxy's page policy must let it run
+        assert any(re.search(p, f"/{kind}/playground") for p in playground_csp), f"no playground CSP for {kind}"
         assert f"job_name: servable-{kind}" in prometheus and f"targets/{kind}*.json" in prometheus, kind
         assert entry.service in entrypoint, kind
         assert entry.route in podman, f"deploy/podman/build_and_run.sh does not call {entry.route}"
