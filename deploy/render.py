@@ -6,7 +6,7 @@
   docker compose hands it to the nginx image's own envsubst (/etc/nginx/templates); the local
   stack fills it here with `render_template` (same ${NAME} placeholders, nginx's own $variables
   untouched).
-- Grafana: the dashboard's panels and PromQL live in `panels()` below; `python -m deploy.render`
+- Grafana: the dashboard's panels and PromQL live in `PANELS` below; `python -m deploy.render`
   writes deploy/grafana/dashboards/servable.json, deploy/prometheus/prometheus.yml (a scrape job
   per served model), deploy/nginx/servable-query.conf (the query options the proxy lets
   through), the Prometheus rules deploy/prometheus/rules/servable.yml and the GPU overlay's
@@ -136,8 +136,8 @@ def endpoint_selector(v2: bool = True) -> str:
 
 
 def selector_values() -> dict[str, str]:
-    """The placeholders of the files generated from a template (GENERATED): the one place the
-    rules, the adapter and the dashboard learn which calls are the served models' inference calls."""
+    """The ${NAME} placeholders of the *.template files and of PANELS: the one place the rules,
+    the adapter and the dashboard learn which calls are the served models' inference calls."""
     return {
         "SERVICES": front_selector(),
         "ENDPOINTS": endpoint_selector(),  # REST and V2 inference routes
@@ -149,42 +149,48 @@ def selector_values() -> dict[str, str]:
 # ---------------------------------------------------------------- Grafana dashboard
 
 
+# (title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written. ${NAME}
+# placeholders are the served models' selectors (selector_values), filled when the dashboard is written.
+PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Request rate per endpoint", "reqps", [("servable:requests:rate1m", "{{job}} {{endpoint}}")]),
+    ("5xx error ratio", "percentunit", [("servable:errors5xx:ratio_rate1m", "{{job}}")]),
+    ("4xx rejections by reason", "reqps", [("sum by (job, reason) (rate(servable_rejected_total[1m]))",
+                                            "{{job}} {{reason}}")]),
+    ("Latency per endpoint (p50 / p95 / p99)", "s", [
+        (f"histogram_quantile({q}, sum by (job, endpoint, le) (rate(bentoml_service_request_duration_seconds_bucket"
+         "{${SERVICES}, ${REST_ENDPOINTS}}[1m])))", f"p{int(q * 100)} {{{{job}}}} {{{{endpoint}}}}")
+        for q in (0.5, 0.95, 0.99)
+    ]),
+    ("In-flight requests per replica", "short", [("servable:in_flight:sum", "{{instance}}")]),
+    ("Batch size (items per model run)", "short", [
+        ("sum by (job) (rate(servable_batch_size_sum[1m])) / sum by (job) (rate(servable_batch_size_count[1m]))",
+         "mean {{job}}"),
+        # servable_batch_size covers both topologies; BentoML's adaptive_batch_size exists only in split.
+        ("histogram_quantile(0.95, sum by (job, le) (rate(servable_batch_size_bucket[1m])))", "p95 {{job}}"),
+    ]),
+    ("Model time vs queue time (mean per request)", "s", [
+        ("servable:model_seconds:mean1m", "model (ONNX Runtime) {{job}}"),
+        ("servable:queue_seconds:mean1m", "queue + transport {{job}}"),
+        ("sum by (job) (rate(servable_preprocess_seconds_sum[1m])) "
+         "/ sum by (job) (rate(servable_preprocess_seconds_count[1m]))", "pre-processing {{job}}"),
+    ]),
+    ("Replicas up", "short", [('sum by (job) (up{job=~"servable-.+"})', "{{job}}")]),
+    ("Predictions by label", "reqps", [("sum by (model, label) (rate(servable_predictions_total[1m]))",
+                                        "{{model}} {{label}}")]),
+    ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
+                                        "{{tag}} {{variant}} {{provider}}")]),
+    ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m",
+                                                             "{{job}} {{model}}")]),
+    ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
+                                                               "{{model}}")]),
+]  # fmt: skip
+
+
 def panels() -> list[tuple[str, str, list[tuple[str, str]]]]:
-    """(title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written."""
-    rest_calls = f"{front_selector()}, {endpoint_selector(v2=False)}"
-    return [
-        ("Request rate per endpoint", "reqps", [("servable:requests:rate1m", "{{job}} {{endpoint}}")]),
-        ("5xx error ratio", "percentunit", [("servable:errors5xx:ratio_rate1m", "{{job}}")]),
-        ("4xx rejections by reason", "reqps", [("sum by (job, reason) (rate(servable_rejected_total[1m]))",
-                                                "{{job}} {{reason}}")]),
-        ("Latency per endpoint (p50 / p95 / p99)", "s", [
-            (f"histogram_quantile({q}, sum by (job, endpoint, le) (rate(bentoml_service_request_duration_seconds_bucket"
-             f"{{{rest_calls}}}[1m])))", f"p{int(q * 100)} {{{{job}}}} {{{{endpoint}}}}")
-            for q in (0.5, 0.95, 0.99)
-        ]),
-        ("In-flight requests per replica", "short", [("servable:in_flight:sum", "{{instance}}")]),
-        ("Batch size (items per model run)", "short", [
-            ("sum by (job) (rate(servable_batch_size_sum[1m])) / sum by (job) (rate(servable_batch_size_count[1m]))",
-             "mean {{job}}"),
-            # servable_batch_size covers both topologies; BentoML's adaptive_batch_size exists only in split.
-            ("histogram_quantile(0.95, sum by (job, le) (rate(servable_batch_size_bucket[1m])))", "p95 {{job}}"),
-        ]),
-        ("Model time vs queue time (mean per request)", "s", [
-            ("servable:model_seconds:mean1m", "model (ONNX Runtime) {{job}}"),
-            ("servable:queue_seconds:mean1m", "queue + transport {{job}}"),
-            ("sum by (job) (rate(servable_preprocess_seconds_sum[1m])) "
-             "/ sum by (job) (rate(servable_preprocess_seconds_count[1m]))", "pre-processing {{job}}"),
-        ]),
-        ("Replicas up", "short", [('sum by (job) (up{job=~"servable-.+"})', "{{job}}")]),
-        ("Predictions by label", "reqps", [("sum by (model, label) (rate(servable_predictions_total[1m]))",
-                                            "{{model}} {{label}}")]),
-        ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
-                                            "{{tag}} {{variant}} {{provider}}")]),
-        ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m",
-                                                                 "{{job}} {{model}}")]),
-        ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
-                                                                   "{{model}}")]),
-    ]  # fmt: skip
+    """PANELS with the served models' selectors filled in."""
+    values = selector_values()
+    return [(title, unit, [(render_template(expr, values), legend) for expr, legend in targets])
+            for title, unit, targets in PANELS]  # fmt: skip
 
 
 def dashboard_exprs() -> list[str]:
