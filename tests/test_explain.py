@@ -301,7 +301,7 @@ def _explain_processes(server) -> dict[int, int]:
 def test_explanations_run_in_a_lower_priority_process_that_is_replaced_when_it_dies(known_servers):
     server = known_servers["text"]
     url, body = server.url + "/sentiment/explain", {"text": f"the film was {SIGNAL_WORD}"}
-    assert requests.post(url, json=body, headers=KEY, timeout=60).status_code == 200
+    assert requests.post(url, json=body, headers=KEY, timeout=60).status_code == 200  # the child exists from here
     ((child, worker),) = wait_for(lambda: _explain_processes(server)).items()  # 1 worker x EXPLAIN_MAX_CONCURRENCY 1
     worker_nice = _stat(f"/proc/{worker}")["nice"]
     threads = [_stat(f"/proc/{child}/task/{tid}") for tid in os.listdir(f"/proc/{child}/task")]
@@ -313,21 +313,81 @@ def test_explanations_run_in_a_lower_priority_process_that_is_replaced_when_it_d
     r = requests.post(url, json=body, headers=KEY, timeout=60)
     assert (r.status_code, r.json()["reason"], r.headers["retry-after"]) == (503, "model_unavailable", "1")
     assert requests.post(server.url + "/sentiment", json={"text": "fine"}, headers=KEY, timeout=30).ok
-    r = requests.post(url, json=body, headers=KEY, timeout=60)  # served by a new explain process
+    r = requests.post(url, json=body, headers=KEY, timeout=60)  # starts and is served by a new explain process
     assert r.status_code == 200 and r.json()["explanation"]["label"] == "positive", r.text
     assert list(_explain_processes(server).values()) == [worker] and child not in _explain_processes(server)
+
+
+def _workers_children(server) -> dict[int, dict[str, list[int]]]:
+    """{HTTP worker: {"explain": its explain processes, "other": its other children}}, read with psutil and
+    classified by command line as loadtest/explain_load.py does (spawn_main: an explain process)."""
+    import psutil
+
+    out: dict[int, dict[str, list[int]]] = {}
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "_bentoml_impl.worker.service" not in proc.cmdline():
+                continue
+            children = [(c.pid, " ".join(c.cmdline())) for c in proc.children()]
+        except psutil.Error:  # exited meanwhile
+            continue
+        out[proc.pid] = {"explain": [pid for pid, cmd in children if "spawn_main" in cmd],
+                         "other": [pid for pid, cmd in children if "spawn_main" not in cmd]}  # fmt: skip
+    return out
+
+
+def test_explain_process_starts_on_the_first_explanation_within_its_deadline(known_models, tmp_path_factory):
+    """At rest (server up, no explanation asked) no worker has an explain process, nor any other child;
+    the first explanation starts one, and pays its start within the explanation deadline (0.5 s here:
+    a 503 explain_timeout, not a wait for the start); concurrent first explanations start one per worker."""
+    timeout_s = 0.5  # less than a child's start (a new interpreter, imports, the model loaded and warmed up)
+    settings = {"SERVABLE_TEXT_SERVE_WORKERS": "2", "SERVABLE_TEXT_SERVE_EXPLAIN_TIMEOUT_S": str(timeout_s)}
+    server = _serve("text", known_models["text"], tmp_path_factory, settings)
+    url, body = server.url + "/sentiment/explain", {"text": f"the film was {SIGNAL_WORD}"}
+    try:
+        assert len(wait_for(lambda: len(_workers_children(server)) == 2 and _workers_children(server), 30)) == 2
+        time.sleep(3)  # the design before this one had started each worker's child by now
+        at_rest = _workers_children(server)
+        assert len(at_rest) == 2 and all(c == {"explain": [], "other": []} for c in at_rest.values()), at_rest
+        assert requests.post(server.url + "/sentiment", json={"text": "fine"}, headers=KEY, timeout=30).ok
+        assert all(c["explain"] == [] for c in _workers_children(server).values())  # predictions start none
+
+        start = time.monotonic()
+        r = requests.post(url, json=body, headers=KEY, timeout=30)
+        elapsed = time.monotonic() - start
+        assert (r.status_code, r.json()["reason"]) == (503, "explain_timeout"), r.text
+        assert elapsed < timeout_s + 2, elapsed  # the deadline, not the child's start
+        children = _workers_children(server)
+        assert sorted(len(c["explain"]) for c in children.values()) == [0, 1], children  # the worker it reached
+
+        with cf.ThreadPoolExecutor(8) as pool:  # concurrent first explanations on the other worker too
+            list(pool.map(lambda _: requests.post(url, json=body, headers=KEY, timeout=30), range(8)))
+        children = _workers_children(server)
+        assert all(len(c["explain"]) <= 1 for c in children.values()), children  # one each, however many asked
+
+        def answered() -> bool:  # once a child has started, explanations answer within the same deadline
+            return requests.post(url, json=body, headers=KEY, timeout=30).status_code == 200
+
+        assert wait_for(answered, 60), "no explanation answered once the explain process had started"
+        assert all(len(c["explain"]) <= 1 for c in _workers_children(server).values())
+    finally:
+        server.stop()
 
 
 def test_explain_processes_stop_with_their_worker_and_leave_nothing_behind(known_models, tmp_path_factory):
     """A killed worker's explain process exits by itself; after a server's SIGTERM no process of it is left."""
     server = _serve("text", known_models["text"], tmp_path_factory, {"SERVABLE_TEXT_SERVE_WORKERS": "1"})
+    url, body = server.url + "/sentiment/explain", {"text": f"the film was {SIGNAL_WORD}"}
     seen: set[int] = set()
     try:
+        assert requests.post(url, json=body, headers=KEY, timeout=60).status_code == 200  # starts the child
         ((child, worker),) = wait_for(lambda: _explain_processes(server)).items()
         seen = {child, worker}
         os.kill(worker, signal.SIGKILL)  # no clean-up runs
         assert wait_for(lambda: _stat(f"/proc/{child}") is None, 15), "the explain process outlived its worker"
-        new = wait_for(lambda: {c: w for c, w in _explain_processes(server).items() if w != worker}, 120)
+        # The restarted worker starts its own on its first explanation.
+        assert wait_for(lambda: requests.post(url, json=body, headers=KEY, timeout=60).status_code == 200, 120)
+        new = wait_for(lambda: {c: w for c, w in _explain_processes(server).items() if w != worker}, 30)
         assert new, "the restarted worker has no explain process"
         seen = {server.proc.pid, *launch.descendants(server.proc.pid), worker, child}
         sessions = {_stat(f"/proc/{pid}")["session"] for pid in seen if _stat(f"/proc/{pid}")}
@@ -342,6 +402,18 @@ def test_explain_processes_stop_with_their_worker_and_leave_nothing_behind(known
     finally:
         launch.kill_all([pid for pid in seen if _stat(f"/proc/{pid}")])  # only when the test failed
         server.stop()
+
+
+def test_an_explain_process_never_started_stops_and_starts_no_more():
+    from servable.config import TextServeSettings
+    from serving.explain_process import ExplainCrashed, ExplainProcess
+
+    process = ExplainProcess(object, TextServeSettings(), "never:started", "fp32")
+    process.start()  # what the worker calls at its start: nothing is spawned
+    process.stop()  # nothing to stop
+    with pytest.raises(ExplainCrashed):  # a shutting-down worker answers 503 rather than start a child
+        asyncio.run(process.explain(None, time.monotonic() + 5))
+    assert process._pool is None
 
 
 def test_occlusion_helpers_are_exact_on_a_known_input():
