@@ -101,11 +101,12 @@ clean:
 	rm -rf runs .pytest_cache
 
 # ---------------------------------------------------------------- load test and benchmark (loadtest/)
-.PHONY: loadtest loadtest-url publish-loadtest benchmark benchmark-quick profile soak explain-load
+.PHONY: loadtest loadtest-url publish-loadtest benchmark benchmark-quick profile soak explain-load memory
 SOAK_ARGS ?=
 LOADTEST_ARGS ?=
 BENCHMARK_ARGS ?=
 PROFILE_ARGS ?=
+MEMORY_ARGS ?=
 
 loadtest: setup  ## short Locust run against both services started on 127.0.0.1; prints the SLO verdict
 	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)
@@ -138,6 +139,9 @@ profile: setup  ## py-spy flame graphs of the served request path at 32 clients 
 
 explain-load: setup  ## predict p99 with and without concurrent explanations, cost per explanation -> docs/results/explain/
 	$(BIN)/python -m loadtest.explain_load
+
+memory: setup  ## resident memory per replica and per process: at rest, after one explanation, under load -> docs/results/memory.json
+	$(BIN)/python -m loadtest.memory $(MEMORY_ARGS)
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
 .PHONY: stack validate-deploy dashboard bake-models image-cpu-podman compose-prep compose-rollout k8s-release
