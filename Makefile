@@ -140,7 +140,7 @@ profile: setup  ## py-spy flame graphs of the served request path at 32 clients 
 explain-load: setup  ## predict p99 with and without concurrent explanations, cost per explanation -> docs/results/explain/
 	$(BIN)/python -m loadtest.explain_load
 
-memory: setup  ## resident memory per replica and per process: at rest, after one explanation, under load -> docs/results/memory.json
+memory: setup  ## resident memory per replica and per process: at rest, after one explanation, under load -> docs/results/memory/memory.json
 	$(BIN)/python -m loadtest.memory $(MEMORY_ARGS)
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)

@@ -1,5 +1,5 @@
 """Resident memory of the served layout, per replica and per process: `python -m loadtest.memory`
-(`make memory`) -> docs/results/memory.json.
+(`make memory`) -> docs/results/memory/memory.json.
 
 Both services are started as `make serve` starts them (the launcher's `start_ready`, every setting
 the shipped default: in-process topology, one HTTP worker per core), on free ports with a key of
@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - older trees
     from serving import launch  # type: ignore[no-redef]
 
 MODELS = ("image", "text")
-OUT = Path("docs/results/memory.json")
+OUT = Path("docs/results/memory/memory.json")
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
@@ -203,7 +203,7 @@ def export_rev(rev: str, into: Path, overlay: list[str], patches: list[Path]) ->
         blob = subprocess.run(["git", "hash-object", path], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         code += f" + {path} (blob {blob})"
     for patch in patches:
-        subprocess.run(["git", "apply", "--directory=.", str(patch.resolve())], cwd=into, check=True)
+        subprocess.run(["git", "apply", str(patch.resolve())], cwd=into, check=True)
         code += f" + {patch}"
     return code
 
