@@ -162,17 +162,3 @@ def test_each_proof_references_the_code_it_proves(claim, impl, tests):
     for path, name in tests:
         source = _function_source(path, name)
         assert any(h in source for h in wanted), f"{path}::{name} never reaches {[p for p, _ in impl]} ({claim})"
-
-
-def test_proofs_alone_sample_covers_every_cited_proof_over_time():
-    """`make test` runs the always-run proofs and one more alone, picked by date: over as many days as there
-    are cited proofs, every one has had its turn (tests/proofs_alone.py)."""
-    import datetime
-
-    from tests import proofs_alone
-
-    cited = proofs_alone.cited()
-    assert set(proofs_alone.ALWAYS) <= set(cited)
-    day = datetime.date(2026, 1, 1)
-    seen = {t for k in range(len(cited)) for t in proofs_alone.sample(cited, 1, day + datetime.timedelta(days=k))}
-    assert seen == set(cited)
