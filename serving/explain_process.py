@@ -15,9 +15,10 @@ model verified, loaded and warmed up: a few seconds on an idle machine), within 
 spawned from a thread already at its priority, so its start, too, gets only CPU time the predict
 path leaves idle: when predictions keep every core busy a start can outlast the deadline, and that
 caller gets the 503 `explain_timeout` while the child goes on starting for the next ones.
-Concurrent first explanations start one child (set), not one each. It stops with the worker (the
-shutdown hook; on its own if the worker is killed) and is replaced when it dies: its callers get
-`ExplainCrashed` (a 503), the next explanation starts a new child.
+Concurrent first explanations start the children once (`explain_max_concurrency`, 1 by default).
+The child stops with the worker (the shutdown hook; on its own if the worker is killed) and is
+replaced when it dies: its callers get `ExplainCrashed` (a 503), the next explanation starts a new
+child.
 """
 
 from __future__ import annotations
