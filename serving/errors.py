@@ -8,12 +8,20 @@ from typing import ClassVar
 from starlette.responses import JSONResponse
 
 
-class ClientError(Exception):
-    """Raised by validation; becomes a 4xx JSON response and a `rejected` metric with its reason."""
+class ServingError(Exception):
+    """Any answer other than the prediction: raised anywhere on the request path, turned into a JSON
+    response by the service's one handler (serving/model_service.py)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
+        self.status, self.reason, self.message, self.headers = status, reason, message, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.reason, self.message, self.headers)
+
+
+class ClientError(ServingError):
+    """Raised by validation; becomes a 4xx JSON response and a `rejected` metric with its reason."""
 
 
 def error_response(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:

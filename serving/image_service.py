@@ -1,11 +1,18 @@
 """Image classification service: `bentoml serve serving.image_service:ImageClassifier`.
 
-The serving core (serving/service_factory.py) with the image adapter; `ImageModel` is the model
-process of the split topology (None in the in-process one).
+`ImageModel` is the model process of the split topology (None in the in-process one).
 """
 
 from servable.config import ImageServeSettings
 from serving.adapters.image import ImageAdapter
-from serving.service_factory import build
+from serving.model_service import ModelService, serve
 
-ImageClassifier, ImageModel = build(ImageAdapter, ImageServeSettings())
+
+class ImageClassifier(ModelService):
+    """Servable image classifier: top-k labels of images over REST and V2, with explanations."""
+
+    adapter = ImageAdapter
+    settings = ImageServeSettings()
+
+
+ImageClassifier, ImageModel = serve(ImageClassifier)

@@ -19,7 +19,7 @@ from serving import metrics
 from serving.onnx_runtime import create_session
 
 if TYPE_CHECKING:
-    from serving.adapters.base import TaskAdapter
+    from serving.adapters.base import Adapter
 
 log = logging.getLogger("servable.loading")
 
@@ -103,7 +103,6 @@ class ServedModel:
             "ready": True, "model_tag": self.art.tag, "name": m.name, "version": m.version, "task": m.task,
             "labels": m.labels, "variant": self.variant, "variant_setting": self.settings.variant,
             "quantized": self.variant == "int8", "variants_available": sorted(m.onnx),
-            "preprocessing": (m.image_preprocessing or m.text_preprocessing).model_dump(),
             "batching": {"enabled": self.settings.batching_enabled(), "max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms},
             "topology": self.settings.resolved_topology(), "workers": self.settings.http_workers(),
@@ -111,7 +110,7 @@ class ServedModel:
         }  # fmt: skip
 
 
-def load_model(adapter_cls: type[TaskAdapter], settings: ServeCommon, *, with_session: bool):
+def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_session: bool):
     """(adapter, model, run): the verified artifact read by the adapter; with a session, the timed batch
     function, warmed up before the process reports ready (else run is None)."""
     adapter = adapter_cls(settings)
@@ -125,6 +124,7 @@ def load_model(adapter_cls: type[TaskAdapter], settings: ServeCommon, *, with_se
                 start = time.perf_counter()
                 out = adapter.run(model.session, rows)
                 metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
+                metrics.BATCH_SIZE.labels(model=model.name).observe(len(rows))
                 return out
 
             model.warm_up(adapter.warmup_rows, run)

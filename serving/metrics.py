@@ -29,7 +29,7 @@ MODEL_SECONDS = bentoml.metrics.Histogram(
     labelnames=["model"], buckets=_LATENCY,
 )  # fmt: skip
 BATCH_SIZE = bentoml.metrics.Histogram(
-    name="servable_batch_size", documentation="Items in each batch the model actually ran (after bucketing)",
+    name="servable_batch_size", documentation="Items in each batch the model ran",
     labelnames=["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
 )  # fmt: skip
 PADDING_RATIO = bentoml.metrics.Histogram(
@@ -42,6 +42,10 @@ PREDICTIONS = bentoml.metrics.Counter(
 CONFIDENCE = bentoml.metrics.Histogram(
     name="servable_confidence", documentation="Top-1 probability of each prediction",
     labelnames=["model"], buckets=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+)  # fmt: skip
+REGRESSION_VALUE = bentoml.metrics.Summary(
+    name="servable_regression_value", documentation="Values a regressor predicted (sum / count: their mean, a drift "
+    "signal)", labelnames=["model"],
 )  # fmt: skip
 REJECTED = bentoml.metrics.Counter(
     name="servable_rejected_total", documentation="Requests refused before inference, by reason",

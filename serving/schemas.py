@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from serving.io_spec import Tensor
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, for a person")
@@ -103,22 +105,23 @@ def json_body(schema: dict[str, Any], *alternatives: tuple[str, dict[str, Any]])
     return {"requestBody": {"required": True, "content": content}}
 
 
-def v2_infer_body(inputs: list[dict[str, Any]], outputs: tuple[str, ...]) -> dict[str, Any]:
+def v2_infer_body(inputs: list[Tensor], outputs: list[Tensor]) -> dict[str, Any]:
     """The V2 infer request: `inputs` holds one of the named typed tensors the model takes, as JSON data; or
     (binary tensor data extension) the JSON header, whose length a header gives, followed by the tensor's bytes."""
     tensor = {
         "oneOf": [
             {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
-                "name": {"const": spec["name"]}, "datatype": {"const": spec["datatype"]},
-                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
-                "data": {"type": "array", "minItems": 1, "items": spec["items"]}}}
+                "name": {"const": spec.name}, "datatype": {"const": spec.datatype},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": len(spec.shape),
+                          "maxItems": len(spec.shape)},
+                "data": {"type": "array", "minItems": 1, "items": spec.items}}}
             for spec in inputs
         ]
     }  # fmt: skip
     binary = {"type": "boolean", "description": "answer as binary data after the JSON header"}
     parameters = {"type": "object", "properties": {"binary_data": binary}}
     output = {"type": "object", "required": ["name"],
-              "properties": {"name": {"enum": list(outputs)}, "parameters": parameters}}  # fmt: skip
+              "properties": {"name": {"enum": [t.name for t in outputs]}, "parameters": parameters}}  # fmt: skip
     body = json_body({
         "type": "object", "required": ["inputs"],
         "properties": {"id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1,

@@ -1,11 +1,18 @@
 """Sentiment service: `bentoml serve serving.text_service:SentimentClassifier`.
 
-The serving core (serving/service_factory.py) with the text adapter; `SentimentModel` is the
-model process of the split topology (None in the in-process one).
+`SentimentModel` is the model process of the split topology (None in the in-process one).
 """
 
 from servable.config import TextServeSettings
 from serving.adapters.text import TextAdapter
-from serving.service_factory import build
+from serving.model_service import ModelService, serve
 
-SentimentClassifier, SentimentModel = build(TextAdapter, TextServeSettings())
+
+class SentimentClassifier(ModelService):
+    """Servable sentiment classifier: the sentiment of English texts over REST and V2, with explanations."""
+
+    adapter = TextAdapter
+    settings = TextServeSettings()
+
+
+SentimentClassifier, SentimentModel = serve(SentimentClassifier)

@@ -22,14 +22,14 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serving.errors import ClientError, error_response
+from serving.errors import ClientError
+from serving.io_spec import Tensor
 from serving.request_body import content_type, parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 # tritonclient sends no Content-Type; a binary body is octet-stream; anything else is a client mistake.
 MEDIA_TYPES = ("", "application/json", "application/octet-stream")
-OUTPUTS = ("probabilities", "label")  # what every classifier answers (see `metadata`)
 NUMPY = {"FP32": np.dtype("<f4")}  # the numeric input datatypes models take, as little-endian numpy types
 # Parameters of other protocol extensions: refused by name rather than silently ignored.
 UNSUPPORTED = {"shared_memory_region": "shared memory", "classification": "the classification extension",
@@ -55,31 +55,28 @@ def server_metadata() -> dict:
     return {"name": "servable", "version": served, "extensions": EXTENSIONS}
 
 
-def unknown_model(manifest, name: str, model_version: str | None) -> JSONResponse | None:
-    """404 for a V2 call naming a model (or version) this service does not serve; None when it serves it."""
+def check_model(manifest, name: str, model_version: str | None) -> None:
+    """A 404 for a V2 call naming a model (or version) this service does not serve."""
     if name != manifest.name:
-        return error_response(404, "unknown_model", f"no model named {name!r}; this service serves {manifest.name!r}")
+        raise ClientError(404, "unknown_model", f"no model named {name!r}; this service serves {manifest.name!r}")
     if model_version is not None and model_version != manifest.version:
-        return error_response(404, "unknown_version", f"model {name!r} has no version {model_version!r}; "
-                                                      f"this service serves version {manifest.version!r}")  # fmt: skip
-    return None
+        raise ClientError(404, "unknown_version", f"model {name!r} has no version {model_version!r}; "
+                                                  f"this service serves version {manifest.version!r}")  # fmt: skip
 
 
-def metadata(manifest, tag: str, inputs: list[dict]) -> dict:
-    """Model metadata: the adapter's input tensors, the outputs every classifier answers with, and the
-    artifact's labels and pre-processing (what a client that sends pre-processed tensors must do)."""
-    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.labels)]},
-               {"name": "label", "datatype": "BYTES", "shape": [-1]}]  # fmt: skip
-    prep = (manifest.image_preprocessing or manifest.text_preprocessing).model_dump()
-    parameters = {"tag": tag, "labels": manifest.labels, "preprocessing": prep}
-    return {"name": manifest.name, "versions": [manifest.version], "platform": "onnxruntime", "inputs": inputs,
-            "outputs": outputs, "parameters": parameters}  # fmt: skip
+def metadata(manifest, tag: str, inputs: list[Tensor], outputs: list[Tensor], preprocessing: dict) -> dict:
+    """Model metadata: the declared input and output tensors, and the artifact's labels and pre-processing
+    (what a client that sends pre-processed tensors must do)."""
+    parameters = {"tag": tag, "labels": manifest.labels, "preprocessing": preprocessing}
+    return {"name": manifest.name, "versions": [manifest.version], "platform": "onnxruntime",
+            "inputs": [t.spec() for t in inputs], "outputs": [t.spec() for t in outputs],
+            "parameters": parameters}  # fmt: skip
 
 
 # ---------------------------------------------------------------- requests
 
 
-async def read_request(request: Request, inputs: list[dict], max_items: int) -> InferRequest:
+async def read_request(request: Request, inputs: list[Tensor], outputs: list[Tensor], max_items: int) -> InferRequest:
     """The validated infer request of `request` (JSON or JSON + binary tensors); raises ClientError."""
     if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
         raise ClientError(415, "unsupported_media_type", "compressed request bodies (Content-Encoding) are not "
@@ -88,21 +85,23 @@ async def read_request(request: Request, inputs: list[dict], max_items: int) -> 
     if ctype not in MEDIA_TYPES:
         allowed = "application/json, application/octet-stream (binary tensors) or no content type"
         raise ClientError(415, "unsupported_media_type", f"send {allowed}, not {ctype}")
-    return parse_request(await request.body(), request.headers.get(HEADER_LENGTH), inputs, max_items)
+    return parse_request(await request.body(), request.headers.get(HEADER_LENGTH), inputs, outputs, max_items)
 
 
-def parse_request(raw: bytes, header_length: str | None, inputs: list[dict], max_items: int) -> InferRequest:
-    """Validate a V2 infer body against the model's `inputs` (name, datatype): the one input tensor, at most
-    `max_items` in its first (batch) dimension, the requested outputs and the request id."""
+def parse_request(raw: bytes, header_length: str | None, inputs: list[Tensor], outputs: list[Tensor],
+                  max_items: int) -> InferRequest:  # fmt: skip
+    """Validate a V2 infer body against the model's declared `inputs`: the one input tensor (name, datatype,
+    rank and every fixed dimension), at most `max_items` in its batch dimension, the requested `outputs`
+    and the request id."""
     head, binary = split_body(raw, header_length)
     body = parse_json(head)
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise ClientError(422, "invalid_v2", "a V2 infer request needs a non-empty `inputs` list")
-    datatypes = {spec["name"]: spec["datatype"] for spec in inputs}
+    declared = {t.name: t for t in inputs}
     if len(body["inputs"]) != 1:
-        raise ClientError(422, "invalid_v2", f"send exactly one input: {' or '.join(sorted(datatypes))}")
+        raise ClientError(422, "invalid_v2", f"send exactly one input: {' or '.join(sorted(declared))}")
     spec = body["inputs"][0]
-    name, dtype, shape, params = tensor_header(spec, datatypes, max_items)
+    name, dtype, shape, params = tensor_header(spec, declared, max_items)
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if header_length is None:
@@ -118,7 +117,8 @@ def parse_request(raw: bytes, header_length: str | None, inputs: list[dict], max
                                                      "declares binary_data_size")  # fmt: skip
         data = from_json(name, dtype, shape, spec.get("data"))
     rid = body.get("id")
-    return InferRequest(name, shape, data, rid if isinstance(rid, str) else None, requested_outputs(body))
+    wanted = requested_outputs(body, tuple(t.name for t in outputs))
+    return InferRequest(name, shape, data, rid if isinstance(rid, str) else None, wanted)
 
 
 def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -147,20 +147,18 @@ def _parameters(owner: dict, what: str) -> dict:
     return params
 
 
-def tensor_header(spec: object, datatypes: dict[str, str], max_items: int) -> tuple[str, str, list[int], dict]:
-    """Name, datatype, shape and parameters of one input tensor, checked against the model's inputs."""
+def tensor_header(spec: object, declared: dict[str, Tensor], max_items: int) -> tuple[str, str, list[int], dict]:
+    """Name, datatype, shape and parameters of one input tensor, checked against its declaration: the
+    shape's rank before anything walks it, then each dimension (serving/io_spec.py::Tensor.check_shape)."""
     if not isinstance(spec, dict):
         raise ClientError(422, "invalid_v2", "each input must be an object with name, shape, datatype, data")
-    name, dtype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-    if name not in datatypes:
-        raise ClientError(422, "unknown_input", f"unknown input {name!r}; this model takes {sorted(datatypes)}")
-    if dtype != datatypes[name]:
-        raise ClientError(422, "wrong_datatype", f"input {name} must have datatype {datatypes[name]}, got {dtype!r}")
-    if not isinstance(shape, list) or not shape or not all(_count(d) and d > 0 for d in shape):
-        raise ClientError(422, "wrong_shape", f"input {name}: shape must be a list of positive integers")
-    if shape[0] > max_items:  # the first dimension is the batch: refused before any data is decoded
-        raise ClientError(413, "too_many_items", f"input {name}: at most {max_items} items per request, "
-                                                 f"shape {shape} has {shape[0]}")  # fmt: skip
+    name, dtype = spec.get("name"), spec.get("datatype")
+    if not isinstance(name, str) or name not in declared:
+        raise ClientError(422, "unknown_input", f"unknown input; this model takes {sorted(declared)}")
+    tensor = declared[name]
+    if dtype != tensor.datatype:
+        raise ClientError(422, "wrong_datatype", f"input {name} must have datatype {tensor.datatype}")
+    shape = tensor.check_shape(spec.get("shape"), max_items)
     return name, dtype, shape, _parameters(spec, f"input {name}")
 
 
@@ -229,20 +227,20 @@ def bytes_elements(name: str, shape: list[int], blob: bytes) -> list[bytes]:
     return out
 
 
-def requested_outputs(body: dict) -> dict[str, bool]:
+def requested_outputs(body: dict, outputs: tuple[str, ...]) -> dict[str, bool]:
     """Output name -> answer it as binary: all outputs unless `outputs` names some; binary where the output's
     `binary_data` says so, else as the request's `binary_data_output` says (default: JSON)."""
     default = _parameters(body, "the request").get("binary_data_output", False)
     if not isinstance(default, bool):
         raise ClientError(422, "invalid_v2", "parameters.binary_data_output must be true or false")
-    wanted = body.get("outputs") or [{"name": name} for name in OUTPUTS]
+    wanted = body.get("outputs") or [{"name": name} for name in outputs]
     if not isinstance(wanted, list):
         raise ClientError(422, "invalid_v2", "outputs must be a list of {name, parameters}")
     out: dict[str, bool] = {}
     for spec in wanted:
         name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in OUTPUTS:
-            raise ClientError(422, "unknown_output", f"unknown output {name!r}; this model answers {list(OUTPUTS)}")
+        if not isinstance(name, str) or name not in outputs:
+            raise ClientError(422, "unknown_output", f"unknown output; this model answers {list(outputs)}")
         binary = _parameters(spec, f"output {name}").get("binary_data", default)
         if not isinstance(binary, bool):
             raise ClientError(422, "invalid_v2", f"output {name}: parameters.binary_data must be true or false")
@@ -253,26 +251,27 @@ def requested_outputs(body: dict) -> dict[str, bool]:
 # ---------------------------------------------------------------- answers
 
 
-def response(manifest, probs: np.ndarray, req: InferRequest) -> Response:
-    """The infer answer: JSON, or the JSON header followed by the outputs asked for as binary."""
-    labels = [manifest.labels[i] for i in probs.argmax(1)]
-    outputs, blobs = [], []
+def response(manifest, outputs: dict[str, np.ndarray | list[str]], req: InferRequest) -> Response:
+    """The infer answer from the head's output data (FP32 arrays or lists of strings): JSON, or the JSON
+    header followed by the outputs asked for as binary."""
+    tensors, blobs = [], []
     for name, binary in req.outputs.items():
-        if name == "probabilities":
-            out: dict = {"name": name, "datatype": "FP32", "shape": list(probs.shape)}
-            blob = probs.astype(NUMPY["FP32"]).tobytes() if binary else b""
-            data = None if binary else probs.astype(float).ravel().round(6).tolist()
+        data = outputs[name]
+        if isinstance(data, np.ndarray):
+            out: dict = {"name": name, "datatype": "FP32", "shape": list(data.shape)}
+            blob = data.astype(NUMPY["FP32"]).tobytes() if binary else b""
+            values = None if binary else data.astype(float).ravel().round(6).tolist()
         else:
-            out = {"name": name, "datatype": "BYTES", "shape": [len(labels)]}
-            blob = b"".join(struct.pack("<I", len(e)) + e for e in map(str.encode, labels)) if binary else b""
-            data = None if binary else labels
+            out = {"name": name, "datatype": "BYTES", "shape": [len(data)]}
+            blob = b"".join(struct.pack("<I", len(e)) + e for e in map(str.encode, data)) if binary else b""
+            values = None if binary else data
         if binary:
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            out["data"] = data
-        outputs.append(out)
-    head: dict = {"model_name": manifest.name, "model_version": manifest.version, "outputs": outputs}
+            out["data"] = values
+        tensors.append(out)
+    head: dict = {"model_name": manifest.name, "model_version": manifest.version, "outputs": tensors}
     if req.id is not None:
         head["id"] = req.id
     if not blobs:

@@ -225,9 +225,12 @@ def test_the_proxy_lets_through_only_the_apis_query_options():
     upstream error), so the API's server refuses, in its rewrite phase, a query string with any
     parameter SERVED_MODELS does not declare; the declared ones are those the adapters read (compose
     mounts the generated file: test_slow_client_limits_agree_across_nginx_compose_and_ingress)."""
-    from serving.adapters.image import EXPLAIN_OPTIONS, PREDICT_OPTIONS
+    from servable.config import ImageServeSettings
+    from serving.adapters.image import ImageAdapter
 
-    assert set(PREDICT_OPTIONS) <= set(EXPLAIN_OPTIONS) == {o for e in SERVED_MODELS.values() for o in e.query_options}
+    adapter = ImageAdapter(ImageServeSettings())  # the one adapter that reads options from the query string
+    predict, explain = ({o.name for o in options} for options in (adapter.options(), adapter.explain_options()))
+    assert predict <= explain == {o for e in SERVED_MODELS.values() for o in e.query_options}
     generated = render.NGINX_QUERY.read_text()
     assert generated == render.nginx_query_text() and "map $args $servable_query_refused" in generated
     allowed = re.compile(re.search(r'"~(.+)" 0;', generated).group(1))

@@ -75,10 +75,13 @@ def test_pii_scrubber_keeps_ordinary_review_text():
 
 def _hook(tmp_path, kind="text", **kw):
     from serving.feedback.hook import FeedbackHook
+    from serving.feedback.store import png_from_image_bytes
+    from serving.heads import ClassifierHead
 
     settings = FeedbackSettings(dir=tmp_path / "fb", **kw)
     labels = ["negative", "positive"] if kind == "text" else ["a", "b"]
-    return FeedbackHook("m" if kind == "text" else "img", labels, kind, settings)
+    content = (lambda item: item) if kind == "text" else png_from_image_bytes
+    return FeedbackHook("m" if kind == "text" else "img", ClassifierHead(labels), content, settings)
 
 
 def test_feedback_hook_stores_only_with_consent(tmp_path):
@@ -409,7 +412,8 @@ def test_feedback_write_failure_never_fails_the_request(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")  # the queue root is a file: every write fails
     from serving.feedback.hook import FeedbackHook
+    from serving.heads import ClassifierHead
 
-    hook = FeedbackHook("m", ["negative", "positive"], "text", FeedbackSettings(dir=blocker, enabled=True))
+    hook = FeedbackHook("m", ClassifierHead(["negative", "positive"]), str, FeedbackSettings(dir=blocker, enabled=True))
     stored = asyncio.run(hook.observe({"x-servable-feedback": "opt-in, flag"}, ["x"], np.array([[0.5, 0.5]]), "m:v1"))
     assert stored == [] and blocker.read_text() == ""  # logged and counted as an error, never raised

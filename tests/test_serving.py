@@ -587,7 +587,7 @@ def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
     from opentelemetry.util.http import ExcludeList
 
     from servable.config import ImageServeSettings
-    from serving.service_factory import service_config
+    from serving.model_service import service_config
 
     off = service_config(ImageServeSettings(), ["/classify"])["tracing"]["excluded_urls"]
     skipped = ExcludeList(off)
@@ -601,7 +601,7 @@ def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
     assert image_service.ImageClassifier.config["tracing"]["excluded_urls"] == [*off]
     from servable.config import TextServeSettings
     from serving.adapters.text import TextAdapter
-    from serving.service_factory import model_service
+    from serving.model_service import model_service
 
     split = model_service(TextAdapter, TextServeSettings(topology="split", runner_max_requests=10**9))
     assert split.config["runner_connection"]["max_requests"] == 10**9

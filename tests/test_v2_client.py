@@ -242,3 +242,50 @@ def test_bad_v2_requests_never_fail_their_batch_mates(image_server, image_run):
         else:
             check_answer(call.get_result(), expected[what : what + 1], labels)
     c.close()
+
+
+def test_a_shape_of_100000_dimensions_is_refused_fast_while_a_good_call_is_answered(image_server, image_run):
+    """A V2 shape is checked against the model's declared input, rank first: a `shape` of 100,000 large
+    dimensions (whose product alone took a worker's event loop about a second) is a 422 in well under 50 ms
+    of server time, and a good call sent at the same moment to the same server gets its normal answer."""
+    import concurrent.futures
+    import time
+
+    blobs, labels = test_images(image_run, 1), image_run.splits.labels
+    expected = rest_image_probs(image_server, blobs, labels)
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [999_999] * 100_000,
+                                   "data": [0.0]}]}).encode()  # fmt: skip
+    url = f"{image_server.url}/v2/models/{IMAGE_MODEL}/infer"
+
+    def hostile() -> tuple[requests.Response, float]:
+        start = time.perf_counter()
+        r = requests.post(url, data=body, headers={**key(), "content-type": "application/json"}, timeout=30)
+        return r, time.perf_counter() - start
+
+    def good():
+        inp = tensor("image", np.array([blobs[0]], dtype=object), "BYTES")
+        return client(image_server).infer(IMAGE_MODEL, [inp], headers=key())
+
+    before = len(_v2_lines(image_server, 422))
+    hostile()  # one call first: the connection and the worker's first JSON parse out of the timing
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad, ok = pool.submit(hostile), pool.submit(good)
+        (r, seconds), answer = bad.result(), ok.result()
+    assert r.status_code == 422 and r.json()["reason"] == "wrong_shape", r.text
+    assert len(r.content) < 300  # the shape is not echoed back
+    # The server's own time for the call (the access log's, without the 0.7 MB upload) is what must be small;
+    # the client-side time bounds it from above.
+    assert seconds < 0.5, seconds
+    from tests.polling import wait_for
+
+    lines = wait_for(lambda: (found := _v2_lines(image_server, 422)[before:]) and len(found) >= 2 and found, 10)
+    assert lines and len(lines) >= 2, "the two refusals' access-log lines were not written"
+    served = max(float(line["latency_ms"]) for line in lines)
+    assert served < 50, served
+    check_answer(answer, expected, labels)
+
+
+def _v2_lines(server, status: int) -> list[dict]:
+    """The access-log lines of V2 infer calls that answered `status`, in order."""
+    lines = [json.loads(x) for x in server.log_path.read_text().splitlines() if x.startswith("{")]
+    return [x for x in lines if x.get("status") == status and x.get("path", "").endswith("/infer")]

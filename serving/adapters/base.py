@@ -1,9 +1,16 @@
-"""The contract between the serving core (serving/service_factory.py) and one model's task.
+"""The contract between the serving core and one model: an adapter over a task head.
 
-An adapter turns a request into *rows* (one pre-processed item each: validated and decoded per
-request, before any batch), runs a batch of rows through the ONNX session, and turns output rows
-into the answer. Everything else (batching, topology, V2 protocol, auth, errors, metrics, logs)
-is the core's, the same for every model.
+A model is four verbs over a head (serving/heads.py):
+- `load(art)`: read what pre-processing needs from the verified artifact; declare the inputs.
+- `read(request, options)` + `decode(name, items)`: one request's items of a declared input (REST:
+  the model's body formats; V2: the tensor, already checked against the declaration by the core),
+  validated and pre-processed into rows, per request, before any batch. One decode for every protocol.
+- `predict(session, rows)`: the model's raw outputs for a batch of rows (no softmax, no metrics:
+  the head and the core do those once).
+- `encode(values, parsed)`: the REST answer's predictions (default: the head's).
+and, optionally, `Explains` (serving/adapters/explains.py). The model's identity, route and service
+names are data on its `SERVED_MODELS` entry. Everything else (batching, topology, V2, OpenAPI, auth,
+errors, metrics, logs, feedback) is the core's, the same for every model.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import numpy as np
 from starlette.requests import Request
 
 from servable import artifact
-from servable.config import ServeCommon
-from serving.errors import ClientError
+from servable.config import ServeCommon, ServedModelEntry
+from serving.heads import Head
+from serving.io_spec import Option, Tensor
 
 
 @dataclass
@@ -27,105 +35,101 @@ class Parsed:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-class TaskAdapter(ABC):
-    kind: ClassVar[str]  # "image": the key of servable.config.SERVED_MODELS
-    task: ClassVar[str]  # the artifact's task
-    service_name: ClassVar[str]  # BentoML name of the public service
-    model_service_name: ClassVar[str]  # BentoML name of the split topology's model service
-    route: ClassVar[str]  # the REST predict route
-    summary: ClassVar[str]  # of the predict route, in the OpenAPI document
-    doc: ClassVar[str]
-    v2_doc: ClassVar[str]
-    title: ClassVar[str]
-    description: ClassVar[str]
-    response_model: ClassVar[type]
-    wire_type: ClassVar[Any]  # how a batch of rows travels to a split model process
-    explain_summary: ClassVar[str]  # of the explain route, in the OpenAPI document
-    explain_doc: ClassVar[str]
-    explain_model: ClassVar[type]  # the explain route's answer
+@dataclass(frozen=True)
+class Docs:
+    """What the API reference says of a model (its OpenAPI title, routes' summaries and descriptions)."""
+
+    title: str
+    description: str
+    summary: str  # of the predict route
+    doc: str
+    v2_doc: str
+    response_model: type  # the predict route's answer (pydantic, for the OpenAPI document only)
+
+
+class Adapter(ABC):
+    entry: ClassVar[ServedModelEntry]  # the model's SERVED_MODELS entry: kind, route, service names
+    task: ClassVar[str]  # the artifact's task, e.g. "image-classification"
+    docs: ClassVar[Docs]
+    wire_type: ClassVar[Any] = list  # how a batch of rows travels to a split model process
+    head: Head
 
     def __init__(self, settings: ServeCommon) -> None:
         self.settings = settings
         self.manifest: artifact.ModelManifest | None = None
+        self.head = self.make_head([])  # before `load`: what the OpenAPI document needs
 
+    # ------------------------------------------------------------ load
     def load(self, art: artifact.Artifact) -> None:
-        """Read what pre-processing and answers need from the verified artifact."""
+        """Read what pre-processing and answers need from the verified artifact; make the head."""
         self.manifest = art.manifest
+        self.head = self.make_head(art.manifest.labels)
+
+    @abstractmethod
+    def make_head(self, labels: list[str]) -> Head:
+        """The task head over this model's outputs."""
+
+    @abstractmethod
+    def inputs(self) -> list[Tensor]:
+        """The input tensors (after `load`): V2 metadata and validation, OpenAPI, all derive from these."""
+
+    def options(self) -> list[Option]:
+        """The predict route's request options (the head's by default)."""
+        return self.head.options()
 
     @property
     def labels(self) -> list[str]:
         assert self.manifest is not None
         return self.manifest.labels
 
-    def target(self, label: object) -> int | None:
-        """The class an explanation is for: a label the model has, or None for its top prediction."""
-        if label is None:
-            return None
-        if not isinstance(label, str) or label not in self.labels:
-            raise ClientError(422, "unknown_label", f"label must be one of {self.labels}")
-        return self.labels.index(label)
-
-    # ------------------------------------------------------------ per request (HTTP worker)
+    # ------------------------------------------------------------ decode (per request, in the HTTP worker)
     @abstractmethod
-    async def parse(self, request: Request) -> Parsed:
-        """Validate and pre-process one REST request; raises ClientError."""
+    async def read(self, request: Request, options: tuple[str, ...]) -> tuple[str, list, dict[str, Any]]:
+        """(input name, its items, the given values of `options`) of one REST request; raises ClientError."""
 
     @abstractmethod
-    def parse_v2(self, name: str, shape: list[int], data: np.ndarray | list) -> Parsed:
-        """Rows from one V2 input tensor, its name, datatype and element count already checked by the core
-        (serving/v2.py): FP32 data is a float32 array of `shape`, BYTES data a flat list of str (sent as JSON)
-        or bytes (sent as binary data). Raises ClientError."""
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+        """(rows, storable items) from a declared input's items: a REST request's, or a V2 tensor's (FP32: a
+        float32 array of the checked shape; BYTES: a list of str from JSON or bytes from binary data)."""
 
     @abstractmethod
     def openapi_body(self) -> dict:
         """`openapi_extra` of the predict route: the request bodies it takes."""
 
+    # ------------------------------------------------------------ predict (per batch: worker, model or explain process)
     @abstractmethod
-    def v2_input_body(self) -> list[dict]:
-        """The V2 infer request's input tensors, for the OpenAPI document."""
+    def predict(self, session, rows: Any) -> np.ndarray:
+        """The model's raw output rows for a batch of rows (N rows in, N rows out)."""
+
+    def run(self, session, rows: Any) -> np.ndarray:
+        """The head's prediction of a batch (softmax, for a classifier): what the worker, the split model
+        process and the explain process all run."""
+        return self.head.finish(self.predict(session, rows))
 
     @abstractmethod
-    def v2_inputs(self) -> list[dict]:
-        """The V2 input tensors (name, datatype, shape) this model takes; the outputs are the core's."""
-
-    @abstractmethod
-    def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:
-        """The `predictions` of the REST answer."""
-
-    # ------------------------------------------------------------ explanations (occlusion: servable/explain.py)
-    @abstractmethod
-    async def parse_explain(self, request: Request) -> Parsed:
-        """Validate one explain request (one item, its options); raises ClientError. In the in-process topology
-        the Parsed is pickled to the worker's explain process: keep in it only what the explanation needs."""
-
-    @abstractmethod
-    def openapi_explain_body(self) -> dict:
-        """`openapi_extra` of the explain route."""
-
-    @abstractmethod
-    def explain_rows(self, parsed: Parsed) -> list[Any]:
-        """The perturbed rows to score, the unperturbed item first (runs in the explain process, or a thread
-        in the split topology: never on the event loop)."""
-
-    @abstractmethod
-    def explanation(self, parsed: Parsed, probs: np.ndarray) -> dict:
-        """`prediction` and `explanation` of the answer, from the rows' probabilities (where explain_rows runs)."""
+    def warmup_rows(self, n: int) -> Any:
+        """n valid rows to run before the replica reports ready."""
 
     def to_wire(self, rows: list[Any]) -> Any:
         """A batch of rows as the split topology's model process takes it."""
         return rows
 
+    # ------------------------------------------------------------ encode
+    def encode(self, values: np.ndarray, parsed: Parsed) -> list[dict]:
+        """The REST answer's predictions from the head's prediction."""
+        return self.head.encode(values, parsed.options)
+
+    def preprocessing(self) -> dict:
+        """The artifact's pre-processing parameters (what a client sending pre-processed tensors must do)."""
+        return {}
+
     def info(self) -> dict:
         return {}
 
-    def feedback_kwargs(self) -> dict:
-        return {}
+    def feedback_content(self, item: Any) -> Any:
+        """What the opt-in feedback queue stores for one storable item (text, or PNG bytes)."""
+        return item
 
-    # ------------------------------------------------------------ per batch (model thread or process)
-    @abstractmethod
-    def run(self, session, rows: Any) -> np.ndarray:
-        """Class probabilities for a batch of rows (N rows in, N rows out)."""
-
-    @abstractmethod
-    def warmup_rows(self, n: int) -> Any:
-        """n valid rows to run before the replica reports ready."""
+    def close(self) -> None:
+        """Release what `load` holds (called when the worker stops); nothing by default."""
+        return None

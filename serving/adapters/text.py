@@ -7,6 +7,7 @@ everything to its longest member.
 from __future__ import annotations
 
 import unicodedata
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
@@ -15,9 +16,11 @@ from servable import explain
 from servable.config import SERVED_MODELS, TextServeSettings
 from servable.preprocessing import load_tokenizer, pad_encodings
 from serving import metrics, schemas
-from serving.adapters.base import Parsed, TaskAdapter
+from serving.adapters.base import Adapter, Docs, Parsed
+from serving.adapters.explains import ExplainDocs, Explains
 from serving.errors import ClientError
-from serving.onnx_runtime import softmax
+from serving.heads import ClassifierHead
+from serving.io_spec import BATCH, Tensor
 from serving.request_body import json_body
 
 
@@ -51,30 +54,45 @@ def length_buckets(lengths: list[int], max_waste: float) -> list[list[int]]:
     return buckets
 
 
-class TextAdapter(TaskAdapter):
-    kind = "text"
+class TextAdapter(Adapter, Explains):
+    entry = SERVED_MODELS["text"]
     task = "text-classification"
-    service_name = SERVED_MODELS["text"].service_name
-    model_service_name = SERVED_MODELS["text"].model_service_name
-    summary = "Sentiment"
-    doc = "Sentiment of one text (`text`) or several (`texts`): label, probability and scores each."
-    v2_doc = "V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings); JSON or the binary tensor data extension."
-    route = SERVED_MODELS["text"].route
-    title = "Servable sentiment classifier"
-    description = (
-        "Sentiment of English texts (MiniLM BERT, ONNX Runtime with adaptive batching). "
-        "Inference endpoints need an API key (x-api-key header or Bearer token)."
+    docs = Docs(
+        title="Servable sentiment classifier",
+        description="Sentiment of English texts (MiniLM BERT, ONNX Runtime with adaptive batching). "
+        "Inference endpoints need an API key (x-api-key header or Bearer token).",
+        summary="Sentiment",
+        doc="Sentiment of one text (`text`) or several (`texts`): label, probability and scores each.",
+        v2_doc="V2 infer: BYTES `text` tensor of shape [N] (UTF-8 strings); JSON or the binary tensor data extension.",
+        response_model=schemas.SentimentResponse,
     )
-    response_model = schemas.SentimentResponse
-    explain_summary = "Sentiment Explain"
-    explain_doc = (
-        "Why the model answered, for one text: word occlusion from the served model (no gradients). Each "
+    explain_docs = ExplainDocs(
+        summary="Sentiment Explain",
+        doc="Why the model answered, for one text: word occlusion from the served model (no gradients). Each "
         "word's `score` is how much the class's probability drops when that word is removed: positive = "
-        "the word pushes toward the class, negative = away from it."
+        "the word pushes toward the class, negative = away from it.",
+        response_model=schemas.TextExplainResponse,
     )
-    explain_model = schemas.TextExplainResponse
     wire_type = list[list[int]]
     settings: TextServeSettings
+
+    # ------------------------------------------------------------ load
+    def load(self, art) -> None:
+        super().load(art)
+        self.prep = art.manifest.text_preprocessing
+        self.tokenizer = load_tokenizer(art.file(self.prep.tokenizer_file), self.prep)
+
+    def make_head(self, labels: list[str]) -> ClassifierHead:
+        return ClassifierHead(labels, scores=True)
+
+    def inputs(self) -> list[Tensor]:
+        return [Tensor("text", "BYTES", (BATCH,), text_schema(self.settings.max_text_chars))]
+
+    def preprocessing(self) -> dict:
+        return self.prep.model_dump()
+
+    def info(self) -> dict:
+        return {"max_text_chars": self.settings.max_text_chars, "length_buckets": self.settings.length_buckets}
 
     def openapi_body(self) -> dict:
         text = text_schema(self.settings.max_text_chars)
@@ -84,15 +102,10 @@ class TextAdapter(TaskAdapter):
                 "texts": {"type": "array", "minItems": 1, "maxItems": self.settings.max_items, "items": text}}},
         ]})  # fmt: skip
 
-    def v2_input_body(self) -> list[dict]:
-        return [{"name": "text", "datatype": "BYTES", "items": text_schema(self.settings.max_text_chars)}]
-
-    def load(self, art) -> None:
-        super().load(art)
-        self.prep = art.manifest.text_preprocessing
-        self.tokenizer = load_tokenizer(art.file(self.prep.tokenizer_file), self.prep)
-
+    # ------------------------------------------------------------ decode
     def check_text(self, i: int, text: object) -> str:
+        if isinstance(text, bytes):  # a V2 binary element
+            text = _utf8(i, text)
         if not isinstance(text, str):
             raise ClientError(422, "invalid_field", f"text {i} must be a string")
         if not text.strip():
@@ -109,83 +122,30 @@ class TextAdapter(TaskAdapter):
             raise ClientError(422, "control_characters", f"text {i} contains control characters")
         return text
 
-    def _tokenize(self, texts: list) -> Parsed:
-        if not texts:
-            raise ClientError(422, "no_text", "send text or a non-empty texts list")
-        if len(texts) > self.settings.max_items:
-            raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} texts per request")
-        checked = [self.check_text(i, t) for i, t in enumerate(texts)]
-        return Parsed([e.ids for e in self.tokenizer.encode_batch(checked)], checked)
-
-    async def parse(self, request: Request) -> Parsed:
+    async def read(self, request: Request, options: tuple[str, ...]) -> tuple[str, list, dict[str, Any]]:
         body = await json_body(request)
         if not isinstance(body, dict) or ("text" in body) == ("texts" in body):
             raise ClientError(422, "invalid_field", "send an object with either text or texts")
         texts = [body["text"]] if "text" in body else body["texts"]
         if not isinstance(texts, list):
             raise ClientError(422, "invalid_field", "texts must be a list of strings")
-        return self._tokenize(texts)
+        return "text", texts, {k: body[k] for k in options if k in body}
 
-    # ------------------------------------------------------------ explanations
-    def openapi_explain_body(self) -> dict:
-        return schemas.json_body({
-            "type": "object", "required": ["text"], "additionalProperties": False, "properties": {
-                "text": text_schema(self.settings.max_text_chars),
-                "label": {"type": "string", "description": "explain this class instead of the top prediction"}},
-        })  # fmt: skip
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+        if not items:
+            raise ClientError(422, "no_text", "send text or a non-empty texts list")
+        if len(items) > self.settings.max_items:
+            raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} texts per request")
+        checked = [self.check_text(i, t) for i, t in enumerate(items)]
+        return [e.ids for e in self.tokenizer.encode_batch(checked)], checked
 
-    async def parse_explain(self, request: Request) -> Parsed:
-        body = await json_body(request)
-        if not isinstance(body, dict) or "text" not in body:
-            raise ClientError(422, "invalid_field", "send an object with one text (and optionally a label)")
-        text = self.check_text(0, body["text"])
-        found = explain.words(text)
-        if len(found) > self.settings.explain_max_words:
-            raise ClientError(413, "too_many_words", f"the text has {len(found)} words; explain takes at most "
-                                                     f"{self.settings.explain_max_words}")  # fmt: skip
-        return Parsed([], [text], {"words": found, "target": self.target(body.get("label"))})
-
-    def explain_rows(self, parsed: Parsed) -> list[list[int]]:
-        texts = explain.texts_without_each_word(parsed.items[0], parsed.options["words"])
-        return [e.ids for e in self.tokenizer.encode_batch(texts)]
-
-    def explanation(self, parsed: Parsed, probs: np.ndarray) -> dict:
-        target = int(probs[0].argmax()) if parsed.options["target"] is None else parsed.options["target"]
-        scores = explain.word_scores(probs, target)
-        found = {
-            "method": "word_occlusion", "label": self.labels[target],
-            "probability": round(float(probs[0, target]), 6), "rows": len(probs),
-            "words": [{"word": w.text, "start": w.start, "end": w.end, "score": round(float(v), 6)}
-                      for w, v in zip(parsed.options["words"], scores, strict=True)],
-        }  # fmt: skip
-        return {"prediction": self.answer(probs[:1], parsed)[0], "explanation": found}
-
-    def v2_inputs(self) -> list[dict]:
-        return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-
-    def parse_v2(self, name: str, shape: list[int], data: np.ndarray | list) -> Parsed:
-        if len(shape) != 1:
-            raise ClientError(422, "wrong_shape", f"text must have shape [N], got {shape}")
-        return self._tokenize([_utf8(i, x) if isinstance(x, bytes) else x for i, x in enumerate(data)])
-
-    def answer(self, probs: np.ndarray, parsed: Parsed) -> list[dict]:
-        labels = self.labels
-        return [{"label": labels[int(p.argmax())], "probability": round(float(p.max()), 6),
-                 "scores": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)}}
-                for p in probs]  # fmt: skip
-
-    def info(self) -> dict:
-        return {"max_text_chars": self.settings.max_text_chars, "length_buckets": self.settings.length_buckets}
-
+    # ------------------------------------------------------------ predict
     def _run_padded(self, session, ids: list[list[int]]) -> np.ndarray:
         feeds = pad_encodings(ids, [[0] * len(x) for x in ids], self.prep)
-        logits = session.run(["logits"], feeds)[0]
-        name = self.manifest.name
-        metrics.BATCH_SIZE.labels(model=name).observe(len(ids))
-        metrics.PADDING_RATIO.labels(model=name).observe(float(1 - feeds["attention_mask"].mean()))
-        return softmax(logits)
+        metrics.PADDING_RATIO.labels(model=self.manifest.name).observe(float(1 - feeds["attention_mask"].mean()))
+        return session.run(["logits"], feeds)[0]
 
-    def run(self, session, rows) -> np.ndarray:
+    def predict(self, session, rows) -> np.ndarray:
         ids = [list(x) for x in rows]
         if not self.settings.length_buckets:
             return self._run_padded(session, ids)
@@ -196,3 +156,36 @@ class TextAdapter(TaskAdapter):
 
     def warmup_rows(self, n: int) -> list[list[int]]:
         return [[1] * 16] * n  # any in-vocabulary ids
+
+    # ------------------------------------------------------------ explanations
+    def openapi_explain_body(self) -> dict:
+        return schemas.json_body({
+            "type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+                "text": text_schema(self.settings.max_text_chars),
+                **{o.name: o.schema() for o in self.explain_options()}},
+        })  # fmt: skip
+
+    def explain_decode(self, name: str, items: list, options: dict[str, Any]) -> Parsed:
+        if len(items) != 1:
+            raise ClientError(422, "invalid_field", "send an object with one text (and optionally a label)")
+        text = self.check_text(0, items[0])
+        found = explain.words(text)
+        if len(found) > self.settings.explain_max_words:
+            raise ClientError(413, "too_many_words", f"the text has {len(found)} words; explain takes at most "
+                                                     f"{self.settings.explain_max_words}")  # fmt: skip
+        return Parsed([], [text], {"words": found, "target": self.target(options["label"])})
+
+    def explain_rows(self, parsed: Parsed) -> list[list[int]]:
+        texts = explain.texts_without_each_word(parsed.items[0], parsed.options["words"])
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def explanation(self, parsed: Parsed, values: np.ndarray) -> dict:
+        target = int(values[0].argmax()) if parsed.options["target"] is None else parsed.options["target"]
+        scores = explain.word_scores(values, target)
+        found = {
+            "method": "word_occlusion", "label": self.labels[target],
+            "probability": round(float(values[0, target]), 6), "rows": len(values),
+            "words": [{"word": w.text, "start": w.start, "end": w.end, "score": round(float(v), 6)}
+                      for w, v in zip(parsed.options["words"], scores, strict=True)],
+        }  # fmt: skip
+        return {"prediction": self.encode(values[:1], parsed)[0], "explanation": found}

@@ -13,12 +13,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import bentoml
 import numpy as np
 
 from servable.config import FeedbackSettings
-from serving.feedback.store import FeedbackStore, png_from_image_bytes
+from serving.feedback.store import FeedbackStore
+from serving.heads import Head
 
 log = logging.getLogger("servable.feedback")
 
@@ -47,9 +50,11 @@ def parse_header(value: str | None) -> tuple[bool, bool]:
 
 
 class FeedbackHook:
-    def __init__(self, model: str, labels: list[str], kind: str, settings: FeedbackSettings | None = None,
-                 max_pixels: int = 25_000_000) -> None:  # fmt: skip
-        self.model, self.labels, self.kind, self.max_pixels = model, labels, kind, max_pixels
+    def __init__(self, model: str, head: Head, content: Callable[[Any], Any],
+                 settings: FeedbackSettings | None = None) -> None:  # fmt: skip
+        """`head` says how sure a prediction is and what it answered; `content` makes a storable item what the
+        queue keeps (text as it is, an image as PNG bytes)."""
+        self.model, self.head, self.content = model, head, content
         self.settings = settings or FeedbackSettings()
         self.store = FeedbackStore(self.settings)
         self._last_purge = 0.0
@@ -64,19 +69,18 @@ class FeedbackHook:
             with contextlib.suppress(OSError):  # an unreadable queue shows up on the first write
                 QUEUE_SIZE.labels(model=model).set(self.store.count(model))
 
-    async def observe(self, headers, items: list, probs: np.ndarray, model_tag: str) -> list[str]:
-        """After a successful prediction; `items` are the raw inputs (texts or image bytes), or None
-        where there is no storable input. Returns the ids stored. Never raises: feedback must not
-        fail a request that was answered."""
-        thr = self.settings.confidence_threshold
-        top = probs.max(1)
-        low = top < thr
+    async def observe(self, headers, items: list, values: np.ndarray, model_tag: str) -> list[str]:
+        """After a successful prediction (`values`, the head's); `items` are the raw inputs (texts or image
+        bytes), or None where there is no storable input. Returns the ids stored. Never raises: feedback
+        must not fail a request that was answered."""
+        confidence = self.head.confidence(values)  # None: the task has no such measure, only flags count
+        low = np.zeros(len(values), bool) if confidence is None else confidence < self.settings.confidence_threshold
         if low.any():
             LOW_CONFIDENCE.labels(model=self.model).inc(int(low.sum()))
         if not self.settings.enabled:
             return []
         consent, flagged = parse_header(headers.get(HEADER))
-        wanted = [i for i in range(len(top)) if (low[i] or flagged) and items[i] is not None]
+        wanted = [i for i in range(len(values)) if (low[i] or flagged) and items[i] is not None]
         if not wanted:
             return []
         if not consent:
@@ -84,13 +88,14 @@ class FeedbackHook:
             return []
         async with self._lock:
             try:
-                return await asyncio.to_thread(self._store, wanted, items, probs, model_tag, flagged)
+                return await asyncio.to_thread(self._store, wanted, items, values, confidence, model_tag, flagged)
             except Exception as exc:  # disk full, permissions: logged by type only, never the content
                 log.warning("feedback item not stored: %s", type(exc).__name__)
                 FEEDBACK_ITEMS.labels(model=self.model, outcome="error").inc(len(wanted))
                 return []
 
-    def _store(self, wanted: list[int], items: list, probs: np.ndarray, model_tag: str, flagged: bool) -> list[str]:
+    def _store(self, wanted: list[int], items: list, values: np.ndarray, confidence: np.ndarray | None,
+               model_tag: str, flagged: bool) -> list[str]:  # fmt: skip
         now = time.time()
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
@@ -102,10 +107,11 @@ class FeedbackHook:
             if size >= self.settings.max_items:
                 FEEDBACK_ITEMS.labels(model=self.model, outcome="queue_full").inc()
                 continue
-            content = items[i] if self.kind == "text" else png_from_image_bytes(items[i], self.max_pixels)
+            content = self.content(items[i])
             item = self.store.add(
-                model=self.model, model_tag=model_tag, kind=self.kind, content=content,
-                predicted_label=self.labels[int(probs[i].argmax())], confidence=float(probs[i].max()),
+                model=self.model, model_tag=model_tag, kind="text" if isinstance(content, str) else "image",
+                content=content, predicted_label=self.head.summary(values[i]),
+                confidence=0.0 if confidence is None else float(confidence[i]),
                 reason="flagged" if flagged else "low_confidence", now=now,
             )  # fmt: skip
             stored.append(item.meta["id"])

@@ -1,0 +1,166 @@
+"""Task heads: what a model's raw outputs mean, over any input modality.
+
+A head turns the model's raw output rows into the prediction once per batch (`finish`: softmax
+for a classifier), then per request builds the REST answer, the V2 outputs, the metrics and what
+the feedback hook needs, all from that one prediction. A new input type never touches a head; a
+new task is a new head, not a change to the adapters or the core.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from serving import metrics
+from serving.io_spec import BATCH, Option, Tensor
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Head(ABC):
+    """The task of a model whose artifact lists `labels` (a regressor's name its outputs)."""
+
+    task: ClassVar[str]  # the artifact's task suffix, e.g. "classification"
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+
+    @abstractmethod
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        """The prediction of a batch (N rows) from the model's raw output rows (N rows)."""
+
+    @abstractmethod
+    def outputs(self) -> list[Tensor]:
+        """The V2 output tensors."""
+
+    @abstractmethod
+    def output_data(self, values: np.ndarray) -> dict[str, np.ndarray | list[str]]:
+        """Each V2 output's data for one request's prediction: an FP32 array or a list of strings."""
+
+    @abstractmethod
+    def encode(self, values: np.ndarray, options: dict[str, Any]) -> list[dict]:
+        """The REST answer's `predictions`, one per row."""
+
+    @abstractmethod
+    def observe(self, model: str, values: np.ndarray) -> None:
+        """The prediction metrics of one request."""
+
+    def options(self) -> list[Option]:
+        """Request options the head reads (merged with the adapter's)."""
+        return []
+
+    def confidence(self, values: np.ndarray) -> np.ndarray | None:
+        """Per row, how sure the model is (0..1), for the low-confidence signal and the feedback queue;
+        None where the task has no such measure (only flagged items are then queued)."""
+        return None
+
+    def summary(self, row: np.ndarray) -> str:
+        """A one-word answer of one row (the feedback queue's `predicted_label`)."""
+        return ""
+
+    def info(self) -> dict[str, Any]:
+        return {"head": type(self).__name__}
+
+
+class ClassifierHead(Head):
+    """Softmax over the labels; the answer's label, probability and top-k or scores; V2 `probabilities`
+    and `label`; predictions counted by label and their top-1 probability observed."""
+
+    task = "classification"
+
+    def __init__(self, labels: list[str], default_top_k: int = 3, scores: bool = False) -> None:
+        super().__init__(labels)
+        self.default_top_k, self.scores = default_top_k, scores
+
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        return softmax(raw)
+
+    def outputs(self) -> list[Tensor]:
+        return [Tensor("probabilities", "FP32", (BATCH, len(self.labels))), Tensor("label", "BYTES", (BATCH,))]
+
+    def output_data(self, values: np.ndarray) -> dict[str, np.ndarray | list[str]]:
+        return {"probabilities": values, "label": [self.labels[i] for i in values.argmax(1)]}
+
+    def options(self) -> list[Option]:
+        if self.scores:  # every label's score is in the answer: no top-k to choose
+            return []
+        n = len(self.labels)
+        return [
+            Option(
+                "top_k",
+                "integer",
+                min(self.default_top_k, n),
+                "labels returned (beyond the model's labels: all of them)",
+                1,
+                n,
+                clip=True,
+            )
+        ]
+
+    def encode(self, values: np.ndarray, options: dict[str, Any]) -> list[dict]:
+        labels = self.labels
+        if self.scores:
+            return [{"label": labels[int(p.argmax())], "probability": round(float(p.max()), 6),
+                     "scores": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)}}
+                    for p in values]  # fmt: skip
+        order = np.argsort(-values, axis=1)[:, : options.get("top_k", self.default_top_k)]
+        return [{"label": labels[row[0]], "probability": round(float(p[row[0]]), 6),
+                 "top_k": [{"label": labels[j], "probability": round(float(p[j]), 6)} for j in row]}
+                for row, p in zip(order, values, strict=True)]  # fmt: skip
+
+    def observe(self, model: str, values: np.ndarray) -> None:
+        top = values.argmax(1)
+        for i, p in zip(top, values[np.arange(len(top)), top], strict=True):
+            metrics.PREDICTIONS.labels(model=model, label=self.labels[i]).inc()
+            metrics.CONFIDENCE.labels(model=model).observe(float(p))
+
+    def confidence(self, values: np.ndarray) -> np.ndarray:
+        return values.max(1)
+
+    def summary(self, row: np.ndarray) -> str:
+        return self.labels[int(row.argmax())]
+
+
+class RegressorHead(Head):
+    """One value per row (the model's first output column), with an interval where the model gives a
+    lower and upper bound as its second and third columns; V2 output `value` (and `interval`)."""
+
+    task = "regression"
+
+    def __init__(self, labels: list[str], interval: bool = False) -> None:
+        super().__init__(labels)
+        self.interval = interval
+
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        return raw.reshape(len(raw), -1).astype(np.float32, copy=False)
+
+    def outputs(self) -> list[Tensor]:
+        out = [Tensor("value", "FP32", (BATCH,))]
+        return [*out, Tensor("interval", "FP32", (BATCH, 2))] if self.interval else out
+
+    def output_data(self, values: np.ndarray) -> dict[str, np.ndarray | list[str]]:
+        out: dict[str, np.ndarray | list[str]] = {"value": np.ascontiguousarray(values[:, 0])}
+        if self.interval:
+            out["interval"] = np.ascontiguousarray(values[:, 1:3])
+        return out
+
+    def encode(self, values: np.ndarray, options: dict[str, Any]) -> list[dict]:
+        name = self.labels[0] if self.labels else "value"
+        return [{"name": name, "value": round(float(v[0]), 6),
+                 **({"interval": [round(float(v[1]), 6), round(float(v[2]), 6)]} if self.interval else {})}
+                for v in values]  # fmt: skip
+
+    def observe(self, model: str, values: np.ndarray) -> None:
+        metrics.PREDICTIONS.labels(model=model, label="value").inc(len(values))
+        summary = metrics.REGRESSION_VALUE.labels(model=model)
+        for v in values[:, 0]:
+            summary.observe(float(v))
+
+    def summary(self, row: np.ndarray) -> str:
+        return f"{float(row[0]):.6g}"

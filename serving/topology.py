@@ -1,0 +1,108 @@
+"""Where a worker's model runs, chosen once per worker: `InProcess` or `Split`.
+
+Both offer the same three things: `score(rows)` (the head's prediction of one request's rows),
+`explain(parsed, deadline)` (an explanation's answer) and `ready()`. Failures are exceptions the
+service's one handler turns into answers (serving/errors.py): `Overloaded`, `ModelUnavailable`.
+- InProcess (CPU default): this worker's ONNX Runtime session behind its adaptive batcher
+  (serving/batcher.py); explanations in a low-priority child process (serving/explain_process.py).
+- Split (GPU default): one batching model process per GPU, called through BentoML's dependency
+  client (serving/model_call.py: per-attempt deadline, retries); explanations' rows are built and
+  rendered in a thread and scored by the model process in chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from servable.config import ServeCommon
+from serving.adapters.base import Adapter
+from serving.batcher import Batcher, BatchFailed, QueueTimeout
+from serving.errors import ServingError
+from serving.explain_process import ExplainCrashed, ExplainProcess
+from serving.explain_queue import ExplainTimeout
+from serving.loading import ServedModel
+from serving.model_call import ModelUnavailable, call_model
+
+
+class Overloaded(ServingError):
+    def __init__(self) -> None:
+        super().__init__(503, "overloaded", "waited too long for the model; retry later", {"Retry-After": "1"})
+
+
+class Unavailable(ServingError):
+    def __init__(self) -> None:
+        super().__init__(503, "model_unavailable", "the model could not answer; retry later", {"Retry-After": "1"})
+
+
+class InProcess:
+    def __init__(self, adapter: Adapter, model: ServedModel, run, settings: ServeCommon) -> None:
+        size = settings.max_batch_size if settings.batching_enabled() else 1
+        self.batcher = Batcher(run, size, settings.max_latency_ms / 1000)
+        self.model = model
+        # Explanations get a child process of their own (serving/explain_process.py says when it starts).
+        self.explainer = ExplainProcess(type(adapter), settings, model.art.tag, model.variant)
+        self.explainer.start()
+
+    async def score(self, rows: list) -> np.ndarray:
+        try:
+            return await self.batcher.submit(rows)
+        except QueueTimeout:
+            raise Overloaded from None
+        except BatchFailed:
+            raise Unavailable from None
+
+    async def explain(self, parsed, deadline: float) -> dict:
+        try:
+            return await self.explainer.explain(parsed, deadline)
+        except (BatchFailed, ExplainCrashed):
+            raise Unavailable from None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def runtime(self) -> dict:
+        return self.model.runtime()
+
+    def stop(self) -> None:
+        self.explainer.stop()
+
+
+class Split:
+    def __init__(self, adapter: Adapter, model: ServedModel, client: Any, settings: ServeCommon) -> None:
+        self.adapter, self.name, self.client, self.settings = adapter, model.name, client, settings
+
+    async def _call(self, rows: list) -> np.ndarray:
+        wire = self.adapter.to_wire(rows)
+        try:
+            return await call_model(self.name, self.settings.model_call_timeout_s,
+                                    lambda: self.client.to_async.predict(wire))  # fmt: skip
+        except ModelUnavailable:
+            raise Unavailable from None
+
+    async def score(self, rows: list) -> np.ndarray:
+        return await self._call(rows)
+
+    async def explain(self, parsed, deadline: float) -> dict:
+        rows = await asyncio.to_thread(self.adapter.explain_rows, parsed)
+        out, step = [], self.settings.max_batch_size  # chunks join the model process's batches
+        for i in range(0, len(rows), step):
+            if time.monotonic() > deadline:
+                raise ExplainTimeout
+            out.append(await self._call(rows[i : i + step]))
+        return await asyncio.to_thread(self.adapter.explanation, parsed, np.concatenate(out))
+
+    async def ready(self) -> bool:
+        return bool(await self.client.is_ready(5))
+
+    async def runtime(self) -> dict:
+        try:
+            return await self.client.to_async.runtime()
+        except Exception as exc:  # reported, not hidden: the info call still answers
+            return {"provider": "unknown", "runtime_error": type(exc).__name__}
+
+    def stop(self) -> None:
+        pass
