@@ -155,6 +155,15 @@ def test_concurrent_calls_are_batched_and_answered_to_the_right_caller(shipped_t
         ({"json": {"images": []}}, 400, "no_image"),
         ({"json": {"images": ["aGk="] * 9}}, 413, "too_many_items"),
         ({"json": {"image": "aGk=", "top_k": "many"}}, 422, "invalid_field"),
+        # top_k is an integer option with bounds (serving/io_spec.py::Option): never int(inf) on the event loop
+        *[
+            (
+                {"data": b'{"image": "aGk=", "top_k": ' + v + b"}", "headers": {"content-type": "application/json"}},
+                422,
+                "invalid_field",
+            )
+            for v in (b"Infinity", b"-Infinity", b"NaN", b"1e400", b"2.5", b"true", b"0", b'"9' + b"9" * 40 + b'"')
+        ],
         ({"data": b"{" * 100 + b"}" * 100, "headers": {"content-type": "application/json"}}, 400, "too_deep"),
         ({"data": b'{"image": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "not_utf8"),
         ({"data": b'{"image": ', "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
