@@ -14,7 +14,7 @@ import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -30,17 +30,20 @@ class FileEntry(BaseModel):
 
 
 class ModelManifest(BaseModel):
-    """Shared metadata schema of both models (documented in docs/artifacts.md)."""
+    """Shared metadata schema of every model (documented in docs/artifacts.md)."""
 
     schema_version: int = SCHEMA_VERSION
     name: str
     version: str
-    task: Literal["image-classification", "text-classification"]
+    task: str = Field(pattern=r"^[a-z0-9]+-[a-z0-9]+$", description="<input>-<task>, e.g. image-classification")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     labels: list[str]
     onnx: dict[str, str] = Field(description="variant (fp32, int8, optimized) -> file name")
     image_preprocessing: ImagePreprocessing | None = None
     text_preprocessing: TextPreprocessing | None = None
+    preprocessing: dict[str, Any] | None = Field(
+        None, description="Pre-processing parameters of a model with neither typed field (its adapter reads them)"
+    )
     training_config: dict[str, Any]
     metrics: dict[str, Any]
     provenance: dict[str, Any]

@@ -106,7 +106,9 @@ class ServedModel:
             "batching": {"enabled": self.settings.batching_enabled(), "max_batch_size": self.settings.max_batch_size,
                          "max_latency_ms": self.settings.max_latency_ms},
             "topology": self.settings.resolved_topology(), "workers": self.settings.http_workers(),
-            "test_accuracy": {k: v["accuracy"] for k, v in m.metrics["test"].items()},
+            "test_metrics": m.metrics.get("test", {}),  # per variant, as training recorded them
+            "test_accuracy": {k: v["accuracy"] for k, v in m.metrics.get("test", {}).items()
+                              if isinstance(v, dict) and "accuracy" in v},
         }  # fmt: skip
 
 

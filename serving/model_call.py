@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 import numpy as np
 
 from serving import metrics
@@ -32,6 +31,8 @@ class ModelUnavailable(RuntimeError):
 
 
 def dropped(exc: Exception) -> bool:
+    import aiohttp  # here, not with the module: the in-process topology never calls a model process
+
     return isinstance(exc, aiohttp.ClientConnectionError) or (
         isinstance(exc, RuntimeError) and str(exc).lower().startswith(DROPPED_RUNTIME_ERRORS)
     )
