@@ -1,15 +1,18 @@
 """The compose topology on 127.0.0.1 without Docker: replicas, nginx in front, Prometheus.
 
-Two replicas of each service (`bentoml serve`, each in its own process group), nginx (Debian)
-running the same `deploy/nginx/nginx.conf` and `deploy/nginx/servable.conf.template` as compose
-(HTTPS with a self-signed certificate from deploy/tls/make_self_signed.sh, per-API-key rate limits,
-per-address connection limits, client timeouts), and Prometheus (Debian)
-with the same `deploy/prometheus/prometheus.yml` and rules, its file_sd targets pointing at the
-replicas' 127.0.0.1 ports. Everything listens on 127.0.0.1 only, every wait is bounded, and
-`stop()` ends each process it started by its own process group, also when a test failed.
+Two replicas of each served model (every SERVED_MODELS entry, read when the stack is made: an
+entry a test adds counts; `bentoml serve <entry.service>`, each in its own process group), nginx
+(Debian) running the same `deploy/nginx/nginx.conf`, `servable.conf.template` and per-model
+templates as compose (HTTPS with a self-signed certificate from deploy/tls/make_self_signed.sh,
+per-API-key rate limits, per-address connection limits, client timeouts), and Prometheus (Debian)
+with the same scrape config and rules (rendered from SERVED_MODELS by deploy/render.py), its
+file_sd targets pointing at the replicas' 127.0.0.1 ports. Everything listens on 127.0.0.1 only,
+every wait is bounded, and `stop()` ends each process it started by its own process group, also
+when a test failed.
 
-    python -m deploy.local_stack --image-tag fashion-cnn:latest --text-tag sentiment-bert:latest
-    (or `make stack`): runs in the foreground until Ctrl-C.
+    python -m deploy.local_stack --tag image=fashion-cnn:latest --tag text=sentiment-bert:latest
+    (or `make stack`): runs in the foreground until Ctrl-C. A model without --tag serves its
+    settings' model_tag (<env prefix>MODEL_TAG from the environment, else the default).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import launch, render
 from servable.config import SERVED_MODELS
 
-PREFIX = {kind: e.env_prefix for kind, e in SERVED_MODELS.items()}
+ROOT = Path(__file__).resolve().parents[1]  # replicas import their service from here (serving/, tests/...)
 MAKE_CERT = Path(__file__).resolve().parent / "tls" / "make_self_signed.sh"
 
 
@@ -134,17 +138,18 @@ def nginx_version(nginx: str) -> tuple[int, ...]:
     return tuple(int(n) for n in out.strip().rsplit("/", 1)[-1].split(".")[:3])
 
 
-def write_nginx_config(prefix: Path, servable_conf: str, nginx: str) -> list[str]:
-    """The shared main config (deploy/nginx/nginx.conf), the rendered template and the local temp
-    paths under `prefix`; the command line that runs them in the foreground, pid and logs there."""
+def write_nginx_config(prefix: Path, conf_files: Mapping[str, str], nginx: str) -> list[str]:
+    """The shared main config (deploy/nginx/nginx.conf), the rendered proxy files
+    (render.nginx_conf_files: conf.d/ name -> text) and the local temp paths under `prefix`; the
+    command line that runs them in the foreground, pid and logs there."""
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
     conf_d = prefix / "conf.d"
     conf_d.mkdir(parents=True, exist_ok=True)
     shutil.copy(render.NGINX_MAIN, prefix / "nginx.conf")
-    (conf_d / "servable.conf").write_text(servable_conf)
+    for name, text in conf_files.items():
+        (conf_d / name).write_text(text)
     (conf_d / "servable-local.conf").write_text(NGINX_LOCAL_HTTP.format(dir=prefix))
-    shutil.copy(render.NGINX_QUERY, conf_d / render.NGINX_QUERY.name)
     if nginx_version(nginx) >= (1, 25, 3):  # older nginx bounds the handshake with client_header_timeout
         shutil.copy(render.NGINX_HANDSHAKE, conf_d / render.NGINX_HANDSHAKE.name)
     error_log = prefix / "nginx-error.log"
@@ -154,21 +159,42 @@ def write_nginx_config(prefix: Path, servable_conf: str, nginx: str) -> list[str
     return [nginx, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", str(error_log), "-g", main]
 
 
+def model_tag(kind: str, env: Mapping[str, str]) -> str:
+    """The tag a model's replicas serve when none is given: <prefix>MODEL_TAG in `env`, else its default."""
+    entry = SERVED_MODELS[kind]
+    return env.get(f"{entry.env_prefix}MODEL_TAG") or entry.settings.model_fields["model_tag"].default
+
+
 class LocalStack:
     """`proxy_url` is HTTPS (clients verify with `ca_file`); `http_url` is nginx's plain listener,
     which only redirects to it. `rate_limit`/`rate_burst`: nginx's per-API-key limit; `conn_limit`: its
-    per-address limit of requests in progress (a load generator is one address: lift it there)."""
+    per-address limit of requests in progress (a load generator is one address: lift it there).
 
-    def __init__(self, workdir: Path, image_tag: str, text_tag: str, api_keys: dict[str, str],
-                 replicas: int = 2, extra_env: dict[str, str] | None = None, rate_limit: str = render.RATE_LIMIT,
-                 rate_burst: int = render.RATE_BURST, tls_dir: Path | None = None,
-                 conn_limit: int = render.CONN_LIMIT) -> None:  # fmt: skip
+    Every SERVED_MODELS entry at construction gets `replicas` replicas (`replicas_per_kind`
+    overrides it per kind; 0 starts none, and nginx answers 502 on its routes). `tags` maps
+    kind -> model-store tag (`image_tag`/`text_tag` are the same for those two kinds); a kind
+    without one serves <prefix>MODEL_TAG of `extra_env`, else of this process' environment, else
+    its settings' default."""
+
+    def __init__(self, workdir: Path, image_tag: str | None = None, text_tag: str | None = None,
+                 api_keys: dict[str, str] | None = None, replicas: int = 2, extra_env: dict[str, str] | None = None,
+                 rate_limit: str = render.RATE_LIMIT, rate_burst: int = render.RATE_BURST,
+                 tls_dir: Path | None = None, conn_limit: int = render.CONN_LIMIT, *,
+                 tags: Mapping[str, str] | None = None,
+                 replicas_per_kind: Mapping[str, int] | None = None) -> None:  # fmt: skip
         self.dir = Path(workdir)
-        self.tags = {"image": image_tag, "text": text_tag}
-        self.api_keys = api_keys
-        self.n = replicas
         self.extra_env = extra_env or {}
-        self.replicas: dict[str, list[launch.Server]] = {"image": [], "text": []}
+        given = {k: t for k, t in (("image", image_tag), ("text", text_tag)) if t and k in SERVED_MODELS}
+        given |= dict(tags or {})
+        unknown = (set(given) | set(replicas_per_kind or {})) - set(SERVED_MODELS)
+        if unknown:
+            raise KeyError(f"{sorted(unknown)}: not in SERVED_MODELS")
+        env = {**os.environ, **self.extra_env}
+        self.tags = {kind: given.get(kind) or model_tag(kind, env) for kind in SERVED_MODELS}
+        self.api_keys = api_keys or {}
+        self.n = replicas
+        self.counts = {kind: (replicas_per_kind or {}).get(kind, replicas) for kind in SERVED_MODELS}
+        self.replicas: dict[str, list[launch.Server]] = {kind: [] for kind in SERVED_MODELS}
         self.rate_limit, self.rate_burst, self.conn_limit = rate_limit, rate_burst, conn_limit
         self.tls_dir = Path(tls_dir) if tls_dir else self.dir / "tls"  # a mounted real certificate, or generated
         self.nginx: Proc | None = None
@@ -218,15 +244,18 @@ class LocalStack:
         keys_file.write_text("".join(f"{n}:{k}\n" for n, k in self.api_keys.items()))
         keys_file.chmod(0o600)
         # All replicas start at once (on 2 cores they take most of the start-up time) ...
-        for kind in ("image", "text"):
-            p = PREFIX[kind]
+        for kind, count in self.counts.items():
+            entry = SERVED_MODELS[kind]
+            p = entry.env_prefix
             # One HTTP worker per replica: the stack's 2+2 replicas already share this machine's cores.
-            env = {f"{p}MODEL_TAG": self.tags[kind], f"{p}INTRA_OP_THREADS": "1", f"{p}WORKERS": "1",
-                   "SERVABLE_AUTH_KEYS": "", "SERVABLE_AUTH_KEYS_FILE": str(keys_file), **self.extra_env}  # fmt: skip
-            for i in range(self.n):
+            env = {f"{p}INTRA_OP_THREADS": "1", f"{p}WORKERS": "1", "SERVABLE_AUTH_KEYS": "",
+                   "SERVABLE_AUTH_KEYS_FILE": str(keys_file), **self.extra_env,
+                   f"{p}MODEL_TAG": self.tags[kind]}  # fmt: skip
+            for i in range(count):
                 name = f"{kind}-{i + 1}"
                 # launch.start gives each replica its own BENTOML_HOME (metrics), sharing the model store.
-                self.replicas[kind].append(launch.start(launch.SERVICES[kind], env, log_path=self.dir / f"{name}.log"))
+                server = launch.start(entry.service, env, log_path=self.dir / f"{name}.log", cwd=ROOT)
+                self.replicas[kind].append(server)
         # ... and the proxy starts only once all of them are ready (compose: service_healthy).
         deadline = time.monotonic() + timeout_s
         for server in self.all_replicas():
@@ -236,10 +265,11 @@ class LocalStack:
         self._start_prometheus()
 
     def all_replicas(self) -> list[launch.Server]:
-        return self.replicas["image"] + self.replicas["text"]
+        return [server for servers in self.replicas.values() for server in servers]
 
     def addresses(self, kind: str, running_only: bool = False) -> list[str]:
-        return [f"127.0.0.1:{s.port}" for s in self.replicas[kind] if not running_only or s.proc.poll() is None]
+        servers = self.replicas.get(kind, [])
+        return [f"127.0.0.1:{s.port}" for s in servers if not running_only or s.proc.poll() is None]
 
     def _start_nginx(self) -> None:
         if not (self.tls_dir / "server.crt").exists():
@@ -251,14 +281,13 @@ class LocalStack:
         """One nginx from the shared configuration, its rendered config, pid, temp files and logs under
         `prefix`; `dead`: addresses nothing listens on, listed first in each pool, then the running
         replicas only (one retry then always reaches a live one)."""
-        image, text = ([*dead, *self.addresses(kind, running_only=bool(dead))] for kind in ("image", "text"))
-        values = render.nginx_values(image, text, "127.0.0.1", https_port,
+        pools = {kind: [*dead, *self.addresses(kind, running_only=bool(dead))] for kind in self.replicas}
+        values = render.nginx_values(pools, "127.0.0.1", https_port,
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
                                      rate_limit=rate_limit, rate_burst=rate_burst,
                                      conn_limit=self.conn_limit)  # fmt: skip
-        cmd = write_nginx_config(prefix, render.render_template(render.NGINX_TEMPLATE.read_text(), values),
-                                 _which("nginx"))  # fmt: skip
+        cmd = write_nginx_config(prefix, render.nginx_conf_files(values), _which("nginx"))
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
@@ -286,7 +315,7 @@ class LocalStack:
     def write_targets(self, prom_dir: Path) -> None:
         targets = prom_dir / "targets"
         targets.mkdir(parents=True, exist_ok=True)
-        for kind in ("image", "text"):
+        for kind in self.replicas:
             sd = [{"targets": self.addresses(kind), "labels": {"service": kind}}]
             (targets / f"{kind}.json").write_text(json.dumps(sd))
         sd = [{"targets": [f"127.0.0.1:{self.prometheus_port}"], "labels": {"service": "prometheus"}}]
@@ -295,8 +324,10 @@ class LocalStack:
     def _start_prometheus(self) -> None:
         prom_dir = self.dir / "prometheus"
         prom_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(render.PROMETHEUS_YML, prom_dir / "prometheus.yml")
+        # rendered here, not copied: a model added in-process is scraped and selected too
+        (prom_dir / "prometheus.yml").write_text(render.prometheus_text())
         shutil.copytree(render.RULES_DIR, prom_dir / "rules", dirs_exist_ok=True)
+        (prom_dir / "rules" / render.RULES_YML.name).write_text(render.templated_text(render.RULES_TEMPLATE))
         self.write_targets(prom_dir)
         cmd = [_which("prometheus"), f"--config.file={prom_dir / 'prometheus.yml'}",
                f"--storage.tsdb.path={prom_dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
@@ -330,11 +361,21 @@ class LocalStack:
                       if p.is_file() and not any(p.is_relative_to(d) for d in skip))  # fmt: skip
 
 
+def _tag(text: str) -> tuple[str, str]:
+    kind, sep, tag = text.partition("=")
+    if not sep or kind not in SERVED_MODELS or not tag:
+        raise argparse.ArgumentTypeError(f"{text!r}: use KIND=TAG with KIND one of {', '.join(SERVED_MODELS)}")
+    return kind, tag
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--image-tag", default="fashion-cnn:latest")
-    ap.add_argument("--text-tag", default="sentiment-bert:latest")
-    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--tag", type=_tag, action="append", default=[], metavar="KIND=TAG",
+                    help="model-store tag of one served model (repeat per model); default: its settings' "
+                         "model_tag (<env prefix>MODEL_TAG or the default)")  # fmt: skip
+    ap.add_argument("--image-tag", default=None, help="the same as --tag image=TAG")
+    ap.add_argument("--text-tag", default=None, help="the same as --tag text=TAG")
+    ap.add_argument("--replicas", type=int, default=2, help="replicas per served model")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--rate-limit", default=render.RATE_LIMIT, help="per API key, nginx syntax (e.g. 50r/s)")
     ap.add_argument("--rate-burst", type=int, default=render.RATE_BURST, help="requests above the rate at once")
@@ -348,18 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     keys = keys or {"local": secrets.token_urlsafe(18)}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="servable-stack-"))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    print(f"starting {args.replicas}x image + {args.replicas}x text replicas, nginx, Prometheus in {workdir} ...",
-          flush=True)  # fmt: skip
+    models = " + ".join(f"{args.replicas}x {kind}" for kind in SERVED_MODELS)
+    print(f"starting {models} replicas, nginx, Prometheus in {workdir} ...", flush=True)
     try:
         with LocalStack(workdir, args.image_tag, args.text_tag, keys, args.replicas, rate_limit=args.rate_limit,
-                        rate_burst=args.rate_burst, tls_dir=args.tls_dir) as stack:  # fmt: skip
+                        rate_burst=args.rate_burst, tls_dir=args.tls_dir, tags=dict(args.tag)) as stack:  # fmt: skip
             key = next(iter(keys.values()))
+            routes = ", ".join(f"{stack.proxy_url}{e.route}" for e in SERVED_MODELS.values())
             print(f"proxy:      {stack.proxy_url}   (API key: {key}; CA: {stack.ca_file})\n"
                   f"            {stack.http_url} redirects to it\n"
+                  f"models:     {', '.join(f'{k}={t}' for k, t in stack.tags.items())}\n"
+                  f"routes:     {routes}\n"
                   f"prometheus: {stack.prometheus_url}\n"
-                  f"try:        curl -s --cacert {stack.ca_file} -H 'x-api-key: {key}' "
-                  "-H 'content-type: application/json' "
-                  f"-d '{{\"text\": \"A fine film\"}}' {stack.proxy_url}/sentiment\n"
+                  f"try:        curl -s --cacert {stack.ca_file} -H 'x-api-key: {key}' <route> ...\n"
                   "Ctrl-C stops everything.", flush=True)  # fmt: skip
             while all(s.proc.poll() is None for s in stack.all_replicas()):
                 time.sleep(1)

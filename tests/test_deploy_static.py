@@ -173,11 +173,10 @@ def test_compose_topology():
         assert gpu["services"][name]["networks"] == ["backend"], name
     assert set(nginx["networks"]) == set(gpu["services"]["prometheus"]["networks"]) == {"frontend", "backend"}
     assert gpu["services"]["grafana"]["networks"] == ["frontend"]
-    # the template's placeholders are exactly what compose passes to the nginx image's envsubst
-    template = render.NGINX_TEMPLATE.read_text()
-    assert render.template_names(template) <= set(nginx["environment"])
+    # the templates' placeholders are exactly what compose passes to the nginx image's envsubst
+    assert render.template_names(render.nginx_template_texts()) <= set(nginx["environment"])
     for kind in SERVED_MODELS:
-        servers = nginx["environment"][f"{kind.upper()}_UPSTREAM_SERVERS"]
+        servers = nginx["environment"][render.upstream_var(kind)]
         assert servers == render.upstream_servers([f"{kind}-1:3000", f"{kind}-2:3000"])
     # Prometheus scrapes every replica, by the names compose gives them
     for variant, services in (("gpu", gpu), ("cpu", cpu)):
@@ -202,22 +201,28 @@ def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
     from deploy.local_stack import make_self_signed, write_nginx_config
 
     tls = make_self_signed(tmp_path / "tls")
-    values = render.nginx_values(["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:3", "127.0.0.1:4"], "127.0.0.1", 5,
-                                 str(tmp_path / "access.log"), tls_cert=str(tls / "server.crt"),
+    pools = {kind: [f"127.0.0.1:{10 + 2 * i}", f"127.0.0.1:{11 + 2 * i}"] for i, kind in enumerate(SERVED_MODELS)}
+    values = render.nginx_values(pools, "127.0.0.1", 5, str(tmp_path / "access.log"), tls_cert=str(tls / "server.crt"),
                                  tls_key=str(tls / "server.key"), http_port=6, rate_limit="7r/s",
                                  rate_burst=8)  # fmt: skip
-    conf = render.render_template(render.NGINX_TEMPLATE.read_text(), values)
+    files = render.nginx_conf_files(values)
+    assert set(files) == {"servable.conf", "servable-models.conf", "servable-routes.inc", "servable-query.conf"}
+    conf = "\n".join(files.values())
     assert "${" not in conf and "$request_id" in conf  # nginx's own variables survive
     for directive in ("client_max_body_size 8m", "proxy_next_upstream error timeout http_502 http_503 non_idempotent",
                       "proxy_read_timeout", "keepalive", "listen 127.0.0.1:5 ssl;", "listen 127.0.0.1:6;",
                       "return 301 https://$host:5$request_uri;", "rate=7r/s;", "burst=8 nodelay;"):  # fmt: skip
         assert directive in conf
     # the shared main config (compose's /etc/nginx/nginx.conf) includes it, as in the local stack
-    run([*write_nginx_config(tmp_path, conf, tool("nginx")), "-t"])
+    run([*write_nginx_config(tmp_path, files, tool("nginx")), "-t"])
     with pytest.raises(KeyError):
         render.render_template(render.NGINX_TEMPLATE.read_text(), {})
     with pytest.raises(ValueError):
-        render.nginx_values([], [], "127.0.0.1", 5, "off", rate_limit="7; evil")
+        render.nginx_values({}, "127.0.0.1", 5, "off", rate_limit="7; evil")
+    with pytest.raises(KeyError):  # a pool for no served model
+        render.nginx_values({"nope": ["127.0.0.1:1"]}, "127.0.0.1", 5, "off")
+    # a model without replicas: its pool holds one `down` server (nginx refuses an empty upstream)
+    assert "server 127.0.0.1:9 down;" in render.nginx_values({}, "127.0.0.1", 5, "off").values()
 
 
 def test_the_proxy_lets_through_only_the_apis_query_options():
@@ -270,7 +275,7 @@ def _directives(conf: str) -> list[str]:
 def test_nginx_template_tls_headers_limits_and_log_format():
     """TLS on the API's server block, security headers, per-key rate limit with 429 + Retry-After,
     and an access log format that carries no key, token, query string or body."""
-    conf = render.NGINX_TEMPLATE.read_text()
+    conf = render.nginx_template_texts()  # the shared template and the generated pools and routes
     stmts = _directives(conf)
     assert "server_tokens off" in stmts
     assert "listen ${LISTEN_ADDR}:${LISTEN_PORT} ssl" in stmts
@@ -287,8 +292,10 @@ def test_nginx_template_tls_headers_limits_and_log_format():
     assert "add_header Content-Security-Policy \"default-src 'none'; frame-ancestors 'none'\" always" in stmts
     assert "limit_req_zone $servable_limit_key zone=servable_per_key:10m rate=${RATE_LIMIT}" in stmts
     assert '"" $servable_key_or_addr' in " ".join(stmts) and 'default "key:$http_x_api_key"' in stmts
-    assert stmts.count("limit_req zone=servable_per_key burst=${RATE_BURST} nodelay") == 4  # every proxied route
-    assert sum(s.startswith("proxy_pass ") for s in stmts) == 4
+    proxied = 2 * len(SERVED_MODELS)  # every proxied route: each model's REST route and its /<kind>/ prefix
+    assert stmts.count("limit_req zone=servable_per_key burst=${RATE_BURST} nodelay") == proxied
+    assert sum(s.startswith("proxy_pass ") for s in stmts) == proxied
+    assert "include conf.d/servable-routes.inc" in _directives(render.NGINX_TEMPLATE.read_text())
     assert "limit_req_status 429" in stmts and "error_page 429 @rate_limited" in stmts
     assert "add_header Retry-After 1 always" in stmts
     assert any(s.startswith("return 429 '") and '"reason":"rate_limited"' in s for s in stmts)
@@ -305,7 +312,7 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     """Client timeouts, header buffers, keep-alive bounds and the per-address connection limit are
     the same numbers in the nginx template (compose and the local stack), the Ingress and the
     ingress-nginx controller's ConfigMap; compose runs the shared main nginx.conf, not the image's."""
-    stmts = _directives(render.NGINX_TEMPLATE.read_text())
+    stmts = _directives(render.nginx_template_texts())
     main = _directives(render.NGINX_MAIN.read_text())
 
     def value(name: str, found: list[str] = stmts) -> str:
@@ -333,7 +340,7 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     assert cm["log-format-escape-json"] == "true"
     assert "reset_timedout_connection on" in stmts
     # idle connections to the replicas end before the replicas' own keep-alive (5 s) ends them
-    assert stmts.count("keepalive_timeout 4s") == 2 and cm["upstream-keepalive-timeout"] == "4"
+    assert stmts.count("keepalive_timeout 4s") == len(SERVED_MODELS) and cm["upstream-keepalive-timeout"] == "4"
     # the per-address limit: one zone keyed by address, on the API's server, same number everywhere
     assert "limit_conn_zone $binary_remote_addr zone=servable_per_addr:10m" in stmts
     assert stmts.count("limit_conn servable_per_addr ${CONN_LIMIT}") == 1
@@ -352,6 +359,8 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     assert mounts["/etc/nginx/nginx.conf"] == "./nginx/nginx.conf"
     assert mounts["/etc/nginx/conf.d/servable-handshake.conf"] == "./nginx/servable-handshake.conf"
     assert mounts["/etc/nginx/conf.d/servable-query.conf"] == "./nginx/servable-query.conf"  # the query allowlist
+    for generated in (render.NGINX_TEMPLATE, render.NGINX_MODELS, render.NGINX_ROUTES):  # envsubst'd at start
+        assert mounts[f"/etc/nginx/templates/{generated.name}"] == f"./nginx/{generated.name}"
     handshake = _directives(render.NGINX_HANDSHAKE.read_text())
     assert handshake == [f"ssl_handshake_timeout {value('client_header_timeout')}"]
     assert int(nginx["ulimits"]["nofile"]["soft"]) >= int(value("worker_rlimit_nofile", main))
@@ -457,8 +466,8 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     deploy = ROOT / "deploy"
     compose = (deploy / "compose.yaml").read_text()
     compose_cpu = yaml.load((deploy / "compose.cpu.yaml").read_text(), Loader=_ComposeLoader)["services"]
-    nginx = (deploy / "nginx" / "servable.conf.template").read_text()
-    csp_map = re.search(r"^map \$uri \$servable_csp \{\n(.*?)^\}", nginx, re.M | re.S)[1]
+    nginx = render.nginx_template_texts()
+    csp_map = re.search(r"^map \$uri \$servable_playground \{\n(.*?)^\}", nginx, re.M | re.S)[1]
     playground_csp = re.findall(r'^\s*"~(\S+)"', csp_map, re.M)
     prometheus = (deploy / "prometheus" / "prometheus.yml").read_text()
     entrypoint = (deploy / "docker" / "entrypoint.sh").read_text()
@@ -474,7 +483,7 @@ def test_every_served_model_is_wired_into_every_deployment_file():
         assert f"{kind}.yaml" in kustomization and (deploy / "k8s" / "base" / f"{kind}.yaml").exists(), kind
         assert f"upstream servable_{kind}" in nginx and f"location = {entry.route} " in nginx, kind
         assert f"location /{kind}/" in nginx, kind
-        assert f"${{{kind.upper()}_UPSTREAM_SERVERS}}" in nginx, kind
+        assert f"${{{render.upstream_var(kind)}}}" in nginx, kind
         # every service serves its playground page: the proxy's page policy must let it run
         assert any(re.search(p, f"/{kind}/playground") for p in playground_csp), f"no playground CSP for {kind}"
         assert f"job_name: servable-{kind}" in prometheus and f"targets/{kind}*.json" in prometheus, kind
@@ -727,7 +736,7 @@ def test_ingress_exposes_the_proxy_routes_with_their_body_limits(k8s):
     strip the /image and /text prefixes, never expose /metrics, and carry nginx's body limit per route."""
     _, docs = k8s
     ingresses = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Ingress"}
-    conf = render.NGINX_TEMPLATE.read_text()
+    conf = render.nginx_template_texts()
     default_limit = re.search(r"^    client_max_body_size (\w+);", conf, re.M).group(1)
     blocks = dict(re.findall(r"^    location (\S+ ?\S*) \{\n(.*?)^    \}", conf, re.M | re.S))
     nginx_limit = {}

@@ -85,6 +85,9 @@ def test_the_generated_files_select_a_new_model(third_model):
     assert "targets/tabular*.json" in {f for job in scrape if job["job_name"] == "servable-tabular"
                                        for sd in job["file_sd_configs"] for f in sd["files"]}  # fmt: skip
     assert "precision" in generated[render.NGINX_QUERY]
+    assert "upstream servable_tabular {\n    ${TABULAR_UPSTREAM_SERVERS}" in generated[render.NGINX_MODELS]
+    assert "location = /regress {" in generated[render.NGINX_ROUTES]
+    assert "location /tabular/ {" in generated[render.NGINX_ROUTES]
     assert "servable-tabular" in generated[render.RULES_YML]  # the header's list of jobs
     # the shipped files are the two-model ones: adding an entry makes them stale
     assert render.main(["--check"]) == 1
@@ -191,3 +194,32 @@ def test_audit_routes_follow_served_models(third_model):
     routes = audit.labelled_routes()
     assert {"/regress", "/regress/explain"} <= routes
     assert {e.route for e in SERVED_MODELS.values()} <= routes
+
+
+def test_the_proxy_routes_a_new_model(third_model, tmp_path: Path):
+    """nginx, as the local stack and compose run it, with a pool, the routes and the playground page
+    policy of the added model; `nginx -t` accepts it, and a model without replicas gets a `down` pool."""
+    from deploy.local_stack import make_self_signed, write_nginx_config
+
+    tls = make_self_signed(tmp_path / "tls")
+    pools = {"tabular": ["127.0.0.1:7"], "image": ["127.0.0.1:8"]}
+    values = render.nginx_values(pools, "127.0.0.1", 5, str(tmp_path / "a.log"), tls_cert=str(tls / "server.crt"),
+                                 tls_key=str(tls / "server.key"), http_port=6)  # fmt: skip
+    assert values["TABULAR_UPSTREAM_SERVERS"] == render.upstream_servers(["127.0.0.1:7"])
+    assert values["TEXT_UPSTREAM_SERVERS"] == "server 127.0.0.1:9 down;"
+    files = render.nginx_conf_files(values)
+    playground = re.search(r'"~(\S+)" 1;', files["servable-models.conf"])[1]
+    for kind in SERVED_MODELS:
+        assert re.search(playground, f"/{kind}/playground"), kind
+    assert not re.search(playground, "/other/playground")
+    routes = files["servable-routes.inc"]
+    assert "proxy_pass http://servable_tabular;" in routes and "proxy_pass http://servable_tabular/;" in routes
+    assert "client_max_body_size 1m;" in routes.split("location = /regress", 1)[1].split("}", 1)[0]
+    run([*write_nginx_config(tmp_path / "nginx", files, tool("nginx")), "-t"])
+
+
+def test_a_kind_that_cannot_name_a_pool_is_refused(monkeypatch):
+    monkeypatch.setitem(SERVED_MODELS, "Odd-1", ServedModelEntry("Odd-1", "x:Y", TextServeSettings, "/odd", 1, "odd",
+                                                                 "odd_service", "odd_model"))  # fmt: skip
+    with pytest.raises(ValueError, match="lower-case"):
+        render.nginx_models_text()
