@@ -74,14 +74,17 @@ async def cost(base: str, model: str, data, n: int) -> dict:
     return out
 
 
-async def warm_explanations(base: str, model: str, data, calls: int = 6) -> None:
-    """A few explanations before measuring: each worker's explain process starts with the worker but in the
-    background (predict readiness does not wait for it), so the first explanations would include its start."""
+async def warm_explanations(base: str, model: str, data, calls: int = 6, ready=None, tries: int = 60) -> None:
+    """Explanations before measuring: a worker's explain process starts on its first explanation, so the
+    measured phases would include those starts. At least `calls` of them, then more (up to `tries`) until
+    `ready()` says every worker has its explain process (the kernel spreads connections unevenly)."""
     _, explain, headers, bodies, query = _bodies(model, data)
     async with _client_session() as session:
-        for i in range(calls):
+        for i in range(tries):
+            if i >= calls and (ready is None or ready()):
+                return
             _, status, _ = await _timed(session, base + explain, headers, bodies[i % len(bodies)], query)
-            assert status == 200, (explain, status)
+            assert status in (200, 503), (explain, status)  # 503: a first call that met its deadline in a start
 
 
 async def explain_clients(base: str, model: str, data, clients: int, seconds: float, warmup: float) -> list:
@@ -161,7 +164,9 @@ def run_model(model: str, tag: str, args, data, log_dir: Path) -> dict:
     for label, settings in (("default", {}), ("explain_nice_0", {"EXPLAIN_NICE": "0"})):
         server = start_served(model, tag, settings, label, log_dir)
         try:
-            asyncio.run(warm_explanations(server.url, model, data))
+            workers = len(resident_memory_mib(server)["http_workers"])
+            asyncio.run(warm_explanations(server.url, model, data, ready=lambda s=server, n=workers:
+                                          len(resident_memory_mib(s)["explain_processes"]) >= n))  # fmt: skip
             if label == "default":
                 result["cost"] = asyncio.run(cost(server.url, model, data, args.cost_calls))
                 print(f"{model} cost: {json.dumps(result['cost'])}", flush=True)
