@@ -366,3 +366,37 @@ def test_planted_key_and_sentence_never_reach_logs_or_configs(local_stack, image
     for server in stack.all_replicas():
         if server.proc.poll() is None:
             assert key.encode() not in Path(f"/proc/{server.proc.pid}/environ").read_bytes()
+
+
+def test_a_model_added_to_served_models_is_served_routed_and_scraped(tmp_path, monkeypatch):
+    """A SERVED_MODELS entry added in-process, whose service lives outside serving/ and whose settings
+    have their own env prefix, gets replicas (its tag from `tags`), an nginx pool with its routes and
+    playground page policy, and a Prometheus job; the other models can be left out (0 replicas)."""
+    from deploy.local_stack import LocalStack
+    from tests.fixtures.tabular import build
+    from tests.fixtures.tabular.config import ENTRY
+
+    monkeypatch.setitem(render.SERVED_MODELS, ENTRY.kind, ENTRY)
+    tag = build.register()
+    stack = LocalStack(tmp_path / "stack", api_keys={"tester": API_KEY}, tags={ENTRY.kind: tag},
+                       replicas_per_kind={"image": 0, "text": 0, ENTRY.kind: 1})  # fmt: skip
+    assert stack.tags[ENTRY.kind] == tag
+    with stack:
+        ca = stack.ca_file
+        r = requests.post(stack.proxy_url + ENTRY.route, json={"rows": [[1500, 3, 30, 10]]}, headers=KEY, timeout=60,
+                          verify=ca)  # fmt: skip
+        assert r.status_code == 200 and r.json()["model"] == tag, r.text
+        info = requests.get(f"{stack.proxy_url}/{ENTRY.kind}/info", headers=KEY, timeout=30, verify=ca)
+        assert info.json()["model_tag"] == tag
+        page = requests.get(f"{stack.proxy_url}/{ENTRY.kind}/playground", timeout=30, verify=ca)
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        # a model without replicas: its routes answer 502 from the proxy, nothing else breaks
+        assert requests.post(stack.proxy_url + "/sentiment", json={"text": "x"}, headers=KEY, timeout=30,
+                             verify=ca).status_code == 502  # fmt: skip
+
+        def scraped() -> bool:
+            targets = requests.get(stack.prometheus_url + "/api/v1/targets", timeout=10).json()["data"]
+            return any(t["labels"]["job"] == f"servable-{ENTRY.kind}" and t["health"] == "up"
+                       for t in targets["activeTargets"])  # fmt: skip
+
+        assert wait_for(scraped, timeout_s=60), f"Prometheus does not scrape servable-{ENTRY.kind}"
