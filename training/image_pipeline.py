@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
-from servable.artifact import ModelManifest
+from servable.artifact import Artifact, ModelManifest
 from servable.config import ImageTrainConfig
 from servable.explain import probabilities
 from servable.preprocessing import ImagePreprocessing, normalize
@@ -203,3 +203,15 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
                staging.parent / "pytorch_model.pt")  # fmt: skip
     tag = finish(cfg, manifest, staging)
     return ImageRun(tag, staging, metrics, model, splits, prep)
+
+
+def review_test_split(
+    cfg: ImageTrainConfig, art: Artifact, session, out: Path, n: int
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """A registered model's test split rebuilt from its recorded config and scored by `session`, with the
+    gallery of its `n` most confident mistakes in `out` (training/review.py)."""
+    m = art.manifest
+    splits = load_splits(cfg, m.image_preprocessing)
+    probs = probabilities(onnx_predict(session, splits.test_x, m.image_preprocessing))
+    entries = image_gallery(session, m.image_preprocessing, splits.test_x, splits.test_y, probs, m.labels, out, n=n)
+    return splits.test_y, probs, entries

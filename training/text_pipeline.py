@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from servable.artifact import ModelManifest
+from servable.artifact import Artifact, ModelManifest
 from servable.config import TextTrainConfig
 from servable.explain import probabilities
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
@@ -220,3 +220,16 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     for line in domain_table({v: r["by_domain"] for v, r in metrics["test"].items()}):
         tqdm.write(line)
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
+
+
+def review_test_split(
+    cfg: TextTrainConfig, art: Artifact, session, out: Path, n: int
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """A registered model's test split rebuilt from its recorded config and scored by `session`, with the
+    gallery of its `n` most confident mistakes in `out` (training/review.py)."""
+    m, prep = art.manifest, art.manifest.text_preprocessing
+    splits = load_splits(cfg)
+    tok = load_tokenizer(art.file(prep.tokenizer_file), prep)
+    probs = probabilities(onnx_predict(session, tok, splits.test, prep))
+    entries = text_gallery(session, tok, prep, splits.test, probs, m.labels, out, n=n)
+    return np.array([label for _, label in splits.test]), probs, entries
