@@ -1,15 +1,20 @@
-"""Locust load test of both services: real inputs, checked answers, load shapes and the SLO gate.
+"""Locust load test of every served model: real inputs, checked answers, load shapes and the SLO gate.
 
-Traffic mix (stated, by task weights; users split 40 % image, 60 % sentiment):
+One user class per SERVED_MODELS entry (servable/config.py), read when Locust loads this file;
+LOADTEST_EXTRA_MODELS="module:ATTR,..." adds ServedModelEntry objects defined elsewhere first.
+Image and sentiment have the detailed users below; any other model gets a user that posts its
+entry's `example` request to its route ("<kind> <route>") and checks the answer's predictions.
+Traffic mix (stated, by task weights; users split 2 : 3 : 1 for image, sentiment, each other model):
   image      60 % one image as a multipart upload, 15 % four images as base64 JSON,
              25 % V2 infer with 1-2 images;
-  sentiment  60 % one sentence, 15 % eight sentences, 25 % V2 infer with 1-4 sentences.
+  sentiment  60 % one sentence, 15 % eight sentences, 25 % V2 infer with 1-4 sentences;
+  other      its example request.
 Each answer is checked for status and shape (counts, labels, probabilities), so a wrong
 answer is a failure, not a success.
 
-Hosts: IMAGE_URL and TEXT_URL, each falling back to --host (one URL with path routing, as
-behind the proxy or docker compose, which serves V2 under IMAGE_V2_PREFIX=/image and
-TEXT_V2_PREFIX=/text); HTTPS with a private CA: LOADTEST_CA_BUNDLE (or REQUESTS_CA_BUNDLE).
+Hosts: <KIND>_URL (IMAGE_URL, TEXT_URL, ...), each falling back to --host (one URL with path
+routing, as behind the proxy or docker compose, which serves V2 under <KIND>_V2_PREFIX=/<kind>);
+HTTPS with a private CA: LOADTEST_CA_BUNDLE (or REQUESTS_CA_BUNDLE).
 Key: LOADTEST_API_KEY, else the first of SERVABLE_AUTH_KEYS.
 Shape: LOAD_SHAPE=steady|ramp|spike (sizes: LOAD_USERS, LOAD_DURATION); unset: Locust's -u/-r/-t.
 Inputs: LOADTEST_INPUTS folder (see loadtest/inputs.py). Gate: loadtest/slo.toml (see loadtest/slo.py).
@@ -22,12 +27,17 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 from locust import HttpUser, LoadTestShape, between, events, task
 from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` does not put the repo on the path
 from loadtest import inputs, profiles, slo
+from loadtest.run import EXTRA_MODELS_ENV, add_extra_models, example_request, url_env, v2_prefix_env
+from servable.config import SERVED_MODELS
+
+add_extra_models(os.environ.get(EXTRA_MODELS_ENV, ""))
 
 DATA = inputs.load(Path(os.environ.get("LOADTEST_INPUTS") or inputs.DEFAULT_DIR))
 B64_IMAGES = [base64.b64encode(b).decode() for b in DATA.images]
@@ -68,31 +78,25 @@ def check_v2(body: dict, n: int, labels: list[str]) -> None:
         check(lab["data"][i] == labels[max(range(c), key=row.__getitem__)], f"V2 label {i} is not the argmax")
 
 
+def check_predictions(body: dict, n: int | None) -> None:
+    preds = body["predictions"]
+    check(isinstance(preds, list) and len(preds) > 0, "no predictions")
+    check(n is None or len(preds) == n, f"{len(preds)} predictions, expected {n}")
+
+
 class _ModelUser(HttpUser):
     abstract = True
     wait_time = between(0.05, 0.3)
     kind = ""
-    url_env, model_env, model_default = "", "", ""
-    prefix_env = ""  # the proxy serves V2 under /image/ and /text/ (friendly routes stay at the root)
-    labels: list[str] | None = None  # from the V2 metadata, fetched once per class
 
     def on_start(self) -> None:
-        if url := os.environ.get(self.url_env):  # Locust's --host overrides class hosts: this wins over both
+        if url := os.environ.get(url_env(self.kind)):  # Locust's --host overrides class hosts: this wins
             self.client.base_url = url.rstrip("/")
         # HttpUser sets trust_env=False, so requests ignores REQUESTS_CA_BUNDLE: pass a private CA explicitly.
         if ca := os.environ.get("LOADTEST_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE"):
             self.client.verify = ca
-        self.model = os.environ.get(self.model_env) or self.model_default
-        self.v2_base = f"{os.environ.get(self.prefix_env, '').rstrip('/')}/v2/models/{self.model}"
-        if type(self).labels is None:
-            with self.client.get(self.v2_base, headers=HEADERS, name=f"{self.kind} v2 metadata",
-                                 catch_response=True) as r:  # fmt: skip
-                if r.status_code != 200:
-                    r.failure(f"metadata: HTTP {r.status_code} {repr(r.error)[:200] if r.error else ''}")
-                    return
-                type(self).labels = r.json()["parameters"]["labels"]
 
-    def post(self, name: str, path: str, validate, n: int, **kw) -> None:
+    def post(self, name: str, path: str, validate, n: int | None, **kw) -> None:
         with self.client.post(path, headers=HEADERS, name=name, catch_response=True, **kw) as r:
             if r.status_code != 200:
                 # Status 0: no HTTP answer at all (refused, TLS, timeout): say which.
@@ -103,17 +107,52 @@ class _ModelUser(HttpUser):
             except (BadAnswer, ValueError, KeyError, TypeError, IndexError) as exc:
                 r.failure(f"bad answer: {type(exc).__name__}: {exc}")
 
+
+class ExampleUser(_ModelUser):
+    """A served model without a detailed user: its entry's example request, again and again."""
+
+    abstract = True
+    weight = 1
+    route = ""
+    request: ClassVar[dict] = {}  # keyword arguments of the POST (example_request)
+    items: int | None = None
+
+    @task
+    def example(self) -> None:
+        self.post(f"{self.kind} {self.route}", self.route, check_predictions, self.items, **self.request)
+
+
+class _V2User(_ModelUser):
+    abstract = True
+    model_env, model_default = "", ""
+    labels: list[str] | None = None  # from the V2 metadata, fetched once per class
+
+    @property
+    def prefix_env(self) -> str:  # the proxy serves V2 under /<kind>/ (friendly routes stay at the root)
+        return v2_prefix_env(self.kind)
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.model = os.environ.get(self.model_env) or self.model_default
+        self.v2_base = f"{os.environ.get(self.prefix_env, '').rstrip('/')}/v2/models/{self.model}"
+        if type(self).labels is None:
+            with self.client.get(self.v2_base, headers=HEADERS, name=f"{self.kind} v2 metadata",
+                                 catch_response=True) as r:  # fmt: skip
+                if r.status_code != 200:
+                    r.failure(f"metadata: HTTP {r.status_code} {repr(r.error)[:200] if r.error else ''}")
+                    return
+                type(self).labels = r.json()["parameters"]["labels"]
+
     def v2(self, name: str, tensor: str, data: list[str]) -> None:
         body = {"inputs": [{"name": tensor, "datatype": "BYTES", "shape": [len(data)], "data": data}]}
         self.post(name, f"{self.v2_base}/infer", lambda b, n: check_v2(b, n, self.labels or []),
                   len(data), json=body)  # fmt: skip
 
 
-class ImageUser(_ModelUser):
+class ImageUser(_V2User):
     weight = 2
     host = os.environ.get("IMAGE_URL") or None
-    kind, url_env, model_env, model_default = "image", "IMAGE_URL", "IMAGE_MODEL", "fashion-cnn"
-    prefix_env = "IMAGE_V2_PREFIX"
+    kind, model_env, model_default = "image", "IMAGE_MODEL", "fashion-cnn"
 
     def validate(self, body: dict, n: int, top_k: int) -> None:
         preds = body["predictions"]
@@ -145,11 +184,10 @@ class ImageUser(_ModelUser):
         self.v2("image v2 infer", "image", random.sample(B64_IMAGES, random.randint(1, 2)))
 
 
-class SentimentUser(_ModelUser):
+class SentimentUser(_V2User):
     weight = 3
     host = os.environ.get("TEXT_URL") or None
-    kind, url_env, model_env, model_default = "text", "TEXT_URL", "TEXT_MODEL", "sentiment-bert"
-    prefix_env = "TEXT_V2_PREFIX"
+    kind, model_env, model_default = "text", "TEXT_MODEL", "sentiment-bert"
 
     def validate(self, body: dict, n: int) -> None:
         preds = body["predictions"]
@@ -174,11 +212,30 @@ class SentimentUser(_ModelUser):
         self.v2("text v2 infer", "text", random.sample(DATA.texts, random.randint(1, 4)))
 
 
-# LOAD_ONLY=image|text drops the other user class (e.g. only one service is up).
-if os.environ.get("LOAD_ONLY") == "image":
-    SentimentUser.abstract = True
-elif os.environ.get("LOAD_ONLY") == "text":
-    ImageUser.abstract = True
+DETAILED: dict[str, type[_ModelUser]] = {"image": ImageUser, "text": SentimentUser}
+
+
+def example_user(kind: str) -> type[ExampleUser]:
+    """The user of a served model without a detailed one, from its SERVED_MODELS entry."""
+    entry = SERVED_MODELS[kind]
+    request, items = example_request(entry)
+    attrs = {"kind": kind, "route": entry.route, "request": request, "items": items, "abstract": False,
+             "host": os.environ.get(url_env(kind)) or None, "__module__": __name__}  # fmt: skip
+    return type(f"{kind.title().replace('_', '')}ExampleUser", (ExampleUser,), attrs)
+
+
+def model_users(only: str = "") -> dict[str, type[_ModelUser]]:
+    """kind -> its user class for every served model; `only`: a comma list of kinds to keep."""
+    keep = set(filter(None, only.split(","))) or set(SERVED_MODELS)
+    return {kind: DETAILED.get(kind) or example_user(kind) for kind in SERVED_MODELS if kind in keep}
+
+
+# LOAD_ONLY=kind[,kind] keeps those models' users (e.g. only one service is up).
+USERS = model_users(os.environ.get("LOAD_ONLY", ""))
+for _kind, _user in DETAILED.items():
+    _user.abstract = _kind not in USERS  # a detailed user of a model not served (or left out) stays idle
+del _kind, _user  # Locust takes every user class among this module's names
+globals().update({u.__name__: u for u in USERS.values()})  # Locust picks up the user classes of this module
 
 if (_shape := os.environ.get("LOAD_SHAPE", "").lower()) and _shape != "none":
     PROFILE = profiles.Profile.from_env(_shape)

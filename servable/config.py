@@ -437,6 +437,10 @@ class ServedModelEntry:
     # The options a client may put in the query string (the only ones the proxy lets through:
     # deploy/nginx/servable-query.conf is generated from these).
     query_options: tuple[str, ...] = ()
+    # One request the load test (loadtest/locustfile.py) sends to `route`, whose answer must hold a
+    # non-empty "predictions" list: a JSON body ("{...}"), or "module:function" returning the keyword
+    # arguments of a `requests` POST (json=, or files=/data=), with "items" = the predictions expected.
+    example: str = ""
 
     @property
     def env_prefix(self) -> str:
@@ -456,6 +460,9 @@ SERVED_MODELS: dict[str, ServedModelEntry] = {
             "image_classifier",
             "image_model",
             query_options=("top_k", "grid", "overlay", "label"),
+            # a 16x16 checkerboard PNG
+            example='{"images": ["iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAAAAAA6mKC9AAAAEElEQVR42mNgOEEAMowo'
+            'FQAkK2QBPD0KnQAAAABJRU5ErkJggg=="]}',
         ),
         ServedModelEntry(
             "text",
@@ -466,6 +473,7 @@ SERVED_MODELS: dict[str, ServedModelEntry] = {
             "sentiment",
             "sentiment_classifier",
             "sentiment_model",
+            example='{"texts": ["A fine, moving film.", "Dull and far too long."]}',
         ),
     )
 }

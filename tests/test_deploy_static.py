@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from deploy import k8s_release, render
+from loadtest.run import example_request
 from servable.config import SERVED_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,25 @@ def test_dockerfile_runtime_stage_properties():
 
 def test_entrypoint_script_is_valid_sh():
     run(["sh", "-n", str(DEPLOY / "docker" / "entrypoint.sh")])
+
+
+def test_entrypoint_serves_every_served_model(tmp_path):
+    """The image's entrypoint takes the `bentoml serve` target from SERVED_MODELS (kind or docs name),
+    with a stand-in `bentoml` that prints its arguments; an unknown name exits 64."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "bentoml").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "bin" / "bentoml").chmod(0o755)
+    (tmp_path / "models").mkdir()
+    env = {"PATH": f"{tmp_path / 'bin'}:{BIN}:/usr/bin:/bin", "BENTOML_HOME": str(tmp_path / "home"),
+           "SERVABLE_MODEL_DIR": str(tmp_path / "models")}  # fmt: skip
+    entrypoint = str(DEPLOY / "docker" / "entrypoint.sh")
+    for entry in SERVED_MODELS.values():
+        for name in (entry.kind, entry.docs_name):
+            out = run(["sh", entrypoint], env={**env, "SERVABLE_SERVICE": name}, cwd=ROOT)
+            assert out.stdout.split()[:2] == ["serve", entry.service], name
+    unknown = subprocess.run(["sh", entrypoint], env={**env, "SERVABLE_SERVICE": "nope"}, capture_output=True,
+                             text=True, timeout=60, cwd=ROOT, check=False)  # fmt: skip
+    assert unknown.returncode == 64 and "SERVABLE_SERVICE must be one of" in unknown.stderr
     for script in ("podman/build_and_run.sh", "compose_prep.sh", "compose_rollout.sh", "tls/make_self_signed.sh"):
         run([tool("bash"), "-n", str(DEPLOY / script)])
 
@@ -459,9 +479,11 @@ def test_k8s_manifests(k8s):
 
 def test_every_served_model_is_wired_into_every_deployment_file():
     """SERVED_MODELS is the one list: each model has its compose service, Kubernetes manifest, nginx
-    upstream and route, Prometheus job and entrypoint target (launcher, API docs, the dashboard's and
-    the rules' selectors are derived from it in code). The files kept by hand are checked here, and
-    in test_compose_topology (replicas, upstream servers, scrape targets), test_k8s_manifests and
+    upstream and route, Prometheus job, load-test request and entrypoint target (the launcher, API
+    docs, entrypoint, nginx pools and routes, scrape jobs and compose targets, the dashboard's and the
+    rules' selectors are derived from it: render --check, test_entrypoint_serves_every_served_model).
+    The files kept by hand are checked here, and in test_compose_topology (replicas, upstream
+    servers, scrape targets), test_k8s_manifests and
     test_ingress_exposes_the_proxy_routes_with_their_body_limits."""
     deploy = ROOT / "deploy"
     compose = (deploy / "compose.yaml").read_text()
@@ -470,12 +492,9 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     csp_map = re.search(r"^map \$uri \$servable_playground \{\n(.*?)^\}", nginx, re.M | re.S)[1]
     playground_csp = re.findall(r'^\s*"~(\S+)"', csp_map, re.M)
     prometheus = (deploy / "prometheus" / "prometheus.yml").read_text()
-    entrypoint = (deploy / "docker" / "entrypoint.sh").read_text()
     kustomization = (deploy / "k8s" / "base" / "kustomization.yaml").read_text()
     compose_prep = (deploy / "compose_prep.sh").read_text()
     podman = (deploy / "podman" / "build_and_run.sh").read_text()
-    locust_kinds = set(re.findall(r'^\s+kind, url_env, model_env, model_default = "(\w+)"',
-                                  (ROOT / "loadtest" / "locustfile.py").read_text(), re.M))  # fmt: skip
     for kind, entry in SERVED_MODELS.items():
         assert f"SERVABLE_SERVICE: {kind}" in compose, kind
         assert {f"{kind}-1", f"{kind}-2"} <= set(compose_cpu), f"compose.cpu.yaml: {kind} replicas not under x-cpu"
@@ -487,9 +506,9 @@ def test_every_served_model_is_wired_into_every_deployment_file():
         # every service serves its playground page: the proxy's page policy must let it run
         assert any(re.search(p, f"/{kind}/playground") for p in playground_csp), f"no playground CSP for {kind}"
         assert f"job_name: servable-{kind}" in prometheus and f"targets/{kind}*.json" in prometheus, kind
-        assert entry.service in entrypoint, kind
         assert entry.route in podman, f"deploy/podman/build_and_run.sh does not call {entry.route}"
-        assert kind in locust_kinds, f"loadtest/locustfile.py has no user for {kind}"
+        request, _ = example_request(entry)  # loadtest/locustfile.py's user of this model sends it
+        assert request, f"{kind}: no example request for the load test"
     slo_names = tomllib.loads((ROOT / "loadtest" / "slo.toml").read_text()).get("endpoints", {})
     routes = {(kind, entry.route) for kind, entry in SERVED_MODELS.items()}
     stale = [n for n in slo_names if tuple(n.split()[:2]) not in routes]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -220,3 +221,70 @@ def test_open_loop_keeps_to_its_connections():
     assert len(lags) == 100
     # three connections serve 60/s: the last requests waited about a second for one, and that counts
     assert max(e - s for s, e, _ in records) > 0.8
+
+
+# A module the Locust process imports (LOADTEST_EXTRA_MODELS): the tabular fixture's entry with an example request.
+EXTRA_MODEL_MODULE = """import dataclasses
+from tests.fixtures.tabular.config import ENTRY as _ENTRY
+ENTRY = dataclasses.replace(_ENTRY, example='{"rows": [[1500, 3, 30, 10], [2400, 4, 5, 2]]}')
+"""
+
+
+def test_example_requests_and_extra_models(tmp_path, monkeypatch):
+    """Each served model's example is a request Locust can send; entries from elsewhere join SERVED_MODELS."""
+    from loadtest import run
+    from servable.config import SERVED_MODELS
+
+    for entry in SERVED_MODELS.values():
+        request, items = run.example_request(entry)
+        assert set(request) <= {"json", "files", "data"} and items is None, entry.kind
+    (tmp_path / "extra_model.py").write_text(EXTRA_MODEL_MODULE + "\ndef example():\n"
+                                             "    return {'json': {'rows': [[1, 2, 3, 4]]}, 'items': 1}\n")  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(run, "SERVED_MODELS", dict(SERVED_MODELS))  # the helpers write to this dict
+    assert run.add_extra_models("extra_model:ENTRY") == ["tabular"]
+    rows = {"rows": [[1500, 3, 30, 10], [2400, 4, 5, 2]]}
+    assert run.example_request(run.SERVED_MODELS["tabular"]) == ({"json": rows}, None)
+    by_function = dataclasses.replace(run.SERVED_MODELS["tabular"], example="extra_model:example")
+    assert run.example_request(by_function) == ({"json": {"rows": [[1, 2, 3, 4]]}}, 1)
+    with pytest.raises(TypeError):
+        run.add_extra_models("extra_model:example")
+    args = run.parse(["--url", "https://proxy:8443/", "--model-url", "tabular=http://t:1", "--tag", "tabular=t:1"])
+    assert run.model_urls(args) == {
+        "image": "https://proxy:8443",
+        "text": "https://proxy:8443",
+        "tabular": "http://t:1",
+    }
+    assert run.model_tags(args) == {"image": "fashion-cnn:latest", "text": "sentiment-bert:latest", "tabular": "t:1"}
+    assert run.model_urls(run.parse(["--image-url", "http://i:1"])) == {}  # a model without a URL: start them
+
+
+def test_locust_loads_a_model_added_to_served_models(tmp_path):
+    """A served model defined outside servable/config.py (LOADTEST_EXTRA_MODELS) gets a Locust user built
+    from its entry's example: its requests are named "<kind> <route>", checked, and judged by slo.toml's
+    [default] thresholds."""
+    from deploy import launch
+    from tests.fixtures.tabular import build
+    from tests.fixtures.tabular.config import ENTRY
+
+    (tmp_path / "extra_model.py").write_text(EXTRA_MODEL_MODULE)
+    inputs.export(tmp_path / "inputs", n_images=8, n_texts=16)
+    env = {f"{ENTRY.env_prefix}MODEL_TAG": build.register(), "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}",
+           f"{ENTRY.env_prefix}WORKERS": "1"}  # fmt: skip
+    server = launch.start_ready(ENTRY.service, env, log_path=tmp_path / "server.log", cwd=ROOT)
+    try:
+        extra = {"LOADTEST_EXTRA_MODELS": "extra_model:ENTRY", "PYTHONPATH": f"{tmp_path}:{ROOT}",
+                 "LOAD_ONLY": ENTRY.kind, "TABULAR_URL": server.url, "SERVABLE_SLO_MIN_REQUESTS": "5"}  # fmt: skip
+        proc, prefix = run_locust(tmp_path, "extra", server.url, server.url, 5, extra)
+    finally:
+        server.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    rows = {r["Name"]: r for r in csv.DictReader(Path(f"{prefix}_stats.csv").read_text().splitlines())}
+    name = f"{ENTRY.kind} {ENTRY.route}"
+    assert set(rows) == {name, "Aggregated"} and int(rows[name]["Request Count"]) > 0, rows
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, Path(f"{prefix}_failures.csv").read_text()
+    default = slo.load_config(env={}).default
+    checks = {c["metric"]: c for c in json.loads(Path(f"{prefix}_slo.json").read_text())["checks"]
+              if c["endpoint"] == name}  # fmt: skip
+    assert checks["p95_ms"]["limit"] == default.p95_ms and checks["p99_ms"]["limit"] == default.p99_ms
