@@ -152,9 +152,9 @@ stack: setup  ## compose's topology on 127.0.0.1 without Docker: 2+2 replicas, n
 	$(BIN)/python -m deploy.local_stack $(STACK_ARGS)
 
 validate-deploy: setup  ## offline checks of Dockerfile, compose, nginx, Prometheus rules, Grafana, k8s manifests
-	$(BIN)/pytest -q tests/test_deploy_static.py
+	$(BIN)/pytest -q tests/test_deploy_static.py tests/test_derived_deploy.py
 
-dashboard: setup  ## regenerate the Grafana dashboard and prometheus.yml from deploy/render.py (SERVED_MODELS)
+dashboard: setup  ## regenerate every deploy file derived from SERVED_MODELS (deploy/render.py; --check: stale?)
 	$(BIN)/python -m deploy.render
 
 bake-models: setup  ## export MODELS from the model store into deploy/model-store/ for the image build

@@ -10,7 +10,9 @@
   writes deploy/grafana/dashboards/servable.json, deploy/prometheus/prometheus.yml (a scrape job
   per served model), deploy/nginx/servable-query.conf (the query options the proxy lets
   through), the Prometheus rules deploy/prometheus/rules/servable.yml and the GPU overlay's
-  Prometheus-adapter rule (from their *.template files), and `--check` fails when any is stale.
+  Prometheus-adapter rule (from their *.template files), nginx's per-model pools and routes
+  (servable-models.conf.template, servable-routes.inc.template) and compose's scrape targets
+  (prometheus/targets/compose-{gpu,cpu}/<kind>.json); `--check` fails when any is stale.
 - Which calls are the served models' inference calls (service_name and endpoint matchers) is
   derived from SERVED_MODELS in one place, `selector_values()`: the dashboard, the recording
   rules and the adapter all use it, so a new model is monitored without editing a selector.
@@ -378,6 +380,22 @@ def prometheus_text() -> str:
     return PROMETHEUS_HEAD + jobs + PROMETHEUS_TAIL
 
 
+# Compose runs this many replicas of each served model, named <kind>-1, <kind>-2 (deploy/compose.yaml).
+COMPOSE_REPLICAS = 2
+COMPOSE_TARGETS = DEPLOY / "prometheus" / "targets"
+
+
+def compose_target_text(kind: str) -> str:
+    """targets/compose-{gpu,cpu}/<kind>.json: the model's compose replicas, by the names compose gives them."""
+    replicas = [f"{kind}-{i + 1}:3000" for i in range(COMPOSE_REPLICAS)]
+    return json.dumps([{"targets": replicas, "labels": {"service": kind}}]) + "\n"
+
+
+def compose_targets() -> dict[Path, object]:
+    return {COMPOSE_TARGETS / f"compose-{variant}" / f"{kind}.json": (lambda k=kind: compose_target_text(k))
+            for variant in ("gpu", "cpu") for kind in SERVED_MODELS}  # fmt: skip
+
+
 # ---------------------------------------------------------------- files filled from a template
 
 
@@ -403,13 +421,18 @@ GENERATED = {
 }
 
 
+def generated() -> dict[Path, object]:
+    """Every generated file -> the function writing its text, for the current SERVED_MODELS."""
+    return {**GENERATED, **compose_targets()}
+
+
 def main(argv: list[str]) -> int:
     if "--check" in argv:
-        stale = [path for path, text in GENERATED.items() if not path.exists() or path.read_text() != text()]
+        stale = [path for path, text in generated().items() if not path.exists() or path.read_text() != text()]
         for path in stale:
             print(f"{path} is stale: run python -m deploy.render", file=sys.stderr)
         return 1 if stale else 0
-    for path, text in GENERATED.items():
+    for path, text in generated().items():
         path.write_text(text())
         print(f"wrote {path}")
     return 0

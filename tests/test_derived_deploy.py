@@ -88,6 +88,11 @@ def test_the_generated_files_select_a_new_model(third_model):
     assert "upstream servable_tabular {\n    ${TABULAR_UPSTREAM_SERVERS}" in generated[render.NGINX_MODELS]
     assert "location = /regress {" in generated[render.NGINX_ROUTES]
     assert "location /tabular/ {" in generated[render.NGINX_ROUTES]
+    for variant in ("gpu", "cpu"):  # compose's replicas of the new model, scraped by their names
+        target = render.generated()[render.COMPOSE_TARGETS / f"compose-{variant}" / "tabular.json"]()
+        assert json.loads(target) == [
+            {"targets": ["tabular-1:3000", "tabular-2:3000"], "labels": {"service": "tabular"}}
+        ]
     assert "servable-tabular" in generated[render.RULES_YML]  # the header's list of jobs
     # the shipped files are the two-model ones: adding an entry makes them stale
     assert render.main(["--check"]) == 1
