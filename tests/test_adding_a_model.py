@@ -21,6 +21,7 @@ def _guide_rows() -> list[tuple[str, str, str]]:
 
 
 def test_the_guides_file_list_is_what_the_fixture_model_needed():
+    """The table of docs/adding-a-model.md lists every file the fixture model has, and only those."""
     rows = _guide_rows()
     assert 0 < len(rows) <= 5, rows
     listed = {re.search(r"`([^`]+)`", fixture).group(1) for _, _, fixture in rows}
@@ -52,4 +53,4 @@ def test_nothing_in_the_product_names_the_fixture_model():
             "servable-tabular",
             "SERVABLE_TABULAR",
         ):
-            assert name not in text, f"{rel} names the fixture model ({name})"
+            assert name not in text, f"{rel} names the fixture model ({name}; docs/adding-a-model.md)"
