@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from servable.config import ServeCommon
 
 if TYPE_CHECKING:
@@ -54,9 +52,3 @@ def create_session(path, settings: ServeCommon) -> tuple[ort.InferenceSession, s
         log.warning("requested %s but ONNX Runtime fell back to %s", wanted, in_use)
     log.info("ONNX Runtime providers in use for %s: %s", path.name, session.get_providers())
     return session, in_use
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from servable.preprocessing import encode_texts, load_tokenizer, preprocess_image
-from serving.onnx_runtime import softmax
+from serving.heads import softmax
 from tests.conftest import API_KEY, SECRET_SENTENCE
 from tests.polling import wait_for
 from training import onnx_tools
