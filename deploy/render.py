@@ -12,7 +12,9 @@
   through), the Prometheus rules deploy/prometheus/rules/servable.yml and the GPU overlay's
   Prometheus-adapter rule (from their *.template files), nginx's per-model pools and routes
   (servable-models.conf.template, servable-routes.inc.template) and compose's scrape targets
-  (prometheus/targets/compose-{gpu,cpu}/<kind>.json); `--check` fails when any is stale.
+  (prometheus/targets/compose-{gpu,cpu}/<kind>.json) and the Kubernetes base (k8s/base/<kind>.yaml from
+  model.yaml.template, ingress.yaml from ingress.yaml.template, kustomization.yaml's resources);
+  `--check` fails when any is stale.
 - Which calls are the served models' inference calls (service_name and endpoint matchers) is
   derived from SERVED_MODELS in one place, `selector_values()`: the dashboard, the recording
   rules and the adapter all use it, so a new model is monitored without editing a selector.
@@ -410,6 +412,93 @@ def templated_text(template: Path) -> str:
     return head + render_template(template.read_text(), selector_values())
 
 
+# ---------------------------------------------------------------- Kubernetes base (kustomize)
+
+K8S_BASE = DEPLOY / "k8s" / "base"
+K8S_MODEL_TEMPLATE = K8S_BASE / "model.yaml.template"  # one model's Deployment, Service, PDB, HPA
+K8S_INGRESS_TEMPLATE = K8S_BASE / "ingress.yaml.template"  # one model's Ingress
+K8S_INGRESS = K8S_BASE / "ingress.yaml"  # generated: every model's Ingress
+K8S_KUSTOMIZATION = K8S_BASE / "kustomization.yaml"  # generated: the base's resources
+
+
+def _template_body(template: Path) -> str:
+    """A template's text without its own notes (lines starting "#:")."""
+    return "".join(line for line in template.read_text().splitlines(keepends=True) if not line.startswith("#:"))
+
+
+def _generated_from(*templates: Path) -> str:
+    names = " and ".join(str(t.relative_to(DEPLOY.parent)) for t in templates)
+    return (
+        f"# Generated from {names}\n"
+        "# and SERVED_MODELS (servable/config.py) by `python -m deploy.render`: do not edit by hand\n"
+        "# (`python -m deploy.render --check` fails when it is stale).\n"
+    )
+
+
+def k8s_values(entry: ServedModelEntry) -> dict[str, str]:
+    """The placeholders of the Kubernetes templates for one served model."""
+    _alternation([entry.route])  # the route goes into the Ingress' path regex unescaped
+    return {
+        "KIND": _kind_name(entry.kind),
+        "ENV_PREFIX": entry.env_prefix,
+        "MODEL_TAG": str(entry.settings.model_fields["model_tag"].default),
+        "ROUTE": entry.route,
+        "ROUTE_PATH": entry.route.removeprefix("/"),
+        "BODY_LIMIT": body_limit(entry),
+        "CONN_LIMIT": str(CONN_LIMIT),
+    }
+
+
+def k8s_model_text(kind: str) -> str:
+    """deploy/k8s/base/<kind>.yaml: model.yaml.template filled for one served model."""
+    return _generated_from(K8S_MODEL_TEMPLATE) + render_template(
+        _template_body(K8S_MODEL_TEMPLATE), k8s_values(SERVED_MODELS[kind])
+    )
+
+
+K8S_INGRESS_HEAD = """# Public entry (ingress-nginx), one Ingress per service so each carries its own body limit; the
+# routes are those of deploy/nginx/servable.conf.template: POST ${ROUTES}, and under
+# ${PREFIXES} (prefix stripped) the model info, the OpenAPI document and every V2 route.
+# Not exposed, unlike the compose proxy: /<kind>/readyz, /livez and the other BentoML health and
+# docs pages (the kubelet probes the pods directly); /metrics is never exposed (Prometheus scrapes
+# the pods). TLS: add a `tls:` section with your certificate's Secret (docs/deploy.md#tls).
+# Per-Ingress settings are annotations; the controller-wide ones (client header and body timeouts,
+# keep-alive bounds, header buffers, the 429 for the connection limit) are in
+# deploy/k8s/ingress-nginx/controller-config.yaml, which the controller's operator applies.
+"""
+
+
+def k8s_ingress_text() -> str:
+    """deploy/k8s/base/ingress.yaml: ingress.yaml.template filled for every served model."""
+    head = render_template(K8S_INGRESS_HEAD, {
+        "ROUTES": ", ".join(e.route for e in SERVED_MODELS.values()),
+        "PREFIXES": ", ".join(f"/{kind}/" for kind in SERVED_MODELS),
+    })  # fmt: skip
+    body = _template_body(K8S_INGRESS_TEMPLATE)
+    docs = [render_template(body, k8s_values(entry)) for entry in SERVED_MODELS.values()]
+    return _generated_from(K8S_INGRESS_TEMPLATE) + head + "---\n".join(docs)
+
+
+def k8s_kustomization_text() -> str:
+    """deploy/k8s/base/kustomization.yaml: every model's manifest and the Ingress."""
+    resources = "".join(f"  - {kind}.yaml\n" for kind in SERVED_MODELS)
+    return (
+        _generated_head("Per model: <kind>.yaml from model.yaml.template.")
+        + "# Servable on Kubernetes: shared base; apply an overlay (overlays/gpu or overlays/cpu), not this.\n"
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "labels:\n"
+        "  - pairs:\n"
+        "      app.kubernetes.io/part-of: servable\n"
+        "    includeSelectors: false\n"
+        "resources:\n" + resources + f"  - {K8S_INGRESS.name}\n"
+    )
+
+
+def k8s_models() -> dict[Path, object]:
+    return {K8S_BASE / f"{kind}.yaml": (lambda k=kind: k8s_model_text(k)) for kind in SERVED_MODELS}
+
+
 GENERATED = {
     DASHBOARD_JSON: dashboard_text,
     PROMETHEUS_YML: prometheus_text,
@@ -418,12 +507,14 @@ GENERATED = {
     NGINX_ROUTES: nginx_routes_text,
     RULES_YML: lambda: templated_text(RULES_TEMPLATE),
     ADAPTER_RULES: lambda: templated_text(ADAPTER_TEMPLATE),
+    K8S_INGRESS: k8s_ingress_text,
+    K8S_KUSTOMIZATION: k8s_kustomization_text,
 }
 
 
 def generated() -> dict[Path, object]:
     """Every generated file -> the function writing its text, for the current SERVED_MODELS."""
-    return {**GENERATED, **compose_targets()}
+    return {**GENERATED, **compose_targets(), **k8s_models()}
 
 
 def main(argv: list[str]) -> int:

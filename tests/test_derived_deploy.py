@@ -228,3 +228,50 @@ def test_a_kind_that_cannot_name_a_pool_is_refused(monkeypatch):
                                                                  "odd_service", "odd_model"))  # fmt: skip
     with pytest.raises(ValueError, match="lower-case"):
         render.nginx_models_text()
+
+
+# ---------------------------------------------------------------- Kubernetes: the base rendered per model
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_kustomize_renders_a_new_model(third_model, tmp_path: Path, variant: str):
+    """The Kubernetes base rendered with the added model (its manifest from model.yaml.template, the
+    kustomization's resources, its Ingress): both overlays build, pass strict validation and hold
+    the new model's Deployment, Service, PodDisruptionBudget, autoscaler and Ingress."""
+    import shutil
+
+    k8s = tmp_path / "k8s"
+    shutil.copytree(render.DEPLOY / "k8s", k8s)
+    files = render.generated()
+    for path in (render.K8S_KUSTOMIZATION, render.K8S_INGRESS, render.K8S_BASE / "tabular.yaml"):
+        assert path in files, path
+    for path, text in files.items():
+        if path.parent == render.K8S_BASE:
+            (k8s / "base" / path.name).write_text(text())
+    assert "  - tabular.yaml\n" in (k8s / "base" / "kustomization.yaml").read_text()
+    out = run([tool("kubectl"), "kustomize", str(k8s / "overlays" / variant)])
+    (tmp_path / "all.yaml").write_text(out.stdout)
+    run([tool("kubernetes-validate"), "--strict", str(tmp_path / "all.yaml")])
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout) if d}
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress"):
+        for model in SERVED_MODELS:
+            assert (kind, f"servable-{model}") in docs, (kind, model)
+    (container,) = docs["Deployment", "servable-tabular"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["name"] == "tabular" and env["SERVABLE_SERVICE"] == "tabular"
+    assert env[f"{FAKE.env_prefix}MODEL_TAG"] == FAKE.settings.model_fields["model_tag"].default
+    assert env[f"{FAKE.env_prefix}DEVICE"] == ("cuda" if variant == "gpu" else "cpu")  # the overlay's patch
+    ingress = docs["Ingress", "servable-tabular"]
+    paths = [p for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+    assert {p["path"] for p in paths} == {"/(regress)$", r"/tabular/(info|docs\.json|v2|v2/.*)$"}
+    assert {p["backend"]["service"]["name"] for p in paths} == {"servable-tabular"}
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == render.body_limit(FAKE)
+
+
+def test_the_k8s_templates_name_no_model():
+    """The per-model Kubernetes templates hold placeholders, never a served model's name or route."""
+    for template in (render.K8S_MODEL_TEMPLATE, render.K8S_INGRESS_TEMPLATE):
+        text = template.read_text()
+        for entry in SERVED_MODELS.values():
+            for name in (f"servable-{entry.kind}", entry.env_prefix, entry.route):
+                assert name not in text, (template.name, name)
