@@ -8,7 +8,8 @@
 #   2. a development certificate in SERVABLE_TLS_DIR (default deploy/tls/local) unless one valid
 #      for another day is there (deploy/tls/make_self_signed.sh).
 #   3. the model store: SERVABLE_MODEL_STORE (default ~/bentoml/models) holds the tags compose will
-#      serve (SERVABLE_IMAGE_SERVE_MODEL_TAG, SERVABLE_TEXT_SERVE_MODEL_TAG; default <name>:latest),
+#      serve (each served model's <env prefix>MODEL_TAG, e.g. SERVABLE_IMAGE_SERVE_MODEL_TAG; default
+#      <name>:latest; the list below is generated from SERVED_MODELS),
 #      readable by uid 10001.
 # Existing files are never overwritten. Exit 0 when compose can start, 1 with the reason when not.
 set -euo pipefail
@@ -48,13 +49,17 @@ fi
 store="${SERVABLE_MODEL_STORE:-$HOME/bentoml/models}"
 store="${store/#\~/$HOME}"
 problems=0
-for tag in "${SERVABLE_IMAGE_SERVE_MODEL_TAG:-fashion-cnn:latest}" "${SERVABLE_TEXT_SERVE_MODEL_TAG:-sentiment-bert:latest}"; do
+# >>> generated: model-tags (python -m deploy.render, from SERVED_MODELS: do not edit by hand)
+tags=("${SERVABLE_IMAGE_SERVE_MODEL_TAG:-fashion-cnn:latest}" "${SERVABLE_TEXT_SERVE_MODEL_TAG:-sentiment-bert:latest}")
+names="fashion-cnn sentiment-bert"
+# <<< generated: model-tags
+for tag in "${tags[@]}"; do
   name="${tag%%:*}" version="${tag#*:}"
   [ "$version" = latest ] && [ -r "$store/$name/latest" ] && version="$(cat "$store/$name/latest")"
   if [ -f "$store/$name/$version/model.yaml" ]; then
     echo "model: $name:$version in $store"
   else
-    echo "model $tag is not in the store $store (make all registers fashion-cnn and sentiment-bert; SERVABLE_MODEL_STORE selects another store)" >&2
+    echo "model $tag is not in the store $store (make all registers $names; SERVABLE_MODEL_STORE selects another store)" >&2
     problems=1
   fi
 done

@@ -499,6 +499,83 @@ def k8s_models() -> dict[Path, object]:
     return {K8S_BASE / f"{kind}.yaml": (lambda k=kind: k8s_model_text(k)) for kind in SERVED_MODELS}
 
 
+# ---------------------------------------------------------------- compose: generated regions of hand-written files
+
+# compose.yaml, compose.cpu.yaml and compose_prep.sh stay one file each (the same `docker compose -f`
+# commands, YAML anchors shared with the hand-written parts); their per-model parts sit between
+# marker comments and are rewritten here:
+#   # >>> generated: <name> (python -m deploy.render, from SERVED_MODELS: do not edit by hand)
+#   # <<< generated: <name>
+COMPOSE_YML = DEPLOY / "compose.yaml"
+COMPOSE_CPU_YML = DEPLOY / "compose.cpu.yaml"
+COMPOSE_PREP = DEPLOY / "compose_prep.sh"
+_REGION = re.compile(
+    r"(?P<start>^(?P<indent>[ \t]*)# >>> generated: (?P<name>[\w-]+)\b[^\n]*\n)(?P<body>.*?)"
+    r"(?P<end>^(?P=indent)# <<< generated: (?P=name)\n)",
+    re.M | re.S,
+)
+
+
+def fill_regions(path: Path, regions: Mapping[str, str]) -> str:
+    """path's text with the body of each marked region replaced by regions[name]; every region
+    named must be marked in the file, and every marked region named."""
+    text = path.read_text()
+    found = [m["name"] for m in _REGION.finditer(text)]
+    if sorted(found) != sorted(regions):
+        raise KeyError(f"{path.name}: marked regions {found}, generated ones {sorted(regions)}")
+    return _REGION.sub(lambda m: m["start"] + regions[m["name"]] + m["end"], text)
+
+
+def compose_replicas(kind: str) -> list[str]:
+    """Compose's replica services of one served model: <kind>-1, <kind>-2."""
+    return [f"{_kind_name(kind)}-{i + 1}" for i in range(COMPOSE_REPLICAS)]
+
+
+def _default(entry: ServedModelEntry, field: str) -> str:
+    return str(entry.settings.model_fields[field].default)
+
+
+# The model settings compose passes to every replica, as ${<env_prefix><FIELD>:-<default>}
+# (docs/deploy.md#compose-variables lists each); the others take their defaults.
+COMPOSE_MODEL_SETTINGS = ("model_tag", "variant", "device")
+
+
+def compose_regions() -> dict[str, str]:
+    """compose.yaml's per-model parts: each model's environment block, its replicas, nginx's pools
+    and what nginx and Prometheus wait for."""
+    env = []
+    for kind, entry in SERVED_MODELS.items():
+        lines = [f"x-{_kind_name(kind)}-env: &{kind}-env\n", f"  SERVABLE_SERVICE: {kind}\n"]
+        for field in COMPOSE_MODEL_SETTINGS:
+            var = f"{entry.env_prefix}{field.upper()}"
+            lines.append(f"  {var}: ${{{var}:-{_default(entry, field)}}}\n")
+        lines.append("  SERVABLE_AUTH_KEYS_FILE: /run/secrets/api_keys\n")
+        env.append("".join(lines))
+    replicas = "".join(f"  {name}:\n    <<: *replica\n    environment: *{kind}-env\n"
+                       for kind in SERVED_MODELS for name in compose_replicas(kind))  # fmt: skip
+    pools = "".join(
+        f'      {upstream_var(kind)}: "{upstream_servers([f"{r}:3000" for r in compose_replicas(kind)])}"\n'
+        for kind in SERVED_MODELS
+    )
+    healthy = "".join(
+        f"      {r}: {{condition: service_healthy}}\n" for k in SERVED_MODELS for r in compose_replicas(k)
+    )
+    return {"model-env": "\n".join(env), "replicas": replicas, "nginx-upstreams": pools,
+            "nginx-depends-on": healthy, "prometheus-depends-on": healthy}  # fmt: skip
+
+
+def compose_cpu_regions() -> dict[str, str]:
+    """compose.cpu.yaml: every replica takes the CPU settings."""
+    return {"replicas": "".join(f"  {r}:\n    <<: *cpu\n" for k in SERVED_MODELS for r in compose_replicas(k))}
+
+
+def compose_prep_regions() -> dict[str, str]:
+    """compose_prep.sh: the tags compose will serve, checked in the model store."""
+    tags = " ".join(f'"${{{e.env_prefix}MODEL_TAG:-{_default(e, "model_tag")}}}"' for e in SERVED_MODELS.values())
+    names = " ".join(_default(e, "model_tag").split(":")[0] for e in SERVED_MODELS.values())
+    return {"model-tags": f'tags=({tags})\nnames="{names}"\n'}
+
+
 GENERATED = {
     DASHBOARD_JSON: dashboard_text,
     PROMETHEUS_YML: prometheus_text,
@@ -509,6 +586,9 @@ GENERATED = {
     ADAPTER_RULES: lambda: templated_text(ADAPTER_TEMPLATE),
     K8S_INGRESS: k8s_ingress_text,
     K8S_KUSTOMIZATION: k8s_kustomization_text,
+    COMPOSE_YML: lambda: fill_regions(COMPOSE_YML, compose_regions()),
+    COMPOSE_CPU_YML: lambda: fill_regions(COMPOSE_CPU_YML, compose_cpu_regions()),
+    COMPOSE_PREP: lambda: fill_regions(COMPOSE_PREP, compose_prep_regions()),
 }
 
 

@@ -275,3 +275,58 @@ def test_the_k8s_templates_name_no_model():
         for entry in SERVED_MODELS.values():
             for name in (f"servable-{entry.kind}", entry.env_prefix, entry.route):
                 assert name not in text, (template.name, name)
+
+
+# ---------------------------------------------------------------- compose: the generated regions
+
+
+def test_compose_renders_a_new_model(third_model, tmp_path: Path):
+    """compose.yaml and compose.cpu.yaml rendered with the added model: its replicas (on the shared
+    replica settings, its own environment block), nginx's pool of them and nginx and Prometheus
+    waiting for them; both variants pass `docker-compose config`; compose_prep.sh checks its tag."""
+    from tests.test_deploy_static import load_compose
+
+    files = render.generated()
+    gpu_text = files[render.COMPOSE_YML]()
+    (tmp_path / "compose.yaml").write_text(gpu_text)
+    (tmp_path / "compose.cpu.yaml").write_text(files[render.COMPOSE_CPU_YML]())
+    assert "x-tabular-env: &tabular-env\n  SERVABLE_SERVICE: tabular\n" in gpu_text
+    gpu = load_compose(str(tmp_path / "compose.yaml"))  # an absolute name: DEPLOY / it is it
+    cpu = load_compose(str(tmp_path / "compose.yaml"), str(tmp_path / "compose.cpu.yaml"))
+    replicas = [f"{kind}-{n}" for kind in SERVED_MODELS for n in (1, 2)]
+    nginx = gpu["services"]["nginx"]
+    assert nginx["depends_on"] == gpu["services"]["prometheus"]["depends_on"]
+    assert nginx["depends_on"] == {r: {"condition": "service_healthy"} for r in replicas}
+    pool = render.upstream_servers(["tabular-1:3000", "tabular-2:3000"])
+    assert nginx["environment"]["TABULAR_UPSTREAM_SERVERS"] == pool
+    for name in ("tabular-1", "tabular-2"):
+        svc = gpu["services"][name]
+        assert svc["environment"]["SERVABLE_SERVICE"] == "tabular" and svc["read_only"] is True
+        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert "devices" not in cpu["services"][name]["deploy"]["resources"]["reservations"]
+        assert "slim" in cpu["services"][name]["build"]["args"]["BASE_IMAGE"]
+    (tmp_path / "compose.cpu-merged.yaml").write_text(yaml.safe_dump(cpu, sort_keys=False))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(render.DEPLOY.parent)}
+    for path in (tmp_path / "compose.yaml", tmp_path / "compose.cpu-merged.yaml"):
+        out = run([tool("docker-compose"), "--project-directory", str(render.DEPLOY), "-f", str(path), "config",
+                   "--services"], cwd=render.DEPLOY, env=env)  # fmt: skip
+        assert {"tabular-1", "tabular-2"} <= set(out.stdout.split()), path.name
+    prep = files[render.COMPOSE_PREP]()
+    tag = FAKE.settings.model_fields["model_tag"].default
+    assert f'"${{{FAKE.env_prefix}MODEL_TAG:-{tag}}}")\n' in prep  # the third tag, last in the list
+    (tmp_path / "compose_prep.sh").write_text(prep)
+    run([tool("bash"), "-n", str(tmp_path / "compose_prep.sh")])
+
+
+def test_a_marked_region_must_be_generated(tmp_path: Path):
+    """A marked region nobody generates, or a generated one not marked, is an error (not a stale file)."""
+    path = tmp_path / "f.yaml"
+    path.write_text("a: 1\n# >>> generated: one (x)\nold\n# <<< generated: one\nb: 2\n")
+    assert (
+        render.fill_regions(path, {"one": "new\n"})
+        == "a: 1\n# >>> generated: one (x)\nnew\n# <<< generated: one\nb: 2\n"
+    )
+    with pytest.raises(KeyError):
+        render.fill_regions(path, {"one": "", "two": ""})
+    with pytest.raises(KeyError):
+        render.fill_regions(path, {})
