@@ -10,13 +10,12 @@ import pytest
 
 from servable import artifact
 from servable.artifact import ModelManifest
-from servable.config import ImageTrainConfig, TextTrainConfig
+from servable.config import ImageTrainConfig
 from tests.conftest import ROOT
 from training import gates
+from training.tasks import TASKS
 
 DOCUMENTED = gates.load_documented()
-CONFIGS = {"image": ImageTrainConfig, "text": TextTrainConfig}
-TASKS = {kind: task for task, kind in gates.KINDS.items()}
 
 
 def default_run(kind: str, shift: float = 0.0, int8_drop: float = 0.0, **config) -> ModelManifest:
@@ -31,7 +30,7 @@ def default_run(kind: str, shift: float = 0.0, int8_drop: float = 0.0, **config)
     if "int8_agreement" in figures:
         metrics["agreement_int8_fp32"] = figures["int8_agreement"]
     training_config = entry["recipe"] | {"name": "my-model", "device": "cuda", "num_threads": 8, "runs_dir": "/x"}
-    return ModelManifest(name="my-model", version="v1", task=TASKS[kind], labels=["a", "b"], onnx={},
+    return ModelManifest(name="my-model", version="v1", task=TASKS[kind].task, labels=["a", "b"], onnx={},
                          training_config=training_config | config, metrics=metrics,
                          provenance={"counts": entry["data_counts"]}, versions={})  # fmt: skip
 
@@ -87,11 +86,11 @@ def test_other_data_under_the_default_flags_is_not_gated():
     assert gates.check(default_run("text"), documented={})["gated"] is False  # no documented figures at all
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", sorted(TASKS))
 def test_documented_run_is_the_current_default(kind):
     """When the defaults change, the documented figures are stale: re-run the default training, then
     `python -m training document --model-tag <tag>` and paste the table it prints into docs/training.md."""
-    defaults = gates.recipe(CONFIGS[kind].model_construct().model_dump(mode="json"))
+    defaults = gates.recipe(TASKS[kind].config.model_construct().model_dump(mode="json"))
     documented = DOCUMENTED[kind]["recipe"]
     differ = sorted(k for k in defaults.keys() | documented.keys() if defaults.get(k, "-") != documented.get(k, "-"))
     assert not differ, f"the {kind} defaults differ from the documented run {DOCUMENTED[kind]['run']} in {differ}"

@@ -2,7 +2,8 @@
 
 The documented figures live in one place, `docs/results/training/documented.json` (written from a
 registered model by `python -m training document --model-tag <tag>`); docs/training.md's gate table is
-generated from it and checked against it by tests/test_training_gates.py. Each model's entry holds:
+generated from it and checked against it by tests/test_training_gates.py. Each model's entry, under its
+kind in training/tasks.py, holds:
 
 - `figures`: the fp32 test accuracy (text: also out-of-domain) and int8/fp32 agreement the docs report;
   a run fails when it falls more than `tolerance` below one of them;
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from servable.artifact import ModelManifest
+from training.tasks import for_task
 
 DOCUMENTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "training" / "documented.json"
 NOT_RECIPE = ("name", "version", "runs_dir", "register_model", "progress", "device", "amp", "num_threads")
-KINDS = {"image-classification": "image", "text-classification": "text"}
 # gated figure -> how the log, the docs and the model card name it
 FIGURES = {
     "test_accuracy": "fp32 test accuracy",
@@ -69,7 +70,7 @@ def check(manifest: ModelManifest, documented: dict[str, Any] | None = None) -> 
 
 
 def _verdict(manifest: ModelManifest, documented: dict[str, Any]) -> dict[str, Any]:
-    kind = KINDS[manifest.task]
+    kind = for_task(manifest.task).kind
     entry = documented.get(kind)
     run = measured(manifest.metrics)
     if entry is None:
@@ -142,7 +143,7 @@ def document(manifest: ModelManifest, tag: str, machine: str, path: Path | None 
     tolerance and the int8 claim are policy: kept from the previous entry."""
     path = path or DOCUMENTED
     data = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    kind = KINDS[manifest.task]
+    kind = for_task(manifest.task).kind
     old = data["models"].get(kind, {"tolerance": 0.015, "int8_max_drop": 0.01})
     run = measured(manifest.metrics)
     data["models"][kind] = {

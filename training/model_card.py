@@ -6,7 +6,8 @@ Written as `MODEL_CARD.md` into every run's artifact just before registration
 model; `python -m training card --model-tag <tag>` renders a registered model's. Intended use, data
 and provenance, metrics per split (and per domain when recorded), per class, fp32 vs int8 (vs
 optimised), the release gate's verdict, error patterns found by the evaluation, the recipe and the
-library versions. No torch.
+library versions. No torch. What differs between the trainable models (intended use, backbone, which
+setting names the user's data) comes from their entries in training/tasks.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from servable.artifact import ModelManifest
+from training.card_format import show as _show
+from training.tasks import for_task
 
 MODEL_CARD = "MODEL_CARD.md"
 HISTORY = "history.json"
@@ -47,30 +50,6 @@ def _read_json(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------- formatting
-
-
-def _kind(m: ModelManifest) -> str:
-    return "image" if m.task == "image-classification" else "text"
-
-
-def _bundled(m: ModelManifest) -> bool:
-    """Trained on the bundled data set (the config records no user folder or file)."""
-    key = "data_dir" if _kind(m) == "image" else "data_file"
-    return key in m.training_config and m.training_config[key] is None
-
-
-def _show(value: Any) -> str:
-    """A provenance or config value in a table: paths inside an installed package shortened to the package."""
-    if value is None:
-        return "not set"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(", ", ": "))
-    text = str(value)
-    if "site-packages/" in text:
-        text = text.split("site-packages/", 1)[1] + " (installed package)"
-    return text.replace("|", "\\|")
 
 
 def _num(x: float | None, spec: str = ".4f") -> str:
@@ -118,45 +97,7 @@ def _header(m: ModelManifest) -> str:
 
 
 def _intended_use(m: ModelManifest) -> str:
-    labels = ", ".join(m.labels)
-    if _kind(m) == "image":
-        size = m.image_preprocessing.size if m.image_preprocessing else m.training_config.get("image_size")
-        if _bundled(m):
-            use = (f"Classifies a picture of one garment or shoe into one of the {len(m.labels)} Fashion-MNIST "
-                   f"classes ({labels}). It learned from Fashion-MNIST's 28x28 grey-level product photos: one "
-                   f"centred item on a plain background, seen at {size} px. It is the reference image model of "
-                   "the Servable deployment: fit for product pictures like those, and for trying the serving "
-                   "stack.")  # fmt: skip
-        else:
-            use = (f"Classifies images into the classes of its training folder ({labels}), for images like "
-                   f"those it was trained on (seen at {size} px).")  # fmt: skip
-        out = [
-            "images unlike the training data: photos of people wearing clothes, several items in one picture, "
-            "cluttered backgrounds"
-            if _bundled(m)
-            else "images unlike the training folder's",
-            "anything outside its classes: it has no 'other' answer and always names one of its classes",
-            "decisions about people, or any decision without a human check of its answers",
-        ]
-        if _bundled(m):
-            out.insert(1, "colour: it sees grey levels only (colour images are converted)")
-    else:
-        max_len = m.text_preprocessing.max_length if m.text_preprocessing else m.training_config.get("max_length")
-        if _bundled(m):
-            use = (f"Tells the sentiment ({labels}) of short English texts like those it was trained on: "
-                   f"{m.provenance.get('source')}. It is the reference text model of the Servable "
-                   "deployment.")  # fmt: skip
-        else:
-            data = m.training_config.get("data_file")
-            use = (f"Sorts short texts into the labels of its training data ({labels}), for texts like "
-                   f"those in {Path(str(data)).name if data else 'its training data'}.")  # fmt: skip
-        out = [
-            "languages other than its training data's",
-            f"long documents: only the first {max_len} tokens are read" if max_len else "long documents: they are cut",
-            "neutral, mixed or off-topic texts: it has no 'neutral' answer and always names one of its labels",
-            "texts of other kinds than its training data: the out-of-domain figures below show what that costs",
-            "decisions about individuals (moderation, screening) without human review",
-        ]
+    use, out = for_task(m.task).intended_use(m)
     return "## Intended use\n\n" + use + "\n\n**Out of scope:**\n\n" + "\n".join(f"- {o}" for o in out)
 
 
@@ -166,7 +107,7 @@ def _data(m: ModelManifest) -> str:
     lines.append(f"- source: {_show(p.pop('source', 'not recorded'))}")
     if "out_of_domain" in p:
         lines.append(f"- out-of-domain test set: {_show(p.pop('out_of_domain'))}")
-    if _bundled(m):
+    if for_task(m.task).bundled(m):
         lines.append("- licences, versions and checksums of the bundled data and weights: `docs/assets.md` in "
                      "the Servable repository")  # fmt: skip
     else:
@@ -318,26 +259,19 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
     if mistakes:
         lines += ["", "The most confident test mistakes (with their explanations in the artifact's gallery "
                   "files):", ""]  # fmt: skip
+        task = for_task(m.task)
         for e in mistakes[:5]:
             what = f"{e['true']} called {e['predicted']} at {e['confidence']:.2f}"
-            if "text" in e:
-                top = max(e.get("words", []), key=lambda w: w["score"], default=None)
-                said = e["text"].replace("|", "\\|")
-                pushed = f' (the word that pushed most: "{top["word"]}")' if top else ""
-                lines.append(f'- {what}: "{said}"{pushed}')
-            else:
-                lines.append(f"- test image {e['test_index']}: {what}")
+            lines.append(f"- {task.mistake(e, what)}")
     return "\n".join(lines)
 
 
 def _reproduce(m: ModelManifest) -> str:
-    from servable.config import ImageTrainConfig, TextTrainConfig
-
-    kind = _kind(m)
-    defaults = (ImageTrainConfig if kind == "image" else TextTrainConfig).model_construct().model_dump(mode="json")
+    task = for_task(m.task)
+    defaults = task.config.model_construct().model_dump(mode="json")
     flags = [f"--{k.replace('_', '-')} {_flag(v)}" for k, v in m.training_config.items()
              if k not in NOT_A_CHOICE and k in defaults and defaults[k] != v]  # fmt: skip
-    return " ".join(["python -m training", kind, *flags])
+    return " ".join(["python -m training", task.kind, *flags])
 
 
 def _flag(value: Any) -> str:
@@ -347,15 +281,8 @@ def _flag(value: Any) -> str:
 
 
 def _training(m: ModelManifest, history: list[dict]) -> str:
-    c, t = m.training_config, m.metrics.get("training", {})
-    if _kind(m) == "image":
-        arch = c.get("architecture", "efficientnet-lite0")
-        start = "ImageNet weights" if c.get("pretrained", True) else "random initialisation (from scratch)"
-        backbone = f"{arch}, from {start}, with a new dropout + linear head"
-    else:
-        backbone = (f"{_show(m.provenance.get('backbone', c.get('backbone')))}, a pretrained BERT-family encoder "
-                    "with a new classification head")  # fmt: skip
-    lines = ["## How it was trained", "", f"- backbone: {backbone}",
+    c, t, task = m.training_config, m.metrics.get("training", {}), for_task(m.task)
+    lines = ["## How it was trained", "", f"- backbone: {task.backbone(m)}",
              f"- command (flags that differ from the defaults): `{_reproduce(m)}`"]  # fmt: skip
     if t:
         lines.append(f"- {t.get('epochs_run')} epochs run in {t.get('seconds')} s; early stopping on "
@@ -364,7 +291,7 @@ def _training(m: ModelManifest, history: list[dict]) -> str:
         if t.get("weight_average"):
             lines.append(f"- weight averaging: {_show(t['weight_average'])}")
     lines += ["", "Recipe (every training setting as run, `python -m training "
-              f"{_kind(m)} --help` explains each):", "",
+              f"{task.kind} --help` explains each):", "",
               _table(["setting", "value"], [[k, _show(v)] for k, v in c.items()], "|---|---|")]  # fmt: skip
     if history:
         rows = [[h["stage"], str(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",

@@ -1,8 +1,8 @@
 """A registered model looked at again without retraining: its confusion matrix with per-class figures and
 the gallery of its most confident test mistakes (`python -m training gallery --model-tag fashion-cnn:latest`).
 
-Kept apart from training/gallery.py, which both pipelines import to write a run's gallery: this module
-imports the pipelines to rebuild the test split, so the dependency runs one way.
+Kept apart from training/gallery.py, which the pipelines import to write a run's gallery: this module has
+the model's pipeline (its entry in training/tasks.py) rebuild the test split, so the dependency runs one way.
 """
 
 from __future__ import annotations
@@ -10,15 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from servable import artifact, explain
-from servable.config import ImageTrainConfig, TextTrainConfig
-from servable.preprocessing import load_tokenizer
-from training import image_pipeline, text_pipeline
-from training.gallery import image_gallery, text_gallery
+from servable import artifact
 from training.metrics import classification_report, per_class_markdown, plot_confusion
 from training.onnx_tools import cpu_session
+from training.tasks import for_task
 
 
 def for_registered(tag: str, out: Path, n: int) -> dict:
@@ -26,23 +21,12 @@ def for_registered(tag: str, out: Path, n: int) -> dict:
     the test split is rebuilt from the artifact's recorded training config, scored by its fp32 ONNX file."""
     art = artifact.load(tag)
     m = art.manifest
+    task = for_task(m.task)
     session = cpu_session(art.onnx_path("fp32"))
     out.mkdir(parents=True, exist_ok=True)
     fields = {k: v for k, v in m.training_config.items() if k not in ("version", "runs_dir")}
-    if m.task == "image-classification":
-        cfg = ImageTrainConfig(**{**fields, "progress": False})
-        splits = image_pipeline.load_splits(cfg, m.image_preprocessing)
-        y = splits.test_y
-        probs = explain.probabilities(image_pipeline.onnx_predict(session, splits.test_x, m.image_preprocessing))
-        entries = image_gallery(session, m.image_preprocessing, splits.test_x, y, probs, m.labels, out, n=n)
-    else:
-        cfg = TextTrainConfig(**{**fields, "progress": False})
-        splits = text_pipeline.load_splits(cfg)
-        prep = m.text_preprocessing
-        tok = load_tokenizer(art.file(prep.tokenizer_file), prep)
-        y = np.array([label for _, label in splits.test])
-        probs = explain.probabilities(text_pipeline.onnx_predict(session, tok, splits.test, prep))
-        entries = text_gallery(session, tok, prep, splits.test, probs, m.labels, out, n=n)
+    cfg = task.config(**{**fields, "progress": False})
+    y, probs, entries = task.review(cfg, art, session, out, n)
     report = classification_report(y, probs.argmax(1), m.labels)
     plot_confusion(y, probs.argmax(1), m.labels, out / "confusion.png")
     (out / "per_class.md").write_text(per_class_markdown(report))
