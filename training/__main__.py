@@ -1,35 +1,35 @@
-"""`python -m training image|text|limited-data|gallery|card|document [--flags]`; every flag is also an env variable."""
+"""`python -m training <kind>|limited-data|gallery|card|document [--flags]`; every flag is also an env variable.
+
+One training subcommand per entry of training/tasks.py::TASKS (`image`, `text`), with its settings as flags.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, create_model
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
-from servable.config import ImageTrainConfig, LimitedDataConfig, TextTrainConfig
+from servable.config import LimitedDataConfig
 from training.data_images import DataError
 from training.gates import GateFailed
+from training.tasks import TASKS, TrainableTask
 
 
-class ImageCommand(ImageTrainConfig):
-    """Fine-tune the image classifier, export it to ONNX (fp32 + int8) and register it."""
+def train_command(task: TrainableTask) -> type[BaseSettings]:
+    """`python -m training <kind>`: the task's settings as flags; running it trains with them."""
 
-    def cli_cmd(self) -> None:
-        from training.image_pipeline import train_image
+    class TrainCommand(task.config):  # a class per task: its fields are the flags, its docstring the help
+        __doc__ = task.help
 
-        train_image(self)
+        def cli_cmd(self) -> None:
+            task.train(self)
 
-
-class TextCommand(TextTrainConfig):
-    """Fine-tune the sentiment BERT, export to ONNX (fp32, ORT-optimised, int8) and register it."""
-
-    def cli_cmd(self) -> None:
-        from training.text_pipeline import train_text
-
-        train_text(self)
+    TrainCommand.__name__ = TrainCommand.__qualname__ = f"{task.config.__name__}Command"
+    return TrainCommand
 
 
 class LimitedDataCommand(LimitedDataConfig):
@@ -100,18 +100,22 @@ class DocumentCommand(BaseSettings):
         print(gates.markdown_table(gates.load_documented()))
 
 
-class Train(BaseSettings):
+class TrainBase(BaseSettings):
     model_config = SettingsConfigDict(cli_kebab_case=True, cli_prog_name="python -m training")
-
-    image: CliSubCommand[ImageCommand]
-    text: CliSubCommand[TextCommand]
-    limited_data: CliSubCommand[LimitedDataCommand]
-    gallery: CliSubCommand[GalleryCommand]
-    card: CliSubCommand[CardCommand]
-    document: CliSubCommand[DocumentCommand]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
+
+
+# The subcommands: one per trainable task (their fields come from the registry, so the class is built),
+# then the commands that work on any model.
+SUBCOMMANDS: dict[str, Any] = {kind: (CliSubCommand[train_command(task)], ...) for kind, task in TASKS.items()} | {
+    "limited_data": (CliSubCommand[LimitedDataCommand], ...),
+    "gallery": (CliSubCommand[GalleryCommand], ...),
+    "card": (CliSubCommand[CardCommand], ...),
+    "document": (CliSubCommand[DocumentCommand], ...),
+}
+Train = create_model("Train", __base__=TrainBase, **SUBCOMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from servable import artifact
+from training.tasks import TASKS
 
 
 def latest(name: str) -> artifact.Artifact | None:
@@ -14,7 +15,7 @@ def latest(name: str) -> artifact.Artifact | None:
 
 def main() -> None:
     print("\n=== Servable: what this run made ===")
-    for name in ("fashion-cnn", "sentiment-bert"):
+    for name in (task.default_name for task in TASKS.values()):  # what `make all` trains: the defaults
         art = latest(name)
         if art is None:
             print(f"- {name}: not in the model store")
