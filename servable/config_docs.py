@@ -1,6 +1,9 @@
 """Generate docs/configuration.md from the typed settings: `python -m servable.config_docs`.
 
-The reference is derived from the classes, never hand-copied; a test fails when it is stale.
+The reference is derived from the classes, never hand-copied; a test fails when it is stale. The
+models' sections come from the settings classes themselves: one per training config (each class
+derived from `TrainCommon`, named `<Kind>TrainConfig` and trained by `python -m training <kind>`) and
+one per entry of `SERVED_MODELS`, so a new model needs no edit here.
 """
 
 from __future__ import annotations
@@ -14,16 +17,29 @@ from pydantic_settings import BaseSettings
 from servable import config
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
-    ("Image training", config.ImageTrainConfig, "`python -m training image --help`"),
-    ("Text training", config.TextTrainConfig, "`python -m training text --help`"),
-    ("Limited-data experiment", config.LimitedDataConfig, "`python -m training limited-data --help`"),
-    ("Image service", config.ImageServeSettings, "environment only (containers)"),
-    ("Sentiment service", config.TextServeSettings, "environment only (containers)"),
-    ("API-key authentication", config.AuthSettings, "environment only (containers)"),
-    ("Audit log", config.AuditSettings, "environment only (containers)"),
-    ("Feedback loop (opt-in)", config.FeedbackSettings, "environment only (containers)"),
-]
+ENV_ONLY = "environment only (containers)"
+
+
+def train_configs() -> dict[str, type[config.TrainCommon]]:
+    """kind -> settings of each trainable model: the classes servable/config.py derives from TrainCommon
+    (tests/test_training_tasks.py checks that training/tasks.py trains exactly these, under these kinds)."""
+    found = [cls for cls in config.TrainCommon.__subclasses__() if cls.__module__ == config.__name__]
+    return {cls.__name__.removesuffix("TrainConfig").lower(): cls for cls in found}
+
+
+def sections() -> list[tuple[str, type[BaseSettings], str]]:
+    """(title, settings class, how it is set) of each section, in the reference's order."""
+    train = [(f"{kind.capitalize()} training", cls, f"`python -m training {kind} --help`")
+             for kind, cls in train_configs().items()]  # fmt: skip
+    serve = [(f"{e.docs_name.capitalize()} service", e.settings, ENV_ONLY) for e in config.SERVED_MODELS.values()]
+    return [
+        *train,
+        ("Limited-data experiment", config.LimitedDataConfig, "`python -m training limited-data --help`"),
+        *serve,
+        ("API-key authentication", config.AuthSettings, ENV_ONLY),
+        ("Audit log", config.AuditSettings, ENV_ONLY),
+        ("Feedback loop (opt-in)", config.FeedbackSettings, ENV_ONLY),
+    ]
 
 
 def _default(field) -> str:
@@ -51,7 +67,7 @@ def render() -> str:
         "(prefix + upper-case name); training fields are also CLI flags (`--kebab-case`).",
         "",
     ]
-    for title, cls, how in SECTIONS:
+    for title, cls, how in sections():
         prefix = cls.model_config.get("env_prefix", "")
         lines += [f"## {title}", "", f"{(cls.__doc__ or '').strip()} Set by: {how}.", ""]
         lines += ["| variable | flag | default | description |", "|---|---|---|---|"]
