@@ -481,10 +481,11 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     """SERVED_MODELS is the one list: each model has its compose service, Kubernetes manifest, nginx
     upstream and route, Prometheus job, load-test request and entrypoint target (the launcher, API
     docs, entrypoint, nginx pools and routes, scrape jobs and compose targets, the dashboard's and the
-    rules' selectors are derived from it: render --check, test_entrypoint_serves_every_served_model).
-    The files kept by hand are checked here, and in test_compose_topology (replicas, upstream
-    servers, scrape targets), test_k8s_manifests and
-    test_ingress_exposes_the_proxy_routes_with_their_body_limits."""
+    rules' selectors, the Kubernetes base and compose's per-model regions are derived from it: render
+    --check, tests/test_derived_deploy.py, test_entrypoint_serves_every_served_model). What they hold
+    is checked here, and in test_compose_topology (replicas, upstream servers, scrape targets),
+    test_k8s_manifests and test_ingress_exposes_the_proxy_routes_with_their_body_limits; the podman
+    script is kept by hand."""
     deploy = ROOT / "deploy"
     compose = (deploy / "compose.yaml").read_text()
     compose_cpu = yaml.load((deploy / "compose.cpu.yaml").read_text(), Loader=_ComposeLoader)["services"]
