@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  docker build -f deploy/Dockerfile {build} -t {args.registry}:{tag} .\n"
           f"  docker push {args.registry}:{tag}\n"
           f"  kubectl apply -k {out}\n"
-          f"  kubectl -n servable rollout status deploy/servable-image deploy/servable-text")  # fmt: skip
+          f"  kubectl -n servable rollout status {' '.join(f'deploy/servable-{kind}' for kind in SERVED_MODELS)}")  # fmt: skip
     return 0
 
 
