@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "kustomization.yaml").write_text(header + body)
     build = ("--build-arg ORT_PACKAGE=onnxruntime" if args.variant == "cpu"
              else "--build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04")  # fmt: skip
+    deployments = " ".join(f"deploy/servable-{kind}" for kind in SERVED_MODELS)
     print(f"wrote {out / 'kustomization.yaml'}\n"
           f"  make bake-models MODELS=\"{' '.join(models.values())}\"\n"
           f"  docker build -f deploy/Dockerfile {build} -t {args.registry}:{tag} .\n"
           f"  docker push {args.registry}:{tag}\n"
           f"  kubectl apply -k {out}\n"
-          f"  kubectl -n servable rollout status {' '.join(f'deploy/servable-{kind}' for kind in SERVED_MODELS)}")  # fmt: skip
+          f"  kubectl -n servable rollout status {deployments}")  # fmt: skip
     return 0
 
 
