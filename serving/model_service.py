@@ -21,11 +21,11 @@ import asyncio
 import gc
 import logging
 import time
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import bentoml
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
@@ -224,10 +224,9 @@ class ModelService:
 
 
 def _replica() -> Replica:
+    """This worker's replica, through BentoML's instance of the service (a plain call: cheaper per request
+    than a FastAPI dependency)."""
     return bentoml.get_current_service().replica
-
-
-Current = Annotated[Replica, Depends(_replica)]
 
 
 def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> None:
@@ -243,7 +242,8 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
 
     @app.post(entry.route, tags=[entry.kind], summary=docs.summary, description=docs.doc,
               openapi_extra=doc.openapi_body(), responses=schemas.responses(docs.response_model, *ERRORS))  # fmt: skip
-    async def predict(request: Request, rep: Current):
+    async def predict(request: Request):
+        rep = _replica()
         rep.check_ready()
         parsed = await rep.decode(request)
         return JSONResponse(rep.answer(await rep.predict(request, parsed), parsed))
@@ -254,15 +254,17 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         @app.post(entry.route + "/explain", tags=[entry.kind], summary=explain_docs.summary,
                   description=explain_docs.doc, openapi_extra=doc.openapi_explain_body(),
                   responses=schemas.responses(explain_docs.response_model, *ERRORS))  # fmt: skip
-        async def explain(request: Request, rep: Current):
+        async def explain(request: Request):
+            rep = _replica()
             rep.check_ready()
             return JSONResponse(await rep.explain(request))
 
     playground_routes(app, entry.kind)
 
     @app.get("/info", tags=[entry.kind], summary="Info")
-    async def info(rep: Current) -> dict:
+    async def info() -> dict:
         """Model tag, labels, provider in use, variant, topology and batching settings."""
+        rep = _replica()
         out = {**rep.model.info(), "service": entry.service_name}
         if rep.ready and rep.topology is not None:
             out |= {"preprocessing": rep.adapter.preprocessing(), **rep.adapter.head.info(),
@@ -281,7 +283,8 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         return {"live": True}
 
     @app.get("/v2/health/ready", tags=["v2"], summary="V2 Ready", responses={503: {"description": "not ready"}})
-    async def v2_ready(rep: Current):
+    async def v2_ready():
+        rep = _replica()
         ready = rep.ready and not draining() and rep.topology is not None and await rep.topology.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
@@ -317,27 +320,33 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
                  "openapi_extra": schemas.v2_infer_body(doc.inputs(), doc.head.outputs())}  # fmt: skip
 
     @app.get("/v2/models/{name}", summary="V2 Model", **meta)
-    async def v2_model(name: str, rep: Current):
+    async def v2_model(name: str):
+        rep = _replica()
         return model_metadata(rep, name)
 
     @app.get("/v2/models/{name}/versions/{version}", summary="V2 Model Version", **meta)
-    async def v2_model_version(name: str, version: str, rep: Current):
+    async def v2_model_version(name: str, version: str):
+        rep = _replica()
         return model_metadata(rep, name, version)
 
     @app.get("/v2/models/{name}/ready", summary="V2 Model Ready", **ready)
-    async def v2_model_ready(name: str, rep: Current):
+    async def v2_model_ready(name: str):
+        rep = _replica()
         return model_ready(rep, name)
 
     @app.get("/v2/models/{name}/versions/{version}/ready", summary="V2 Model Version Ready", **ready)
-    async def v2_model_version_ready(name: str, version: str, rep: Current):
+    async def v2_model_version_ready(name: str, version: str):
+        rep = _replica()
         return model_ready(rep, name, version)
 
     @app.post("/v2/models/{name}/infer", summary="V2 Infer", **infer_doc)
-    async def v2_infer(name: str, request: Request, rep: Current):
+    async def v2_infer(name: str, request: Request):
+        rep = _replica()
         return await infer(rep, request, name)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", summary="V2 Version Infer", **infer_doc)
-    async def v2_version_infer(name: str, version: str, request: Request, rep: Current):
+    async def v2_version_infer(name: str, version: str, request: Request):
+        rep = _replica()
         return await infer(rep, request, name, version)
 
 
