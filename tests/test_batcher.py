@@ -180,7 +180,7 @@ def test_bucketed_run_restores_the_callers_order_and_matches_one_padded_batch(te
     for buckets in (True, False):
         adapter = TextAdapter(TextServeSettings(model_tag=text_run.tag, length_buckets=buckets))
         adapter.load(art)
-        rows = adapter._tokenize(texts).rows
+        rows, _ = adapter.decode("text", texts)
         session = onnx_tools.cpu_session(art.onnx_path("fp32"))
         runs[buckets] = adapter.run(session, rows)
         alone = np.concatenate([adapter.run(session, [r]) for r in rows])
