@@ -9,7 +9,7 @@ new task is a new head, not a change to the adapters or the core.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +25,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class Head(ABC):
     """The task of a model whose artifact lists `labels` (a regressor's name its outputs)."""
-
-    task: ClassVar[str]  # the artifact's task suffix, e.g. "classification"
 
     def __init__(self, labels: list[str]) -> None:
         self.labels = labels
@@ -71,8 +69,6 @@ class Head(ABC):
 class ClassifierHead(Head):
     """Softmax over the labels; the answer's label, probability and top-k or scores; V2 `probabilities`
     and `label`; predictions counted by label and their top-1 probability observed."""
-
-    task = "classification"
 
     def __init__(self, labels: list[str], default_top_k: int = 3, scores: bool = False) -> None:
         super().__init__(labels)
@@ -130,8 +126,6 @@ class ClassifierHead(Head):
 class RegressorHead(Head):
     """One value per row (the model's first output column), with an interval where the model gives a
     lower and upper bound as its second and third columns; V2 output `value` (and `interval`)."""
-
-    task = "regression"
 
     def __init__(self, labels: list[str], interval: bool = False) -> None:
         super().__init__(labels)

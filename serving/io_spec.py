@@ -56,10 +56,6 @@ class Tensor:
                                                      f"got {shape[0]}")  # fmt: skip
         return shape
 
-    def count(self, shape: list[int]) -> int:
-        """Elements of a checked shape (bounded: max_items times the fixed dimensions)."""
-        return math.prod(shape)
-
 
 @dataclass(frozen=True)
 class Option:

@@ -128,6 +128,9 @@ class Replica:
         self.explain_queue = ExplainQueue(settings.explain_max_concurrency, settings.explain_max_queue,
                                           settings.explain_timeout_s)  # fmt: skip
         if self.model.ready:
+            # The requests' options, made once the artifact is read (top_k's bound is the label count)
+            self.options = self.adapter.options()
+            self.explain_options = self.adapter.explain_options() if isinstance(self.adapter, Explains) else []
             self.feedback = FeedbackHook(self.name, self.adapter.head, self.adapter.feedback_content)
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
@@ -149,7 +152,7 @@ class Replica:
 
     async def decode(self, request: Request) -> Parsed:
         """One REST request's rows and options, validated (per request, before any batch)."""
-        start, options = time.perf_counter(), self.adapter.options()
+        start, options = time.perf_counter(), self.options
         name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
         parsed_options = parse_options(options, given)
         parsed = Parsed(*self.adapter.decode(name, items), parsed_options)
@@ -173,7 +176,7 @@ class Replica:
         start = time.perf_counter()
         try:
             async with self.explain_queue.slot() as deadline:
-                options = self.adapter.explain_options()
+                options = self.explain_options
                 name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
                 parsed = self.adapter.explain_decode(name, items, parse_options(options, given))
                 found = await self.topology.explain(parsed, deadline)
