@@ -181,7 +181,9 @@ class LocalStack:
                  rate_limit: str = render.RATE_LIMIT, rate_burst: int = render.RATE_BURST,
                  tls_dir: Path | None = None, conn_limit: int = render.CONN_LIMIT, *,
                  tags: Mapping[str, str] | None = None,
-                 replicas_per_kind: Mapping[str, int] | None = None) -> None:  # fmt: skip
+                 replicas_per_kind: Mapping[str, int] | None = None,
+                 explain_rate_limit: str = render.EXPLAIN_RATE_LIMIT,
+                 explain_rate_burst: int = render.EXPLAIN_RATE_BURST) -> None:  # fmt: skip
         self.dir = Path(workdir)
         self.extra_env = extra_env or {}
         given = {k: t for k, t in (("image", image_tag), ("text", text_tag)) if t and k in SERVED_MODELS}
@@ -196,6 +198,7 @@ class LocalStack:
         self.counts = {kind: (replicas_per_kind or {}).get(kind, replicas) for kind in SERVED_MODELS}
         self.replicas: dict[str, list[launch.Server]] = {kind: [] for kind in SERVED_MODELS}
         self.rate_limit, self.rate_burst, self.conn_limit = rate_limit, rate_burst, conn_limit
+        self.explain_limits = {"explain_rate_limit": explain_rate_limit, "explain_rate_burst": explain_rate_burst}
         self.tls_dir = Path(tls_dir) if tls_dir else self.dir / "tls"  # a mounted real certificate, or generated
         self.nginx: Proc | None = None
         self.extra_proxies: list[Proc] = []
@@ -277,7 +280,7 @@ class LocalStack:
         self.nginx = self._nginx("nginx", self.dir, self.proxy_port, self.http_port, self.rate_limit, self.rate_burst)
 
     def _nginx(self, name: str, prefix: Path, https_port: int, http_port: int, rate_limit: str,
-               rate_burst: int, dead: tuple[str, ...] = ()) -> Proc:  # fmt: skip
+               rate_burst: int, dead: tuple[str, ...] = (), explain_limits: dict | None = None) -> Proc:  # fmt: skip
         """One nginx from the shared configuration, its rendered config, pid, temp files and logs under
         `prefix`; `dead`: addresses nothing listens on, listed first in each pool, then the running
         replicas only (one retry then always reaches a live one)."""
@@ -286,7 +289,8 @@ class LocalStack:
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
                                      rate_limit=rate_limit, rate_burst=rate_burst,
-                                     conn_limit=self.conn_limit)  # fmt: skip
+                                     conn_limit=self.conn_limit,
+                                     **(explain_limits or self.explain_limits))  # fmt: skip
         cmd = write_nginx_config(prefix, render.nginx_conf_files(values), _which("nginx"))
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
         if check.returncode != 0:
@@ -300,16 +304,30 @@ class LocalStack:
             raise RuntimeError(f"nginx did not start:\n{proc.log()}\n{errors}")
         return proc
 
-    def start_extra_proxy(self, name: str, rate_limit: str, rate_burst: int, dead_replica: bool = False) -> str:
+    def start_extra_proxy(
+        self,
+        name: str,
+        rate_limit: str,
+        rate_burst: int,
+        dead_replica: bool = False,
+        explain_rate_limit: str | None = None,
+        explain_rate_burst: int | None = None,
+    ) -> str:
         """One more nginx from the same template and certificate in front of the same replicas, with
         other rate limits (a test of the limit without throttling the main proxy); its HTTPS URL.
         `dead_replica`: each pool lists first an address nothing listens on (a crashed replica), so
-        nginx's upstream-error path runs. Stopped with the stack."""
+        nginx's upstream-error path runs. `explain_rate_*`: the explain budget (default: the stack's).
+        Stopped with the stack."""
         https_port, http_port = launch.free_port(), launch.free_port()
         prefix = self.dir / name
         prefix.mkdir(parents=True, exist_ok=True)
         dead = (f"127.0.0.1:{launch.free_port()}",) if dead_replica else ()
-        self.extra_proxies.append(self._nginx(name, prefix, https_port, http_port, rate_limit, rate_burst, dead))
+        explain = {
+            "explain_rate_limit": explain_rate_limit or self.explain_limits["explain_rate_limit"],
+            "explain_rate_burst": explain_rate_burst or self.explain_limits["explain_rate_burst"],
+        }
+        self.extra_proxies.append(self._nginx(name, prefix, https_port, http_port, rate_limit, rate_burst, dead,
+                                              explain))  # fmt: skip
         return f"https://127.0.0.1:{https_port}"
 
     def write_targets(self, prom_dir: Path) -> None:
@@ -379,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--rate-limit", default=render.RATE_LIMIT, help="per API key, nginx syntax (e.g. 50r/s)")
     ap.add_argument("--rate-burst", type=int, default=render.RATE_BURST, help="requests above the rate at once")
+    ap.add_argument("--explain-rate-limit", default=render.EXPLAIN_RATE_LIMIT, help="per API key, explain routes")
+    ap.add_argument("--explain-rate-burst", type=int, default=render.EXPLAIN_RATE_BURST,
+                    help="explanations above the explain rate at once")  # fmt: skip
     ap.add_argument("--tls-dir", type=Path, default=None,
                     help="server.crt, server.key, ca.pem (default: a self-signed set made in the workdir)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -393,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting {models} replicas, nginx, Prometheus in {workdir} ...", flush=True)
     try:
         with LocalStack(workdir, args.image_tag, args.text_tag, keys, args.replicas, rate_limit=args.rate_limit,
-                        rate_burst=args.rate_burst, tls_dir=args.tls_dir, tags=dict(args.tag)) as stack:  # fmt: skip
+                        rate_burst=args.rate_burst, tls_dir=args.tls_dir, tags=dict(args.tag),
+                        explain_rate_limit=args.explain_rate_limit,
+                        explain_rate_burst=args.explain_rate_burst) as stack:  # fmt: skip
             key = next(iter(keys.values()))
             routes = ", ".join(f"{stack.proxy_url}{e.route}" for e in SERVED_MODELS.values())
             print(f"proxy:      {stack.proxy_url}   (API key: {key}; CA: {stack.ca_file})\n"

@@ -70,6 +70,11 @@ def upstream_servers(addresses: list[str], max_fails: int = 3, fail_timeout_s: i
 # local stack: --rate-limit, --rate-burst): sustained rate, and requests allowed at once above it.
 RATE_LIMIT = "50r/s"
 RATE_BURST = 100
+# Explanations' own per-key budget (compose: SERVABLE_EXPLAIN_RATE_LIMIT, SERVABLE_EXPLAIN_RATE_BURST;
+# local stack: --explain-rate-limit, --explain-rate-burst), on top of RATE_LIMIT: one explanation is
+# tens of model rows, so one a second per key is about what RATE_LIMIT's predictions cost.
+EXPLAIN_RATE_LIMIT = "60r/m"
+EXPLAIN_RATE_BURST = 5
 # Requests in progress at once per client address (compose: SERVABLE_CONN_LIMIT; local stack:
 # --conn-limit): as many as the rate limit lets one key send at once.
 CONN_LIMIT = RATE_BURST
@@ -98,13 +103,16 @@ _NO_REPLICA = "server 127.0.0.1:9 down;"
 def nginx_values(upstreams: Mapping[str, list[str]], listen_addr: str, listen_port: int, access_log: str, *,
                  tls_cert: str = "/etc/nginx/tls/server.crt", tls_key: str = "/etc/nginx/tls/server.key",
                  http_port: int = 8080, https_public_port: int | None = None, rate_limit: str = RATE_LIMIT,
-                 rate_burst: int = RATE_BURST, conn_limit: int = CONN_LIMIT) -> dict:  # fmt: skip
+                 rate_burst: int = RATE_BURST, conn_limit: int = CONN_LIMIT,
+                 explain_rate_limit: str = EXPLAIN_RATE_LIMIT, explain_rate_burst: int = EXPLAIN_RATE_BURST,
+                 ) -> dict:  # fmt: skip
     """Values for every placeholder of the nginx templates: each served model's pool (kind ->
     replica addresses; a kind left out gets none), HTTPS on listen_addr:listen_port, the
     redirect-only plain listener on listen_addr:http_port, the certificate, the per-key and
     per-address limits."""
-    if not re.fullmatch(r"[0-9]+r/[sm]", rate_limit):
-        raise ValueError(f"rate limit {rate_limit!r} is not nginx's <n>r/s or <n>r/m")
+    for rate in (rate_limit, explain_rate_limit):
+        if not re.fullmatch(r"[0-9]+r/[sm]", rate):
+            raise ValueError(f"rate limit {rate!r} is not nginx's <n>r/s or <n>r/m")
     unknown = set(upstreams) - set(SERVED_MODELS)
     if unknown:
         raise KeyError(f"upstreams for {sorted(unknown)}: not in SERVED_MODELS")
@@ -121,6 +129,8 @@ def nginx_values(upstreams: Mapping[str, list[str]], listen_addr: str, listen_po
         "TLS_KEY": tls_key,
         "RATE_LIMIT": rate_limit,
         "RATE_BURST": str(int(rate_burst)),
+        "EXPLAIN_RATE_LIMIT": explain_rate_limit,
+        "EXPLAIN_RATE_BURST": str(int(explain_rate_burst)),
         "CONN_LIMIT": str(int(conn_limit)),
     }
 
@@ -168,16 +178,20 @@ def nginx_models_text() -> str:
 
 
 def nginx_routes_text() -> str:
-    """servable-routes.inc.template (the API's server block): each model's REST route and its
-    /<kind>/ prefix (info, V2, docs, playground) to its pool, under the per-key limit and the
-    model's body limit; any other path is a JSON 404."""
+    """servable-routes.inc.template (the API's server block): each model's REST route, its explain route
+    (also under the per-key explain budget) and its /<kind>/ prefix (info, V2, docs, playground) to its
+    pool, under the per-key limit and the model's body limit; any other path is a JSON 404."""
     out = [_generated_head("Included in the API's server block of\n# servable.conf.template.")]
     for kind, entry in SERVED_MODELS.items():
         limits = f"        limit_req zone=servable_per_key burst=${{RATE_BURST}} nodelay;\n" \
                  f"        client_max_body_size {body_limit(entry)};\n"  # fmt: skip
+        explain = f"        limit_req zone=servable_explain_per_key burst=${{EXPLAIN_RATE_BURST}} nodelay;\n{limits}"
+        route = entry.route + "/explain"
         out.append(
-            f"\n    # {entry.service_name}: POST {entry.route}, and everything else under /{kind}/.\n"
+            f"\n    # {entry.service_name}: POST {entry.route}, {route} and everything else under /{kind}/.\n"
             f"    location = {entry.route} {{\n{limits}        proxy_pass http://servable_{kind};\n    }}\n"
+            f"    location = {route} {{\n{explain}        proxy_pass http://servable_{kind};\n    }}\n"
+            f"    location = /{kind}{route} {{\n{explain}        proxy_pass http://servable_{kind}{route};\n    }}\n"
             f"    location /{kind}/ {{\n{limits}        proxy_pass http://servable_{kind}/;\n    }}\n"
         )
     uses = ", ".join([e.route for e in SERVED_MODELS.values()] + [f"/{k}/..." for k in SERVED_MODELS])
@@ -550,6 +564,9 @@ def compose_regions() -> dict[str, str]:
             var = f"{entry.env_prefix}{field.upper()}"
             lines.append(f"  {var}: ${{{var}:-{_default(entry, field)}}}\n")
         lines.append("  SERVABLE_AUTH_KEYS_FILE: /run/secrets/api_keys\n")
+        # Replicas are reached only through nginx, which sets X-Forwarded-For to the client's address:
+        # uvicorn takes it as the client (failed authentications are limited per client address).
+        lines.append('  FORWARDED_ALLOW_IPS: "*"\n')
         env.append("".join(lines))
     replicas = "".join(f"  {name}:\n    <<: *replica\n    environment: *{kind}-env\n"
                        for kind in SERVED_MODELS for name in compose_replicas(kind))  # fmt: skip

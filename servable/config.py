@@ -248,6 +248,15 @@ class ServeCommon(BaseSettings):
     max_items: int = Field(16, ge=1, description="Most items (images or texts) in one request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body; above: 413.")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight per worker; above: 429 at once.")
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        description="Threads per HTTP worker decoding inputs too large for its event loop (large images, "
+        "long texts); the event loop keeps parsing other requests meanwhile.",
+    )
+    decode_timeout_s: float = Field(
+        10.0, gt=0, description="A request's decoding deadline, its wait for a decode thread included; beyond: 503."
+    )
     timeout_s: float = Field(30.0, gt=0, description="Request timeout.")
     model_call_timeout_s: float = Field(
         10.0,
@@ -320,7 +329,17 @@ class ImageServeSettings(ServeCommon):
     model_config = _cfg("SERVABLE_IMAGE_SERVE_")
 
     model_tag: str = "fashion-cnn:latest"
-    max_pixels: int = Field(25_000_000, ge=1, description="Decoded-size limit (decompression bombs).")
+    max_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="Largest image area (pixels), checked on the image's header before decoding "
+        "(decompression bombs): a 24-megapixel photo passes; a JPEG is decoded at a scale near the model's input.",
+    )
+    max_image_side: int = Field(12_000, ge=1, description="Longest side of an image (pixels), checked on its header.")
+    max_aspect_ratio: float = Field(20.0, ge=1, description="Longest side / shortest side of an image, at most.")
+    max_request_pixels: int = Field(
+        50_000_000, ge=1, description="All images of one request together, at most this many pixels (declared)."
+    )
     top_k: int = Field(3, ge=1, description="Default number of labels returned.")
     explain_grid: int = Field(8, ge=2, le=32, description="Occlusion grid of /classify/explain (grid x grid patches).")
     explain_max_grid: int = Field(16, ge=2, le=32, description="Largest grid a request may ask for.")
@@ -374,6 +393,13 @@ class AuthSettings(BaseSettings):
     )
     keys: str = Field("", description="Inline `name:key,name2:key2` (for development; prefer keys_file).")
     header: str = Field("x-api-key", description="Header carrying the key (or Authorization: Bearer).")
+    failed_limit: int = Field(
+        10,
+        ge=1,
+        description="Failed authentications a client address may make per failed_window_s (per worker); "
+        "beyond, its requests get 429 until the window refills.",
+    )
+    failed_window_s: float = Field(60.0, gt=0, description="Window of failed_limit, in seconds.")
     metrics_require_key: bool = Field(False, description="Also require a key on /metrics.")
 
     @model_validator(mode="after")

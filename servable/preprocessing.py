@@ -42,22 +42,68 @@ class InvalidImage(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, *, max_pixels: int = 25_000_000) -> Image.Image:
-    """Decode bytes into a fully loaded Pillow image, refusing bombs and broken files early."""
+# The formats users send; anything else (TIFF, PSD, JPEG 2000, FITS, EPS, ... : Pillow opens about 40)
+# is refused from its first bytes, before a decoder runs. Training reads what its folders hold.
+WEB_FORMATS = ("JPEG", "PNG", "WEBP")
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+
+
+def sniff_format(data: bytes) -> str | None:
+    """JPEG, PNG or WEBP from a file's first bytes; None for anything else."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return "WEBP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+
+
+class ImageLimits(BaseModel):
+    """What an image may declare before any pixel is decoded (each checked on its header alone)."""
+
+    max_pixels: int = 25_000_000  # the area
+    max_side: int = 12_000  # each side: a 25,000,000 x 1 strip stays out however small its file
+    max_aspect: float = 20.0  # longest side / shortest side
+    max_jpeg_scans: int = 64  # a progressive JPEG re-reads the whole image per scan; cameras write about 10
+    formats: tuple[str, ...] | None = WEB_FORMATS  # None: whatever Pillow opens (training's folders)
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """A lazily opened image whose format and declared size are within `limits` (no pixel decoded yet)."""
     if not data:
         raise InvalidImage("empty", "the image is empty (0 bytes)")
+    found = sniff_format(data)
+    if limits.formats is not None and found not in limits.formats:
+        raise InvalidImage("unsupported_format", f"send {', '.join(limits.formats)}; this is not one of them")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=[found] if limits.formats is not None else None)
     except Image.DecompressionBombError as exc:  # Pillow's own guard, above 2x its default limit
         raise InvalidImage("too_many_pixels", f"the image declares too many pixels ({exc})") from exc
     except Exception as exc:  # Pillow raises several types for unknown formats
         raise InvalidImage("not_an_image", "the data is not a decodable image (JPEG, PNG, ...)") from exc
     width, height = img.size
     # Checked before decoding pixels: a small file can declare a huge canvas (decompression bomb).
-    if width * height > max_pixels:
+    if width * height > limits.max_pixels:
         raise InvalidImage(
-            "too_many_pixels", f"the image has {width}x{height} pixels, more than the limit {max_pixels}"
+            "too_many_pixels", f"the image has {width}x{height} pixels, more than the limit {limits.max_pixels}"
         )
+    if max(width, height) > limits.max_side:
+        raise InvalidImage("too_many_pixels", f"the image is {width}x{height}; each side may be {limits.max_side}")
+    if min(width, height) < 1 or max(width, height) / min(width, height) > limits.max_aspect:
+        raise InvalidImage("bad_aspect_ratio", f"the image is {width}x{height}; its sides may differ "
+                           f"{limits.max_aspect:g}-fold at most")  # fmt: skip
+    if img.format == "JPEG" and data.count(b"\xff\xda") > limits.max_jpeg_scans:  # SOS markers: never in data
+        raise InvalidImage("too_many_scans", f"the JPEG has more than {limits.max_jpeg_scans} scans")
+    return img
+
+
+def decode_image(data: bytes, *, max_pixels: int = 25_000_000, limits: ImageLimits | None = None,
+                 draft: int | None = None) -> Image.Image:  # fmt: skip
+    """Decode bytes into a fully loaded Pillow image, refusing bombs and broken files early. `limits`
+    (default: any format, `max_pixels`) bound what it may declare; `draft`: a JPEG is decoded at the
+    smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least this (the decoder does less work; the
+    resize to the model's input follows anyway)."""
+    img = open_image(data, limits or ImageLimits(max_pixels=max_pixels, formats=None))
+    if draft is not None and img.format == "JPEG":
+        img.draft(img.mode, (draft, draft))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,6 +111,11 @@ def decode_image(data: bytes, *, max_pixels: int = 25_000_000) -> Image.Image:
     except Exception as exc:
         raise InvalidImage("corrupt", "the image is truncated or corrupt") from exc
     return ImageOps.exif_transpose(img) or img
+
+
+# A JPEG is decoded at no less than this many times the model's input side before the resize: the
+# DCT's own scaling does the first reduction for free, the bilinear resize (antialiased) the rest.
+DRAFT_FACTOR = 4
 
 
 def to_model_pixels(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
@@ -88,9 +139,13 @@ def normalize(pixels: np.ndarray, cfg: ImagePreprocessing) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def preprocess_image(data: bytes | Image.Image, cfg: ImagePreprocessing, *, max_pixels: int = 25_000_000):
+def preprocess_image(data: bytes | Image.Image, cfg: ImagePreprocessing, *, max_pixels: int = 25_000_000,
+                     limits: ImageLimits | None = None):  # fmt: skip
     """The whole path for one image: decode, convert, resize, normalise -> float32 (3, H, W)."""
-    img = decode_image(data, max_pixels=max_pixels) if isinstance(data, bytes) else data
+    if isinstance(data, bytes):
+        img = decode_image(data, max_pixels=max_pixels, limits=limits, draft=DRAFT_FACTOR * cfg.size)
+    else:
+        img = data
     return normalize(to_model_pixels(img, cfg), cfg)
 
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
+import re
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 from servable.config import AuthSettings, parse_api_keys
@@ -69,22 +73,77 @@ class KeyStore:
         return found
 
 
+class FailedAuthLimiter:
+    """Failed authentications per client address, a token bucket each: `limit` per `window_s`.
+
+    Only failures make an entry (normal traffic costs nothing here) and the table keeps the
+    `max_clients` most recent addresses, so an attacker cannot grow it without bound. While an
+    address's bucket is empty every request from it is refused, a right key included: otherwise
+    a guess that succeeded would still be told apart from one that failed.
+    """
+
+    def __init__(self, limit: int, window_s: float, max_clients: int = 10_000) -> None:
+        self.limit, self.rate, self.max_clients = float(limit), limit / window_s, max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, at = self._buckets.get(address, (self.limit, now))
+        return min(self.limit, tokens + (now - at) * self.rate)
+
+    def retry_after(self, address: str, now: float | None = None) -> float:
+        """Seconds until `address` may try again; 0 when it may now."""
+        if address not in self._buckets:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens = self._tokens(address, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._buckets[address] = (self._tokens(address, now) - 1, now)
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+# The Bearer form nginx reads too (deploy/nginx/servable.conf.template): both sides must see the same key.
+BEARER = re.compile(rb"bearer[ \t]+(\S+)", re.IGNORECASE)
+HEADER_BLANKS = b" \t"  # what nginx trims from a header value, no more (not Unicode whitespace)
+
+
 class ApiKeyMiddleware:
-    """401 JSON for protected paths without a valid key; sets scope["state"]["key_name"]."""
+    """Authenticates protected paths before anything reads the request's body: 401 JSON without a valid
+    key, 400 when a request carries two different credentials (the proxy's per-key limit and this check
+    must see one identity), 429 for a client address that failed too often; sets
+    scope["state"]["key_name"]."""
 
     def __init__(self, app, settings: AuthSettings | None = None) -> None:
         self.app = app
         self.settings = settings or AuthSettings()
         self.store = KeyStore(self.settings)
         self.header = self.settings.header.lower().encode()
+        self.failures = FailedAuthLimiter(self.settings.failed_limit, self.settings.failed_window_s)
 
-    def _presented(self, scope) -> str | None:
-        for k, v in scope.get("headers", []):
-            if k == self.header:
-                return v.decode("latin-1").strip()
-            if k == b"authorization" and v[:7].lower() == b"bearer ":
-                return v[7:].decode("latin-1").strip()
-        return None
+    def presented(self, scope) -> str | None:
+        """The one credential of the request: the key header, else the Bearer token; refuses two."""
+        keys = [v.strip(HEADER_BLANKS) for k, v in scope.get("headers", []) if k == self.header]
+        auths = [v.strip(HEADER_BLANKS) for k, v in scope.get("headers", []) if k == b"authorization"]
+        if len(keys) > 1 or len(auths) > 1:
+            raise Refused(400, "ambiguous_credentials", "send one API key: the key header or the "
+                          "Authorization header appears more than once")  # fmt: skip
+        bearer = next((m.group(1) for m in map(BEARER.fullmatch, auths) if m), None)
+        key = keys[0] if keys and keys[0] else None
+        if key and bearer and key != bearer:
+            raise Refused(400, "ambiguous_credentials", f"two different API keys (the {self.settings.header} "
+                          "header and a Bearer token): send one")  # fmt: skip
+        found = key or bearer
+        return found.decode("latin-1") if found else None
 
     def _is_open(self, path: str) -> bool:
         return path in OPEN_PATHS or (path == "/metrics" and not self.settings.metrics_require_key)
@@ -93,8 +152,21 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.settings.required or self._is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        name = self.store.identify(self._presented(scope))
+        client = scope.get("client")
+        address = client[0] if client else "unknown"  # uvicorn puts the proxy's X-Forwarded-For here
+        wait = self.failures.retry_after(address)
+        if wait > 0:
+            await send_error(send, 429, "auth_throttled", "too many failed authentications from this address; "
+                             "retry later", [(b"retry-after", str(math.ceil(wait)).encode())])  # fmt: skip
+            return
+        try:
+            name = self.store.identify(self.presented(scope))
+        except Refused as refused:
+            self.failures.failed(address)
+            await send_error(send, refused.status, refused.reason, str(refused))
+            return
         if name is None:
+            self.failures.failed(address)
             await send_error(send, 401, "unauthenticated",
                              f"a valid API key is required (header {self.settings.header} or Bearer token)",
                              [(b"www-authenticate", b"Bearer")])  # fmt: skip

@@ -33,6 +33,7 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serving import path_labels
 from serving.errors import send_error
 from serving.graceful_shutdown import draining
 
@@ -98,8 +99,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_header = False
         self._disarm_header_timer()
         super().on_headers_complete()
-        if draining() and self.cycle is not None:  # the replica is stopping: answer, then close
-            self.cycle.keep_alive = False
+        if self.cycle is not None:
+            path_labels.bound(self.cycle.scope)  # before any middleware: BentoML's metrics label by path
+            if draining():  # the replica is stopping: answer, then close
+                self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.resources
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import bentoml
@@ -30,11 +32,12 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
 from servable.config import AuthSettings, ServeCommon
-from serving import audit, metrics, schemas, v2
+from serving import audit, metrics, path_labels, schemas, v2
 from serving.access_log import AccessLogMiddleware, configure_json_logging
 from serving.adapters.base import Adapter, Parsed
 from serving.adapters.explains import Explains
-from serving.auth import ApiKeyMiddleware
+from serving.auth import OPEN_PATHS, ApiKeyMiddleware
+from serving.decoding import DecodePool
 from serving.errors import ClientError, JsonRouterErrors, ServingError
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from serving.feedback.hook import FeedbackHook
@@ -42,6 +45,7 @@ from serving.graceful_shutdown import draining, install_graceful_shutdown
 from serving.http_guard import BodyLimitMiddleware, install_protocol_limits
 from serving.io_spec import parse_options
 from serving.loading import load_model
+from serving.path_labels import RestorePath, known_paths
 from serving.playground import playground_routes
 from serving.topology import InProcess, Split
 
@@ -68,11 +72,14 @@ def install_middleware(service, settings: ServeCommon, name: str) -> None:
     audit.configure()
     # Uploads stay in memory (never spooled to a temp file): the body limit bounds their size.
     MultiPartParser.spool_max_size = settings.max_body_bytes + 1
+    # Outermost first. The key is checked before the body is read: a client without one makes the
+    # replica buffer nothing and holds its concurrency slot for no longer than the check.
+    service.add_asgi_middleware(RestorePath)  # the real path of a request whose metrics label is UNKNOWN
     service.add_asgi_middleware(AccessLogMiddleware, service=name, on_finish=audit.record)
+    service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
     service.add_asgi_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     install_protocol_limits()  # header size, count and read-time limits below the app (BentoML starts uvicorn)
     install_graceful_shutdown()  # on SIGTERM: answer what reached the worker, refuse the rest (not reset it)
-    service.add_asgi_middleware(ApiKeyMiddleware, settings=AuthSettings())
     service.add_asgi_middleware(JsonRouterErrors)
 
 
@@ -125,6 +132,7 @@ class Replica:
         self.adapter, self.model, run = load_model(adapter_cls, settings, with_session=model_client is None)
         self.name = self.model.name
         self.topology: InProcess | Split | None = None
+        self.decoding = DecodePool(settings.decode_threads, settings.decode_timeout_s)
         self.explain_queue = ExplainQueue(settings.explain_max_concurrency, settings.explain_max_queue,
                                           settings.explain_timeout_s)  # fmt: skip
         if self.model.ready:
@@ -150,12 +158,19 @@ class Replica:
             raise ServingError(503, "not_ready", f"model not ready: {self.model.error or 'loading'}",
                                {"Retry-After": "5"})  # fmt: skip
 
+    async def rows(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+        """The adapter's decode of one request's items: on the event loop when the adapter says they are cheap,
+        else in this worker's decode pool, under the request's decode deadline."""
+        if self.adapter.inline(name, items):
+            return self.adapter.decode(name, items)
+        return await self.decoding.run(self.adapter.decode, name, items)
+
     async def decode(self, request: Request) -> Parsed:
         """One REST request's rows and options, validated (per request, before any batch)."""
         start, options = time.perf_counter(), self.options
         name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
         parsed_options = parse_options(options, given)
-        parsed = Parsed(*self.adapter.decode(name, items), parsed_options)
+        parsed = Parsed(*await self.rows(name, items), parsed_options)
         metrics.PREPROCESS_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
         return parsed
 
@@ -178,7 +193,8 @@ class Replica:
             async with self.explain_queue.slot() as deadline:
                 options = self.explain_options
                 name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
-                parsed = self.adapter.explain_decode(name, items, parse_options(options, given))
+                given = parse_options(options, given)
+                parsed = await self.decoding.run(self.adapter.explain_decode, name, items, given)
                 found = await self.topology.explain(parsed, deadline)
         except ExplainBusy:
             raise ClientError(
@@ -201,6 +217,7 @@ class Replica:
     def stop(self) -> None:
         if self.topology is not None:
             self.topology.stop()
+        self.decoding.close()
         self.adapter.close()
 
 
@@ -212,10 +229,12 @@ class ModelService:
 
     adapter: ClassVar[type[Adapter]]
     settings: ClassVar[ServeCommon]
+    known_path: ClassVar[Callable[[str], bool]]  # set by `serve`
 
     def __init__(self) -> None:
         client = getattr(self, "model_service", None)  # split topology: BentoML's client of the model process
         self.replica = Replica(self.adapter, self.settings, client)
+        path_labels.activate(self.known_path)  # made-up paths: one metrics label (serving/path_labels.py)
 
     def __is_ready__(self) -> bool:
         return self.replica.ready and not draining()
@@ -230,6 +249,35 @@ def _replica() -> Replica:
     """This worker's replica, through BentoML's instance of the service (a plain call: cheaper per request
     than a FastAPI dependency)."""
     return bentoml.get_current_service().replica
+
+
+# What BentoML serves itself besides the probes: its schema and the files of its index page.
+_BENTOML_STATIC = importlib.resources.files("bentoml._internal.server").joinpath("static_content")
+BENTOML_PATHS = {"/schema.json", *(f"/static_content/{f.name}" for f in _BENTOML_STATIC.iterdir())}
+
+
+def path_known(app: FastAPI) -> Callable[[str], bool]:
+    """Whether a path is one of this service's own (serving/path_labels.py): its fixed paths, and its V2
+    paths naming the served model once the replica has loaded it."""
+    route_paths = [path for r in app.routes if isinstance(path := getattr(r, "path", None), str)]
+    fixed = known_paths(route_paths, {*OPEN_PATHS, *PROBES, *BENTOML_PATHS}, None, None)
+    loaded: set[str] = set()
+
+    def known(path: str) -> bool:
+        if path in fixed or path in loaded:
+            return True
+        if not loaded and path.startswith("/v2/models/"):
+            try:
+                rep = _replica()
+            except bentoml.exceptions.BentoMLException:  # still starting
+                return False
+            if rep.ready:
+                manifest = rep.model.manifest
+                loaded.update(known_paths(route_paths, fixed, manifest.name, manifest.version))
+                return path in loaded
+        return False
+
+    return known
 
 
 def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> None:
@@ -312,7 +360,7 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         known(rep, name, version)
         start, adapter = time.perf_counter(), rep.adapter
         req = await v2.read_request(request, adapter.inputs(), adapter.head.outputs(), settings.max_items)
-        parsed = Parsed(*adapter.decode(req.name, req.data))
+        parsed = Parsed(*await rep.rows(req.name, req.data))
         metrics.PREPROCESS_SECONDS.labels(model=rep.name).observe(time.perf_counter() - start)
         values = await rep.predict(request, parsed)
         return v2.response(rep.model.manifest, adapter.head.output_data(values), req)
@@ -368,4 +416,5 @@ def serve(cls: type[ModelService]) -> tuple[Any, Any]:
     public = bentoml.service(name=entry.service_name, workers=settings.http_workers(),
                              **service_config(settings, [entry.route]))(public)  # fmt: skip
     install_middleware(public, settings, entry.service_name)
+    cls.known_path = staticmethod(path_known(app))
     return public, model

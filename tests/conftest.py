@@ -55,15 +55,20 @@ API_KEY = "test-key-0123456789"
 SECRET_SENTENCE = "my passport number is X1234567 and the secret word is PURPLE-ELEPHANT-42"
 
 
+# The suite sends many wrong keys from 127.0.0.1 on purpose; the failed-authentication limit per
+# client address (tests/test_auth_identity.py proves it on its own servers) is lifted for the rest.
+UNTHROTTLED_AUTH = {"SERVABLE_AUTH_FAILED_LIMIT": "1000000"}
+
+
 def _serve(kind: str, tag: str, tmp_path_factory, extra_env: dict | None = None, shipped: bool = False):
     """A server of the `kind` model on a free port. The test settings (fp32, 8 items per request so the
     limits are cheap to reach, a 5 s batching-queue bound for a busy machine) unless `shipped`: then
-    every setting is the shipped default but the model tag and the key."""
+    every setting is the shipped default but the model tag, the key and the failed-authentication limit."""
     from deploy import launch
     from servable.config import SERVED_MODELS
 
     prefix = SERVED_MODELS[kind].env_prefix
-    env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}"}
+    env = {f"{prefix}MODEL_TAG": tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}", **UNTHROTTLED_AUTH}
     if not shipped:
         env |= {f"{prefix}MAX_ITEMS": "8", f"{prefix}MAX_LATENCY_MS": "5000", f"{prefix}VARIANT": "fp32"}
     env |= extra_env or {}

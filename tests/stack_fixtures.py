@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, UNTHROTTLED_AUTH
 
 # Two more keys in the stack's key file: a second client (rate limits are per key) and a key
 # whose value must never appear in a log or a rendered config (tests/test_local_stack.py).
@@ -28,7 +28,8 @@ def local_stack(image_run, text_run, tmp_path_factory):
     from deploy.local_stack import LocalStack
 
     # as tests/conftest.py's servers: a generous batching queue bound on a busy 2-core machine
-    slack = {"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", "SERVABLE_TEXT_SERVE_MAX_LATENCY_MS": "5000"}
+    slack = {"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", "SERVABLE_TEXT_SERVE_MAX_LATENCY_MS": "5000",
+             **UNTHROTTLED_AUTH}  # fmt: skip
     stack = LocalStack(tmp_path_factory.mktemp("stack"), image_run.tag, text_run.tag, STACK_KEYS, extra_env=slack,
                        rate_limit="1000r/s", rate_burst=1000)  # fmt: skip
     try:

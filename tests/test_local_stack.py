@@ -310,6 +310,34 @@ def test_rate_limit_per_api_key_answers_429_with_retry_after(local_stack):
     assert set(codes) <= {200, 429} and codes.count(200) <= 7, codes
 
 
+def test_one_credential_per_request_and_an_explain_budget_per_key_at_the_proxy(local_stack):
+    """A valid Bearer token beside a fresh x-api-key is refused by nginx itself (400, no replica asked),
+    so the pair can no longer buy a fresh per-key bucket each request; and explanations draw from a
+    budget of their own per key: beyond it 429, while the same key's predictions are still served."""
+    stack = local_stack
+    url = stack.start_extra_proxy("proxy-identity", rate_limit="5r/s", rate_burst=5, explain_rate_limit="6r/m",
+                                  explain_rate_burst=1)  # fmt: skip
+    ids = []
+    for i in range(8):
+        headers = {"authorization": f"Bearer {API_KEY}", "x-api-key": f"fresh-key-{i:04d}-abcdef"}
+        r = requests.get(url + "/text/info", headers=headers, timeout=30, verify=stack.ca_file)
+        assert r.status_code == 400 and r.json()["reason"] == "ambiguous_credentials", r.text
+        ids.append(r.headers["x-request-id"])
+    log = [json.loads(line) for line in (stack.dir / "proxy-identity" / "nginx-access.log").read_text().splitlines()]
+    assert {e["upstream"] for e in log if e["request_id"] in ids} == {""}  # answered by nginx, not a replica
+
+    def explain(path: str) -> requests.Response:
+        return requests.post(url + path, json={"text": "a fine film"}, headers=KEY, timeout=120, verify=stack.ca_file)
+
+    assert explain("/sentiment/explain").status_code == 200  # the first starts the explain process: slow
+    with cf.ThreadPoolExecutor(4) as ex:  # at once: at most 1 + burst of them pass, both spellings one budget
+        codes = [r.status_code for r in ex.map(explain, ["/text/sentiment/explain", "/sentiment/explain"] * 2)]
+    assert codes.count(429) >= 2 and set(codes) <= {200, 429}, codes
+    time.sleep(1)
+    r = requests.post(url + "/sentiment", json={"text": "a fine film"}, headers=KEY, timeout=30, verify=stack.ca_file)
+    assert r.status_code == 200, r.text
+
+
 def test_planted_key_and_sentence_never_reach_logs_or_configs(local_stack, image_run):
     """A key from the stack's key file (as deployments mount one) and a sentence sent through the
     proxy, on success, refusal, malformed-body, rate-limited and upstream-error paths, and put in the

@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from servable.idx import read_idx
-from servable.preprocessing import ImagePreprocessing, InvalidImage, decode_image, to_model_pixels
+from servable.preprocessing import DRAFT_FACTOR, ImagePreprocessing, InvalidImage, decode_image, to_model_pixels
 
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -145,7 +145,8 @@ def load_image_folder(
     pixels, labels, unreadable = [], [], []
     for path, ci in tqdm(items, desc="decode images", disable=None if progress else True, leave=False, unit="img"):
         try:
-            pixels.append(to_model_pixels(decode_image(path.read_bytes()), cfg))
+            image = decode_image(path.read_bytes(), draft=DRAFT_FACTOR * cfg.size)  # as serving decodes it
+            pixels.append(to_model_pixels(image, cfg))
             labels.append(ci)
         except InvalidImage as exc:
             unreadable.append(f"{path} ({exc})")

@@ -87,6 +87,12 @@ class Adapter(ABC):
     async def read(self, request: Request, options: tuple[str, ...]) -> tuple[str, list, dict[str, Any]]:
         """(input name, its items, the given values of `options`) of one REST request; raises ClientError."""
 
+    def inline(self, name: str, items: Any) -> bool:
+        """Whether decoding these items is cheap enough for the worker's event loop (well under a millisecond,
+        whatever the client sent); otherwise `decode` runs in the worker's decode pool (serving/decoding.py).
+        The default is the safe one: the pool."""
+        return False
+
     @abstractmethod
     def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
         """(rows, storable items) from a declared input's items: a REST request's, or a V2 tensor's (FP32: a

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,7 @@ from starlette.requests import Request
 
 from servable import explain
 from servable.config import SERVED_MODELS, ImageServeSettings
-from servable.preprocessing import InvalidImage, decode_image, preprocess_image
+from servable.preprocessing import WEB_FORMATS, ImageLimits, InvalidImage, decode_image, open_image, preprocess_image
 from serving import schemas
 from serving.adapters.base import Adapter, Docs, Parsed
 from serving.adapters.explains import ExplainDocs, Explains
@@ -22,7 +24,14 @@ from serving.heads import ClassifierHead
 from serving.io_spec import BATCH, Option, Tensor
 from serving.request_body import content_type, json_body
 
-B64 = {"type": "string", "description": "base64-encoded image (JPEG, PNG, ...)"}
+FORMATS = ", ".join(WEB_FORMATS)
+B64 = {"type": "string", "description": f"base64-encoded image ({FORMATS})"}
+# An image this small (declared pixels, all of a request's together) is decoded on the event loop:
+# well under a millisecond. Any larger goes to the worker's decode pool.
+INLINE_PIXELS = 64 * 64 * 16
+INLINE_BYTES = 64 * 1024
+# What each refusal of an image is answered with (the reason says which bound).
+STATUS = {"too_many_pixels": 413, "unsupported_format": 415, "bad_aspect_ratio": 422, "too_many_scans": 422}
 RAW_IMAGE = {"type": "string", "format": "binary", "description": "one image file as the whole body"}
 
 
@@ -35,6 +44,15 @@ def _b64(item: object, i: int) -> bytes:
         return base64.b64decode(item.split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ClientError(400, "invalid_base64", f"image {i} is not valid base64") from exc
+
+
+@contextmanager
+def refused(i: int) -> Iterator[None]:
+    """An image's `InvalidImage` as the client's error, naming the image."""
+    try:
+        yield
+    except InvalidImage as exc:
+        raise ClientError(STATUS.get(exc.reason, 400), exc.reason, f"image {i}: {exc}") from exc
 
 
 class ImageAdapter(Adapter, Explains):
@@ -68,6 +86,8 @@ class ImageAdapter(Adapter, Explains):
         super().load(art)
         self.prep = art.manifest.image_preprocessing
         self.size = self.prep.size
+        s = self.settings
+        self.limits = ImageLimits(max_pixels=s.max_pixels, max_side=s.max_image_side, max_aspect=s.max_aspect_ratio)
 
     def make_head(self, labels: list[str]) -> ClassifierHead:
         return ClassifierHead(labels, default_top_k=self.settings.top_k)
@@ -84,7 +104,7 @@ class ImageAdapter(Adapter, Explains):
         options = {o.name: o.schema() for o in self.options()}
         multipart = {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                      "description": "one or more image files (JPEG, PNG, ...)"}, **options}}  # fmt: skip
+                      "description": f"one or more image files ({FORMATS})"}, **options}}  # fmt: skip
         return schemas.json_body(
             {"type": "object", "properties": {"image": B64, "images": {"type": "array", "items": B64, "minItems": 1},
                                               **options}},
@@ -123,19 +143,36 @@ class ImageAdapter(Adapter, Explains):
             raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} images per request")
         return [_b64(item, i) for i, item in enumerate(items)]
 
+    def _declared(self, blobs: list[bytes]) -> int:
+        """All images' declared pixels, each image checked against the limits on its header alone."""
+        total = 0
+        for i, blob in enumerate(blobs):
+            with refused(i):
+                width, height = open_image(blob, self.limits).size
+            total += width * height
+        if total > self.settings.max_request_pixels:
+            raise ClientError(413, "too_many_pixels", f"the request's images have {total} pixels together; "
+                              f"the limit is {self.settings.max_request_pixels}")  # fmt: skip
+        return total
+
+    def inline(self, name: str, items: Any) -> bool:
+        if name == "pixels":
+            return True
+        small = [it for it in items if isinstance(it, bytes | str) and len(it) <= INLINE_BYTES]
+        # a thumbnail (the usual upload here) costs tens of microseconds: not worth a thread hop
+        return 0 < len(small) == len(items) <= 2 and self._declared(self._images(items)) <= INLINE_PIXELS
+
     def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
             if not np.isfinite(items).all():
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")
             return list(items), [None] * len(items)
         blobs = self._images(items)
+        self._declared(blobs)  # every image's bounds and the request's, before any is decoded
         rows = []
         for i, blob in enumerate(blobs):
-            try:
-                rows.append(preprocess_image(blob, self.prep, max_pixels=self.settings.max_pixels))
-            except InvalidImage as exc:
-                status = 413 if exc.reason == "too_many_pixels" else 400
-                raise ClientError(status, exc.reason, f"image {i}: {exc}") from exc
+            with refused(i):
+                rows.append(preprocess_image(blob, self.prep, limits=self.limits))
         return rows, list(blobs)
 
     # ------------------------------------------------------------ predict
@@ -175,10 +212,8 @@ class ImageAdapter(Adapter, Explains):
         if len(items) != 1:
             raise ClientError(400 if not items else 413, "no_image" if not items else "too_many_items",
                               "send exactly one image to explain")  # fmt: skip
-        try:
-            image = decode_image(_b64(items[0], 0), max_pixels=self.settings.max_pixels)
-        except InvalidImage as exc:
-            raise ClientError(413 if exc.reason == "too_many_pixels" else 400, exc.reason, f"image 0: {exc}") from exc
+        with refused(0):
+            image = decode_image(_b64(items[0], 0), limits=self.limits)  # full size: the overlay is drawn on it
         options = {**options, "target": self.target(options["label"]),
                    "image": image if options["overlay"] else None}  # drawn on only with an overlay  # fmt: skip
         return Parsed([preprocess_image(image, self.prep)], [None], options)
