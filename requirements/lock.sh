@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 bin=$(dirname "$pip")
 
 # The CPU torch and the pip options that reach it: a constraint for the resolver, never a pin.
-read -r torch_req torch_opts <<<"$(requirements/torch.sh "$pip" "$torch_version" cpu)"
+read -r torch_req torch_opts <<<"$(TORCH_LOCKS=0 requirements/torch.sh "$pip" "$torch_version" cpu)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "$torch_req" >"$work/torch.txt"
