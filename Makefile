@@ -182,7 +182,7 @@ image-cpu-podman:  ## build the CPU image with podman from a local Debian base, 
 	deploy/podman/build_and_run.sh
 
 # ---------------------------------------------------------------- TLS and supply chain (deploy/tls/, deploy/supply_chain.py)
-.PHONY: tls-local sbom audit
+.PHONY: tls-local sbom audit pin-base-images
 AUDIT_SERVICE ?= pypi
 
 tls-local:  ## a self-signed CA + server certificate for a compose stack on this machine -> deploy/tls/local/
@@ -190,6 +190,9 @@ tls-local:  ## a self-signed CA + server certificate for a compose stack on this
 
 sbom: setup  ## CycloneDX SBOM of the serving image's dependency set -> docs/results/sbom/serve.cdx.json
 	$(BIN)/python -m deploy.supply_chain sbom
+
+pin-base-images: setup  ## re-resolve the digests of deploy/Dockerfile's base images at their registry and rewrite every reference
+	$(BIN)/python -m deploy.supply_chain pin-bases
 
 audit: setup  ## pip-audit of that set; needs PyPI's vulnerability API (or AUDIT_SERVICE=osv); fails on findings and on lookups it could not make
 	$(BIN)/python -m deploy.supply_chain audit --service $(AUDIT_SERVICE)
