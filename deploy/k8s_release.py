@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     overlay = os.path.relpath(K8S / "overlays" / args.variant, out.resolve())
     body = yaml.dump(kustomization(args.variant, args.registry, tag, models, overlay), Dumper=_Dumper, sort_keys=False)
     (out / "kustomization.yaml").write_text(header + body)
-    build = ("--build-arg ORT_PACKAGE=onnxruntime" if args.variant == "cpu"
-             else "--build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04")  # fmt: skip
+    build = "--build-arg ORT_PACKAGE=onnxruntime" if args.variant == "cpu" else (
+        "--build-arg BASE_IMAGE="
+        "nvidia/cuda:13.0.3-cudnn-runtime-ubuntu24.04@sha256:14f6d08d1cd4a96effbfe3101d0b56326f552c199d05e4979ee0bd616df5811b"
+    )  # fmt: skip
     deployments = " ".join(f"deploy/servable-{kind}" for kind in SERVED_MODELS)
     print(f"wrote {out / 'kustomization.yaml'}\n"
           f"  make bake-models MODELS=\"{' '.join(models.values())}\"\n"

@@ -8,6 +8,7 @@ virtualenv (which holds torch, transformers, Locust, test tools on top).
     python -m deploy.supply_chain sbom           # docs/results/sbom/serve.cdx.json (CycloneDX 1.6, cyclonedx-py)
     python -m deploy.supply_chain audit          # pip-audit of the lock; needs PyPI's JSON API or OSV
     python -m deploy.supply_chain audit --lock requirements/dev.txt --out /tmp/audit   # any other lock
+    python -m deploy.supply_chain pin-bases      # re-resolve the base images' digests at their registry
 
 The CPU image swaps onnxruntime-gpu for requirements/onnxruntime.txt (the same version, CPU build):
 for the SBOM of one built image, run `cyclonedx-py environment /opt/venv/bin/python` inside it
@@ -22,6 +23,10 @@ import re
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -119,13 +124,89 @@ def audit(out_dir: Path = OUT_DIR, service: str = "pypi", lock: Path = SERVE_LOC
     return done.returncode
 
 
+# Every file that names a base image of deploy/Dockerfile (its default, compose's, the release
+# command's, the docs' build commands): `pin-bases` rewrites them all, the tests check them all.
+BASE_IMAGE_FILES = ("deploy/Dockerfile", "deploy/compose.yaml", "deploy/compose.cpu.yaml", "deploy/k8s_release.py",
+                    "docs/deploy.md")  # fmt: skip
+# `name:tag@sha256:digest`, the name as Docker writes it (optionally with a registry host).
+PINNED_REF = re.compile(r"\b((?:[a-z0-9.-]+(?::\d+)?/)?[a-z0-9._/-]+):([\w.-]+)@sha256:([0-9a-f]{64})\b")
+DOCKER_HUB = "https://registry-1.docker.io"
+# What a registry may answer for a tag: a multi-platform index first (one digest for every platform).
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+
+
+def pinned_refs(text: str) -> list[tuple[str, str, str]]:
+    """(name, tag, digest) of each `name:tag@sha256:digest` in a text."""
+    return PINNED_REF.findall(text)
+
+
+def _bearer_token(challenge: str, timeout: float) -> str:
+    """A registry's anonymous pull token, from its `WWW-Authenticate: Bearer realm=...,service=...,scope=...`."""
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    realm = params.pop("realm")
+    with urllib.request.urlopen(f"{realm}?{urllib.parse.urlencode(params)}", timeout=timeout) as resp:
+        body = json.load(resp)
+    return body.get("token") or body["access_token"]
+
+
+def resolve_digest(name: str, tag: str, registry: str = DOCKER_HUB, timeout: float = 30) -> str:
+    """The digest a registry serves for name:tag now (Docker-Content-Digest of a HEAD on its manifest)."""
+    repo = name.split("/", 1)[1] if "." in name.split("/")[0] or ":" in name.split("/")[0] else name
+    if "/" not in repo and registry == DOCKER_HUB:
+        repo = f"library/{repo}"  # Docker Hub's official images
+    url = f"{registry.rstrip('/')}/v2/{repo}/manifests/{tag}"
+    headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+    for _ in range(2):
+        try:
+            req = urllib.request.Request(url, headers=headers, method="HEAD")
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                digest = r.headers.get("Docker-Content-Digest", "")
+                break
+        except urllib.error.HTTPError as e:
+            challenge = e.headers.get("WWW-Authenticate", "")
+            if e.code != 401 or not challenge.startswith("Bearer ") or "Authorization" in headers:
+                raise
+            headers["Authorization"] = f"Bearer {_bearer_token(challenge[len('Bearer ') :], timeout)}"
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise ValueError(f"{url} answered no sha256 digest ({digest!r})")
+    return digest.removeprefix("sha256:")
+
+
+def pin_base_images(resolve: Callable[[str, str], str], root: Path = ROOT, files=BASE_IMAGE_FILES) -> dict[str, str]:
+    """Re-resolve every `name:tag@sha256:...` of the base-image files and rewrite them in place.
+    Returns {name:tag: digest}. Nothing is written unless every tag resolved."""
+    texts = {f: (root / f).read_text() for f in files}
+    tags = sorted({(n, t) for text in texts.values() for n, t, _ in pinned_refs(text)})
+    digests = {f"{n}:{t}": resolve(n, t) for n, t in tags}
+    for f, text in texts.items():
+        new = PINNED_REF.sub(lambda m: f"{m[1]}:{m[2]}@sha256:{digests[f'{m[1]}:{m[2]}']}", text)
+        if new != text:
+            (root / f).write_text(new)
+    return digests
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["sbom", "audit"])
+    ap.add_argument("what", choices=["sbom", "audit", "pin-bases"])
     ap.add_argument("--lock", type=Path, default=SERVE_LOCK, help="a lock of requirements/ (default: serve.txt)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--service", choices=["pypi", "osv"], default="pypi", help="pip-audit's vulnerability service")
+    ap.add_argument("--registry", default=DOCKER_HUB, help="pin-bases: the registry's base URL")
     args = ap.parse_args(argv)
+    if args.what == "pin-bases":
+        try:
+            digests = pin_base_images(lambda name, tag: resolve_digest(name, tag, args.registry))
+        except (OSError, ValueError, KeyError) as e:  # nothing was rewritten
+            print(f"pin-bases FAILED, no file changed: {e}")
+            return 1
+        for ref, digest in digests.items():
+            print(f"{ref}@sha256:{digest}")
+        return 0
     if args.what == "audit":
         return audit(args.out, args.service, args.lock)
     print(f"wrote {write_sbom(args.out, args.lock)}")

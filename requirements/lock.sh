@@ -7,6 +7,8 @@
 #   onnxruntime.txt  the CPU build of ONNX Runtime at serve.txt's onnxruntime-gpu version (CPU image)
 #   train.txt        base + [train]
 #   loadtest.txt     base + [loadtest]
+#   build.txt        the build backend of pyproject.toml's [build-system] (setuptools), at dev.txt's
+#                    version: the image builds the project with it and no build isolation
 #
 # The subsets are resolved with dev.txt as constraints, so one package has one version in every set.
 # torch is left out of all of them: its build (CUDA or CPU, and from which index) depends on the
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 bin=$(dirname "$pip")
 
 # The CPU torch and the pip options that reach it: a constraint for the resolver, never a pin.
-read -r torch_req torch_opts <<<"$(requirements/torch.sh "$pip" "$torch_version" cpu)"
+read -r torch_req torch_opts <<<"$(TORCH_LOCKS=0 requirements/torch.sh "$pip" "$torch_version" cpu)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "$torch_req" >"$work/torch.txt"
@@ -49,4 +51,8 @@ ort=$(sed -n 's/^onnxruntime-gpu==\([^ ]*\).*/\1/p' requirements/serve.txt)
 echo "onnxruntime==$ort  # the CPU build at serve.txt's onnxruntime-gpu version (written by lock.sh)" >requirements/onnxruntime.in
 compile --constraint requirements/serve.txt --output-file requirements/onnxruntime.txt "$@" requirements/onnxruntime.in
 explain_unpinned requirements/{dev,serve,onnxruntime,train,loadtest}.txt
-echo "locks written: requirements/{dev,serve,onnxruntime,train,loadtest}.txt (torch: not locked, see requirements/torch.sh)"
+# The build backend: pip-compile calls setuptools "unsafe" to pin; here pinning it is the point.
+compile --constraint requirements/dev.txt --allow-unsafe --only-build-deps --build-deps-for wheel \
+  --output-file requirements/build.txt "$@" pyproject.toml
+sed -i 's/^# The following packages are considered to be unsafe in a requirements file:$/# The build backend, installed before `pip install --no-build-isolation --no-index .`/' requirements/build.txt
+echo "locks written: requirements/{dev,serve,onnxruntime,train,loadtest,build}.txt (torch: requirements/torch-*.txt, make lock-torch)"
