@@ -719,9 +719,11 @@ def test_k8s_release_pins_a_unique_image_per_model_pair(tmp_path):
     kubectl = shutil.which("kubectl")
     assert kubectl
     rendered = {}
-    for pair in (["fashion-cnn:v20260101-000000", "sentiment-bert:v20260101-000001"],
-                 ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260202-000002"]):  # fmt: skip
-        args = ["--variant", "gpu", "--registry", "r.example/servable", "--out", str(tmp_path), *pair]
+    for digit, pair in (("1", ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260101-000001"]),
+                        ("2", ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260202-000002"])):  # fmt: skip
+        digest = "sha256:" + digit * 64  # the pushed image's (tests/test_k8s_lockdown.py: read from podman)
+        args = ["--variant", "gpu", "--registry", "r.example/servable", "--out", str(tmp_path), "--digest", digest,
+                *pair]  # fmt: skip
         assert k8s_release.main(args) == 0
         tag = k8s_release.image_tag("gpu", pair)
         out = run([kubectl, "kustomize", str(tmp_path / tag)]).stdout
@@ -732,7 +734,7 @@ def test_k8s_release_pins_a_unique_image_per_model_pair(tmp_path):
         for dep, (kind, entry) in zip(sorted(deps, key=lambda d: d["metadata"]["name"]), sorted(SERVED_MODELS.items()),
                                       strict=True):  # fmt: skip
             (c,) = dep["spec"]["template"]["spec"]["containers"]
-            assert c["image"] == f"r.example/servable:{tag}"
+            assert c["image"] == f"r.example/servable@{digest}"
             env = {e["name"]: e["value"] for e in c["env"]}
             assert env[f"{entry.env_prefix}MODEL_TAG"] == pair[list(SERVED_MODELS).index(kind)]
             assert env[f"{entry.env_prefix}DEVICE"] == "cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
