@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
