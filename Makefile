@@ -174,8 +174,8 @@ compose-rollout:  ## roll KIND=image|text replica by replica to the tag compose 
 	@test -n "$(KIND)" || { echo "usage: SERVABLE_TEXT_SERVE_MODEL_TAG=sentiment-bert:v... make compose-rollout KIND=text"; exit 2; }
 	deploy/compose_rollout.sh $(KIND)
 
-k8s-release: setup  ## a kustomize overlay pinning the image tag of the model pair: make k8s-release VARIANT=cpu REGISTRY=registry.example.com/servable
-	$(BIN)/python -m deploy.k8s_release --variant $(or $(VARIANT),cpu) --registry $(or $(REGISTRY),registry.example.com/servable) $(MODELS)
+k8s-release: setup  ## the image of the model pair to push, then (DIGEST_FROM=podman|docker or DIGEST=sha256:...) its release overlay by digest
+	$(BIN)/python -m deploy.k8s_release --variant $(or $(VARIANT),cpu) --registry $(or $(REGISTRY),registry.example.com/servable) $(if $(DIGEST),--digest $(DIGEST)) $(if $(DIGEST_FROM),--digest-from $(DIGEST_FROM)) $(MODELS)
 
 image-cpu-podman:  ## build the CPU image with podman from a local Debian base, run it, call both endpoints
 	@requirements/apt.sh podman runc mmdebstrap

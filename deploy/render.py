@@ -433,6 +433,7 @@ K8S_MODEL_TEMPLATE = K8S_BASE / "model.yaml.template"  # one model's Deployment,
 K8S_INGRESS_TEMPLATE = K8S_BASE / "ingress.yaml.template"  # one model's Ingress
 K8S_INGRESS = K8S_BASE / "ingress.yaml"  # generated: every model's Ingress
 K8S_KUSTOMIZATION = K8S_BASE / "kustomization.yaml"  # generated: the base's resources
+K8S_NETWORK_POLICY = K8S_BASE / "networkpolicy.yaml"  # who may reach the replicas (written by hand)
 
 
 def _template_body(template: Path) -> str:
@@ -449,6 +450,124 @@ def _generated_from(*templates: Path) -> str:
     )
 
 
+# The public name of the Ingress (its rules and its certificate): replace it with your own in an
+# overlay (docs/deploy.md#kubernetes). ingress-nginx serves an Ingress' certificate only for the
+# hosts named in its rules, so the Ingress names one.
+K8S_HOST = "servable.example.com"
+K8S_TLS_SECRET = "servable-tls"  # a kubernetes.io/tls Secret the user creates (or cert-manager fills)
+K8S_CONTROLLER_TEMPLATE = DEPLOY / "k8s" / "ingress-nginx" / "controller-config.yaml.template"
+K8S_CONTROLLER_CONFIG = K8S_CONTROLLER_TEMPLATE.with_suffix("")  # generated: the controller's ConfigMap
+# The compose proxy's 429 location, under a name no other Ingress of the controller uses.
+K8S_RATE_LIMITED = "@servable_rate_limited"
+
+
+def nginx_tree(text: str) -> list[tuple[str, list | None]]:
+    """nginx configuration text as a tree: (statement, children) with children None for a simple
+    statement; comments dropped, whitespace normalised, quotes kept as written."""
+    root: list = []
+    stack, cur, quote = [root], "", ""
+    text = _PLACEHOLDER.sub(r"@\1@", text)  # ${NAME} placeholders hold braces: kept, restored below
+    for line in text.splitlines():
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in ";{}":
+                head = re.sub(r"@([A-Z][A-Z0-9_]*)@", r"${\1}", " ".join(cur.split()))
+                cur = ""
+                if ch == ";":
+                    stack[-1].append((head, None))
+                elif ch == "{":
+                    children: list = []
+                    stack[-1].append((head, children))
+                    stack.append(children)
+                else:
+                    stack.pop()
+                continue
+            cur += ch
+        cur += " "
+    return root
+
+
+def nginx_text(tree: list[tuple[str, list | None]], indent: str = "") -> str:
+    """A tree of nginx_tree back as configuration text."""
+    out = []
+    for head, children in tree:
+        if children is None:
+            out.append(f"{indent}{head};\n")
+        else:
+            out.append(f"{indent}{head} {{\n{nginx_text(children, indent + '    ')}{indent}}}\n")
+    return "".join(out)
+
+
+def nginx_api_server(tree: list[tuple[str, list | None]]) -> list[tuple[str, list | None]]:
+    """The API's server block (the one listening with TLS) of the template's tree."""
+    (server,) = [c for h, c in tree if h == "server" and any(s.startswith("listen ") and s.endswith(" ssl")
+                                                             for s, _ in c)]  # fmt: skip
+    return server
+
+
+def _controller_request_id(text: str) -> str:
+    """ingress-nginx's request id is $req_id (the client's X-Request-ID, else nginx's $request_id)."""
+    return text.replace("$request_id", "$req_id")
+
+
+def k8s_http_snippet() -> str:
+    """The controller's http-snippet: the compose proxy's maps (the per-key limit's key, the page
+    policy, the playground paths, the query allowlist) and its per-key zones, at their defaults."""
+    keep = [(h, c) for h, c in nginx_tree(NGINX_TEMPLATE.read_text()) if h.startswith(("map ", "limit_req_zone "))]
+    models = [(h, c) for h, c in nginx_tree(nginx_models_text()) if h.startswith("map ")]
+    query = nginx_tree(nginx_query_text())
+    return render_template(
+        nginx_text(keep + models + query), {"RATE_LIMIT": RATE_LIMIT, "EXPLAIN_RATE_LIMIT": EXPLAIN_RATE_LIMIT}
+    )
+
+
+def k8s_server_snippet() -> str:
+    """The controller's server-snippet: the compose proxy's 429 location (JSON body, Retry-After,
+    the security headers), named for Servable's Ingresses to send their 429s to."""
+    server = nginx_api_server(nginx_tree(NGINX_TEMPLATE.read_text()))
+    (block,) = [c for h, c in server if h == "location @rate_limited"]
+    return _controller_request_id(nginx_text([(f"location {K8S_RATE_LIMITED}", block)]))
+
+
+def k8s_location_snippet() -> str:
+    """Each Servable Ingress' configuration-snippet: what the compose proxy's API server does before
+    a request reaches a replica: the query refusal, the JSON default type, the per-key limit with its
+    429 location, the security headers (Strict-Transport-Security is the controller's own, hsts in
+    its ConfigMap); the same statements, read from the nginx templates."""
+    server = nginx_api_server(nginx_tree(NGINX_TEMPLATE.read_text()))
+    wanted = ("if ($servable_query_refused)", "if ($servable_two_credentials)", "default_type ", "limit_req_status ",
+              "limit_req_log_level ", "add_header ")  # fmt: skip
+    out = []
+    for head, children in server:
+        if head.startswith("add_header Strict-Transport-Security"):
+            continue
+        if head.startswith(wanted):
+            out.append((head, children))
+        elif head == "error_page 429 @rate_limited":
+            out.append((f"error_page 429 {K8S_RATE_LIMITED}", None))
+    routes = nginx_tree(nginx_routes_text())
+    limits = dict.fromkeys(h for _, c in routes if c for h, _ in c if h.startswith("limit_req zone=servable_per_key "))
+    out += [(h, None) for h in limits]
+    return _controller_request_id(render_template(nginx_text(out), {"RATE_BURST": str(RATE_BURST)}))
+
+
+def _indented(text: str, spaces: int) -> str:
+    return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(keepends=True))
+
+
+def k8s_controller_config_text() -> str:
+    """deploy/k8s/ingress-nginx/controller-config.yaml: the template with the snippets filled."""
+    return _generated_from(K8S_CONTROLLER_TEMPLATE) + render_template(_template_body(K8S_CONTROLLER_TEMPLATE), {
+        "HTTP_SNIPPET": _indented(k8s_http_snippet(), 4).rstrip("\n"),
+        "SERVER_SNIPPET": _indented(k8s_server_snippet(), 4).rstrip("\n"),
+    })  # fmt: skip
+
+
 def k8s_values(entry: ServedModelEntry) -> dict[str, str]:
     """The placeholders of the Kubernetes templates for one served model."""
     _alternation([entry.route])  # the route goes into the Ingress' path regex unescaped
@@ -460,6 +579,9 @@ def k8s_values(entry: ServedModelEntry) -> dict[str, str]:
         "ROUTE_PATH": entry.route.removeprefix("/"),
         "BODY_LIMIT": body_limit(entry),
         "CONN_LIMIT": str(CONN_LIMIT),
+        "HOST": K8S_HOST,
+        "TLS_SECRET": K8S_TLS_SECRET,
+        "LOCATION_SNIPPET": _indented(k8s_location_snippet(), 6).rstrip("\n"),
     }
 
 
@@ -475,10 +597,12 @@ K8S_INGRESS_HEAD = """# Public entry (ingress-nginx), one Ingress per service so
 # ${PREFIXES} (prefix stripped) the model info, the OpenAPI document and every V2 route.
 # Not exposed, unlike the compose proxy: /<kind>/readyz, /livez and the other BentoML health and
 # docs pages (the kubelet probes the pods directly); /metrics is never exposed (Prometheus scrapes
-# the pods). TLS: add a `tls:` section with your certificate's Secret (docs/deploy.md#tls).
+# the pods; networkpolicy.yaml lets only it and the controller reach them). HTTPS only, with the
+# certificate of Secret ${TLS_SECRET} for host ${HOST} (replace both: docs/deploy.md#kubernetes).
 # Per-Ingress settings are annotations; the controller-wide ones (client header and body timeouts,
-# keep-alive bounds, header buffers, the 429 for the connection limit) are in
-# deploy/k8s/ingress-nginx/controller-config.yaml, which the controller's operator applies.
+# keep-alive bounds, header buffers, TLS versions, HSTS, the 429s, the per-key zone and the maps
+# the snippet uses) are in deploy/k8s/ingress-nginx/controller-config.yaml, which the controller's
+# operator applies.
 """
 
 
@@ -487,6 +611,8 @@ def k8s_ingress_text() -> str:
     head = render_template(K8S_INGRESS_HEAD, {
         "ROUTES": ", ".join(e.route for e in SERVED_MODELS.values()),
         "PREFIXES": ", ".join(f"/{kind}/" for kind in SERVED_MODELS),
+        "TLS_SECRET": K8S_TLS_SECRET,
+        "HOST": K8S_HOST,
     })  # fmt: skip
     body = _template_body(K8S_INGRESS_TEMPLATE)
     docs = [render_template(body, k8s_values(entry)) for entry in SERVED_MODELS.values()]
@@ -505,7 +631,7 @@ def k8s_kustomization_text() -> str:
         "  - pairs:\n"
         "      app.kubernetes.io/part-of: servable\n"
         "    includeSelectors: false\n"
-        "resources:\n" + resources + f"  - {K8S_INGRESS.name}\n"
+        "resources:\n" + resources + f"  - {K8S_INGRESS.name}\n  - {K8S_NETWORK_POLICY.name}\n"
     )
 
 
@@ -603,6 +729,7 @@ GENERATED = {
     ADAPTER_RULES: lambda: templated_text(ADAPTER_TEMPLATE),
     K8S_INGRESS: k8s_ingress_text,
     K8S_KUSTOMIZATION: k8s_kustomization_text,
+    K8S_CONTROLLER_CONFIG: k8s_controller_config_text,
     COMPOSE_YML: lambda: fill_regions(COMPOSE_YML, compose_regions()),
     COMPOSE_CPU_YML: lambda: fill_regions(COMPOSE_CPU_YML, compose_cpu_regions()),
     COMPOSE_PREP: lambda: fill_regions(COMPOSE_PREP, compose_prep_regions()),

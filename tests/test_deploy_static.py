@@ -311,9 +311,16 @@ def test_nginx_template_tls_headers_limits_and_log_format():
     assert "default \"default-src 'none'; frame-ancestors 'none'\"" in stmts
     assert "add_header Content-Security-Policy \"default-src 'none'; frame-ancestors 'none'\" always" in stmts
     assert "limit_req_zone $servable_limit_key zone=servable_per_key:10m rate=${RATE_LIMIT}" in stmts
-    assert '"" $servable_key_or_addr' in " ".join(stmts) and 'default "key:$http_x_api_key"' in stmts
-    proxied = 2 * len(SERVED_MODELS)  # every proxied route: each model's REST route and its /<kind>/ prefix
+    # the one credential the replica checks: the key header, else the Bearer token; two different ones 400
+    assert '"" $servable_bearer' in stmts and 'default "key:$servable_credential"' in stmts
+    assert any(s.startswith("if ($servable_two_credentials)") for s in stmts)
+    assert "limit_req_zone $servable_limit_key zone=servable_explain_per_key:10m rate=${EXPLAIN_RATE_LIMIT}" in stmts
+    assert "proxy_set_header X-Forwarded-For $remote_addr" in stmts  # the replica limits failed auth by it
+    # every proxied route: each model's REST route, its explain route (both spellings) and its /<kind>/ prefix
+    proxied = 4 * len(SERVED_MODELS)
     assert stmts.count("limit_req zone=servable_per_key burst=${RATE_BURST} nodelay") == proxied
+    explained = "limit_req zone=servable_explain_per_key burst=${EXPLAIN_RATE_BURST} nodelay"
+    assert stmts.count(explained) == 2 * len(SERVED_MODELS)
     assert sum(s.startswith("proxy_pass ") for s in stmts) == proxied
     assert "include conf.d/servable-routes.inc" in _directives(render.NGINX_TEMPLATE.read_text())
     assert "limit_req_status 429" in stmts and "error_page 429 @rate_limited" in stmts
@@ -719,9 +726,11 @@ def test_k8s_release_pins_a_unique_image_per_model_pair(tmp_path):
     kubectl = shutil.which("kubectl")
     assert kubectl
     rendered = {}
-    for pair in (["fashion-cnn:v20260101-000000", "sentiment-bert:v20260101-000001"],
-                 ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260202-000002"]):  # fmt: skip
-        args = ["--variant", "gpu", "--registry", "r.example/servable", "--out", str(tmp_path), *pair]
+    for digit, pair in (("1", ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260101-000001"]),
+                        ("2", ["fashion-cnn:v20260101-000000", "sentiment-bert:v20260202-000002"])):  # fmt: skip
+        digest = "sha256:" + digit * 64  # the pushed image's (tests/test_k8s_lockdown.py: read from podman)
+        args = ["--variant", "gpu", "--registry", "r.example/servable", "--out", str(tmp_path), "--digest", digest,
+                *pair]  # fmt: skip
         assert k8s_release.main(args) == 0
         tag = k8s_release.image_tag("gpu", pair)
         out = run([kubectl, "kustomize", str(tmp_path / tag)]).stdout
@@ -732,7 +741,7 @@ def test_k8s_release_pins_a_unique_image_per_model_pair(tmp_path):
         for dep, (kind, entry) in zip(sorted(deps, key=lambda d: d["metadata"]["name"]), sorted(SERVED_MODELS.items()),
                                       strict=True):  # fmt: skip
             (c,) = dep["spec"]["template"]["spec"]["containers"]
-            assert c["image"] == f"r.example/servable:{tag}"
+            assert c["image"] == f"r.example/servable@{digest}"
             env = {e["name"]: e["value"] for e in c["env"]}
             assert env[f"{entry.env_prefix}MODEL_TAG"] == pair[list(SERVED_MODELS).index(kind)]
             assert env[f"{entry.env_prefix}DEVICE"] == "cuda" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
