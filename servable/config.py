@@ -441,6 +441,22 @@ class FeedbackSettings(BaseSettings):
     )
     retention_days: float = Field(30.0, gt=0, description="Queued items older than this are deleted.")
     max_items: int = Field(10_000, ge=1, description="Most queued items per model; when full, new ones are dropped.")
+    max_bytes: int = Field(
+        256 * 2**20, ge=1, description="Most bytes the whole queue folder holds (all models); when full, new items "
+        "are dropped (bound it below the volume's size).",
+    )  # fmt: skip
+    max_item_bytes: int = Field(
+        2**20, ge=1, description="Largest stored item (scrubbed text or PNG); a larger one is dropped."
+    )
+    flag_keys: str = Field(
+        "", description="Comma-separated API-key names whose x-servable-feedback header is honoured (opt-in and "
+        "flag); other callers' inputs are never stored. `*`: every caller, also anonymous ones when auth is off.",
+    )  # fmt: skip
+
+    def key_may_store(self, key_name: str | None) -> bool:
+        """Whether the caller's opt-in is honoured: its key is listed (or `*` lists every caller)."""
+        names = {n.strip() for n in self.flag_keys.split(",")} - {""}
+        return "*" in names or (key_name is not None and key_name in names)
 
 
 # ---------------------------------------------------------------- the served models: one list

@@ -182,7 +182,8 @@ class Replica:
         values = await self.topology.score(parsed.rows)
         metrics.MODEL_CALL_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
         self.adapter.head.observe(self.name, values)
-        await self.feedback.observe(request.headers, parsed.items, values, self.model.art.tag)  # opt-in only
+        key_name = request.scope.get("state", {}).get("key_name")  # None when auth is off
+        await self.feedback.observe(request.headers, parsed.items, values, self.model.art.tag, key_name)  # opt-in
         return values
 
     async def explain(self, request: Request) -> dict:

@@ -78,7 +78,7 @@ def _hook(tmp_path, kind="text", **kw):
     from serving.feedback.store import png_from_image_bytes
     from serving.heads import ClassifierHead
 
-    settings = FeedbackSettings(dir=tmp_path / "fb", **kw)
+    settings = FeedbackSettings(dir=tmp_path / "fb", **{"flag_keys": "*", **kw})  # every caller may store
     labels = ["negative", "positive"] if kind == "text" else ["a", "b"]
     content = (lambda item: item) if kind == "text" else png_from_image_bytes
     return FeedbackHook("m" if kind == "text" else "img", ClassifierHead(labels), content, settings)
@@ -148,6 +148,57 @@ def test_queue_limit_and_retention_on_write_and_by_cli(tmp_path):
     assert "deleted 1 item" in out
     assert not any(p.stem == fresh.meta["id"] for p in (tmp_path / "fb" / "m").iterdir())
     assert store.count("m") == 2
+
+
+def test_storing_needs_a_key_allowed_to_flag(tmp_path):
+    probs = np.array([[0.55, 0.45]], np.float32)
+    header = {"x-servable-feedback": "opt-in, flag"}
+    hook = _hook(tmp_path, enabled=True, flag_keys="bob, carol")
+    for key_name in ("alice", None, "", "bob,carol"):  # another key; auth off (no key); no name at all
+        assert asyncio.run(hook.observe(header, [PLANTED], probs, "m:v1", key_name)) == []
+    assert not _files_bytes(tmp_path / "fb")
+    assert len(asyncio.run(hook.observe(header, [PLANTED], probs, "m:v1", "carol"))) == 1
+    # `*`: every caller, the anonymous ones of a service without auth included; empty (the default): nobody
+    anyone = _hook(tmp_path, enabled=True, flag_keys="*")
+    assert len(asyncio.run(anyone.observe(header, [PLANTED], probs, "m:v1", None))) == 1
+    assert not FeedbackSettings().key_may_store("alice") and not FeedbackSettings().key_may_store(None)
+
+
+def test_queue_byte_budget_and_item_cap(tmp_path):
+    """A flood of opted-in items cannot fill the volume: every write checks the folder's bytes first."""
+    hook = _hook(tmp_path, enabled=True, confidence_threshold=1.0, max_bytes=4000, max_item_bytes=1000)
+    header, probs = {"x-servable-feedback": "opt-in"}, np.full((1, 2), 0.5)
+    outcomes = [len(asyncio.run(hook.observe(header, [f"review {i} " + "x" * 500], probs, "m:v1", "k")))
+                for i in range(12)]  # fmt: skip
+    used = sum(p.stat().st_size for p in (tmp_path / "fb").rglob("*") if p.is_file())
+    assert used <= 4000 and sum(outcomes) >= 3, (used, outcomes)  # ~900 bytes each: some fit, the rest dropped
+    assert outcomes[-1] == 0 and FeedbackStore(hook.settings).usage("m") == (sum(outcomes), used)
+    # one item over the per-item cap is dropped even with room to spare; the next small one is stored
+    roomy = _hook(tmp_path / "2", enabled=True, confidence_threshold=1.0, max_item_bytes=1000)
+    assert asyncio.run(roomy.observe(header, ["y" * 1001, "fine"], np.full((2, 2), 0.5), "m:v1", "k")) != []
+    assert [it.content_path.read_text() for it in roomy.store.items("m")] == ["fine"]
+
+
+def test_images_are_stored_at_the_model_resolution(tmp_path):
+    """A 12 Mpx photo is stored shrunk to the model's input size (aspect kept), not as a huge PNG."""
+    from servable.config import ImageServeSettings
+    from serving.adapters.image import ImageAdapter
+
+    photo = Image.fromarray((np.random.default_rng(1).random((3000, 4000, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    adapter = ImageAdapter(ImageServeSettings())
+    adapter.size = 32  # what `load` reads from the artifact's pre-processing
+    png = adapter.feedback_content(buf.getvalue())
+    assert Image.open(io.BytesIO(png)).size == (32, 24) and len(png) < 10_000
+    from serving.feedback.hook import FeedbackHook
+    from serving.heads import ClassifierHead
+
+    settings = FeedbackSettings(dir=tmp_path / "fb", enabled=True, flag_keys="k", confidence_threshold=1.0)
+    hook = FeedbackHook("img", ClassifierHead(["a", "b"]), adapter.feedback_content, settings)
+    (item_id,) = asyncio.run(hook.observe({"x-servable-feedback": "opt-in"}, [buf.getvalue()], np.array([[0.5, 0.5]]),
+                                          "img:v1", "k"))  # fmt: skip
+    assert Image.open(tmp_path / "fb" / "img" / f"{item_id}.png").size == (32, 24)
 
 
 # ---------------------------------------------------------------- CLI, export, training loaders
@@ -253,7 +304,8 @@ def privacy_image_server(image_run, tmp_path_factory, privacy_dirs):
 
 @pytest.fixture(scope="module")
 def privacy_text_server(text_run, tmp_path_factory, privacy_dirs, privacy_image_server):
-    """Keys from a file, audit to a rotating file, feedback loop on with every prediction 'low-confidence'.
+    """Keys from a file, audit to a rotating file, feedback loop on with every prediction 'low-confidence',
+    only bob's key allowed to store.
 
     Started after the image server on purpose: `bentoml serve` empties the Prometheus multiprocess
     folder of its BENTOML_HOME at start, which would hide this server's metrics if it started first.
@@ -262,7 +314,7 @@ def privacy_text_server(text_run, tmp_path_factory, privacy_dirs, privacy_image_
         "SERVABLE_AUTH_KEYS": "", "SERVABLE_AUTH_KEYS_FILE": str(privacy_dirs["keys"]),
         "SERVABLE_AUDIT_FILE": str(privacy_dirs["audit"]),
         "SERVABLE_FEEDBACK_ENABLED": "true", "SERVABLE_FEEDBACK_DIR": str(privacy_dirs["fb_on"]),
-        "SERVABLE_FEEDBACK_CONFIDENCE_THRESHOLD": "1.0",
+        "SERVABLE_FEEDBACK_CONFIDENCE_THRESHOLD": "1.0", "SERVABLE_FEEDBACK_FLAG_KEYS": "bob",
     })  # fmt: skip
     yield server
     server.stop()
@@ -349,6 +401,24 @@ def test_feedback_on_without_opt_in_stores_nothing(privacy_text_server, privacy_
     assert _files_bytes(privacy_dirs["fb_on"]) == before
 
 
+def test_only_a_key_allowed_to_flag_makes_the_server_store(privacy_text_server, privacy_dirs):
+    url, consent = privacy_text_server.url, {"x-servable-feedback": "opt-in, flag"}
+    before = _files_bytes(privacy_dirs["fb_on"])
+    # a valid key, not in SERVABLE_FEEDBACK_FLAG_KEYS: its consent and flag are not enough
+    r = requests.post(url + "/sentiment", json={"texts": ["Alice's own words.", "more"]},
+                      headers={"x-api-key": ALICE, **consent}, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert _files_bytes(privacy_dirs["fb_on"]) == before
+    r = requests.post(url + "/sentiment", json={"text": "Bob flags this one."}, headers={"x-api-key": BOB, **consent},
+                      timeout=30)  # fmt: skip
+    assert r.status_code == 200
+    items = FeedbackStore(FeedbackSettings(dir=privacy_dirs["fb_on"])).items("sentiment-bert")
+    texts = [it.content_path.read_text() for it in items]
+    assert "Bob flags this one." in texts and not any("Alice" in t for t in texts)
+    metrics = requests.get(url + "/metrics", timeout=10).text
+    assert re.search(r'servable_feedback_items_total\{[^}]*outcome="key_not_allowed"[^}]*\} [1-9]', metrics)
+
+
 def test_opt_in_text_is_scrubbed_before_it_reaches_disk(privacy_text_server, privacy_dirs, text_run):
     url = privacy_text_server.url
     r = requests.post(url + "/sentiment", json={"text": PLANTED},
@@ -414,6 +484,8 @@ def test_feedback_write_failure_never_fails_the_request(tmp_path):
     from serving.feedback.hook import FeedbackHook
     from serving.heads import ClassifierHead
 
-    hook = FeedbackHook("m", ClassifierHead(["negative", "positive"]), str, FeedbackSettings(dir=blocker, enabled=True))
+    hook = FeedbackHook(
+        "m", ClassifierHead(["negative", "positive"]), str, FeedbackSettings(dir=blocker, enabled=True, flag_keys="*")
+    )
     stored = asyncio.run(hook.observe({"x-servable-feedback": "opt-in, flag"}, ["x"], np.array([[0.5, 0.5]]), "m:v1"))
     assert stored == [] and blocker.read_text() == ""  # logged and counted as an error, never raised

@@ -187,7 +187,7 @@ class ImageAdapter(Adapter, Explains):
         return np.stack(rows)
 
     def feedback_content(self, item: bytes) -> bytes:
-        return png_from_image_bytes(item, self.settings.max_pixels)
+        return png_from_image_bytes(item, self.settings.max_pixels, size=self.size)  # at the model's resolution
 
     # ------------------------------------------------------------ explanations
     def explain_options(self) -> list[Option]:

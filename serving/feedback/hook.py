@@ -3,7 +3,10 @@
 Header `x-servable-feedback` carries comma-separated tokens: `opt-in` (the caller consents to its
 input being stored for labelling) and `flag` (queue this prediction whatever its confidence, e.g.
 because it looks wrong). An item is queued when the loop is enabled AND the caller opted in AND
-(its top-1 probability is below the threshold OR it is flagged). Anything else stores nothing.
+(its top-1 probability is below the threshold OR it is flagged) AND the caller's API key is one the
+operator allows to store (`SERVABLE_FEEDBACK_FLAG_KEYS`: any other key holder cannot make the
+service keep inputs). Anything else stores nothing. The queue is bounded in items, in bytes and per
+item (`FeedbackStore.add`); an item over a bound is dropped and counted, never a failed request.
 Low-confidence predictions are counted either way (a drift signal without content).
 """
 
@@ -20,7 +23,7 @@ import bentoml
 import numpy as np
 
 from servable.config import FeedbackSettings
-from serving.feedback.store import FeedbackStore
+from serving.feedback.store import Dropped, FeedbackStore
 from serving.heads import Head
 
 log = logging.getLogger("servable.feedback")
@@ -36,9 +39,14 @@ QUEUE_SIZE = bentoml.metrics.Gauge(
     name="servable_feedback_queue_size", documentation="Items in the labelling queue of a model",
     labelnames=["model"], multiprocess_mode="livemax",
 )  # fmt: skip
+QUEUE_BYTES = bentoml.metrics.Gauge(
+    name="servable_feedback_queue_bytes", documentation="Bytes of the whole labelling queue folder, as its "
+    "writer last read it (bounded by SERVABLE_FEEDBACK_MAX_BYTES)", labelnames=["model"], multiprocess_mode="livemax",
+)  # fmt: skip
 FEEDBACK_ITEMS = bentoml.metrics.Counter(
     name="servable_feedback_items_total",
-    documentation="Feedback candidates by outcome: stored, no_consent, queue_full, error",
+    documentation="Feedback candidates by outcome: stored, no_consent, key_not_allowed, queue_full, bytes_full, "
+    "too_large, error",
     labelnames=["model", "outcome"],
 )  # fmt: skip
 
@@ -66,13 +74,18 @@ class FeedbackHook:
             log.info("feedback loop ON for %s: queue %s, threshold %.2f, retention %g days (opt-in only)",
                      model, self.settings.dir, self.settings.confidence_threshold,
                      self.settings.retention_days)  # fmt: skip
+            if not self.settings.flag_keys.strip():
+                log.warning("feedback loop ON for %s but SERVABLE_FEEDBACK_FLAG_KEYS is empty: no caller may "
+                            "store, nothing will be queued", model)  # fmt: skip
             with contextlib.suppress(OSError):  # an unreadable queue shows up on the first write
                 QUEUE_SIZE.labels(model=model).set(self.store.count(model))
 
-    async def observe(self, headers, items: list, values: np.ndarray, model_tag: str) -> list[str]:
+    async def observe(self, headers, items: list, values: np.ndarray, model_tag: str,
+                      key_name: str | None = None) -> list[str]:  # fmt: skip
         """After a successful prediction (`values`, the head's); `items` are the raw inputs (texts or image
-        bytes), or None where there is no storable input. Returns the ids stored. Never raises: feedback
-        must not fail a request that was answered."""
+        bytes), or None where there is no storable input; `key_name` is the caller's API-key name (None
+        when auth is off). Returns the ids stored. Never raises: feedback must not fail a request that was
+        answered."""
         confidence = self.head.confidence(values)  # None: the task has no such measure, only flags count
         low = np.zeros(len(values), bool) if confidence is None else confidence < self.settings.confidence_threshold
         if low.any():
@@ -85,6 +98,9 @@ class FeedbackHook:
             return []
         if not consent:
             FEEDBACK_ITEMS.labels(model=self.model, outcome="no_consent").inc(len(wanted))
+            return []
+        if not self.settings.key_may_store(key_name):  # the key's holder may not make us keep inputs
+            FEEDBACK_ITEMS.labels(model=self.model, outcome="key_not_allowed").inc(len(wanted))
             return []
         async with self._lock:
             try:
@@ -101,21 +117,27 @@ class FeedbackHook:
             self._last_purge = now
             if self.store.purge(now):
                 log.info("feedback retention: old items of the queue deleted")
-        size = self.store.count(self.model)
+        # Re-read before each batch of writes: other workers and replicas may share the folder.
+        size, used = self.store.usage(self.model)
         stored = []
         for i in wanted:
             if size >= self.settings.max_items:
                 FEEDBACK_ITEMS.labels(model=self.model, outcome="queue_full").inc()
                 continue
             content = self.content(items[i])
-            item = self.store.add(
-                model=self.model, model_tag=model_tag, kind="text" if isinstance(content, str) else "image",
-                content=content, predicted_label=self.head.summary(values[i]),
-                confidence=0.0 if confidence is None else float(confidence[i]),
-                reason="flagged" if flagged else "low_confidence", now=now,
-            )  # fmt: skip
+            try:
+                item = self.store.add(
+                    model=self.model, model_tag=model_tag, kind="text" if isinstance(content, str) else "image",
+                    content=content, predicted_label=self.head.summary(values[i]),
+                    confidence=0.0 if confidence is None else float(confidence[i]),
+                    reason="flagged" if flagged else "low_confidence", now=now, room=self.settings.max_bytes - used,
+                )  # fmt: skip
+            except Dropped as exc:
+                FEEDBACK_ITEMS.labels(model=self.model, outcome=exc.outcome).inc()
+                continue
             stored.append(item.meta["id"])
-            size += 1
+            size, used = size + 1, used + item.size
         FEEDBACK_ITEMS.labels(model=self.model, outcome="stored").inc(len(stored))
         QUEUE_SIZE.labels(model=self.model).set(size)
+        QUEUE_BYTES.labels(model=self.model).set(used)
         return stored

@@ -6,6 +6,8 @@ request id and maps to no caller; API keys, key names, request ids and client ad
 never written here. Texts are PII-scrubbed before they are written; images are re-encoded to PNG
 from their decoded pixels, which drops EXIF and other metadata (camera, GPS position).
 Items older than `retention_days` (by their recorded creation time) are deleted by `purge`.
+Size is bounded twice: no item over `max_item_bytes` is written (`add`), and writers keep the whole
+folder under `max_bytes` (`usage` + `add(room=...)`), so an opted-in flood cannot fill the volume.
 No torch, no BentoML: the CLI (`python -m serving.feedback`) imports only this.
 """
 
@@ -36,6 +38,14 @@ class FeedbackError(ValueError):
     """A queue operation cannot be done; the message says why."""
 
 
+class Dropped(FeedbackError):
+    """An item the queue's bounds refuse; `outcome` is its metric label (too_large, bytes_full)."""
+
+    def __init__(self, outcome: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Readers never see a half-written file: write aside, then rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -49,14 +59,18 @@ def safe_dir_name(label: str) -> str:
     return name
 
 
-def png_from_image_bytes(blob: bytes, max_pixels: int = 25_000_000) -> bytes:
-    """Re-encode from decoded pixels: no original container, no EXIF/XMP/ICC metadata survives."""
+def png_from_image_bytes(blob: bytes, max_pixels: int = 25_000_000, size: int | None = None) -> bytes:
+    """Re-encode from decoded pixels: no original container, no EXIF/XMP/ICC metadata survives.
+    `size` (the model's input side): shrunk to fit size x size, aspect kept, so a 25 Mpx upload is
+    stored at the resolution the model saw, not as a ~100 MB PNG."""
     from PIL import Image
 
     from servable.preprocessing import decode_image
 
     img = decode_image(blob, max_pixels=max_pixels)
     img = img.convert("L" if img.mode in ("1", "L") else "RGBA" if "A" in img.getbands() else "RGB")
+    if size:
+        img.thumbnail((size, size), Image.Resampling.BILINEAR)  # only ever shrinks
     clean = Image.frombytes(img.mode, img.size, img.tobytes())  # pixels only: no info dict carried over
     buf = io.BytesIO()
     clean.save(buf, "PNG")
@@ -67,6 +81,7 @@ def png_from_image_bytes(blob: bytes, max_pixels: int = 25_000_000) -> bytes:
 class Item:
     meta: dict
     path: Path  # the sidecar
+    size: int = 0  # bytes written (content + sidecar), known for items just added
 
     @property
     def content_path(self) -> Path:
@@ -86,8 +101,9 @@ class FeedbackStore:
         return self.root / model
 
     def add(self, *, model: str, model_tag: str, kind: str, content: bytes | str, predicted_label: str,
-            confidence: float, reason: str, now: float | None = None) -> Item:  # fmt: skip
-        """Store one item. Text is scrubbed here, so no caller can write raw text by mistake."""
+            confidence: float, reason: str, now: float | None = None, room: int | None = None) -> Item:  # fmt: skip
+        """Store one item. Text is scrubbed here, so no caller can write raw text by mistake. Raises `Dropped`
+        when the item is over `max_item_bytes`, or its files would not fit in `room` bytes (the budget left)."""
         if kind not in SUFFIX:
             raise FeedbackError(f"unknown kind {kind!r}")
         now = time.time() if now is None else now
@@ -101,6 +117,8 @@ class FeedbackStore:
             if not isinstance(content, bytes):
                 raise FeedbackError("image content must be PNG bytes")
             data = content
+        if len(data) > self.settings.max_item_bytes:
+            raise Dropped("too_large", f"item of {len(data)} bytes over the cap {self.settings.max_item_bytes}")
         folder = self.model_dir(model)
         folder.mkdir(parents=True, exist_ok=True)
         item_id = uuid.uuid4().hex
@@ -110,10 +128,12 @@ class FeedbackStore:
             "created": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"), "created_ts": now,
             "label": None, "labelled_at": None, "pii_redacted": pii,
         }  # fmt: skip
-        sidecar = folder / f"{item_id}.json"
+        sidecar, meta_bytes = folder / f"{item_id}.json", json.dumps(meta, indent=1).encode()
+        if room is not None and len(data) + len(meta_bytes) > room:
+            raise Dropped("bytes_full", f"the queue's byte budget ({self.settings.max_bytes}) is full")
         _atomic_write(sidecar.with_suffix(SUFFIX[kind]), data)
-        _atomic_write(sidecar, json.dumps(meta, indent=1).encode())  # last: its presence means complete
-        return Item(meta, sidecar)
+        _atomic_write(sidecar, meta_bytes)  # last: its presence means complete
+        return Item(meta, sidecar, len(data) + len(meta_bytes))
 
     # ---------------------------------------------------------------- reading
 
@@ -131,6 +151,19 @@ class FeedbackStore:
     def count(self, model: str) -> int:
         folder = self.model_dir(model)
         return sum(1 for _ in folder.glob("*.json")) if folder.is_dir() else 0
+
+    def usage(self, model: str) -> tuple[int, int]:
+        """(items of `model`, bytes of the whole queue folder: every model's files, leftovers included)."""
+        items, total = 0, 0
+        for folder in (p for p in self.root.glob("*") if p.is_dir()):
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    try:
+                        total += e.stat().st_size
+                    except OSError:
+                        continue  # deleted by a purge meanwhile
+                    items += folder.name == model and e.name.endswith(".json")
+        return items, total
 
     def get(self, item_id: str) -> Item:
         if not re.fullmatch(r"[0-9a-f]{32}", item_id):
