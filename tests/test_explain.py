@@ -190,7 +190,7 @@ def test_explain_routes_answer_json_4xx_like_the_predict_routes(known_servers):
         (image, {"json": {"image": base64.b64encode(_png()).decode(), "overlay": "maybe"}}, 422, "invalid_field"),
         (image, {"json": {"image": base64.b64encode(_png()).decode(), "label": "cat"}}, 422, "unknown_label"),
         (image, {"json": {"images": []}}, 400, "no_image"),
-        (image, {"data": b"not an image", "headers": {"content-type": "image/png"}}, 400, "not_an_image"),
+        (image, {"data": b"not an image", "headers": {"content-type": "image/png"}}, 415, "unsupported_format"),
         (text, {"json": {"texts": ["two", "texts"]}}, 422, "invalid_field"),
         (text, {"json": {"text": "   "}}, 422, "empty_text"),
         (text, {"json": {"text": "word " * 129}}, 413, "too_many_words"),

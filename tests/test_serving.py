@@ -147,7 +147,7 @@ def test_concurrent_calls_are_batched_and_answered_to_the_right_caller(shipped_t
         ({"data": b"", "headers": {"content-type": "application/json"}}, 400, "empty_body"),
         ({"data": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
         ({"files": [("image", ("x.png", b"", "image/png"))]}, 400, "empty"),
-        ({"files": [("image", ("x.png", b"not an image at all", "image/png"))]}, 400, "not_an_image"),
+        ({"files": [("image", ("x.png", b"not an image at all", "image/png"))]}, 415, "unsupported_format"),
         ({"files": [("image", ("x.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\0" * 50, "image/jpeg"))]}, 400, None),
         ({"json": {"images": ["%%%"]}}, 400, "invalid_base64"),
         ({"json": {"images": "abc"}}, 422, "invalid_field"),
@@ -467,7 +467,7 @@ def test_raw_image_body_is_the_same_as_multipart(image_server, image_run):
     pred = r.json()["predictions"][0]
     assert len(pred["top_k"]) == 2 and pred["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
     r = requests.post(image_server.url + "/classify", data=b"GIF89a not really", headers=headers, timeout=30)
-    assert r.status_code == 400 and r.json()["reason"]
+    assert r.status_code == 415 and r.json()["reason"] == "unsupported_format"  # JPEG, PNG, WebP only
 
 
 def test_a_hostile_request_never_fails_a_good_batch_mate(image_server, shipped_text_server, image_run, text_run):
