@@ -293,7 +293,7 @@ class ServeCommon(BaseSettings):
         4,
         ge=1,
         description="split topology: rows per call of an explanation to the model process's explain lane (run only "
-        "while no prediction is in flight there; a prediction arriving meanwhile waits at most one chunk).",
+        "while no prediction is in flight there; a prediction arriving meanwhile shares the model with that chunk).",
     )
     explain_nice: int = Field(
         19,
