@@ -230,7 +230,7 @@ def test_one_explanation_is_bounded_in_model_rows(known_servers):
     assert (r.status_code, r.json()["reason"]) == (413, "too_many_words") and "65" in r.json()["error"], r.text
 
     def explain_body(base: str, path: str) -> dict:
-        doc = requests.get(base + "/openapi.json", timeout=30).json()
+        doc = requests.get(base + "/openapi.json", headers=KEY, timeout=30).json()
         return doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
     grid = explain_body(image, "/classify/explain")["grid"]
