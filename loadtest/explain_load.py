@@ -29,6 +29,7 @@ import numpy as np
 
 from loadtest import inputs as real_inputs
 from loadtest.benchmark import _client_session, _headers, open_loop, pct, start_served
+from servable.config import ImageServeSettings, TextServeSettings
 from servable.machine import describe_machine
 
 OUT = Path("docs/results/explain")
@@ -40,7 +41,8 @@ def _bodies(model: str, data: real_inputs.Inputs) -> tuple[str, str, dict, list[
         ctype = "image/png"
         images = [b for b in data.images if b.startswith(b"\x89PNG")]
         return "/classify", "/classify/explain", _headers(ctype), images, {"grid": "8", "overlay": "true"}
-    bodies = [json.dumps({"text": t}).encode() for t in data.texts if len(t.split()) <= 128]
+    words = TextServeSettings().explain_max_words()  # longer texts are refused (413 too_many_words)
+    bodies = [json.dumps({"text": t}).encode() for t in data.texts if len(t.split()) <= words]
     return "/sentiment", "/sentiment/explain", _headers("application/json"), bodies, {}
 
 
@@ -58,7 +60,7 @@ async def cost(base: str, model: str, data, n: int) -> dict:
     async with _client_session() as session:
         cases = [("predict", predict, {}), ("explain", explain, query)]
         if model == "image":
-            cases.append(("explain_grid16", explain, {"grid": "16"}))
+            cases.append(("explain_largest_grid", explain, {"grid": str(ImageServeSettings().explain_max_grid())}))
         for name, path, params in cases:
             lat, rows = [], []
             for i in range(n + 2):

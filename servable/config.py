@@ -291,6 +291,19 @@ class ServeCommon(BaseSettings):
         gt=0,
         description="Bound on an explanation's wait for a slot plus its model rows; past it: 503 (explain_timeout).",
     )
+    explain_max_rows: int = Field(
+        65,
+        ge=2,
+        description="Most model rows one explanation may cost: the item plus one occluded copy per image patch "
+        "(1 + grid²) or per word (1 + words). The largest grid and word count follow from it (65: grid 8, 64 "
+        "words); above: 422 on grid, 413 too_many_words. About 4 full image predict requests (16 items each).",
+    )
+    explain_chunk_rows: int = Field(
+        4,
+        ge=1,
+        description="split topology: rows per call of an explanation to the model process's explain lane (run only "
+        "while no prediction is in flight there; a prediction arriving meanwhile shares the model with that chunk).",
+    )
     explain_nice: int = Field(
         19,
         ge=0,
@@ -341,11 +354,23 @@ class ImageServeSettings(ServeCommon):
         50_000_000, ge=1, description="All images of one request together, at most this many pixels (declared)."
     )
     top_k: int = Field(3, ge=1, description="Default number of labels returned.")
-    explain_grid: int = Field(8, ge=2, le=32, description="Occlusion grid of /classify/explain (grid x grid patches).")
-    explain_max_grid: int = Field(16, ge=2, le=32, description="Largest grid a request may ask for.")
+    explain_grid: int = Field(
+        8, ge=2, description="Default occlusion grid of /classify/explain (grid x grid patches: 1 + grid² model rows)."
+    )
     explain_overlay_max_pixels: int = Field(
         4_000_000, ge=1, description="Overlay PNGs of larger inputs are scaled down to this many pixels."
     )
+
+    def explain_max_grid(self) -> int:
+        """The largest grid a request may ask for: the finest whose 1 + grid² rows fit `explain_max_rows`."""
+        return math.isqrt(self.explain_max_rows - 1)
+
+    @model_validator(mode="after")
+    def _grid_fits_the_row_bound(self) -> ImageServeSettings:
+        if self.explain_max_grid() < 2 or self.explain_grid > self.explain_max_grid():
+            raise ValueError(f"explain_grid {self.explain_grid} costs 1 + grid² = {1 + self.explain_grid**2} model "
+                             f"rows; explain_max_rows is {self.explain_max_rows} (at least 5: grid 2)")  # fmt: skip
+        return self
 
 
 class TextServeSettings(ServeCommon):
@@ -355,13 +380,14 @@ class TextServeSettings(ServeCommon):
     max_items: int = 64
     max_body_bytes: int = 1024 * 1024
     max_text_chars: int = Field(5000, ge=1, description="Longest text accepted (characters).")
-    explain_max_words: int = Field(
-        128, ge=1, description="Most words /sentiment/explain takes (one model row per word); above: 413."
-    )
     length_buckets: bool = Field(True, description="Split a batch into groups of similar token length.")
     bucket_waste: float = Field(
         0.3, ge=0, le=1, description="Padding share allowed in a length bucket before it is split."
     )
+
+    def explain_max_words(self) -> int:
+        """Most words /sentiment/explain takes: one model row per word, plus the text itself."""
+        return self.explain_max_rows - 1
 
 
 MIN_KEY_CHARS = 8

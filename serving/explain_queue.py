@@ -1,14 +1,15 @@
 """Explanations are admitted apart from predictions, so a burst of them cannot slow predictions.
 
-An explanation is ten to a few hundred model rows: tens of predictions' worth of work. Each worker
+An explanation is at most `explain_max_rows` model rows (65 by default): tens of predictions' worth
+of work. Each worker
 admits `explain_max_concurrency` at once and queues `explain_max_queue` more (beyond that: 429 at
 once); a call that cannot finish within `explain_timeout_s` (wait plus its rows) gets a 503. The
 predict batcher's queue and limits are never used by explanations.
 
 Where admitted explanations run: in the in-process topology, in a low-priority child process of
 the worker (serving/explain_process.py: no interpreter lock shared with the predict path); in the
-split topology, their rows join the model process's batches in chunks of `max_batch_size`. Either
-way the deadline is checked between chunks.
+split topology, in chunks of `explain_chunk_rows` through the model process's explain lane, below
+its predictions (serving/explain_lane.py). Either way the deadline is checked between chunks.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from serving.adapters.explains import Explains
 from serving.auth import OPEN_PATHS, ApiKeyMiddleware
 from serving.decoding import DecodePool
 from serving.errors import ClientError, JsonRouterErrors, ServingError
+from serving.explain_lane import ExplainLane, PredictionsInFlight
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
 from serving.feedback.hook import FeedbackHook
 from serving.graceful_shutdown import draining, install_graceful_shutdown
@@ -110,6 +111,22 @@ def model_service(adapter_cls: type[Adapter], settings: ServeCommon):
     predict.__annotations__ = {"rows": adapter_cls.wire_type, "return": np.ndarray}
     batch = {"batchable": True, "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
     Model.predict = bentoml.api(**(batch if settings.batching_enabled() else {}))(predict)
+
+    # Explanations' rows: a lane below the predictions, not their batches (serving/explain_lane.py).
+    lane = ExplainLane()
+
+    async def explain(self, rows, wait_s: float):
+        """One chunk of an explanation's rows, scored only while no prediction is in flight here (at most
+        `wait_s` of waiting for that, else no rows)."""
+        if not self.model.ready:
+            raise bentoml.exceptions.ServiceUnavailable(f"model not ready: {self.model.error}")
+        async with lane.turn(min(wait_s, settings.explain_timeout_s)) as ours:
+            if not ours:
+                return np.empty((0, 0), np.float32)
+            return await asyncio.to_thread(self.run, rows)  # beside the predict thread, not in its queue
+
+    explain.__annotations__ = {"rows": adapter_cls.wire_type, "wait_s": float, "return": np.ndarray}
+    Model.explain = bentoml.api(explain)
     Model.__name__ = Model.__qualname__ = f"{adapter_cls.entry.kind.capitalize()}Model"
     # One process per GPU, each pinned to its device; on CPU, model_workers processes.
     n = settings.model_workers
@@ -117,7 +134,9 @@ def model_service(adapter_cls: type[Adapter], settings: ServeCommon):
     config = service_config(settings, [])
     config["runner_connection"] = {"max_requests": settings.runner_max_requests,
                                    "max_age": float(settings.runner_max_age_s)}  # fmt: skip
-    return bentoml.service(name=adapter_cls.entry.model_service_name, workers=workers, **config)(Model)
+    service = bentoml.service(name=adapter_cls.entry.model_service_name, workers=workers, **config)(Model)
+    service.add_asgi_middleware(PredictionsInFlight, lane=lane)
+    return service
 
 
 # ---------------------------------------------------------------- what one HTTP worker holds

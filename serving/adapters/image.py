@@ -192,9 +192,11 @@ class ImageAdapter(Adapter, Explains):
     # ------------------------------------------------------------ explanations
     def explain_options(self) -> list[Option]:
         s = self.settings
+        top = s.explain_max_grid()  # the row bound, not a grid of its own: 1 + grid² rows <= explain_max_rows
+        grid_doc = (f"patches per side (default {s.explain_grid}, at most {top}): one explanation costs 1 + grid² "
+                    f"model rows, at most {s.explain_max_rows} (EXPLAIN_MAX_ROWS)")  # fmt: skip
         return [*self.options(), *super().explain_options(),
-                Option("grid", "integer", s.explain_grid, f"patches per side (default {s.explain_grid})", 2,
-                       s.explain_max_grid),
+                Option("grid", "integer", s.explain_grid, grid_doc, 2, top),
                 Option("overlay", "boolean", False, "also return the heatmap over the image as a PNG")]  # fmt: skip
 
     def openapi_explain_body(self) -> dict:

@@ -168,18 +168,22 @@ class TextAdapter(Adapter, Explains):
     def openapi_explain_body(self) -> dict:
         return schemas.json_body({
             "type": "object", "required": ["text"], "additionalProperties": False, "properties": {
-                "text": text_schema(self.settings.max_text_chars),
+                "text": {**text_schema(self.settings.max_text_chars), "description": self._explain_bound()},
                 **{o.name: o.schema() for o in self.explain_options()}},
         })  # fmt: skip
+
+    def _explain_bound(self) -> str:
+        s = self.settings
+        return (f"explain takes at most {s.explain_max_words()} words: one explanation costs 1 + words model rows, "
+                f"at most {s.explain_max_rows} (EXPLAIN_MAX_ROWS)")  # fmt: skip
 
     def explain_decode(self, name: str, items: list, options: dict[str, Any]) -> Parsed:
         if len(items) != 1:
             raise ClientError(422, "invalid_field", "send an object with one text (and optionally a label)")
         text = self.check_text(0, items[0])
         found = explain.words(text)
-        if len(found) > self.settings.explain_max_words:
-            raise ClientError(413, "too_many_words", f"the text has {len(found)} words; explain takes at most "
-                                                     f"{self.settings.explain_max_words}")  # fmt: skip
+        if len(found) > self.settings.explain_max_words():
+            raise ClientError(413, "too_many_words", f"the text has {len(found)} words; {self._explain_bound()}")
         return Parsed([], [text], {"words": found, "target": self.target(options["label"])})
 
     def explain_rows(self, parsed: Parsed) -> list[list[int]]:
