@@ -534,11 +534,12 @@ def k8s_server_snippet() -> str:
     return _controller_request_id(nginx_text([(f"location {K8S_RATE_LIMITED}", block)]))
 
 
-def k8s_location_snippet() -> str:
-    """Each Servable Ingress' configuration-snippet: what the compose proxy's API server does before
-    a request reaches a replica: the query refusal, the JSON default type, the per-key limit with its
-    429 location, the security headers (Strict-Transport-Security is the controller's own, hsts in
-    its ConfigMap); the same statements, read from the nginx templates."""
+def k8s_location_snippet(route: str) -> str:
+    """The configuration-snippet of the Ingress routing `route`: what the compose proxy's API server
+    does before a request reaches a replica: the query refusal, the one-credential refusal, the JSON
+    default type, the rate limits of that route's own location (the per-key one; an explain route's
+    explain budget too) with their 429 location, the security headers (Strict-Transport-Security is
+    the controller's own, hsts in its ConfigMap); the same statements, read from the nginx templates."""
     server = nginx_api_server(nginx_tree(NGINX_TEMPLATE.read_text()))
     wanted = ("if ($servable_query_refused)", "if ($servable_two_credentials)", "default_type ", "limit_req_status ",
               "limit_req_log_level ", "add_header ")  # fmt: skip
@@ -550,10 +551,10 @@ def k8s_location_snippet() -> str:
             out.append((head, children))
         elif head == "error_page 429 @rate_limited":
             out.append((f"error_page 429 {K8S_RATE_LIMITED}", None))
-    routes = nginx_tree(nginx_routes_text())
-    limits = dict.fromkeys(h for _, c in routes if c for h, _ in c if h.startswith("limit_req zone=servable_per_key "))
-    out += [(h, None) for h in limits]
-    return _controller_request_id(render_template(nginx_text(out), {"RATE_BURST": str(RATE_BURST)}))
+    (location,) = [c for h, c in nginx_tree(nginx_routes_text()) if h == f"location = {route}"]
+    out += [(h, None) for h, _ in location if h.startswith("limit_req ")]
+    bursts = {"RATE_BURST": str(RATE_BURST), "EXPLAIN_RATE_BURST": str(EXPLAIN_RATE_BURST)}
+    return _controller_request_id(render_template(nginx_text(out), bursts))
 
 
 def _indented(text: str, spaces: int) -> str:
@@ -568,20 +569,25 @@ def k8s_controller_config_text() -> str:
     })  # fmt: skip
 
 
-def k8s_values(entry: ServedModelEntry) -> dict[str, str]:
-    """The placeholders of the Kubernetes templates for one served model."""
+def k8s_values(entry: ServedModelEntry, explain: bool = False) -> dict[str, str]:
+    """The placeholders of the Kubernetes templates for one served model; with explain, those of its
+    explain Ingress (its explain routes, under the explain budget as well as the per-key limit)."""
     _alternation([entry.route])  # the route goes into the Ingress' path regex unescaped
+    route = entry.route + "/explain" if explain else entry.route
     return {
         "KIND": _kind_name(entry.kind),
         "ENV_PREFIX": entry.env_prefix,
         "MODEL_TAG": str(entry.settings.model_fields["model_tag"].default),
         "ROUTE": entry.route,
-        "ROUTE_PATH": entry.route.removeprefix("/"),
+        "INGRESS": f"servable-{entry.kind}-explain" if explain else f"servable-{entry.kind}",
+        # the Ingress' two paths: /(<ROUTE_PATHS>)$ and /<kind>/(<PREFIX_PATHS>)$, to /$1
+        "ROUTE_PATHS": route.removeprefix("/"),
+        "PREFIX_PATHS": route.removeprefix("/") if explain else r"info|docs\.json|v2|v2/.*",
         "BODY_LIMIT": body_limit(entry),
         "CONN_LIMIT": str(CONN_LIMIT),
         "HOST": K8S_HOST,
         "TLS_SECRET": K8S_TLS_SECRET,
-        "LOCATION_SNIPPET": _indented(k8s_location_snippet(), 6).rstrip("\n"),
+        "LOCATION_SNIPPET": _indented(k8s_location_snippet(route), 6).rstrip("\n"),
     }
 
 
@@ -592,16 +598,17 @@ def k8s_model_text(kind: str) -> str:
     )
 
 
-K8S_INGRESS_HEAD = """# Public entry (ingress-nginx), one Ingress per service so each carries its own body limit; the
-# routes are those of deploy/nginx/servable.conf.template: POST ${ROUTES}, and under
-# ${PREFIXES} (prefix stripped) the model info, the OpenAPI document and every V2 route.
+K8S_INGRESS_HEAD = """# Public entry (ingress-nginx), one Ingress per service so each carries its own body limit, and
+# one per service's explain routes, which carry the explain budget too; the routes are those of
+# deploy/nginx/servable.conf.template: POST ${ROUTES}, their /explain, and under ${PREFIXES}
+# (prefix stripped) the explain route, the model info, the OpenAPI document and every V2 route.
 # Not exposed, unlike the compose proxy: /<kind>/readyz, /livez and the other BentoML health and
 # docs pages (the kubelet probes the pods directly); /metrics is never exposed (Prometheus scrapes
 # the pods; networkpolicy.yaml lets only it and the controller reach them). HTTPS only, with the
 # certificate of Secret ${TLS_SECRET} for host ${HOST} (replace both: docs/deploy.md#kubernetes).
 # Per-Ingress settings are annotations; the controller-wide ones (client header and body timeouts,
-# keep-alive bounds, header buffers, TLS versions, HSTS, the 429s, the per-key zone and the maps
-# the snippet uses) are in deploy/k8s/ingress-nginx/controller-config.yaml, which the controller's
+# keep-alive bounds, header buffers, TLS versions, HSTS, X-Forwarded-For, the 429s, the per-key
+# zones and the maps the snippets use) are in deploy/k8s/ingress-nginx/controller-config.yaml, which the controller's
 # operator applies.
 """
 
@@ -615,7 +622,8 @@ def k8s_ingress_text() -> str:
         "HOST": K8S_HOST,
     })  # fmt: skip
     body = _template_body(K8S_INGRESS_TEMPLATE)
-    docs = [render_template(body, k8s_values(entry)) for entry in SERVED_MODELS.values()]
+    docs = [render_template(body, k8s_values(entry, explain)) for entry in SERVED_MODELS.values()
+            for explain in (False, True)]  # fmt: skip
     return _generated_from(K8S_INGRESS_TEMPLATE) + head + "---\n".join(docs)
 
 

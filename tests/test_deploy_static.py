@@ -372,7 +372,7 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
     assert "limit_conn_zone $binary_remote_addr zone=servable_per_addr:10m" in stmts
     assert stmts.count("limit_conn servable_per_addr ${CONN_LIMIT}") == 1
     ingresses = list(yaml.safe_load_all((DEPLOY / "k8s" / "base" / "ingress.yaml").read_text()))
-    assert len(ingresses) == len(SERVED_MODELS)
+    assert len(ingresses) == 2 * len(SERVED_MODELS)  # per model: its routes, its explain routes
     for ingress in ingresses:
         limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/limit-connections"]
         assert limit == str(render.CONN_LIMIT), ingress["metadata"]["name"]
@@ -761,8 +761,9 @@ def _ingress_route(regexes: list[str], rewrite_target: str, path: str) -> str | 
 
 
 def test_ingress_exposes_the_proxy_routes_with_their_body_limits(k8s):
-    """The Ingress paths route what the compose proxy routes (REST, /info, OpenAPI, every V2 route),
-    strip the /image and /text prefixes, never expose /metrics, and carry nginx's body limit per route."""
+    """The Ingress paths route what the compose proxy routes (REST, its explain route at both paths,
+    /info, OpenAPI, every V2 route), strip the /image and /text prefixes, never expose /metrics, and
+    carry nginx's body limit per route; the explain routes are their own Ingress' (its explain budget)."""
     _, docs = k8s
     ingresses = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Ingress"}
     conf = render.nginx_template_texts()
@@ -774,13 +775,18 @@ def test_ingress_exposes_the_proxy_routes_with_their_body_limits(k8s):
                   for loc in (f"= {entry.route}", f"/{kind}/")}  # fmt: skip
         (nginx_limit[kind],) = limits
     for kind, entry in SERVED_MODELS.items():
-        ing = ingresses[f"servable-{kind}"]
-        ann = ing["metadata"]["annotations"]
-        assert ann["nginx.ingress.kubernetes.io/proxy-body-size"] == nginx_limit[kind], kind
-        target = ann["nginx.ingress.kubernetes.io/rewrite-target"]
-        paths = [p for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
-        assert all(p["backend"]["service"]["name"] == f"servable-{kind}" for p in paths)
-        routed = functools.partial(_ingress_route, [p["path"] for p in paths], target)
+        routes = {}
+        for name in (f"servable-{kind}", f"servable-{kind}-explain"):
+            ann = ingresses[name]["metadata"]["annotations"]
+            assert ann["nginx.ingress.kubernetes.io/proxy-body-size"] == nginx_limit[kind], name
+            paths = [p for r in ingresses[name]["spec"]["rules"] for p in r["http"]["paths"]]
+            assert all(p["backend"]["service"]["name"] == f"servable-{kind}" for p in paths)
+            routes[name] = ([p["path"] for p in paths], ann["nginx.ingress.kubernetes.io/rewrite-target"])
+        routed = functools.partial(_ingress_route, *routes[f"servable-{kind}"])
+        explained = functools.partial(_ingress_route, *routes[f"servable-{kind}-explain"])
+        explain = entry.route + "/explain"
+        assert explained(explain) == explained(f"/{kind}{explain}") == explain and routed(explain) is None
+        assert explained(entry.route) is None and explained(explain + "x") is None
 
         assert routed(entry.route) == entry.route
         assert routed(entry.route + "x") is None

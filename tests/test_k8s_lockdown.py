@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import unquote
 
 import pytest
@@ -48,8 +49,18 @@ def controller() -> dict[str, str]:
 
 def _ingresses(rendered) -> list[dict]:
     found = [d for (kind, _), d in rendered.items() if kind == "Ingress"]
-    assert len(found) == len(SERVED_MODELS)
+    assert len(found) == 2 * len(SERVED_MODELS)  # per model: its routes, its explain routes
     return found
+
+
+def _ingress_paths(ingress: dict) -> list[str]:
+    return [p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+
+
+def _probe(location: str) -> str:
+    """A URI a location of servable-routes.inc handles: `location = /x` -> /x, `location /kind/` -> /kind/info."""
+    uri = location.split()[-1]
+    return uri + "info" if uri.endswith("/") else uri
 
 
 def _nginx_server():
@@ -79,8 +90,10 @@ def _headers(tree) -> dict[str, str]:
 def test_ingress_matches_the_nginx_proxy_setting_by_setting(rendered, controller):
     """Every protection of the compose proxy's API server is on each Ingress (its annotations and
     configuration-snippet) or the controller's ConfigMap, with the same value: TLS and the redirect,
-    the security headers, the query refusal, the per-key limit and its 429, the per-address
-    connection limit, the proxy timeouts and retries."""
+    the security headers, the query refusal, the one-credential refusal, the rate limits of each
+    proxied location (the per-key limit; on the explain routes the explain budget too) and their
+    429, the per-address connection limit, the proxy timeouts and retries. Every proxied location
+    of the compose proxy is routed by exactly one Ingress, which applies that location's limits."""
     server, http = _nginx_server()
     query = render.nginx_tree(render.NGINX_QUERY.read_text())
     routes = render.nginx_tree(render.NGINX_ROUTES.read_text())
@@ -89,6 +102,7 @@ def test_ingress_matches_the_nginx_proxy_setting_by_setting(rendered, controller
         "${RATE_LIMIT}": render.RATE_LIMIT,
         "${RATE_BURST}": str(render.RATE_BURST),
         "${EXPLAIN_RATE_LIMIT}": render.EXPLAIN_RATE_LIMIT,
+        "${EXPLAIN_RATE_BURST}": str(render.EXPLAIN_RATE_BURST),
     }
 
     def filled(head: str) -> str:
@@ -111,6 +125,8 @@ def test_ingress_matches_the_nginx_proxy_setting_by_setting(rendered, controller
     assert _block(server_snippet, f"location {render.K8S_RATE_LIMITED}") == rate_limited
     assert controller["limit-req-status-code"] == controller["limit-conn-status-code"] == "429"
     hsts = _headers(server)[HSTS].removesuffix(" always").strip('"')
+    locations = [(h, c) for h, c in routes if c and _heads(c, "proxy_pass ")]
+    routed_by = {h: [] for h, _ in locations}
     for ing in _ingresses(rendered):
         name, ann = ing["metadata"]["name"], ing["metadata"]["annotations"]
         snippet = render.nginx_tree(ann[ANN + "configuration-snippet"])
@@ -124,13 +140,19 @@ def test_ingress_matches_the_nginx_proxy_setting_by_setting(rendered, controller
         assert controller["hsts-include-subdomains"] == "true" and controller["hsts-preload"] == "false"
         assert _headers(snippet) == {k: v for k, v in headers.items() if k != HSTS}, name
         # the query allowlist's refusal, and the JSON type of the answers nginx writes itself
-        assert _block(snippet, "if ($servable_query_refused)") == _block(server, "if ($servable_query_refused)")
+        for refusal in ("if ($servable_query_refused)", "if ($servable_two_credentials)"):
+            assert _block(snippet, refusal) == _block(server, refusal), (name, refusal)
         for prefix in ("default_type ", "limit_req_status ", "limit_req_log_level "):
             assert _heads(snippet, prefix) == _heads(server, prefix), (name, prefix)
         assert _heads(snippet, "error_page 429 ") == [f"error_page 429 {render.K8S_RATE_LIMITED}"]
-        # the per-key limit of every proxied route
-        limits = {filled(h) for _, c in routes if c for h in _heads(c, "limit_req zone=servable_per_key ")}
-        assert limits and set(_heads(snippet, "limit_req ")) == limits, name
+        # the rate limits of each compose location this Ingress routes (the explain budget on explain routes)
+        paths, target = _ingress_paths(ing), ann[ANN + "rewrite-target"]
+        served = [(h, c) for h, c in locations if _ingress_route(paths, target, _probe(h))]
+        assert served, name
+        for head, children in served:
+            routed_by[head].append(name)
+            limits = [filled(h) for h in _heads(children, "limit_req ")]
+            assert limits and _heads(snippet, "limit_req ") == limits, (name, head)
         # per-address connection limit, timeouts, retries: the server's values as annotations
         (conn,) = [h.split()[-1] for h in _heads(server, "limit_conn ")]
         assert conn == "${CONN_LIMIT}" and ann[ANN + "limit-connections"] == str(render.CONN_LIMIT)
@@ -141,6 +163,8 @@ def test_ingress_matches_the_nginx_proxy_setting_by_setting(rendered, controller
         for directive in ("proxy_next_upstream", "proxy_next_upstream_tries"):
             (value,) = [h.split(" ", 1)[1] for h in _heads(server, directive + " ")]
             assert ann[ANN + directive.replace("_", "-")] == value, (name, directive)
+    assert all(len(names) == 1 for names in routed_by.values()), routed_by
+    assert any("zone=servable_explain_per_key " in h for _, c in locations for h in _heads(c, "limit_req "))
     (protocols,) = [h.split(" ", 1)[1] for h in _heads(server, "ssl_protocols ")]
     assert controller["ssl-protocols"] == protocols
     assert _heads(server, "ssl_session_tickets ") == ["ssl_session_tickets off"] and controller[
@@ -154,7 +178,7 @@ def test_the_ingress_routes_neither_metrics_nor_probes(rendered):
     """/metrics (with its key names) is reachable only where the NetworkPolicy lets Prometheus in:
     no Ingress path routes it, nor the probes, at any prefix."""
     for ing in _ingresses(rendered):
-        paths = [p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+        paths = _ingress_paths(ing)
         target = ing["metadata"]["annotations"][ANN + "rewrite-target"]
         tricks = ("metrics", "v2/../metrics", "v2/%2e%2e/metrics", "readyz")
         for path in ("/metrics", "/metrics/", "/readyz", "/livez", "/healthz", "/docs",
@@ -241,6 +265,32 @@ def test_network_policy_admits_only_the_ingress_controller_and_prometheus(render
     assert {p["port"] for r in egress for p in r["ports"]} == {53}
 
 
+def test_replicas_take_the_client_address_the_controller_sends_and_nothing_else(rendered, controller):
+    """Failed authentications are limited per client address, which uvicorn takes from
+    X-Forwarded-For only from FORWARDED_ALLOW_IPS: every replica trusts it from any peer ("*", as
+    compose's replicas), the NetworkPolicy admitting only the controller and Prometheus (the test
+    above); and the controller sends the client's address as the compose proxy does ($remote_addr),
+    never the client's own header: ingress-nginx writes `X-Forwarded-For $remote_addr` unless
+    use-forwarded-headers and compute-full-forwarded-for are on, and takes a client-sent header as
+    $remote_addr with use-forwarded-headers or enable-real-ip; all three stay off, and no snippet
+    sets the header or the real-ip module."""
+    deployments = [d for (kind, _), d in rendered.items() if kind == "Deployment"]
+    assert len(deployments) == len(SERVED_MODELS)
+    for dep in deployments:
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env.get("FORWARDED_ALLOW_IPS") == "*", dep["metadata"]["name"]
+    assert render.compose_regions()["model-env"].count('FORWARDED_ALLOW_IPS: "*"') == len(SERVED_MODELS)
+    server, _ = _nginx_server()
+    assert _heads(server, "proxy_set_header X-Forwarded-For ") == ["proxy_set_header X-Forwarded-For $remote_addr"]
+    for setting in ("use-forwarded-headers", "enable-real-ip", "compute-full-forwarded-for"):
+        assert controller[setting] == "false", setting
+    snippets = [controller["http-snippet"], controller["server-snippet"]]
+    snippets += [ing["metadata"]["annotations"][ANN + "configuration-snippet"] for ing in _ingresses(rendered)]
+    for snippet in snippets:
+        assert not re.search(r"x-forwarded-for|real_ip|set_real_ip_from", snippet, re.I), snippet
+
+
 # ---------------------------------------------------------------- the release overlay: by digest
 
 STAND_IN_ENGINE = """#!/bin/sh
@@ -296,9 +346,12 @@ def test_release_overlay_pins_the_image_by_digest_and_refuses_a_tag(tmp_path, mo
 
 
 class _Replica(BaseHTTPRequestHandler):
-    """Stands in for a replica: 200 with a JSON body for any request."""
+    """Stands in for a replica: 200 with a JSON body for any request (the paths it was sent, kept)."""
+
+    paths: ClassVar[list[str]] = []
 
     def _answer(self):
+        self.paths.append(self.path)
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
         body = b'{"ok":true}'
@@ -320,26 +373,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _controller_conf(controller: dict, ingress: dict, port: int, upstream: int, tmp: Path) -> str:
-    """A config laid out as ingress-nginx lays out one Ingress' location: http-snippet in http, the
-    server-snippet in the server, the configuration-snippet in the location before the rewrite and
-    proxy_pass; the limit-connections annotation as the controller writes it (its own zone)."""
-    ann = ingress["metadata"]["annotations"]
-    paths = [p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+def _controller_conf(controller: dict, ingresses: list[dict], port: int, upstream: int, tmp: Path) -> str:
+    """A config laid out as ingress-nginx lays out the Ingresses of one host: http-snippet in http, the
+    server-snippet in the one server, a location per path (regex, longest path first) with its own
+    Ingress' configuration-snippet before the rewrite and proxy_pass; the limit-connections annotation
+    as the controller writes it (a zone per Ingress)."""
+    located = sorted(((path, ing) for ing in ingresses for path in _ingress_paths(ing)), key=lambda p: -len(p[0]))
     locations = "".join(
-        f'        location ~* "^{path}" {{\n{ann[ANN + "configuration-snippet"]}\n'
-        f"            limit_conn servable_conn {ann[ANN + 'limit-connections']};\n"
-        f'            rewrite "(?i){path}" {ann[ANN + "rewrite-target"]} break;\n'
+        f'        location ~* "^{path}" {{\n{ing["metadata"]["annotations"][ANN + "configuration-snippet"]}\n'
+        f"            limit_conn {ing['metadata']['name']}_conn "
+        f"{ing['metadata']['annotations'][ANN + 'limit-connections']};\n"
+        f'            rewrite "(?i){path}" {ing["metadata"]["annotations"][ANN + "rewrite-target"]} break;\n'
         f"            proxy_pass http://127.0.0.1:{upstream};\n        }}\n"
-        for path in paths
+        for path, ing in located
     )
+    zones = "".join(f"    limit_conn_zone $binary_remote_addr zone={ing['metadata']['name']}_conn:5m;\n"
+                    for ing in ingresses)  # fmt: skip
     return (
         f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log warn;\nevents {{ worker_connections 256; }}\n"
         f"http {{\n    access_log off;\n    client_body_temp_path {tmp};\n    proxy_temp_path {tmp};\n"
         f"    map $http_x_request_id $req_id {{ default $request_id; ~. $http_x_request_id; }}\n"
         f"    limit_req_status {controller['limit-req-status-code']};\n"
-        f"    limit_conn_status {controller['limit-conn-status-code']};\n"
-        f"    limit_conn_zone $binary_remote_addr zone=servable_conn:5m;\n"
+        f"    limit_conn_status {controller['limit-conn-status-code']};\n{zones}"
         f"{controller['http-snippet']}\n"
         f"    server {{\n        listen 127.0.0.1:{port};\n{controller['server-snippet']}\n{locations}    }}\n}}\n"
     )
@@ -348,17 +403,19 @@ def _controller_conf(controller: dict, ingress: dict, port: int, upstream: int, 
 def test_the_ingress_snippets_refuse_queries_limit_per_key_and_send_the_headers_in_nginx(rendered, controller,
                                                                                            tmp_path):  # fmt: skip
     """The generated snippets, run by a real nginx in the layout ingress-nginx gives them: a key in
-    the query string gets 400 invalid_query before any replica; answers carry the security headers;
-    one key past its burst gets 429 rate_limited with Retry-After and the headers, while another key
-    still gets 200."""
+    the query string gets 400 invalid_query before any replica; a Bearer token with a different
+    x-api-key gets 400 ambiguous_credentials; answers carry the security headers; one key past its
+    burst gets 429 rate_limited with Retry-After and the headers, while another key still gets 200;
+    a key past its explain budget (on both explain routes together) gets 429 for explanations while
+    its predictions still pass."""
     nginx = tool("nginx")
     replica = ThreadingHTTPServer(("127.0.0.1", 0), _Replica)
     threading.Thread(target=replica.serve_forever, daemon=True).start()
     kind, entry = next(iter(SERVED_MODELS.items()))
     port = _free_port()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(_controller_conf(controller, rendered["Ingress", f"servable-{kind}"], port,
-                                     replica.server_address[1], tmp_path))  # fmt: skip
+    ingresses = [rendered["Ingress", f"servable-{kind}"], rendered["Ingress", f"servable-{kind}-explain"]]
+    conf.write_text(_controller_conf(controller, ingresses, port, replica.server_address[1], tmp_path))
     run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf)])
     proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"])
     try:
@@ -377,6 +434,34 @@ def test_the_ingress_snippets_refuse_queries_limit_per_key_and_send_the_headers_
         refused = requests.post(url + "?api_key=secret-in-url", data=b"{}", timeout=5)
         assert refused.status_code == 400 and refused.json()["reason"] == "invalid_query"
         assert {k: refused.headers.get(k) for k in expected} == expected
+        # one credential: a Bearer token paired with another x-api-key is refused (the same one twice is not)
+        two = requests.post(url, data=b"{}", headers={"Authorization": "Bearer key-b", "x-api-key": "key-x"}, timeout=5)
+        assert two.status_code == 400 and two.json()["reason"] == "ambiguous_credentials"
+        assert {k: two.headers.get(k) for k in expected} == expected
+        same = requests.post(
+            url, data=b"{}", headers={"Authorization": "Bearer key-d", "x-api-key": "key-d"}, timeout=5
+        )
+        assert same.status_code == 200
+        # the explain budget: explanations beyond it get 429, on both explain routes; predictions still pass
+        key_e = {"x-api-key": "key-e"}
+        _Replica.paths.clear()
+        explain = [
+            f"http://127.0.0.1:{port}{entry.route}/explain",
+            f"http://127.0.0.1:{port}/{kind}{entry.route}/explain",
+        ]
+        start = time.monotonic()
+        answers = [requests.post(explain[i % 2], data=b"{}", headers=key_e, timeout=5)
+                   for i in range(3 * render.EXPLAIN_RATE_BURST)]  # fmt: skip
+        elapsed = time.monotonic() - start
+        passed = [r for r in answers if r.status_code == 200]
+        assert {r.status_code for r in answers} == {200, 429}, [r.status_code for r in answers]
+        refill = int(elapsed * int(render.EXPLAIN_RATE_LIMIT.split("r/")[0]) / 60) + 1  # tokens earned meanwhile
+        assert len(passed) <= render.EXPLAIN_RATE_BURST + 1 + refill, (len(passed), elapsed)
+        assert all(r.json()["reason"] == "rate_limited" for r in answers if r.status_code == 429)
+        assert set(_Replica.paths) == {entry.route + "/explain"}  # both routes reach the replica's explain route
+        assert requests.post(explain[1], data=b"{}", headers=key_e, timeout=5).status_code == 429
+        assert requests.post(url, data=b"{}", headers=key_e, timeout=5).status_code == 200  # predictions pass
+        assert requests.post(explain[0], data=b"{}", headers={"x-api-key": "key-f"}, timeout=5).status_code == 200
         with ThreadPoolExecutor(16) as pool:  # faster than the rate refills the burst
             codes = list(pool.map(lambda _: requests.post(url, data=b"{}", headers={"x-api-key": "key-a"}, timeout=5),
                                   range(3 * render.RATE_BURST)))  # fmt: skip
