@@ -538,6 +538,9 @@ def _default(entry: ServedModelEntry, field: str) -> str:
 # The model settings compose passes to every replica, as ${<env_prefix><FIELD>:-<default>}
 # (docs/deploy.md#compose-variables lists each); the others take their defaults.
 COMPOSE_MODEL_SETTINGS = ("model_tag", "variant", "device")
+# The replicas' key file, in the secrets directory compose mounts (deploy/secrets/api/, read-only): a
+# directory, not a file secret, so a key file replaced on the host (mv, sed -i) is seen inside.
+COMPOSE_KEYS_FILE = "/run/secrets/servable/api_keys"
 
 
 def compose_regions() -> dict[str, str]:
@@ -549,7 +552,7 @@ def compose_regions() -> dict[str, str]:
         for field in COMPOSE_MODEL_SETTINGS:
             var = f"{entry.env_prefix}{field.upper()}"
             lines.append(f"  {var}: ${{{var}:-{_default(entry, field)}}}\n")
-        lines.append("  SERVABLE_AUTH_KEYS_FILE: /run/secrets/api_keys\n")
+        lines.append(f"  SERVABLE_AUTH_KEYS_FILE: {COMPOSE_KEYS_FILE}\n")
         env.append("".join(lines))
     replicas = "".join(f"  {name}:\n    <<: *replica\n    environment: *{kind}-env\n"
                        for kind in SERVED_MODELS for name in compose_replicas(kind))  # fmt: skip
