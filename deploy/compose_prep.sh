@@ -31,6 +31,7 @@ if [ -e "$SECRETS/api_keys" ] && [ ! -e "$SECRETS/api/api_keys" ]; then # the la
   mv "$SECRETS/api_keys" "$SECRETS/api/api_keys"
   echo "moved $SECRETS/api_keys to $SECRETS/api/api_keys (compose now mounts that directory)"
 fi
+umask_before="$(umask)"
 umask 077 # a new secret is never readable by others, not even for a moment
 for example in "$SECRETS"/*.example; do
   name="$(basename "$example" .example)"
@@ -62,7 +63,7 @@ elif [ "$gid" != 10001 ]; then
   printf 'SERVABLE_SECRETS_GID=%s\n' "$gid" >>"$env_file"
   echo "wrote SERVABLE_SECRETS_GID=$gid to $env_file"
 fi
-umask 022
+umask "$umask_before"
 
 tls="${SERVABLE_TLS_DIR:-./tls/local}"
 case "$tls" in /*) ;; *) tls="$DEPLOY/$tls" ;; esac # relative to deploy/, as compose reads it
