@@ -335,11 +335,8 @@ def test_key_rotation_without_restart(privacy_text_server, privacy_dirs):
     assert (os.stat(tmp).st_mtime_ns, os.stat(tmp).st_size) == (old.st_mtime_ns, old.st_size)
     subprocess.run(["mv", str(tmp), str(keys)], check=True)
     moved = time.monotonic()
-    assert wait_for(lambda: call(ROTOR_OLD) == 401, timeout_s=10 * KeyStore.RELOAD_INTERVAL_S, interval_s=0.05)
-    # the first refusal came within the interval (plus a call's time on a busy machine) ...
-    assert time.monotonic() - moved < KeyStore.RELOAD_INTERVAL_S + 1.0
-    # ... and once the interval has passed, every worker refuses the old key and takes the new one
-    time.sleep(max(0.0, moved + KeyStore.RELOAD_INTERVAL_S + 0.2 - time.monotonic()))
+    # once the interval has passed, every worker refuses the old key and takes the new one
+    time.sleep(max(0.0, moved + KeyStore.RELOAD_INTERVAL_S + 0.1 - time.monotonic()))
     assert {call(ROTOR_OLD) for _ in range(8)} == {401} and {call(ROTOR_NEW) for _ in range(8)} == {200}
     assert call(ALICE) == 200
     assert privacy_text_server.proc.poll() is None and privacy_text_server.proc.pid == pid  # no restart
