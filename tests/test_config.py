@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic_settings import CliApp
 
@@ -62,6 +64,15 @@ def test_malformed_api_keys_stop_the_service_at_start_not_each_request(tmp_path,
     with pytest.raises(ValidationError, match=f"{bad}.*at least 8 characters"):
         AuthSettings(keys_file=bad)
     assert AuthSettings(keys="ops:a-long-enough-key").keys
+    # a key file the service may not read (a secret in a group it lacks) is named at start, not a traceback
+    bad.write_text("ops:a-long-enough-key\n")
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(ValidationError, match=f"{bad}: cannot be read \\(Permission denied\\)"):
+        AuthSettings(keys_file=bad)
 
 
 def test_a_malformed_key_file_rotation_keeps_the_keys_in_force(tmp_path, caplog):
