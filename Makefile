@@ -122,12 +122,12 @@ publish-loadtest:  ## copy the last local load test (runs/loadtest/local_*: CSV,
 	cp runs/loadtest/local_*.csv runs/loadtest/local_slo.md runs/loadtest/local_slo.json docs/results/loadtest/
 
 # Against a running deployment the key is that deployment's, not the demo key above: LOADTEST_API_KEY,
-# else the first key of deploy/secrets/api_keys (what compose mounts); an https URL trusts
+# else the first key of deploy/secrets/api/api_keys (what compose mounts); an https URL trusts
 # deploy/tls/local/ca.pem unless LOADTEST_CA_BUNDLE says otherwise.
 loadtest-url: setup  ## the same against a running deployment: make loadtest-url URL=https://127.0.0.1:8443
 	@test -n "$(URL)" || { echo "usage: make loadtest-url URL=https://host:port [LOADTEST_API_KEY=...] [LOADTEST_ARGS=...]"; exit 2; }
-	@key="$${LOADTEST_API_KEY:-$$(sed -n 's/^[^#:][^:]*:\(.*\)$$/\1/p' deploy/secrets/api_keys 2>/dev/null | head -1)}"; \
-	  test -n "$$key" || { echo "no API key: set LOADTEST_API_KEY, or run make compose-prep (deploy/secrets/api_keys)"; exit 2; }; \
+	@key="$${LOADTEST_API_KEY:-$$(sed -n 's/^[^#:][^:]*:\(.*\)$$/\1/p' deploy/secrets/api/api_keys 2>/dev/null | head -1)}"; \
+	  test -n "$$key" || { echo "no API key: set LOADTEST_API_KEY, or run make compose-prep (deploy/secrets/api/api_keys)"; exit 2; }; \
 	  ca="$${LOADTEST_CA_BUNDLE:-$$([ -s deploy/tls/local/ca.pem ] && echo deploy/tls/local/ca.pem)}"; \
 	  LOADTEST_API_KEY="$$key" LOADTEST_CA_BUNDLE="$$ca" $(BIN)/python -m loadtest.run --url $(URL) --name url $(LOADTEST_ARGS)
 

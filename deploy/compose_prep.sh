@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Everything a fresh clone needs before `docker compose ... up` (make compose-prep):
-#   1. secrets: each deploy/secrets/<name> that does not exist yet is made from <name>.example; the
+#   1. secrets: each secret that does not exist yet is made from deploy/secrets/<name>.example; the
 #      API key and the Grafana password get random values (printed once), the alerting keys are
-#      copied as placeholders to replace. Mode 644: compose (outside swarm) bind-mounts a secret
-#      with the host file's owner and mode, and the containers run as uid 10001 (replicas),
-#      472 (Grafana) and 65534 (Alertmanager).
+#      copied as placeholders to replace. The API keys go to deploy/secrets/api/api_keys: compose
+#      mounts that directory into the replicas (a replaced key file is seen there; see compose.yaml).
+#      Every secret is mode 0440 and the api/ directory 0750, group SERVABLE_SECRETS_GID: compose
+#      bind-mounts them with the host's owner, group and mode, and each container that reads one
+#      (replicas uid 10001, Grafana 472, Alertmanager 65534) joins that group (group_add), so no
+#      other user of the host or of a container can read them. Run as root, the group is 10001 (the
+#      image's `servable` group, compose's default); else it is your own group, and its id is written
+#      to deploy/.env (compose reads that file for the same variable).
 #   2. a development certificate in SERVABLE_TLS_DIR (default deploy/tls/local) unless one valid
 #      for another day is there (deploy/tls/make_self_signed.sh).
 #   3. the model store: SERVABLE_MODEL_STORE (default ~/bentoml/models) holds the tags compose will
@@ -16,12 +21,21 @@ set -euo pipefail
 DEPLOY="$(cd "$(dirname "$0")" && pwd)"
 SECRETS="$DEPLOY/secrets"
 RANDOMISED="api_keys grafana_admin_password"
+if [ "$(id -u)" = 0 ]; then gid="${SERVABLE_SECRETS_GID:-10001}"; else gid="${SERVABLE_SECRETS_GID:-$(id -g)}"; fi
 
 random_token() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
+secret_path() { if [ "$1" = api_keys ]; then echo "$SECRETS/api/api_keys"; else echo "$SECRETS/$1"; fi; }
 
+mkdir -p "$SECRETS/api"
+if [ -e "$SECRETS/api_keys" ] && [ ! -e "$SECRETS/api/api_keys" ]; then # the layout before the api/ directory
+  mv "$SECRETS/api_keys" "$SECRETS/api/api_keys"
+  echo "moved $SECRETS/api_keys to $SECRETS/api/api_keys (compose now mounts that directory)"
+fi
+umask_before="$(umask)"
+umask 077 # a new secret is never readable by others, not even for a moment
 for example in "$SECRETS"/*.example; do
   name="$(basename "$example" .example)"
-  secret="$SECRETS/$name"
+  secret="$(secret_path "$name")"
   if [ ! -e "$secret" ]; then
     case " $RANDOMISED " in
       *" $name "*)
@@ -35,8 +49,21 @@ for example in "$SECRETS"/*.example; do
         ;;
     esac
   fi
-  chmod 644 "$secret"
+  chgrp "$gid" "$secret" || { echo "cannot give $secret the group $gid (SERVABLE_SECRETS_GID): run as root, or as a member of that group" >&2; exit 1; }
+  chmod 0440 "$secret"
 done
+chgrp "$gid" "$SECRETS/api" && chmod 0750 "$SECRETS/api"
+echo "secrets: mode 0440, group $gid (the containers join it: SERVABLE_SECRETS_GID)"
+# compose's default group is 10001; another one goes to the .env file compose reads beside compose.yaml
+env_file="$DEPLOY/.env"
+if [ -f "$env_file" ] && grep -q '^SERVABLE_SECRETS_GID=' "$env_file"; then
+  sed -i "s/^SERVABLE_SECRETS_GID=.*/SERVABLE_SECRETS_GID=$gid/" "$env_file"
+  echo "SERVABLE_SECRETS_GID=$gid in $env_file"
+elif [ "$gid" != 10001 ]; then
+  printf 'SERVABLE_SECRETS_GID=%s\n' "$gid" >>"$env_file"
+  echo "wrote SERVABLE_SECRETS_GID=$gid to $env_file"
+fi
+umask "$umask_before"
 
 tls="${SERVABLE_TLS_DIR:-./tls/local}"
 case "$tls" in /*) ;; *) tls="$DEPLOY/$tls" ;; esac # relative to deploy/, as compose reads it

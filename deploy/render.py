@@ -686,6 +686,9 @@ def _default(entry: ServedModelEntry, field: str) -> str:
 # The model settings compose passes to every replica, as ${<env_prefix><FIELD>:-<default>}
 # (docs/deploy.md#compose-variables lists each); the others take their defaults.
 COMPOSE_MODEL_SETTINGS = ("model_tag", "variant", "device")
+# The replicas' key file, in the secrets directory compose mounts (deploy/secrets/api/, read-only): a
+# directory, not a file secret, so a key file replaced on the host (mv, sed -i) is seen inside.
+COMPOSE_KEYS_FILE = "/run/secrets/servable/api_keys"
 
 
 def compose_regions() -> dict[str, str]:
@@ -697,7 +700,7 @@ def compose_regions() -> dict[str, str]:
         for field in COMPOSE_MODEL_SETTINGS:
             var = f"{entry.env_prefix}{field.upper()}"
             lines.append(f"  {var}: ${{{var}:-{_default(entry, field)}}}\n")
-        lines.append("  SERVABLE_AUTH_KEYS_FILE: /run/secrets/api_keys\n")
+        lines.append(f"  SERVABLE_AUTH_KEYS_FILE: {COMPOSE_KEYS_FILE}\n")
         # Replicas are reached only through nginx, which sets X-Forwarded-For to the client's address:
         # uvicorn takes it as the client (failed authentications are limited per client address).
         lines.append('  FORWARDED_ALLOW_IPS: "*"\n')

@@ -435,6 +435,8 @@ class AuthSettings(BaseSettings):
         if self.keys_file is not None and self.keys_file.is_file():  # a file mounted later is read when it comes
             try:
                 parse_api_keys(self.keys_file.read_text())
+            except OSError as exc:  # e.g. a secret whose group the container does not have
+                raise ValueError(f"{self.keys_file}: cannot be read ({exc.strerror})") from None
             except ValueError as exc:
                 raise ValueError(f"{self.keys_file}: {exc}") from None
         return self

@@ -1,7 +1,7 @@
 """API-key authentication for inference endpoints (header or Bearer token).
 
-Keys are `name:key` pairs from a secret file (re-read when its mtime changes, so keys rotate and
-are revoked without a restart) and/or the environment. Comparison is constant-time; only the
+Keys are `name:key` pairs from a secret file (re-read when it changes, so keys rotate and are
+revoked without a restart) and/or the environment. Comparison is constant-time; only the
 key's *name* is ever logged or exported.
 """
 
@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from servable.config import AuthSettings, parse_api_keys
@@ -29,11 +30,25 @@ OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/re
 
 
 class KeyStore:
-    def __init__(self, settings: AuthSettings) -> None:
+    """The keys in force: inline ones and those of `keys_file`, re-read when the file changes.
+
+    A change is a new (inode, mtime_ns, size) of the path: `mv`/`os.replace` and `sed -i` put a new
+    inode there (a moved file keeps its own, possibly older, mtime), an in-place write moves mtime or
+    size. The path is stat-ed at most once per RELOAD_INTERVAL_S, not on every request, so a revoked
+    key stops working within that interval. Only key names are ever logged.
+    """
+
+    RELOAD_INTERVAL_S = 1.0
+
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self._clock = clock
         self._inline = parse_api_keys(settings.keys)
         self._file_keys: dict[str, str] = {}
-        self._mtime: float | None = None
+        self._seen: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) of the file in force
+        self._next_check = float("-inf")
+        if self._inline:
+            log.info("%d inline API key(s): %s", len(self._inline), ", ".join(sorted(set(self._inline.values()))))
         self._reload()
         if settings.required and not self.keys():
             log.warning("auth is required but no API key is configured: every inference call will get 401")
@@ -42,21 +57,29 @@ class KeyStore:
         path: Path | None = self.settings.keys_file
         if path is None:
             return
+        now = self._clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.RELOAD_INTERVAL_S
         try:
-            mtime = os.stat(path).st_mtime
+            st = os.stat(path)
         except OSError:
             if self._file_keys:
                 log.warning("API key file %s disappeared: its keys are revoked", path)
-            self._file_keys, self._mtime = {}, None
+            self._file_keys, self._seen = {}, None
             return
-        if mtime != self._mtime:
-            self._mtime = mtime
-            try:
-                self._file_keys = parse_api_keys(path.read_text())
-            except (OSError, ValueError) as exc:  # a bad rotation keeps the keys in force, never a 500
-                log.error("API key file %s not loaded, the previous keys stay in force: %s", path, exc)
-                return
-            log.info("loaded %d API key(s) from %s", len(self._file_keys), path)
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            keys = parse_api_keys(path.read_text())
+        except (OSError, ValueError) as exc:  # a bad rotation keeps the keys in force, never a 500
+            log.error("API key file %s not loaded, the previous keys stay in force: %s", path, exc)
+            return
+        self._file_keys = keys
+        names = sorted(set(keys.values()))
+        log.info("loaded %d API key(s) from %s: %s", len(keys), path, ", ".join(names) or "none")
 
     def keys(self) -> dict[str, str]:
         return {**self._inline, **self._file_keys}

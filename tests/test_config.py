@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic_settings import CliApp
 
@@ -62,6 +64,15 @@ def test_malformed_api_keys_stop_the_service_at_start_not_each_request(tmp_path,
     with pytest.raises(ValidationError, match=f"{bad}.*at least 8 characters"):
         AuthSettings(keys_file=bad)
     assert AuthSettings(keys="ops:a-long-enough-key").keys
+    # a key file the service may not read (a secret in a group it lacks) is named at start, not a traceback
+    bad.write_text("ops:a-long-enough-key\n")
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(ValidationError, match=f"{bad}: cannot be read \\(Permission denied\\)"):
+        AuthSettings(keys_file=bad)
 
 
 def test_a_malformed_key_file_rotation_keeps_the_keys_in_force(tmp_path, caplog):
@@ -73,12 +84,47 @@ def test_a_malformed_key_file_rotation_keeps_the_keys_in_force(tmp_path, caplog)
 
     keys = tmp_path / "api_keys"
     keys.write_text("ops:first-key-123\n")
-    store = KeyStore(AuthSettings(keys_file=keys))
+    now = [0.0]
+    store = KeyStore(AuthSettings(keys_file=keys), clock=lambda: now[0])
     assert store.identify("first-key-123") == "ops"
     keys.write_text("ops:tiny\n")
     os.utime(keys, (1, 1))  # a new mtime, whatever the clock's resolution
+    now[0] += KeyStore.RELOAD_INTERVAL_S
     assert store.identify("first-key-123") == "ops" and store.identify("tiny") is None
     assert "not loaded, the previous keys stay in force" in caplog.text and "tiny" not in caplog.text
     keys.write_text("ops:second-key-456\n")
     os.utime(keys, (2, 2))
+    now[0] += KeyStore.RELOAD_INTERVAL_S
     assert store.identify("second-key-456") == "ops" and store.identify("first-key-123") is None
+
+
+def test_key_file_replaced_by_mv_is_seen_within_the_reload_interval(tmp_path, caplog):
+    """`mv new api_keys` keeps the new file's own mtime (here: the old file's, to the nanosecond) and
+    size: only its inode tells the change. The file is stat-ed at most once per RELOAD_INTERVAL_S; each
+    load logs the key names and their count, never a key."""
+    import logging
+    import os
+
+    from serving.auth import KeyStore
+
+    caplog.set_level(logging.INFO, logger="servable.auth")
+    keys, new = tmp_path / "api_keys", tmp_path / ".api_keys.new"
+    keys.write_text("ops:old-key-0001\nci:ci-key-00001\n")
+    now = [100.0]
+    store = KeyStore(AuthSettings(keys_file=keys), clock=lambda: now[0])
+    assert "loaded 2 API key(s)" in caplog.text and "ci, ops" in caplog.text
+    new.write_text("ops:new-key-0002\nci:ci-key-00001\n")
+    old = os.stat(keys)
+    os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (os.stat(new).st_mtime_ns, os.stat(new).st_size) == (old.st_mtime_ns, old.st_size)
+    os.rename(new, keys)  # what `mv` does on one file system: atomic, a new inode at the path
+    now[0] += KeyStore.RELOAD_INTERVAL_S / 2  # within the interval the file is not looked at again
+    assert store.identify("old-key-0001") == "ops"
+    now[0] += KeyStore.RELOAD_INTERVAL_S / 2
+    assert store.identify("old-key-0001") is None and store.identify("new-key-0002") == "ops"
+    assert caplog.text.count("loaded 2 API key(s)") == 2
+    for secret in ("old-key-0001", "new-key-0002", "ci-key-00001"):
+        assert secret not in caplog.text
+    os.remove(keys)  # a deleted file revokes its keys at the next look
+    now[0] += KeyStore.RELOAD_INTERVAL_S
+    assert store.identify("ci-key-00001") is None and "disappeared" in caplog.text

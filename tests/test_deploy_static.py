@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -177,7 +178,7 @@ def test_compose_topology():
         assert "devices" not in cpu["services"][name]["deploy"]["resources"]["reservations"]
         assert svc["read_only"] is True and "ports" not in svc  # reached through nginx only
         assert svc["healthcheck"]["test"][-1] == "/usr/local/bin/servable-healthcheck"
-        assert svc["environment"]["SERVABLE_AUTH_KEYS_FILE"] == "/run/secrets/api_keys"
+        assert svc["environment"]["SERVABLE_AUTH_KEYS_FILE"] == render.COMPOSE_KEYS_FILE
         assert any(v["target"] == "/models" and v["read_only"] for v in svc["volumes"])
         assert "cuda" in svc["build"]["args"]["BASE_IMAGE"]
         assert "slim" in cpu["services"][name]["build"]["args"]["BASE_IMAGE"]
@@ -212,6 +213,80 @@ def test_compose_topology():
     for secret in gpu["secrets"].values():
         example = DEPLOY / (secret["file"] + ".example")
         assert example.exists(), example
+
+
+def test_compose_mounts_the_key_directory_so_a_replaced_key_file_is_seen():
+    """The replicas' key file is in a directory bind-mounted read-only, not a single-file mount or a
+    file secret (both pin the inode: a file replaced by mv or sed -i would never be seen, and revoked
+    keys would stay valid); the replicas and every service with a secret join the secrets' group."""
+    for variant in (load_compose("compose.yaml"), load_compose("compose.yaml", "compose.cpu.yaml")):
+        services = variant["services"]
+        assert "api_keys" not in variant["secrets"]
+        for name in (f"{kind}-{n}" for kind in SERVED_MODELS for n in (1, 2)):
+            svc = services[name]
+            keys_dir = Path(svc["environment"]["SERVABLE_AUTH_KEYS_FILE"]).parent
+            (mount,) = [v for v in svc["volumes"] if isinstance(v, dict) and v["target"] == str(keys_dir)]
+            assert mount == {"type": "bind", "source": "./secrets/api", "target": "/run/secrets/servable",
+                             "read_only": True}, name  # fmt: skip
+            assert "secrets" not in svc
+            # nothing else is mounted over the key file or its directory
+            assert not [v for v in svc["volumes"] if _target(v).startswith(str(keys_dir)) and v is not mount]
+        for name, svc in services.items():
+            if svc.get("secrets") or name.split("-")[0] in SERVED_MODELS:
+                assert svc["group_add"] == ["${SERVABLE_SECRETS_GID:-10001}"], name
+    assert (DEPLOY / "secrets" / "api_keys.example").exists()  # compose_prep.sh makes secrets/api/api_keys of it
+
+
+MONITORING = ("prometheus", "alertmanager", "grafana")
+
+
+def _published(services: dict) -> dict[str, set[str]]:
+    """The host addresses each service publishes on (docker-compose config's long port syntax)."""
+    return {name: {p["host_ip"] if isinstance(p, dict) else p.split(":")[0] for p in svc.get("ports", [])}
+            for name, svc in services.items() if svc.get("ports")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "api", "monitoring"),
+    [({}, "127.0.0.1", "127.0.0.1"), ({"SERVABLE_BIND": "0.0.0.0"}, "0.0.0.0", "127.0.0.1"),
+     ({"SERVABLE_BIND": "0.0.0.0", "SERVABLE_MONITOR_BIND": "10.0.0.5"}, "0.0.0.0", "10.0.0.5")],
+)  # fmt: skip
+def test_exposing_the_api_leaves_monitoring_on_loopback(tmp_path, env, api, monitoring):
+    """SERVABLE_BIND publishes the API (nginx) only; Prometheus, Alertmanager and Grafana follow
+    SERVABLE_MONITOR_BIND, 127.0.0.1 unless asked. Rendered by docker-compose itself."""
+    (tmp_path / "empty.env").write_text("")  # not a deploy/.env this machine may have
+    out = run([tool("docker-compose"), "--project-directory", str(DEPLOY), "-f", str(DEPLOY / "compose.yaml"),
+               "--env-file", str(tmp_path / "empty.env"), "config"], cwd=DEPLOY,
+              env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **env})  # fmt: skip
+    published = _published(yaml.safe_load(out.stdout)["services"])
+    assert published == {"nginx": {api}, **{name: {monitoring} for name in MONITORING}}
+
+
+@pytest.mark.parametrize(
+    ("bind", "setting", "anonymous"),
+    [("127.0.0.1", "auto", "true"), ("::1", "auto", "true"), ("0.0.0.0", "auto", "false"),
+     ("10.0.0.5", "auto", "false"), ("0.0.0.0", "true", "true"), ("127.0.0.1", "false", "false")],
+)  # fmt: skip
+def test_grafana_anonymous_access_only_on_loopback_unless_forced(tmp_path, bind, setting, anonymous):
+    """compose starts Grafana through deploy/grafana/servable-start.sh: the anonymous viewer is on
+    only while its monitoring bind is a loopback address (or SERVABLE_GRAFANA_ANONYMOUS forces it)."""
+    grafana = load_compose("compose.yaml")["services"]["grafana"]
+    script = DEPLOY / "grafana" / "servable-start.sh"
+    assert grafana["entrypoint"] == ["/bin/sh", "/etc/grafana/servable-start.sh"]
+    assert f"./grafana/{script.name}:/etc/grafana/servable-start.sh:ro" in grafana["volumes"]
+    assert grafana["environment"]["SERVABLE_MONITOR_BIND"] == "${SERVABLE_MONITOR_BIND:-127.0.0.1}"
+    assert grafana["environment"]["SERVABLE_GRAFANA_ANONYMOUS"] == "${SERVABLE_GRAFANA_ANONYMOUS:-auto}"
+    assert "GF_AUTH_ANONYMOUS_ENABLED" not in grafana["environment"]  # the script decides, nothing overrides it
+    stub = tmp_path / "run.sh"  # stands in for the image's /run.sh: shows what Grafana would be given
+    stub.write_text('#!/bin/sh\necho "GF_AUTH_ANONYMOUS_ENABLED=$GF_AUTH_ANONYMOUS_ENABLED"\n')
+    stub.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "GRAFANA_RUN": str(stub), "SERVABLE_MONITOR_BIND": bind,
+           "SERVABLE_GRAFANA_ANONYMOUS": setting}  # fmt: skip
+    out = run(["/bin/sh", str(script)], env=env)
+    assert f"GF_AUTH_ANONYMOUS_ENABLED={anonymous}" in out.stdout.splitlines()
+    bad = subprocess.run(["/bin/sh", str(script)], env={**env, "SERVABLE_GRAFANA_ANONYMOUS": "yes"},
+                         capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "must be auto, true or false" in bad.stderr
 
 
 # ---------------------------------------------------------------- nginx
@@ -683,14 +758,24 @@ def test_alertmanager_pages_and_posts_with_the_runbook_link(tmp_path):
     assert "runbook: docs/operations.md#servablemodelsaturated" in texts
 
 
-def test_compose_prep_makes_secrets_certificate_and_checks_the_store(tmp_path):
-    """make compose-prep on a copy of deploy/: secrets from the examples, readable by the container
-    users (mode 644), a random API key, a certificate; a missing model or an unreadable store is named."""
+def _fresh_deploy_copy(tmp_path: Path) -> Path:
+    """deploy/ as a fresh clone has it: the secrets' examples only, no .env."""
     deploy = tmp_path / "deploy"
-    shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("local", "model-store"))
+    shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("local", "model-store", ".env"))
     for f in (deploy / "secrets").iterdir():
-        if not f.name.endswith(".example") and f.name != ".gitignore":
-            f.unlink()  # a fresh clone has only the examples
+        if f.is_dir():
+            shutil.rmtree(f)
+        elif not f.name.endswith(".example") and f.name != ".gitignore":
+            f.unlink()
+    return deploy
+
+
+def test_compose_prep_makes_secrets_certificate_and_checks_the_store(tmp_path):
+    """make compose-prep on a copy of deploy/: secrets from the examples, mode 0440 in the group the
+    containers join (10001 as root, else the user's own), the API keys alone in secrets/api/ (0750,
+    the directory the replicas mount), a random API key, a certificate; a missing model or an
+    unreadable store is named."""
+    deploy = _fresh_deploy_copy(tmp_path)
     store = tmp_path / "store"
     for name, version in (("fashion-cnn", "v20260101-000000"), ("sentiment-bert", "v20260101-000001")):
         (store / name / version).mkdir(parents=True)
@@ -699,10 +784,17 @@ def test_compose_prep_makes_secrets_certificate_and_checks_the_store(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SERVABLE_MODEL_STORE": str(store)}
     out = subprocess.run([str(deploy / "compose_prep.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    secrets = {f.name: f for f in (deploy / "secrets").iterdir() if not f.name.startswith(".")}
+    gid = 10001 if os.getuid() == 0 else os.getgid()
+    secrets = {f.name: f for f in (deploy / "secrets").iterdir() if not f.name.startswith(".") and f.is_file()}
+    secrets["api_keys"] = deploy / "secrets" / "api" / "api_keys"
+    assert not (deploy / "secrets" / "api_keys").exists()
     for example in [n for n in secrets if n.endswith(".example")]:
-        secret = secrets[example.removesuffix(".example")]
-        assert secret.stat().st_mode & 0o777 == 0o644, secret
+        secret = secrets[example.removesuffix(".example")].stat()
+        assert (secret.st_mode & 0o777, secret.st_gid) == (0o440, gid), example
+    api_dir = (deploy / "secrets" / "api").stat()
+    assert (api_dir.st_mode & 0o777, api_dir.st_gid) == (0o750, gid)
+    assert [f.name for f in (deploy / "secrets" / "api").iterdir()] == ["api_keys"]  # nothing else reaches a replica
+    assert (deploy / ".env").exists() == (gid != 10001)
     key_line = secrets["api_keys"].read_text().strip()
     assert re.fullmatch(r"compose:[0-9a-f]{48}", key_line) and key_line.split(":")[1] in out.stdout
     assert (deploy / "tls" / "local" / "server.crt").exists() and "fashion-cnn:v20260101-000000" in out.stdout
@@ -715,6 +807,28 @@ def test_compose_prep_makes_secrets_certificate_and_checks_the_store(tmp_path):
     (store / "fashion-cnn" / "v20260101-000000" / "model.yaml").chmod(0o600)
     unreadable = subprocess.run([str(deploy / "compose_prep.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert unreadable.returncode == 1 and f"chmod -R o+rX {store}" in unreadable.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="gives the files a group of its choosing: needs root")
+def test_compose_prep_moves_an_old_key_file_and_tells_compose_the_group(tmp_path):
+    """A key file of the old layout (deploy/secrets/api_keys) moves into secrets/api/; a group other
+    than compose's default 10001 goes to deploy/.env, which docker-compose reads: every container
+    that reads a secret joins it."""
+    deploy = _fresh_deploy_copy(tmp_path)
+    (deploy / "secrets" / "api_keys").write_text("ops:an-old-key-0123\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SERVABLE_MODEL_STORE": str(tmp_path / "none"),
+           "SERVABLE_SECRETS_GID": "4242"}  # fmt: skip
+    out = subprocess.run([str(deploy / "compose_prep.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert "moved" in out.stdout and "SERVABLE_SECRETS_GID=4242" in out.stdout, out.stdout + out.stderr
+    moved = deploy / "secrets" / "api" / "api_keys"
+    assert moved.read_text() == "ops:an-old-key-0123\n" and not (deploy / "secrets" / "api_keys").exists()
+    assert (moved.stat().st_mode & 0o777, moved.stat().st_gid) == (0o440, 4242)
+    assert "SERVABLE_SECRETS_GID=4242\n" in (deploy / ".env").read_text()
+    rendered = run([tool("docker-compose"), "-f", str(deploy / "compose.yaml"), "config"], cwd=tmp_path,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
+    services = yaml.safe_load(rendered.stdout)["services"]
+    for name in ("image-1", "text-2", "grafana", "alertmanager"):
+        assert [str(g) for g in services[name]["group_add"]] == ["4242"], name
 
 
 # ---------------------------------------------------------------- Kubernetes: releases and the Ingress

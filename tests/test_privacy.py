@@ -371,17 +371,30 @@ def test_audit_log_names_callers_and_model_never_keys_or_content(privacy_text_se
 
 
 def test_key_rotation_without_restart(privacy_text_server, privacy_dirs):
+    """A new key file `mv`-ed into the mounted secrets directory (as compose mounts it) is in force in
+    every worker within KeyStore.RELOAD_INTERVAL_S, without a restart, although it has the old file's
+    mtime and size (only its inode is new); the reload logs key names and count, never a key."""
+    from serving.auth import KeyStore
+
     url, pid = privacy_text_server.url + "/sentiment", privacy_text_server.proc.pid
     call = lambda key: requests.post(url, json={"text": "fine"}, headers={"x-api-key": key}, timeout=30).status_code  # noqa: E731
     assert call(ROTOR_OLD) == 200 and call(ROTOR_NEW) == 401
     keys = privacy_dirs["keys"]
-    tmp = keys.with_name(".api-keys.new")  # replaced atomically, as a mounted secret is
+    tmp = keys.with_name(".api-keys.new")
     tmp.write_text(f"alice:{ALICE}\nbob:{BOB}\nrotor:{ROTOR_NEW}\n")
-    os.replace(tmp, keys)
-    os.utime(keys, (time.time() + 2,) * 2)  # a new mtime even on coarse-grained file systems
-    assert call(ROTOR_OLD) == 401 and call(ROTOR_NEW) == 200 and call(ALICE) == 200
+    old = os.stat(keys)
+    os.utime(tmp, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (os.stat(tmp).st_mtime_ns, os.stat(tmp).st_size) == (old.st_mtime_ns, old.st_size)
+    subprocess.run(["mv", str(tmp), str(keys)], check=True)
+    moved = time.monotonic()
+    # once the interval has passed, every worker refuses the old key and takes the new one
+    time.sleep(max(0.0, moved + KeyStore.RELOAD_INTERVAL_S + 0.1 - time.monotonic()))
+    assert {call(ROTOR_OLD) for _ in range(8)} == {401} and {call(ROTOR_NEW) for _ in range(8)} == {200}
+    assert call(ALICE) == 200
     assert privacy_text_server.proc.poll() is None and privacy_text_server.proc.pid == pid  # no restart
-    assert ROTOR_OLD not in privacy_text_server.log() and ROTOR_NEW not in privacy_text_server.log()
+    log = privacy_text_server.log()
+    assert re.search(r"loaded 3 API key\(s\) from \S+: alice, bob, rotor", log), log[-2000:]
+    assert ROTOR_OLD not in log and ROTOR_NEW not in log
 
 
 def test_feedback_off_stores_nothing(privacy_image_server, privacy_dirs, image_run):

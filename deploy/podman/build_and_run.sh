@@ -50,8 +50,18 @@ podman build --format docker --network host -f "$ROOT/deploy/Dockerfile" --build
 log "image built ($((SECONDS - t0)) s): $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
 podman image inspect "$IMAGE" --format 'user={{.Config.User}} healthcheck={{.Config.Healthcheck.Test}}'
 
-printf 'podman:%s\n' "$KEY" >"$WORK/api_keys"
-chmod 644 "$WORK/api_keys"
+# The key file in a directory mounted read-only, as compose mounts deploy/secrets/api/ (a replaced
+# file is seen inside), mode 0440 for the image's group 10001. Rootless podman maps host ids into a
+# user namespace where that group is not the host's 10001: there the file is world-readable instead
+# (a throwaway key in a private scratch directory).
+mkdir -p "$WORK/secrets"
+printf 'podman:%s\n' "$KEY" >"$WORK/secrets/api_keys"
+if [ "$(id -u)" = 0 ]; then
+  chgrp 10001 "$WORK/secrets" "$WORK/secrets/api_keys"
+  chmod 0750 "$WORK/secrets" && chmod 0440 "$WORK/secrets/api_keys"
+else
+  chmod 0755 "$WORK/secrets" && chmod 0444 "$WORK/secrets/api_keys"
+fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 run() { # name service port env...
   local name=$1 service=$2 port=$3; shift 3
@@ -59,8 +69,8 @@ run() { # name service port env...
   # command is run by hand below.
   podman run -d --name "$name" --no-healthcheck --read-only --tmpfs /tmp:rw,size=512m,mode=1777 \
     --security-opt no-new-privileges --cap-drop ALL \
-    -p "127.0.0.1:$port:3000" -v "$MODEL_STORE:/models:ro" -v "$WORK/api_keys:/run/secrets/api_keys:ro" \
-    -e "SERVABLE_SERVICE=$service" "$@" "$IMAGE" >/dev/null
+    -p "127.0.0.1:$port:3000" -v "$MODEL_STORE:/models:ro" -v "$WORK/secrets:/run/secrets/servable:ro" \
+    -e SERVABLE_AUTH_KEYS_FILE=/run/secrets/servable/api_keys -e "SERVABLE_SERVICE=$service" "$@" "$IMAGE" >/dev/null
   started+=("$name")
 }
 wait_ready() { # name port
