@@ -44,19 +44,26 @@ def test_two_different_credentials_get_400_one_credential_in_both_forms_passes(t
         assert r.status_code == 400 and r.json()["reason"] == "ambiguous_credentials", r.text
     assert _post(text_server, {"authorization": f"Bearer {API_KEY}", "x-api-key": API_KEY}).status_code == 200
     # the key header twice is two credentials too
-    url = urlparse(text_server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    conn.putrequest("POST", "/sentiment")
-    for header, value in (("content-type", "application/json"), ("content-length", "16"), ("x-api-key", API_KEY),
-                          ("x-api-key", "random-other-key-1234")):  # fmt: skip
-        conn.putheader(header, value)
-    conn.endheaders(b'{"text": "fine"}')
-    answer = conn.getresponse()
-    assert answer.status == 400 and json.loads(answer.read())["reason"] == "ambiguous_credentials"
-    conn.close()
+    twice = _raw_post(text_server, [("x-api-key", API_KEY), ("x-api-key", "random-other-key-1234")])
+    assert twice[0] == 400 and twice[1]["reason"] == "ambiguous_credentials"
     # the replica trims what nginx trims (spaces, tabs), not Unicode whitespace: nginx would see another key
-    assert _post(text_server, {"x-api-key": f" {API_KEY}\t"}).status_code == 200
-    assert _post(text_server, {"x-api-key": f"\xa0{API_KEY}".encode("latin-1")}).status_code == 401
+    assert _raw_post(text_server, [("x-api-key", f" {API_KEY}\t")])[0] == 200
+    assert _raw_post(text_server, [("x-api-key", f"\xa0{API_KEY}")])[0] == 401
+
+
+def _raw_post(server, headers: list[tuple[str, str]]) -> tuple[int, dict]:
+    """A request with exactly these header lines (requests merges repeated names and refuses blanks)."""
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = b'{"text": "fine"}'
+    conn.putrequest("POST", "/sentiment")
+    for name, value in [("content-type", "application/json"), ("content-length", str(len(body))), *headers]:
+        conn.putheader(name, value.encode("latin-1"))
+    conn.endheaders(body)
+    answer = conn.getresponse()
+    out = answer.status, json.loads(answer.read())
+    conn.close()
+    return out
 
 
 def test_the_key_is_checked_before_the_body_is_read(text_server):
