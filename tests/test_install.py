@@ -53,7 +53,9 @@ def test_torch_cuda_build_where_nvidia_smi_lists_a_gpu(tmp_path):
     smi = tmp_path / "bin" / "nvidia-smi"  # what the driver's tool prints on a GPU machine
     smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
     smi.chmod(0o755)
-    assert torch_choice(env) == f"torch=={VERSION}"  # PyPI's Linux wheel: the CUDA build
+    # PyPI's Linux wheel, the CUDA build, from its hashed lock (requirements/torch-cuda.txt pins this version)
+    assert torch_choice(env) == f"--require-hashes --no-deps -r {ROOT / 'requirements' / 'torch-cuda.txt'}"
+    assert f"torch=={VERSION} " in (ROOT / "requirements" / "torch-cuda.txt").read_text()
     assert torch_choice(env, "cpu").startswith(f"torch=={VERSION}+cpu")  # what `make lock` resolves against
 
 
