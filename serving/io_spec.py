@@ -8,6 +8,7 @@ any arithmetic on a client's shape), the OpenAPI request schemas and the REST op
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +16,10 @@ from serving.errors import ClientError
 
 Datatype = Literal["FP32", "BYTES"]
 BATCH = -1  # the one variable dimension, always the first
+# An integer option's value has at most 18 digits (JSON or text): 1e308 or 10**400 is a 422, never clipped,
+# never a 10**6-digit int() on the event loop. ASCII digits only: int() refuses "²" though str.isdigit() says yes.
+MAX_DIGITS = 18
+INTEGER_TEXT = re.compile(rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,9 @@ class Option:
     """A request option (query string, form field or JSON member): an integer with bounds, a boolean, or
     one of a set of strings (`choices`: anything else is a 422 `unknown_<name>`).
 
-    Values above `high` are refused, or clipped to it where `clip` (top_k beyond the labels)."""
+    Values above `high` are refused, or clipped to it where `clip` (top_k beyond the labels). Anything but
+    such a value is a 422, never a 500: NaN, Infinity, 1e308, integers of over 18 digits, booleans for
+    integers, numbers for booleans, objects, lists, file parts."""
 
     name: str
     kind: Literal["integer", "boolean", "string"]
@@ -108,10 +115,10 @@ class Option:
             value = int(value)
         if isinstance(value, str):
             text = value.strip()
-            if not (0 < len(text) <= 18 and text.lstrip("+-").isdigit()):  # no 10**6-digit int() on the loop
+            if not INTEGER_TEXT.fullmatch(text):
                 raise bad
             value = int(text)
-        if not isinstance(value, int):
+        if not isinstance(value, int) or abs(value) >= 10**MAX_DIGITS:
             raise bad
         if self.low is not None and value < self.low:
             raise bad

@@ -166,9 +166,24 @@ def test_length_buckets_keep_a_uniform_batch_whole_and_split_short_from_long():
     assert length_buckets([4, 60], 1.0) == [[0, 1]]  # any waste allowed: one batch
 
 
+class CountingSession:
+    """An ONNX Runtime session that counts its runs and the padded positions of each batch it is given."""
+
+    def __init__(self, session) -> None:
+        self.session, self.calls, self.padded, self.tokens = session, 0, 0, 0
+
+    def run(self, names, feeds):
+        mask = feeds["attention_mask"]
+        self.calls += 1
+        self.padded += int(mask.size - mask.sum())
+        self.tokens += int(mask.sum())
+        return self.session.run(names, feeds)
+
+
 def test_bucketed_run_restores_the_callers_order_and_matches_one_padded_batch(text_run):
-    """TextAdapter.run with buckets answers row i with text i's probabilities, the same as padding the
-    whole batch at once and as running each text alone (attention masks hide the padding)."""
+    """TextAdapter.predict with buckets answers row i with text i's probabilities, the same as padding the
+    whole batch at once and as running each text alone (attention masks hide the padding); and, counted in
+    the session the adapter really runs, buckets on pad fewer positions in more model calls than off."""
     from servable import artifact
     from servable.config import TextServeSettings
     from serving.adapters.text import TextAdapter
@@ -176,14 +191,21 @@ def test_bucketed_run_restores_the_callers_order_and_matches_one_padded_batch(te
 
     art = artifact.load(text_run.tag)
     texts = ["Fine.", "word " * 40, "Dull.", "A gorgeous, witty, seductive movie that I loved " * 2, "ok", "bad " * 30]
-    runs = {}
+    runs, counted = {}, {}
     for buckets in (True, False):
         adapter = TextAdapter(TextServeSettings(model_tag=text_run.tag, length_buckets=buckets))
         adapter.load(art)
         rows, _ = adapter.decode("text", texts)
         session = onnx_tools.cpu_session(art.onnx_path("fp32"))
-        runs[buckets] = adapter.run(session, rows)
+        counted[buckets] = CountingSession(session)
+        runs[buckets] = adapter.run(counted[buckets], rows)
         alone = np.concatenate([adapter.run(session, [r]) for r in rows])
     np.testing.assert_allclose(runs[True], runs[False], atol=1e-5)
     np.testing.assert_allclose(runs[True], alone, atol=1e-5)  # row i is text i's answer, not a bucket-mate's
     assert len({round(float(p), 4) for p in alone[:, 1]}) > 3  # answers differ, so a mix-up would show
+    on, off = counted[True], counted[False]
+    assert on.tokens == off.tokens > 0  # the same real tokens ran either way
+    assert off.calls == 1 and on.calls > 1, (on.calls, off.calls)  # buckets: one model call per bucket
+    # short texts no longer padded to the longest: at most the waste bound, far below one padded batch
+    assert on.padded < off.padded / 2, (on.padded, off.padded)
+    assert on.padded <= 0.3 * (on.padded + on.tokens), (on.padded, on.tokens)  # bucket_waste's default
