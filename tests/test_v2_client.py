@@ -159,7 +159,7 @@ def test_mistakes_are_the_clients_exception_with_the_right_status(image_server, 
     nan = np.full((1, 3, size, size), np.nan, np.float32)
     _raises("422", lambda: img.infer(IMAGE_MODEL, [tensor("pixels", nan, "FP32")], headers=key()))
     not_image = np.array([b"this is not an image"], dtype=object)
-    _raises("400", lambda: img.infer(IMAGE_MODEL, [tensor("image", not_image, "BYTES")], headers=key()))
+    _raises("415", lambda: img.infer(IMAGE_MODEL, [tensor("image", not_image, "BYTES")], headers=key()))
     not_utf8 = np.array([b"caf\xe9"], dtype=object)
     _raises("422", lambda: txt.infer(TEXT_MODEL, [tensor("text", not_utf8, "BYTES")], headers=key()))
     nine = np.array([b"fine"] * 9, dtype=object)  # the test servers take at most 8 items
