@@ -346,25 +346,18 @@ def test_the_proxy_lets_through_only_the_apis_query_options():
 
 
 def _directives(conf: str) -> list[str]:
-    """The template's statements (split at ; { } outside quotes), comments dropped, whitespace
-    normalised, ${NAME} placeholders kept as written."""
-    text = re.sub(r"\$\{([A-Z_]+)\}", r"@\1@", conf)
-    stmts, cur, quote = [], "", ""
-    for line in text.splitlines():
-        for ch in line:
-            if quote:
-                quote = "" if ch == quote else quote
-            elif ch in "'\"":
-                quote = ch
-            elif ch == "#":
-                break
-            elif ch in ";{}":
-                stmts.append(cur)
-                cur = ""
-                continue
-            cur += ch
-        cur += " "
-    return [re.sub(r"@([A-Z_]+)@", r"${\1}", " ".join(s.split())) for s in stmts if s.strip()]
+    """The template's statements in order, blocks' heads before their contents (render.nginx_tree's
+    parse: comments dropped, whitespace normalised, ${NAME} placeholders kept as written)."""
+    out: list[str] = []
+
+    def walk(tree: list) -> None:
+        for head, children in tree:
+            out.append(head)
+            if children:
+                walk(children)
+
+    walk(render.nginx_tree(conf))
+    return out
 
 
 def test_nginx_template_tls_headers_limits_and_log_format():
