@@ -95,13 +95,10 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, *, max_pixels: int = 25_000_000, limits: ImageLimits | None = None,
-                 draft: int | None = None) -> Image.Image:  # fmt: skip
-    """Decode bytes into a fully loaded Pillow image, refusing bombs and broken files early. `limits`
-    (default: any format, `max_pixels`) bound what it may declare; `draft`: a JPEG is decoded at the
-    smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least this (the decoder does less work; the
-    resize to the model's input follows anyway)."""
-    img = open_image(data, limits or ImageLimits(max_pixels=max_pixels, formats=None))
+def load_image(img: Image.Image, *, draft: int | None = None) -> Image.Image:
+    """Decode an image fresh from `open_image` (its header checked, no pixel read yet) into a fully loaded
+    one. `draft`: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least
+    this (the decoder does less work; the resize to the model's input follows anyway)."""
     if draft is not None and img.format == "JPEG":
         img.draft(img.mode, (draft, draft))
     try:
@@ -111,6 +108,13 @@ def decode_image(data: bytes, *, max_pixels: int = 25_000_000, limits: ImageLimi
     except Exception as exc:
         raise InvalidImage("corrupt", "the image is truncated or corrupt") from exc
     return ImageOps.exif_transpose(img) or img
+
+
+def decode_image(data: bytes, *, max_pixels: int = 25_000_000, limits: ImageLimits | None = None,
+                 draft: int | None = None) -> Image.Image:  # fmt: skip
+    """Decode bytes into a fully loaded Pillow image, refusing bombs and broken files early. `limits`
+    (default: any format, `max_pixels`) bound what it may declare; `draft` as in `load_image`."""
+    return load_image(open_image(data, limits or ImageLimits(max_pixels=max_pixels, formats=None)), draft=draft)
 
 
 # A JPEG is decoded at no less than this many times the model's input side before the resize: the
@@ -139,14 +143,18 @@ def normalize(pixels: np.ndarray, cfg: ImagePreprocessing) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def preprocess_image(data: bytes | Image.Image, cfg: ImagePreprocessing, *, max_pixels: int = 25_000_000,
-                     limits: ImageLimits | None = None):  # fmt: skip
-    """The whole path for one image: decode, convert, resize, normalise -> float32 (3, H, W)."""
+def preprocess_opened(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
+    """An image fresh from `open_image` to the network's input: decoded (a JPEG at a reduced scale near
+    the model's input), converted, resized, normalised -> float32 (3, H, W)."""
+    return normalize(to_model_pixels(load_image(img, draft=DRAFT_FACTOR * cfg.size), cfg), cfg)
+
+
+def preprocess_image(data: bytes | Image.Image, cfg: ImagePreprocessing, *, max_pixels: int = 25_000_000):
+    """The whole path for one image (bytes, or an already loaded image): decode, convert, resize,
+    normalise -> float32 (3, H, W)."""
     if isinstance(data, bytes):
-        img = decode_image(data, max_pixels=max_pixels, limits=limits, draft=DRAFT_FACTOR * cfg.size)
-    else:
-        img = data
-    return normalize(to_model_pixels(img, cfg), cfg)
+        return preprocess_opened(open_image(data, ImageLimits(max_pixels=max_pixels, formats=None)), cfg)
+    return normalize(to_model_pixels(data, cfg), cfg)
 
 
 # ---------------------------------------------------------------- text

@@ -213,8 +213,8 @@ class Replica:
             async with self.explain_queue.slot() as deadline:
                 options = self.explain_options
                 name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
-                given = parse_options(options, given)
-                parsed = await self.decoding.run(self.adapter.explain_decode, name, items, given)
+                chosen = parse_options(options, given)
+                parsed = await self.decoding.run(self.adapter.explain_decode, name, items, chosen)
                 found = await self.topology.explain(parsed, deadline)
         except ExplainBusy:
             raise ClientError(

@@ -9,12 +9,21 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from servable import explain
 from servable.config import SERVED_MODELS, ImageServeSettings
-from servable.preprocessing import WEB_FORMATS, ImageLimits, InvalidImage, decode_image, open_image, preprocess_image
+from servable.preprocessing import (
+    WEB_FORMATS,
+    ImageLimits,
+    InvalidImage,
+    decode_image,
+    open_image,
+    preprocess_image,
+    preprocess_opened,
+)
 from serving import schemas
 from serving.adapters.base import Adapter, Docs, Parsed
 from serving.adapters.explains import ExplainDocs, Explains
@@ -143,24 +152,25 @@ class ImageAdapter(Adapter, Explains):
             raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} images per request")
         return [_b64(item, i) for i, item in enumerate(items)]
 
-    def _declared(self, blobs: list[bytes]) -> int:
-        """All images' declared pixels, each image checked against the limits on its header alone."""
-        total = 0
+    def _opened(self, blobs: list[bytes]) -> tuple[list[Image.Image], int]:
+        """Each image opened on its header alone and checked against the limits, and all of the request's
+        declared pixels together (checked too): no pixel is decoded here."""
+        images = []
         for i, blob in enumerate(blobs):
             with refused(i):
-                width, height = open_image(blob, self.limits).size
-            total += width * height
+                images.append(open_image(blob, self.limits))
+        total = sum(width * height for width, height in (img.size for img in images))
         if total > self.settings.max_request_pixels:
             raise ClientError(413, "too_many_pixels", f"the request's images have {total} pixels together; "
                               f"the limit is {self.settings.max_request_pixels}")  # fmt: skip
-        return total
+        return images, total
 
     def inline(self, name: str, items: Any) -> bool:
         if name == "pixels":
             return True
         small = [it for it in items if isinstance(it, bytes | str) and len(it) <= INLINE_BYTES]
         # a thumbnail (the usual upload here) costs tens of microseconds: not worth a thread hop
-        return 0 < len(small) == len(items) <= 2 and self._declared(self._images(items)) <= INLINE_PIXELS
+        return 0 < len(small) == len(items) <= 2 and self._opened(self._images(items))[1] <= INLINE_PIXELS
 
     def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
@@ -168,11 +178,11 @@ class ImageAdapter(Adapter, Explains):
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")
             return list(items), [None] * len(items)
         blobs = self._images(items)
-        self._declared(blobs)  # every image's bounds and the request's, before any is decoded
+        images, _ = self._opened(blobs)  # every image's bounds and the request's, before any is decoded
         rows = []
-        for i, blob in enumerate(blobs):
+        for i, img in enumerate(images):
             with refused(i):
-                rows.append(preprocess_image(blob, self.prep, limits=self.limits))
+                rows.append(preprocess_opened(img, self.prep))
         return rows, list(blobs)
 
     # ------------------------------------------------------------ predict
