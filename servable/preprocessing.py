@@ -137,10 +137,14 @@ def to_model_pixels(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
 
 def normalize(pixels: np.ndarray, cfg: ImagePreprocessing) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W), scaled as the backbone's weights expect."""
-    mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
-    x = (pixels.astype(np.float32) / 255.0 - mean) / std
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    scale = (1.0 / (255.0 * std))[:, None, None]  # (x / 255 - mean) / std as one multiply and one add
+    offset = (-np.asarray(cfg.mean, dtype=np.float32) / std)[:, None, None]
+    # channels first while still uint8 (a quarter of the bytes to move), then one float32 copy
+    x = np.ascontiguousarray(np.moveaxis(pixels, -1, -3)).astype(np.float32)
+    x *= scale
+    x += offset
+    return x
 
 
 def preprocess_opened(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:

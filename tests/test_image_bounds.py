@@ -114,3 +114,39 @@ def test_worst_images_are_refused_or_decoded_off_the_loop_while_good_requests_ke
     # two decode threads, each on one image at a time: a 25-megapixel RGB image is 75 MB
     assert peak - rss_before < 700 * 2**20, (rss_before, peak)
     assert _classify(server, good).status_code == 200
+
+
+def test_a_thumbnail_decoded_on_the_loop_has_its_header_opened_once(image_run, monkeypatch):
+    """`inline` opens and checks a small request's headers; the `decode` that follows on the same turn of the
+    loop takes them from there, and only for the very items `inline` checked (another request's items are
+    opened afresh and answered as themselves)."""
+    import numpy as np
+
+    from servable.config import ImageServeSettings
+    from serving.adapters import image as image_adapter
+    from serving.loading import load_model
+
+    adapter, model, _ = load_model(image_adapter.ImageAdapter, ImageServeSettings(model_tag=image_run.tag),
+                                   with_session=False)  # fmt: skip
+    assert model.ready
+    opened = []
+    real = image_adapter.open_image
+    monkeypatch.setattr(image_adapter, "open_image", lambda data, limits: opened.append(data) or real(data, limits))
+
+    def png(colour: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    blue, red = png("blue"), png("red")
+    items = [blue]
+    assert adapter.inline("image", items)
+    rows, stored = adapter.decode("image", items)
+    assert opened == [blue] and stored == [blue]  # one open, by inline; decode reused it
+
+    assert adapter.inline("image", [blue])
+    other = [red]  # not the items inline checked: opened here, and decoded as itself
+    rows_red, _ = adapter.decode("image", other)
+    fresh, _ = adapter.decode("image", [red])
+    assert opened[-2:] == [red, red] and np.array_equal(rows_red[0], fresh[0])
+    assert not np.array_equal(rows_red[0], rows[0])  # red, not the blue that inline checked

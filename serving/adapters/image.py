@@ -89,6 +89,8 @@ class ImageAdapter(Adapter, Explains):
     wire_type = np.ndarray
     settings: ImageServeSettings
     size = 0  # the artifact's input size, once read
+    # (items, their bytes, their opened images) that `inline` checked for the `decode` that follows it
+    _checked: tuple[Any, list[bytes], list[Image.Image]] | None = None
 
     # ------------------------------------------------------------ load
     def load(self, art) -> None:
@@ -168,17 +170,32 @@ class ImageAdapter(Adapter, Explains):
     def inline(self, name: str, items: Any) -> bool:
         if name == "pixels":
             return True
+        self._checked = None
         small = [it for it in items if isinstance(it, bytes | str) and len(it) <= INLINE_BYTES]
-        # a thumbnail (the usual upload here) costs tens of microseconds: not worth a thread hop
-        return 0 < len(small) == len(items) <= 2 and self._opened(self._images(items))[1] <= INLINE_PIXELS
+        if not 0 < len(small) == len(items) <= 2:
+            return False
+        blobs = self._images(items)
+        images, total = self._opened(blobs)
+        if total > INLINE_PIXELS:
+            return False
+        # A thumbnail (the usual upload) costs tens of microseconds: not worth a thread hop. Its headers are
+        # opened and checked: `decode`, which the core calls next on this same turn of the event loop (no
+        # await in between), takes them from here instead of opening them a second time.
+        self._checked = (items, blobs, images)
+        return True
 
     def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
             if not np.isfinite(items).all():
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")
             return list(items), [None] * len(items)
-        blobs = self._images(items)
-        images, _ = self._opened(blobs)  # every image's bounds and the request's, before any is decoded
+        checked = self._checked
+        if checked is not None and checked[0] is items:  # opened and checked by `inline` just now
+            self._checked = None
+            _, blobs, images = checked
+        else:
+            blobs = self._images(items)
+            images, _ = self._opened(blobs)  # every image's bounds and the request's, before any is decoded
         rows = []
         for i, img in enumerate(images):
             with refused(i):
