@@ -60,7 +60,8 @@ def dockerfile_stages() -> dict[str, str]:
 
 
 def test_dockerfile_lint():
-    run([tool("hadolint"), "--failure-threshold", "warning", str(DEPLOY / "Dockerfile")])
+    for dockerfile in ("Dockerfile", "podman/services.Dockerfile"):
+        run([tool("hadolint"), "--failure-threshold", "warning", str(DEPLOY / dockerfile)])
 
 
 def test_dockerfile_runtime_stage_properties():
@@ -106,7 +107,8 @@ def test_entrypoint_serves_every_served_model(tmp_path):
     unknown = subprocess.run(["sh", entrypoint], env={**env, "SERVABLE_SERVICE": "nope"}, capture_output=True,
                              text=True, timeout=60, cwd=ROOT, check=False)  # fmt: skip
     assert unknown.returncode == 64 and "SERVABLE_SERVICE must be one of" in unknown.stderr
-    for script in ("podman/build_and_run.sh", "compose_prep.sh", "compose_rollout.sh", "tls/make_self_signed.sh"):
+    for script in ("podman/build_and_run.sh", "podman/images.sh", "podman/nginx-entrypoint.sh", "compose_prep.sh",
+                   "compose_rollout.sh", "tls/make_self_signed.sh"):
         run([tool("bash"), "-n", str(DEPLOY / script)])
 
 
@@ -155,6 +157,15 @@ def test_compose_validates(variant):
     assert any(devices) == (variant == "gpu"), devices  # the GPU variant's device requests, as rendered
     for name in VARIANTS[variant]:
         run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / name)])
+
+
+def test_the_debian_images_override_changes_only_image_names():
+    """`make compose-up-test` runs compose.yaml with deploy/podman/compose.debian-images.yaml: it may name
+    the locally built images and nothing else, for every service but Grafana (not packaged by Debian)."""
+    override = yaml.safe_load((DEPLOY / "podman" / "compose.debian-images.yaml").read_text())
+    assert set(override) == {"services"}
+    assert {k for svc in override["services"].values() for k in svc} == {"image"}
+    assert set(override["services"]) == set(load_compose("compose.yaml")["services"]) - {"grafana"}
 
 
 def test_compose_topology():
