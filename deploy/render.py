@@ -34,7 +34,6 @@ from servable.config import SERVED_MODELS, ServedModelEntry
 DEPLOY = Path(__file__).resolve().parent
 NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
 NGINX_MAIN = DEPLOY / "nginx" / "nginx.conf"  # processes and connection slots; includes conf.d/servable*.conf
-NGINX_HANDSHAKE = DEPLOY / "nginx" / "servable-handshake.conf"  # nginx >= 1.25.3 only
 NGINX_QUERY = DEPLOY / "nginx" / "servable-query.conf"  # generated: the query options the proxy lets through
 NGINX_MODELS = DEPLOY / "nginx" / "servable-models.conf.template"  # generated: the pools, the playground paths
 NGINX_ROUTES = DEPLOY / "nginx" / "servable-routes.inc.template"  # generated: the API server's model locations

@@ -5,13 +5,13 @@
 #
 #   deploy/podman/images.sh [servable] [nginx] [prometheus] [alertmanager]   (default: all four)
 #
-#   servable      deploy/Dockerfile on a bookworm base (python3 3.11, as python:3.11-slim-bookworm)
-#                 -> $SERVABLE_IMAGE (default localhost/servable:cpu)
+# One base for all: Debian bookworm with python3 (3.11, as python:3.11-slim-bookworm), from Debian
+# packages (mmdebstrap) -> localhost/servable-base:bookworm.
+#   servable      deploy/Dockerfile on it -> $SERVABLE_IMAGE (default localhost/servable:cpu)
 #   nginx, prometheus, alertmanager
-#                 deploy/podman/services.Dockerfile on a trixie base, Debian's own packages
+#                 deploy/podman/services.Dockerfile on it, Debian's own packages
 #                 -> localhost/servable-<name>:debian (deploy/podman/compose.debian-images.yaml
-#                 maps compose's services to them). Trixie, not bookworm: compose's nginx config
-#                 bounds the TLS handshake with ssl_handshake_timeout (nginx >= 1.25.3; bookworm has 1.22).
+#                 maps compose's services to them)
 #
 # Environment: WORK (scratch dir), DEBIAN_MIRROR, SERVABLE_IMAGE, BUILD_LOG_DIR (default WORK).
 # The quiet flag (/tmp/servable-quiet, set while speed is measured) is honoured before each build.
@@ -53,17 +53,16 @@ build() { # tag logname podman-build-args...
   log "built $tag in $((SECONDS - t0)) s: $(podman image inspect "$tag" --format '{{.Size}}') bytes"
 }
 
+base bookworm localhost/servable-base:bookworm python3,python3-venv,ca-certificates
 for what in "$@"; do
   case "$what" in
     servable)
-      base bookworm localhost/servable-base:bookworm python3,python3-venv,ca-certificates
       build "$SERVABLE_IMAGE" servable -f "$ROOT/deploy/Dockerfile" --build-arg BASE_IMAGE=localhost/servable-base:bookworm \
         --build-arg ORT_PACKAGE=onnxruntime "$ROOT"
       ;;
     nginx | prometheus | alertmanager)
-      base trixie localhost/servable-base:trixie ca-certificates
       build "localhost/servable-$what:debian" "$what" -f "$ROOT/deploy/podman/services.Dockerfile" --target "$what" \
-        --build-arg BASE_IMAGE=localhost/servable-base:trixie "$ROOT/deploy/podman"
+        --build-arg BASE_IMAGE=localhost/servable-base:bookworm "$ROOT/deploy/podman"
       ;;
     *) echo "unknown image $what (servable, nginx, prometheus, alertmanager)" >&2; exit 2 ;;
   esac

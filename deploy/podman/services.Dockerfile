@@ -3,7 +3,7 @@
 # where no registry is reachable: Debian's packages on a local Debian base (deploy/podman/images.sh),
 # each with what compose expects of its image: the same entrypoint behaviour, the same paths, wget for
 # the health checks, the same user. deploy/podman/compose.debian-images.yaml maps the services to them.
-ARG BASE_IMAGE=localhost/servable-base:trixie
+ARG BASE_IMAGE=localhost/servable-base:bookworm
 
 FROM ${BASE_IMAGE} AS debian
 SHELL ["/bin/sh", "-euxc"]
