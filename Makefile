@@ -181,9 +181,10 @@ image-cpu-podman:  ## build the CPU image with podman from a local Debian base, 
 	@requirements/apt.sh $(PODMAN_PACKAGES)
 	deploy/podman/build_and_run.sh
 
-# podman and what it needs here: runc (deploy/podman/containers.conf), iptables (netavark's networks),
-# mmdebstrap (the local Debian bases of deploy/podman/images.sh).
-PODMAN_PACKAGES := podman runc iptables mmdebstrap
+# podman and what it needs here: runc (deploy/podman/containers.conf), netavark and aardvark-dns (user
+# networks whose containers find each other by name), iptables (netavark's rules), mmdebstrap (the
+# local Debian base of deploy/podman/images.sh).
+PODMAN_PACKAGES := podman runc netavark aardvark-dns iptables mmdebstrap
 compose-up-test: setup  ## opt-in, about 15 min: every image built, compose's CPU stack up with podman + docker-compose, checked from the host, rolled out and back, torn down -> docs/results/compose-up.json
 	@requirements/apt.sh $(PODMAN_PACKAGES)
 	SERVABLE_COMPOSE_TEST=1 SERVABLE_COMPOSE_REPORT=docs/results/compose-up.json $(BIN)/pytest -q -s tests/test_compose_up.py

@@ -110,6 +110,7 @@ class Stack:
             self.env.pop(f"{entry.env_prefix}MODEL_TAG", None)
         self.report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "durations_s": {}}
         self.service: subprocess.Popen | None = None
+        self.left_after_down: dict[str, list[str]] | None = None
         self.stop_health = threading.Event()
         self.first_healthy: dict[str, float] = {}  # container id -> when its health check first passed
         self.health_thread: threading.Thread | None = None
@@ -174,17 +175,20 @@ class Stack:
         return json.loads(self.podman("inspect", cid).stdout)[0]
 
     def health(self, service: str) -> str:
-        state = self.inspect(self.containers()[service])["State"]
+        """The service's health as the engine reports it; "absent" while it has no running container."""
+        cid = self.containers().get(service)
+        if cid is None:
+            return "absent"
+        state = self.inspect(cid)["State"]
         return (state.get("Health") or state.get("Healthcheck") or {}).get("Status", "")
 
     def wait_healthy(self, services: list[str], timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            running = self.containers()
-            if all(s in running and self.health(s) == "healthy" for s in services):
+            if all(self.health(s) == "healthy" for s in services):
                 return
             time.sleep(2)
-        states = {s: self.health(s) if s in self.containers() else "absent" for s in services}
+        states = {s: self.health(s) for s in services}
         raise AssertionError(f"not healthy after {timeout} s: {states}")
 
     def ready_time(self, service: str) -> float:
@@ -236,8 +240,12 @@ class Stack:
                 "volumes": [v for v in volumes if v.startswith(PROJECT)]}  # fmt: skip
 
     def down(self) -> None:
+        """compose down (what it leaves is recorded: test_teardown_leaves_nothing), then whatever is left
+        removed by hand and the engine stopped, so a failed run leaves nothing either."""
         if self.service is not None and self.service.poll() is None:
-            self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
+            out = self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
+            (self.work / "compose-down.txt").write_text(out.stdout + out.stderr)
+            self.left_after_down = self.leftovers()
         self.stop_health.set()
         if self.health_thread is not None:
             self.health_thread.join(timeout=60)
@@ -249,6 +257,12 @@ class Stack:
                 os.killpg(self.service.pid, signal.SIGKILL)
                 self.service.wait(timeout=10)
         self.sock.unlink(missing_ok=True)
+        left = self.leftovers()
+        for cid in left["containers"]:
+            self.podman("rm", "-f", "-t", "5", cid, check=False)
+        for kind in ("network", "volume"):
+            for name in left[f"{kind}s"]:
+                self.podman(kind, "rm", "-f", name, check=False)
 
 
 def _copy_deploy(dst: Path) -> None:
@@ -413,12 +427,15 @@ def test_the_playground_loads_under_its_csp(stack):
 
 
 def test_replicas_are_reached_only_through_nginx_and_the_backend_network_is_internal(stack):
-    """By inspection (the engine's networks, the containers' ports and routes) and by connecting from the
-    host to the replicas' own addresses, never by sending anything out."""
+    """By inspection (the engine's networks, the containers' ports and routes), never by sending anything
+    out: no replica port is published, the backend network is internal and a replica has no default
+    route. The host itself shares a bridge with every network of its engine, internal or not (so does
+    Docker's): whether it reaches a replica's own address is recorded, not asserted."""
     backend = json.loads(stack.podman("network", "inspect", f"{PROJECT}_backend").stdout)[0]
     frontend = json.loads(stack.podman("network", "inspect", f"{PROJECT}_frontend").stdout)[0]
     assert backend["internal"] is True and frontend["internal"] is False
     running = stack.containers()
+    reached = {}
     for replica in REPLICAS:
         info = stack.inspect(running[replica])
         assert not any(info["NetworkSettings"]["Ports"].values()), replica  # nothing published
@@ -427,11 +444,16 @@ def test_replicas_are_reached_only_through_nginx_and_the_backend_network_is_inte
         routes = stack.podman("exec", running[replica], "cat", "/proc/net/route").stdout.splitlines()[1:]
         assert routes and not [r for r in routes if r.split()[1] == "00000000"], routes
         address = info["NetworkSettings"]["Networks"][f"{PROJECT}_backend"]["IPAddress"]
-        with pytest.raises(OSError):
+        try:
             socket.create_connection((address, 3000), timeout=3).close()
-    # nginx and Prometheus bridge the two networks; nginx has a way out (frontend), the replicas none
-    nginx = stack.inspect(running["nginx"])
-    assert set(nginx["NetworkSettings"]["Networks"]) == {f"{PROJECT}_frontend", f"{PROJECT}_backend"}
+            reached[replica] = True
+        except OSError:
+            reached[replica] = False
+    stack.report["host_reaches_replica_address"] = reached
+    # nginx and Prometheus bridge the two networks; the replicas are on the internal one only
+    for name in ("nginx", "prometheus"):
+        nets = stack.inspect(running[name])["NetworkSettings"]["Networks"]
+        assert set(nets) == {f"{PROJECT}_frontend", f"{PROJECT}_backend"}, name
 
 
 def test_a_rotated_key_file_revokes_the_old_key_without_a_restart(stack):
@@ -580,5 +602,5 @@ def test_teardown_leaves_nothing(stack):
     t = time.time()
     stack.down()
     stack.report["durations_s"]["down"] = round(time.time() - t, 1)
-    left = stack.leftovers()
-    assert left == {"containers": [], "networks": [], "volumes": []}, left
+    assert stack.left_after_down == {"containers": [], "networks": [], "volumes": []}, stack.left_after_down
+    assert stack.leftovers() == {"containers": [], "networks": [], "volumes": []}
