@@ -515,9 +515,12 @@ def test_a_killed_replica_is_routed_around_and_pages(stack):
 
 
 class Load:
-    """Clients calling both endpoints through nginx without pause; every answer that is not a 200 counts."""
+    """Clients calling both endpoints through nginx, each at most `rate` calls a second (all of them
+    together under the per-key limit, 50 r/s: a 429 here would be the limit, not the roll-out); every
+    answer that is not a 200 counts."""
 
-    def __init__(self, stack: Stack, clients: int = 4):
+    def __init__(self, stack: Stack, clients: int = 4, rate: float = 8.0):
+        self.period = 1 / rate
         self.stack, self.stop, self.codes, self.latencies = stack, threading.Event(), {}, []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -536,9 +539,11 @@ class Load:
                     code = r.status_code
                 except httpx.HTTPError as e:
                     code = type(e).__name__
+                took = time.perf_counter() - t
                 with self.lock:
                     self.codes[code] = self.codes.get(code, 0) + 1
-                    self.latencies.append(time.perf_counter() - t)
+                    self.latencies.append(took)
+                self.stop.wait(max(0.0, self.period - took))
 
     def __enter__(self):
         for t in self.threads:
@@ -552,8 +557,14 @@ class Load:
 
 
 def served_tag(stack: Stack, kind: str) -> set[str]:
+    """The tags the kind's replicas answer /info with (six calls: both replicas of the pool)."""
+    tags = set()
     with stack.client() as c:
-        return {c.get(f"/{kind}/info", headers={"x-api-key": stack.key}).json()["model_tag"] for _ in range(6)}
+        for _ in range(6):
+            r = c.get(f"/{kind}/info", headers={"x-api-key": stack.key})
+            assert r.status_code == 200, r.text
+            tags.add(r.json()["model_tag"])
+    return tags
 
 
 def test_rollout_and_rollback_under_load_fail_no_request(stack):
