@@ -484,6 +484,14 @@ def test_a_rotated_key_file_revokes_the_old_key_without_a_restart(stack):
 
 
 def test_a_killed_replica_is_routed_around_and_pages(stack):
+    # first, Prometheus scrapes every replica by its compose service name
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        up = {s["metric"]["instance"]: s["value"][1] for s in stack.prometheus('up{job=~"servable-.+"}')}
+        if up == {f"{r}:3000": "1" for r in REPLICAS}:
+            break
+        time.sleep(2)
+    assert up == {f"{r}:3000": "1" for r in REPLICAS}, up
     victim = REPLICAS[0]
     instance = f"{victim}:3000"
     stack.podman("kill", stack.containers()[victim])
