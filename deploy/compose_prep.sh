@@ -95,5 +95,5 @@ if [ -d "$store" ] && unreadable="$(find "$store" \( -type d ! -perm -o+rx \) -o
   echo "the containers (uid 10001) cannot read the model store: e.g. $unreadable; run: chmod -R o+rX $store" >&2
   problems=1
 fi
-[ "$problems" = 0 ] && echo "ready: docker compose -f deploy/compose.yaml [-f deploy/compose.cpu.yaml] up -d --build"
+[ "$problems" = 0 ] && echo "ready: docker compose -f deploy/compose.yaml [-f deploy/compose.gpu.yaml] up -d --build"
 exit "$problems"

@@ -10,7 +10,7 @@
 #   SERVABLE_TEXT_SERVE_MODEL_TAG=sentiment-bert:v20261201-090000 deploy/compose_rollout.sh text
 #
 # Environment: COMPOSE (default "docker compose"; "docker-compose" for v1), COMPOSE_FILES (default
-# "-f deploy/compose.yaml"; add "-f deploy/compose.cpu.yaml" on CPU hosts), ENGINE (docker|podman,
+# "-f deploy/compose.yaml"; add "-f deploy/compose.gpu.yaml" on GPU hosts), ENGINE (docker|podman,
 # for `inspect`), ROLLOUT_TIMEOUT_S (per replica, default 300).
 set -euo pipefail
 kind="${1:?usage: $0 image|text}"

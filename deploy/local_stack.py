@@ -133,11 +133,6 @@ scgi_temp_path {dir}/tmp/scgi;
 """
 
 
-def nginx_version(nginx: str) -> tuple[int, ...]:
-    out = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=30, check=True).stderr
-    return tuple(int(n) for n in out.strip().rsplit("/", 1)[-1].split(".")[:3])
-
-
 def write_nginx_config(prefix: Path, conf_files: Mapping[str, str], nginx: str) -> list[str]:
     """The shared main config (deploy/nginx/nginx.conf), the rendered proxy files
     (render.nginx_conf_files: conf.d/ name -> text) and the local temp paths under `prefix`; the
@@ -150,8 +145,6 @@ def write_nginx_config(prefix: Path, conf_files: Mapping[str, str], nginx: str) 
     for name, text in conf_files.items():
         (conf_d / name).write_text(text)
     (conf_d / "servable-local.conf").write_text(NGINX_LOCAL_HTTP.format(dir=prefix))
-    if nginx_version(nginx) >= (1, 25, 3):  # older nginx bounds the handshake with client_header_timeout
-        shutil.copy(render.NGINX_HANDSHAKE, conf_d / render.NGINX_HANDSHAKE.name)
     error_log = prefix / "nginx-error.log"
     main = f"daemon off; pid {prefix}/nginx.pid; error_log {error_log} warn;"
     if os.geteuid() == 0:  # workers write the temp dirs this (root) process created

@@ -34,7 +34,6 @@ from servable.config import SERVED_MODELS, ServedModelEntry
 DEPLOY = Path(__file__).resolve().parent
 NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
 NGINX_MAIN = DEPLOY / "nginx" / "nginx.conf"  # processes and connection slots; includes conf.d/servable*.conf
-NGINX_HANDSHAKE = DEPLOY / "nginx" / "servable-handshake.conf"  # nginx >= 1.25.3 only
 NGINX_QUERY = DEPLOY / "nginx" / "servable-query.conf"  # generated: the query options the proxy lets through
 NGINX_MODELS = DEPLOY / "nginx" / "servable-models.conf.template"  # generated: the pools, the playground paths
 NGINX_ROUTES = DEPLOY / "nginx" / "servable-routes.inc.template"  # generated: the API server's model locations
@@ -649,13 +648,16 @@ def k8s_models() -> dict[Path, object]:
 
 # ---------------------------------------------------------------- compose: generated regions of hand-written files
 
-# compose.yaml, compose.cpu.yaml and compose_prep.sh stay one file each (the same `docker compose -f`
+# compose.yaml, compose.gpu.yaml and compose_prep.sh stay one file each (the same `docker compose -f`
 # commands, YAML anchors shared with the hand-written parts); their per-model parts sit between
 # marker comments and are rewritten here:
 #   # >>> generated: <name> (python -m deploy.render, from SERVED_MODELS: do not edit by hand)
 #   # <<< generated: <name>
 COMPOSE_YML = DEPLOY / "compose.yaml"
-COMPOSE_CPU_YML = DEPLOY / "compose.cpu.yaml"
+COMPOSE_GPU_YML = DEPLOY / "compose.gpu.yaml"
+COMPOSE_DEBIAN_IMAGES = DEPLOY / "podman" / "compose.debian-images.yaml"
+# the replica image deploy/podman/images.sh builds
+PODMAN_SERVABLE_IMAGE = "localhost/servable:cpu"
 COMPOSE_PREP = DEPLOY / "compose_prep.sh"
 _REGION = re.compile(
     r"(?P<start>^(?P<indent>[ \t]*)# >>> generated: (?P<name>[\w-]+)\b[^\n]*\n)(?P<body>.*?)"
@@ -718,9 +720,15 @@ def compose_regions() -> dict[str, str]:
             "nginx-depends-on": healthy, "prometheus-depends-on": healthy}  # fmt: skip
 
 
-def compose_cpu_regions() -> dict[str, str]:
-    """compose.cpu.yaml: every replica takes the CPU settings."""
-    return {"replicas": "".join(f"  {r}:\n    <<: *cpu\n" for k in SERVED_MODELS for r in compose_replicas(k))}
+def compose_gpu_regions() -> dict[str, str]:
+    """compose.gpu.yaml: every replica takes the GPU settings."""
+    return {"replicas": "".join(f"  {r}:\n    <<: *gpu\n" for k in SERVED_MODELS for r in compose_replicas(k))}
+
+
+def compose_debian_images_regions() -> dict[str, str]:
+    """podman/compose.debian-images.yaml: every replica on the locally built image."""
+    return {"replicas": "".join(f"  {r}:\n    image: {PODMAN_SERVABLE_IMAGE}\n"
+                                for k in SERVED_MODELS for r in compose_replicas(k))}  # fmt: skip
 
 
 def compose_prep_regions() -> dict[str, str]:
@@ -742,7 +750,8 @@ GENERATED = {
     K8S_KUSTOMIZATION: k8s_kustomization_text,
     K8S_CONTROLLER_CONFIG: k8s_controller_config_text,
     COMPOSE_YML: lambda: fill_regions(COMPOSE_YML, compose_regions()),
-    COMPOSE_CPU_YML: lambda: fill_regions(COMPOSE_CPU_YML, compose_cpu_regions()),
+    COMPOSE_GPU_YML: lambda: fill_regions(COMPOSE_GPU_YML, compose_gpu_regions()),
+    COMPOSE_DEBIAN_IMAGES: lambda: fill_regions(COMPOSE_DEBIAN_IMAGES, compose_debian_images_regions()),
     COMPOSE_PREP: lambda: fill_regions(COMPOSE_PREP, compose_prep_regions()),
 }
 

@@ -126,7 +126,7 @@ def audit(out_dir: Path = OUT_DIR, service: str = "pypi", lock: Path = SERVE_LOC
 
 # Every file that names a base image of deploy/Dockerfile (its default, compose's, the release
 # command's, the docs' build commands): `pin-bases` rewrites them all, the tests check them all.
-BASE_IMAGE_FILES = ("deploy/Dockerfile", "deploy/compose.yaml", "deploy/compose.cpu.yaml", "deploy/k8s_release.py",
+BASE_IMAGE_FILES = ("deploy/Dockerfile", "deploy/compose.yaml", "deploy/compose.gpu.yaml", "deploy/k8s_release.py",
                     "docs/deploy.md")  # fmt: skip
 # `name:tag@sha256:digest`, the name as Docker writes it (optionally with a registry host).
 PINNED_REF = re.compile(r"\b((?:[a-z0-9.-]+(?::\d+)?/)?[a-z0-9._/-]+):([\w.-]+)@sha256:([0-9a-f]{64})\b")

@@ -34,7 +34,6 @@ from servable.config import SERVED_MODELS
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
-RESET = object()
 
 
 def tool(name: str) -> str:
@@ -61,7 +60,8 @@ def dockerfile_stages() -> dict[str, str]:
 
 
 def test_dockerfile_lint():
-    run([tool("hadolint"), "--failure-threshold", "warning", str(DEPLOY / "Dockerfile")])
+    for dockerfile in ("Dockerfile", "podman/services.Dockerfile"):
+        run([tool("hadolint"), "--failure-threshold", "warning", str(DEPLOY / dockerfile)])
 
 
 def test_dockerfile_runtime_stage_properties():
@@ -107,18 +107,17 @@ def test_entrypoint_serves_every_served_model(tmp_path):
     unknown = subprocess.run(["sh", entrypoint], env={**env, "SERVABLE_SERVICE": "nope"}, capture_output=True,
                              text=True, timeout=60, cwd=ROOT, check=False)  # fmt: skip
     assert unknown.returncode == 64 and "SERVABLE_SERVICE must be one of" in unknown.stderr
-    for script in ("podman/build_and_run.sh", "compose_prep.sh", "compose_rollout.sh", "tls/make_self_signed.sh"):
+    scripts = ("podman/build_and_run.sh", "podman/images.sh", "podman/nginx-entrypoint.sh", "compose_prep.sh",
+               "compose_rollout.sh", "tls/make_self_signed.sh")  # fmt: skip
+    for script in scripts:
         run([tool("bash"), "-n", str(DEPLOY / script)])
 
 
 # ---------------------------------------------------------------- compose
 
 
-class _ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-_ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+# Both variants: compose.yaml alone (CPU), and with the GPU file over it.
+VARIANTS = {"cpu": ("compose.yaml",), "gpu": ("compose.yaml", "compose.gpu.yaml")}
 
 
 def _target(volume) -> str:
@@ -126,18 +125,12 @@ def _target(volume) -> str:
 
 
 def merge(base, override, key: str = ""):
-    """Compose's merge of an override file (the parts this project uses: !reset, volumes by target)."""
-    if override is RESET:
-        return RESET
+    """Compose's merge of an override file, the parts this project uses: mappings key by key, volumes by
+    target, device requests appended (test_compose_validates runs Compose's own merge on the files)."""
     if isinstance(base, dict) and isinstance(override, dict):
-        out = dict(base)
-        for k, v in override.items():
-            merged = merge(base.get(k), v, k) if k in base else v
-            if merged is RESET:
-                out.pop(k, None)
-            else:
-                out[k] = merged
-        return out
+        return {**base, **{k: merge(base[k], v, k) if k in base else v for k, v in override.items()}}
+    if key == "devices" and isinstance(base, list) and isinstance(override, list):
+        return base + override
     if key == "volumes" and isinstance(base, list) and isinstance(override, list):
         by_target = {_target(v): v for v in base} | {_target(v): v for v in override}
         return list(by_target.values())
@@ -145,37 +138,46 @@ def merge(base, override, key: str = ""):
 
 
 def load_compose(*names: str) -> dict:
-    docs = [yaml.load((DEPLOY / n).read_text(), Loader=_ComposeLoader) for n in names]
+    docs = [yaml.safe_load((DEPLOY / n).read_text()) for n in names]
     out = docs[0]
     for d in docs[1:]:
         out = merge(out, d)
     return {k: v for k, v in out.items() if not k.startswith("x-")}
 
 
-@pytest.fixture(scope="module")
-def compose_files(tmp_path_factory) -> dict[str, Path]:
-    """The GPU file as written, and the CPU override merged into it (relative paths stay in deploy/)."""
-    merged = tmp_path_factory.mktemp("compose") / "compose.cpu-merged.yaml"
-    merged.write_text(yaml.safe_dump(load_compose("compose.yaml", "compose.cpu.yaml"), sort_keys=False))
-    return {"gpu": DEPLOY / "compose.yaml", "cpu": merged}
-
-
-@pytest.mark.parametrize("variant", ["gpu", "cpu"])
-def test_compose_validates(compose_files, variant):
-    path = compose_files[variant]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compose_validates(variant):
+    """Each variant as Debian's docker-compose 1.29 (what `make compose-up-test` drives podman with)
+    reads and merges it: no tag only Compose v2.24+ knows (`!reset` once made the CPU variant unreadable
+    there and in podman-compose); every file against the compose spec."""
+    files = [a for name in VARIANTS[variant] for a in ("-f", name)]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
-    run([tool("docker-compose"), "--project-directory", str(DEPLOY), "-f", str(path), "config", "-q"], cwd=DEPLOY,
-        env=env)  # fmt: skip
-    run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)])
+    out = run([tool("docker-compose"), *files, "config"], cwd=DEPLOY, env=env)
+    devices = [s.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+               for s in yaml.safe_load(out.stdout)["services"].values()]  # fmt: skip
+    assert any(devices) == (variant == "gpu"), devices  # the GPU variant's device requests, as rendered
+    for name in VARIANTS[variant]:
+        run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / name)])
+
+
+def test_the_debian_images_override_changes_only_image_names():
+    """`make compose-up-test` runs compose.yaml with deploy/podman/compose.debian-images.yaml: it may name
+    the locally built images and nothing else, for every service but Grafana (not packaged by Debian)."""
+    override = yaml.safe_load((DEPLOY / "podman" / "compose.debian-images.yaml").read_text())
+    assert set(override) == {"services"}
+    assert {k for svc in override["services"].values() for k in svc} == {"image"}
+    assert set(override["services"]) == set(load_compose("compose.yaml")["services"]) - {"grafana"}
 
 
 def test_compose_topology():
-    gpu, cpu = load_compose("compose.yaml"), load_compose("compose.yaml", "compose.cpu.yaml")
+    cpu, gpu = (load_compose(*files) for files in VARIANTS.values())
     replicas = [f"{kind}-{n}" for kind in SERVED_MODELS for n in (1, 2)]  # two replicas per served model
     for name in replicas:
         svc = gpu["services"][name]
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
         assert "devices" not in cpu["services"][name]["deploy"]["resources"]["reservations"]
+        assert svc["build"]["args"]["ORT_PACKAGE"] == "onnxruntime-gpu"
+        assert cpu["services"][name]["build"]["args"]["ORT_PACKAGE"] == "onnxruntime"
         assert svc["read_only"] is True and "ports" not in svc  # reached through nginx only
         assert svc["healthcheck"]["test"][-1] == "/usr/local/bin/servable-healthcheck"
         assert svc["environment"]["SERVABLE_AUTH_KEYS_FILE"] == render.COMPOSE_KEYS_FILE
@@ -209,7 +211,7 @@ def test_compose_topology():
         scraped = {t for f in tdir.glob("*.json") for group in json.loads(f.read_text()) for t in group["targets"]}
         assert {f"{r}:3000" for r in replicas} <= scraped
         assert ("dcgm-exporter:9400" in scraped) == (variant == "gpu")
-    assert cpu["services"]["dcgm-exporter"]["profiles"] == ["gpu-metrics"]  # off without a GPU
+    assert "dcgm-exporter" not in cpu["services"]  # the GPU exporter comes with the GPU file
     for secret in gpu["secrets"].values():
         example = DEPLOY / (secret["file"] + ".example")
         assert example.exists(), example
@@ -219,7 +221,7 @@ def test_compose_mounts_the_key_directory_so_a_replaced_key_file_is_seen():
     """The replicas' key file is in a directory bind-mounted read-only, not a single-file mount or a
     file secret (both pin the inode: a file replaced by mv or sed -i would never be seen, and revoked
     keys would stay valid); the replicas and every service with a secret join the secrets' group."""
-    for variant in (load_compose("compose.yaml"), load_compose("compose.yaml", "compose.cpu.yaml")):
+    for variant in (load_compose(*files) for files in VARIANTS.values()):
         services = variant["services"]
         assert "api_keys" not in variant["secrets"]
         for name in (f"{kind}-{n}" for kind in SERVED_MODELS for n in (1, 2)):
@@ -308,8 +310,14 @@ def test_nginx_template_renders_and_passes_nginx_t(tmp_path):
                       "proxy_read_timeout", "keepalive", "listen 127.0.0.1:5 ssl;", "listen 127.0.0.1:6;",
                       "return 301 https://$host:5$request_uri;", "rate=7r/s;", "burst=8 nodelay;"):  # fmt: skip
         assert directive in conf
-    # the shared main config (compose's /etc/nginx/nginx.conf) includes it, as in the local stack
-    run([*write_nginx_config(tmp_path, files, tool("nginx")), "-t"])
+    # the shared main config (compose's /etc/nginx/nginx.conf) includes it, as in the local stack, with
+    # every file compose mounts into conf.d/ beside it (a directive nginx's http module does not know,
+    # as `ssl_handshake_timeout` once was there, stops compose's nginx at start)
+    compose_nginx = load_compose("compose.yaml")["services"]["nginx"]
+    mounted = {Path(_target(v)).name: (DEPLOY / v.split(":")[0]).read_text() for v in compose_nginx["volumes"]
+               if isinstance(v, str) and _target(v).startswith("/etc/nginx/conf.d/")}  # fmt: skip
+    assert "servable-query.conf" in mounted
+    run([*write_nginx_config(tmp_path, {**files, **mounted}, tool("nginx")), "-t"])
     with pytest.raises(KeyError):
         render.render_template(render.NGINX_TEMPLATE.read_text(), {})
     with pytest.raises(ValueError):
@@ -446,18 +454,15 @@ def test_slow_client_limits_agree_across_nginx_compose_and_ingress():
         assert limit == str(render.CONN_LIMIT), ingress["metadata"]["name"]
     nginx = load_compose("compose.yaml")["services"]["nginx"]
     assert nginx["environment"]["CONN_LIMIT"] == f"${{SERVABLE_CONN_LIMIT:-{render.CONN_LIMIT}}}"
-    # the main config: sized, and mounted by compose together with the handshake bound
+    # the main config: sized, and mounted by compose
     slots = int(value("worker_connections", main))
     assert slots >= 4096 and int(value("worker_rlimit_nofile", main)) >= 2 * slots
     assert value("worker_processes", main) == "auto" and "include conf.d/servable*.conf" in main
     mounts = {_target(v): v.split(":")[0] for v in nginx["volumes"] if isinstance(v, str)}
     assert mounts["/etc/nginx/nginx.conf"] == "./nginx/nginx.conf"
-    assert mounts["/etc/nginx/conf.d/servable-handshake.conf"] == "./nginx/servable-handshake.conf"
     assert mounts["/etc/nginx/conf.d/servable-query.conf"] == "./nginx/servable-query.conf"  # the query allowlist
     for generated in (render.NGINX_TEMPLATE, render.NGINX_MODELS, render.NGINX_ROUTES):  # envsubst'd at start
         assert mounts[f"/etc/nginx/templates/{generated.name}"] == f"./nginx/{generated.name}"
-    handshake = _directives(render.NGINX_HANDSHAKE.read_text())
-    assert handshake == [f"ssl_handshake_timeout {value('client_header_timeout')}"]
     assert int(nginx["ulimits"]["nofile"]["soft"]) >= int(value("worker_rlimit_nofile", main))
     run([tool("kubernetes-validate"), "--strict", str(DEPLOY / "k8s" / "ingress-nginx" / "controller-config.yaml")])
 
@@ -563,7 +568,7 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     script is kept by hand."""
     deploy = ROOT / "deploy"
     compose = (deploy / "compose.yaml").read_text()
-    compose_cpu = yaml.load((deploy / "compose.cpu.yaml").read_text(), Loader=_ComposeLoader)["services"]
+    compose_gpu = yaml.safe_load((deploy / "compose.gpu.yaml").read_text())["services"]
     nginx = render.nginx_template_texts()
     csp_map = re.search(r"^map \$uri \$servable_playground \{\n(.*?)^\}", nginx, re.M | re.S)[1]
     playground_csp = re.findall(r'^\s*"~(\S+)"', csp_map, re.M)
@@ -573,7 +578,7 @@ def test_every_served_model_is_wired_into_every_deployment_file():
     podman = (deploy / "podman" / "build_and_run.sh").read_text()
     for kind, entry in SERVED_MODELS.items():
         assert f"SERVABLE_SERVICE: {kind}" in compose, kind
-        assert {f"{kind}-1", f"{kind}-2"} <= set(compose_cpu), f"compose.cpu.yaml: {kind} replicas not under x-cpu"
+        assert {f"{kind}-1", f"{kind}-2"} <= set(compose_gpu), f"compose.gpu.yaml: {kind} replicas not under x-gpu"
         assert f"{entry.env_prefix}MODEL_TAG" in compose_prep, f"compose_prep.sh does not check the {kind} tag"
         assert f"{kind}.yaml" in kustomization and (deploy / "k8s" / "base" / f"{kind}.yaml").exists(), kind
         assert f"upstream servable_{kind}" in nginx and f"location = {entry.route} " in nginx, kind
@@ -598,13 +603,13 @@ COMPOSE_VAR = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 def compose_variables() -> dict[str, str]:
     """Every ${VAR} / ${VAR:-default} the compose files read from the environment of `up`, with
-    compose.yaml's default (the CPU override may set its own default for the same variable)."""
+    compose.yaml's default (the GPU override may set its own default for the same variable)."""
     found: dict[str, str] = {}
     for var, default in COMPOSE_VAR.findall((DEPLOY / "compose.yaml").read_text()):
         assert found.get(var, default) == default, f"{var} has two defaults"
         found[var] = default
-    cpu_only = {var for var, _ in COMPOSE_VAR.findall((DEPLOY / "compose.cpu.yaml").read_text())} - set(found)
-    assert not cpu_only, f"variables only the CPU override reads: {cpu_only}"
+    gpu_only = {var for var, _ in COMPOSE_VAR.findall((DEPLOY / "compose.gpu.yaml").read_text())} - set(found)
+    assert not gpu_only, f"variables only the GPU override reads: {gpu_only}"
     return found
 
 

@@ -281,36 +281,35 @@ def test_the_k8s_templates_name_no_model():
 
 
 def test_compose_renders_a_new_model(third_model, tmp_path: Path):
-    """compose.yaml and compose.cpu.yaml rendered with the added model: its replicas (on the shared
+    """compose.yaml and compose.gpu.yaml rendered with the added model: its replicas (on the shared
     replica settings, its own environment block), nginx's pool of them and nginx and Prometheus
     waiting for them; both variants pass `docker-compose config`; compose_prep.sh checks its tag."""
     from tests.test_deploy_static import load_compose
 
     files = render.generated()
-    gpu_text = files[render.COMPOSE_YML]()
-    (tmp_path / "compose.yaml").write_text(gpu_text)
-    (tmp_path / "compose.cpu.yaml").write_text(files[render.COMPOSE_CPU_YML]())
-    assert "x-tabular-env: &tabular-env\n  SERVABLE_SERVICE: tabular\n" in gpu_text
-    gpu = load_compose(str(tmp_path / "compose.yaml"))  # an absolute name: DEPLOY / it is it
-    cpu = load_compose(str(tmp_path / "compose.yaml"), str(tmp_path / "compose.cpu.yaml"))
+    cpu_text = files[render.COMPOSE_YML]()
+    (tmp_path / "compose.yaml").write_text(cpu_text)
+    (tmp_path / "compose.gpu.yaml").write_text(files[render.COMPOSE_GPU_YML]())
+    assert "x-tabular-env: &tabular-env\n  SERVABLE_SERVICE: tabular\n" in cpu_text
+    cpu = load_compose(str(tmp_path / "compose.yaml"))  # an absolute name: DEPLOY / it is it
+    gpu = load_compose(str(tmp_path / "compose.yaml"), str(tmp_path / "compose.gpu.yaml"))
     replicas = [f"{kind}-{n}" for kind in SERVED_MODELS for n in (1, 2)]
-    nginx = gpu["services"]["nginx"]
-    assert nginx["depends_on"] == gpu["services"]["prometheus"]["depends_on"]
+    nginx = cpu["services"]["nginx"]
+    assert nginx["depends_on"] == cpu["services"]["prometheus"]["depends_on"]
     assert nginx["depends_on"] == {r: {"condition": "service_healthy"} for r in replicas}
     pool = render.upstream_servers(["tabular-1:3000", "tabular-2:3000"])
     assert nginx["environment"]["TABULAR_UPSTREAM_SERVERS"] == pool
     for name in ("tabular-1", "tabular-2"):
-        svc = gpu["services"][name]
+        svc = cpu["services"][name]
         assert svc["environment"]["SERVABLE_SERVICE"] == "tabular" and svc["read_only"] is True
-        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-        assert "devices" not in cpu["services"][name]["deploy"]["resources"]["reservations"]
-        assert "slim" in cpu["services"][name]["build"]["args"]["BASE_IMAGE"]
-    (tmp_path / "compose.cpu-merged.yaml").write_text(yaml.safe_dump(cpu, sort_keys=False))
+        assert gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert "devices" not in svc["deploy"]["resources"]["reservations"]
+        assert "slim" in svc["build"]["args"]["BASE_IMAGE"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(render.DEPLOY.parent)}
-    for path in (tmp_path / "compose.yaml", tmp_path / "compose.cpu-merged.yaml"):
-        out = run([tool("docker-compose"), "--project-directory", str(render.DEPLOY), "-f", str(path), "config",
-                   "--services"], cwd=render.DEPLOY, env=env)  # fmt: skip
-        assert {"tabular-1", "tabular-2"} <= set(out.stdout.split()), path.name
+    for variant in (["-f", "compose.yaml"], ["-f", "compose.yaml", "-f", "compose.gpu.yaml"]):
+        out = run([tool("docker-compose"), "--project-directory", str(render.DEPLOY), *variant, "config",
+                   "--services"], cwd=tmp_path, env=env)  # fmt: skip
+        assert {"tabular-1", "tabular-2"} <= set(out.stdout.split()), variant
     prep = files[render.COMPOSE_PREP]()
     tag = FAKE.settings.model_fields["model_tag"].default
     assert f'"${{{FAKE.env_prefix}MODEL_TAG:-{tag}}}")\n' in prep  # the third tag, last in the list

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Build the CPU image from deploy/Dockerfile with podman where no registry is reachable, run it on
 # 127.0.0.1 and call both endpoints. The base image is a Debian bookworm root filesystem built
-# from Debian packages (mmdebstrap) and imported, instead of python:3.11-slim from a registry.
+# from Debian packages (mmdebstrap) and imported, instead of python:3.11-slim from a registry
+# (deploy/podman/images.sh builds both).
 #
 #   deploy/podman/build_and_run.sh            (or: make image-cpu-podman)
 #
 # Environment: MODEL_STORE (a BentoML model store's models/ dir, default ~/bentoml/models),
 # IMAGE_TAG / TEXT_TAG (default fashion-cnn:latest / sentiment-bert:latest), WORK (scratch dir),
-# KEEP_IMAGE=1 keeps the built images. Needs root (or rootless podman), podman, runc, mmdebstrap.
+# KEEP_IMAGE=1 keeps the built images. Needs root (or rootless podman), podman, runc, iptables, mmdebstrap.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$ROOT/deploy/podman/containers.conf}"
@@ -17,7 +18,6 @@ TEXT_TAG="${TEXT_TAG:-sentiment-bert:latest}"
 WORK="${WORK:-$(mktemp -d /tmp/servable-podman.XXXXXX)}"
 BASE=localhost/servable-base:bookworm
 IMAGE=localhost/servable:cpu
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEY="podman-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 started=()
 
@@ -30,23 +30,8 @@ trap cleanup EXIT
 [ -d "$MODEL_STORE" ] || { echo "no model store at $MODEL_STORE (run make all, or set MODEL_STORE)" >&2; exit 2; }
 
 t0=$SECONDS
-if ! podman image exists "$BASE"; then
-  log "base: Debian bookworm root filesystem with python3 (mmdebstrap) -> $BASE"
-  # The base trusts the host's CA bundle (pip inside the build then works behind a TLS-inspecting
-  # proxy, as on the CI machines here); pip is told to use the system bundle rather than certifi's.
-  mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    --aptopt='Acquire::Retries "3"' \
-    --customize-hook='if [ -s /etc/ssl/certs/ca-certificates.crt ]; then cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"; fi' \
-    --customize-hook='printf "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n" > "$1/etc/pip.conf"' \
-    bookworm "$WORK/rootfs.tar" "$MIRROR" >"$WORK/mmdebstrap.log" 2>&1 \
-    || { tail -20 "$WORK/mmdebstrap.log"; exit 1; }
-  podman import --change 'CMD ["/bin/bash"]' "$WORK/rootfs.tar" "$BASE" >/dev/null
-  rm -f "$WORK/rootfs.tar"
-fi
-log "base ready ($((SECONDS - t0)) s); building $IMAGE from deploy/Dockerfile"
-podman build --format docker --network host -f "$ROOT/deploy/Dockerfile" --build-arg "BASE_IMAGE=$BASE" \
-  --build-arg ORT_PACKAGE=onnxruntime \
-  -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
+# the bookworm base from Debian packages, then deploy/Dockerfile on it (deploy/podman/images.sh)
+WORK="$WORK" SERVABLE_IMAGE="$IMAGE" "$ROOT/deploy/podman/images.sh" servable
 log "image built ($((SECONDS - t0)) s): $(podman image inspect "$IMAGE" --format '{{.Size}}') bytes"
 podman image inspect "$IMAGE" --format 'user={{.Config.User}} healthcheck={{.Config.Healthcheck.Test}}'
 
