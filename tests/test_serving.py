@@ -634,6 +634,9 @@ def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
     from serving.adapters.text import TextAdapter
     from serving.model_service import model_service
 
+    # By default (BentoML's own is 100 calls per session, reached within seconds under load) and as set.
+    split = model_service(TextAdapter, TextServeSettings(topology="split"))
+    assert split.config["runner_connection"]["max_requests"] >= 10**6
     split = model_service(TextAdapter, TextServeSettings(topology="split", runner_max_requests=10**9))
     assert split.config["runner_connection"]["max_requests"] == 10**9
 
