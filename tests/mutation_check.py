@@ -194,7 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
-    results, start = [], time.monotonic()
+    results: list[dict] = []
+    start = time.monotonic()
+    record = {"date": datetime.datetime.now(datetime.UTC).date().isoformat(),
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+              "load_average_at_start": round(os.getloadavg()[0], 1),  # a shared machine runs it slower
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip()}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="servable-mutation-") as tmp:
         tree = Path(tmp)
         copy_tree(tree)
@@ -205,17 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             by = f": {res['killed_by']}" if res.get("killed_by") else ""
             print(f"{res['outcome']:9} {m.name} ({res['seconds']:.0f} s){by}", flush=True)
+            if not args.only:  # after each mutation: a run stopped part way keeps what it found
+                RESULT.write_text(json.dumps({
+                    **record, "complete": len(results) == len(chosen),
+                    "minutes": round((time.monotonic() - start) / 60, 1), "total": len(chosen),
+                    "killed": sum(r["outcome"] == "killed" for r in results), "results": results,
+                }, indent=1) + "\n")  # fmt: skip
     killed = sum(r["outcome"] == "killed" for r in results)
-    minutes = (time.monotonic() - start) / 60
-    print(f"{killed}/{len(results)} mutations killed by their cited tests in {minutes:.1f} min")
-    if not args.only:
-        RESULT.write_text(json.dumps({
-            "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
-            "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip(),
-            "minutes": round(minutes, 1), "killed": killed, "total": len(results), "results": results,
-        }, indent=1) + "\n")  # fmt: skip
+    print(f"{killed}/{len(results)} mutations killed by their cited tests in {(time.monotonic() - start) / 60:.1f} min")
     return 0 if killed == len(results) else 1
 
 
