@@ -88,8 +88,8 @@ def test_the_encoder_starts_from_the_pretrained_checkpoint_and_frozen_embeddings
 
 
 def test_the_pipelines_head_stage_leaves_the_encoder_as_pretrained(text_run):
-    """The pipeline's own stage 1 (`fine_tune` with no stage 2): every encoder tensor is still the
-    checkpoint's and the head trained."""
+    """The pipeline's own stage 1 (`fine_tune` with no stage 2): every tensor of the embeddings and the
+    transformer layers is still the checkpoint's, and the head (the pooler and the classifier) trained."""
     from servable.config import TextTrainConfig
     from training.text_pipeline import fine_tune
 
@@ -98,10 +98,11 @@ def test_the_pipelines_head_stage_leaves_the_encoder_as_pretrained(text_run):
     _, pretrained, _ = load_backbone(None, text_run.splits.labels, cfg.dropout)
     assert [h.stage for h in history] == ["head"]
     tuned = model.state_dict()
+    encoder = ("bert.embeddings.", "bert.encoder.")
     for k, v in pretrained.state_dict().items():
-        if k.startswith("bert."):
+        if k.startswith(encoder):
             assert torch.equal(tuned[k], v), k
-    assert any(not torch.equal(tuned[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("bert."))
+    assert any(not torch.equal(tuned[k], v) for k, v in pretrained.state_dict().items() if not k.startswith(encoder))
 
 
 def test_unfreezing_keeps_the_bottom_frozen(text_run):
