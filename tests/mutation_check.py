@@ -162,8 +162,9 @@ def run_one(m: Mutation, tree: Path, timeout_s: float) -> dict:
         target.write_text(original)
         if m.then:
             subprocess.run([sys.executable, *m.then], cwd=tree, env=env, check=True, capture_output=True, timeout=300)
-    # pytest: 1 = a test failed (killed); 0 = all passed (survived); anything else is not a verdict.
-    outcome = {0: "survived", 1: "killed"}.get(rc, "error")
+    # pytest: 1 = a test failed (killed); 0 = all passed (survived); a signal stopped it (interrupted);
+    # anything else (124: timed out, 2-5: pytest could not run the tests) is not a verdict either.
+    outcome = {0: "survived", 1: "killed"}.get(rc, "interrupted" if rc < 0 else "error")
     failed = [line.split()[1].split("[")[0] for line in lines if line.startswith("FAILED ")]
     return {"name": m.name, "outcome": outcome, "rc": rc, "seconds": round(time.monotonic() - start, 1),
             "killed_by": failed[0] if failed else None, "tail": lines[-3:]}  # fmt: skip
