@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt lock lock-torch data kubectl proofs-alone train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all setup apt lock lock-torch data kubectl proofs-alone mutation-check train-image train-text limited-data serve demo reliability config-docs test lint clean
 
 all: setup train-image train-text  ## the main job, end to end on the bundled defaults
 	@$(BIN)/python -m training.summary
@@ -102,6 +102,10 @@ test: setup lint  ## ruff + the whole pytest suite (real training, export, servi
 
 proofs-alone: setup  ## cited proofs of docs/deployment-answers.md, each in a pytest of its own (PROOFS_ARGS=--all: every one)
 	$(BIN)/python -m tests.proofs_alone $(PROOFS_ARGS)
+
+MUTATION_ARGS ?=
+mutation-check: setup  ## the plausible one-line breaks of cited claims, each against its cited tests (not in `make test`) -> docs/results/mutation-check.json
+	$(BIN)/python -m tests.mutation_check $(MUTATION_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

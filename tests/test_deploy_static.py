@@ -552,9 +552,28 @@ def test_k8s_manifests(k8s):
         assert env["SERVABLE_AUTH_KEYS_FILE"] == "/run/secrets/servable/api_keys"
         device = next(v for k, v in env.items() if k.endswith("_SERVE_DEVICE"))
         assert device == ("cuda" if variant == "gpu" else "cpu")
+    rules = yaml.safe_load((DEPLOY / "k8s" / "overlays" / "gpu" / "prometheus-adapter-rules.yaml").read_text())
+    budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
     for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
-        (metric,) = hpa["spec"]["metrics"]
-        assert metric["type"] == ("Pods" if variant == "gpu" else "Resource")
+        name, spec = hpa["metadata"]["name"], hpa["spec"]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        # Room to scale: above the replicas a disruption budget keeps, up to more than it starts with.
+        assert budgets[name]["minAvailable"] < spec["minReplicas"] < spec["maxReplicas"], (name, spec)
+        (metric,) = spec["metrics"]
+        if variant == "cpu":
+            assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+            assert 0 < metric["resource"]["target"]["averageUtilization"] < 100
+            continue
+        # GPU: a Pods metric that the Prometheus adapter serves, per pod, from the public endpoints' gauge.
+        assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+        served = [r for r in rules["rules"]["custom"] if r["name"]["as"] == metric["pods"]["metric"]["name"]]
+        assert len(served) == 1, (metric, rules)
+        (rule,) = served
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+        assert 'namespace!=""' in rule["seriesQuery"] and 'pod!=""' in rule["seriesQuery"]
+        assert re.match(rule["name"]["matches"], rule["seriesQuery"].split("{")[0])
+        for entry in SERVED_MODELS.values():
+            assert entry.service_name in rule["metricsQuery"] and entry.route in rule["metricsQuery"], entry.kind
 
 
 def test_every_served_model_is_wired_into_every_deployment_file():

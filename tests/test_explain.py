@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import io
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -262,6 +263,11 @@ def test_a_burst_of_explanations_gets_429_beyond_the_queue_while_predictions_kee
                           headers={**KEY, "content-type": "image/png"}, timeout=60)  # fmt: skip
         return r.status_code, r.headers.get("content-type", ""), r.json().get("reason")
 
+    def predicted_items() -> float:  # the rows the predict batcher ran, every worker together
+        text = requests.get(image_server.url + "/metrics", timeout=10).text
+        return sum(float(v) for v in re.findall(r"^servable_batch_size_sum(?:{[^}]*})? (\S+)$", text, re.M))
+
+    children_before, items_before = len(_explain_processes(image_server)), predicted_items()
     with cf.ThreadPoolExecutor(24) as pool:
         burst = pool.map(one_explain, range(24))
         predicts = []
@@ -274,6 +280,13 @@ def test_a_burst_of_explanations_gets_429_beyond_the_queue_while_predictions_kee
     assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
     assert all(ct.startswith("application/json") and reason == "explain_busy" for s, ct, reason in results if s == 429)
     assert predicts == [200] * 10
+    # The predictions' rows only, no explanation's. The same histogram counts the warm-up batches of each
+    # explain process started meanwhile (its own session, loaded and warmed up as a replica's).
+    from servable.config import ImageServeSettings
+
+    started = len(_explain_processes(image_server)) - children_before
+    warm_up = sum(ImageServeSettings.model_fields["warmup_batches"].default)
+    assert predicted_items() - items_before == 10 + started * warm_up, (started, warm_up)
 
 
 # ---------------------------------------------------------------- the explain queue and process
@@ -306,6 +319,33 @@ def test_explain_queue_bounds_concurrency_queue_and_wait():
         return outcomes, queue.running, queue.waiting
 
     assert asyncio.run(scenario()) == (["ran", "ran"], 0, 0)
+
+
+def test_an_explanation_past_its_deadline_stops_between_chunks(monkeypatch):
+    """The deadline holds while the rows are scored, not only while queued: the explain process stops at the
+    first chunk boundary past it (ExplainTimeout: the caller's 503 `explain_timeout`), its later rows unscored."""
+    from serving import explain_process
+
+    scored: list[int] = []
+
+    class SlowAdapter:
+        def explain_rows(self, parsed):
+            return list(range(8))
+
+        def run(self, session, chunk):
+            time.sleep(0.1)
+            scored.extend(chunk)
+            return np.zeros((len(chunk), 2), np.float32)
+
+        def explanation(self, parsed, values):
+            return {"rows": len(values)}
+
+    monkeypatch.setattr(explain_process, "_child", {"adapter": SlowAdapter(), "session": None, "step": 2})
+    assert explain_process._explain(None, time.monotonic() + 60) == {"rows": 8}  # in time: every row
+    scored.clear()
+    with pytest.raises(ExplainTimeout):
+        explain_process._explain(None, time.monotonic() + 0.15)
+    assert 0 < len(scored) < 8, scored  # the chunks begun in time, never the eight rows
 
 
 def _stat(path: str) -> dict | None:
@@ -474,10 +514,22 @@ def test_occlusion_helpers_are_exact_on_a_known_input():
 def test_training_runs_write_per_class_figures_and_a_gallery_of_explained_mistakes(image_run, text_run, tmp_path):
     import json
 
+    from training.metrics import classification_report, per_class_markdown
     from training.review import for_registered
 
+    # The figures are the predictions' own: class "b" predicted 3 times, right once (precision 1/3), its one
+    # item found (recall 1); class "a" predicted once, rightly (precision 1), 1 of its 3 items (recall 1/3).
+    hand = classification_report(np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1]), ["a", "b"])["per_class"]
+    assert hand == {
+        "a": {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": pytest.approx(0.5), "support": 3},
+        "b": {"precision": pytest.approx(1 / 3), "recall": 1.0, "f1": pytest.approx(0.5), "support": 1},
+    }
     for run in (image_run, text_run):
         assert Image.open(run.staging / "confusion.png").format == "PNG"  # the matrix with P/R/F1 beside it
+        test = json.loads((run.staging / "metrics.json").read_text())["test"]["fp32"]
+        assert set(test["per_class"]) == set(run.splits.labels)
+        assert sum(c["support"] for c in test["per_class"].values()) == test["n"]
+        assert test["macro_f1"] == pytest.approx(np.mean([c["f1"] for c in test["per_class"].values()]))
         entries = json.loads((run.staging / "gallery.json").read_text())
         assert entries and all(e["true"] != e["predicted"] for e in entries)  # mistakes only
         confidences = [e["confidence"] for e in entries]
@@ -494,6 +546,8 @@ def test_training_runs_write_per_class_figures_and_a_gallery_of_explained_mistak
     assert {"confusion.png", "per_class.md", "gallery.png", "gallery.json"} <= {
         p.name for p in (tmp_path / "image").iterdir()
     }
+    recorded = artifact.load(image_run.tag).manifest.metrics["test"]["fp32"]
+    assert (tmp_path / "image" / "per_class.md").read_text().strip() == per_class_markdown(recorded).strip()
 
 
 # ---------------------------------------------------------------- split topology: the explain lane

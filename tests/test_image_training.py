@@ -79,6 +79,20 @@ def test_frozen_stage_changes_head_only(image_run):
     assert any(not torch.equal(v, before_head[k]) for k, v in model.head.state_dict().items())
 
 
+def test_the_pipelines_head_stage_leaves_the_backbone_as_pretrained(image_run):
+    """The pipeline's own stage 1 (`fine_tune` with no stage 2): every backbone tensor, BatchNorm running
+    statistics included, is still ImageNet's, and the head trained."""
+    from training.image_pipeline import fine_tune
+
+    cfg = ImageTrainConfig(image_size=32, epochs_head=1, epochs_finetune=0, batch_size=32, progress=False)
+    model, history, _, _ = fine_tune(cfg, image_run.splits, image_run.preprocessing)
+    pretrained = ImageClassifier(len(image_run.splits.labels), dropout=cfg.dropout, pretrained=True)
+    assert [h.stage for h in history] == ["head"]
+    for k, v in pretrained.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    assert any(not torch.equal(v, pretrained.head.state_dict()[k]) for k, v in model.head.state_dict().items())
+
+
 @pytest.mark.parametrize(("clip_norm", "clipped"), [(1e-6, 1.0), (0.0, 0.0), (1e6, 0.0)])
 def test_gradient_norm_and_clipping_are_logged(clip_norm, clipped):
     """The pre-clipping global norm is measured whether or not clipping is on; the clipped share follows it."""
@@ -211,7 +225,14 @@ def test_artifact_round_trip(image_run):
     assert {"model.onnx", "model.int8.onnx", "metrics.json", "curves.png", "confusion.png"} <= set(man.files)
     assert man.files["model.onnx"].sha256 == artifact.sha256_file(art.onnx_path())
     assert man.provenance["counts"]["train"] == 400 and man.provenance["split_seed"] == 42
-    assert man.training_config["augment"] is True and "torch" in man.versions
+    assert "torch" in man.versions
+    # Every overfitting control (augmentation, dropout, weight decay, L1, clipping, schedule, averaging) is
+    # recorded with the value the run trained with: the fixture's own, else the default.
+    recorded, fields = man.training_config, ImageTrainConfig.model_fields
+    assert set(fields) == set(recorded) and ImageTrainConfig(**recorded).model_dump(mode="json") == recorded
+    controls = ("augment", "dropout", "weight_decay", "l1", "clip_norm", "warmup_fraction", "lr_head", "patience")
+    assert {k: recorded[k] for k in controls} == {k: fields[k].default for k in controls}
+    assert (recorded["lr_finetune"], recorded["average_last"], recorded["epochs_finetune"]) == (1e-3, 2, 2)
     assert man.metrics["test"]["fp32"]["accuracy"] == image_run.metrics["test"]["fp32"]["accuracy"]
     with pytest.raises(artifact.ArtifactError, match="no 'optimized'"):
         art.onnx_path("optimized")

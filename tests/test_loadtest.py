@@ -28,6 +28,11 @@ def test_slo_config_overrides_and_verdict(tmp_path):
     assert [(c.endpoint, c.metric) for c in failed] == [("text /sentiment", "fail_ratio")]
     assert slo.verdict_table(checks).startswith("SLO FAILED: text /sentiment fail_ratio 0.02 > 0.01")
     assert not [c for c in slo.evaluate([slo.EndpointStats(slo.TOTAL, 5, 0, 1, 1, 1)], cfg) if c.ok]  # too few
+    # Each percentile is a limit of its own: a p99 over its limit fails the run with p95 and failures within.
+    tail = cfg.for_endpoint("image /classify")
+    slow_tail = slo.EndpointStats("image /classify", 100, 0, 10, tail.p95_ms - 1, tail.p99_ms + 1)
+    failed = [(c.endpoint, c.metric) for c in slo.evaluate([slow_tail], cfg) if not c.ok]
+    assert failed == [("image /classify", "p99_ms")]
     slo.write_verdict(str(tmp_path / "run"), checks, stats)
     assert json.loads((tmp_path / "run_slo.json").read_text())["passed"] is False
 
@@ -85,7 +90,7 @@ def test_headless_locust_against_real_servers(image_server, text_server, image_r
 
 def test_run_command_against_running_services(image_server, text_server, tmp_path):
     """`python -m loadtest.run` (make loadtest-url) against two URLs: Locust runs, the SLO gate's verdict is
-    the exit code, the reports are written."""
+    the exit code (0 when met, 1 when missed), the reports are written."""
     inputs.export(tmp_path / "inputs", n_images=20, n_texts=40)
     cmd = [sys.executable, "-m", "loadtest.run", "--image-url", image_server.url, "--text-url", text_server.url,
            "--users", "2", "--duration", "6", "--results", str(tmp_path / "results"), "--name", "cmd",
@@ -96,6 +101,12 @@ def test_run_command_against_running_services(image_server, text_server, tmp_pat
     verdict = json.loads((tmp_path / "results" / "cmd_slo.json").read_text())
     assert verdict["passed"] is True and verdict["checks"]
     assert (tmp_path / "results" / "cmd.html").stat().st_size > 0
+    # The same run with a p99 no server meets: the verdict fails, and so does the command (exit 1).
+    cmd[cmd.index("cmd")] = "missed"
+    proc = subprocess.run(cmd, env={**env, "SERVABLE_SLO_P99_MS": "0.001"}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, start_new_session=True)  # fmt: skip
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads((tmp_path / "results" / "missed_slo.json").read_text())["passed"] is False
 
 
 def test_benchmark_code_paths_against_the_test_servers(image_server, text_server, image_run, text_run, tmp_path,

@@ -135,6 +135,41 @@ def test_audit_with_the_vulnerability_service_unreachable_fails_and_says_why(tmp
     assert supply_chain.main(["audit", "--out", str(tmp_path)]) != 0  # the command line too (`make audit`)
 
 
+# Run by pip-audit itself (a sitecustomize on its PYTHONPATH): PyPI answers every package of the lock with
+# no vulnerability but one, which it cannot find (as a package of a private index, or one withdrawn).
+# Only in pip-audit's own process: the pythons it starts (pip) import this file too.
+ONE_PACKAGE_NOT_FOUND = """
+import os
+import sys
+
+if os.path.basename(sys.argv[0]) == "pip-audit":
+    import pip_audit._service.pypi as pypi
+    from pip_audit._service.interface import SkippedDependency
+
+    def query(self, spec):
+        if spec.canonical_name == "pillow":
+            why = f"Dependency not found on PyPI and could not be audited: pillow ({spec.version})"
+            return SkippedDependency(name=spec.name, skip_reason=why), []
+        return spec, []
+
+    pypi.PyPIService.query = query
+"""
+
+
+def test_audit_fails_when_one_package_could_not_be_looked_up(tmp_path, monkeypatch, capsys):
+    """Fail-closed on a partial outage, not only a total one: every package answered but one, which the
+    service could not look up; the audit fails and names it (without `--strict`, pip-audit would skip it
+    and report the lock clean)."""
+    fake = tmp_path / "fake_service"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(ONE_PACKAGE_NOT_FOUND)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])))
+    rc = supply_chain.audit(tmp_path / "out")
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc != 0 and "FAILED" in verdict, verdict
+    assert "pillow" in verdict and "could not be audited" in verdict, verdict
+
+
 def test_audit_failure_reason_names_the_vulnerable_packages(tmp_path):
     report = tmp_path / "audit.json"
     report.write_text(json.dumps({"dependencies": [

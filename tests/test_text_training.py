@@ -87,6 +87,24 @@ def test_the_encoder_starts_from_the_pretrained_checkpoint_and_frozen_embeddings
             assert any(k.startswith("encoder.layer.") for k in set(checkpoint) - same)
 
 
+def test_the_pipelines_head_stage_leaves_the_encoder_as_pretrained(text_run):
+    """The pipeline's own stage 1 (`fine_tune` with no stage 2): every tensor of the embeddings and the
+    transformer layers is still the checkpoint's, and the head (the pooler and the classifier) trained."""
+    from servable.config import TextTrainConfig
+    from training.text_pipeline import fine_tune
+
+    cfg = TextTrainConfig(max_length=48, epochs_head=1, epochs_finetune=0, batch_size=32, progress=False)
+    _, model, history, _, _, _ = fine_tune(cfg, text_run.splits)
+    _, pretrained, _ = load_backbone(None, text_run.splits.labels, cfg.dropout)
+    assert [h.stage for h in history] == ["head"]
+    tuned = model.state_dict()
+    encoder = ("bert.embeddings.", "bert.encoder.")
+    for k, v in pretrained.state_dict().items():
+        if k.startswith(encoder):
+            assert torch.equal(tuned[k], v), k
+    assert any(not torch.equal(tuned[k], v) for k, v in pretrained.state_dict().items() if not k.startswith(encoder))
+
+
 def test_unfreezing_keeps_the_bottom_frozen(text_run):
     """The run's default keeps the embeddings pretrained; layers above and the head were trained."""
     _, pretrained, _ = load_backbone(None, text_run.splits.labels, 0.1)
