@@ -55,6 +55,12 @@ class TrainCommon(BaseSettings):
         "kept only if it beats every single epoch on validation. 0 or 1 = off.",
     )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of training data held for validation.")
+    calibrate: bool = Field(
+        True, description="Fit a softmax temperature on the validation split and store it (serving applies it)."
+    )
+    abstain_coverage: float = Field(
+        0.8, gt=0, le=1, description="The abstention threshold keeps this share of validation answers above it."
+    )
     limit: int | None = Field(None, ge=10, description="Use at most this many training examples.")
     test_limit: int | None = Field(None, ge=10, description="Evaluate on at most this many test examples.")
     quantize: bool = Field(True, description="Also produce and measure an int8 ONNX model.")

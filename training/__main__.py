@@ -1,4 +1,5 @@
-"""`python -m training <kind>|limited-data|gallery|card|document [--flags]`; every flag is also an env variable.
+"""`python -m training <kind>|limited-data|gallery|card|calibration|document [--flags]`; every flag is also an
+env variable.
 
 One training subcommand per entry of training/tasks.py::TASKS (`image`, `text`), with its settings as flags.
 """
@@ -78,6 +79,27 @@ class CardCommand(BaseSettings):
             print(f"wrote {self.out}")
 
 
+class CalibrationCommand(BaseSettings):
+    """Calibration of a registered model, in and out of domain: expected calibration error, reliability
+    diagrams and selective accuracy, before and after a temperature fitted on its validation split (no
+    retraining); writes <name>.json, .png and .md to --out."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True)
+
+    model_tag: str = Field(description="Model-store tag, e.g. sentiment-bert:latest.")
+    out: Path = Field(Path("docs/results/calibration"), description="Folder for the report and the diagram.")
+    coverage: float = Field(0.8, gt=0, le=1, description="Share of answers kept above the abstention threshold.")
+    machine: str | None = Field(None, description="The machine it ran on, as the docs name it; default: this one.")
+
+    def cli_cmd(self) -> None:
+        from servable.machine import describe_machine
+        from training.calibration import for_registered, markdown_table
+
+        report = for_registered(self.model_tag, self.out, self.coverage, self.machine or describe_machine())
+        print(f"{report['model']}: temperature {report['temperature']:g}, abstain below {report['abstain_below']:.3f}")
+        print(markdown_table(report))
+
+
 class DocumentCommand(BaseSettings):
     """Make a registered default run the documented one that the release gate holds later runs to: its
     figures, recipe and data counts go into docs/results/training/documented.json; prints the gate table
@@ -113,6 +135,7 @@ SUBCOMMANDS: dict[str, Any] = {kind: (CliSubCommand[train_command(task)], ...) f
     "limited_data": (CliSubCommand[LimitedDataCommand], ...),
     "gallery": (CliSubCommand[GalleryCommand], ...),
     "card": (CliSubCommand[CardCommand], ...),
+    "calibration": (CliSubCommand[CalibrationCommand], ...),
     "document": (CliSubCommand[DocumentCommand], ...),
 }
 Train = create_model("Train", __base__=TrainBase, **SUBCOMMANDS)

@@ -14,7 +14,8 @@ from servable.artifact import Artifact, ModelManifest
 from servable.config import TextTrainConfig
 from servable.explain import probabilities
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
-from training import onnx_tools
+from training import calibration, onnx_tools
+from training.calibration import LabelledLogits
 from training.data_text import TextSplits, load_bundled, load_user_file
 from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
@@ -202,15 +203,17 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     metrics, prep = export_and_measure(cfg, model, tokenizer, splits, staging)
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
+    session, tok = onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep)
+    cal = calibration.calibrate(cfg, calibration_sets(splits, session, tok, prep), metrics, staging)
     write_outputs(staging, history, np.array([lab for _, lab in splits.test]), preds["fp32"], splits.labels, metrics)
-    text_gallery(onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep),
-                 prep, splits.test, probabilities(logits), splits.labels, staging)  # fmt: skip
+    text_gallery(session, tok, prep, splits.test, probabilities(logits), splits.labels, staging)
     splits.provenance["backbone"] = source
     manifest = ModelManifest(
         name=cfg.name, version=version, task="text-classification", labels=splits.labels,
         onnx={k: "model.onnx" if k == "fp32" else f"model.{k}.onnx" for k in metrics["test"]},
         text_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
         provenance=splits.provenance, versions={"transformers": __import__("transformers").__version__},
+        calibration=cal,
     )  # fmt: skip
     # PyTorch weights beside the artifact (serving is torch-free); the benchmark's eager peer loads them.
     model.save_pretrained(staging.parent / "pytorch_model")
@@ -220,6 +223,25 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     for line in domain_table({v: r["by_domain"] for v, r in metrics["test"].items()}):
         tqdm.write(line)
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
+
+
+def calibration_sets(splits: TextSplits, session, tok, prep: TextPreprocessing) -> dict[str, LabelledLogits]:
+    """Validation, in-domain test and (bundled data) each held-out domain's test texts, scored by `session`."""
+
+    def scored(rows, in_domain: bool) -> LabelledLogits:
+        return LabelledLogits(onnx_predict(session, tok, rows, prep), np.array([y for _, y in rows]), in_domain)
+
+    sets = {"validation": scored(splits.val, True), "test": scored(splits.test, True)}
+    for domain in dict.fromkeys(splits.domains.get("ood_test", [])):
+        rows = [r for r, d in zip(splits.ood_test, splits.domains["ood_test"], strict=True) if d == domain]
+        sets[f"{domain} (held out)"] = scored(rows, False)
+    return sets
+
+
+def registered_calibration_sets(cfg: TextTrainConfig, art: Artifact, session) -> dict:
+    """A registered model's calibration sets, its splits rebuilt from its recorded config."""
+    prep = art.manifest.text_preprocessing
+    return calibration_sets(load_splits(cfg), session, load_tokenizer(art.file(prep.tokenizer_file), prep), prep)
 
 
 def review_test_split(
