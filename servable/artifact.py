@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from servable.explain import Occlusion
 from servable.preprocessing import ImagePreprocessing, TextPreprocessing
 
 MANIFEST = "manifest.json"
@@ -61,6 +62,9 @@ class ModelManifest(BaseModel):
     training_config: dict[str, Any]
     metrics: dict[str, Any]
     calibration: Calibration | None = Field(None, description="None (older artifacts): temperature 1, no threshold")
+    occlusion: Occlusion | None = Field(
+        None, description="What a masked patch or word is in explanations; None (older artifacts): image mean, word cut"
+    )
     provenance: dict[str, Any]
     versions: dict[str, str]
     files: dict[str, FileEntry] = Field(default_factory=dict, description="every file -> sha256, size")

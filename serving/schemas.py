@@ -176,7 +176,7 @@ class WordScore(BaseModel):
     word: str
     start: int = Field(description="Character offset of the word in the text")
     end: int
-    score: float = Field(description="Drop of the class's probability without this word")
+    score: float = Field(description="Drop of the class's probability with this word masked")
 
 
 class TextExplanation(BaseModel):

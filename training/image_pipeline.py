@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from servable.artifact import Artifact, ModelManifest
 from servable.config import ImageTrainConfig
-from servable.explain import probabilities
+from servable.explain import Occlusion, background_fill, normalised_fill, probabilities
 from servable.preprocessing import ImagePreprocessing, normalize, to_model_pixels
 from training import calibration, onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
@@ -192,13 +192,14 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
     fp32 = onnx_tools.cpu_session(staging / "model.onnx")
     cal = calibration.calibrate(cfg, calibration_sets(splits, fp32, prep), metrics, staging)
     write_outputs(staging, history, splits.test_y, preds["fp32"], splits.labels, metrics)
-    image_gallery(fp32, prep, splits.test_x, splits.test_y,
-                  probabilities(logits), splits.labels, staging)  # fmt: skip
+    occlusion = Occlusion(pixel_fill=background_fill(splits.train_x))  # what "nothing here" looks like to it
+    image_gallery(fp32, prep, splits.test_x, splits.test_y, probabilities(logits), splits.labels, staging,
+                  occlusion=occlusion)  # fmt: skip
     manifest = ModelManifest(
         name=cfg.name, version=version, task="image-classification", labels=splits.labels,
         onnx={k: f"model.{k}.onnx" if k != "fp32" else "model.onnx" for k in metrics["test"]},
         image_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
-        provenance=splits.provenance, versions={}, calibration=cal,
+        provenance=splits.provenance, versions={}, calibration=cal, occlusion=occlusion,
     )  # fmt: skip
     # The PyTorch weights stay beside the artifact (not in it: serving is torch-free); the
     # benchmark's PyTorch-eager peer loads them.
@@ -258,6 +259,33 @@ def registered_calibration_sets(cfg: ImageTrainConfig, art: Artifact, session) -
     return calibration_sets(load_splits(cfg, prep), session, prep)
 
 
+def faithfulness_sample(cfg: ImageTrainConfig, art: Artifact, session, n: int):
+    """`n` test images drawn with the run's seed, the served probabilities (the stored temperature applied),
+    and the notions of absence to compare: the model's (the training images' background) and the older one
+    (the image's mean), each at the served explanations' default grid (training/faithfulness.py)."""
+    from servable.config import ImageServeSettings
+    from training.faithfulness import GridParts
+
+    m, prep = art.manifest, art.manifest.image_preprocessing
+    splits = load_splits(cfg, prep)
+    pick = np.random.default_rng(cfg.seed).choice(len(splits.test_x), min(n, len(splits.test_x)), replace=False)
+    t = m.calibration.temperature if m.calibration else 1.0
+
+    def score(rows: list) -> np.ndarray:
+        x = np.stack(rows)
+        return probabilities(np.concatenate([session.run(["logits"], {prep.input_name: x[i : i + 256]})[0]
+                                             for i in range(0, len(x), 256)]) / t)  # fmt: skip
+
+    occlusion = m.occlusion or Occlusion(pixel_fill=background_fill(splits.train_x))
+    fill, grid = (
+        normalised_fill(occlusion, prep.mean, prep.std),
+        ImageServeSettings.model_fields["explain_grid"].default,
+    )
+    absences = {f"background {occlusion.pixel_fill}": lambda x: GridParts(x, grid, fill),
+                "image mean (older)": lambda x: GridParts(x, grid, None)}  # fmt: skip
+    return list(normalize(splits.test_x[pick], prep)), score, absences
+
+
 def review_test_split(
     cfg: ImageTrainConfig, art: Artifact, session, out: Path, n: int
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -266,5 +294,6 @@ def review_test_split(
     m = art.manifest
     splits = load_splits(cfg, m.image_preprocessing)
     probs = probabilities(onnx_predict(session, splits.test_x, m.image_preprocessing))
-    entries = image_gallery(session, m.image_preprocessing, splits.test_x, splits.test_y, probs, m.labels, out, n=n)
+    entries = image_gallery(session, m.image_preprocessing, splits.test_x, splits.test_y, probs, m.labels, out, n=n,
+                            occlusion=m.occlusion)  # fmt: skip
     return splits.test_y, probs, entries

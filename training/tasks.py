@@ -44,6 +44,7 @@ class TrainableTask(ABC):
     train_entry: str  # f(cfg) -> the run: train, export, gate and register
     review_entry: str  # f(cfg, art, session, out, n) -> (true labels, probabilities, gallery entries)
     calibration_entry: str  # f(cfg, art, session) -> {set name: LabelledLogits}, "validation" first
+    faithfulness_entry: str  # f(cfg, art, session, n) -> (inputs, score(inputs) -> probs, {absence: Parts maker})
 
     @property
     def default_name(self) -> str:
@@ -68,6 +69,11 @@ class TrainableTask(ABC):
         """The validation split, the test split and the out-of-domain sets the task has, rebuilt from `cfg`
         and scored by `session` (training/calibration.py)."""
         return _entry(self.calibration_entry)(cfg, art, session)
+
+    def faithfulness_sample(self, cfg: TrainCommon, art: Artifact, session: Any, n: int) -> tuple:
+        """`n` held-out inputs, the served probabilities of a list of inputs, and the notions of absence to
+        compare, each a maker of the input's `Parts` (training/faithfulness.py)."""
+        return _entry(self.faithfulness_entry)(cfg, art, session, n)
 
     # The model card's model-specific wording (training/model_card.py writes the rest).
 
@@ -169,6 +175,7 @@ TASKS: dict[str, TrainableTask] = {
             train_entry="training.image_pipeline:train_image",
             review_entry="training.image_pipeline:review_test_split",
             calibration_entry="training.image_pipeline:registered_calibration_sets",
+            faithfulness_entry="training.image_pipeline:faithfulness_sample",
         ),
         TextTask(
             kind="text",
@@ -179,6 +186,7 @@ TASKS: dict[str, TrainableTask] = {
             train_entry="training.text_pipeline:train_text",
             review_entry="training.text_pipeline:review_test_split",
             calibration_entry="training.text_pipeline:registered_calibration_sets",
+            faithfulness_entry="training.text_pipeline:faithfulness_sample",
         ),
     )
 }
