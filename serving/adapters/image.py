@@ -82,7 +82,8 @@ class ImageAdapter(Adapter, Explains):
         summary="Classify Explain",
         doc="Why the model answered, for one image: occlusion sensitivity from the served model (no gradients). "
         "`heatmap[i][j]` is how much the class's probability drops when patch (i, j) of a grid x grid "
-        "partition is masked with the image's mean colour: positive = the patch supports the class. "
+        "partition is masked with the model's background (its training images'; the image's mean colour for "
+        "an artifact without one): positive = the patch supports the class. "
         "`overlay=true` adds the heatmap over the image as a PNG (base64), at the image's size.",
         response_model=schemas.ImageExplainResponse,
     )
