@@ -151,15 +151,17 @@ def plot_reliability(report: dict, title: str, path: Path) -> None:
 def markdown_table(report: dict) -> str:
     """The report's figures as a table for docs and the model card."""
     cov = round(100 * report["coverage_target"])
-    lines = [f"| set | n | accuracy | ECE raw | ECE at T={report['temperature']:g} | selective accuracy at {cov} % "
-             "| share below threshold |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| set | in domain | n | accuracy | ECE raw | ECE at T={report['temperature']:g} | selective accuracy at "
+             f"{cov} % | share below threshold |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in report["sets"].items():
+        where = "yes" if s["in_domain"] else "no"
         if "ece" in s:
-            lines.append(f"| {name} | {s['n']} | {s['accuracy']:.3f} | {s['ece']['raw']:.3f} | "
+            lines.append(f"| {name} | {where} | {s['n']} | {s['accuracy']:.3f} | {s['ece']['raw']:.3f} | "
                          f"{s['ece']['calibrated']:.3f} | {s[f'selective_accuracy_at_{cov}pct']:.3f} | "
                          f"{s['below_threshold_share']:.2f} |")  # fmt: skip
         else:
-            lines.append(f"| {name} (no right answer) | {s['n']} | – | – | – | – | {s['below_threshold_share']:.2f} |")
+            lines.append(f"| {name} (no right answer) | {where} | {s['n']} | – | – | – | – | "
+                         f"{s['below_threshold_share']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -171,7 +171,7 @@ def _calibration(m: ModelManifest) -> str:
     if report:
         lines += ["", "Expected calibration error (ECE, 15 bins) before and after the temperature, selective accuracy "
                   "(the most confident share of answers), and the share of answers below the threshold, per set "
-                  "(sets marked out of domain are unlike the training data); the reliability diagram is "
+                  "(out of domain: unlike the training data); the reliability diagram is "
                   "`calibration.png` in the artifact:", "", markdown_table(report)]  # fmt: skip
     return "\n".join(lines)
 
