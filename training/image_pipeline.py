@@ -190,7 +190,7 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
     fp32 = onnx_tools.cpu_session(staging / "model.onnx")
-    cal = calibration.calibrate(cfg, calibration_sets(splits, fp32, prep), metrics, staging)
+    cal = calibration.calibrate(cfg, calibration_sets(splits, fp32, prep, logits), metrics, staging)
     write_outputs(staging, history, splits.test_y, preds["fp32"], splits.labels, metrics)
     occlusion = Occlusion(pixel_fill=background_fill(splits.train_x))  # what "nothing here" looks like to it
     image_gallery(fp32, prep, splits.test_x, splits.test_y, probabilities(logits), splits.labels, staging,
@@ -236,11 +236,16 @@ def digits(prep: ImagePreprocessing) -> np.ndarray:
     return np.stack([to_model_pixels(Image.fromarray(img), prep) for img in images])
 
 
-def calibration_sets(splits: ImageSplits, session, prep: ImagePreprocessing) -> dict[str, calibration.LabelledLogits]:
-    """Validation, test, the test images rotated and noisy, and (grey-level models) digits, scored by `session`."""
+def calibration_sets(
+    splits: ImageSplits, session, prep: ImagePreprocessing, test_logits: np.ndarray | None = None
+) -> dict[str, calibration.LabelledLogits]:
+    """Validation, test (`test_logits` where the run has them), the test images rotated and noisy, and
+    (grey-level models) digits, scored by `session`."""
     sets = {
         "validation": calibration.LabelledLogits(onnx_predict(session, splits.val_x, prep), splits.val_y, True),
-        "test": calibration.LabelledLogits(onnx_predict(session, splits.test_x, prep), splits.test_y, True),
+        "test": calibration.LabelledLogits(
+            onnx_predict(session, splits.test_x, prep) if test_logits is None else test_logits, splits.test_y, True
+        ),
         f"test rotated ±{SHIFT_DEGREES}°": calibration.LabelledLogits(
             onnx_predict(session, rotated(splits.test_x), prep), splits.test_y, False
         ),

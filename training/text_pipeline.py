@@ -204,7 +204,7 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
     session, tok = onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep)
-    cal = calibration.calibrate(cfg, calibration_sets(splits, session, tok, prep), metrics, staging)
+    cal = calibration.calibrate(cfg, calibration_sets(splits, session, tok, prep, logits), metrics, staging)
     write_outputs(staging, history, np.array([lab for _, lab in splits.test]), preds["fp32"], splits.labels, metrics)
     # a masked word is the tokenizer's mask token: a word-shaped gap, not a shorter sentence
     occlusion = Occlusion(token=tokenizer.mask_token or tokenizer.unk_token)
@@ -227,13 +227,21 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
 
 
-def calibration_sets(splits: TextSplits, session, tok, prep: TextPreprocessing) -> dict[str, LabelledLogits]:
-    """Validation, in-domain test and (bundled data) each held-out domain's test texts, scored by `session`."""
+def calibration_sets(
+    splits: TextSplits, session, tok, prep: TextPreprocessing, test_logits: np.ndarray | None = None
+) -> dict[str, LabelledLogits]:
+    """Validation, in-domain test (`test_logits` where the run has them) and (bundled data) each held-out
+    domain's test texts, scored by `session`."""
 
     def scored(rows, in_domain: bool) -> LabelledLogits:
         return LabelledLogits(onnx_predict(session, tok, rows, prep), np.array([y for _, y in rows]), in_domain)
 
-    sets = {"validation": scored(splits.val, True), "test": scored(splits.test, True)}
+    sets = {"validation": scored(splits.val, True)}
+    sets["test"] = (
+        scored(splits.test, True)
+        if test_logits is None
+        else LabelledLogits(test_logits, np.array([y for _, y in splits.test]), True)
+    )
     for domain in dict.fromkeys(splits.domains.get("ood_test", [])):
         rows = [r for r, d in zip(splits.ood_test, splits.domains["ood_test"], strict=True) if d == domain]
         sets[f"{domain} (held out)"] = scored(rows, False)
