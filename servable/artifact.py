@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from servable.explain import Occlusion
 from servable.preprocessing import ImagePreprocessing, TextPreprocessing
 
 MANIFEST = "manifest.json"
@@ -27,6 +28,20 @@ SCHEMA_VERSION = 1
 class FileEntry(BaseModel):
     sha256: str
     bytes: int
+
+
+class Calibration(BaseModel):
+    """How far to trust a classifier's probabilities: the temperature that divides its logits before the
+    softmax (fitted on the validation split, training/calibration.py) and the abstention threshold, the
+    calibrated top-1 probability below which an answer is flagged as unsure."""
+
+    temperature: float = Field(1.0, gt=0, description="logits / temperature before the softmax; 1 = as trained")
+    abstain_below: float | None = Field(
+        None, ge=0, le=1, description="answers with a lower top-1 probability carry below_threshold: true"
+    )
+    coverage: float | None = Field(None, description="share of validation answers at or above the threshold")
+    fitted_on: str = Field("validation", description="the split both were fitted on")
+    n: int = Field(0, ge=0, description="examples in that split")
 
 
 class ModelManifest(BaseModel):
@@ -46,6 +61,10 @@ class ModelManifest(BaseModel):
     )
     training_config: dict[str, Any]
     metrics: dict[str, Any]
+    calibration: Calibration | None = Field(None, description="None (older artifacts): temperature 1, no threshold")
+    occlusion: Occlusion | None = Field(
+        None, description="What a masked patch or word is in explanations; None (older artifacts): image mean, word cut"
+    )
     provenance: dict[str, Any]
     versions: dict[str, str]
     files: dict[str, FileEntry] = Field(default_factory=dict, description="every file -> sha256, size")

@@ -47,7 +47,12 @@ class TrainCommon(BaseSettings):
     monitor: Literal["val_loss", "val_acc"] = Field(
         "val_loss", description="Early stopping and best-weights restore watch this validation metric."
     )
-    clip_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 = off.")
+    clip_norm: float = Field(
+        1.0,
+        ge=0,
+        description="Gradient clipping by global norm; 0 = off. A clean run's measured norms give a threshold that "
+        "acts only as a safety net (python -m training clip-threshold; docs/training.md).",
+    )
     average_last: int = Field(
         0,
         ge=0,
@@ -55,6 +60,12 @@ class TrainCommon(BaseSettings):
         "kept only if it beats every single epoch on validation. 0 or 1 = off.",
     )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of training data held for validation.")
+    calibrate: bool = Field(
+        True, description="Fit a softmax temperature on the validation split and store it (serving applies it)."
+    )
+    abstain_coverage: float = Field(
+        0.8, gt=0, le=1, description="The abstention threshold keeps this share of validation answers above it."
+    )
     limit: int | None = Field(None, ge=10, description="Use at most this many training examples.")
     test_limit: int | None = Field(None, ge=10, description="Evaluate on at most this many test examples.")
     quantize: bool = Field(True, description="Also produce and measure an int8 ONNX model.")

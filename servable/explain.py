@@ -3,8 +3,13 @@
 Shared by serving (`/classify/explain`, `/sentiment/explain`) and training's gallery of mistakes:
 the same artifact, any backbone, no gradients. Each explanation is one batch of perturbed
 inputs whose first row is the unperturbed input; the score of a region (or word) is how much the
-target class's probability drops when that region is masked (that word is removed):
+target class's probability drops when that region is masked (that word is masked):
 positive = it supported the target class, negative = it spoke against it.
+
+What "masked" means is the model's, chosen at training from its training data and stored in its
+manifest (`Occlusion`): a patch takes the training images' background value (black for Fashion-MNIST:
+a masked patch shows nothing rather than a grey shape), a word becomes the tokenizer's mask token.
+An artifact without it keeps the older choice: the image's own mean, the word cut out.
 """
 
 from __future__ import annotations
@@ -15,11 +20,39 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, Field
 
 WORD = re.compile(r"\S+")
 
 
+class Occlusion(BaseModel):
+    """What an absent part of the input is, for this model (the manifest's `occlusion`)."""
+
+    pixel_fill: list[float] | None = Field(
+        None, description="image models: per channel, 0-255, the training images' background (their border's median)"
+    )
+    token: str | None = Field(None, description="text models: a masked word becomes this token (None: cut out)")
+
+
 # ---------------------------------------------------------------- images
+
+
+def background_fill(images: np.ndarray) -> list[float]:
+    """Per channel, the median of the outermost pixels of uint8 (N, H, W, C) images: their background."""
+    c = images.shape[-1]
+    border = [images[:, 0].reshape(-1, c), images[:, -1].reshape(-1, c), images[:, :, 0].reshape(-1, c),
+              images[:, :, -1].reshape(-1, c)]  # fmt: skip
+    return [float(v) for v in np.median(np.concatenate(border), axis=0)]
+
+
+def normalised_fill(occlusion: Occlusion | None, mean: list[float], std: list[float]) -> np.ndarray | None:
+    """The pixel fill in the model's input units, (C, 1, 1); None without one."""
+    if occlusion is None or occlusion.pixel_fill is None:
+        return None
+    fill = (np.asarray(occlusion.pixel_fill, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )
+    return fill.reshape(-1, 1, 1)
 
 
 def grid_edges(size: int, grid: int) -> np.ndarray:
@@ -27,11 +60,13 @@ def grid_edges(size: int, grid: int) -> np.ndarray:
     return np.round(np.linspace(0, size, grid + 1)).astype(int)
 
 
-def occluded_images(pixels: np.ndarray, grid: int) -> np.ndarray:
-    """(1 + grid², C, H, W): the input, then one copy per grid cell with that cell filled with the
-    image's per-channel mean (a neutral value of this image, so masking adds no new edge colour)."""
+def occluded_images(pixels: np.ndarray, grid: int, fill: np.ndarray | None = None) -> np.ndarray:
+    """(1 + grid², C, H, W): the input, then one copy per grid cell with that cell filled with `fill`
+    ((C, 1, 1), normalised: the model's background, `normalised_fill`) or, without one, the image's
+    per-channel mean."""
     _, h, w = pixels.shape
-    fill = pixels.mean(axis=(1, 2), keepdims=True)
+    if fill is None:
+        fill = pixels.mean(axis=(1, 2), keepdims=True)
     ys, xs = grid_edges(h, grid), grid_edges(w, grid)
     batch = np.repeat(pixels[None], 1 + grid * grid, axis=0)
     for i in range(grid):
@@ -100,12 +135,20 @@ def words(text: str) -> list[Word]:
     return [Word(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
 
 
-def texts_without_each_word(text: str, found: list[Word]) -> list[str]:
-    """The text, then one copy per word with that word removed (its span cut out)."""
-    out = [text]
-    for w in found:
-        out.append((text[: w.start] + text[w.end :]).strip() or " ")
-    return out
+def masked_text(text: str, found: list[Word], token: str | None) -> str:
+    """The text with the words `found` masked: each replaced by `token`, or cut out without one."""
+    if token is None:
+        for w in reversed(found):
+            text = text[: w.start] + text[w.end :]
+        return text.strip() or " "
+    for w in reversed(found):
+        text = text[: w.start] + token + text[w.end :]
+    return text
+
+
+def texts_without_each_word(text: str, found: list[Word], token: str | None = None) -> list[str]:
+    """The text, then one copy per word with that word masked (replaced by `token`, or cut out)."""
+    return [text, *(masked_text(text, [w], token) for w in found)]
 
 
 def word_scores(probs: np.ndarray, target: int, log_odds: bool = False) -> np.ndarray:

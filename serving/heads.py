@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from servable.artifact import Calibration
 from serving import metrics
 from serving.io_spec import BATCH, Option, Tensor
 
@@ -62,26 +63,44 @@ class Head(ABC):
         """A one-word answer of one row (the feedback queue's `predicted_label`)."""
         return ""
 
+    def calibrate(self, calibration: Calibration | None) -> None:
+        """Take the artifact's calibration (None: an artifact without one); a head without probabilities
+        ignores it."""
+        return None
+
     def info(self) -> dict[str, Any]:
         return {"head": type(self).__name__}
 
 
 class ClassifierHead(Head):
-    """Softmax over the labels; the answer's label, probability and top-k or scores; V2 `probabilities`
-    and `label`; predictions counted by label and their top-1 probability observed."""
+    """Softmax over the labels of the logits divided by the artifact's temperature; the answer's label,
+    probability, top-k or scores, and whether it is below the abstention threshold; V2 `probabilities`,
+    `label` and `below_threshold`; predictions counted by label and their top-1 probability observed."""
 
     def __init__(self, labels: list[str], default_top_k: int = 3, scores: bool = False) -> None:
         super().__init__(labels)
         self.default_top_k, self.scores = default_top_k, scores
+        self.calibration = Calibration()  # temperature 1, no threshold: what an uncalibrated artifact serves
+
+    def calibrate(self, calibration: Calibration | None) -> None:
+        self.calibration = calibration or Calibration()
 
     def finish(self, raw: np.ndarray) -> np.ndarray:
-        return softmax(raw)
+        t = self.calibration.temperature
+        return softmax(raw if t == 1.0 else raw / np.float32(t))
+
+    def below_threshold(self, values: np.ndarray) -> np.ndarray:
+        """Per row, whether the top-1 probability is under the abstention threshold (never, without one)."""
+        threshold = self.calibration.abstain_below
+        return np.zeros(len(values), bool) if threshold is None else values.max(1) < threshold
 
     def outputs(self) -> list[Tensor]:
-        return [Tensor("probabilities", "FP32", (BATCH, len(self.labels))), Tensor("label", "BYTES", (BATCH,))]
+        return [Tensor("probabilities", "FP32", (BATCH, len(self.labels))), Tensor("label", "BYTES", (BATCH,)),
+                Tensor("below_threshold", "BOOL", (BATCH,))]  # fmt: skip
 
     def output_data(self, values: np.ndarray) -> dict[str, np.ndarray | list[str]]:
-        return {"probabilities": values, "label": [self.labels[i] for i in values.argmax(1)]}
+        return {"probabilities": values, "label": [self.labels[i] for i in values.argmax(1)],
+                "below_threshold": self.below_threshold(values)}  # fmt: skip
 
     def options(self) -> list[Option]:
         if self.scores:  # every label's score is in the answer: no top-k to choose
@@ -100,15 +119,15 @@ class ClassifierHead(Head):
         ]
 
     def encode(self, values: np.ndarray, options: dict[str, Any]) -> list[dict]:
-        labels = self.labels
+        labels, below = self.labels, self.below_threshold(values).tolist()
         if self.scores:
-            return [{"label": labels[int(p.argmax())], "probability": round(float(p.max()), 6),
+            return [{"label": labels[int(p.argmax())], "probability": round(float(p.max()), 6), "below_threshold": b,
                      "scores": {lab: round(float(v), 6) for lab, v in zip(labels, p, strict=True)}}
-                    for p in values]  # fmt: skip
+                    for p, b in zip(values, below, strict=True)]  # fmt: skip
         order = np.argsort(-values, axis=1)[:, : options.get("top_k", self.default_top_k)]
-        return [{"label": labels[row[0]], "probability": round(float(p[row[0]]), 6),
+        return [{"label": labels[row[0]], "probability": round(float(p[row[0]]), 6), "below_threshold": b,
                  "top_k": [{"label": labels[j], "probability": round(float(p[j]), 6)} for j in row]}
-                for row, p in zip(order, values, strict=True)]  # fmt: skip
+                for row, p, b in zip(order, values, below, strict=True)]  # fmt: skip
 
     def observe(self, model: str, values: np.ndarray) -> None:
         top = values.argmax(1)
@@ -121,6 +140,11 @@ class ClassifierHead(Head):
 
     def summary(self, row: np.ndarray) -> str:
         return self.labels[int(row.argmax())]
+
+    def info(self) -> dict[str, Any]:
+        c = self.calibration
+        return {**super().info(), "calibration": {"temperature": c.temperature, "abstain_below": c.abstain_below,
+                                                  "fitted_on": c.fitted_on if c.n else None}}  # fmt: skip
 
 
 class RegressorHead(Head):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from serving.errors import ClientError
 
-Datatype = Literal["FP32", "BYTES"]
+Datatype = Literal["FP32", "BYTES", "BOOL"]  # BOOL: outputs only
 BATCH = -1  # the one variable dimension, always the first
 # An integer option's value has at most 18 digits (JSON or text): 1e308 or 10**400 is a 422, never clipped,
 # never a 10**6-digit int() on the event loop. ASCII digits only: int() refuses "²" though str.isdigit() says yes.

@@ -23,7 +23,14 @@ class ScoredLabel(BaseModel):
     probability: float
 
 
-class ImagePrediction(ScoredLabel):
+class Answer(ScoredLabel):
+    below_threshold: bool = Field(
+        description="The probability (calibrated by the model's temperature) is below the model's abstention "
+        "threshold: treat the answer as unsure (always false for a model without a threshold; /info shows it)"
+    )
+
+
+class ImagePrediction(Answer):
     top_k: list[ScoredLabel]
 
 
@@ -33,7 +40,7 @@ class ClassifyResponse(BaseModel):
     predictions: list[ImagePrediction]
 
 
-class TextPrediction(ScoredLabel):
+class TextPrediction(Answer):
     scores: dict[str, float]
 
 
@@ -169,7 +176,7 @@ class WordScore(BaseModel):
     word: str
     start: int = Field(description="Character offset of the word in the text")
     end: int
-    score: float = Field(description="Drop of the class's probability without this word")
+    score: float = Field(description="Drop of the class's probability with this word masked")
 
 
 class TextExplanation(BaseModel):

@@ -252,12 +252,16 @@ def requested_outputs(body: dict, outputs: tuple[str, ...]) -> dict[str, bool]:
 
 
 def response(manifest, outputs: dict[str, np.ndarray | list[str]], req: InferRequest) -> Response:
-    """The infer answer from the head's output data (FP32 arrays or lists of strings): JSON, or the JSON
+    """The infer answer from the head's output data (FP32 or bool arrays, or lists of strings): JSON, or the JSON
     header followed by the outputs asked for as binary."""
     tensors, blobs = [], []
     for name, binary in req.outputs.items():
         data = outputs[name]
-        if isinstance(data, np.ndarray):
+        if isinstance(data, np.ndarray) and data.dtype == np.bool_:  # one byte per element, as the protocol says
+            out = {"name": name, "datatype": "BOOL", "shape": list(data.shape)}
+            blob = data.tobytes() if binary else b""
+            values = None if binary else data.ravel().tolist()
+        elif isinstance(data, np.ndarray):
             out: dict = {"name": name, "datatype": "FP32", "shape": list(data.shape)}
             blob = data.astype(NUMPY["FP32"]).tobytes() if binary else b""
             values = None if binary else data.astype(float).ravel().round(6).tolist()

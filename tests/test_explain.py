@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -491,6 +492,49 @@ def test_an_explain_process_never_started_stops_and_starts_no_more():
     assert process._pool is None
 
 
+def _explained(adapter, art, item, **options) -> dict:
+    """The explain verb of an adapter loaded from `art`, run in process: decode, the perturbed rows, the model."""
+    from training.onnx_tools import cpu_session
+
+    adapter.load(art)
+    parsed = adapter.explain_decode("x", [item], {"label": None, **options})
+    values = adapter.run(cpu_session(art.onnx_path("fp32")), adapter.explain_rows(parsed))
+    return adapter.explanation(parsed, values)["explanation"]
+
+
+def test_the_mask_is_the_one_the_artifact_records(known_models, tmp_path):
+    """An artifact's `occlusion` decides what a masked patch or word is, in the served explain verb: the same
+    models, re-registered with a white fill and with the signal word as the mask token, explain otherwise."""
+    from servable.config import ImageServeSettings, TextServeSettings
+    from serving.adapters.image import ImageAdapter
+    from serving.adapters.text import TextAdapter
+
+    image, text = artifact.load(known_models["image"]), artifact.load(known_models["text"])
+    opts = {"grid": 4, "overlay": False, "top_k": 1}
+    as_recorded = np.array(_explained(ImageAdapter(ImageServeSettings()), image, _marked_png(),
+                                      **opts)["heatmap"])  # fmt: skip
+    assert as_recorded[1, 2] > 0.9  # no occlusion recorded: the image's mean hides the white patch
+    staging = tmp_path / "white"
+    shutil.copytree(image.path, staging, ignore=shutil.ignore_patterns("manifest.json", "model.yaml"))
+    white = image.manifest.model_copy(
+        update={"version": "white", "occlusion": explain.Occlusion(pixel_fill=[255.0] * 3)}
+    )
+    heat = np.array(_explained(ImageAdapter(ImageServeSettings()), artifact.load(artifact.register(white, staging)),
+                               _marked_png(), **opts)["heatmap"])  # fmt: skip
+    assert np.abs(heat).max() < 1e-3  # masking the (resized: near) white patch with white removes ~nothing
+
+    sentence = f"the film was long but {SIGNAL_WORD}"
+    cut = {w["word"]: w["score"] for w in _explained(TextAdapter(TextServeSettings()), text, sentence)["words"]}
+    assert all(abs(v) < 1e-6 for w, v in cut.items() if w != SIGNAL_WORD)  # the word cut out: others count 0
+    staging = tmp_path / "signal-token"
+    shutil.copytree(text.path, staging, ignore=shutil.ignore_patterns("manifest.json", "model.yaml"))
+    masked = text.manifest.model_copy(update={"version": "token", "occlusion": explain.Occlusion(token=SIGNAL_WORD)})
+    scores = {w["word"]: w["score"] for w in _explained(TextAdapter(TextServeSettings()),
+                                                        artifact.load(artifact.register(masked, staging)),
+                                                        sentence)["words"]}  # fmt: skip
+    assert all(v < -1e-3 for w, v in scores.items() if w != SIGNAL_WORD)  # each mask now adds the signal
+
+
 def test_occlusion_helpers_are_exact_on_a_known_input():
     pixels = np.zeros((3, 8, 8), np.float32)
     batch = explain.occluded_images(pixels + 1, 2)
@@ -503,6 +547,16 @@ def test_occlusion_helpers_are_exact_on_a_known_input():
     found = explain.words(text)
     assert [w.text for w in found] == ["not", "bad", "at", "all"]
     assert explain.texts_without_each_word(text, found)[1:3] == ["bad at all", "not   at all"]
+    assert explain.texts_without_each_word(text, found, "[MASK]")[2] == "  not  [MASK] at all "
+    images = np.full((2, 6, 6, 3), 200, np.uint8)
+    images[:, 0, :, 0] = 10  # the top row of channel 0: a quarter of the border, not its median
+    images[:, 1:-1, 1:-1] = 7  # the inside: not the border
+    assert explain.background_fill(images) == [200.0, 200.0, 200.0]
+    occlusion = explain.Occlusion(pixel_fill=[0.0, 127.5, 255.0])
+    fill = explain.normalised_fill(occlusion, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    assert np.allclose(fill.ravel(), [-1.0, 0.0, 1.0]) and explain.normalised_fill(None, [0.5] * 3, [0.5] * 3) is None
+    batch = explain.occluded_images(pixels, 2, fill)
+    assert np.allclose(batch[1][:, :4, :4], fill) and np.array_equal(batch[1][:, 4:, :], pixels[:, 4:, :])
     start = time.perf_counter()
     png, size = explain.overlay_png(Image.new("RGB", (3000, 2000)), np.ones((8, 8)), max_pixels=600_000)
     assert size == (948, 632) and Image.open(io.BytesIO(png)).size == size and time.perf_counter() - start < 5

@@ -18,7 +18,16 @@ from training import onnx_tools
 from training.data_images import DataError, load_image_folder, scan_image_folder
 from training.image_model import ImageClassifier
 from training.image_pipeline import batches, onnx_predict, train_image
-from training.loop import EarlyStopping, keep_weight_average, run_stage, val_metrics, weight_averager
+from training.loop import (
+    EarlyStopping,
+    clip_threshold,
+    history_rows,
+    keep_weight_average,
+    run_stage,
+    val_metrics,
+    weight_averager,
+)
+from training.run_dir import training_summary
 
 
 def test_tiny_fine_tune_learns(image_run):
@@ -112,6 +121,41 @@ def test_gradient_norm_and_clipping_are_logged(clip_norm, clipped):
     for h in history:
         assert h.grad_norm > 1e-3 and h.grad_norm_max >= h.grad_norm  # measured before clipping
         assert h.clipped_fraction == clipped
+
+
+def _tiny_mlp_run(lr: float, clip_norm: float) -> tuple[list[dict], dict]:
+    """Three epochs of a small ReLU network on a fixed synthetic task: (history rows, the run's summary)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3))  # fmt: skip
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    history, stopper = [], EarlyStopping(5, 0.0)
+    run_stage(
+        model, stage="s", params=list(model.parameters()), l1_params=[], epochs=3, lr=lr,
+        cfg=ImageTrainConfig(clip_norm=clip_norm, warmup_fraction=0.0, progress=False),
+        train_batches=lambda: batches(x.numpy(), y.numpy(), 32), n_train_batches=8, val_batches=lambda: [(x, y)],
+        val_targets=y, forward=lambda b: (model(b[0]), b[1]), device=torch.device("cpu"), stopper=stopper,
+        history=history,
+    )  # fmt: skip
+    return history_rows(history), training_summary(history, stopper, False)
+
+
+def test_clipping_is_a_safety_net_idle_on_a_clean_run_and_catching_a_raised_learning_rate(capsys):
+    """The threshold comes from a clean run's measured norm distribution (clip_threshold); the same run with it
+    clips no step, while a 100x learning rate makes steps blow up and it catches them, in the epoch log line
+    and the run's record."""
+    clean, _ = _tiny_mlp_run(1e-2, 0.0)  # clipping off: the norms only measured
+    threshold = clip_threshold(clean)
+    assert all(h["grad_norm_p50"] <= h["grad_norm_p99"] <= h["grad_norm_max"] for h in clean)
+    capsys.readouterr()
+    idle, idle_summary = _tiny_mlp_run(1e-2, threshold)
+    assert [h["clipped_fraction"] for h in idle] == [0.0, 0.0, 0.0]
+    assert idle_summary["clipped_fraction_by_epoch"] == [0.0, 0.0, 0.0]
+    assert capsys.readouterr().out.count(f"clipped 0.0% at {threshold:g}") == 3
+    raised, raised_summary = _tiny_mlp_run(1.0, threshold)
+    assert max(h["grad_norm_max"] for h in raised) > 10 * threshold  # the blow-up a safety net is for
+    assert all(f > 0.5 for f in raised_summary["clipped_fraction_by_epoch"])
 
 
 def test_early_stopping_stops_and_restores_best():

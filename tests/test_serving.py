@@ -38,11 +38,18 @@ def test_images(image_run, n=6) -> list[bytes]:
 test_images.__test__ = False
 
 
+def calibrated(logits: np.ndarray, run) -> np.ndarray:
+    """What the served head answers: the softmax of the logits over the temperature stored in the artifact."""
+    from servable import artifact
+
+    return softmax(logits / artifact.load(run.tag).manifest.calibration.temperature)
+
+
 def local_probs(image_run, blobs: list[bytes]) -> np.ndarray:
     prep = image_run.preprocessing
     sess = onnx_tools.cpu_session(image_run.staging / "model.onnx")
     x = np.stack([preprocess_image(b, prep) for b in blobs])
-    return softmax(sess.run(["logits"], {prep.input_name: x})[0])
+    return calibrated(sess.run(["logits"], {prep.input_name: x})[0], image_run)
 
 
 def test_image_multipart_matches_in_process_onnx(image_server, image_run):
@@ -89,7 +96,7 @@ def test_text_endpoints_match_in_process_onnx(text_server, text_run):
     prep = text_run.preprocessing
     tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
     sess = onnx_tools.cpu_session(text_run.staging / "model.onnx")
-    expected = softmax(sess.run(["logits"], encode_texts(tok, texts, prep))[0])
+    expected = calibrated(sess.run(["logits"], encode_texts(tok, texts, prep))[0], text_run)
     got = np.array([[p["scores"][lab] for lab in text_run.splits.labels] for p in r.json()["predictions"]])
     np.testing.assert_allclose(got, expected, atol=1e-4)
     one = requests.post(text_server.url + "/sentiment", json={"text": texts[0]}, headers=KEY, timeout=30).json()
@@ -112,7 +119,7 @@ def served_text_probs(server, text_run, texts: list[str]) -> np.ndarray:
     prep = text_run.preprocessing
     tok = load_tokenizer(text_run.staging / prep.tokenizer_file, prep)
     sess = onnx_tools.cpu_session(artifact.load(text_run.tag).onnx_path(variant))
-    return np.stack([softmax(sess.run(["logits"], encode_texts(tok, [t], prep))[0])[0] for t in texts])
+    return np.stack([calibrated(sess.run(["logits"], encode_texts(tok, [t], prep))[0], text_run)[0] for t in texts])
 
 
 def test_concurrent_calls_are_batched_and_answered_to_the_right_caller(shipped_text_server, text_run):
@@ -290,6 +297,43 @@ def test_info_and_openapi(image_server, text_server, image_run):
     spec = requests.get(text_server.url + "/docs.json", timeout=10).json()
     assert {"/sentiment", "/info", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(spec["paths"])
     assert "application/json" in spec["paths"]["/sentiment"]["post"]["requestBody"]["content"]
+
+
+def test_the_stored_temperature_and_threshold_are_served_and_shown(image_server, text_server, image_run, text_run):
+    """The head divides the logits by the artifact's temperature (fitted on validation at training), says per
+    answer whether it is below the abstention threshold (REST and V2), and /info shows both."""
+    from servable import artifact
+
+    n, texts = 8, [t for t, _ in text_run.splits.test[:8]]  # the test servers take at most 8 items
+    images = [base64.b64encode(b).decode() for b in test_images(image_run, n)]
+    for server, run, route, body in (
+        (image_server, image_run, "/classify", {"images": images}),
+        (text_server, text_run, "/sentiment", {"texts": texts}),
+    ):
+        cal = artifact.load(run.tag).manifest.calibration
+        assert cal.temperature != 1.0 and 0 < cal.abstain_below < 1 and cal.fitted_on == "validation"
+        info = requests.get(server.url + "/info", headers=KEY, timeout=10).json()["calibration"]
+        assert info == {"temperature": cal.temperature, "abstain_below": cal.abstain_below, "fitted_on": "validation"}
+        preds = requests.post(server.url + route, json=body, headers=KEY, timeout=60).json()["predictions"]
+        if run is image_run:  # the answers are the softmax of the logits over the stored temperature
+            expected = local_probs(image_run, test_images(image_run, n))
+        else:
+            prep = text_run.preprocessing
+            tok, sess = (
+                load_tokenizer(text_run.staging / prep.tokenizer_file, prep),
+                onnx_tools.cpu_session(text_run.staging / "model.onnx"),
+            )
+            expected = calibrated(sess.run(["logits"], encode_texts(tok, texts, prep))[0], text_run)
+        assert [p["probability"] for p in preds] == pytest.approx(expected.max(1).tolist(), abs=1e-4)
+        below = [p["probability"] < cal.abstain_below for p in preds]
+        assert [p["below_threshold"] for p in preds] == below
+        name = run.tag.split(":")[0]
+        v2_input = {"name": "image" if "images" in body else "text", "datatype": "BYTES", "shape": [n],
+                    "data": images if "images" in body else texts}  # fmt: skip
+        v2 = requests.post(f"{server.url}/v2/models/{name}/infer", json={"inputs": [v2_input]}, headers=KEY,
+                           timeout=60).json()  # fmt: skip
+        flags = next(o for o in v2["outputs"] if o["name"] == "below_threshold")
+        assert flags["datatype"] == "BOOL" and flags["data"] == below
 
 
 def test_metrics_after_traffic(image_server, text_server):
@@ -929,7 +973,8 @@ def test_image_int8_is_served_through_bentoml(setting_servers, image_run):
     blobs = test_images(image_run, 6)
     prep = image_run.preprocessing
     sess = onnx_tools.cpu_session(artifact.load(image_run.tag).onnx_path("int8"))
-    expected = softmax(sess.run(["logits"], {prep.input_name: np.stack([preprocess_image(b, prep) for b in blobs])})[0])
+    logits = sess.run(["logits"], {prep.input_name: np.stack([preprocess_image(b, prep) for b in blobs])})[0]
+    expected = calibrated(logits, image_run)
     got = _burst(server.url + "/classify", blobs, files=True)
     for g, p in zip(got, expected, strict=True):
         assert g["variant"] == "int8"

@@ -42,7 +42,7 @@ def test_tasks_are_found_by_their_manifest_task_and_an_unknown_one_is_refused():
 
 def test_the_pipeline_entry_points_exist():
     for entry in TASKS.values():
-        for ref in (entry.train_entry, entry.review_entry):
+        for ref in (entry.train_entry, entry.review_entry, entry.calibration_entry, entry.faithfulness_entry):
             module, _, name = ref.partition(":")
             tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
             assert any(isinstance(n, ast.FunctionDef) and n.name == name for n in tree.body), ref

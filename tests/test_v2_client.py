@@ -80,7 +80,7 @@ def test_server_and_model_metadata_and_readiness(image_server, text_server, imag
         assert model["parameters"]["labels"] == run.splits.labels
         assert model["parameters"]["preprocessing"] == run.preprocessing.model_dump(mode="json")
         assert {o["name"]: o["shape"] for o in model["outputs"]} == {
-            "probabilities": [-1, len(run.splits.labels)], "label": [-1]}  # fmt: skip
+            "probabilities": [-1, len(run.splits.labels)], "label": [-1], "below_threshold": [-1]}  # fmt: skip
         assert c.is_model_ready(name, headers=key()) and c.is_model_ready(name, version, headers=key())
         assert not c.is_model_ready(name, "v0-not-served", headers=key())
         assert not c.is_model_ready("no-such-model", headers=key())

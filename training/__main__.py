@@ -1,4 +1,5 @@
-"""`python -m training <kind>|limited-data|gallery|card|document [--flags]`; every flag is also an env variable.
+"""`python -m training <kind>|limited-data|gallery|card|calibration|faithfulness|clip-threshold|document [--flags]`;
+every flag is also an env variable.
 
 One training subcommand per entry of training/tasks.py::TASKS (`image`, `text`), with its settings as flags.
 """
@@ -78,6 +79,65 @@ class CardCommand(BaseSettings):
             print(f"wrote {self.out}")
 
 
+class CalibrationCommand(BaseSettings):
+    """Calibration of a registered model, in and out of domain: expected calibration error, reliability
+    diagrams and selective accuracy, before and after a temperature fitted on its validation split (no
+    retraining); writes <name>.json, .png and .md to --out."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True)
+
+    model_tag: str = Field(description="Model-store tag, e.g. sentiment-bert:latest.")
+    out: Path = Field(Path("docs/results/calibration"), description="Folder for the report and the diagram.")
+    coverage: float = Field(0.8, gt=0, le=1, description="Share of answers kept above the abstention threshold.")
+    machine: str | None = Field(None, description="The machine it ran on, as the docs name it; default: this one.")
+
+    def cli_cmd(self) -> None:
+        from servable.machine import describe_machine
+        from training.calibration import for_registered, markdown_table
+
+        report = for_registered(self.model_tag, self.out, self.coverage, self.machine or describe_machine())
+        print(f"{report['model']}: temperature {report['temperature']:g}, abstain below {report['abstain_below']:.3f}")
+        print(markdown_table(report))
+
+
+class FaithfulnessCommand(BaseSettings):
+    """Whether a registered model's occlusion explanations are faithful: deletion and insertion AUCs on held-out
+    test inputs against random and centre-bias orders, under its notion of absence and the older one; writes
+    <name>.json and .md to --out."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True)
+
+    model_tag: str = Field(description="Model-store tag, e.g. fashion-cnn:latest.")
+    out: Path = Field(Path("docs/results/faithfulness"), description="Folder for the report.")
+    samples: int = Field(100, ge=1, description="Held-out test inputs explained.")
+    points: int = Field(17, ge=3, description="Points of each deletion and insertion curve.")
+    machine: str | None = Field(None, description="The machine it ran on, as the docs name it; default: this one.")
+
+    def cli_cmd(self) -> None:
+        from servable.machine import describe_machine
+        from training.faithfulness import for_registered, markdown_table
+
+        report = for_registered(self.model_tag, self.out, self.samples, self.points, self.machine or describe_machine())
+        print(report["model"])
+        print(markdown_table(report))
+
+
+class ClipThresholdCommand(BaseSettings):
+    """A gradient-clipping threshold from a clean run's measured norms: 1.5 x the highest per-epoch 99th
+    percentile in its history.json (a run with --clip-norm 0, or one where clipping stayed idle)."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True)
+
+    history: Path = Field(description="The clean run's history.json (runs/<name>/<version>/artifact/history.json).")
+
+    def cli_cmd(self) -> None:
+        import json
+
+        from training.loop import clip_threshold
+
+        print(f"--clip-norm {clip_threshold(json.loads(self.history.read_text())):.3g}")
+
+
 class DocumentCommand(BaseSettings):
     """Make a registered default run the documented one that the release gate holds later runs to: its
     figures, recipe and data counts go into docs/results/training/documented.json; prints the gate table
@@ -113,6 +173,9 @@ SUBCOMMANDS: dict[str, Any] = {kind: (CliSubCommand[train_command(task)], ...) f
     "limited_data": (CliSubCommand[LimitedDataCommand], ...),
     "gallery": (CliSubCommand[GalleryCommand], ...),
     "card": (CliSubCommand[CardCommand], ...),
+    "calibration": (CliSubCommand[CalibrationCommand], ...),
+    "faithfulness": (CliSubCommand[FaithfulnessCommand], ...),
+    "clip_threshold": (CliSubCommand[ClipThresholdCommand], ...),
     "document": (CliSubCommand[DocumentCommand], ...),
 }
 Train = create_model("Train", __base__=TrainBase, **SUBCOMMANDS)

@@ -36,13 +36,15 @@ def _logits(session) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
 
 
 def image_gallery(session, prep: ImagePreprocessing, test_x: np.ndarray, test_y: np.ndarray, probs: np.ndarray,
-                  labels: Sequence[str], out: Path, n: int = 8, grid: int = 8) -> list[dict]:  # fmt: skip
+                  labels: Sequence[str], out: Path, n: int = 8, grid: int = 8,
+                  occlusion: explain.Occlusion | None = None) -> list[dict]:  # fmt: skip
     """`gallery.png` (image, heatmap over it, true and predicted class) and `gallery.json`."""
     run = _logits(session)
+    fill = explain.normalised_fill(occlusion, prep.mean, prep.std)
     entries, overlays = [], []
     for i in confident_mistakes(probs, test_y, n):
         pred = int(probs[i].argmax())
-        batch = explain.occluded_images(normalize(test_x[i], prep), grid)
+        batch = explain.occluded_images(normalize(test_x[i], prep), grid, fill)
         heat = explain.image_heatmap(explain.probabilities(run({prep.input_name: batch})), pred, grid)
         big = Image.fromarray(test_x[i]).resize((4 * test_x.shape[2], 4 * test_x.shape[1]), Image.Resampling.NEAREST)
         png, _ = explain.overlay_png(big, heat)
@@ -79,7 +81,8 @@ def _marked(words: list[explain.Word], scores: np.ndarray, top: int = 3) -> str:
 
 
 def text_gallery(session, tokenizer, prep: TextPreprocessing, rows: Sequence[tuple[str, int]], probs: np.ndarray,
-                 labels: Sequence[str], out: Path, n: int = 10, max_words: int = 128) -> list[dict]:  # fmt: skip
+                 labels: Sequence[str], out: Path, n: int = 10, max_words: int = 128,
+                 occlusion: explain.Occlusion | None = None) -> list[dict]:  # fmt: skip
     """`gallery.md` (each word with its score toward the wrongly predicted class) and `gallery.json`."""
     run = _logits(session)
     y = np.array([label for _, label in rows])
@@ -87,7 +90,7 @@ def text_gallery(session, tokenizer, prep: TextPreprocessing, rows: Sequence[tup
     for i in confident_mistakes(probs, y, n):
         text, pred = rows[i][0], int(probs[i].argmax())
         found = explain.words(text)[:max_words]
-        variants = explain.texts_without_each_word(text, found)
+        variants = explain.texts_without_each_word(text, found, occlusion.token if occlusion else None)
         scored = np.concatenate([run(encode_texts(tokenizer, variants[j : j + 64], prep))
                                  for j in range(0, len(variants), 64)])  # fmt: skip
         scores = explain.word_scores(explain.probabilities(scored), pred, log_odds=True)
@@ -97,7 +100,7 @@ def text_gallery(session, tokenizer, prep: TextPreprocessing, rows: Sequence[tup
                                   for w, s in zip(found, scores, strict=True)]})  # fmt: skip
         lines.append(f"| {labels[int(y[i])]} | {labels[pred]} ({probs[i, pred]:.2f}) | {_marked(found, scores)} |")
     header = ["# Most confident test mistakes, with word occlusion scores", "",
-              "Each word's score is how much the log-odds of the predicted (wrong) class drop without it "
+              "Each word's score is how much the log-odds of the predicted (wrong) class drop with it masked "
               "(log-odds rather than probability: these answers are 0.99+ confident, where one word moves the "
               "probability by little): positive words pushed the model toward its mistake; the three "
               "strongest are in bold.", "",

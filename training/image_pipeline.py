@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from servable.artifact import Artifact, ModelManifest
 from servable.config import ImageTrainConfig
-from servable.explain import probabilities
-from servable.preprocessing import ImagePreprocessing, normalize
-from training import onnx_tools
+from servable.explain import Occlusion, background_fill, normalised_fill, probabilities
+from servable.preprocessing import ImagePreprocessing, normalize, to_model_pixels
+from training import calibration, onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
 from training.gallery import image_gallery
 from training.image_model import BackboneHead, ImageClassifier, build_augmentation, normalize_batch
@@ -188,14 +189,17 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
     metrics = export_and_measure(cfg, model, splits, prep, staging)
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
+    fp32 = onnx_tools.cpu_session(staging / "model.onnx")
+    cal = calibration.calibrate(cfg, calibration_sets(splits, fp32, prep, logits), metrics, staging)
     write_outputs(staging, history, splits.test_y, preds["fp32"], splits.labels, metrics)
-    image_gallery(onnx_tools.cpu_session(staging / "model.onnx"), prep, splits.test_x, splits.test_y,
-                  probabilities(logits), splits.labels, staging)  # fmt: skip
+    occlusion = Occlusion(pixel_fill=background_fill(splits.train_x))  # what "nothing here" looks like to it
+    image_gallery(fp32, prep, splits.test_x, splits.test_y, probabilities(logits), splits.labels, staging,
+                  occlusion=occlusion)  # fmt: skip
     manifest = ModelManifest(
         name=cfg.name, version=version, task="image-classification", labels=splits.labels,
         onnx={k: f"model.{k}.onnx" if k != "fp32" else "model.onnx" for k in metrics["test"]},
         image_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
-        provenance=splits.provenance, versions={},
+        provenance=splits.provenance, versions={}, calibration=cal, occlusion=occlusion,
     )  # fmt: skip
     # The PyTorch weights stay beside the artifact (not in it: serving is torch-free); the
     # benchmark's PyTorch-eager peer loads them.
@@ -203,6 +207,88 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
                staging.parent / "pytorch_model.pt")  # fmt: skip
     tag = finish(cfg, manifest, staging)
     return ImageRun(tag, staging, metrics, model, splits, prep)
+
+
+SHIFT_DEGREES, SHIFT_NOISE = 25, 10.0
+
+
+def rotated(x: np.ndarray) -> np.ndarray:
+    """The images turned by ±SHIFT_DEGREES (alternately): the same classes in a pose the training data
+    never shows (a Fashion-MNIST-C-like shift, made offline)."""
+    turn = [SHIFT_DEGREES if i % 2 else -SHIFT_DEGREES for i in range(len(x))]
+    return np.stack(
+        [np.asarray(Image.fromarray(img).rotate(t, Image.Resampling.BILINEAR)) for img, t in zip(x, turn, strict=True)]
+    )
+
+
+def noisy(x: np.ndarray, seed: int) -> np.ndarray:
+    """The images with Gaussian pixel noise (sigma SHIFT_NOISE of 255): a plain background no longer plain."""
+    rng = np.random.default_rng(seed)
+    return np.clip(x + rng.normal(0, SHIFT_NOISE, x.shape), 0, 255).astype(np.uint8)
+
+
+def digits(prep: ImagePreprocessing) -> np.ndarray:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797, UCI), white on black like Fashion-MNIST and at
+    the model's size: pictures none of the clothing classes is right for."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images * (255 / 16)).astype(np.uint8)
+    return np.stack([to_model_pixels(Image.fromarray(img), prep) for img in images])
+
+
+def calibration_sets(
+    splits: ImageSplits, session, prep: ImagePreprocessing, test_logits: np.ndarray | None = None
+) -> dict[str, calibration.LabelledLogits]:
+    """Validation, test (`test_logits` where the run has them), the test images rotated and noisy, and
+    (grey-level models) digits, scored by `session`."""
+    sets = {
+        "validation": calibration.LabelledLogits(onnx_predict(session, splits.val_x, prep), splits.val_y, True),
+        "test": calibration.LabelledLogits(
+            onnx_predict(session, splits.test_x, prep) if test_logits is None else test_logits, splits.test_y, True
+        ),
+        f"test rotated ±{SHIFT_DEGREES}°": calibration.LabelledLogits(
+            onnx_predict(session, rotated(splits.test_x), prep), splits.test_y, False
+        ),
+        f"test with noise σ {SHIFT_NOISE:g}": calibration.LabelledLogits(
+            onnx_predict(session, noisy(splits.test_x, 0), prep), splits.test_y, False
+        ),
+    }
+    if prep.color_mode == "L":
+        sets["digits"] = calibration.LabelledLogits(onnx_predict(session, digits(prep), prep), None, False)
+    return sets
+
+
+def registered_calibration_sets(cfg: ImageTrainConfig, art: Artifact, session) -> dict:
+    """A registered model's calibration sets, its splits rebuilt from its recorded config."""
+    prep = art.manifest.image_preprocessing
+    return calibration_sets(load_splits(cfg, prep), session, prep)
+
+
+def faithfulness_sample(cfg: ImageTrainConfig, art: Artifact, session, n: int):
+    """`n` test images drawn with the run's seed, the served probabilities (the stored temperature applied),
+    and the notions of absence to compare: the model's (the training images' background) and the older one
+    (the image's mean), each at the served explanations' default grid (training/faithfulness.py)."""
+    from servable.config import ImageServeSettings
+    from training.faithfulness import GridParts
+
+    m, prep = art.manifest, art.manifest.image_preprocessing
+    splits = load_splits(cfg, prep)
+    pick = np.random.default_rng(cfg.seed).choice(len(splits.test_x), min(n, len(splits.test_x)), replace=False)
+    t = m.calibration.temperature if m.calibration else 1.0
+
+    def score(rows: list) -> np.ndarray:
+        x = np.stack(rows)
+        return probabilities(np.concatenate([session.run(["logits"], {prep.input_name: x[i : i + 256]})[0]
+                                             for i in range(0, len(x), 256)]) / t)  # fmt: skip
+
+    occlusion = m.occlusion or Occlusion(pixel_fill=background_fill(splits.train_x))
+    fill, grid = (
+        normalised_fill(occlusion, prep.mean, prep.std),
+        ImageServeSettings.model_fields["explain_grid"].default,
+    )
+    absences = {f"background {occlusion.pixel_fill}": lambda x: GridParts(x, grid, fill),
+                "image mean (older)": lambda x: GridParts(x, grid, None)}  # fmt: skip
+    return list(normalize(splits.test_x[pick], prep)), score, absences
 
 
 def review_test_split(
@@ -213,5 +299,6 @@ def review_test_split(
     m = art.manifest
     splits = load_splits(cfg, m.image_preprocessing)
     probs = probabilities(onnx_predict(session, splits.test_x, m.image_preprocessing))
-    entries = image_gallery(session, m.image_preprocessing, splits.test_x, splits.test_y, probs, m.labels, out, n=n)
+    entries = image_gallery(session, m.image_preprocessing, splits.test_x, splits.test_y, probs, m.labels, out, n=n,
+                            occlusion=m.occlusion)  # fmt: skip
     return splits.test_y, probs, entries

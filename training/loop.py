@@ -34,11 +34,13 @@ class EpochLog:
     val_loss: float
     val_acc: float
     seconds: float
-    # Gradient health: global L2 norm of the gradients before clipping (mean and max over the
-    # epoch's steps) and the share of steps where clipping engaged (0 when clipping is off).
+    # Gradient health: global L2 norm of the gradients before clipping (mean, median, 99th percentile and
+    # max over the epoch's steps) and the share of steps where clipping engaged (0 when clipping is off).
     grad_norm: float = math.nan
     grad_norm_max: float = math.nan
     clipped_fraction: float = 0.0
+    grad_norm_p50: float = math.nan
+    grad_norm_p99: float = math.nan
 
 
 class EarlyStopping:
@@ -177,8 +179,8 @@ def run_stage(
         history.append(log)
         tqdm.write(
             f"[{stage} {epoch}/{epochs}] train loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.3f} | grad norm {log.grad_norm:.3g} "
-            f"(max {log.grad_norm_max:.3g}, clipped {100 * log.clipped_fraction:.0f}%) | {log.seconds:.0f}s"
+            f"val loss {val_loss:.4f} acc {val_acc:.3f} | grad norm {log.grad_norm:.3g} (p99 {log.grad_norm_p99:.3g}, "
+            f"max {log.grad_norm_max:.3g}, clipped {clipped_share(log, cfg.clip_norm)}) | {log.seconds:.0f}s"
         )
         if averager is not None and epoch > epochs - cfg.average_last:
             averager.update_parameters(model)
@@ -194,7 +196,31 @@ def record_grad_health(log: EpochLog, grad_norms: list[torch.Tensor], clip_norm:
     norms = norms[torch.isfinite(norms)]  # an fp16 overflow step (skipped by the scaler) has no norm
     if len(norms):
         log.grad_norm, log.grad_norm_max = norms.mean().item(), norms.max().item()
+        log.grad_norm_p50, log.grad_norm_p99 = (torch.quantile(norms, q).item() for q in (0.5, 0.99))
         log.clipped_fraction = (norms > clip_norm).float().mean().item() if clip_norm > 0 else 0.0
+
+
+def clipped_share(log: EpochLog, clip_norm: float) -> str:
+    """The epoch's clipped share as the log shows it: a safety net should read 0 % on a clean run."""
+    return "off" if clip_norm <= 0 else f"{100 * log.clipped_fraction:.1f}% at {clip_norm:g}"
+
+
+CLIP_MARGIN = 1.5
+
+
+def clip_threshold(history: list[dict], margin: float = CLIP_MARGIN) -> float:
+    """A clipping threshold from a clean run's measured gradient norms (its history rows, recorded with
+    clipping off or idle): the highest per-epoch 99th percentile (its max, in a history recorded before
+    percentiles were: an upper bound), times `margin`, rounded up to two significant figures. A clean run
+    hardly reaches it, so clipping leaves ordinary steps alone and catches a blow-up (a safety net, not a
+    normaliser that rescales every step)."""
+    high = [h.get("grad_norm_p99", h.get("grad_norm_max", math.nan)) for h in history]
+    high = [v for v in high if v is not None and math.isfinite(v)]
+    if not high:
+        raise ValueError("the history has no measured gradient norms")
+    value = margin * max(high)
+    step = 10 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / step) * step
 
 
 def weight_averager(model: nn.Module, cfg: TrainCommon) -> AveragedModel | None:

@@ -32,8 +32,8 @@ def render_model_card(manifest: ModelManifest, history: list[dict] | None = None
     """The card as Markdown. `history`: the run's epochs; `mistakes`: its most confident test mistakes."""
     m = manifest
     sections = [
-        _header(m), _intended_use(m), _data(m), _evaluation(m), _variants(m),
-        _error_patterns(m, mistakes or []), _training(m, history or []), _versions(m),
+        _header(m), _intended_use(m), _data(m), _evaluation(m), _calibration(m), _variants(m),
+        _error_patterns(m, mistakes or []), _explanations(m), _training(m, history or []), _versions(m),
     ]  # fmt: skip
     return "\n\n".join(s.strip("\n") for s in sections) + "\n"
 
@@ -149,6 +149,50 @@ def _evaluation(m: ModelManifest) -> str:
         lines += ["", "Per class, test split:", "", _per_class(test)]
     if ood and "per_class" in ood:
         lines += ["", "Per class, out-of-domain test:", "", _per_class(ood)]
+    return "\n".join(lines)
+
+
+def _calibration(m: ModelManifest) -> str:
+    """How far its probabilities can be trusted: the temperature serving applies, the abstention threshold,
+    and ECE and selective accuracy per set, in and out of domain (training/calibration.py)."""
+    from training.calibration import markdown_table
+
+    lines = ["## Probabilities: calibration and abstention", ""]
+    c = m.calibration
+    if c is None:
+        lines.append("Not calibrated: served with temperature 1 (the softmax as trained) and no abstention "
+                     "threshold (`below_threshold` is always false).")  # fmt: skip
+        return "\n".join(lines)
+    lines.append(f"Served probabilities are softmax(logits / **{c.temperature:g}**), the temperature fitted on the "
+                 f"{c.fitted_on} split ({c.n:,} examples) by negative log-likelihood; answers under a top-1 "
+                 f"probability of **{c.abstain_below:.3f}** carry `below_threshold: true` (that threshold keeps "
+                 f"{_pct(c.coverage or 0)} of validation answers above it). Treat those as \"not sure\".")  # fmt: skip
+    report = m.metrics.get("calibration")
+    if report:
+        lines += ["", "Expected calibration error (ECE, 15 bins) before and after the temperature, selective accuracy "
+                  "(the most confident share of answers), and the share of answers below the threshold, per set "
+                  "(out of domain: unlike the training data); the reliability diagram is "
+                  "`calibration.png` in the artifact:", "", markdown_table(report)]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _explanations(m: ModelManifest) -> str:
+    """What a masked part is in its explanations, and how faithful they were measured to be."""
+    lines = ["## Explanations", ""]
+    o = m.occlusion
+    if o is None:
+        lines.append("Occlusion masks a patch with the image's mean, or cuts a word out (an artifact recorded "
+                     "before the mask was chosen from the training data).")  # fmt: skip
+    elif o.pixel_fill is not None:
+        lines.append(f"Occlusion masks a patch with the training images' background, pixel value "
+                     f"{_show(o.pixel_fill)} (the median of their border): a masked patch shows nothing, rather than "
+                     "a new grey shape.")  # fmt: skip
+    else:
+        lines.append(f"Occlusion replaces a word with the tokenizer's `{o.token}` token: a gap of one word, rather "
+                     "than a shorter sentence.")  # fmt: skip
+    lines += ["", f"How faithful such explanations are (deletion and insertion curves against random and centre-bias "
+              f"orders): `python -m training faithfulness --model-tag {m.name}:{m.version}`; the default run's "
+              "figures are in docs/training.md."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -295,11 +339,16 @@ def _training(m: ModelManifest, history: list[dict]) -> str:
               _table(["setting", "value"], [[k, _show(v)] for k, v in c.items()], "|---|---|")]  # fmt: skip
     if history:
         rows = [[h["stage"], str(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
-                 f"{h['train_acc']:.4f}", f"{h['val_acc']:.4f}", f"{h['seconds']:.0f}"] for h in history]  # fmt: skip
-        lines += ["", "By epoch:", "",
-                  _table(["stage", "epoch", "train loss", "val loss", "train acc", "val acc", "s"], rows,
-                         "|---|---:|---:|---:|---:|---:|---:|")]  # fmt: skip
+                 f"{h['train_acc']:.4f}", f"{h['val_acc']:.4f}", _clipped(h, c.get("clip_norm", 0)),
+                 f"{h['seconds']:.0f}"] for h in history]  # fmt: skip
+        lines += ["", "By epoch (clipped: the share of steps whose gradient norm exceeded the clipping threshold):", "",
+                  _table(["stage", "epoch", "train loss", "val loss", "train acc", "val acc", "clipped", "s"], rows,
+                         "|---|---:|---:|---:|---:|---:|---:|---:|")]  # fmt: skip
     return "\n".join(lines)
+
+
+def _clipped(h: dict, clip_norm: float) -> str:
+    return "off" if not clip_norm else f"{100 * h.get('clipped_fraction', 0.0):.1f} %"
 
 
 def _versions(m: ModelManifest) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ def training_summary(history: list[EpochLog], stopper: EarlyStopping, stopped_ea
         "stopped_early": stopped_early,
         "weight_average": stopper.weight_average,
         "seconds": round(sum(h.seconds for h in history), 1),
+        # gradient clipping as a safety net: the share of steps it caught, per epoch (0 on a clean run)
+        "clipped_fraction_by_epoch": [round(h.clipped_fraction, 4) for h in history],
+        "grad_norm_p99_max": max((h.grad_norm_p99 for h in history if math.isfinite(h.grad_norm_p99)), default=None),
     }
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from servable.artifact import Artifact
+    from training.calibration import LabelledLogits
 
 
 class UnknownTask(LookupError):
@@ -42,6 +43,8 @@ class TrainableTask(ABC):
     # they reach this module themselves (through run_dir's model card and gate).
     train_entry: str  # f(cfg) -> the run: train, export, gate and register
     review_entry: str  # f(cfg, art, session, out, n) -> (true labels, probabilities, gallery entries)
+    calibration_entry: str  # f(cfg, art, session) -> {set name: LabelledLogits}, "validation" first
+    faithfulness_entry: str  # f(cfg, art, session, n) -> (inputs, score(inputs) -> probs, {absence: Parts maker})
 
     @property
     def default_name(self) -> str:
@@ -61,6 +64,16 @@ class TrainableTask(ABC):
         """The rebuilt test split scored by `session` (the artifact's fp32 model), with the gallery of its
         `n` most confident mistakes written to `out`."""
         return _entry(self.review_entry)(cfg, art, session, out, n)
+
+    def calibration_sets(self, cfg: TrainCommon, art: Artifact, session: Any) -> dict[str, LabelledLogits]:
+        """The validation split, the test split and the out-of-domain sets the task has, rebuilt from `cfg`
+        and scored by `session` (training/calibration.py)."""
+        return _entry(self.calibration_entry)(cfg, art, session)
+
+    def faithfulness_sample(self, cfg: TrainCommon, art: Artifact, session: Any, n: int) -> tuple:
+        """`n` held-out inputs, the served probabilities of a list of inputs, and the notions of absence to
+        compare, each a maker of the input's `Parts` (training/faithfulness.py)."""
+        return _entry(self.faithfulness_entry)(cfg, art, session, n)
 
     # The model card's model-specific wording (training/model_card.py writes the rest).
 
@@ -161,6 +174,8 @@ TASKS: dict[str, TrainableTask] = {
             help="Fine-tune the image classifier, export it to ONNX (fp32 + int8) and register it.",
             train_entry="training.image_pipeline:train_image",
             review_entry="training.image_pipeline:review_test_split",
+            calibration_entry="training.image_pipeline:registered_calibration_sets",
+            faithfulness_entry="training.image_pipeline:faithfulness_sample",
         ),
         TextTask(
             kind="text",
@@ -170,6 +185,8 @@ TASKS: dict[str, TrainableTask] = {
             help="Fine-tune the sentiment BERT, export to ONNX (fp32, ORT-optimised, int8) and register it.",
             train_entry="training.text_pipeline:train_text",
             review_entry="training.text_pipeline:review_test_split",
+            calibration_entry="training.text_pipeline:registered_calibration_sets",
+            faithfulness_entry="training.text_pipeline:faithfulness_sample",
         ),
     )
 }

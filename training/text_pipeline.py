@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from servable.artifact import Artifact, ModelManifest
 from servable.config import TextTrainConfig
-from servable.explain import probabilities
+from servable.explain import Occlusion, probabilities
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
-from training import onnx_tools
+from training import calibration, onnx_tools
+from training.calibration import LabelledLogits
 from training.data_text import TextSplits, load_bundled, load_user_file
 from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
@@ -202,15 +203,19 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     metrics, prep = export_and_measure(cfg, model, tokenizer, splits, staging)
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
+    session, tok = onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep)
+    cal = calibration.calibrate(cfg, calibration_sets(splits, session, tok, prep, logits), metrics, staging)
     write_outputs(staging, history, np.array([lab for _, lab in splits.test]), preds["fp32"], splits.labels, metrics)
-    text_gallery(onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep),
-                 prep, splits.test, probabilities(logits), splits.labels, staging)  # fmt: skip
+    # a masked word is the tokenizer's mask token: a word-shaped gap, not a shorter sentence
+    occlusion = Occlusion(token=tokenizer.mask_token or tokenizer.unk_token)
+    text_gallery(session, tok, prep, splits.test, probabilities(logits), splits.labels, staging, occlusion=occlusion)
     splits.provenance["backbone"] = source
     manifest = ModelManifest(
         name=cfg.name, version=version, task="text-classification", labels=splits.labels,
         onnx={k: "model.onnx" if k == "fp32" else f"model.{k}.onnx" for k in metrics["test"]},
         text_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
         provenance=splits.provenance, versions={"transformers": __import__("transformers").__version__},
+        calibration=cal, occlusion=occlusion,
     )  # fmt: skip
     # PyTorch weights beside the artifact (serving is torch-free); the benchmark's eager peer loads them.
     model.save_pretrained(staging.parent / "pytorch_model")
@@ -222,6 +227,61 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
 
 
+def calibration_sets(
+    splits: TextSplits, session, tok, prep: TextPreprocessing, test_logits: np.ndarray | None = None
+) -> dict[str, LabelledLogits]:
+    """Validation, in-domain test (`test_logits` where the run has them) and (bundled data) each held-out
+    domain's test texts, scored by `session`."""
+
+    def scored(rows, in_domain: bool) -> LabelledLogits:
+        return LabelledLogits(onnx_predict(session, tok, rows, prep), np.array([y for _, y in rows]), in_domain)
+
+    sets = {"validation": scored(splits.val, True)}
+    sets["test"] = (
+        scored(splits.test, True)
+        if test_logits is None
+        else LabelledLogits(test_logits, np.array([y for _, y in splits.test]), True)
+    )
+    for domain in dict.fromkeys(splits.domains.get("ood_test", [])):
+        rows = [r for r, d in zip(splits.ood_test, splits.domains["ood_test"], strict=True) if d == domain]
+        sets[f"{domain} (held out)"] = scored(rows, False)
+    return sets
+
+
+def registered_calibration_sets(cfg: TextTrainConfig, art: Artifact, session) -> dict:
+    """A registered model's calibration sets, its splits rebuilt from its recorded config."""
+    prep = art.manifest.text_preprocessing
+    return calibration_sets(load_splits(cfg), session, load_tokenizer(art.file(prep.tokenizer_file), prep), prep)
+
+
+def faithfulness_sample(cfg: TextTrainConfig, art: Artifact, session, n: int):
+    """`n` test texts drawn with the run's seed, the served probabilities (the stored temperature applied), and
+    the notions of absence to compare: the model's (its tokenizer's mask token) and the older one (the word
+    cut out) (training/faithfulness.py)."""
+    from transformers import AutoTokenizer
+
+    from servable.config import TextServeSettings
+    from training.faithfulness import WordParts
+
+    m, prep = art.manifest, art.manifest.text_preprocessing
+    splits = load_splits(cfg)
+    pick = np.random.default_rng(cfg.seed).choice(len(splits.test), min(n, len(splits.test)), replace=False)
+    tok, t = load_tokenizer(art.file(prep.tokenizer_file), prep), m.calibration.temperature if m.calibration else 1.0
+
+    def score(texts: list) -> np.ndarray:
+        return probabilities(onnx_predict(session, tok, [(x, 0) for x in texts], prep) / t)
+
+    if m.occlusion is None:
+        hf = AutoTokenizer.from_pretrained(art.file("tokenizer"))
+        occlusion = Occlusion(token=hf.mask_token or hf.unk_token)
+    else:
+        occlusion = m.occlusion
+    most = TextServeSettings().explain_max_words()
+    absences = {f"token {occlusion.token}": lambda x: WordParts(x, occlusion.token, most),
+                "word cut out (older)": lambda x: WordParts(x, None, most)}  # fmt: skip
+    return [splits.test[i][0] for i in pick], score, absences
+
+
 def review_test_split(
     cfg: TextTrainConfig, art: Artifact, session, out: Path, n: int
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -231,5 +291,5 @@ def review_test_split(
     splits = load_splits(cfg)
     tok = load_tokenizer(art.file(prep.tokenizer_file), prep)
     probs = probabilities(onnx_predict(session, tok, splits.test, prep))
-    entries = text_gallery(session, tok, prep, splits.test, probs, m.labels, out, n=n)
+    entries = text_gallery(session, tok, prep, splits.test, probs, m.labels, out, n=n, occlusion=m.occlusion)
     return np.array([label for _, label in splits.test]), probs, entries

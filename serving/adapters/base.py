@@ -64,6 +64,7 @@ class Adapter(ABC):
         """Read what pre-processing and answers need from the verified artifact; make the head."""
         self.manifest = art.manifest
         self.head = self.make_head(art.manifest.labels)
+        self.head.calibrate(art.manifest.calibration)
 
     @abstractmethod
     def make_head(self, labels: list[str]) -> Head:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from servable.explain import Occlusion
 from serving.adapters.base import Parsed
 from serving.heads import Head
 from serving.io_spec import Option
@@ -27,11 +28,18 @@ class ExplainDocs:
 class Explains(ABC):
     explain_docs: ClassVar[ExplainDocs]
     head: Head
+    manifest: Any  # the adapter's (servable.artifact.ModelManifest), set by its load
 
     def explain_options(self) -> list[Option]:
         """The explain route's options: which label to explain, by default the top prediction."""
         labels = tuple(self.head.labels)
         return [Option("label", "string", None, "explain this class instead of the top prediction", choices=labels)]
+
+    @property
+    def occlusion(self) -> Occlusion | None:
+        """What a masked patch or word is for this model (chosen from its training data, in its manifest); None
+        for an artifact without it (servable/explain.py then keeps the older choice)."""
+        return self.manifest.occlusion
 
     def target(self, label: str | None) -> int | None:
         """The class an explanation is for (a label checked by its option), or None for the top prediction."""

@@ -82,7 +82,8 @@ class ImageAdapter(Adapter, Explains):
         summary="Classify Explain",
         doc="Why the model answered, for one image: occlusion sensitivity from the served model (no gradients). "
         "`heatmap[i][j]` is how much the class's probability drops when patch (i, j) of a grid x grid "
-        "partition is masked with the image's mean colour: positive = the patch supports the class. "
+        "partition is masked with the model's background (its training images'; the image's mean colour for "
+        "an artifact without one): positive = the patch supports the class. "
         "`overlay=true` adds the heatmap over the image as a PNG (base64), at the image's size.",
         response_model=schemas.ImageExplainResponse,
     )
@@ -248,7 +249,8 @@ class ImageAdapter(Adapter, Explains):
         return Parsed([preprocess_image(image, self.prep)], [None], options)
 
     def explain_rows(self, parsed: Parsed) -> list[np.ndarray]:
-        return list(explain.occluded_images(parsed.rows[0], parsed.options["grid"]))
+        fill = explain.normalised_fill(self.occlusion, self.prep.mean, self.prep.std)  # the model's background
+        return list(explain.occluded_images(parsed.rows[0], parsed.options["grid"], fill))
 
     def explanation(self, parsed: Parsed, values: np.ndarray) -> dict:
         opts = parsed.options

@@ -72,8 +72,8 @@ class TextAdapter(Adapter, Explains):
     explain_docs = ExplainDocs(
         summary="Sentiment Explain",
         doc="Why the model answered, for one text: word occlusion from the served model (no gradients). Each "
-        "word's `score` is how much the class's probability drops when that word is removed: positive = "
-        "the word pushes toward the class, negative = away from it.",
+        "word's `score` is how much the class's probability drops when that word is masked (replaced by the "
+        "model's mask token): positive = the word pushes toward the class, negative = away from it.",
         response_model=schemas.TextExplainResponse,
     )
     wire_type = list[list[int]]
@@ -187,7 +187,8 @@ class TextAdapter(Adapter, Explains):
         return Parsed([], [text], {"words": found, "target": self.target(options["label"])})
 
     def explain_rows(self, parsed: Parsed) -> list[list[int]]:
-        texts = explain.texts_without_each_word(parsed.items[0], parsed.options["words"])
+        token = self.occlusion.token if self.occlusion else None
+        texts = explain.texts_without_each_word(parsed.items[0], parsed.options["words"], token)
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def explanation(self, parsed: Parsed, values: np.ndarray) -> dict:

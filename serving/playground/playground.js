@@ -33,7 +33,7 @@
     throw new Error(`The service answered ${r.status}: ${detail}`);
   }
 
-  function bars(rows, model) {
+  function bars(rows, model, unsure) {
     const box = $("bars");
     box.replaceChildren();
     for (const { label, probability } of rows) {
@@ -55,6 +55,7 @@
       box.append(row);
     }
     $("model").textContent = model;
+    $("unsure").hidden = !unsure;
     $("explanation").hidden = true;
     $("result").hidden = false;
   }
@@ -119,7 +120,8 @@
       explainUrl: () => `${route}/explain?overlay=true&top_k=5&grid=${$("grid").value}`,
       working: "Classifying…",
       explaining: "Explaining (occlusion: the image re-scored with each patch masked)…",
-      showPrediction: (predicted) => bars(predicted.predictions[0].top_k, predicted.model),
+      showPrediction: (predicted) => bars(predicted.predictions[0].top_k, predicted.model,
+        predicted.predictions[0].below_threshold),
       showExplanation: (answer) => {
         $("heatmap").src = `data:image/png;base64,${answer.explanation.overlay_png}`;
         $("heatmap-figure").hidden = false;
@@ -143,7 +145,7 @@
       showPrediction: (predicted) => {
         const p = predicted.predictions[0];
         bars(Object.entries(p.scores).map(([label, probability]) => ({ label, probability }))
-          .sort((a, b) => b.probability - a.probability), predicted.model);
+          .sort((a, b) => b.probability - a.probability), predicted.model, p.below_threshold);
       },
       showExplanation: (answer) => {
         words(text, answer.explanation.words);
