@@ -39,6 +39,7 @@ BENCH = "docs/results/benchmark/benchmark.json"
 SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
 EXPLAIN = "docs/results/explain/explain_load.json"
 RELIABILITY = "docs/results/reliability.json"
+LOADTEST = "docs/results/loadtest/local_slo.json"
 
 
 # The request format of the pages' figures: the first one measured (image uploads, JSON texts, raw ORT's none)
@@ -71,6 +72,14 @@ def lag_range_s(windows: list[dict]) -> str:
 def mem(data: dict, model: str, role: str) -> str:
     values = data["models"][model]["resident_memory_mib"][role]
     return f"{min(values):.0f}-{max(values):.0f} MiB"
+
+
+def endpoint(data: dict, name: str) -> dict:
+    return next(e for e in data["endpoints"] if e["name"] == name)
+
+
+def routes(data: dict) -> list[dict]:
+    return [e for e in data["endpoints"] if e["name"] != "Aggregated"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,12 @@ FIGURES = [
         f"{d['image']['target_rps']:.0f} images/s and {d['text']['target_rps']:.0f} texts/s for {d['minutes']:.0f} "
         f"minutes, {d['image']['errors'] + d['text']['errors']} errors in "
         f"{d['image']['requests'] + d['text']['requests']:,} requests"), "soak row"),
+    # loadtest.md: the published run of make loadtest (its verdict file records no machine)
+    Figure("docs/loadtest.md", LOADTEST, lambda d: (
+        f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
+        f"**SLO {'PASSED' if d['passed'] else 'FAILED'}**; p95 from {min(e['p95_ms'] for e in routes(d))} ms "
+        f"(image upload) to {max(e['p95_ms'] for e in routes(d))} ms (eight sentences), p99 at most "
+        f"{max(e['p99_ms'] for e in routes(d))} ms"), "published load test"),
     # serving.md: an explain process's memory, from make explain-load
     Figure("docs/serving.md", EXPLAIN, lambda d: (
         f"each explain process held {mem(d, 'image', 'explain_processes')} (image) and "
