@@ -136,6 +136,7 @@ def compose_ports() -> set[int]:
     return ports
 
 
+@functools.cache
 def ignored(path: str) -> bool:
     """Written by a command (a key file, a certificate, an exported model), so git ignores it."""
     return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False).returncode == 0
