@@ -82,6 +82,23 @@ def routes(data: dict) -> list[dict]:
     return [e for e in data["endpoints"] if e["name"] != "Aggregated"]
 
 
+def hostile_row(figures: dict) -> str:
+    statuses = ", ".join(str(c) for c in sorted(set(figures["statuses"].values())))
+    return (
+        f"| {figures['sent']} | all 4xx with a JSON body ({statuses}) | {figures['max_latency_s']:.3f} s | "
+        f"worker tree RSS {figures['rss_mb_before']:.1f} → {figures['rss_mb_after']:.1f} MB |"
+    )
+
+
+def overload_row(o: dict) -> str:
+    return (
+        f"batching-queue bound {o['queue_bound_ms']} ms, one 32-text request per batch | {o['callers']} callers "
+        f"back to back for {o['seconds']} s: {o['sent']:,} | {o['ok']:,} × 200, {o['429']:,} × 429, "
+        f"**{o['503']:,} × 503 `overloaded`**, {o['5xx_other']} other 5xx, {o['no_answer']} unanswered; full "
+        f"service right after | refusals ≤ {o['max_refusal_latency_s']:.2f} s |"
+    )
+
+
 @dataclass(frozen=True)
 class Figure:
     doc: str
@@ -142,6 +159,21 @@ FIGURES = [
         f"{d['image']['target_rps']:.0f} images/s and {d['text']['target_rps']:.0f} texts/s for {d['minutes']:.0f} "
         f"minutes, {d['image']['errors'] + d['text']['errors']} errors in "
         f"{d['image']['requests'] + d['text']['requests']:,} requests"), "soak row"),
+    # the reliability suite's table (docs/reliability.md), from make reliability
+    Figure("docs/reliability.md", RELIABILITY, lambda d: (
+        f"| {d['fuzz_image']['requests']} (image) and {d['fuzz_text']['requests']} (text) requests, "
+        f"{d['fuzz_image']['operations']} and {d['fuzz_text']['operations']} operations |"), "fuzzing"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: f"| {d['hostile_options']['requests']} (both services) |",
+           "hostile options"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: f"| {d['hostile_v2_numbers']['requests']} (both services; ",
+           "hostile V2 numbers"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: (
+        f"| {d['hostile_numbers_fuzz_image']['requests']} (image) and {d['hostile_numbers_fuzz_text']['requests']} "
+        f"(text), {d['hostile_numbers_fuzz_image']['operations']} and {d['hostile_numbers_fuzz_text']['operations']} "
+        "operations (predict, explain, V2 infer and its version route) |"), "property test"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: overload_row(d["overload"]), "overload"),
     # loadtest.md: the published run of make loadtest (its verdict file records no machine)
     Figure("docs/loadtest.md", LOADTEST, lambda d: (
         f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
