@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from servable.machine import describe_machine
+
 DEFAULT_FILE = Path(__file__).with_name("slo.toml")
 TOTAL = "Aggregated"
 
@@ -106,6 +108,7 @@ def write_verdict(prefix: str, checks: list[Check], stats: list[EndpointStats]) 
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{prefix}_slo.md").write_text(verdict_table(checks) + "\n")
     passed = all(c.ok for c in checks)
-    body = {"passed": passed, "checks": [{**asdict(c), "ok": c.ok} for c in checks],
+    # the machine, so a page quoting these figures names the one they came from (tests/test_doc_figures.py)
+    body = {"passed": passed, "machine": describe_machine(), "checks": [{**asdict(c), "ok": c.ok} for c in checks],
             "endpoints": [{**asdict(s), "fail_ratio": s.fail_ratio} for s in stats]}  # fmt: skip
     Path(f"{prefix}_slo.json").write_text(json.dumps(body, indent=1))

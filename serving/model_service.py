@@ -332,7 +332,8 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
 
     playground_routes(app, entry.kind)
 
-    @app.get("/info", tags=[entry.kind], summary="Info")
+    @app.get("/info", tags=[entry.kind], summary="Info",
+             responses={401: {"description": "missing or invalid API key", "model": schemas.ErrorBody}})  # fmt: skip
     async def info() -> dict:
         """Model tag, labels, provider in use, variant, topology and batching settings."""
         rep = _replica()

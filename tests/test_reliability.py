@@ -48,8 +48,13 @@ def _write_report():
     yield
     print("\nreliability figures:", json.dumps(REPORT, indent=1))
     if path := os.environ.get("SERVABLE_RELIABILITY_REPORT"):
+        from servable.machine import describe_machine
+
+        # where and when, so a figure quoted from this file names its machine (tests/test_doc_figures.py)
+        about = {"command": "make reliability", "machine": describe_machine(), "load_average_1m": os.getloadavg()[0],
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
         with open(path, "w") as f:
-            json.dump(REPORT, f, indent=2)
+            json.dump(about | REPORT, f, indent=2)
 
 
 # ---------------------------------------------------------------- property-based API fuzzing

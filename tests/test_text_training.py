@@ -281,3 +281,25 @@ def test_unloadable_backbone_is_a_clear_error(tmp_path, capsys, backbone, messag
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("setting", "local_only"), [(None, True), ("1", True), ("0", False), ("false", False)])
+def test_a_hub_backbone_is_fetched_only_when_hf_hub_offline_allows_it(monkeypatch, setting, local_only):
+    """The README's own-backbone example: a hub name loads from the local cache unless HF_HUB_OFFLINE=0, whatever
+    imported huggingface_hub first (it reads the variable once, at import)."""
+    import transformers
+
+    seen = {}
+
+    def from_pretrained(source, **kw):
+        seen.update(kw)
+        raise OSError("not cached")
+
+    if setting is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", setting)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE=0"):
+        load_backbone("bert-base-uncased", ["negative", "positive"], 0.1)
+    assert seen["local_files_only"] is local_only

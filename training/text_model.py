@@ -28,6 +28,11 @@ def bundled_backbone() -> Path:
     return path
 
 
+def hub_offline() -> bool:
+    """True unless HF_HUB_OFFLINE says otherwise (0, false, off, no): the hub is opt-in."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
 def load_backbone(name: str | None, labels: list[str], dropout: float):
     """Tokenizer + sequence classifier from a local dir or a Hugging Face name (offline cache)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -37,13 +42,13 @@ def load_backbone(name: str | None, labels: list[str], dropout: float):
         source = str(Path(name).expanduser())
         if not Path(source).is_dir():
             raise DataError(f"backbone directory {name} does not exist")
-    elif name is not None and not Path(name).exists():
-        # A hub name works when it is in the local cache; nothing is downloaded unless HF_HUB_OFFLINE=0.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A hub name works when it is in the local cache; nothing is downloaded unless HF_HUB_OFFLINE=0. Passed
+    # per call: huggingface_hub reads the variable once, when it is first imported.
+    local_only = hub_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            source, num_labels=len(labels), id2label=dict(enumerate(labels)), local_files_only=local_only,
             label2id={lab: i for i, lab in enumerate(labels)}, classifier_dropout=dropout,
         )  # fmt: skip
     except (OSError, ValueError) as exc:  # transformers' "not found / not cached / bad repo id" errors

@@ -1,0 +1,227 @@
+"""Figures quoted in the docs are the committed results' figures, and say where they come from.
+
+Each entry of FIGURES is a piece of a page as the page prints it, built from a results file under
+docs/results/: the test fails when the page's figure and the JSON's differ. The page must also name that
+results file in the same section (under the same heading), and where the JSON records its machine, the
+section must name that machine and the figure's paragraph no other one (figures from an AMD EPYC run
+are not described as a Xeon's).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINES = ("AMD EPYC", "Intel Xeon")
+
+
+@cache
+def results(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def machine_of(data: dict) -> str | None:
+    recorded = data.get("machine")
+    text = json.dumps(recorded) if recorded is not None else ""
+    return next((m for m in MACHINES if m.split()[-1] in text), None)
+
+
+# ---------------------------------------------------------------- reading the results files
+
+BENCH = "docs/results/benchmark/benchmark.json"
+SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
+EXPLAIN = "docs/results/explain/explain_load.json"
+RELIABILITY = "docs/results/reliability.json"
+LOADTEST = "docs/results/loadtest/local_slo.json"
+
+
+# The request format of the pages' figures: the first one measured (image uploads, JSON texts, raw ORT's none)
+FIRST_FORMAT = ("multipart", "json", "")
+
+
+def point(data: dict, model: str, config: str, concurrency: int | None = None) -> dict:
+    found = [p for m in data["models"] if m["model"] == model for p in m["points"]
+             if p["config"] == config and (concurrency is None or p["concurrency"] == concurrency)
+             and p.get("request_format") in FIRST_FORMAT]  # fmt: skip
+    assert found, (model, config, concurrency)
+    return found[0]
+
+
+def target(data: dict, model: str, name_start: str) -> dict:
+    return next(
+        t for m in data["models"] if m["model"] == model for t in m["targets"] if t["name"].startswith(name_start)
+    )
+
+
+def minutes_above(data: dict, model: str, ms: float) -> list[dict]:
+    return [w for w in data[model]["windows"] if w["p99_ms"] > ms]
+
+
+def lag_range_s(windows: list[dict]) -> str:
+    lags = [w["send_lag_p99_ms"] / 1000 for w in windows]
+    return f"{min(lags):.1f}-{max(lags):.1f} s"
+
+
+def mem(data: dict, model: str, role: str) -> str:
+    values = data["models"][model]["resident_memory_mib"][role]
+    return f"{min(values):.0f}-{max(values):.0f} MiB"
+
+
+def endpoint(data: dict, name: str) -> dict:
+    return next(e for e in data["endpoints"] if e["name"] == name)
+
+
+def routes(data: dict) -> list[dict]:
+    return [e for e in data["endpoints"] if e["name"] != "Aggregated"]
+
+
+def hostile_row(figures: dict) -> str:
+    statuses = ", ".join(str(c) for c in sorted(set(figures["statuses"].values())))
+    return (
+        f"| {figures['sent']} | all 4xx with a JSON body ({statuses}) | {figures['max_latency_s']:.3f} s | "
+        f"worker tree RSS {figures['rss_mb_before']:.1f} → {figures['rss_mb_after']:.1f} MB |"
+    )
+
+
+def overload_row(o: dict) -> str:
+    return (
+        f"batching-queue bound {o['queue_bound_ms']} ms, one 32-text request per batch | {o['callers']} callers "
+        f"back to back for {o['seconds']} s: {o['sent']:,} | {o['ok']:,} × 200, {o['429']:,} × 429, "
+        f"**{o['503']:,} × 503 `overloaded`**, {o['5xx_other']} other 5xx, {o['no_answer']} unanswered; full "
+        f"service right after | refusals ≤ {o['max_refusal_latency_s']:.2f} s |"
+    )
+
+
+@dataclass(frozen=True)
+class Figure:
+    doc: str
+    source: str
+    quote: Callable[[dict], str]
+    what: str
+
+
+def bench_c32(d: dict, model: str, config: str) -> dict:
+    return point(d, model, config, 32)
+
+
+FIGURES = [
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"| {bench_c32(d, 'image', 'served default')['rps']:,.0f}: met | {bench_c32(d, 'text', 'served default')['rps']:,.0f}: met |"),  # noqa: E501
+        "req/s at 32 clients"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"{bench_c32(d, 'image', 'served default')['p99_ms']:.0f} vs {bench_c32(d, 'image', 'fastapi+ort peer')['p99_ms']:.0f} ms: met | "  # noqa: E501
+        f"{bench_c32(d, 'text', 'served default')['p99_ms']:.0f} vs {bench_c32(d, 'text', 'fastapi+ort peer')['p99_ms']:.0f} ms: met"),  # noqa: E501
+        "p99 at 32 clients against the peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"{point(d, 'image', 'served default', 1)['p50_ms']:.2f} vs {point(d, 'image', 'fastapi+ort peer', 1)['p50_ms']:.2f} ms: met | "  # noqa: E501
+        f"{point(d, 'text', 'served default', 1)['p50_ms']:.2f} vs {point(d, 'text', 'fastapi+ort peer', 1)['p50_ms']:.2f} ms: met"),  # noqa: E501
+        "p50 at one client against the peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"the open-loop point had {point(d, 'image', 'served default @70%')['errors']} failed requests of "
+        f"{point(d, 'image', 'served default @70%')['requests']:,}"), "open-loop errors"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"| {target(d, 'text', '0 errors')['measured'].removesuffix(' requests')} |"), "text errors of all requests"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"for images sent {point(d, 'image', 'served default @70%')['target_rps']:,.0f} req/s; its p99 was "
+        f"{point(d, 'image', 'served default @70%')['p99_ms']:.0f} ms and {point(d, 'image', 'served default @70%')['errors']} requests"),  # noqa: E501
+        "open-loop point"),
+    # the soak table of docs/reliability.md: runs 3 and 4
+    Figure("docs/reliability.md", SOAK3, lambda d: (
+        f"| {d['image']['saturation_rps']:.0f}, {d['text']['saturation_rps']:.0f} | {d['image']['target_rps']:.0f}, "
+        f"{d['text']['target_rps']:.0f} | {d['image']['errors']}, {d['text']['errors']} | "
+        f"{d['image']['p99_first_window_ms']:.0f} → {d['image']['p99_last_window_ms']:.0f} ms; "
+        f"{d['text']['p99_first_window_ms']:.0f} → {d['text']['p99_last_window_ms']:.0f} ms, above 1 s in "
+        f"{len(minutes_above(d, 'image', 1000))} (images) and {len(minutes_above(d, 'text', 1000))} (texts) of the "
+        f"{d['minutes']:.0f} minutes |"), "soak run 3"),
+    Figure("docs/reliability.md", SOAK3, lambda d: (
+        f"p99 rose above 1 s in {len(minutes_above(d, 'text', 1000))} of the {d['minutes']:.0f} minutes "
+        f"({len(minutes_above(d, 'image', 1000))} for images)"), "soak run 3, above 1 s"),
+    Figure("docs/reliability.md", SOAK3, lambda d: (
+        f"in those minutes the generator was {lag_range_s(minutes_above(d, 'image', 1000) + minutes_above(d, 'text', 1000))} late"),  # noqa: E501
+        "soak run 3, generator lag"),
+    Figure("docs/reliability.md", SOAK4, lambda d: (
+        f"| {d['image']['saturation_rps']:.0f}, {d['text']['saturation_rps']:.0f} | {d['image']['target_rps']:.0f}, "
+        f"{d['text']['target_rps']:.0f} | **{d['image']['errors']}, {d['text']['errors']}** "
+        f"({d['image']['requests']:,} and {d['text']['requests']:,} requests) | "
+        f"**{d['image']['p99_first_window_ms']:.0f} → "
+        f"{d['image']['p99_last_window_ms']:.0f} ms; {d['text']['p99_first_window_ms']:.0f} → "
+        f"{d['text']['p99_last_window_ms']:.0f} ms, every minute between "
+        f"{min(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} and "
+        f"{max(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} ms"), "soak run 4"),
+    Figure("docs/deployment-answers.md", SOAK4, lambda d: (
+        f"{d['image']['target_rps']:.0f} images/s and {d['text']['target_rps']:.0f} texts/s for {d['minutes']:.0f} "
+        f"minutes, {d['image']['errors'] + d['text']['errors']} errors in "
+        f"{d['image']['requests'] + d['text']['requests']:,} requests"), "soak row"),
+    # the reliability suite's table (docs/reliability.md), from make reliability
+    Figure("docs/reliability.md", RELIABILITY, lambda d: (
+        f"| {d['fuzz_image']['requests']} (image) and {d['fuzz_text']['requests']} (text) requests, "
+        f"{d['fuzz_image']['operations']} and {d['fuzz_text']['operations']} operations |"), "fuzzing"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: f"| {d['hostile_options']['requests']} (both services) |",
+           "hostile options"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: f"| {d['hostile_v2_numbers']['requests']} (both services; ",
+           "hostile V2 numbers"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: (
+        f"| {d['hostile_numbers_fuzz_image']['requests']} (image) and {d['hostile_numbers_fuzz_text']['requests']} "
+        f"(text), {d['hostile_numbers_fuzz_image']['operations']} and {d['hostile_numbers_fuzz_text']['operations']} "
+        "operations (predict, explain, V2 infer and its version route) |"), "property test"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: overload_row(d["overload"]), "overload"),
+    # loadtest.md: the published run of make loadtest (its verdict file records no machine)
+    Figure("docs/loadtest.md", LOADTEST, lambda d: (
+        f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
+        f"**SLO {'PASSED' if d['passed'] else 'FAILED'}**; p95 from {min(e['p95_ms'] for e in routes(d))} ms "
+        f"(image upload) to {max(e['p95_ms'] for e in routes(d))} ms (eight sentences), p99 at most "
+        f"{max(e['p99_ms'] for e in routes(d))} ms"), "published load test"),
+    # serving.md: an explain process's memory, from make explain-load
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"each explain process held {mem(d, 'image', 'explain_processes')} (image) and "
+        f"{mem(d, 'text', 'explain_processes')} (text), beside {mem(d, 'image', 'http_workers')} and "
+        f"{mem(d, 'text', 'http_workers')} for each HTTP worker"), "explain process memory"),
+]  # fmt: skip
+
+
+def sections(text: str) -> list[str]:
+    return re.split(r"\n(?=#{1,4} )", text)
+
+
+def cited(section: str, source: str) -> bool:
+    """The section names the results file: its path, or a link relative to docs/."""
+    return source in section or source.removeprefix("docs/") in section
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f"{Path(f.doc).name}: {f.what}")
+def test_quoted_figure_is_the_results_figure(figure):
+    data = results(figure.source)
+    quote = figure.quote(data)
+    text = (ROOT / figure.doc).read_text()
+    flat = re.sub(r"\s*\n\s*", " ", text)
+    assert quote in flat, f"{figure.doc} does not quote {figure.source} as it is: expected\n  {quote}"
+    section = next(s for s in sections(text) if quote in re.sub(r"\s*\n\s*", " ", s))
+    assert cited(section, figure.source), f"{figure.doc}: the section quoting '{quote}' never names {figure.source}"
+    machine = machine_of(data)
+    if machine:
+        assert machine in section, f"{figure.doc}: {figure.source} was measured on {machine}; its section says not"
+        # a paragraph, a list item or a table row
+        pieces = re.split(r"\n\s*\n|\n(?=\s*- |\|)", text)
+        paragraph = next(p for p in pieces if quote in re.sub(r"\s*\n\s*", " ", p))
+        others = [m for m in MACHINES if m != machine and m in paragraph and machine not in paragraph]
+        assert not others, f"{figure.doc}: a figure of {machine} ({figure.source}) in a paragraph naming {others}"
+
+
+def test_every_results_file_the_docs_cite_is_committed():
+    """A page that cites docs/results/<file>.json as a source must have it in the repository."""
+    missing = set()
+    for doc in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
+        for path in re.findall(r"(?:docs/)?results/[\w./-]+\.json", doc.read_text()):
+            full = path if path.startswith("docs/") else f"docs/{path}"
+            if not (ROOT / full).exists():
+                missing.add(f"{doc.name}: {full}")
+    assert not missing, sorted(missing)
