@@ -61,12 +61,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def quiet() -> None:
-    """Wait while speed is being measured on this machine (the quiet flag)."""
-    while os.path.exists("/tmp/servable-quiet"):
-        time.sleep(20)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -306,7 +300,7 @@ def stack(tmp_path_factory):
     work.mkdir(parents=True, exist_ok=True)
     s = Stack(work)
     t0 = time.time()
-    # 1. the images (the builds wait while the quiet flag is set)
+    # 1. the images
     out = sh([str(ROOT / "deploy" / "podman" / "images.sh")], timeout=3600, env={**s.env, "WORK": str(work)})
     print(out.stdout)
     s.report["durations_s"]["images"] = round(time.time() - t0, 1)
@@ -577,7 +571,6 @@ def served_tag(stack: Stack, kind: str) -> set[str]:
 
 def test_rollout_and_rollback_under_load_fail_no_request(stack):
     stack.report["memory_at_rest_mib"] = stack.memory_mib()
-    quiet()
     rollout = str(stack.repo / "deploy" / "compose_rollout.sh")
     env = {"COMPOSE": "docker-compose", "COMPOSE_FILES": " ".join(stack.files), "ENGINE": "podman"}
     steps = {}

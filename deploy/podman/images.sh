@@ -14,7 +14,6 @@
 #                 maps compose's services to them)
 #
 # Environment: WORK (scratch dir), DEBIAN_MIRROR, SERVABLE_IMAGE, BUILD_LOG_DIR (default WORK).
-# The quiet flag (/tmp/servable-quiet, set while speed is measured) is honoured before each build.
 # Needs root (or rootless podman), podman, runc, mmdebstrap; Debian's mirror and PyPI for the builds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -25,12 +24,10 @@ SERVABLE_IMAGE="${SERVABLE_IMAGE:-localhost/servable:cpu}"
 [ $# -gt 0 ] || set -- servable nginx prometheus alertmanager
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*"; }
-quiet() { while test -e /tmp/servable-quiet; do sleep 20; done; }
 
 base() { # suite tag packages: a minimal Debian root filesystem, imported once
   local suite=$1 tag=$2 include=$3
   podman image exists "$tag" && return 0
-  quiet
   log "base: Debian $suite root filesystem ($include) -> $tag"
   # The base trusts the host's CA bundle (pip and apt inside a build then work behind a
   # TLS-inspecting proxy); pip is told to use the system bundle rather than certifi's.
@@ -45,7 +42,6 @@ base() { # suite tag packages: a minimal Debian root filesystem, imported once
 
 build() { # tag logname podman-build-args...
   local tag=$1 name=$2; shift 2
-  quiet
   local t0=$SECONDS
   # --format docker keeps HEALTHCHECK; --network host: pip and apt reach their registries
   podman build --format docker --network host -t "$tag" "$@" >"$WORK/build-$name.log" 2>&1 \
