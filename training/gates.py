@@ -26,7 +26,10 @@ from servable.artifact import ModelManifest
 from training.tasks import for_task
 
 DOCUMENTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "training" / "documented.json"
-NOT_RECIPE = ("name", "version", "runs_dir", "register_model", "progress", "device", "amp", "num_threads")
+# calibrate / abstain_coverage: a temperature fitted after training divides the logits, so no gated
+# figure (argmax accuracy, int8/fp32 agreement) moves with them
+NOT_RECIPE = ("name", "version", "runs_dir", "register_model", "progress", "device", "amp", "num_threads",
+              "calibrate", "abstain_coverage")  # fmt: skip
 # gated figure -> how the log, the docs and the model card name it
 FIGURES = {
     "test_accuracy": "fp32 test accuracy",
