@@ -16,7 +16,6 @@ the temperature at training time (`fit`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +26,10 @@ from servable import artifact
 from servable.artifact import Calibration
 from servable.config import TrainCommon
 from servable.explain import probabilities
+from training.tasks import LabelledLogits, for_task
 
 BINS = 15
 LOG_T_BOUNDS = (np.log(0.05), np.log(20.0))
-
-
-@dataclass
-class LabelledLogits:
-    """A set of examples scored by the model: its logits, true labels (None: no label is right, e.g. digits
-    shown to a clothing classifier) and whether it is like the training data."""
-
-    logits: np.ndarray
-    y: np.ndarray | None
-    in_domain: bool
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
@@ -189,7 +179,6 @@ def for_registered(tag: str, out: Path, coverage: float, machine: str) -> dict:
     out-of-domain ones its task has) rebuilt from the recorded config and scored by its fp32 ONNX file; the
     temperature fitted again on validation (the stored one, where the artifact has it, is reported too)."""
     from training.onnx_tools import cpu_session
-    from training.tasks import for_task
 
     art = artifact.load(tag)
     m = art.manifest

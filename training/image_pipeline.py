@@ -26,6 +26,7 @@ from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
 from training.small_cnn import SmallCNN
+from training.tasks import LabelledLogits
 
 
 @dataclass
@@ -238,23 +239,23 @@ def digits(prep: ImagePreprocessing) -> np.ndarray:
 
 def calibration_sets(
     splits: ImageSplits, session, prep: ImagePreprocessing, test_logits: np.ndarray | None = None
-) -> dict[str, calibration.LabelledLogits]:
+) -> dict[str, LabelledLogits]:
     """Validation, test (`test_logits` where the run has them), the test images rotated and noisy, and
     (grey-level models) digits, scored by `session`."""
     sets = {
-        "validation": calibration.LabelledLogits(onnx_predict(session, splits.val_x, prep), splits.val_y, True),
-        "test": calibration.LabelledLogits(
+        "validation": LabelledLogits(onnx_predict(session, splits.val_x, prep), splits.val_y, True),
+        "test": LabelledLogits(
             onnx_predict(session, splits.test_x, prep) if test_logits is None else test_logits, splits.test_y, True
         ),
-        f"test rotated ±{SHIFT_DEGREES}°": calibration.LabelledLogits(
+        f"test rotated ±{SHIFT_DEGREES}°": LabelledLogits(
             onnx_predict(session, rotated(splits.test_x), prep), splits.test_y, False
         ),
-        f"test with noise σ {SHIFT_NOISE:g}": calibration.LabelledLogits(
+        f"test with noise σ {SHIFT_NOISE:g}": LabelledLogits(
             onnx_predict(session, noisy(splits.test_x, 0), prep), splits.test_y, False
         ),
     }
     if prep.color_mode == "L":
-        sets["digits"] = calibration.LabelledLogits(onnx_predict(session, digits(prep), prep), None, False)
+        sets["digits"] = LabelledLogits(onnx_predict(session, digits(prep), prep), None, False)
     return sets
 
 

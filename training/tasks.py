@@ -25,11 +25,20 @@ if TYPE_CHECKING:
     import numpy as np
 
     from servable.artifact import Artifact
-    from training.calibration import LabelledLogits
 
 
 class UnknownTask(LookupError):
     """An artifact whose task no entry of TASKS trains."""
+
+
+@dataclass
+class LabelledLogits:
+    """A set of examples scored by the model: its logits, true labels (None: no label is right, e.g. digits
+    shown to a clothing classifier) and whether it is like the training data."""
+
+    logits: np.ndarray
+    y: np.ndarray | None
+    in_domain: bool
 
 
 @dataclass(frozen=True)

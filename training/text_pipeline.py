@@ -15,13 +15,13 @@ from servable.config import TextTrainConfig
 from servable.explain import Occlusion, probabilities
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
 from training import calibration, onnx_tools
-from training.calibration import LabelledLogits
 from training.data_text import TextSplits, load_bundled, load_user_file
 from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import by_domain, classification_report, domain_table
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
+from training.tasks import LabelledLogits
 from training.text_model import LogitsOnly, freeze_encoder, head_parameters, load_backbone
 
 LATENCY_BATCHES = (1, 32)
