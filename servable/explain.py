@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from servable.preprocessing import ImagePreprocessing, normalize
+
 WORD = re.compile(r"\S+")
 
 
@@ -45,14 +47,11 @@ def background_fill(images: np.ndarray) -> list[float]:
     return [float(v) for v in np.median(np.concatenate(border), axis=0)]
 
 
-def normalised_fill(occlusion: Occlusion | None, mean: list[float], std: list[float]) -> np.ndarray | None:
-    """The pixel fill in the model's input units, (C, 1, 1); None without one."""
+def normalised_fill(occlusion: Occlusion | None, prep: ImagePreprocessing) -> np.ndarray | None:
+    """The pixel fill in the model's input units (`normalize`, as the image itself), (C, 1, 1); None without one."""
     if occlusion is None or occlusion.pixel_fill is None:
         return None
-    fill = (np.asarray(occlusion.pixel_fill, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
-        std, np.float32
-    )
-    return fill.reshape(-1, 1, 1)
+    return normalize(np.asarray(occlusion.pixel_fill, np.float32).reshape(1, 1, -1), prep)
 
 
 def grid_edges(size: int, grid: int) -> np.ndarray:

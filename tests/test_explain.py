@@ -553,8 +553,9 @@ def test_occlusion_helpers_are_exact_on_a_known_input():
     images[:, 1:-1, 1:-1] = 7  # the inside: not the border
     assert explain.background_fill(images) == [200.0, 200.0, 200.0]
     occlusion = explain.Occlusion(pixel_fill=[0.0, 127.5, 255.0])
-    fill = explain.normalised_fill(occlusion, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    assert np.allclose(fill.ravel(), [-1.0, 0.0, 1.0]) and explain.normalised_fill(None, [0.5] * 3, [0.5] * 3) is None
+    prep = ImagePreprocessing(size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    fill = explain.normalised_fill(occlusion, prep)
+    assert np.allclose(fill.ravel(), [-1.0, 0.0, 1.0]) and explain.normalised_fill(None, prep) is None
     batch = explain.occluded_images(pixels, 2, fill)
     assert np.allclose(batch[1][:, :4, :4], fill) and np.array_equal(batch[1][:, 4:, :], pixels[:, 4:, :])
     start = time.perf_counter()

@@ -40,7 +40,7 @@ def image_gallery(session, prep: ImagePreprocessing, test_x: np.ndarray, test_y:
                   occlusion: explain.Occlusion | None = None) -> list[dict]:  # fmt: skip
     """`gallery.png` (image, heatmap over it, true and predicted class) and `gallery.json`."""
     run = _logits(session)
-    fill = explain.normalised_fill(occlusion, prep.mean, prep.std)
+    fill = explain.normalised_fill(occlusion, prep)
     entries, overlays = [], []
     for i in confident_mistakes(probs, test_y, n):
         pred = int(probs[i].argmax())

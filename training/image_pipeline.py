@@ -284,7 +284,7 @@ def faithfulness_sample(cfg: ImageTrainConfig, art: Artifact, session, n: int):
 
     occlusion = m.occlusion or Occlusion(pixel_fill=background_fill(splits.train_x))
     fill, grid = (
-        normalised_fill(occlusion, prep.mean, prep.std),
+        normalised_fill(occlusion, prep),
         ImageServeSettings.model_fields["explain_grid"].default,
     )
     absences = {f"background {occlusion.pixel_fill}": lambda x: GridParts(x, grid, fill),

@@ -249,7 +249,7 @@ class ImageAdapter(Adapter, Explains):
         return Parsed([preprocess_image(image, self.prep)], [None], options)
 
     def explain_rows(self, parsed: Parsed) -> list[np.ndarray]:
-        fill = explain.normalised_fill(self.occlusion, self.prep.mean, self.prep.std)  # the model's background
+        fill = explain.normalised_fill(self.occlusion, self.prep)  # the model's background
         return list(explain.occluded_images(parsed.rows[0], parsed.options["grid"], fill))
 
     def explanation(self, parsed: Parsed, values: np.ndarray) -> dict:
