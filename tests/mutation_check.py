@@ -8,10 +8,12 @@ pass *survived*: the claim is not proven against that break, and the run fails.
     python -m tests.mutation_check               # make mutation-check: every break (about 15 min on 2 cores)
     python -m tests.mutation_check --only audit-strict hpa-max-replicas
     python -m tests.mutation_check --list
+    python -m tests.mutation_check --table      # the table docs/reliability.md quotes
 
 The copy holds the tracked and untracked, not ignored files (with .venv and .cache linked), so the
-working tree is never edited. The last result is written to docs/results/mutation-check.json and
-quoted in docs/reliability.md.
+working tree is never edited. Each break's last result is kept in docs/results/mutation-check.json
+with the commit, date and machine it ran at (a run of some breaks replaces their rows only, a row whose
+break changed since is dropped); `--table` prints docs/reliability.md's table of it.
 """
 
 from __future__ import annotations
@@ -178,10 +180,67 @@ def cpu_model() -> str:
         return platform.machine()
 
 
+def commit() -> str:
+    """HEAD, marked `+changes` when the tree run differs from it (the copy holds uncommitted files too)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    changed = [line for line in git("status", "--porcelain").splitlines() if not line.endswith(RESULT.name)]
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
+
+
+def definition(m: Mutation) -> dict:
+    """What a recorded row was run against: a row whose break or tests changed since is not a result."""
+    return {"path": m.path, "old": m.old, "new": m.new, "tests": list(m.tests)}
+
+
+VERDICTS = ("killed", "survived")
+
+
+def merged(previous: dict, rows: list[dict]) -> dict:
+    """The last result of every break: this run's rows over the previous file's. A row no longer matching
+    its break's definition is dropped, and a run that reached no verdict (interrupted, timed out) does not
+    replace an earlier verdict."""
+    by_name = {m.name: m for m in MUTATIONS}
+    kept = {r["name"]: r for r in previous.get("results", [])
+            if r.get("name") in by_name and r.get("definition") == definition(by_name[r["name"]])}  # fmt: skip
+    for r in rows:
+        old = kept.get(r["name"])
+        if not (old and old["outcome"] in VERDICTS and r["outcome"] not in VERDICTS):
+            kept[r["name"]] = r
+    results = [kept[m.name] for m in MUTATIONS if m.name in kept]
+    verdicts = [r for r in results if r["outcome"] in VERDICTS]
+    return {"total": len(MUTATIONS), "run": len(verdicts), "killed": sum(r["outcome"] == "killed" for r in results),
+            "complete": len(verdicts) == len(MUTATIONS), "results": results}  # fmt: skip
+
+
+def markdown(record: dict) -> str:
+    """docs/reliability.md's summary line and table, from the recorded result (the test compares the two)."""
+    rows = {r["name"]: r for r in record["results"]}
+    dates = sorted({r["date"] for r in rows.values()})
+    machines = sorted({r["machine"] for r in rows.values()})
+    when = dates[0] if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}"
+    head = (f"Last result of each break ([results/mutation-check.json](results/mutation-check.json)): "
+            f"{record['killed']} of {record['total']} killed, {record['total'] - record['run']} without a verdict; "
+            f"run {when} on {', '.join(machines) or 'no machine'}, each row at the commit it names.")  # fmt: skip
+    one_line = lambda text: " ".join(text.split()) or "(removed)"  # noqa: E731
+    lines = [head, "", "| break | applied to | result | first cited test to fail | s | commit, date, load |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for m in MUTATIONS:
+        r = rows.get(m.name)
+        change = f"{m.name}: `{one_line(m.old)}` → `{one_line(m.new)}`"
+        if r is None:
+            lines.append(f"| {change} | `{m.path}` | not run | — | — | — |")
+            continue
+        by = f"`{r['killed_by'].split('::')[-1]}`" if r.get("killed_by") else "—"
+        lines.append(f"| {change} | `{m.path}` | {r['outcome']} | {by} | {r['seconds']:.0f} | "
+                     f"{r['commit']}, {r['date']}, {r['load_average_at_start']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="+", metavar="NAME", help="these mutations only (not recorded)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="these mutations only (merged into the last result)")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--table", action="store_true", help="print docs/reliability.md's table of the last result")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
     p.add_argument(
         "--wait-while",
@@ -194,35 +253,36 @@ def main(argv: list[str] | None = None) -> int:
         for m in MUTATIONS:
             print(f"{m.name:32} {m.path}: {m.claim}")
         return 0
+    if args.table:
+        print(markdown(json.loads(RESULT.read_text())), end="")
+        return 0
     unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
     if unknown:
         p.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    run_at = {"commit": commit(), "machine": f"{cpu_model()}, {os.cpu_count()} cores"}
     results: list[dict] = []
     start = time.monotonic()
-    record = {"date": datetime.datetime.now(datetime.UTC).date().isoformat(),
-              "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-              "load_average_at_start": round(os.getloadavg()[0], 1),  # a shared machine runs it slower
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip()}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="servable-mutation-") as tmp:
         tree = Path(tmp)
         copy_tree(tree)
         for m in chosen:
             while args.wait_while and args.wait_while.exists():
                 time.sleep(20)
-            res = run_one(m, tree, args.timeout)
+            # the load average: a shared machine runs the breaks slower
+            at = {**run_at, "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
+                  "load_average_at_start": round(os.getloadavg()[0], 1)}  # fmt: skip
+            res = {**run_one(m, tree, args.timeout), **at, "definition": definition(m)}
             results.append(res)
             by = f": {res['killed_by']}" if res.get("killed_by") else ""
             print(f"{res['outcome']:9} {m.name} ({res['seconds']:.0f} s){by}", flush=True)
-            if not args.only:  # after each mutation: a run stopped part way keeps what it found
-                RESULT.write_text(json.dumps({
-                    **record, "complete": len(results) == len(chosen),
-                    "minutes": round((time.monotonic() - start) / 60, 1), "total": len(chosen),
-                    "killed": sum(r["outcome"] == "killed" for r in results), "results": results,
-                }, indent=1) + "\n")  # fmt: skip
+            # after each mutation: a run stopped part way keeps what it found
+            RESULT.write_text(json.dumps(merged(previous, results), indent=1) + "\n")
     killed = sum(r["outcome"] == "killed" for r in results)
     print(f"{killed}/{len(results)} mutations killed by their cited tests in {(time.monotonic() - start) / 60:.1f} min")
+    print(f"{RESULT.relative_to(ROOT)}: {merged(previous, results)['killed']} of {len(MUTATIONS)} killed at their last "
+          "run; `--table` prints docs/reliability.md's table")  # fmt: skip
     return 0 if killed == len(results) else 1
 
 
