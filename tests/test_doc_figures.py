@@ -29,7 +29,8 @@ def results(path: str) -> dict:
 
 
 def machine_of(data: dict) -> str | None:
-    recorded = data.get("machine")
+    # a file of several labelled runs (loadtest.memory) records each run's machine
+    recorded = data.get("machine") or [r.get("machine") for r in data.get("runs", {}).values()] or None
     text = json.dumps(recorded) if recorded is not None else ""
     return next((m for m in MACHINES if m.split()[-1] in text), None)
 
@@ -41,6 +42,8 @@ SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
 EXPLAIN = "docs/results/explain/explain_load.json"
 RELIABILITY = "docs/results/reliability.json"
 LOADTEST = "docs/results/loadtest/local_slo.json"
+MEMORY, MEMORY_FINAL = "docs/results/memory/memory.json", "docs/results/memory/final-tree.json"
+MEMORY_PHASES = (("at_rest", "at rest"), ("after_one_explanation", "after one explanation"))
 
 
 # The request format of the pages' figures: the first one measured (image uploads, JSON texts, raw ORT's none)
@@ -98,6 +101,57 @@ def overload_row(o: dict) -> str:
         f"**{o['503']:,} × 503 `overloaded`**, {o['5xx_other']} other 5xx, {o['no_answer']} unanswered; full "
         f"service right after | refusals ≤ {o['max_refusal_latency_s']:.2f} s |"
     )
+
+
+def rss(d: dict, run: str, phase: str, model: str) -> float:
+    return d["runs"][run]["phases"][phase][model]["rss_mib"]
+
+
+def share(part: float, whole_: float) -> str:
+    return f"{part / whole_:.0%}".replace("%", " %")
+
+
+def memory_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
+    """A row of the memory table: before, after (its share of before), after + the recommended change."""
+
+    def row(d: dict) -> str:
+        before, after, rec = (rss(d, run, phase, model) for run in ("before", "after", "after_with_recommended"))
+        bold = "**" if phase == "at_rest" else ""
+        return (f"| {model}, {label} | {before:.0f} | {bold}{after:.0f} ({share(after, before)}){bold} | "
+                f"{rec:.0f} ({share(rec, before)}) |")  # fmt: skip
+
+    return row
+
+
+def pss_both(d: dict, run: str) -> float:
+    return sum(d["runs"][run]["phases"]["at_rest"][m]["pss_mib"] for m in ("image", "text"))
+
+
+def memory_load_row(model: str) -> Callable[[dict], str]:
+    runs = ("before", "after", "after_with_recommended")
+    return lambda d: f"| {model}, under load (largest) / after it | " + " | ".join(
+        f"{d['runs'][r]['phases']['under_load'][model]['largest_total_rss_mib']:.0f} / "
+        f"{rss(d, r, 'after_load', model):.0f}" for r in runs) + " |"  # fmt: skip
+
+
+def each(d: dict, run: str, phase: str, model: str, role: str) -> str:
+    """Each process of a role, its RSS in whole MiB: one figure, or the range."""
+    processes = d["runs"][run]["phases"][phase][model]["processes"]
+    values = sorted(round(p["rss_mib"]) for p in processes if p["role"] == role)
+    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
+def each_pair(d: dict, run: str, role: str, phase: str = "at_rest") -> str:
+    return f"{each(d, run, phase, 'image', role)} / {each(d, run, phase, 'text', role)}"
+
+
+def final_tree_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
+    def row(d: dict) -> str:
+        before, final = rss(d, "before", phase, model), rss(d, "final", phase, model)
+        ratio = f" {share(final, before)} " if phase == "at_rest" else " "
+        return f"| {model}, {label} | {before:.0f} | {final:.0f} |{ratio}|"
+
+    return row
 
 
 @dataclass(frozen=True)
@@ -260,6 +314,30 @@ FIGURES = [
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: overload_row(d["overload"]), "overload"),
+    # benchmark.md: memory at rest, from make memory (three labelled runs), and on the redesigned core
+    *(Figure("docs/benchmark.md", MEMORY, memory_row(m, phase, label), f"memory: {m}, {label}")
+      for m in ("image", "text") for phase, label in MEMORY_PHASES),
+    *(Figure("docs/benchmark.md", MEMORY, memory_load_row(m), f"memory: {m}, under load") for m in ("image", "text")),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"what the machine really gives them) | {pss_both(d, 'before'):,.0f} | **{pss_both(d, 'after'):,.0f} "
+        f"({share(pss_both(d, 'after'), pss_both(d, 'before'))})** | {pss_both(d, 'after_with_recommended'):,.0f} |"),
+        "memory: PSS"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| arbiter (`bentoml serve`) | {each_pair(d, 'before', 'arbiter')} | {each_pair(d, 'after', 'arbiter')} "
+        f"({each_pair(d, 'after_with_recommended', 'arbiter')} with the recommended change) |"), "memory: arbiter"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| HTTP worker, each | {each_pair(d, 'before', 'http_worker')} | {each_pair(d, 'after', 'http_worker')} |"),
+        "memory: HTTP worker"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| explain process, each (2 before, none after) | {each_pair(d, 'before', 'explain_process')} | none; "
+        f"{each_pair(d, 'after', 'explain_process', 'after_one_explanation')} once started |"),
+        "memory: explain process"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| resource tracker, each (2 before, none after) | {each_pair(d, 'before', 'resource_tracker')} | none; "
+        f"{each(d, 'after', 'after_one_explanation', 'image', 'resource_tracker')} once an explain process started |"),
+        "memory: resource tracker"),
+    *(Figure("docs/benchmark.md", MEMORY_FINAL, final_tree_row(m, phase, label), f"memory, core redesign: {m}, {label}")
+      for phase, label in MEMORY_PHASES for m in ("image", "text")),
     # loadtest.md: the published run of make loadtest (its verdict file records no machine)
     Figure("docs/loadtest.md", LOADTEST, lambda d: (
         f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
