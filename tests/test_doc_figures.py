@@ -29,8 +29,10 @@ def results(path: str) -> dict:
 
 
 def machine_of(data: dict) -> str | None:
-    # a file of several labelled runs (loadtest.memory) records each run's machine
-    recorded = data.get("machine") or [r.get("machine") for r in data.get("runs", {}).values()] or None
+    # a file of several labelled runs (loadtest.memory) or models (documented.json) records each one's machine
+    entries = data.get("runs") or data.get("models")
+    each_ = [e.get("machine") for e in entries.values() if isinstance(e, dict)] if isinstance(entries, dict) else []
+    recorded = data.get("machine") or each_ or None
     text = json.dumps(recorded) if recorded is not None else ""
     return next((m for m in MACHINES if m.split()[-1] in text), None)
 
@@ -42,6 +44,7 @@ SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
 EXPLAIN = "docs/results/explain/explain_load.json"
 RELIABILITY = "docs/results/reliability.json"
 LOADTEST = "docs/results/loadtest/local_slo.json"
+DOCUMENTED = "docs/results/training/documented.json"
 MEMORY, MEMORY_FINAL = "docs/results/memory/memory.json", "docs/results/memory/final-tree.json"
 MEMORY_PHASES = (("at_rest", "at rest"), ("after_one_explanation", "after one explanation"))
 
@@ -338,6 +341,56 @@ FIGURES = [
         "memory: resource tracker"),
     *(Figure("docs/benchmark.md", MEMORY_FINAL, final_tree_row(m, phase, label), f"memory, core redesign: {m}, {label}")
       for phase, label in MEMORY_PHASES for m in ("image", "text")),
+    # index.md: the reference models (benchmark.json's tags and machine) and today's documented runs
+    *(Figure("docs/index.md", BENCH, lambda d, i=i: (
+        f"| `{d['models'][i]['tag']}` | {d['machine'].split(', Python')[0]} | [benchmark]"), f"reference model {i}")
+      for i in (0, 1)),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"| `{d['models']['image']['run']}` | {d['models']['image']['figures']['test_accuracy']:.4f} (Fashion-MNIST "
+        f"test, {d['models']['image']['data_counts']['test']:,} images) | - |"), "documented image run"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"| `{d['models']['text']['run']}` | {d['models']['text']['figures']['test_accuracy']:.4f} "
+        f"({d['models']['text']['data_counts']['test']:,} held-out sentences) | "
+        f"{d['models']['text']['figures']['out_of_domain_accuracy']:.4f} "
+        f"({d['models']['text']['data_counts']['ood_test']:,} Amazon review sentences) |"), "documented text run"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"holds every default run to, within {100 * d['models']['image']['tolerance']:.1f} points"), "gate tolerance"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"loses more than {100 * d['models']['image']['int8_max_drop']:.0f} point of test accuracy"), "int8 bound"),
+    # training.md: the documented default runs' headline figures and data counts
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"{d['models']['image']['data_counts']['train']:,} training / {d['models']['image']['data_counts']['val']:,} "
+        f"validation images at 64 px"), "image data counts"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: f"Run `{d['models']['image']['run']}` (2026-11-30, AMD EPYC",
+           "image run"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, full {d['models']['image']['data_counts']['test']:,}-image test set | "
+        f"**{d['models']['image']['figures']['test_accuracy']:.4f}** |"), "image test accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"lifted test accuracy by 5 points, to {d['models']['image']['figures']['test_accuracy']:.4f},"),
+        "image test accuracy, prose"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"with seed 42, {d['models']['text']['data_counts']['train']:,} training / "
+        f"{d['models']['text']['data_counts']['val']:,} validation / "
+        f"{d['models']['text']['data_counts']['test']:,} test sentences"), "text data counts"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"the Amazon out-of-domain set has {d['models']['text']['data_counts']['ood_test']:,} sentences"),
+        "text out-of-domain count"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: f"(run `{d['models']['text']['run']}`, seed 42", "text run"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, in-domain test, pooled ({d['models']['text']['data_counts']['test']:,}) | "
+        f"**{d['models']['text']['figures']['test_accuracy']:.4f}** |"), "text test accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, out-of-domain Amazon ({d['models']['text']['data_counts']['ood_test']:,}) | "
+        f"**{d['models']['text']['figures']['out_of_domain_accuracy']:.4f}** |"), "text out-of-domain accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"int8 agrees with fp32 on {100 * d['models']['text']['figures']['int8_agreement']:.1f} % of the in-domain "
+        "test sentences"), "text int8 agreement"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"**In domain: {d['models']['text']['figures']['test_accuracy']:.3f} pooled on seed 42**"), "text, prose"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"**Out of domain, seed 42: 0.833 → {d['models']['text']['figures']['out_of_domain_accuracy']:.3f}**"),
+        "text out of domain, prose"),
     # loadtest.md: the published run of make loadtest (its verdict file records no machine)
     Figure("docs/loadtest.md", LOADTEST, lambda d: (
         f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
