@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from functools import cache
 from pathlib import Path
 
@@ -176,6 +177,42 @@ def rollout_s(d: dict, step: str) -> str:
     return whole(d["rollout"]["durations_s"][step])
 
 
+def explain_cost(d: dict, model: str) -> dict:
+    return d["models"][model]["cost"]
+
+
+def explanation_cost_row(d: dict) -> str:
+    image, text = explain_cost(d, "image"), explain_cost(d, "text")
+    grid8, grid16, txt = image["explain"], image["explain_grid16"], text["explain"]
+    return (
+        "| one explanation, idle server (median / p95) | "
+        f"{grid8['median_ms']:.0f} / {grid8['p95_ms']:.0f} ms (grid 8 + overlay, {grid8['model_rows_mean']:.0f} rows): "
+        f"**{image['explain_vs_predict']:.2g}x** a prediction; grid 16 "
+        f"({grid16['model_rows_mean']:.0f} rows, allowed before `EXPLAIN_MAX_ROWS`): {grid16['median_ms']:.0f} ms | "
+        f"{txt['median_ms']:.0f} / {txt['p95_ms']:.0f} ms ({txt['model_rows_mean']:.1f} words on average): "
+        f"**{text['explain_vs_predict']:.2g}x** |"
+    )
+
+
+def predict_pcts(d: dict, model: str, phase: str) -> str:
+    p = d["models"][model][phase]["predict"]
+    return f"{tenths(p['p50_ms'])} / {tenths(p['p95_ms'])} / {tenths(p['p99_ms'])} ms"
+
+
+def explain_table_row(label: str, phase: str) -> Callable[[dict], str]:
+    return lambda d: f"| {label} | {predict_pcts(d, 'image', phase)} | {predict_pcts(d, 'text', phase)} |"
+
+
+def explained(d: dict, model: str) -> str:
+    e = d["models"][model]["with_explain_load_default"]["explain"]
+    return f"{e['explanations_per_s']:.0f}/s ({e['by_status']['429']} x 429)"
+
+
+def p99_rise(d: dict, model: str) -> tuple[float, float]:
+    m = d["models"][model]
+    return m["predict_alone"]["predict"]["p99_ms"], m["with_explain_load_default"]["predict"]["p99_ms"]
+
+
 @dataclass(frozen=True)
 class Figure:
     doc: str
@@ -191,6 +228,11 @@ def bench_c32(d: dict, model: str, config: str) -> dict:
 def whole(x: float) -> str:
     """Rounded half up, as a reader rounds (the JSON keeps one decimal: 398.5 req/s is printed 399)."""
     return f"{math.floor(x + 0.5):,}"
+
+
+def tenths(x: float) -> str:
+    """One decimal, rounded half up as the JSON's figure reads (6.05 ms is printed 6.1)."""
+    return str(Decimal(str(x)).quantize(Decimal("0.1"), ROUND_HALF_UP))
 
 
 def rps_p99(d: dict, model: str, config: str) -> str:
@@ -410,6 +452,30 @@ FIGURES = [
     Figure("docs/training.md", DOCUMENTED, lambda d: (
         f"**Out of domain, seed 42: 0.833 → {d['models']['text']['figures']['out_of_domain_accuracy']:.3f}**"),
         "text out of domain, prose"),
+    # serving.md: make explain-load's measured run
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"| | image (`/classify`, {d['settings']['rate']['image']:.0f} req/s) | text (`/sentiment`, "
+        f"{d['settings']['rate']['text']:.0f} req/s) |"), "explain load: rates"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"| one prediction, idle server (median) | {explain_cost(d, 'image')['predict']['median_ms']:.1f} ms | "
+        f"{explain_cost(d, 'text')['predict']['median_ms']:.1f} ms |"), "explain load: one prediction"),
+    Figure("docs/serving.md", EXPLAIN, explanation_cost_row, "explain load: one explanation"),
+    Figure("docs/serving.md", EXPLAIN, explain_table_row("predict p50 / p95 / p99 alone", "predict_alone"),
+           "explain load: predict alone"),
+    Figure("docs/serving.md", EXPLAIN, explain_table_row(
+        "... with 8 clients sending explanations back to back", "with_explain_load_default"),
+        "explain load: predict with explanations"),
+    Figure("docs/serving.md", EXPLAIN, explain_table_row(
+        "... the same, explain process at the predict path's priority (`EXPLAIN_NICE=0`)",
+        "with_explain_load_explain_nice_0"), "explain load: nice 0"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"| explanations answered meanwhile (the rest: 429) | {explained(d, 'image')} | {explained(d, 'text')} |"),
+        "explain load: explanations answered"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"predict p99 rose by {p99_rise(d, 'image')[1] - p99_rise(d, 'image')[0]:.2g} ms "
+        f"({p99_rise(d, 'image')[0]:.1f} → {p99_rise(d, 'image')[1]:.1f} ms); for text by "
+        f"{p99_rise(d, 'text')[1] - p99_rise(d, 'text')[0]:.2g} ms ({p99_rise(d, 'text')[0]:.1f} → "
+        f"{p99_rise(d, 'text')[1]:.1f} ms)"), "explain load: p99 rise"),
     # deploy.md: the compose stack's last runs (tests/test_compose_up.py's figures)
     Figure("docs/deploy.md", COMPOSE, lambda d: f"**9 passed in {whole(d['durations_s']['total'])} s**", "compose run"),
     Figure("docs/deploy.md", COMPOSE, lambda d: (
