@@ -46,6 +46,8 @@ EXPLAIN = "docs/results/explain/explain_load.json"
 RELIABILITY = "docs/results/reliability.json"
 LOADTEST = "docs/results/loadtest/local_slo.json"
 DOCUMENTED = "docs/results/training/documented.json"
+BENCH_QUIET = "docs/results/benchmark-quiet/benchmark.json"  # the split design's history run, 2026-11-25
+PROFILES = "docs/results/profiles/profiles.json"
 COMPOSE, COMPOSE_FRESH = "docs/results/compose-up.json", "docs/results/compose-up-fresh-clone.json"
 MEMORY, MEMORY_FINAL = "docs/results/memory/memory.json", "docs/results/memory/final-tree.json"
 MEMORY_PHASES = (("at_rest", "at rest"), ("after_one_explanation", "after one explanation"))
@@ -211,6 +213,25 @@ def explained(d: dict, model: str) -> str:
 def p99_rise(d: dict, model: str) -> tuple[float, float]:
     m = d["models"][model]
     return m["predict_alone"]["predict"]["p99_ms"], m["with_explain_load_default"]["predict"]["p99_ms"]
+
+
+def best_rps(d: dict, model: str, config: str) -> str:
+    """The history run's saturation figure: the best of its closed-loop client counts."""
+    found = [p["rps"] for m in d["models"] if m["model"] == model for p in m["points"]
+             if p["config"] == config and p["concurrency"]]  # fmt: skip
+    return whole(max(found))
+
+
+def raw_best(d: dict, model: str) -> str:
+    """raw ORT fp32 items/s at batch 1 / at its best batch (which)."""
+    raw = {p["config"].removeprefix("raw ORT fp32 "): p["items_s"] for m in d["models"] if m["model"] == model
+           for p in m["points"] if p["config"].startswith("raw ORT fp32")}  # fmt: skip
+    best = max(raw, key=raw.get)
+    return f"{whole(raw['b1'])} / {whole(raw[best])} ({best})"
+
+
+def profile_rps(d: dict, model: str, config: str) -> str:
+    return whole(next(r["rps"] for r in d["runs"] if r["model"] == model and r["config"] == config))
 
 
 @dataclass(frozen=True)
@@ -402,6 +423,34 @@ FIGURES = [
         "memory: resource tracker"),
     *(Figure("docs/benchmark.md", MEMORY_FINAL, final_tree_row(m, phase, label), f"memory, core redesign: {m}, {label}")
       for phase, label in MEMORY_PHASES for m in ("image", "text")),
+    # benchmark.md: the profiles' load, the core redesign's arbiter, and the split design's history run
+    Figure("docs/benchmark.md", PROFILES, lambda d: (
+        "| req/s during the profile | " + " | ".join(profile_rps(d, m, c) for m in ("image", "text")
+                                                     for c in ("default", "split-old-design")) + " |"),
+        "profiles: req/s"),
+    Figure("docs/benchmark.md", MEMORY_FINAL, lambda d: (
+        f"At rest the redesign holds the arbiter ({each(d, 'final', 'at_rest', 'image', 'arbiter')} MiB, was "
+        f"{each(d, 'before', 'at_rest', 'image', 'arbiter')}:"), "memory, core redesign: arbiter"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("raw ORT fp32, batch 1 / best batch", raw_best),
+           "history: raw ORT"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("served fp32, batching on / off", lambda d, m: (
+        f"{best_rps(d, m, 'served fp32 batching on')} / {best_rps(d, m, 'served fp32 batching off')}")),
+        "history: served fp32"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("served int8, batching on", lambda d, m: best_rps(
+        d, m, "served int8 batching on")), "history: served int8"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("PyTorch-eager FastAPI peer", lambda d, m: best_rps(
+        d, m, "pytorch eager (FastAPI)")), "history: eager peer"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"| served / raw best batch (target ≥ 0.85) | {d['models'][0]['ratios']['served_on/raw_best_batch']:.2f} — not "
+        f"met | {d['models'][1]['ratios']['served_on/raw_best_batch']:.2f} — not met |"), "history: served / raw"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "| best served / PyTorch eager (target ≥ 2) | "
+        f"{d['models'][0]['ratios']['served_best/pytorch_eager']:.1f} — met | "
+        f"{d['models'][1]['ratios']['served_best/pytorch_eager']:.1f} — not met |"), "history: served / eager"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "| p99 / p50 at 70 % of saturation, batching on (target ≤ 3) | "
+        f"{d['models'][0]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.0f} — not met | "
+        f"{d['models'][1]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.1f} — not met |"), "history: tail"),
     # index.md: the reference models (benchmark.json's tags and machine) and today's documented runs
     *(Figure("docs/index.md", BENCH, lambda d, i=i: (
         f"| `{d['models'][i]['tag']}` | {d['machine'].split(', Python')[0]} | [benchmark]"), f"reference model {i}")
