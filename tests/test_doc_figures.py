@@ -9,6 +9,7 @@ are not described as a Xeon's).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -48,6 +49,7 @@ LOADTEST = "docs/results/loadtest/local_slo.json"
 DOCUMENTED = "docs/results/training/documented.json"
 BENCH_QUIET = "docs/results/benchmark-quiet/benchmark.json"  # the split design's history run, 2026-11-25
 PROFILES = "docs/results/profiles/profiles.json"
+GALLERY = "docs/results/training/gallery/{}/summary.json"
 COMPOSE, COMPOSE_FRESH = "docs/results/compose-up.json", "docs/results/compose-up-fresh-clone.json"
 MEMORY, MEMORY_FINAL = "docs/results/memory/memory.json", "docs/results/memory/final-tree.json"
 MEMORY_PHASES = (("at_rest", "at rest"), ("after_one_explanation", "after one explanation"))
@@ -232,6 +234,19 @@ def raw_best(d: dict, model: str) -> str:
 
 def profile_rps(d: dict, model: str, config: str) -> str:
     return whole(next(r["rps"] for r in d["runs"] if r["model"] == model and r["config"] == config))
+
+
+def rendered(module: str, name: str) -> Figure:
+    """A table of training.md rendered by its module's markdown_table from the JSON the module wrote."""
+
+    def quote(d: dict) -> str:
+        return importlib.import_module(f"training.{module}").markdown_table(d)
+
+    return Figure("docs/training.md", f"docs/results/{module}/{name}.json", quote, f"{module} table: {name}")
+
+
+def beats_both(d: dict, absence: str) -> str:
+    return f"{100 * d['absence'][absence]['explanation_beats_both_baselines_share']:.0f} %"
 
 
 @dataclass(frozen=True)
@@ -558,6 +573,21 @@ FIGURES = [
         f"{whole(d['replica_kill']['alert_in_alertmanager_after_s'])} s, roll-out and back under load "
         f"{d['rollout']['requests']:,} requests all 200 (p99 {1000 * d['rollout']['p99_s']:.0f} ms), `down -v` "
         f"{whole(d['durations_s']['down'])} s with nothing left"), "compose from a fresh clone"),
+    # training.md: the calibration and faithfulness tables, rendered from their JSON, and the gallery's runs
+    *(rendered(module, name) for module in ("calibration", "faithfulness")
+      for name in ("fashion-cnn", "sentiment-bert")),
+    Figure("docs/training.md", "docs/results/faithfulness/fashion-cnn.json", lambda d: (
+        f"it beats both baselines on {beats_both(d, 'background [0.0, 0.0, 0.0]')} of the images). With the image mean "
+        f"as the mask, its order beats both baselines ({beats_both(d, 'image mean (older)')} of the images)"),
+        "faithfulness: image wins"),
+    Figure("docs/training.md", "docs/results/faithfulness/sentiment-bert.json", lambda d: (
+        f"the explanation beats both baselines on {beats_both(d, 'token [MASK]')} of the texts either way"),
+        "faithfulness: text wins"),
+    Figure("docs/training.md", GALLERY.format("image"), lambda d: (
+        f"({d['accuracy']:.4f} on the {d['test_examples']:,} Fashion-MNIST test images for `{d['model']}`"),
+        "gallery: image run"),
+    Figure("docs/training.md", GALLERY.format("text"), lambda d: (
+        f"{d['accuracy']:.4f} on the {d['test_examples']:,} test sentences for `{d['model']}`)"), "gallery: text run"),
     # loadtest.md: the published run of make loadtest (its verdict file records no machine)
     Figure("docs/loadtest.md", LOADTEST, lambda d: (
         f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
@@ -584,7 +614,7 @@ def cited(section: str, source: str) -> bool:
 @pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f"{Path(f.doc).name}: {f.what}")
 def test_quoted_figure_is_the_results_figure(figure):
     data = results(figure.source)
-    quote = figure.quote(data)
+    quote = re.sub(r"\s*\n\s*", " ", figure.quote(data))  # a rendered table's rows, as the page reads flat
     text = (ROOT / figure.doc).read_text()
     flat = re.sub(r"\s*\n\s*", " ", text)
     assert quote in flat, f"{figure.doc} does not quote {figure.source} as it is: expected\n  {quote}"
@@ -593,8 +623,8 @@ def test_quoted_figure_is_the_results_figure(figure):
     machine = machine_of(data)
     if machine:
         assert machine in section, f"{figure.doc}: {figure.source} was measured on {machine}; its section says not"
-        # a paragraph, a list item or a table row
-        pieces = re.split(r"\n\s*\n|\n(?=\s*- |\|)", text)
+        # a paragraph, a list item or a table row; a whole table (rendered) is its own block
+        pieces = re.split(r"\n\s*\n|\n(?=\s*- |\|)", text) + re.split(r"\n\s*\n", text)
         paragraph = next(p for p in pieces if quote in re.sub(r"\s*\n\s*", " ", p))
         others = [m for m in MACHINES if m != machine and m in paragraph and machine not in paragraph]
         assert not others, f"{figure.doc}: a figure of {machine} ({figure.source}) in a paragraph naming {others}"
