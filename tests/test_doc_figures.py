@@ -50,6 +50,17 @@ DOCUMENTED = "docs/results/training/documented.json"
 BENCH_QUIET = "docs/results/benchmark-quiet/benchmark.json"  # the split design's history run, 2026-11-25
 PROFILES = "docs/results/profiles/profiles.json"
 GALLERY = "docs/results/training/gallery/{}/summary.json"
+LIMITED = "docs/results/limited_data/limited_data.json"
+# training.md's limited-data table: its row labels, the arm of each; bold marks the best of the three models
+LIMITED_ROWS = {
+    "EfficientNet-Lite0 (32 px), ImageNet-pretrained, fine-tuned": "pretrained",
+    "EfficientNet-Lite0 (32 px), from scratch": "efficientnet-scratch",
+    "small CNN (28 px), from scratch": "small-cnn",
+    "small CNN, without augmentation": "no-augmentation",
+    "small CNN + pseudo-labels": "pseudo-label",
+    "small CNN, active learning (least confident)": "active",
+}
+LIMITED_MODELS = ("pretrained", "efficientnet-scratch", "small-cnn")
 COMPOSE, COMPOSE_FRESH = "docs/results/compose-up.json", "docs/results/compose-up-fresh-clone.json"
 MEMORY, MEMORY_FINAL = "docs/results/memory/memory.json", "docs/results/memory/final-tree.json"
 MEMORY_PHASES = (("at_rest", "at rest"), ("after_one_explanation", "after one explanation"))
@@ -247,6 +258,22 @@ def rendered(module: str, name: str) -> Figure:
 
 def beats_both(d: dict, absence: str) -> str:
     return f"{100 * d['absence'][absence]['explanation_beats_both_baselines_share']:.0f} %"
+
+
+def limited_row(label: str) -> Callable[[dict], str]:
+    arm = LIMITED_ROWS[label]
+
+    def row(d: dict) -> str:
+        from training.limited_data import fmt  # the report's own cell format (imports torch: only when run)
+
+        summary, cells = d["summary"], []
+        for size in map(str, d["config"]["sizes"]):
+            best = max(LIMITED_MODELS, key=lambda a: summary[a][size]["mean"])
+            cell = fmt(summary[arm][size])
+            cells.append(f"**{cell}**" if arm == best else cell)
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    return row
 
 
 @dataclass(frozen=True)
@@ -588,6 +615,9 @@ FIGURES = [
         "gallery: image run"),
     Figure("docs/training.md", GALLERY.format("text"), lambda d: (
         f"{d['accuracy']:.4f} on the {d['test_examples']:,} test sentences for `{d['model']}`)"), "gallery: text run"),
+    # training.md: make limited-data's table
+    *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
+      for label in LIMITED_ROWS),
     # loadtest.md: the published run of make loadtest (its verdict file records no machine)
     Figure("docs/loadtest.md", LOADTEST, lambda d: (
         f"{endpoint(d, 'Aggregated')['requests']} requests, {endpoint(d, 'Aggregated')['failures']} failures, "
