@@ -107,9 +107,12 @@ MUTATIONS = (
              "training/metrics.py", '"precision": float(p[i]), "recall": float(r[i])',
              '"precision": float(r[i]), "recall": float(p[i])',
              (f"{T_EXPLAIN}::test_training_runs_write_per_class_figures_and_a_gallery_of_explained_mistakes",)),
+    # Stage 1 hands the optimiser the head's parameters *and* turns the encoder's gradients off; either alone
+    # holds the encoder (handing it every parameter is an equivalent mutant: AdamW skips parameters without
+    # gradients). head_parameters feeds both, so a head_parameters that returns everything breaks the claim.
     Mutation("freeze-text-encoder", "text stage 1 changes the head only",
-             "training/text_pipeline.py", 'stage="head", params=head_parameters(model),',
-             'stage="head", params=list(model.parameters()),',
+             "training/text_model.py", "    return params + (list(pooler.parameters()) if pooler is not None else [])",
+             "    return list(model.parameters())",
              ("tests/test_text_training.py::test_the_pipelines_head_stage_leaves_the_encoder_as_pretrained",)),
     Mutation("length-buckets-off", "a text batch runs in length buckets",
              "serving/adapters/text.py", "if not self.settings.length_buckets:", "if True:",
