@@ -276,6 +276,19 @@ def limited_row(label: str) -> Callable[[dict], str]:
     return row
 
 
+def rss_growth(d: dict) -> str:
+    """Run 4's worker RSS column: the growth range, then each worker's first → last reading, by model."""
+    w = d["workers"]
+    growth = w["rss_growth_mb"].values()
+
+    def first_last(model: str) -> str:
+        workers = sorted(k for k in w["rss_start_mb"] if k.startswith(f"{model}-"))
+        return " and ".join(f"{w['rss_start_mb'][k]:.1f} → {w['rss_end_mb'][k]:.1f}" for k in workers)
+
+    by_model = {m: first_last(m) for m in ("image", "text")}
+    return f"**{span(growth)} MB** (image {by_model['image']} MB, text {by_model['text']} MB) |"
+
+
 @dataclass(frozen=True)
 class Figure:
     doc: str
@@ -422,6 +435,15 @@ FIGURES = [
         f"{d['text']['p99_last_window_ms']:.0f} ms, every minute between "
         f"{min(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} and "
         f"{max(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} ms"), "soak run 4"),
+    Figure("docs/reliability.md", SOAK4, rss_growth, "soak run 4, worker RSS"),
+    Figure("docs/reliability.md", SOAK4, lambda d: (
+        "generator lag at most "
+        f"{max(w['send_lag_p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.1f} ms in any minute; the "
+        f"{d['load_generator_cores']:.1f} of a core it used"), "soak run 4, generator"),
+    Figure("docs/deployment-answers.md", SOAK4, lambda d: (
+        f"p99 {min(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f}-"
+        f"{max(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} ms in every minute with no trend, "
+        f"worker RSS growth {span(d['workers']['rss_growth_mb'].values())} MB"), "soak row, p99 and RSS"),
     Figure("docs/deployment-answers.md", SOAK4, lambda d: (
         f"{d['image']['target_rps']:.0f} images/s and {d['text']['target_rps']:.0f} texts/s for {d['minutes']:.0f} "
         f"minutes, {d['image']['errors'] + d['text']['errors']} errors in "
