@@ -321,6 +321,15 @@ def rps(d: dict, model: str, config: str) -> str:
     return whole(bench_c32(d, model, config)["rps"])
 
 
+TWO_THREADS = "served default, 2 ORT threads per worker"
+
+
+def on_off(d: dict, model: str, variant: str) -> str:
+    """req/s at 32 clients, in-process, batching on vs off."""
+    return (f"{rps(d, model, f'served {variant} inprocess batching on')} vs "
+            f"{rps(d, model, f'served {variant} inprocess batching off')}")  # fmt: skip
+
+
 def raw_items_s(d: dict, model: str) -> str:
     """raw ORT fp32 items/s at batch 1 and at its best batch."""
     raw = [p for m in d["models"] if m["model"] == model for p in m["points"] if p["config"].startswith("raw ORT fp32")]
@@ -565,6 +574,18 @@ FIGURES = [
     Figure("docs/training.md", DOCUMENTED, lambda d: (
         f"**Out of domain, seed 42: 0.833 → {d['models']['text']['figures']['out_of_domain_accuracy']:.3f}**"),
         "text out of domain, prose"),
+    # serving.md: the defaults per device, from the benchmark's reference run
+    Figure("docs/serving.md", BENCH, lambda d: (
+        f"(fp32: {on_off(d, 'image', 'fp32')} images/s, {on_off(d, 'text', 'fp32')} texts/s; int8 text "
+        f"{on_off(d, 'text', 'int8')})"), "defaults: batching"),
+    Figure("docs/serving.md", BENCH, lambda d: (
+        f"the batcher has no window: {point(d, 'image', 'served default', 1)['p50_ms']:.1f} ms p50 for an image"),
+        "defaults: one client"),
+    Figure("docs/serving.md", BENCH, lambda d: (
+        f"worker lost ({rps(d, 'image', TWO_THREADS)} vs {rps(d, 'image', 'served default')} images/s, p99 "
+        f"{bench_c32(d, 'image', TWO_THREADS)['p99_ms']:.0f} vs "
+        f"{bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms)"),
+        "defaults: threads"),
     # serving.md: make explain-load's measured run
     Figure("docs/serving.md", EXPLAIN, lambda d: (
         f"| | image (`/classify`, {d['settings']['rate']['image']:.0f} req/s) | text (`/sentiment`, "
