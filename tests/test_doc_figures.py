@@ -469,6 +469,12 @@ FIGURES = [
         f"| {d['hostile_numbers_fuzz_image']['requests']} (image) and {d['hostile_numbers_fuzz_text']['requests']} "
         f"(text), {d['hostile_numbers_fuzz_image']['operations']} and {d['hostile_numbers_fuzz_text']['operations']} "
         "operations (predict, explain, V2 infer and its version route) |"), "property test"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: (
+        f"`make reliability` on {d['date'].split()[0]} on an Intel Xeon machine (2 cores, no GPU, Python 3.11), shared "
+        f"with other test suites at a load average of about {d['load_average_1m']:.0f}"), "suite run"),
+    Figure("docs/reliability.md", RELIABILITY, lambda d: (
+        f"the single-replica SIGTERM test failed: {d['sigterm_single_replica']['outcomes']['200']} × 200 and "
+        f"{d['sigterm_single_replica']['outcomes']['refused']} refused"), "SIGTERM run"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: overload_row(d["overload"]), "overload"),
