@@ -1,10 +1,11 @@
 """Figures quoted in the docs are the committed results' figures, and say where they come from.
 
-Each entry of FIGURES is a piece of a page as the page prints it, built from a results file under
-docs/results/: the test fails when the page's figure and the JSON's differ. The page must also name that
-results file in the same section (under the same heading), and where the JSON records its machine, the
-section must name that machine and the figure's paragraph no other one (figures from an AMD EPYC run
-are not described as a Xeon's).
+Each entry of FIGURES is a piece of a page as the page prints it (a phrase, a table row, or a whole table
+rendered by the code that wrote the file), built from a results file under docs/results/: the test fails
+when the page's figure and the JSON's differ. The page must also name that results file in the same
+section (under the same heading), and where the JSON records its machine, the section must name that
+machine and the figure's paragraph no other one (figures from an AMD EPYC run are not described as a
+Xeon's).
 """
 
 from __future__ import annotations
