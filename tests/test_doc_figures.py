@@ -361,6 +361,9 @@ FIGURES = [
         f"{point(d, 'image', 'served default', 1)['p50_ms']:.2f} vs {point(d, 'image', 'fastapi+ort peer', 1)['p50_ms']:.2f} ms: met | "  # noqa: E501
         f"{point(d, 'text', 'served default', 1)['p50_ms']:.2f} vs {point(d, 'text', 'fastapi+ort peer', 1)['p50_ms']:.2f} ms: met"),  # noqa: E501
         "p50 at one client against the peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"the [reference models](index.md#reference-models) `{d['models'][0]['tag']}` and `{d['models'][1]['tag']}`"),
+        "reference models"),
     # the reference run's table (docs/benchmark.md), row by row
     Figure("docs/benchmark.md", BENCH, bench_row(
         "**served default**", lambda d, m: f"**{rps_p99(d, m, 'served default')}**"),
