@@ -331,6 +331,14 @@ def on_off(d: dict, model: str, variant: str) -> str:
             f"{rps(d, model, f'served {variant} inprocess batching off')}")  # fmt: skip
 
 
+def int8_gain(d: dict) -> str:
+    """int8 over fp32 served, batching on: the served default and the int8 point, both models."""
+    fp32 = "served fp32 inprocess batching on"
+    ratios = [bench_c32(d, m, c)["rps"] / bench_c32(d, m, fp32)["rps"] for m in ("image", "text")
+              for c in ("served default", "served int8 inprocess batching on")]  # fmt: skip
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x"
+
+
 def raw_items_s(d: dict, model: str) -> str:
     """raw ORT fp32 items/s at batch 1 and at its best batch."""
     raw = [p for m in d["models"] if m["model"] == model for p in m["points"] if p["config"].startswith("raw ORT fp32")]
@@ -596,6 +604,7 @@ FIGURES = [
         f"{bench_c32(d, 'image', TWO_THREADS)['p99_ms']:.0f} vs "
         f"{bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms)"),
         "defaults: threads"),
+    Figure("docs/serving.md", BENCH, lambda d: f"{int8_gain(d)} the fp32 throughput served", "defaults: int8"),
     # serving.md: make explain-load's measured run
     Figure("docs/serving.md", EXPLAIN, lambda d: (
         f"| | image (`/classify`, {d['settings']['rate']['image']:.0f} req/s) | text (`/sentiment`, "
