@@ -5,7 +5,7 @@ still passed (issue 30's "partly proven" list), this applies that edit to a copy
 claim's cited tests there (`pytest -x`: the first failure kills the mutation). A mutation whose tests all
 pass *survived*: the claim is not proven against that break, and the run fails.
 
-    python -m tests.mutation_check               # make mutation-check: every break (about 40 min on 2 cores)
+    python -m tests.mutation_check               # make mutation-check: every break (35-40 min on 2 cores)
     python -m tests.mutation_check --only audit-strict hpa-max-replicas
     python -m tests.mutation_check --list
     python -m tests.mutation_check --table      # the table docs/reliability.md quotes
@@ -221,10 +221,13 @@ def markdown(record: dict) -> str:
     dates = sorted({r["date"] for r in rows.values()})
     machines = sorted({r["machine"] for r in rows.values()})
     when = dates[0] if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}"
+    commits = sorted({r["commit"] for r in rows.values()})
+    at = f"at commit {commits[0]}" if len(commits) == 1 else "each row at the commit it names"
     head = (f"Last result of each break ([results/mutation-check.json](results/mutation-check.json)): "
             f"{record['killed']} of {record['total']} killed"
             f"{f', {missing} without a verdict' if (missing := record['total'] - record['run']) else ''}; "
-            f"run {when} on {', '.join(machines) or 'no machine'}, each row at the commit it names.")  # fmt: skip
+            f"run {when} on {', '.join(machines) or 'no machine'}, {at}; "
+            f"{sum(r['seconds'] for r in rows.values()) / 60:.0f} minutes of tests in all.")  # fmt: skip
     one_line = lambda text: " ".join(text.split()) or "(removed)"  # noqa: E731
     lines = [head, "", "| break | applied to | result | first cited test to fail | s | commit, date, load |",
              "|---|---|---|---|---|---|"]  # fmt: skip
