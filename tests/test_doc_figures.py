@@ -331,10 +331,10 @@ def on_off(d: dict, model: str, variant: str) -> str:
             f"{rps(d, model, f'served {variant} inprocess batching off')}")  # fmt: skip
 
 
-def int8_gain(d: dict) -> str:
-    """int8 over fp32 served, batching on: the served default and the int8 point, both models."""
+def int8_gain(d: dict, models: tuple[str, ...] = ("image", "text")) -> str:
+    """int8 over fp32 served, batching on: the served default and the int8 point."""
     fp32 = "served fp32 inprocess batching on"
-    ratios = [bench_c32(d, m, c)["rps"] / bench_c32(d, m, fp32)["rps"] for m in ("image", "text")
+    ratios = [bench_c32(d, m, c)["rps"] / bench_c32(d, m, fp32)["rps"] for m in models
               for c in ("served default", "served int8 inprocess batching on")]  # fmt: skip
     return f"{min(ratios):.1f}-{max(ratios):.1f}x"
 
@@ -372,6 +372,10 @@ FIGURES = [
     Figure("docs/benchmark.md", BENCH, lambda d: (
         f"the [reference models](index.md#reference-models) `{d['models'][0]['tag']}` and `{d['models'][1]['tag']}`"),
         "reference models"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"int8 on CPU (`VARIANT=auto`: {int8_gain(d, ('image',))} for images, {int8_gain(d, ('text',))} for text "
+        "served"),
+        "int8 gain"),
     # the reference run's table (docs/benchmark.md), row by row
     Figure("docs/benchmark.md", BENCH, bench_row(
         "**served default**", lambda d, m: f"**{rps_p99(d, m, 'served default')}**"),
