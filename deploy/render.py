@@ -298,6 +298,11 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("sum by (job) (rate(servable_preprocess_seconds_sum[1m])) "
          "/ sum by (job) (rate(servable_preprocess_seconds_count[1m]))", "pre-processing {{job}}"),
     ]),
+    ("Queue wait per request (p50 / p99) and batch releases", "s", [
+        *((f"histogram_quantile({q}, sum by (job, le) (rate(servable_queue_wait_seconds_bucket[1m])))",
+           f"queue wait p{int(q * 100)} {{{{job}}}}") for q in (0.5, 0.99)),
+        ("sum by (job, reason) (rate(servable_batch_releases_total[1m]))", "batches/s released {{reason}} {{job}}"),
+    ]),
     ("Replicas up", "short", [('sum by (job) (up{job=~"servable-.+"})', "{{job}}")]),
     ("Predictions by label", "reqps", [("sum by (model, label) (rate(servable_predictions_total[1m]))",
                                         "{{model}} {{label}}")]),

@@ -41,6 +41,8 @@ from loadtest import inputs as real_inputs
 from loadtest.benchmark_report import (
     DEFAULT,
     EAGER,
+    FIRST,
+    FIRST_N,
     PEER,
     PEER_FORMATS,
     SPLIT,
@@ -298,6 +300,30 @@ async def open_loop(
     return [(s, e, ok) for s, e, ok in records if s >= t_start + warmup], seconds
 
 
+async def first_requests(url: str, headers, bodies: list[bytes], n: int, concurrency: int):
+    """The first `n` requests a server answers, from `concurrency` clients, no warm-up: the cost of shapes and
+    code paths a real request meets first."""
+    records: list[tuple[float, float, bool]] = []
+    sent = iter(range(n))
+    async with _client_session() as session:
+        t_start = time.perf_counter()
+
+        async def client() -> None:
+            for i in sent:
+                t0 = time.perf_counter()
+                ok = await _one(session, url, headers, bodies[i % len(bodies)])
+                records.append((t0, time.perf_counter(), ok))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return records, time.perf_counter() - t_start
+
+
+def first_requests_point(model: str, config: str, kind: str, base_url: str, data, fmt: str, clients: int) -> Point:
+    path, headers, bodies = request_bodies(model, data, fmt)
+    records, secs = asyncio.run(first_requests(base_url + path, headers, bodies, FIRST_N, clients))
+    return show(to_point(model, f"{config} first {FIRST_N}", kind, clients, records, secs, fmt=fmt))
+
+
 def to_point(model: str, config: str, kind: str, conc: int, records, seconds: float, rate=None, fmt="") -> Point:
     ok = [e - s for s, e, good in records if good]
     p50, p95, p99 = pct(ok)
@@ -344,6 +370,7 @@ def open_loop_point(model: str, config: str, base_url: str, data, fmt: str, rate
 
 
 LENGTH_BUCKETS_OFF = "served default, length buckets off"
+TIMING_OFF = "served default, timing headers off"
 
 
 def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str = "image") -> dict[str, dict[str, str]]:
@@ -365,6 +392,7 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str 
         # The threading choices of the default, measured rather than assumed (docs/benchmark.md).
         configs["served default, 2 ORT threads per worker"] = {"INTRA_OP_THREADS": "2"}
         configs["served default, ORT spinning on"] = {"INTRA_OP_SPINNING": "true"}
+        configs[TIMING_OFF] = {"SERVER_TIMING": "false"}  # what the timing headers cost (docs/benchmark.md)
     if model == "text":  # texts of mixed lengths: padding with and without length buckets (docs/benchmark.md)
         configs[LENGTH_BUCKETS_OFF] = {"LENGTH_BUCKETS": "false"}
     if has_cuda:
@@ -452,6 +480,10 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
                   else start_served(model, art.tag, res.configs[label], label, log_dir))  # fmt: skip
         kind = peer.kind if peer else "served"
         try:
+            first = []
+            if label in (DEFAULT, PEER):  # the first requests after ready, before anything else reaches the server
+                clients = max(args.concurrency)
+                first.append(first_requests_point(model, label, FIRST, server.url, data, main_fmt, clients))
             before = probe(model, art, data, args.raw_seconds)  # server idle: the probe has the cores
             pts = http_points(model, label, kind, server.url, data, main_fmt, args)
             if label in (DEFAULT, PEER):
@@ -460,7 +492,7 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
             if label == DEFAULT:  # the p99 <= 3x p50 target at 70 % of saturation
                 rate = 0.7 * max(p.rps for p in pts if p.request_format == main_fmt)
                 pts.append(open_loop_point(model, f"{label} @70%", server.url, data, main_fmt, rate, args))
-            res.points += with_probe(pts, before, probe(model, art, data, args.raw_seconds))
+            res.points += first + with_probe(pts, before, probe(model, art, data, args.raw_seconds))
             if model == "text" and not peer:
                 res.notes.append(f"{label}: {padding_share(server.url):.1%} of the token positions run were padding")
         finally:

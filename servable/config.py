@@ -287,7 +287,17 @@ class ServeCommon(BaseSettings):
     tracing: bool = Field(
         False, description="OpenTelemetry spans on the inference routes (off: they skip the tracing middleware)."
     )
-    warmup_batches: list[int] = Field([1, 8], description="Batch sizes run once at start-up before ready.")
+    warmup_batches: list[int] | None = Field(
+        None,
+        description="Batch sizes run once at start-up before ready; unset: every size the batcher can form (1 to "
+        "max_batch_size, 1 with batching off), with the model's other shapes (text: each length up to its maximum).",
+    )
+    warmup_budget_s: float = Field(
+        60.0, gt=0, description="Most seconds the start-up warm-up may take; the shapes left are skipped, logged."
+    )
+    server_timing: bool = Field(
+        True, description="Server-Timing (decode, queue, model, encode, total) and x-batch-size headers on answers."
+    )
     explain_max_concurrency: int = Field(
         1,
         ge=1,
@@ -327,6 +337,11 @@ class ServeCommon(BaseSettings):
     def on_gpu(self) -> bool:
         """The model is meant for a GPU: device cuda, or auto with an NVIDIA device present."""
         return self.device == "cuda" or (self.device == "auto" and gpu_present())
+
+    def warmup_sizes(self) -> list[int]:
+        if self.warmup_batches is not None:
+            return self.warmup_batches
+        return list(range(1, (self.max_batch_size if self.batching_enabled() else 1) + 1))
 
     def batching_enabled(self) -> bool:
         """`batching` resolved: auto means on where a GPU will run the model, else `cpu_batching`."""

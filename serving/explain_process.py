@@ -100,7 +100,8 @@ def _start_child(adapter_cls, settings, nice: int | None) -> None:
     from serving.loading import load_model
 
     configure_json_logging()
-    adapter, model, _ = load_model(adapter_cls, settings, with_session=True)
+    # Explanations run in chunks of max_batch_size rows (the last one shorter): that size warmed up.
+    adapter, model, _ = load_model(adapter_cls, settings, with_session=True, warmup_sizes=[settings.max_batch_size])
     if not model.ready:
         raise RuntimeError(f"explain process: model not loaded: {model.error}")
     _child.update(adapter=adapter, session=model.session, step=settings.max_batch_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class ServedModel:
         self.provider = "none"
         self.variant = settings.variant
         self.error: str | None = None
+        self.warmup_timings: list[tuple[int, float]] = []  # (cost units, seconds) of each warm-up batch
         try:
             self.art = artifact.load(settings.model_tag)
             if self.art.manifest.task != task:
@@ -74,17 +75,26 @@ class ServedModel:
     def name(self) -> str:
         return self.manifest.name if self.art else self.settings.model_tag.split(":")[0]
 
-    def warm_up(self, make_batch: Callable[[int], object], run: Callable[[object], np.ndarray]) -> None:
-        """Run the configured batch sizes once so the first real request pays no start-up cost."""
+    def warm_up(self, batches: list[Any], run: Callable[[Any], np.ndarray], units: Callable[[Any], int]) -> None:
+        """Run each batch once (every shape the batcher can form, serving/adapters/base.py) so that no real
+        request pays a shape's first-run cost; within `warmup_budget_s`, logged. The timings seed the batcher's
+        admission (serving/batcher.py)."""
         if not self.ready:
             return
+        start = time.perf_counter()
         try:
-            for n in self.settings.warmup_batches:
-                start = time.perf_counter()
-                out = run(make_batch(n))
+            for i, rows in enumerate(batches):
+                if i and time.perf_counter() - start > self.settings.warmup_budget_s:
+                    log.warning("warm-up stopped at its %g s budget: %d of %d shapes run",
+                                self.settings.warmup_budget_s, i, len(batches))  # fmt: skip
+                    break
+                began = time.perf_counter()
+                out = run(rows)
                 if not np.isfinite(out).all():
                     raise RuntimeError("warm-up produced non-finite outputs")
-                log.info("warm-up batch %d: %.1f ms", n, 1000 * (time.perf_counter() - start))
+                self.warmup_timings.append((sum(units(r) for r in rows), time.perf_counter() - began))
+            else:
+                log.info("warm-up: %d shapes in %.2f s", len(batches), time.perf_counter() - start)
             metrics.MODEL_INFO.labels(model=self.name, tag=self.art.tag, variant=self.variant,
                                       provider=self.provider).set(1)  # fmt: skip
         except Exception as exc:
@@ -112,9 +122,11 @@ class ServedModel:
         }  # fmt: skip
 
 
-def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_session: bool):
+def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_session: bool,
+               warmup_sizes: list[int] | None = None):  # fmt: skip
     """(adapter, model, run): the verified artifact read by the adapter; with a session, the timed batch
-    function, warmed up before the process reports ready (else run is None)."""
+    function, warmed up before the process reports ready (else run is None): `warmup_sizes` batch sizes, by
+    default the settings' (every size the batcher forms, and the adapter's other shapes)."""
     adapter = adapter_cls(settings)
     model = ServedModel(settings, adapter_cls.task, with_session=with_session)
     run = None
@@ -129,5 +141,7 @@ def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_sessio
                 metrics.BATCH_SIZE.labels(model=model.name).observe(len(rows))
                 return out
 
-            model.warm_up(adapter.warmup_rows, run)
+            sizes = warmup_sizes if warmup_sizes is not None else settings.warmup_sizes()
+            session = model.session  # the warm-up's batches are not the traffic's: unmetered
+            model.warm_up(adapter.warmup_batches(sizes), lambda rows: adapter.run(session, rows), adapter.cost_units)
     return adapter, model, run

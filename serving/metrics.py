@@ -32,6 +32,17 @@ BATCH_SIZE = bentoml.metrics.Histogram(
     name="servable_batch_size", documentation="Items in each batch the model ran",
     labelnames=["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
 )  # fmt: skip
+QUEUE_WAIT_SECONDS = bentoml.metrics.Histogram(
+    name="servable_queue_wait_seconds",
+    documentation="Time a request waited in the in-process batcher's queue before its batch ran",
+    labelnames=["model"], buckets=_LATENCY,
+)  # fmt: skip
+BATCH_RELEASES = bentoml.metrics.Counter(
+    name="servable_batch_releases_total",
+    documentation="Batches the in-process batcher released, by reason: queue_empty (it took everything queued "
+    "when the model was free) or full (max_batch_size reached, calls left queued)",
+    labelnames=["model", "reason"],
+)  # fmt: skip
 PADDING_RATIO = bentoml.metrics.Histogram(
     name="servable_padding_ratio", documentation="Share of padded positions in a text batch run by the model",
     labelnames=["model"], buckets=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9],

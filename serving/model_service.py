@@ -29,7 +29,7 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from starlette.formparsers import MultiPartParser
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from servable.config import AuthSettings, ServeCommon
 from serving import audit, metrics, path_labels, schemas, v2
@@ -48,6 +48,7 @@ from serving.io_spec import parse_options
 from serving.loading import load_model
 from serving.path_labels import RestorePath, known_paths
 from serving.playground import playground_routes
+from serving.request_timing import RequestTiming
 from serving.topology import InProcess, Split
 
 log = logging.getLogger("servable.service")
@@ -184,22 +185,39 @@ class Replica:
             return self.adapter.decode(name, items)
         return await self.decoding.run(self.adapter.decode, name, items)
 
-    async def decode(self, request: Request) -> Parsed:
+    def clock(self, request: Request) -> RequestTiming:
+        """The request's deadline (serving/request_timing.py) and the record of where its time goes."""
+        return RequestTiming.begin(request.headers, self.settings.max_latency_ms, 1000 * self.settings.timeout_s)
+
+    def admit(self, items: Any, timing: RequestTiming) -> None:
+        """Admission by predicted wait before decoding (serving/batcher.py), where the topology has it."""
+        assert self.topology is not None
+        if isinstance(items, list | tuple | np.ndarray) and len(items):  # too many: decoding's 413, not a 429
+            self.topology.admit(min(len(items), self.settings.max_items), timing.deadline)
+
+    def decoded(self, timing: RequestTiming) -> None:
+        timing.parts["decode"] = seconds = time.perf_counter() - timing.start
+        metrics.PREPROCESS_SECONDS.labels(model=self.name).observe(seconds)
+
+    async def decode(self, request: Request, timing: RequestTiming) -> Parsed:
         """One REST request's rows and options, validated (per request, before any batch)."""
-        start, options = time.perf_counter(), self.options
+        options = self.options
         name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
+        self.admit(items, timing)
         parsed_options = parse_options(options, given)
         parsed = Parsed(*await self.rows(name, items), parsed_options)
-        metrics.PREPROCESS_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
+        self.decoded(timing)
         return parsed
 
-    async def predict(self, request: Request, parsed: Parsed) -> np.ndarray:
+    async def predict(self, request: Request, parsed: Parsed, timing: RequestTiming) -> np.ndarray:
         """The head's prediction of the request's rows, computed once: its metrics and the opt-in feedback
         candidate come from it, and so does the answer (REST or V2)."""
         assert self.topology is not None
         start = time.perf_counter()
-        values = await self.topology.score(parsed.rows)
+        scored = await self.topology.score(parsed.rows, timing.deadline)
         metrics.MODEL_CALL_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
+        timing.parts |= scored.parts
+        timing.batch_rows, values = scored.batch_rows, scored.values
         self.adapter.head.observe(self.name, values)
         key_name = request.scope.get("state", {}).get("key_name")  # None when auth is off
         await self.feedback.observe(request.headers, parsed.items, values, self.model.art.tag, key_name)  # opt-in
@@ -233,6 +251,10 @@ class Replica:
     def answer(self, values: np.ndarray, parsed: Parsed) -> dict:
         return {"model": self.model.art.tag, "variant": self.model.variant,
                 "predictions": self.adapter.encode(values, parsed)}  # fmt: skip
+
+    def respond(self, response: Response, timing: RequestTiming, since: float) -> Response:
+        """The answer, with its timing headers (serving/request_timing.py) unless turned off."""
+        return timing.attach(response, since) if self.settings.server_timing else response
 
     def stop(self) -> None:
         if self.topology is not None:
@@ -312,12 +334,15 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         return err.response()
 
     @app.post(entry.route, tags=[entry.kind], summary=docs.summary, description=docs.doc,
-              openapi_extra=doc.openapi_body(), responses=schemas.responses(docs.response_model, *ERRORS))  # fmt: skip
+              **schemas.timed(doc.openapi_body(), schemas.responses(docs.response_model, *ERRORS)))  # fmt: skip
     async def predict(request: Request):
         rep = _replica()
         rep.check_ready()
-        parsed = await rep.decode(request)
-        return JSONResponse(rep.answer(await rep.predict(request, parsed), parsed))
+        timing = rep.clock(request)
+        parsed = await rep.decode(request, timing)
+        values = await rep.predict(request, parsed, timing)
+        since = time.perf_counter()
+        return rep.respond(JSONResponse(rep.answer(values, parsed)), timing, since)
 
     if isinstance(doc, Explains):
         explain_docs = doc.explain_docs
@@ -379,17 +404,20 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
 
     async def infer(rep: Replica, request: Request, name: str, version: str | None = None):
         known(rep, name, version)
-        start, adapter = time.perf_counter(), rep.adapter
+        timing, adapter = rep.clock(request), rep.adapter
         req = await v2.read_request(request, adapter.inputs(), adapter.head.outputs(), settings.max_items)
+        rep.admit(req.data, timing)
         parsed = Parsed(*await rep.rows(req.name, req.data))
-        metrics.PREPROCESS_SECONDS.labels(model=rep.name).observe(time.perf_counter() - start)
-        values = await rep.predict(request, parsed)
-        return v2.response(rep.model.manifest, adapter.head.output_data(values), req)
+        rep.decoded(timing)
+        values = await rep.predict(request, parsed, timing)
+        since = time.perf_counter()
+        return rep.respond(v2.response(rep.model.manifest, adapter.head.output_data(values), req), timing, since)
 
     meta = {"tags": ["v2"], "responses": schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS)}
     ready = {"tags": ["v2"], "responses": schemas.responses(schemas.V2ModelReady, *V2_ERRORS)}
-    infer_doc = {"tags": ["v2"], "description": docs.v2_doc, "responses": schemas.v2_infer_responses(*V2_ERRORS),
-                 "openapi_extra": schemas.v2_infer_body(doc.inputs(), doc.head.outputs())}  # fmt: skip
+    infer_doc = {"tags": ["v2"], "description": docs.v2_doc,
+                 **schemas.timed(schemas.v2_infer_body(doc.inputs(), doc.head.outputs()),
+                                 schemas.v2_infer_responses(*V2_ERRORS))}  # fmt: skip
 
     @app.get("/v2/models/{name}", summary="V2 Model", **meta)
     async def v2_model(name: str):

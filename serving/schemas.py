@@ -99,11 +99,34 @@ def responses(ok: type[BaseModel], *codes: int) -> dict[int | str, dict[str, Any
     meaning = {
         400: "bad body or image", 401: "missing or invalid API key", 404: "unknown model name",
         413: "body, image, text or item count too large", 415: "unsupported content type",
-        422: "wrong field types or values", 429: "too many requests in flight",
+        422: "wrong field types or values",
+        429: "too many requests in flight, or the answer predicted after the request's deadline",
         503: "model not ready or overloaded", 504: "request timed out",
     }  # fmt: skip
     return {200: {"description": "OK", "model": ok},
             **{code: {"description": meaning[code], "model": ErrorBody} for code in codes}}  # fmt: skip
+
+
+DEADLINE_PARAMETER = {
+    "name": "x-request-deadline-ms", "in": "header", "required": False,
+    "description": "Milliseconds, from when the route starts reading the request, by which the answer is due "
+    "(default: the model's max_latency_ms; at most the request timeout). A request the batcher predicts past it "
+    "is refused at once: 429 would_miss_deadline with Retry-After.",
+    "schema": {"type": "string", "pattern": r"^\d{1,9}(\.\d{1,3})?$"},
+}  # fmt: skip
+TIMING_HEADERS = {
+    "Server-Timing": {"description": "Where the request's time went, in ms: decode, queue, model (split topology: "
+                      "model_call), encode, total", "schema": {"type": "string"}},
+    "x-batch-size": {"description": "Rows of the batch the request rode in (in-process topology)",
+                     "schema": {"type": "integer"}},
+}  # fmt: skip
+
+
+def timed(openapi_extra: dict[str, Any], route_responses: dict[int | str, dict[str, Any]]) -> dict[str, Any]:
+    """A prediction route's `openapi_extra` and `responses`: the deadline header, and the timing headers of its
+    answers (serving/request_timing.py)."""
+    route_responses[200]["headers"] = TIMING_HEADERS
+    return {"openapi_extra": {**openapi_extra, "parameters": [DEADLINE_PARAMETER]}, "responses": route_responses}
 
 
 def json_body(schema: dict[str, Any], *alternatives: tuple[str, dict[str, Any]]) -> dict[str, Any]:

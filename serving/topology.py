@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from servable.config import ServeCommon
+from serving import metrics
 from serving.adapters.base import Adapter
-from serving.batcher import Batcher, BatchFailed, QueueTimeout
-from serving.errors import ServingError
+from serving.batcher import Batcher, BatchFailed, QueueTimeout, WouldBeLate, retry_after_s
+from serving.errors import ClientError, ServingError
 from serving.explain_process import ExplainCrashed, ExplainProcess
 from serving.explain_queue import ExplainTimeout
 from serving.loading import ServedModel
@@ -40,22 +42,54 @@ class Unavailable(ServingError):
         super().__init__(503, "model_unavailable", "the model could not answer; retry later", {"Retry-After": "1"})
 
 
+class WouldMissDeadline(ClientError):
+    def __init__(self, err: WouldBeLate) -> None:
+        super().__init__(429, "would_miss_deadline", f"the model's queue would answer too late ({err}); retry later",
+                         {"Retry-After": str(retry_after_s(err))})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One request's prediction, and where its time went (serving/request_timing.py)."""
+
+    values: np.ndarray
+    parts: dict[str, float]  # seconds: queue and model (in-process), or model_call (split)
+    batch_rows: int | None = None  # the batch it rode in, where this worker knows it
+
+
 class InProcess:
     def __init__(self, adapter: Adapter, model: ServedModel, run, settings: ServeCommon) -> None:
         size = settings.max_batch_size if settings.batching_enabled() else 1
-        self.batcher = Batcher(run, size, settings.max_latency_ms / 1000)
+        name = model.name
+        released = metrics.BATCH_RELEASES
+        self.queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(model=name)
+        self.batcher = Batcher(run, size, settings.max_latency_ms / 1000, units=adapter.cost_units,
+                               on_batch=lambda _, why: released.labels(model=name, reason=why).inc())  # fmt: skip
+        self.batcher.seed(model.warmup_timings)  # admission's first predictions: the warm-up's batches
         self.model = model
         # Explanations get a child process of their own (serving/explain_process.py says when it starts).
         self.explainer = ExplainProcess(type(adapter), settings, model.art.tag, model.variant)
         self.explainer.start()
 
-    async def score(self, rows: list) -> np.ndarray:
+    def admit(self, items: int, deadline: float) -> None:
+        """Before decoding: refuse at once a request the batcher would answer late even at one cost unit per item
+        (a lower bound), so that overload does not spend the CPU its batches need on decoding refusals."""
         try:
-            return await self.batcher.submit(rows)
+            self.batcher.admit(items, items, deadline)
+        except WouldBeLate as err:
+            raise WouldMissDeadline(err) from None
+
+    async def score(self, rows: list, deadline: float) -> Scored:
+        try:
+            done = await self.batcher.submit(rows, deadline)
+        except WouldBeLate as err:
+            raise WouldMissDeadline(err) from None
         except QueueTimeout:
             raise Overloaded from None
         except BatchFailed:
             raise Unavailable from None
+        self.queue_wait.observe(done.queue_s)
+        return Scored(done.values, {"queue": done.queue_s, "model": done.model_s}, done.batch_rows)
 
     async def explain(self, parsed, deadline: float) -> dict:
         try:
@@ -85,8 +119,15 @@ class Split:
         except ModelUnavailable:
             raise Unavailable from None
 
-    async def score(self, rows: list) -> np.ndarray:
-        return await self._call(rows)
+    def admit(self, items: int, deadline: float) -> None:
+        """No admission by predicted wait here: the batching is the model process's (BentoML's)."""
+
+    async def score(self, rows: list, deadline: float) -> Scored:
+        """The model process's prediction (its batching and its `max_latency_ms` bound are BentoML's: the front
+        worker neither sees its queue nor admits by predicted wait; `deadline` is not used here)."""
+        start = time.perf_counter()
+        values = await self._call(rows)
+        return Scored(values, {"model_call": time.perf_counter() - start})
 
     async def _explain_chunk(self, rows: list, deadline: float) -> np.ndarray:
         """One chunk scored by the model process's explain lane (serving/explain_lane.py): it waits there while

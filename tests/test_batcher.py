@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher, BatchFailed, QueueTimeout
+from serving.batcher import BatchCost, Batcher, BatchFailed, QueueTimeout, WouldBeLate
 
 
 class Model:
@@ -38,7 +38,7 @@ def test_concurrent_callers_each_get_their_own_rows_and_batches_form():
 
     calls, outs = asyncio.run(main())
     for rows, out in zip(calls, outs, strict=True):
-        np.testing.assert_array_equal(out, [[r, 2 * r] for r in rows])
+        np.testing.assert_array_equal(out.values, [[r, 2 * r] for r in rows])
     assert sum(len(b) for b in model.batches) == sum(len(c) for c in calls)  # each row ran exactly once
     assert len(model.batches) < len(calls) / 3, "concurrent calls were not batched"
     assert max(len(b) for b in model.batches) <= 16
@@ -79,10 +79,10 @@ def test_a_failing_batch_fails_only_its_callers_and_the_batcher_keeps_serving():
         return results, after
 
     (first, bad, mate, later), after = asyncio.run(main())
-    np.testing.assert_array_equal(first, [[1, 2]])
+    np.testing.assert_array_equal(first.values, [[1, 2]])
     assert isinstance(bad, BatchFailed) and isinstance(mate, BatchFailed)  # the poisoned batch only
-    np.testing.assert_array_equal(later, [[3, 6], [4, 8]])
-    np.testing.assert_array_equal(after, [[5, 10]])
+    np.testing.assert_array_equal(later.values, [[3, 6], [4, 8]])
+    np.testing.assert_array_equal(after.values, [[5, 10]])
     assert "ValueError" in str(bad) and "bad row" not in str(bad)  # the type, never the input
 
 
@@ -97,7 +97,7 @@ def test_calls_that_waited_past_the_bound_are_refused_not_run_late():
         return await asyncio.gather(first, waiting, return_exceptions=True)
 
     first, waiting = asyncio.run(main())
-    np.testing.assert_array_equal(first, [[1, 2]])
+    np.testing.assert_array_equal(first.values, [[1, 2]])
     assert isinstance(waiting, QueueTimeout)
     assert model.batches == [[1]]
 
@@ -116,7 +116,7 @@ def test_a_call_larger_than_the_batch_runs_alone_and_a_cancelled_call_is_skipped
         return await asyncio.gather(head, big)
 
     _, big = asyncio.run(main())
-    assert len(big) == 6 and [99] not in model.batches and all(99 not in b for b in model.batches)
+    assert len(big.values) == 6 and [99] not in model.batches and all(99 not in b for b in model.batches)
     assert model.batches == [[0], [1, 2, 3, 4, 5, 6]]
 
 
@@ -130,6 +130,70 @@ def test_batching_off_is_max_batch_size_one(size):
 
     asyncio.run(main())
     assert [len(b) for b in model.batches] == [size] * 6  # one call per run, whole
+
+
+def test_each_call_learns_its_queue_wait_model_time_and_batch_and_each_release_its_reason():
+    model, released = Model(delay=0.05), []
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=3, max_wait_s=5, on_batch=lambda n, why: released.append((n, why)))
+        head = asyncio.ensure_future(batcher.submit([0]))  # runs alone; the next four queue behind it
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(batcher.submit([i])) for i in range(1, 5)]
+        return await asyncio.gather(head, *rest)
+
+    head, *rest = asyncio.run(main())
+    assert released == [(1, "queue_empty"), (3, "full"), (1, "queue_empty")]
+    assert [c.batch_rows for c in (head, *rest)] == [1, 3, 3, 3, 1]
+    assert head.queue_s < 0.01 and all(c.model_s >= 0.05 for c in (head, *rest))
+    # queued behind the first batch, then behind the second too: each wait covers the batches ahead
+    assert 0.035 < rest[0].queue_s < rest[3].queue_s and rest[3].queue_s > 0.085
+    assert rest[3].queue_s >= rest[0].queue_s + rest[0].model_s - 0.005
+
+
+def test_batch_cost_fits_a_fixed_and_a_per_row_part_and_follows_the_recent_batches():
+    def unloaded(n):
+        return 0.002 + 0.0005 * n
+
+    cost = BatchCost(half_life_s=0.1)
+    assert cost.predict(8) == 0.0  # nothing measured: admit
+    cost.seed([(4, unloaded(4))])
+    assert cost.predict(8) == pytest.approx(unloaded(4) * 2)  # one size seen: proportional
+    cost.seed([(n, unloaded(n)) for n in (1, 2, 8, 16, 32)])  # the warm-up: the prior
+    assert cost.predict(10) == pytest.approx(unloaded(10), rel=0.01)
+    for _ in range(30):  # the machine got twice as slow: the fit follows the recent batches
+        for n in (1, 16):
+            cost.observe(n, 2 * unloaded(n))
+    assert cost.predict(10) == pytest.approx(2 * unloaded(10), rel=0.1)
+    assert cost.unloaded(10) == pytest.approx(unloaded(10), rel=0.01)
+    time.sleep(1.0)  # no batch for ten half-lives: the fit is the prior's again
+    assert cost.predict(10) == pytest.approx(unloaded(10), rel=0.05)
+
+
+def test_a_call_predicted_past_its_deadline_is_refused_at_once_and_one_within_it_runs():
+    model = Model(delay=0.1)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=1, max_wait_s=5)
+        batcher.seed([(1, 0.1)])  # as the warm-up does
+        running = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit([2]))  # a 5 s deadline: waits its turn
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        try:  # behind ~0.08 s of the running batch and 0.1 s of the queued one, plus its own 0.1 s
+            await batcher.submit([3], deadline=time.perf_counter() + 0.2)
+            refused = None
+        except WouldBeLate as err:
+            refused = (err, time.perf_counter() - start)
+        fits = await batcher.submit([4], deadline=time.perf_counter() + 1.0)
+        return refused, await running, await queued, fits
+
+    refused, *answered = asyncio.run(main())
+    assert refused is not None, "a call that could only be answered after its deadline was queued"
+    err, took = refused
+    assert took < 0.005 and 0.2 < err.predicted_s < 0.4 and 0.15 < err.budget_s <= 0.2
+    assert [a.values[0, 0] for a in answered] == [1, 2, 4] and [3] not in model.batches
 
 
 # ---------------------------------------------------------------- text length buckets (serving/adapters/text.py)

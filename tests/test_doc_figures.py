@@ -46,6 +46,7 @@ BENCH = "docs/results/benchmark/benchmark.json"
 SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
 EXPLAIN = "docs/results/explain/explain_load.json"
 RELIABILITY = "docs/results/reliability.json"
+RELIABILITY_OVERLOAD = "docs/results/reliability-overload.json"  # its own run: the admission by predicted wait
 LOADTEST = "docs/results/loadtest/local_slo.json"
 DOCUMENTED = "docs/results/training/documented.json"
 BENCH_QUIET = "docs/results/benchmark-quiet/benchmark.json"  # the split design's history run, 2026-11-25
@@ -117,10 +118,14 @@ def hostile_row(figures: dict) -> str:
 
 def overload_row(o: dict) -> str:
     return (
-        f"batching-queue bound {o['queue_bound_ms']} ms, one 32-text request per batch | {o['callers']} callers "
-        f"back to back for {o['seconds']} s: {o['sent']:,} | {o['ok']:,} × 200, {o['429']:,} × 429, "
-        f"**{o['503']:,} × 503 `overloaded`**, {o['5xx_other']} other 5xx, {o['no_answer']} unanswered; full "
-        f"service right after | refusals ≤ {o['max_refusal_latency_s']:.2f} s |"
+        f"| overload: {o['callers']} concurrent callers, replica limit `max_concurrency={o['max_concurrency']}`, "
+        f"one 32-text request per batch, deadline {o['deadline_ms']:,} ms (3.5 × one batch alone) | "
+        f"{o['callers']} callers for {o['seconds']} s (a refused one waits as Retry-After says), after "
+        f"{o['learning_s']} s of the same load: "
+        f"{o['sent']:,} | {o['ok']:,} × 200 (the slowest {o['max_served_ms']:,.0f} ms in the replica), "
+        f"{o['429']:,} × 429 ({o['429_would_miss_deadline']:,} `would_miss_deadline`), **{o['503']} × 503**, "
+        f"{o['5xx_other']} other 5xx, {o['no_answer']} unanswered; full service right after | "
+        f"refusals ≤ {o['max_refusal_latency_s']:.2f} s |"
     )
 
 
@@ -365,7 +370,24 @@ def target_ratio(d: dict, model: str, name_start: str, unit: str = "") -> str:
     return f"{measured.removesuffix(' as measured')}{unit} ({corrected} drift-corrected)" if measured else ratio + unit
 
 
+ADMISSION = "docs/results/benchmark/admission/ratios.json"
+
+
+def admission_row(model: str, tree: str, label: str) -> Callable[[dict], str]:
+    """A row of benchmark.md's admission table: each round's served / peer req/s, and the median ratio."""
+
+    def row(d: dict) -> str:
+        rounds = d[f"{model}/{tree}"]
+        median = sorted(r["ratio"] for r in rounds)
+        cells = ", ".join(f"{r['served']:.0f} / {r['peer']:.0f}" for r in rounds)
+        return f"| {model}, {label} | {cells} | **{(median[0] + median[-1]) / 2 if len(median) == 2 else median[len(median) // 2]:.2f}** |"  # noqa: E501
+
+    return row
+
+
 FIGURES = [
+    *(Figure("docs/benchmark.md", ADMISSION, admission_row(m, t, label), f"admission: {m} {t}")
+      for m in ("image", "text") for t, label in (("old", "before (`c2b50c1`)"), ("new", "with admission and timing"))),
     Figure("docs/benchmark.md", BENCH, lambda d: (
         f"| {bench_c32(d, 'image', 'served default')['rps']:,.0f}: met | {bench_c32(d, 'text', 'served default')['rps']:,.0f}: met |"),  # noqa: E501
         "req/s at 32 clients"),
@@ -508,7 +530,7 @@ FIGURES = [
         f"{d['sigterm_single_replica']['outcomes']['refused']} refused"), "SIGTERM run"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
-    Figure("docs/reliability.md", RELIABILITY, lambda d: overload_row(d["overload"]), "overload"),
+    Figure("docs/reliability.md", RELIABILITY_OVERLOAD, lambda d: overload_row(d["overload"]), "overload"),
     # benchmark.md: memory at rest, from make memory (three labelled runs), and on the redesigned core
     *(Figure("docs/benchmark.md", MEMORY, memory_row(m, phase, label), f"memory: {m}, {label}")
       for m in ("image", "text") for phase, label in MEMORY_PHASES),

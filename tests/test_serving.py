@@ -358,6 +358,68 @@ def test_metrics_after_traffic(image_server, text_server):
     assert served and set(served) == {provider}, (served, provider)  # the metric says what the session uses
 
 
+def _server_timing(r: requests.Response) -> dict[str, float]:
+    """The Server-Timing header's parts, in milliseconds."""
+    parts = [p.strip().split(";dur=") for p in r.headers["server-timing"].split(",")]
+    return {name: float(ms) for name, ms in parts}
+
+
+def test_every_answer_says_where_its_time_went_and_the_metrics_agree(image_server, text_server, image_run):
+    """Server-Timing (decode, queue, model, encode, total) and x-batch-size on REST and V2 answers, the parts
+    within the total; each answer counted once in the queue-wait histogram; each batch released with a reason."""
+    image = test_images(image_run, 1)[0]
+    v2_text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["fine", "awful"]}]}
+    calls = [
+        (text_server, lambda: requests.post(text_server.url + "/sentiment", json={"texts": ["a", "b", "c"]},
+                                            headers=KEY, timeout=30), 3),
+        (text_server, lambda: requests.post(text_server.url + "/v2/models/sentiment-bert/infer", json=v2_text,
+                                            headers=KEY, timeout=30), 2),
+        (image_server, lambda: requests.post(image_server.url + "/classify", files={"image": ("x.png", image)},
+                                             headers=KEY, timeout=30), 1),
+    ]  # fmt: skip
+    for server, call, items in calls:
+        waits, releases = (_metric(server, f"servable_{m}") for m in ("queue_wait_seconds_count",
+                                                                       "batch_releases_total"))  # fmt: skip
+        r = call()
+        assert r.status_code == 200, r.text
+        parts = _server_timing(r)
+        assert list(parts) == ["decode", "queue", "model", "encode", "total"], r.headers["server-timing"]
+        assert all(ms >= 0 for ms in parts.values()) and parts["model"] > 0
+        assert sum(ms for name, ms in parts.items() if name != "total") <= parts["total"] + 0.05, parts
+        assert items <= int(r.headers["x-batch-size"]) <= 32  # its own items at least, at most max_batch_size
+        assert _metric(server, "servable_queue_wait_seconds_count") == waits + 1
+        assert _metric(server, "servable_batch_releases_total") >= releases + 1
+    text = requests.get(text_server.url + "/metrics", timeout=10).text
+    assert re.search(r'servable_batch_releases_total\{[^}]*reason="queue_empty"', text)
+    # refusals carry no timing: the request never reached the model
+    r = requests.post(text_server.url + "/sentiment", json={"text": ""}, headers=KEY, timeout=30)
+    assert r.status_code == 422 and "server-timing" not in r.headers
+
+
+@pytest.mark.parametrize("given", ["0", "-5", "abc", "1e3", "NaN", "99999999", "5" * 20, "1.5.5"])
+def test_a_malformed_or_out_of_range_deadline_header_is_a_400(text_server, given):
+    r = requests.post(text_server.url + "/sentiment", json={"text": "fine"}, timeout=30,
+                      headers={**KEY, "x-request-deadline-ms": given})  # fmt: skip
+    assert r.status_code == 400 and r.json()["reason"] == "bad_deadline", r.text
+
+
+def test_every_batch_size_is_warmed_up_before_ready(image_server, text_server):
+    """Each worker ran a batch of every size the batcher can form (1 to max_batch_size; for text also each
+    length up to the maximum) before it reported ready, and said so in its log. (A replica answers /readyz
+    from its first ready worker; a worker still warming up accepts no connection yet.)"""
+    for server, other_shapes in ((image_server, 0), (text_server, 1)):
+        info = requests.get(server.url + "/info", headers=KEY, timeout=30).json()
+        sizes = info["batching"]["max_batch_size"] if info["batching"]["enabled"] else 1
+
+        def warmed(server=server, workers=info["workers"]) -> list[int]:
+            found = [int(n) for n in re.findall(r"warm-up: (\d+) shapes in [0-9.]+ s", server.log())]
+            return found if len(found) >= workers else []
+
+        found = wait_for(warmed, timeout_s=120)
+        assert found, server.log()[-2000:]
+        assert all(n >= sizes + other_shapes for n in found), (found, sizes)
+
+
 def test_secret_content_never_logged(text_server, image_server, image_run):
     """Runs alone as well as in the suite: it sends its own traffic to both servers (success, refusal)."""
     text, image = text_server.url + "/sentiment", image_server.url + "/classify"
@@ -856,8 +918,8 @@ def test_a_model_that_loads_but_fails_its_warm_up_keeps_the_replica_unready(faul
 # name -> (model, SERVABLE_<MODEL>_SERVE_ settings). Each setting a user can choose is served once by a
 # real server and checked for its effect; the servers start together and are shared by the tests below.
 SETTINGS = {
-    "text optimized, batching off, length buckets off, metrics need a key": (
-        "text", {"VARIANT": "optimized", "BATCHING": "false", "LENGTH_BUCKETS": "false"}),
+    "text optimized, batching off, length buckets off, no timing headers, metrics need a key": (
+        "text", {"VARIANT": "optimized", "BATCHING": "false", "LENGTH_BUCKETS": "false", "SERVER_TIMING": "false"}),
     "text int8, 2 workers": ("text", {"VARIANT": "int8", "WORKERS": "2"}),
     "image int8": ("image", {"VARIANT": "int8"}),
 }  # fmt: skip
@@ -914,9 +976,12 @@ def _burst(url: str, bodies: list[dict], files: bool = False) -> list[dict]:
 
 
 def test_text_variant_optimized_unbatched_unbucketed_and_metrics_behind_the_key(setting_servers, text_run):
-    server = setting_servers["text optimized, batching off, length buckets off, metrics need a key"]
+    server = setting_servers["text optimized, batching off, length buckets off, no timing headers, metrics need a key"]
     info = requests.get(server.url + "/info", headers=KEY, timeout=30).json()
     assert (info["variant"], info["batching"]["enabled"], info["length_buckets"]) == ("optimized", False, False)
+    # server_timing=false: answers without the timing headers
+    plain = requests.post(server.url + "/sentiment", json={"text": "fine"}, headers=KEY, timeout=30)
+    assert plain.status_code == 200 and not {"server-timing", "x-batch-size"} & set(plain.headers), plain.headers
     # SERVABLE_AUTH_METRICS_REQUIRE_KEY=true: /metrics refuses without a key, serves with one; probes stay open
     assert requests.get(server.url + "/metrics", timeout=10).status_code == 401
     wrong = {"x-api-key": "wrong-key-000000"}

@@ -117,6 +117,15 @@ class Adapter(ABC):
     def warmup_rows(self, n: int) -> Any:
         """n valid rows to run before the replica reports ready."""
 
+    def cost_units(self, row: Any) -> int:
+        """A row's share of a batch's run time, in the units the batcher's admission times batches by
+        (serving/batcher.py::BatchCost): 1 where every row costs the same."""
+        return 1
+
+    def warmup_batches(self, sizes: list[int]) -> list[Any]:
+        """The batches run before ready: one per batch size (an adapter whose rows vary in shape adds its own)."""
+        return [self.warmup_rows(n) for n in sizes]
+
     def to_wire(self, rows: list[Any]) -> Any:
         """A batch of rows as the split topology's model process takes it."""
         return rows

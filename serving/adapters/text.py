@@ -161,8 +161,18 @@ class TextAdapter(Adapter, Explains):
             out[bucket] = self._run_padded(session, [ids[i] for i in bucket])
         return out
 
-    def warmup_rows(self, n: int) -> list[list[int]]:
-        return [[1] * 16] * n  # any in-vocabulary ids
+    def cost_units(self, row: list[int]) -> int:
+        return len(row)  # tokens: a batch's run time grows with its texts' lengths
+
+    def warmup_rows(self, n: int, length: int = 16) -> list[list[int]]:
+        return [[1] * length] * n  # any in-vocabulary ids
+
+    def warmup_batches(self, sizes: list[int]) -> list[list[list[int]]]:
+        """Every batch size at a short length, then the largest batch at each doubling length up to the maximum."""
+        lengths, top = [], self.prep.max_length
+        while (length := 32 * 2 ** len(lengths)) < top:
+            lengths.append(length)
+        return [*super().warmup_batches(sizes), *(self.warmup_rows(max(sizes), n) for n in [*lengths, top])]
 
     # ------------------------------------------------------------ explanations
     def openapi_explain_body(self) -> dict:
