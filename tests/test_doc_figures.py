@@ -580,6 +580,15 @@ FIGURES = [
         f"{d['models'][0]['ratios']['served_best/pytorch_eager']:.1f} — met | "
         f"{d['models'][1]['ratios']['served_best/pytorch_eager']:.1f} — not met |"), "history: served / eager"),
     Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"| batching on / off | {d['models'][0]['ratios']['batching_on/off']:.2f} | "
+        f"{d['models'][1]['ratios']['batching_on/off']:.2f} |"), "history: batching on / off"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: "| int8 / fp32, raw / served | " + " | ".join(
+        f"{r['int8/fp32 raw']:.2f} / {r['int8/fp32 served']:.2f}" for r in (m["ratios"] for m in d["models"])) + " |",
+        "history: int8 / fp32"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"| ORT-optimised / fp32, raw (BERT) | — | {d['models'][1]['ratios']['optimized/fp32 raw']:.2f} |"),
+        "history: ORT-optimised / fp32"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
         "| p99 / p50 at 70 % of saturation, batching on (target ≤ 3) | "
         f"{d['models'][0]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.0f} — not met | "
         f"{d['models'][1]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.1f} — not met |"), "history: tail"),
