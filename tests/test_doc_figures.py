@@ -253,6 +253,42 @@ def profile_rps(d: dict, model: str, config: str) -> str:
     return whole(next(r["rps"] for r in d["runs"] if r["model"] == model and r["config"] == config))
 
 
+# A py-spy flame graph's frame: its function (file:line follows) and its place in samples (fg:x, fg:w)
+FLAME_FRAME = re.compile(r'<g><title>(?P<name>[^<]*?) \([\d,]+ samples?, [\d.]+%\)</title><rect [^>]*?'
+                         r'fg:x="(?P<x>\d+)" fg:w="(?P<w>\d+)"')  # fmt: skip
+
+
+def flame_share(svg: Path, functions: tuple[str, ...]) -> float:
+    """The share of all samples under any frame of these functions, inclusive: a frame inside another counted one
+    (recursion, or a chain of them) is not counted twice."""
+    text = svg.read_text()
+    total = int(re.search(r'total_samples="(\d+)"', text).group(1))
+    names = tuple(f"{f} (" for f in functions)
+    frames = [(int(m["x"]), int(m["x"]) + int(m["w"])) for m in FLAME_FRAME.finditer(text)
+              if m["name"].startswith(names)]  # fmt: skip
+    spans = sorted(frames, key=lambda s: (s[0], -s[1]))  # an enclosing frame before those it holds
+    counted, end = 0, -1
+    for start, stop in spans:
+        if start >= end:
+            counted, end = counted + stop - start, stop
+    return counted / total
+
+
+def profile_row(label: str, *functions: str) -> Callable[[dict], str]:
+    """A row of benchmark.md's profile table: each run's share, from the flame graph profiles.json names."""
+
+    def row(d: dict) -> str:
+        cells = []
+        for model in ("image", "text"):
+            for config in ("default", "split-old-design"):
+                run = next(r for r in d["runs"] if r["model"] == model and r["config"] == config)
+                found = flame_share(ROOT / Path(PROFILES).parent / run["svg"], functions)
+                cells.append(f"{whole(100 * found)} %" if found else "-")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    return row
+
+
 def rendered(module: str, name: str) -> Figure:
     """A table of training.md rendered by its module's markdown_table from the JSON the module wrote."""
 
@@ -560,6 +596,20 @@ FIGURES = [
         "| req/s during the profile | " + " | ".join(profile_rps(d, m, c) for m in ("image", "text")
                                                      for c in ("default", "split-old-design")) + " |"),
         "profiles: req/s"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "ONNX Runtime (`Session.run`, model thread or process)", "Session.run"), "profiles: ONNX Runtime"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "HTTP worker event loop (`Server.run`: everything below)", "Server.run"), "profiles: event loop"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "... our middleware chain and the routes (`AccessLogMiddleware` inclusive)", "AccessLogMiddleware.__call__"),
+        "profiles: middleware and routes"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "... the request's reading, checks and pre-processing (`Adapter.read` + `decode`)",
+        *(f"{kind}Adapter.{step}" for kind in ("Image", "Text") for step in ("read", "decode"))),
+        "profiles: reading and pre-processing"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "... of which image decode, resize, normalise (`preprocess_image`)", "preprocess_image"),
+        "profiles: image pre-processing"),
     Figure("docs/benchmark.md", MEMORY_FINAL, lambda d: (
         f"At rest the redesign holds the arbiter ({each(d, 'final', 'at_rest', 'image', 'arbiter')} MiB, was "
         f"{each(d, 'before', 'at_rest', 'image', 'arbiter')}:"), "memory, core redesign: arbiter"),
