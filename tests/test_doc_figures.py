@@ -752,6 +752,8 @@ FIGURES = [
     Figure("docs/deploy.md", COMPOSE, lambda d: (
         f"| {whole(d['images']['servable']['size_mb'])} MB | {d['images']['servable']['user']}, read-only root | "
         f"{replica_memory(d, 'image')}; {replica_memory(d, 'text')} |"), "compose: replica image"),
+    Figure("docs/deploy.md", COMPOSE, lambda d: f"the CPU image is {whole(d['images']['servable']['size_mb'])} MB in",
+           "compose: CPU image, Dockerfile section"),
     *(Figure("docs/deploy.md", COMPOSE, lambda d, name=name: f"| {whole(d['images'][name]['size_mb'])} MB |",
              f"compose: {name} image") for name in ("nginx", "prometheus", "alertmanager")),
     Figure("docs/deploy.md", COMPOSE_FRESH, lambda d: (
