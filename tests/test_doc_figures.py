@@ -729,6 +729,11 @@ FIGURES = [
         f"({p99_rise(d, 'image')[0]:.1f} → {p99_rise(d, 'image')[1]:.1f} ms); for text by "
         f"{p99_rise(d, 'text')[1] - p99_rise(d, 'text')[0]:.2g} ms ({p99_rise(d, 'text')[0]:.1f} → "
         f"{p99_rise(d, 'text')[1]:.1f} ms)"), "explain load: p99 rise"),
+    # serving.md: how often an answer below the abstention threshold is right, on each model's test set
+    *(Figure("docs/serving.md", f"docs/results/calibration/{name}.json", lambda d, what=what: (
+        f"{whole(100 * d['sets']['test']['accuracy_below_threshold'])} % {what} "
+        f"({whole(100 * d['sets']['test']['accuracy_above_threshold'])} % above it)"), f"abstention: {name}")
+      for name, what in (("fashion-cnn", "of the time for images"), ("sentiment-bert", "for text"))),
     # deploy.md: the compose stack's last runs (tests/test_compose_up.py's figures)
     Figure("docs/deploy.md", COMPOSE, lambda d: f"**9 passed in {whole(d['durations_s']['total'])} s**", "compose run"),
     Figure("docs/deploy.md", COMPOSE, lambda d: (
