@@ -411,13 +411,12 @@ def test_every_batch_size_is_warmed_up_before_ready(image_server, text_server):
         info = requests.get(server.url + "/info", headers=KEY, timeout=30).json()
         sizes = info["batching"]["max_batch_size"] if info["batching"]["enabled"] else 1
 
-        def warmed(server=server, workers=info["workers"]) -> list[int]:
+        def warmed(server=server, workers=info["workers"], least=sizes + other_shapes) -> list[int]:
+            # the workers' lines; an explanation process, started on first use, warms its chunk size only
             found = [int(n) for n in re.findall(r"warm-up: (\d+) shapes in [0-9.]+ s", server.log())]
-            return found if len(found) >= workers else []
+            return found if sum(n >= least for n in found) >= workers else []
 
-        found = wait_for(warmed, timeout_s=120)
-        assert found, server.log()[-2000:]
-        assert all(n >= sizes + other_shapes for n in found), (found, sizes)
+        assert wait_for(warmed, timeout_s=120), (sizes, server.log()[-2000:])
 
 
 def test_secret_content_never_logged(text_server, image_server, image_run):
