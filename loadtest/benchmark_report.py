@@ -21,11 +21,8 @@ CUDA = "served fp32 split batching on cuda"
 PEER = "fastapi+ort peer"
 EAGER = "pytorch eager (FastAPI)"
 PEER_FORMATS = ("multipart", "json")  # the image formats the FastAPI + ORT peer takes (no V2 route)
-HTTP_KINDS = ("served", "peer", "eager")
-FIRST, FIRST_N = (
-    "first",
-    100,
-)  # the first requests after ready: kind and count  # closed-loop HTTP rows, in the summary's order
+HTTP_KINDS = ("served", "peer", "eager")  # closed-loop HTTP rows, in the summary's order
+FIRST, FIRST_N = "first", 100  # the first requests after ready: their points' kind, and how many
 # served default against the FastAPI + ORT peer at 32 clients: least req/s, least multiple of the peer's req/s.
 RPS_TARGETS = {"image": (900.0, 1.6), "text": (160.0, 1.1)}
 TOP_CLIENTS, LOW_CLIENTS, P50_SLACK_MS = 32, 1, 1.5

@@ -91,24 +91,31 @@ class BatchCost:
         self._aged_at = now
 
     @staticmethod
-    def _solve(sums: np.ndarray, n: float) -> float:
-        w, sn, snn, st, snt = sums
+    def _line(sums: np.ndarray) -> tuple[float, float]:
+        """(a, b) of t(n) = a + b·n from the weighted sums."""
+        w, sn, snn, st, snt = (float(x) for x in sums)
         if w == 0 or sn == 0:
-            return 0.0  # nothing measured yet: admit (the queue deadline still holds)
+            return 0.0, 0.0  # nothing measured yet: admit (the queue deadline still holds)
         spread = w * snn - sn**2
         if spread <= 1e-9 * w * snn:  # one batch size seen: time proportional to units
-            return st / sn * n
+            return 0.0, st / sn
         per_unit = max((w * snt - sn * st) / spread, 0.0)
-        return max((st - per_unit * sn) / w, 0.0) + per_unit * n
+        return max((st - per_unit * sn) / w, 0.0), per_unit
+
+    def line(self) -> tuple[float, float]:
+        """(a, b) on the machine as the recent batches found it."""
+        self._age(time.perf_counter())
+        return self._line(self._live + self._prior)
 
     def predict(self, n: float) -> float:
         """A batch of n units on the machine as the recent batches found it."""
-        self._age(time.perf_counter())
-        return self._solve(self._live + self._prior, n)
+        fixed, per_unit = self.line()
+        return fixed + per_unit * n
 
     def unloaded(self, n: float) -> float:
         """A batch of n units on the machine as the warm-up found it."""
-        return self._solve(self._prior, n)
+        fixed, per_unit = self._line(self._prior)
+        return fixed + per_unit * n
 
 
 @dataclass
@@ -131,7 +138,7 @@ class Batcher:
         self.units = units  # a row's cost units (the adapter's: 1, or a text's tokens)
         self.cost = BatchCost()
         self._pending: collections.deque[_Call] = collections.deque()
-        self._running: tuple[int, float] | None = None  # (rows, start) of the batch in the model thread
+        self._running: tuple[int, float] | None = None  # (units, start) of the batch in the model thread
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One model thread: batches run one after another, the event loop keeps parsing requests.
@@ -144,10 +151,11 @@ class Batcher:
         timed it: a model that is not busy never refuses on the strength of its busy past."""
         if self._running is None and not self._pending:  # the model is idle: the call runs at once, alone
             return self.cost.unloaded(units)
+        fixed, per_unit = self.cost.line()  # solved once: every batch ahead is timed by the same line
         wait, late = 0.0, 1.0
         if self._running is not None:  # a batch running past its prediction says the machine is slower now
             n, started = self._running
-            elapsed, expected = now - started, self.cost.predict(n)
+            elapsed, expected = now - started, fixed + per_unit * n
             late = max(elapsed / expected, 1.0) if expected > 0 else 1.0
             wait = max(expected * late - elapsed, 0.0)
         batch = batch_units = 0
@@ -155,13 +163,13 @@ class Batcher:
             if call.future.done() or call.deadline < now:
                 continue
             if batch and batch + len(call.rows) > self.max_batch_size:
-                wait += self.cost.predict(batch_units) * late
+                wait += (fixed + per_unit * batch_units) * late
                 batch = batch_units = 0
             batch, batch_units = batch + len(call.rows), batch_units + call.units
         if batch and batch + rows > self.max_batch_size:
-            wait += self.cost.predict(batch_units) * late
+            wait += (fixed + per_unit * batch_units) * late
             batch_units = 0
-        return wait + self.cost.predict(batch_units + units) * late
+        return wait + (fixed + per_unit * (batch_units + units)) * late
 
     def admit(self, rows: int, units: int, deadline: float) -> None:
         """Raises WouldBeLate when a call of `rows` rows and (at least) `units` units would be answered after

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from serving.errors import ClientError
 
 DEADLINE_HEADER = "x-request-deadline-ms"
-_MILLISECONDS = re.compile(r"\d{1,9}(\.\d{1,3})?")
+MILLISECONDS = re.compile(r"\d{1,9}(\.\d{1,3})?")
 
 
 def deadline_ms(headers: Headers, default_ms: float, max_ms: float) -> float:
@@ -29,7 +29,7 @@ def deadline_ms(headers: Headers, default_ms: float, max_ms: float) -> float:
     given = headers.get(DEADLINE_HEADER)
     if given is None:
         return default_ms
-    if not _MILLISECONDS.fullmatch(given.strip()) or not 0 < float(given) <= max_ms:
+    if not MILLISECONDS.fullmatch(given.strip()) or not 0 < float(given) <= max_ms:
         raise ClientError(400, "bad_deadline",
                           f"{DEADLINE_HEADER} must be a number of milliseconds in (0, {max_ms:g}]")  # fmt: skip
     return float(given)

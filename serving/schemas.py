@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from serving.io_spec import Tensor
+from serving.request_timing import DEADLINE_HEADER, MILLISECONDS
 
 
 class ErrorBody(BaseModel):
@@ -108,11 +109,11 @@ def responses(ok: type[BaseModel], *codes: int) -> dict[int | str, dict[str, Any
 
 
 DEADLINE_PARAMETER = {
-    "name": "x-request-deadline-ms", "in": "header", "required": False,
+    "name": DEADLINE_HEADER, "in": "header", "required": False,
     "description": "Milliseconds, from when the route starts reading the request, by which the answer is due "
     "(default: the model's max_latency_ms; at most the request timeout). A request the batcher predicts past it "
     "is refused at once: 429 would_miss_deadline with Retry-After.",
-    "schema": {"type": "string", "pattern": r"^\d{1,9}(\.\d{1,3})?$"},
+    "schema": {"type": "string", "pattern": f"^{MILLISECONDS.pattern}$"},
 }  # fmt: skip
 TIMING_HEADERS = {
     "Server-Timing": {"description": "Where the request's time went, in ms: decode, queue, model (split topology: "

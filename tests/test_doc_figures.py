@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -414,9 +415,8 @@ def admission_row(model: str, tree: str, label: str) -> Callable[[dict], str]:
 
     def row(d: dict) -> str:
         rounds = d[f"{model}/{tree}"]
-        median = sorted(r["ratio"] for r in rounds)
         cells = ", ".join(f"{r['served']:.0f} / {r['peer']:.0f}" for r in rounds)
-        return f"| {model}, {label} | {cells} | **{(median[0] + median[-1]) / 2 if len(median) == 2 else median[len(median) // 2]:.2f}** |"  # noqa: E501
+        return f"| {model}, {label} | {cells} | **{statistics.median(r['ratio'] for r in rounds):.2f}** |"
 
     return row
 

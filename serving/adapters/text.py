@@ -172,7 +172,8 @@ class TextAdapter(Adapter, Explains):
         lengths, top = [], self.prep.max_length
         while (length := 32 * 2 ** len(lengths)) < top:
             lengths.append(length)
-        return [*super().warmup_batches(sizes), *(self.warmup_rows(max(sizes), n) for n in [*lengths, top])]
+        longer = [self.warmup_rows(max(sizes), n) for n in [*lengths, top]] if sizes else []  # WARMUP_BATCHES=[]: none
+        return [*super().warmup_batches(sizes), *longer]
 
     # ------------------------------------------------------------ explanations
     def openapi_explain_body(self) -> dict:
