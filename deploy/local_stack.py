@@ -167,7 +167,9 @@ class LocalStack:
     overrides it per kind; 0 starts none, and nginx answers 502 on its routes). `tags` maps
     kind -> model-store tag (`image_tag`/`text_tag` are the same for those two kinds); a kind
     without one serves <prefix>MODEL_TAG of `extra_env`, else of this process' environment, else
-    its settings' default."""
+    its settings' default. `upstreams` maps kind -> servers started elsewhere (launch.Server, e.g. another
+    server compared behind the same proxy): nginx and Prometheus use them as that kind's replicas, and the
+    stack stops them with its own."""
 
     def __init__(self, workdir: Path, image_tag: str | None = None, text_tag: str | None = None,
                  api_keys: dict[str, str] | None = None, replicas: int = 2, extra_env: dict[str, str] | None = None,
@@ -176,12 +178,13 @@ class LocalStack:
                  tags: Mapping[str, str] | None = None,
                  replicas_per_kind: Mapping[str, int] | None = None,
                  explain_rate_limit: str = render.EXPLAIN_RATE_LIMIT,
-                 explain_rate_burst: int = render.EXPLAIN_RATE_BURST) -> None:  # fmt: skip
+                 explain_rate_burst: int = render.EXPLAIN_RATE_BURST,
+                 upstreams: Mapping[str, list[launch.Server]] | None = None) -> None:  # fmt: skip
         self.dir = Path(workdir)
         self.extra_env = extra_env or {}
         given = {k: t for k, t in (("image", image_tag), ("text", text_tag)) if t and k in SERVED_MODELS}
         given |= dict(tags or {})
-        unknown = (set(given) | set(replicas_per_kind or {})) - set(SERVED_MODELS)
+        unknown = (set(given) | set(replicas_per_kind or {}) | set(upstreams or {})) - set(SERVED_MODELS)
         if unknown:
             raise KeyError(f"{sorted(unknown)}: not in SERVED_MODELS")
         env = {**os.environ, **self.extra_env}
@@ -189,7 +192,9 @@ class LocalStack:
         self.api_keys = api_keys or {}
         self.n = replicas
         self.counts = {kind: (replicas_per_kind or {}).get(kind, replicas) for kind in SERVED_MODELS}
-        self.replicas: dict[str, list[launch.Server]] = {kind: [] for kind in SERVED_MODELS}
+        self.counts |= dict.fromkeys(upstreams or {}, 0)
+        self.replicas: dict[str, list[launch.Server]] = {kind: list((upstreams or {}).get(kind, []))
+                                                         for kind in SERVED_MODELS}  # fmt: skip
         self.rate_limit, self.rate_burst, self.conn_limit = rate_limit, rate_burst, conn_limit
         self.explain_limits = {"explain_rate_limit": explain_rate_limit, "explain_rate_burst": explain_rate_burst}
         self.tls_dir = Path(tls_dir) if tls_dir else self.dir / "tls"  # a mounted real certificate, or generated

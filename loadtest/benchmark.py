@@ -7,7 +7,10 @@ For each model it measures throughput (requests/s, items/s) and p50/p95/p99 late
   3. the server a user would write instead: FastAPI + ONNX Runtime (loadtest/ort_peer.py), no batching;
   4. FastAPI + PyTorch eager (loadtest/eager_peer.py), one request at a time;
   5. CUDA vs CPU provider, when a GPU really loads (skipped, and said so, where none does);
-plus an open-loop run at 70 % of the default config's saturation for the p99/p50 target. Image requests
+plus an open-loop run at 70 % of the default config's saturation for the p99/p50 target. The served default and
+the FastAPI + ORT peer are measured again, open loop included, on the photo mix: the same images with a few
+percent of camera photos among them (loadtest/inputs.py), what users upload; and both behind the project's
+nginx over TLS with 2 replicas each (the compose/local-stack topology), with the host's CPU use. Image requests
 are multipart uploads (what a new user sends first), JSON base64 as a second format, and for the default
 config V2 binary FP32 pixels (pre-processed by the client) as a third. Writes benchmark.md,
 benchmark.json and PNG plots to docs/results/benchmark/ (the report: loadtest/benchmark_report.py).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import os
 import re
@@ -34,6 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -49,6 +54,8 @@ from loadtest.benchmark_report import (
     ModelResult,
     Point,
     load_results,
+    photo_mix,
+    proxied,
     write_report,
 )
 
@@ -443,6 +450,56 @@ ORT_PEER = Peer(PEER, "peer", "loadtest.ort_peer", ("--loop", "uvloop", "--http"
 EAGER_PEER = Peer(EAGER, "eager", "loadtest.eager_peer")
 
 
+PROXY_CLIENTS = [32, 128]
+PROXY_REPLICAS = 2
+
+
+def host_cpu_share(fn):
+    """fn()'s result and the machine's CPU busy share while it ran (every process: servers, nginx, this client)."""
+    import psutil
+
+    before = psutil.cpu_times()
+    out = fn()
+    after = psutil.cpu_times()
+    idle = (after.idle + after.iowait) - (before.idle + before.iowait)
+    total = sum(after) - sum(before)
+    return out, (1 - idle / total) if total > 0 else float("nan")
+
+
+def proxied_points(model: str, art, args, data: real_inputs.Inputs, log_dir: Path) -> list[Point]:
+    """The production topology: PROXY_REPLICAS replicas of the served default, then of the FastAPI + ORT peer,
+    behind the project's nginx over TLS (deploy/local_stack.py: the compose proxy configuration; its per-key
+    and per-address limits lifted out of the one load generator's reach), closed loop at PROXY_CLIENTS."""
+    from deploy import local_stack
+    from servable.config import SERVED_MODELS
+
+    out = []
+    for label in (DEFAULT, PEER):
+        name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label} proxied".lower()).strip("-")
+        workdir = log_dir / name
+        peers = [start_peer(ORT_PEER.module, art.tag, log_dir / f"{name}-{i}.log", ORT_PEER.uvicorn_args)
+                 for i in range(PROXY_REPLICAS)] if label == PEER else []  # fmt: skip
+        # MAX_CONCURRENCY as for the direct rows: no 429 from the harness's clients.
+        stack = local_stack.LocalStack(
+            workdir, api_keys={"bench": KEY}, tags={model: art.tag}, rate_limit="100000r/s", rate_burst=100000,
+            conn_limit=65535, replicas_per_kind={k: PROXY_REPLICAS if k == model else 0 for k in SERVED_MODELS},
+            upstreams={model: peers} if peers else None,
+            extra_env={SERVED_MODELS[model].env_prefix + "MAX_CONCURRENCY": "256"},
+        )  # fmt: skip
+        with stack, mock.patch.dict(os.environ, stack.client_env()):  # the client trusts the proxy's own CA
+            path, headers, bodies = request_bodies(model, data, FORMATS[model][0])
+            before, pts = probe(model, art, data, args.raw_seconds), []  # the servers idle: the probe has the cores
+            for c in PROXY_CLIENTS:
+                run = functools.partial(closed_loop, stack.proxy_url + path, headers, bodies, c, args.seconds,
+                                        args.warmup)  # fmt: skip
+                (records, secs), cpu = host_cpu_share(lambda run=run: asyncio.run(run()))
+                point = to_point(model, proxied(label), "proxied", c, records, secs, fmt=FORMATS[model][0])
+                point.host_cpu = round(cpu, 3)
+                pts.append(show(point))
+            out += with_probe(pts, before, probe(model, art, data, args.raw_seconds))
+    return out
+
+
 # ---------------------------------------------------------------- one model
 
 
@@ -490,13 +547,22 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
                 for fmt in more_fmts if label == DEFAULT else [f for f in more_fmts if f in PEER_FORMATS]:
                     pts += http_points(model, f"{label} [{fmt}]", kind, server.url, data, fmt, args, art)
             if label == DEFAULT:  # the p99 <= 3x p50 target at 70 % of saturation
-                rate = 0.7 * max(p.rps for p in pts if p.request_format == main_fmt)
+                rate = 0.7 * max(p.rps for p in pts if p.config == label and p.request_format == main_fmt)
                 pts.append(open_loop_point(model, f"{label} @70%", server.url, data, main_fmt, rate, args))
+            if model == "image" and label in (DEFAULT, PEER) and not args.no_photos:  # the same on the photo mix
+                mix, photos = photo_mix(label), data.photo_mix()
+                pts += http_points(model, mix, kind, server.url, photos, main_fmt, args)
+                if label == DEFAULT:
+                    rate = 0.7 * max(p.rps for p in pts if p.config == mix)
+                    pts.append(open_loop_point(model, f"{mix} @70%", server.url, photos, main_fmt, rate, args))
             res.points += first + with_probe(pts, before, probe(model, art, data, args.raw_seconds))
             if model == "text" and not peer:
                 res.notes.append(f"{label}: {padding_share(server.url):.1%} of the token positions run were padding")
         finally:
             server.stop()
+    if not args.no_proxy and (not args.only or DEFAULT in args.only):
+        print(f"[{model}] behind nginx (TLS), {PROXY_REPLICAS} replicas", flush=True)
+        res.points += proxied_points(model, art, args, data, log_dir)
     return res
 
 
@@ -517,6 +583,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="image request formats: the first for every image point, the others also measured for "
                    f"{DEFAULT!r} and the {PEER!r}")  # fmt: skip
     p.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager peer (torch not installed)")
+    p.add_argument("--no-photos", action="store_true", help="skip the photo-mix points (image: bundled inputs only)")
+    p.add_argument("--no-proxy", action="store_true",
+                   help=f"skip the points behind nginx (TLS) with {PROXY_REPLICAS} replicas (needs nginx)")  # fmt: skip
     p.add_argument("--only", nargs="+", default=[], metavar="LABEL",
                    help=f"run only these servers (config or peer labels, e.g. {DEFAULT!r}); default: all")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="short smoke run: 2 concurrencies, 2 s points, fp32 only")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import io
+import itertools
 import json
 import os
 import subprocess
@@ -115,7 +117,7 @@ def test_benchmark_code_paths_against_the_test_servers(image_server, text_server
     raw ONNX Runtime points, closed- and open-loop HTTP points for each request format, the padding figure
     with length buckets on (the off row is a served config of its own), and the report."""
     from loadtest import benchmark
-    from loadtest.benchmark_report import ModelResult
+    from loadtest.benchmark_report import ModelResult, photo_mix
     from servable import artifact
 
     monkeypatch.setattr(benchmark, "KEY", API_KEY)  # the test servers' key (the benchmark's own servers use its own)
@@ -132,6 +134,9 @@ def test_benchmark_code_paths_against_the_test_servers(image_server, text_server
         res.points += benchmark.raw_points(model, art, data, "fp32", "cpu", [1, 4], 0.2)
         for fmt in benchmark.FORMATS[model]:
             res.points += benchmark.http_points(model, "served default", "served", server.url, data, fmt, args, art)
+        if model == "image":  # a few camera photos among the uploads: decoded (JPEG draft), answered
+            res.points += benchmark.http_points(model, photo_mix("served default"), "served", server.url,
+                                                data.photo_mix(), "multipart", args)  # fmt: skip
         res.points.append(benchmark.open_loop_point(model, "served default @70%", server.url, data,
                                                     benchmark.FORMATS[model][0], 20, args))  # fmt: skip
         served = [p for p in res.points if p.kind.startswith("served")]
@@ -143,6 +148,27 @@ def test_benchmark_code_paths_against_the_test_servers(image_server, text_server
     report = md.read_text()
     assert "served default" in report and "raw ORT fp32" in report
     assert json.loads((args.out / "benchmark.json").read_text())["settings"]
+
+
+def test_the_benchmark_measures_the_served_default_and_the_peer_behind_the_proxy(image_run, tmp_path, monkeypatch):
+    """The production-topology rows: the served default's replicas, then the FastAPI + ORT peer's, behind the
+    project's nginx over TLS (one replica each here, two in the benchmark), every request answered, the host's
+    CPU share recorded, and the environment left as it was (the proxy's CA trusted only meanwhile)."""
+    from loadtest import benchmark
+    from loadtest.benchmark_report import DEFAULT, PEER, proxied
+    from servable import artifact
+
+    monkeypatch.setattr(benchmark, "PROXY_REPLICAS", 1)
+    monkeypatch.setattr(benchmark, "PROXY_CLIENTS", [4])
+    args = benchmark.parse(["--quick"])
+    args.seconds, args.warmup, args.raw_seconds = 1.0, 0.2, 0.1
+    data = inputs.load(inputs.export(tmp_path / "inputs", n_images=20, n_texts=10))
+    env_before = dict(os.environ)
+    points = benchmark.proxied_points("image", artifact.load(image_run.tag), args, data, tmp_path)
+    assert [(p.config, p.kind, p.concurrency) for p in points] == [(proxied(DEFAULT), "proxied", 4),
+                                                                    (proxied(PEER), "proxied", 4)]  # fmt: skip
+    assert all(p.errors == 0 and p.requests > 0 and 0 < p.host_cpu <= 1 and p.probe_items_s for p in points)
+    assert dict(os.environ) == env_before
 
 
 def test_soak_quick_mode(image_run, text_run, tmp_path):
@@ -183,6 +209,45 @@ def test_soak_quick_mode(image_run, text_run, tmp_path):
     assert {w.split("-")[0] for w in workers["rss_start_mb"]} == {"image", "text"} and not workers["lost"]
     assert set(workers["rss_growth_mb"]) == set(workers["rss_start_mb"])
     assert all(len(course) >= 3 for course in workers["rss_by_window_mb"].values()), workers["rss_by_window_mb"]
+
+
+def test_the_photo_mix_spreads_a_few_camera_photos_of_every_size_among_the_images(tmp_path):
+    """The benchmark's second image set: the bundled images with camera JPEGs (one per PHOTO_WIDTHS per sample
+    photo) spread evenly among them, PHOTO_SHARE of the requests, every photo at least once."""
+    from PIL import Image
+
+    data = inputs.load(inputs.export(tmp_path / "inputs", n_images=200, n_texts=10))
+    widths = sorted(Image.open(io.BytesIO(b)).size[0] for b in data.photos)
+    assert widths == sorted(2 * list(inputs.PHOTO_WIDTHS))
+    assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in data.photos)
+    mix = data.photo_mix().images
+    at = [i for i, b in enumerate(mix) if b in data.photos]
+    assert abs(len(at) / len(mix) - inputs.PHOTO_SHARE) < 0.01 and set(data.photos) <= {mix[i] for i in at}
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    assert max(gaps) - min(gaps) <= 2  # evenly spread: every stretch of requests has its photos
+    assert [b for b in mix if b not in data.photos] == data.images  # the images kept, in order
+
+
+def test_the_report_compares_the_photo_mix_and_the_proxy_with_the_peer():
+    """The targets the photo mix and the proxied rows add: each read from the rows they name, met or not."""
+    from loadtest.benchmark_report import DEFAULT, PEER, ModelResult, Point, photo_mix, proxied, targets
+
+    def point(config: str, kind: str, rps: float, p99: float) -> Point:
+        return Point("image", config, kind, 32, 100, 0, 10, rps, rps, 1.0, 2.0, p99, probe_items_s=1000.0)
+
+    res = ModelResult("image", "m:1", [
+        point(DEFAULT, "served", 1000, 50), point(PEER, "peer", 400, 80),
+        point(photo_mix(DEFAULT), "served", 700, 60), point(photo_mix(PEER), "peer", 350, 50),
+        point(proxied(DEFAULT), "proxied", 850, 70), point(proxied(PEER), "proxied", 400, 90),
+    ])  # fmt: skip
+    by_name = {t.name: t for t in targets(res)}
+    mix = by_name[f"{photo_mix(DEFAULT)} req/s at 32 clients ≥ 2.2x the {photo_mix(PEER)}'s"]
+    assert mix.ratio == "2.00" and mix.met is False
+    assert by_name[f"{photo_mix(DEFAULT)} p99 at 32 clients ≤ the {photo_mix(PEER)}'s"].met is False
+    kept = by_name[f"{proxied(DEFAULT)} at 32 clients ≥ 0.9 of {DEFAULT} direct"]
+    assert kept.ratio == "0.85" and kept.met is False
+    lead = by_name[f"{proxied(DEFAULT)} / {proxied(PEER)} at 32 clients ≥ 0.9 of the direct ratio"]
+    assert lead.measured == "2.12 vs 2.50 direct" and lead.met is False  # 2.125 / 2.5 = 0.85
 
 
 def test_failures_are_counted_by_kind():
