@@ -1,0 +1,56 @@
+"""`make time-all` (servable/make_timing.py) times the stages of the Makefile's `all`, in its order, stops at the
+first failing one as make does, and counts the disk the job left; on a small Makefile of its own, no training."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from servable import make_timing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MAKEFILE = """\
+all: first second third  ## a comment, not a stage
+first:
+\t@sleep 0.3; mkdir -p runs; head -c 5000 /dev/zero > runs/out
+second:
+\t@test "$(FAIL)" != 1
+third:
+\t@head -c 7000 /dev/zero > .venv/lib
+"""
+
+
+def test_stages_are_the_prerequisites_of_all_in_the_makefile():
+    assert make_timing.stages(ROOT / "Makefile") == ["setup", "train-image", "train-text", "summary", "demo",
+                                                     "loadtest"]  # fmt: skip
+
+
+def test_each_stage_is_timed_in_order_and_the_disk_counted(tmp_path, monkeypatch):
+    (tmp_path / "Makefile").write_text(MAKEFILE)
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "python").symlink_to(sys.executable)  # a link is not followed
+    (tmp_path / "store" / "models").mkdir(parents=True)
+    (tmp_path / "store" / "models" / "m").write_bytes(b"x" * 300)
+    os.link(tmp_path / "store" / "models" / "m", tmp_path / "store" / "models" / "same")  # one file, counted once
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "store"))
+    monkeypatch.chdir(tmp_path)
+    assert make_timing.main(["--out", "results/t.json"]) == 0
+    record = json.loads((tmp_path / "results" / "t.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["first", "second", "third"]
+    assert all(s["exit"] == 0 for s in record["stages"]) and record["exit"] == 0
+    assert 0.3 <= record["stages"][0]["wall_s"] <= record["total_s"]
+    assert record["venv_existed"] and record["command"] == "make all"
+    link_size = (tmp_path / ".venv" / "python").lstat().st_size
+    assert record["disk_bytes"] == {"venv": 7000 + link_size, "cache": None, "runs": 5000, "model_store": 300}
+
+
+def test_the_first_failing_stage_ends_the_job_with_its_exit_code(tmp_path, monkeypatch):
+    (tmp_path / "Makefile").write_text(MAKEFILE)
+    monkeypatch.chdir(tmp_path)
+    assert make_timing.main(["--out", "t.json", "FAIL=1"]) == 2  # make's code for a failed recipe
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert [(s["stage"], s["exit"]) for s in record["stages"]] == [("first", 0), ("second", 2)]
+    assert record["command"] == "make all FAIL=1" and not record["venv_existed"]
