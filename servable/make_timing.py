@@ -66,6 +66,8 @@ def run(root: Path, make_args: list[str], target: str = TARGET) -> dict:
     """Run each stage of `make target` in `root`; the record of the job."""
     record: dict = {
         "command": " ".join(["make", target, *make_args]),
+        # what `make time-all VAR=value` passes on to each stage's make
+        "makeflags": os.environ.get("MAKEFLAGS", ""),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": describe_machine(),
         "commit": commit(root),
