@@ -1,0 +1,125 @@
+"""Figures of index.md and training.md: the documented runs, the rendered study tables, the limited-data table."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from tests.doc_figures.common import BENCH, DOCUMENTED, Figure
+
+GALLERY = "docs/results/training/gallery/{}/summary.json"
+LIMITED = "docs/results/limited_data/limited_data.json"
+
+# training.md's limited-data table: its row labels, the arm of each; bold marks the best of the three models
+LIMITED_ROWS = {
+    "EfficientNet-Lite0 (32 px), ImageNet-pretrained, fine-tuned": "pretrained",
+    "EfficientNet-Lite0 (32 px), from scratch": "efficientnet-scratch",
+    "small CNN (28 px), from scratch": "small-cnn",
+    "small CNN, without augmentation": "no-augmentation",
+    "small CNN + pseudo-labels": "pseudo-label",
+    "small CNN, active learning (least confident)": "active",
+}
+
+
+LIMITED_MODELS = ("pretrained", "efficientnet-scratch", "small-cnn")
+
+
+def rendered(module: str, name: str) -> Figure:
+    """A table of training.md rendered by its module's markdown_table from the JSON the module wrote."""
+
+    def quote(d: dict) -> str:
+        return importlib.import_module(f"training.{module}").markdown_table(d)
+
+    return Figure("docs/training.md", f"docs/results/{module}/{name}.json", quote, f"{module} table: {name}")
+
+
+def beats_both(d: dict, absence: str) -> str:
+    return f"{100 * d['absence'][absence]['explanation_beats_both_baselines_share']:.0f} %"
+
+
+def limited_row(label: str) -> Callable[[dict], str]:
+    arm = LIMITED_ROWS[label]
+
+    def row(d: dict) -> str:
+        from training.limited_data import fmt  # the report's own cell format (imports torch: only when run)
+
+        summary, cells = d["summary"], []
+        for size in map(str, d["config"]["sizes"]):
+            best = max(LIMITED_MODELS, key=lambda a: summary[a][size]["mean"])
+            cell = fmt(summary[arm][size])
+            cells.append(f"**{cell}**" if arm == best else cell)
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    return row
+
+
+FIGURES = [
+    # index.md: the reference models (benchmark.json's tags and machine) and today's documented runs
+    *(Figure("docs/index.md", BENCH, lambda d, i=i: (
+        f"| `{d['models'][i]['tag']}` | {d['machine'].split(', Python')[0]} | [benchmark]"), f"reference model {i}")
+      for i in (0, 1)),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"| `{d['models']['image']['run']}` | {d['models']['image']['figures']['test_accuracy']:.4f} (Fashion-MNIST "
+        f"test, {d['models']['image']['data_counts']['test']:,} images) | - |"), "documented image run"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"| `{d['models']['text']['run']}` | {d['models']['text']['figures']['test_accuracy']:.4f} "
+        f"({d['models']['text']['data_counts']['test']:,} held-out sentences) | "
+        f"{d['models']['text']['figures']['out_of_domain_accuracy']:.4f} "
+        f"({d['models']['text']['data_counts']['ood_test']:,} Amazon review sentences) |"), "documented text run"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"holds every default run to, within {100 * d['models']['image']['tolerance']:.1f} points"), "gate tolerance"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"loses more than {100 * d['models']['image']['int8_max_drop']:.0f} point of test accuracy"), "int8 bound"),
+    # training.md: the documented default runs' headline figures and data counts
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"{d['models']['image']['data_counts']['train']:,} training / {d['models']['image']['data_counts']['val']:,} "
+        f"validation images at 64 px"), "image data counts"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: f"Run `{d['models']['image']['run']}` (2026-11-30, AMD EPYC",
+           "image run"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, full {d['models']['image']['data_counts']['test']:,}-image test set | "
+        f"**{d['models']['image']['figures']['test_accuracy']:.4f}** |"), "image test accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"lifted test accuracy by 5 points, to {d['models']['image']['figures']['test_accuracy']:.4f},"),
+        "image test accuracy, prose"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"with seed 42, {d['models']['text']['data_counts']['train']:,} training / "
+        f"{d['models']['text']['data_counts']['val']:,} validation / "
+        f"{d['models']['text']['data_counts']['test']:,} test sentences"), "text data counts"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"the Amazon out-of-domain set has {d['models']['text']['data_counts']['ood_test']:,} sentences"),
+        "text out-of-domain count"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: f"(run `{d['models']['text']['run']}`, seed 42", "text run"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, in-domain test, pooled ({d['models']['text']['data_counts']['test']:,}) | "
+        f"**{d['models']['text']['figures']['test_accuracy']:.4f}** |"), "text test accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, out-of-domain Amazon ({d['models']['text']['data_counts']['ood_test']:,}) | "
+        f"**{d['models']['text']['figures']['out_of_domain_accuracy']:.4f}** |"), "text out-of-domain accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"int8 agrees with fp32 on {100 * d['models']['text']['figures']['int8_agreement']:.1f} % of the in-domain "
+        "test sentences"), "text int8 agreement"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"**In domain: {d['models']['text']['figures']['test_accuracy']:.3f} pooled on seed 42**"), "text, prose"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"**Out of domain, seed 42: 0.833 → {d['models']['text']['figures']['out_of_domain_accuracy']:.3f}**"),
+        "text out of domain, prose"),
+    # training.md: the calibration and faithfulness tables, rendered from their JSON, and the gallery's runs
+    *(rendered(module, name) for module in ("calibration", "faithfulness")
+      for name in ("fashion-cnn", "sentiment-bert")),
+    Figure("docs/training.md", "docs/results/faithfulness/fashion-cnn.json", lambda d: (
+        f"it beats both baselines on {beats_both(d, 'background [0.0, 0.0, 0.0]')} of the images). With the image mean "
+        f"as the mask, its order beats both baselines ({beats_both(d, 'image mean (older)')} of the images)"),
+        "faithfulness: image wins"),
+    Figure("docs/training.md", "docs/results/faithfulness/sentiment-bert.json", lambda d: (
+        f"the explanation beats both baselines on {beats_both(d, 'token [MASK]')} of the texts either way"),
+        "faithfulness: text wins"),
+    Figure("docs/training.md", GALLERY.format("image"), lambda d: (
+        f"({d['accuracy']:.4f} on the {d['test_examples']:,} Fashion-MNIST test images for `{d['model']}`"),
+        "gallery: image run"),
+    Figure("docs/training.md", GALLERY.format("text"), lambda d: (
+        f"{d['accuracy']:.4f} on the {d['test_examples']:,} test sentences for `{d['model']}`)"), "gallery: text run"),
+    # training.md: make limited-data's table
+    *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
+      for label in LIMITED_ROWS),
+]  # fmt: skip
