@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from tests.doc_figures.common import BENCH, DOCUMENTED, Figure
@@ -22,6 +23,39 @@ LIMITED_ROWS = {
 
 
 LIMITED_MODELS = ("pretrained", "efficientnet-scratch", "small-cnn")
+
+
+IMAGE_CARD, TEXT_CARD = "docs/model-cards/fashion-cnn.md", "docs/model-cards/sentiment-bert.md"
+
+
+def variant(card: dict, name: str, column: str = "test accuracy") -> str:
+    """A cell of the card's fp32 / int8 (/ optimised) table."""
+    return card["tables"]["variant"][0][name][column]
+
+
+def gate(card: dict) -> str:
+    """The card's release-gate verdict: passed when every check it lists passed."""
+    checks = card["text"].split("**Release gate**")[1].split("\n## ")[0]
+    verdicts = re.findall(r"^- .*: (pass|fail)$", checks, re.M)
+    return "passed" if verdicts and set(verdicts) == {"pass"} else "failed"
+
+
+def confusions(card: dict) -> list[tuple[str, ...]]:
+    """The card's most frequent mistakes: (true class, predicted class, times), most frequent first."""
+    line = re.search(r"^- most frequent mistakes: (.*)$", card["text"], re.M)[1]
+    return [re.match(r"(.+) called (.+) (\d+) times", item).groups() for item in line.split("; ")]
+
+
+def top_confusions(card: dict) -> str:
+    """The first three, as training.md reads them (the second and third share their true class)."""
+    (a, b, n), (c, d, m), (e, f, k) = confusions(card)[:3]
+    assert c == e, "training.md's sentence names one true class for the second and third"
+    return f"{a} called {b} {n} times, {c} called {d} {m} and {f} {k} times"
+
+
+def documented_fp32(card: dict) -> tuple[str, str]:
+    """The card's fp32 gate line: the run's test accuracy and the documented figure it was held to."""
+    return re.search(r"^- fp32 test accuracy ([\d.]+) \(documented ([\d.]+) ", card["text"], re.M).groups()
 
 
 def rendered(module: str, name: str) -> Figure:
@@ -122,4 +156,15 @@ FIGURES = [
     # training.md: make limited-data's table
     *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
       for label in LIMITED_ROWS),
+    # training.md: the model cards' figures (the cards are generated from their run's artifact at registration)
+    Figure("docs/training.md", IMAGE_CARD, lambda c: (
+        f"(`{c['tag']}`, two torch threads: fp32 {variant(c, 'fp32')}, int8 {variant(c, 'int8')}, gate {gate(c)})"),
+        "image card: fp32, int8, gate"),
+    Figure("docs/training.md", IMAGE_CARD, lambda c: f"lists the most frequent confusions: {top_confusions(c)}",
+           "image card: confusions"),
+    Figure("docs/training.md", IMAGE_CARD, lambda c: f"`{c['tag']}` and `sentiment-bert:", "card section: image tag"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: f"and `{c['tag']}`, with the gate's verdict",
+           "card section: text tag"),
+    Figure("docs/training.md", IMAGE_CARD, lambda c: (
+        "its fp32 accuracy is {} against {}".format(*documented_fp32(c))), "card section: image fp32 vs documented"),
 ]  # fmt: skip
