@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.doc_figures.common import Figure, span
+from tests.doc_figures.common import Figure, machine_of, span
 
 SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
 
@@ -51,6 +51,21 @@ def rss_growth(d: dict) -> str:
 
     by_model = {m: first_last(m) for m in ("image", "text")}
     return f"**{span(growth)} MB** (image {by_model['image']} MB, text {by_model['text']} MB) |"
+
+
+def sigterm_run(d: dict) -> str:
+    """The SIGTERM test's figures in the suite run (a reset or unclean answer is any outcome but these three)."""
+    s = d["sigterm_single_replica"]
+    o = s["outcomes"]
+    unclean = sum(n for kind, n in o.items() if kind not in ("200", "503", "refused"))
+    return (
+        f"in the {machine_of(d)} run above, the one that failed: {s['requests']} requests, {o.get('200', 0)} × 200 "
+        f"and {o.get('refused', 0)} refused, {unclean} reset, {s['in_flight_at_sigterm']} in flight at the signal, "
+        f"{s['answered_though_sent_after_sigterm']} sent after it and answered, refusals from "
+        f"{s['refused_after_s']:.2f} s after the signal, `/readyz` 503 {s['readiness_after_sigterm']['503']} times "
+        f"in between, the late request on an early connection answered `{s['late_request_on_early_connection']}`, "
+        f"exit {s['exit_s']:.2f} s after SIGTERM (grace period {s['grace_period_s']:.0f} s)"
+    )
 
 
 FIGURES = [
@@ -108,6 +123,7 @@ FIGURES = [
     Figure("docs/reliability.md", RELIABILITY, lambda d: (
         f"the single-replica SIGTERM test failed: {d['sigterm_single_replica']['outcomes']['200']} × 200 and "
         f"{d['sigterm_single_replica']['outcomes']['refused']} refused"), "SIGTERM run"),
+    Figure("docs/reliability.md", RELIABILITY, sigterm_run, "SIGTERM test's figures"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
     Figure("docs/reliability.md", RELIABILITY_OVERLOAD, lambda d: overload_row(d["overload"]), "overload"),
