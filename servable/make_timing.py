@@ -72,6 +72,8 @@ def run(root: Path, make_args: list[str], target: str = TARGET) -> dict:
         "machine": describe_machine(),
         "commit": commit(root),
         "venv_existed": (root / ".venv").exists(),
+        # other work on the machine stretches every stage: the 1-minute load average before and after
+        "load_average_1m": {"start": round(os.getloadavg()[0], 1)},
         "stages": [],
     }
     start = time.monotonic()
@@ -82,6 +84,7 @@ def run(root: Path, make_args: list[str], target: str = TARGET) -> dict:
         if code:
             break
     record["total_s"] = round(time.monotonic() - start, 1)
+    record["load_average_1m"]["end"] = round(os.getloadavg()[0], 1)
     record["exit"] = record["stages"][-1]["exit"] if record["stages"] else 0
     record["disk_bytes"] = disk(root)
     return record

@@ -43,6 +43,7 @@ def test_each_stage_is_timed_in_order_and_the_disk_counted(tmp_path, monkeypatch
     assert all(s["exit"] == 0 for s in record["stages"]) and record["exit"] == 0
     assert 0.3 <= record["stages"][0]["wall_s"] <= record["total_s"]
     assert record["venv_existed"] and record["command"] == "make all"
+    assert set(record["load_average_1m"]) == {"start", "end"}
     link_size = (tmp_path / ".venv" / "python").lstat().st_size
     assert record["disk_bytes"] == {"venv": 7000 + link_size, "cache": None, "runs": 5000, "model_store": 300}
 
