@@ -53,6 +53,10 @@ def rss_growth(d: dict) -> str:
     return f"**{span(growth)} MB** (image {by_model['image']} MB, text {by_model['text']} MB) |"
 
 
+def growth_by_model(d: dict, model: str) -> list[float]:
+    return [mb for worker, mb in d["workers"]["rss_growth_mb"].items() if worker.startswith(f"{model}-")]
+
+
 def sigterm_run(d: dict) -> str:
     """The SIGTERM test's figures in the suite run (a reset or unclean answer is any outcome but these three)."""
     s = d["sigterm_single_replica"]
@@ -77,6 +81,12 @@ FIGURES = [
         f"{d['text']['p99_first_window_ms']:.0f} → {d['text']['p99_last_window_ms']:.0f} ms, above 1 s in "
         f"{len(minutes_above(d, 'image', 1000))} (images) and {len(minutes_above(d, 'text', 1000))} (texts) of the "
         f"{d['minutes']:.0f} minutes |"), "soak run 3"),
+    Figure("docs/reliability.md", SOAK3, lambda d: (
+        f"of the {d['minutes']:.0f} minutes | image {span(growth_by_model(d, 'image'))} MB, text "
+        f"{span(growth_by_model(d, 'text'))} MB |"), "soak run 3, worker RSS"),
+    Figure("docs/reliability.md", SOAK3, lambda d: (
+        f"text workers grew (by up to {span([max(growth_by_model(d, 'text'))])} MB in run 3)"),
+        "soak run 3, text worker growth"),
     Figure("docs/reliability.md", SOAK3, lambda d: (
         f"p99 rose above 1 s in {len(minutes_above(d, 'text', 1000))} of the {d['minutes']:.0f} minutes "
         f"({len(minutes_above(d, 'image', 1000))} for images)"), "soak run 3, above 1 s"),
