@@ -33,6 +33,8 @@ summary: setup  ## what the main job made (each registered model), how good it i
 	@$(BIN)/python -m training.summary
 
 # Run with the system python3 (standard library only): its first stage builds the virtualenv.
+# TIME_ALL_ARGS="--out FILE" writes elsewhere; make variables (SKIP_APT=1) reach every stage.
+TIME_ALL_ARGS ?=
 time-all:  ## make all with each stage timed and the disk it used -> docs/results/make-all.json
 	$(PY) -m servable.make_timing $(TIME_ALL_ARGS)
 
