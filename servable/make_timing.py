@@ -4,7 +4,8 @@
 
 (`make time-all` runs it.) The stages are the prerequisites of the Makefile's `all` target, read from the
 Makefile, each run as `make STAGE` in that order, so the record follows the Makefile; the first failing stage
-ends the job, as it ends `make all`. Then the sizes of the virtualenv, the download cache, the runs and the
+ends the job, as it ends `make all`. The record is rewritten after each stage, so a job stopped part way
+keeps the stages it finished. At the end, the sizes of the virtualenv, the download cache, the runs and the
 model store (`$BENTOML_HOME/models`), each counted as its files' bytes (symbolic links not followed). Standard
 library only: the first stage builds the virtualenv this runs before.
 """
@@ -62,8 +63,14 @@ def commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def run(root: Path, make_args: list[str], target: str = TARGET) -> dict:
-    """Run each stage of `make target` in `root`; the record of the job."""
+def write(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run(root: Path, make_args: list[str], out: Path, target: str = TARGET) -> dict:
+    """Run each stage of `make target` in `root`; the record of the job, written to `out` after every stage (a
+    job stopped part way keeps the stages it finished, with `"finished": false`)."""
     record: dict = {
         "command": " ".join(["make", target, *make_args]),
         # what `make time-all VAR=value` passes on to each stage's make
@@ -74,19 +81,24 @@ def run(root: Path, make_args: list[str], target: str = TARGET) -> dict:
         "venv_existed": (root / ".venv").exists(),
         # other work on the machine stretches every stage: the 1-minute load average before and after
         "load_average_1m": {"start": round(os.getloadavg()[0], 1)},
+        "finished": False,
         "stages": [],
     }
+    write(record, out)
     start = time.monotonic()
     for stage in stages(root / "Makefile", target):
         began = time.monotonic()
         code = subprocess.run(["make", stage, *make_args], cwd=root, check=False).returncode
         record["stages"].append({"stage": stage, "wall_s": round(time.monotonic() - began, 1), "exit": code})
+        write(record, out)
         if code:
             break
     record["total_s"] = round(time.monotonic() - start, 1)
     record["load_average_1m"]["end"] = round(os.getloadavg()[0], 1)
     record["exit"] = record["stages"][-1]["exit"] if record["stages"] else 0
     record["disk_bytes"] = disk(root)
+    record["finished"] = True
+    write(record, out)
     return record
 
 
@@ -95,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="the results file (default: %(default)s)")
     args, make_args = parser.parse_known_args(argv)
     root = Path.cwd()
-    record = run(root, make_args)
     out = args.out if args.out.is_absolute() else root / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    record = run(root, make_args, out)
     for s in record["stages"]:
         print(f"{s['stage']:<12} {s['wall_s']:>8.1f} s  exit {s['exit']}")
     print(f"{'total':<12} {record['total_s']:>8.1f} s  -> {out}")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from servable import make_timing
@@ -43,7 +46,7 @@ def test_each_stage_is_timed_in_order_and_the_disk_counted(tmp_path, monkeypatch
     assert all(s["exit"] == 0 for s in record["stages"]) and record["exit"] == 0
     assert 0.3 <= record["stages"][0]["wall_s"] <= record["total_s"]
     assert record["venv_existed"] and record["command"] == "make all"
-    assert set(record["load_average_1m"]) == {"start", "end"}
+    assert set(record["load_average_1m"]) == {"start", "end"} and record["finished"]
     link_size = (tmp_path / ".venv" / "python").lstat().st_size
     assert record["disk_bytes"] == {"venv": 7000 + link_size, "cache": None, "runs": 5000, "model_store": 300}
 
@@ -55,3 +58,20 @@ def test_the_first_failing_stage_ends_the_job_with_its_exit_code(tmp_path, monke
     record = json.loads((tmp_path / "t.json").read_text())
     assert [(s["stage"], s["exit"]) for s in record["stages"]] == [("first", 0), ("second", 2)]
     assert record["command"] == "make all FAIL=1" and not record["venv_existed"]
+
+
+def test_a_job_stopped_part_way_keeps_the_stages_it_finished(tmp_path, monkeypatch):
+    (tmp_path / "Makefile").write_text(MAKEFILE.replace('test "$(FAIL)" != 1', "sleep 30"))
+    monkeypatch.chdir(tmp_path)
+    job = subprocess.Popen([sys.executable, "-m", "servable.make_timing", "--out", "t.json"],
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(100):  # the first stage done, the second one running
+            if (tmp_path / "t.json").exists() and json.loads((tmp_path / "t.json").read_text())["stages"]:
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=10)
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["first"] and not record["finished"]
