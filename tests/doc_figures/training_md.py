@@ -82,6 +82,11 @@ def text_counts(c: dict) -> str:
             f"{dedup['conflicting_labels_dropped']} with conflicting labels dropped)")  # fmt: skip
 
 
+def agreement(card: dict) -> float:
+    """int8/fp32 agreement on the test set, as the card's gate line has it."""
+    return float(re.search(r"agreement on the test set ([\d.]+)", card["text"])[1])
+
+
 def training_examples(c: dict) -> int:
     return int(c["tables"]["split"][0]["training"]["examples"].replace(",", ""))
 
@@ -97,7 +102,7 @@ def same_as_documented(c: dict) -> str:
     )
     verdict = "equal to" if (test, ood) == (documented_test, documented_ood) else "unlike"
     return (
-        f"`{c['tag']}`, the same recipe run again in a timed `make all` on the same day, whose release gate found "
+        f"`{c['tag']}`, the same recipe run again in a `make all` on the same day, whose release gate found "
         f"its fp32 figures {verdict} this run's ({test} in domain, {ood} out of domain)"
     )
 
@@ -224,4 +229,11 @@ FIGURES = [
         f"the movie share alone is {domain_row(c, 'movies')['accuracy']}, tweets are easy "
         f"({domain_row(c, 'tweets')['accuracy']}), NYT editorial sentences hard "
         f"({domain_row(c, 'editorials')['accuracy']})"), "text card: accuracy by domain"),
+    # training.md's whole main job: the 2026-11-30 make all the cards come from
+    Figure("docs/training.md", IMAGE_CARD, lambda c: (
+        f"image fp32 {variant(c, 'fp32')}, int8 {variant(c, 'int8')}, gate {gate(c)}"), "whole job: image card"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: (
+        f"text fp32 {variant(c, 'fp32')} in domain and {variant(c, 'fp32', 'out-of-domain')} out of domain, int8 "
+        f"{variant(c, 'int8')}, agreement {agreement(c):.3f}, "
+        f"gate {gate(c)}"), "whole job: text card"),
 ]  # fmt: skip
