@@ -24,12 +24,19 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all setup apt lock lock-torch data kubectl proofs-alone mutation-check train-image train-text limited-data serve demo reliability config-docs test lint clean
+.PHONY: all summary time-all setup apt lock lock-torch data kubectl proofs-alone mutation-check train-image train-text limited-data serve demo reliability config-docs test lint clean
 
-all: setup train-image train-text  ## the main job, end to end on the bundled defaults
+# The main job's stages, in order (make time-all reads them from this line): the load test's SLO verdict ends it.
+all: setup train-image train-text summary demo loadtest  ## the main job, end to end on the bundled defaults
+
+summary: setup  ## what the main job made (each registered model), how good it is, and what to run next
 	@$(BIN)/python -m training.summary
-	$(BIN)/python -m deploy.launch --demo
-	$(BIN)/python -m loadtest.run $(LOADTEST_ARGS)  # short Locust run with the SLO gate; its verdict ends the job
+
+# Run with the system python3 (standard library only): its first stage builds the virtualenv.
+# TIME_ALL_ARGS="--out FILE" writes elsewhere; make variables (SKIP_APT=1) reach every stage.
+TIME_ALL_ARGS ?=
+time-all:  ## make all with each stage timed and the disk it used -> docs/results/make-all.json
+	$(PY) -m servable.make_timing $(TIME_ALL_ARGS)
 
 serve: setup  ## serve both registered models on 127.0.0.1 (image :3000, sentiment :3001) until Ctrl-C
 	$(BIN)/python -m deploy.launch

@@ -1,0 +1,336 @@
+"""Figures of benchmark.md: the reference run, its targets and history, memory, profiles, admission."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.doc_figures.common import BENCH, ROOT, Figure, bench_c32, int8_gain, point, rps, share, whole
+
+BENCH_QUIET = "docs/results/benchmark-quiet/benchmark.json"  # the split design's history run, 2026-11-25
+PROFILES = "docs/results/profiles/profiles.json"
+
+MEMORY, MEMORY_FINAL = "docs/results/memory/memory.json", "docs/results/memory/final-tree.json"
+MEMORY_PHASES = (("at_rest", "at rest"), ("after_one_explanation", "after one explanation"))
+
+ADMISSION = "docs/results/benchmark/admission/ratios.json"
+
+
+def target(data: dict, model: str, name_start: str) -> dict:
+    return next(
+        t for m in data["models"] if m["model"] == model for t in m["targets"] if t["name"].startswith(name_start)
+    )
+
+
+def rss(d: dict, run: str, phase: str, model: str) -> float:
+    return d["runs"][run]["phases"][phase][model]["rss_mib"]
+
+
+def memory_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
+    """A row of the memory table: before, after (its share of before), after + the recommended change."""
+
+    def row(d: dict) -> str:
+        before, after, rec = (rss(d, run, phase, model) for run in ("before", "after", "after_with_recommended"))
+        bold = "**" if phase == "at_rest" else ""
+        return (f"| {model}, {label} | {before:.0f} | {bold}{after:.0f} ({share(after, before)}){bold} | "
+                f"{rec:.0f} ({share(rec, before)}) |")  # fmt: skip
+
+    return row
+
+
+def pss_both(d: dict, run: str) -> float:
+    return sum(d["runs"][run]["phases"]["at_rest"][m]["pss_mib"] for m in ("image", "text"))
+
+
+def memory_load_row(model: str) -> Callable[[dict], str]:
+    runs = ("before", "after", "after_with_recommended")
+    return lambda d: f"| {model}, under load (largest) / after it | " + " | ".join(
+        f"{d['runs'][r]['phases']['under_load'][model]['largest_total_rss_mib']:.0f} / "
+        f"{rss(d, r, 'after_load', model):.0f}" for r in runs) + " |"  # fmt: skip
+
+
+def each(d: dict, run: str, phase: str, model: str, role: str) -> str:
+    """Each process of a role, its RSS in whole MiB: one figure, or the range."""
+    processes = d["runs"][run]["phases"][phase][model]["processes"]
+    values = sorted(round(p["rss_mib"]) for p in processes if p["role"] == role)
+    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
+def each_pair(d: dict, run: str, role: str, phase: str = "at_rest") -> str:
+    return f"{each(d, run, phase, 'image', role)} / {each(d, run, phase, 'text', role)}"
+
+
+def final_tree_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
+    def row(d: dict) -> str:
+        before, final = rss(d, "before", phase, model), rss(d, "final", phase, model)
+        ratio = f" {share(final, before)} " if phase == "at_rest" else " "
+        return f"| {model}, {label} | {before:.0f} | {final:.0f} |{ratio}|"
+
+    return row
+
+
+def best_rps(d: dict, model: str, config: str) -> str:
+    """The history run's saturation figure: the best of its closed-loop client counts."""
+    found = [p["rps"] for m in d["models"] if m["model"] == model for p in m["points"]
+             if p["config"] == config and p["concurrency"]]  # fmt: skip
+    return whole(max(found))
+
+
+def raw_best(d: dict, model: str) -> str:
+    """raw ORT fp32 items/s at batch 1 / at its best batch (which)."""
+    raw = {p["config"].removeprefix("raw ORT fp32 "): p["items_s"] for m in d["models"] if m["model"] == model
+           for p in m["points"] if p["config"].startswith("raw ORT fp32")}  # fmt: skip
+    best = max(raw, key=raw.get)
+    return f"{whole(raw['b1'])} / {whole(raw[best])} ({best})"
+
+
+def profile_rps(d: dict, model: str, config: str) -> str:
+    return whole(next(r["rps"] for r in d["runs"] if r["model"] == model and r["config"] == config))
+
+
+# A py-spy flame graph's frame: its function (file:line follows) and its place in samples (fg:x, fg:w)
+FLAME_FRAME = re.compile(r'<g><title>(?P<name>[^<]*?) \([\d,]+ samples?, [\d.]+%\)</title><rect [^>]*?'
+                         r'fg:x="(?P<x>\d+)" fg:w="(?P<w>\d+)"')  # fmt: skip
+
+
+def flame_share(svg: Path, functions: tuple[str, ...]) -> float:
+    """The share of all samples under any frame of these functions, inclusive: a frame inside another counted one
+    (recursion, or a chain of them) is not counted twice."""
+    text = svg.read_text()
+    total = int(re.search(r'total_samples="(\d+)"', text).group(1))
+    names = tuple(f"{f} (" for f in functions)
+    frames = [(int(m["x"]), int(m["x"]) + int(m["w"])) for m in FLAME_FRAME.finditer(text)
+              if m["name"].startswith(names)]  # fmt: skip
+    spans = sorted(frames, key=lambda s: (s[0], -s[1]))  # an enclosing frame before those it holds
+    counted, end = 0, -1
+    for start, stop in spans:
+        if start >= end:
+            counted, end = counted + stop - start, stop
+    return counted / total
+
+
+def profile_row(label: str, *functions: str) -> Callable[[dict], str]:
+    """A row of benchmark.md's profile table: each run's share, from the flame graph profiles.json names."""
+
+    def row(d: dict) -> str:
+        cells = []
+        for model in ("image", "text"):
+            for config in ("default", "split-old-design"):
+                run = next(r for r in d["runs"] if r["model"] == model and r["config"] == config)
+                found = flame_share(ROOT / Path(PROFILES).parent / run["svg"], functions)
+                cells.append(f"{whole(100 * found)} %" if found else "-")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    return row
+
+
+def rps_p99(d: dict, model: str, config: str) -> str:
+    """A row's cell of the reference table: req/s (p99 ms) at 32 clients."""
+    p = bench_c32(d, model, config)
+    return f"{whole(p['rps'])} ({p['p99_ms']:.0f})"
+
+
+SPLIT, PEER = "served fp32 split (old design)", "fastapi+ort peer"
+
+
+def over(d: dict, model: str, base: str, config: str = "served default") -> str:
+    """A config's req/s at 32 clients over another's, as the reading prints it."""
+    return f"{bench_c32(d, model, config)['rps'] / bench_c32(d, model, base)['rps']:.1f}x"
+
+
+def raw_items_s(d: dict, model: str) -> str:
+    """raw ORT fp32 items/s at batch 1 and at its best batch."""
+    raw = [p for m in d["models"] if m["model"] == model for p in m["points"] if p["config"].startswith("raw ORT fp32")]
+    b1 = next(p for p in raw if p["config"] == "raw ORT fp32 b1")
+    return f"{b1['items_s']:,.0f} / {max(p['items_s'] for p in raw):,.0f}"
+
+
+def bench_row(label: str, cell: Callable[[dict, str], str]) -> Callable[[dict], str]:
+    return lambda d: f"| {label} | {cell(d, 'image')} | {cell(d, 'text')} |"
+
+
+def target_ratio(d: dict, model: str, name_start: str, unit: str = "") -> str:
+    """A target's ratio as the table prints it: as measured, then drift-corrected where that differs."""
+    ratio = target(d, model, name_start)["ratio"]
+    corrected, _, measured = ratio.partition(" drift-corrected, ")
+    return f"{measured.removesuffix(' as measured')}{unit} ({corrected} drift-corrected)" if measured else ratio + unit
+
+
+def admission_row(model: str, tree: str, label: str) -> Callable[[dict], str]:
+    """A row of benchmark.md's admission table: each round's served / peer req/s, and the median ratio."""
+
+    def row(d: dict) -> str:
+        rounds = d[f"{model}/{tree}"]
+        cells = ", ".join(f"{r['served']:.0f} / {r['peer']:.0f}" for r in rounds)
+        return f"| {model}, {label} | {cells} | **{statistics.median(r['ratio'] for r in rounds):.2f}** |"
+
+    return row
+
+
+FIGURES = [
+    *(Figure("docs/benchmark.md", ADMISSION, admission_row(m, t, label), f"admission: {m} {t}")
+      for m in ("image", "text") for t, label in (("old", "before (`c2b50c1`)"), ("new", "with admission and timing"))),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"| {bench_c32(d, 'image', 'served default')['rps']:,.0f}: met | {bench_c32(d, 'text', 'served default')['rps']:,.0f}: met |"),  # noqa: E501
+        "req/s at 32 clients"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"{bench_c32(d, 'image', 'served default')['p99_ms']:.0f} vs {bench_c32(d, 'image', 'fastapi+ort peer')['p99_ms']:.0f} ms: met | "  # noqa: E501
+        f"{bench_c32(d, 'text', 'served default')['p99_ms']:.0f} vs {bench_c32(d, 'text', 'fastapi+ort peer')['p99_ms']:.0f} ms: met"),  # noqa: E501
+        "p99 at 32 clients against the peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"{point(d, 'image', 'served default', 1)['p50_ms']:.2f} vs {point(d, 'image', 'fastapi+ort peer', 1)['p50_ms']:.2f} ms: met | "  # noqa: E501
+        f"{point(d, 'text', 'served default', 1)['p50_ms']:.2f} vs {point(d, 'text', 'fastapi+ort peer', 1)['p50_ms']:.2f} ms: met"),  # noqa: E501
+        "p50 at one client against the peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"the [reference models](index.md#reference-models) `{d['models'][0]['tag']}` and `{d['models'][1]['tag']}`"),
+        "reference models"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"int8 on CPU (`VARIANT=auto`: {int8_gain(d, ('image',))} for images, {int8_gain(d, ('text',))} for text "
+        "served"),
+        "int8 gain"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"with its defaults serves {rps(d, 'image', 'served default')} and {rps(d, 'text', 'served default')}-"
+        f"{rps(d, 'text', 'served int8 inprocess batching on')}: {over(d, 'image', SPLIT)} and "
+        f"{over(d, 'text', SPLIT, 'served default').removesuffix('x')}-"
+        f"{over(d, 'text', SPLIT, 'served int8 inprocess batching on')} on "
+        f"the same machine. Against the server a user would write (FastAPI + ORT), {over(d, 'image', PEER)} for images "
+        f"and {over(d, 'text', PEER)} for text"), "the request path was the bottleneck"),
+    # the reference run's table (docs/benchmark.md), row by row
+    Figure("docs/benchmark.md", BENCH, bench_row(
+        "**served default**", lambda d, m: f"**{rps_p99(d, m, 'served default')}**"),
+        "reference table: served default"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"(`int8 inprocess batching on`) | {rps_p99(d, 'image', 'served int8 inprocess batching on')} | "
+        f"{rps_p99(d, 'text', 'served int8 inprocess batching on')} |"), "reference table: second measurement"),
+    Figure("docs/benchmark.md", BENCH, bench_row("served fp32, in-process, batching on / off", lambda d, m: (
+        f"{rps(d, m, 'served fp32 inprocess batching on')} / {rps(d, m, 'served fp32 inprocess batching off')}")),
+        "reference table: fp32 batching on / off"),
+    Figure("docs/benchmark.md", BENCH, bench_row("served fp32 split (old design)", lambda d, m: rps_p99(
+        d, m, "served fp32 split (old design)")), "reference table: split"),
+    Figure("docs/benchmark.md", BENCH, bench_row("FastAPI + ORT peer, no batching", lambda d, m: rps_p99(
+        d, m, "fastapi+ort peer")), "reference table: peer"),
+    Figure("docs/benchmark.md", BENCH, bench_row("PyTorch eager peer", lambda d, m: rps_p99(
+        d, m, "pytorch eager (FastAPI)")), "reference table: eager peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"(items/s, in-process, no HTTP) | {raw_items_s(d, 'image')} | {raw_items_s(d, 'text')} |"),
+        "reference table: raw ORT"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        "the FastAPI + ORT peer at 32 clients | "
+        f"{target_ratio(d, 'image', 'served default req/s at 32 clients ≥ 1.6x', 'x')}: met | "
+        f"{target_ratio(d, 'text', 'served default req/s at 32 clients ≥ 1.1x', 'x')}: met |"),
+        "targets: against the peer"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"vs raw best batch) | {target_ratio(d, 'image', '≥ 0.85 of raw ORT (fp32 inprocess batching on')}: not met | "
+        f"{target_ratio(d, 'text', '≥ 0.85 of raw ORT (fp32 inprocess batching on')}: met |"), "targets: raw ORT"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"at 70 % of saturation | {float(target_ratio(d, 'image', 'p99 ≤ 3x p50')):.1f}"
+        f" (p99 {point(d, 'image', 'served default @70%')['p99_ms']:.0f} ms): not met | "
+        f"{float(target_ratio(d, 'text', 'p99 ≤ 3x p50')):.1f}: met |"), "targets: tail at 70 %"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        "2 threads per worker (4 threads on 2 cores) gave "
+        f"{rps(d, 'image', 'served default, 2 ORT threads per worker')} vs {rps(d, 'image', 'served default')} "
+        "images/s and a p99 of "
+        f"{bench_c32(d, 'image', 'served default, 2 ORT threads per worker')['p99_ms']:.0f} vs "
+        f"{bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms; for text it was within run-to-run noise "
+        f"({rps(d, 'text', 'served default, 2 ORT threads per worker')} vs {rps(d, 'text', 'served default')}-"
+        f"{rps(d, 'text', 'served int8 inprocess batching on')})"), "one intra-op thread"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"({rps(d, 'image', 'served default, ORT spinning on')} vs {rps(d, 'image', 'served default')} images/s, "
+        f"{rps(d, 'text', 'served default, ORT spinning on')} vs {rps(d, 'text', 'served default')}-"
+        f"{rps(d, 'text', 'served int8 inprocess batching on')} texts/s"), "spinning"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"served {rps(d, 'image', 'served fp32 split (old design)')} images/s and "
+        f"{rps(d, 'text', 'served fp32 split (old design)')} texts/s in this run"), "old design"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"at 32 clients (int8 text: {rps(d, 'text', 'served int8 inprocess batching on')} vs "
+        f"{rps(d, 'text', 'served int8 inprocess batching off')})"), "batching on / off, int8 text"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"batching on vs off, {d['models'][0]['ratios_as_measured']['batching_on/off']:.2f}x for images and "
+        f"{d['models'][1]['ratios_as_measured']['batching_on/off']:.2f}x for text"), "batching on / off"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"the open-loop point had {point(d, 'image', 'served default @70%')['errors']} failed requests of "
+        f"{point(d, 'image', 'served default @70%')['requests']:,}"), "open-loop errors"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"| {target(d, 'text', '0 errors')['measured'].removesuffix(' requests')} |"), "text errors of all requests"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"for images sent {point(d, 'image', 'served default @70%')['target_rps']:,.0f} req/s; its p99 was "
+        f"{point(d, 'image', 'served default @70%')['p99_ms']:.0f} ms and {point(d, 'image', 'served default @70%')['errors']} requests"),  # noqa: E501
+        "open-loop point"),
+    # benchmark.md: memory at rest, from make memory (three labelled runs), and on the redesigned core
+    *(Figure("docs/benchmark.md", MEMORY, memory_row(m, phase, label), f"memory: {m}, {label}")
+      for m in ("image", "text") for phase, label in MEMORY_PHASES),
+    *(Figure("docs/benchmark.md", MEMORY, memory_load_row(m), f"memory: {m}, under load") for m in ("image", "text")),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"what the machine really gives them) | {pss_both(d, 'before'):,.0f} | **{pss_both(d, 'after'):,.0f} "
+        f"({share(pss_both(d, 'after'), pss_both(d, 'before'))})** | {pss_both(d, 'after_with_recommended'):,.0f} |"),
+        "memory: PSS"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| arbiter (`bentoml serve`) | {each_pair(d, 'before', 'arbiter')} | {each_pair(d, 'after', 'arbiter')} "
+        f"({each_pair(d, 'after_with_recommended', 'arbiter')} with the recommended change) |"), "memory: arbiter"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| HTTP worker, each | {each_pair(d, 'before', 'http_worker')} | {each_pair(d, 'after', 'http_worker')} |"),
+        "memory: HTTP worker"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| explain process, each (2 before, none after) | {each_pair(d, 'before', 'explain_process')} | none; "
+        f"{each_pair(d, 'after', 'explain_process', 'after_one_explanation')} once started |"),
+        "memory: explain process"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"| resource tracker, each (2 before, none after) | {each_pair(d, 'before', 'resource_tracker')} | none; "
+        f"{each(d, 'after', 'after_one_explanation', 'image', 'resource_tracker')} once an explain process started |"),
+        "memory: resource tracker"),
+    *(Figure("docs/benchmark.md", MEMORY_FINAL, final_tree_row(m, phase, label), f"memory, core redesign: {m}, {label}")
+      for phase, label in MEMORY_PHASES for m in ("image", "text")),
+    # benchmark.md: the profiles' load, the core redesign's arbiter, and the split design's history run
+    Figure("docs/benchmark.md", PROFILES, lambda d: (
+        "| req/s during the profile | " + " | ".join(profile_rps(d, m, c) for m in ("image", "text")
+                                                     for c in ("default", "split-old-design")) + " |"),
+        "profiles: req/s"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "ONNX Runtime (`Session.run`, model thread or process)", "Session.run"), "profiles: ONNX Runtime"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "HTTP worker event loop (`Server.run`: everything below)", "Server.run"), "profiles: event loop"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "... our middleware chain and the routes (`AccessLogMiddleware` inclusive)", "AccessLogMiddleware.__call__"),
+        "profiles: middleware and routes"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "... the request's reading, checks and pre-processing (`Adapter.read` + `decode`)",
+        *(f"{kind}Adapter.{step}" for kind in ("Image", "Text") for step in ("read", "decode"))),
+        "profiles: reading and pre-processing"),
+    Figure("docs/benchmark.md", PROFILES, profile_row(
+        "... of which image decode, resize, normalise (`preprocess_image`)", "preprocess_image"),
+        "profiles: image pre-processing"),
+    Figure("docs/benchmark.md", MEMORY_FINAL, lambda d: (
+        f"At rest the redesign holds the arbiter ({each(d, 'final', 'at_rest', 'image', 'arbiter')} MiB, was "
+        f"{each(d, 'before', 'at_rest', 'image', 'arbiter')}:"), "memory, core redesign: arbiter"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("raw ORT fp32, batch 1 / best batch", raw_best),
+           "history: raw ORT"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("served fp32, batching on / off", lambda d, m: (
+        f"{best_rps(d, m, 'served fp32 batching on')} / {best_rps(d, m, 'served fp32 batching off')}")),
+        "history: served fp32"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("served int8, batching on", lambda d, m: best_rps(
+        d, m, "served int8 batching on")), "history: served int8"),
+    Figure("docs/benchmark.md", BENCH_QUIET, bench_row("PyTorch-eager FastAPI peer", lambda d, m: best_rps(
+        d, m, "pytorch eager (FastAPI)")), "history: eager peer"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"| served / raw best batch (target ≥ 0.85) | {d['models'][0]['ratios']['served_on/raw_best_batch']:.2f} — not "
+        f"met | {d['models'][1]['ratios']['served_on/raw_best_batch']:.2f} — not met |"), "history: served / raw"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "| best served / PyTorch eager (target ≥ 2) | "
+        f"{d['models'][0]['ratios']['served_best/pytorch_eager']:.1f} — met | "
+        f"{d['models'][1]['ratios']['served_best/pytorch_eager']:.1f} — not met |"), "history: served / eager"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"| batching on / off | {d['models'][0]['ratios']['batching_on/off']:.2f} | "
+        f"{d['models'][1]['ratios']['batching_on/off']:.2f} |"), "history: batching on / off"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: "| int8 / fp32, raw / served | " + " | ".join(
+        f"{r['int8/fp32 raw']:.2f} / {r['int8/fp32 served']:.2f}" for r in (m["ratios"] for m in d["models"])) + " |",
+        "history: int8 / fp32"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"| ORT-optimised / fp32, raw (BERT) | — | {d['models'][1]['ratios']['optimized/fp32 raw']:.2f} |"),
+        "history: ORT-optimised / fp32"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "| p99 / p50 at 70 % of saturation, batching on (target ≤ 3) | "
+        f"{d['models'][0]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.0f} — not met | "
+        f"{d['models'][1]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.1f} — not met |"), "history: tail"),
+]  # fmt: skip

@@ -1,0 +1,112 @@
+"""Figures of serving.md: the defaults per device, make explain-load, abstention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.doc_figures.common import (
+    BENCH,
+    TWO_THREADS,
+    Figure,
+    bench_c32,
+    int8_gain,
+    on_off,
+    point,
+    rps,
+    tenths,
+    whole,
+)
+
+EXPLAIN = "docs/results/explain/explain_load.json"
+
+
+def mem(data: dict, model: str, role: str) -> str:
+    values = data["models"][model]["resident_memory_mib"][role]
+    return f"{min(values):.0f}-{max(values):.0f} MiB"
+
+
+def explain_cost(d: dict, model: str) -> dict:
+    return d["models"][model]["cost"]
+
+
+def explanation_cost_row(d: dict) -> str:
+    image, text = explain_cost(d, "image"), explain_cost(d, "text")
+    grid8, grid16, txt = image["explain"], image["explain_grid16"], text["explain"]
+    return (
+        "| one explanation, idle server (median / p95) | "
+        f"{grid8['median_ms']:.0f} / {grid8['p95_ms']:.0f} ms (grid 8 + overlay, {grid8['model_rows_mean']:.0f} rows): "
+        f"**{image['explain_vs_predict']:.2g}x** a prediction; grid 16 "
+        f"({grid16['model_rows_mean']:.0f} rows, allowed before `EXPLAIN_MAX_ROWS`): {grid16['median_ms']:.0f} ms | "
+        f"{txt['median_ms']:.0f} / {txt['p95_ms']:.0f} ms ({txt['model_rows_mean']:.1f} words on average): "
+        f"**{text['explain_vs_predict']:.2g}x** |"
+    )
+
+
+def predict_pcts(d: dict, model: str, phase: str) -> str:
+    p = d["models"][model][phase]["predict"]
+    return f"{tenths(p['p50_ms'])} / {tenths(p['p95_ms'])} / {tenths(p['p99_ms'])} ms"
+
+
+def explain_table_row(label: str, phase: str) -> Callable[[dict], str]:
+    return lambda d: f"| {label} | {predict_pcts(d, 'image', phase)} | {predict_pcts(d, 'text', phase)} |"
+
+
+def explained(d: dict, model: str) -> str:
+    e = d["models"][model]["with_explain_load_default"]["explain"]
+    return f"{e['explanations_per_s']:.0f}/s ({e['by_status']['429']} x 429)"
+
+
+def p99_rise(d: dict, model: str) -> tuple[float, float]:
+    m = d["models"][model]
+    return m["predict_alone"]["predict"]["p99_ms"], m["with_explain_load_default"]["predict"]["p99_ms"]
+
+
+FIGURES = [
+    # serving.md: the defaults per device, from the benchmark's reference run
+    Figure("docs/serving.md", BENCH, lambda d: (
+        f"(fp32: {on_off(d, 'image', 'fp32')} images/s, {on_off(d, 'text', 'fp32')} texts/s; int8 text "
+        f"{on_off(d, 'text', 'int8')})"), "defaults: batching"),
+    Figure("docs/serving.md", BENCH, lambda d: (
+        f"the batcher has no window: {point(d, 'image', 'served default', 1)['p50_ms']:.1f} ms p50 for an image"),
+        "defaults: one client"),
+    Figure("docs/serving.md", BENCH, lambda d: (
+        f"worker lost ({rps(d, 'image', TWO_THREADS)} vs {rps(d, 'image', 'served default')} images/s, p99 "
+        f"{bench_c32(d, 'image', TWO_THREADS)['p99_ms']:.0f} vs "
+        f"{bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms)"),
+        "defaults: threads"),
+    Figure("docs/serving.md", BENCH, lambda d: f"{int8_gain(d)} the fp32 throughput served", "defaults: int8"),
+    # serving.md: make explain-load's measured run
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"| | image (`/classify`, {d['settings']['rate']['image']:.0f} req/s) | text (`/sentiment`, "
+        f"{d['settings']['rate']['text']:.0f} req/s) |"), "explain load: rates"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"| one prediction, idle server (median) | {explain_cost(d, 'image')['predict']['median_ms']:.1f} ms | "
+        f"{explain_cost(d, 'text')['predict']['median_ms']:.1f} ms |"), "explain load: one prediction"),
+    Figure("docs/serving.md", EXPLAIN, explanation_cost_row, "explain load: one explanation"),
+    Figure("docs/serving.md", EXPLAIN, explain_table_row("predict p50 / p95 / p99 alone", "predict_alone"),
+           "explain load: predict alone"),
+    Figure("docs/serving.md", EXPLAIN, explain_table_row(
+        "... with 8 clients sending explanations back to back", "with_explain_load_default"),
+        "explain load: predict with explanations"),
+    Figure("docs/serving.md", EXPLAIN, explain_table_row(
+        "... the same, explain process at the predict path's priority (`EXPLAIN_NICE=0`)",
+        "with_explain_load_explain_nice_0"), "explain load: nice 0"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"| explanations answered meanwhile (the rest: 429) | {explained(d, 'image')} | {explained(d, 'text')} |"),
+        "explain load: explanations answered"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"predict p99 rose by {p99_rise(d, 'image')[1] - p99_rise(d, 'image')[0]:.2g} ms "
+        f"({p99_rise(d, 'image')[0]:.1f} → {p99_rise(d, 'image')[1]:.1f} ms); for text by "
+        f"{p99_rise(d, 'text')[1] - p99_rise(d, 'text')[0]:.2g} ms ({p99_rise(d, 'text')[0]:.1f} → "
+        f"{p99_rise(d, 'text')[1]:.1f} ms)"), "explain load: p99 rise"),
+    # serving.md: how often an answer below the abstention threshold is right, on each model's test set
+    *(Figure("docs/serving.md", f"docs/results/calibration/{name}.json", lambda d, what=what: (
+        f"{whole(100 * d['sets']['test']['accuracy_below_threshold'])} % {what} "
+        f"({whole(100 * d['sets']['test']['accuracy_above_threshold'])} % above it)"), f"abstention: {name}")
+      for name, what in (("fashion-cnn", "of the time for images"), ("sentiment-bert", "for text"))),
+    # serving.md: an explain process's memory, from make explain-load
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"each explain process held {mem(d, 'image', 'explain_processes')} (image) and "
+        f"{mem(d, 'text', 'explain_processes')} (text), beside {mem(d, 'image', 'http_workers')} and "
+        f"{mem(d, 'text', 'http_workers')} for each HTTP worker"), "explain process memory"),
+]  # fmt: skip

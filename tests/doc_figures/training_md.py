@@ -1,0 +1,239 @@
+"""Figures of index.md and training.md: the documented runs, the rendered study tables, the limited-data table."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+
+from tests.doc_figures.common import BENCH, DOCUMENTED, Figure
+
+GALLERY = "docs/results/training/gallery/{}/summary.json"
+LIMITED = "docs/results/limited_data/limited_data.json"
+
+# training.md's limited-data table: its row labels, the arm of each; bold marks the best of the three models
+LIMITED_ROWS = {
+    "EfficientNet-Lite0 (32 px), ImageNet-pretrained, fine-tuned": "pretrained",
+    "EfficientNet-Lite0 (32 px), from scratch": "efficientnet-scratch",
+    "small CNN (28 px), from scratch": "small-cnn",
+    "small CNN, without augmentation": "no-augmentation",
+    "small CNN + pseudo-labels": "pseudo-label",
+    "small CNN, active learning (least confident)": "active",
+}
+
+
+LIMITED_MODELS = ("pretrained", "efficientnet-scratch", "small-cnn")
+
+
+IMAGE_CARD, TEXT_CARD = "docs/model-cards/fashion-cnn.md", "docs/model-cards/sentiment-bert.md"
+
+
+def variant(card: dict, name: str, column: str = "test accuracy") -> str:
+    """A cell of the card's fp32 / int8 (/ optimised) table."""
+    return card["tables"]["variant"][0][name][column]
+
+
+def gate(card: dict) -> str:
+    """The card's release-gate verdict: passed when every check it lists passed."""
+    checks = card["text"].split("**Release gate**")[1].split("\n## ")[0]
+    verdicts = re.findall(r"^- .*: (pass|fail)$", checks, re.M)
+    return "passed" if verdicts and set(verdicts) == {"pass"} else "failed"
+
+
+def confusions(card: dict) -> list[tuple[str, ...]]:
+    """The card's most frequent mistakes: (true class, predicted class, times), most frequent first."""
+    line = re.search(r"^- most frequent mistakes: (.*)$", card["text"], re.M)[1]
+    return [re.match(r"(.+) called (.+) (\d+) times", item).groups() for item in line.split("; ")]
+
+
+def top_confusions(card: dict) -> str:
+    """The first three, as training.md reads them (the second and third share their true class)."""
+    (a, b, n), (c, d, m), (e, f, k) = confusions(card)[:3]
+    assert c == e, "training.md's sentence names one true class for the second and third"
+    return f"{a} called {b} {n} times, {c} called {d} {m} and {f} {k} times"
+
+
+def documented_fp32(card: dict) -> tuple[str, str]:
+    """The card's fp32 gate line: the run's test accuracy and the documented figure it was held to."""
+    return re.search(r"^- fp32 test accuracy ([\d.]+) \(documented ([\d.]+) ", card["text"], re.M).groups()
+
+
+def card_record(card: dict, name: str) -> dict:
+    """A record the card prints as JSON on a line of its own (`- counts by domain: {...}`)."""
+    return json.loads(re.search(rf"^- {name}: (.*)$", card["text"], re.M)[1])
+
+
+def domain_row(card: dict, domain: str) -> dict:
+    return card["tables"]["domain"][0][domain]
+
+
+def gate_fp32(card: dict, what: str) -> tuple[str, str]:
+    """A gate line of the card's: the run's fp32 figure and the documented one it was held to."""
+    return re.search(rf"^- fp32 {what} ([\d.]+) \(documented ([\d.]+) ", card["text"], re.M).groups()
+
+
+def text_counts(c: dict) -> str:
+    counts, dedup = card_record(c, "counts by domain"), card_record(c, "dedup")["in_domain"]
+    by_domain = ", ".join(
+        f"{d} {counts[d]['train']:,} / {counts[d]['val']:,} / {counts[d]['test']:,}" for d in card_record(c, "domains")
+    )  # the trained domains, in the card's order
+    return (f"{by_domain} ({dedup['kept']:,} de-duplicated in-domain sentences, "
+            f"{dedup['conflicting_labels_dropped']} with conflicting labels dropped)")  # fmt: skip
+
+
+def agreement(card: dict) -> float:
+    """int8/fp32 agreement on the test set, as the card's gate line has it."""
+    return float(re.search(r"agreement on the test set ([\d.]+)", card["text"])[1])
+
+
+def training_examples(c: dict) -> int:
+    return int(c["tables"]["split"][0]["training"]["examples"].replace(",", ""))
+
+
+def movies_train(c: dict) -> int:
+    return card_record(c, "counts by domain")["movies"]["train"]
+
+
+def same_as_documented(c: dict) -> str:
+    (test, documented_test), (ood, documented_ood) = (
+        gate_fp32(c, "test accuracy"),
+        gate_fp32(c, "out-of-domain accuracy"),
+    )
+    verdict = "equal to" if (test, ood) == (documented_test, documented_ood) else "unlike"
+    return (
+        f"`{c['tag']}`, the same recipe run again in a `make all` on the same day, whose release gate found "
+        f"its fp32 figures {verdict} this run's ({test} in domain, {ood} out of domain)"
+    )
+
+
+def rendered(module: str, name: str) -> Figure:
+    """A table of training.md rendered by its module's markdown_table from the JSON the module wrote."""
+
+    def quote(d: dict) -> str:
+        return importlib.import_module(f"training.{module}").markdown_table(d)
+
+    return Figure("docs/training.md", f"docs/results/{module}/{name}.json", quote, f"{module} table: {name}")
+
+
+def beats_both(d: dict, absence: str) -> str:
+    return f"{100 * d['absence'][absence]['explanation_beats_both_baselines_share']:.0f} %"
+
+
+def limited_row(label: str) -> Callable[[dict], str]:
+    arm = LIMITED_ROWS[label]
+
+    def row(d: dict) -> str:
+        from training.limited_data import fmt  # the report's own cell format (imports torch: only when run)
+
+        summary, cells = d["summary"], []
+        for size in map(str, d["config"]["sizes"]):
+            best = max(LIMITED_MODELS, key=lambda a: summary[a][size]["mean"])
+            cell = fmt(summary[arm][size])
+            cells.append(f"**{cell}**" if arm == best else cell)
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    return row
+
+
+FIGURES = [
+    # index.md: the reference models (benchmark.json's tags and machine) and today's documented runs
+    *(Figure("docs/index.md", BENCH, lambda d, i=i: (
+        f"| `{d['models'][i]['tag']}` | {d['machine'].split(', Python')[0]} | [benchmark]"), f"reference model {i}")
+      for i in (0, 1)),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"| `{d['models']['image']['run']}` | {d['models']['image']['figures']['test_accuracy']:.4f} (Fashion-MNIST "
+        f"test, {d['models']['image']['data_counts']['test']:,} images) | - |"), "documented image run"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"| `{d['models']['text']['run']}` | {d['models']['text']['figures']['test_accuracy']:.4f} "
+        f"({d['models']['text']['data_counts']['test']:,} held-out sentences) | "
+        f"{d['models']['text']['figures']['out_of_domain_accuracy']:.4f} "
+        f"({d['models']['text']['data_counts']['ood_test']:,} Amazon review sentences) |"), "documented text run"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"holds every default run to, within {100 * d['models']['image']['tolerance']:.1f} points"), "gate tolerance"),
+    Figure("docs/index.md", DOCUMENTED, lambda d: (
+        f"loses more than {100 * d['models']['image']['int8_max_drop']:.0f} point of test accuracy"), "int8 bound"),
+    # training.md: the documented default runs' headline figures and data counts
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"{d['models']['image']['data_counts']['train']:,} training / {d['models']['image']['data_counts']['val']:,} "
+        f"validation images at 64 px"), "image data counts"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: f"Run `{d['models']['image']['run']}` (2026-11-30, AMD EPYC",
+           "image run"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, full {d['models']['image']['data_counts']['test']:,}-image test set | "
+        f"**{d['models']['image']['figures']['test_accuracy']:.4f}** |"), "image test accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"lifted test accuracy to {d['models']['image']['figures']['test_accuracy']:.4f},"),
+        "image test accuracy, prose"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"with seed 42, {d['models']['text']['data_counts']['train']:,} training / "
+        f"{d['models']['text']['data_counts']['val']:,} validation / "
+        f"{d['models']['text']['data_counts']['test']:,} test sentences"), "text data counts"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"the Amazon out-of-domain set has {d['models']['text']['data_counts']['ood_test']:,} sentences"),
+        "text out-of-domain count"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: f"(run `{d['models']['text']['run']}`, seed 42", "text run"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, in-domain test, pooled ({d['models']['text']['data_counts']['test']:,}) | "
+        f"**{d['models']['text']['figures']['test_accuracy']:.4f}** |"), "text test accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"| accuracy, out-of-domain Amazon ({d['models']['text']['data_counts']['ood_test']:,}) | "
+        f"**{d['models']['text']['figures']['out_of_domain_accuracy']:.4f}** |"), "text out-of-domain accuracy"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"int8 agrees with fp32 on {100 * d['models']['text']['figures']['int8_agreement']:.1f} % of the in-domain "
+        "test sentences"), "text int8 agreement"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"**In domain: {d['models']['text']['figures']['test_accuracy']:.3f} pooled on seed 42**"), "text, prose"),
+    Figure("docs/training.md", DOCUMENTED, lambda d: (
+        f"**Out of domain, seed 42: {d['models']['text']['figures']['out_of_domain_accuracy']:.3f}**"),
+        "text out of domain, prose"),
+    # training.md: the calibration and faithfulness tables, rendered from their JSON, and the gallery's runs
+    *(rendered(module, name) for module in ("calibration", "faithfulness")
+      for name in ("fashion-cnn", "sentiment-bert")),
+    Figure("docs/training.md", "docs/results/faithfulness/fashion-cnn.json", lambda d: (
+        f"it beats both baselines on {beats_both(d, 'background [0.0, 0.0, 0.0]')} of the images). With the image mean "
+        f"as the mask, its order beats both baselines ({beats_both(d, 'image mean (older)')} of the images)"),
+        "faithfulness: image wins"),
+    Figure("docs/training.md", "docs/results/faithfulness/sentiment-bert.json", lambda d: (
+        f"the explanation beats both baselines on {beats_both(d, 'token [MASK]')} of the texts either way"),
+        "faithfulness: text wins"),
+    Figure("docs/training.md", GALLERY.format("image"), lambda d: (
+        f"({d['accuracy']:.4f} on the {d['test_examples']:,} Fashion-MNIST test images for `{d['model']}`"),
+        "gallery: image run"),
+    Figure("docs/training.md", GALLERY.format("text"), lambda d: (
+        f"{d['accuracy']:.4f} on the {d['test_examples']:,} test sentences for `{d['model']}`)"), "gallery: text run"),
+    # training.md: make limited-data's table
+    *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
+      for label in LIMITED_ROWS),
+    # training.md: the model cards' figures (the cards are generated from their run's artifact at registration)
+    Figure("docs/training.md", IMAGE_CARD, lambda c: (
+        f"(`{c['tag']}`, two torch threads: fp32 {variant(c, 'fp32')}, int8 {variant(c, 'int8')}, gate {gate(c)})"),
+        "image card: fp32, int8, gate"),
+    Figure("docs/training.md", IMAGE_CARD, lambda c: f"lists the most frequent confusions: {top_confusions(c)}",
+           "image card: confusions"),
+    Figure("docs/training.md", IMAGE_CARD, lambda c: f"`{c['tag']}` and `sentiment-bert:", "card section: image tag"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: f"and `{c['tag']}`, with the gate's verdict",
+           "card section: text tag"),
+    Figure("docs/training.md", IMAGE_CARD, lambda c: (
+        "its fp32 accuracy is {} against {}".format(*documented_fp32(c))), "card section: image fp32 vs documented"),
+    # training.md's text section: the sentiment card's per-domain counts and figures
+    Figure("docs/training.md", TEXT_CARD, text_counts, "text card: counts by domain"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: (
+        f"That is {training_examples(c) / movies_train(c):.2f} times the movie-only training set (the earlier "
+        f"default, now `--domains movies`: the same {movies_train(c):,} movie sentences)"), "text card: 1.48 times"),
+    Figure("docs/training.md", TEXT_CARD, same_as_documented, "text card: its run against the documented one"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: (
+        f"{domain_row(c, 'amazon')['false positives']} negatives called positive against "
+        f"{domain_row(c, 'amazon')['false negatives']} positives called negative"), "text card: Amazon errors"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: (
+        f"the movie share alone is {domain_row(c, 'movies')['accuracy']}, tweets are easy "
+        f"({domain_row(c, 'tweets')['accuracy']}), NYT editorial sentences hard "
+        f"({domain_row(c, 'editorials')['accuracy']})"), "text card: accuracy by domain"),
+    # training.md's whole main job: the 2026-11-30 make all the cards come from
+    Figure("docs/training.md", IMAGE_CARD, lambda c: (
+        f"image fp32 {variant(c, 'fp32')}, int8 {variant(c, 'int8')}, gate {gate(c)}"), "whole job: image card"),
+    Figure("docs/training.md", TEXT_CARD, lambda c: (
+        f"text fp32 {variant(c, 'fp32')} in domain and {variant(c, 'fp32', 'out-of-domain')} out of domain, int8 "
+        f"{variant(c, 'int8')}, agreement {agreement(c):.3f}, "
+        f"gate {gate(c)}"), "whole job: text card"),
+]  # fmt: skip
