@@ -22,6 +22,13 @@ SIGTERM or SIGINT instead:
    (serving/http_guard.py::GuardedHttpToolsProtocol.shutdown).
 A second signal cuts the window short. A worker started on a socket that a previous generation
 of workers stopped (circus restarting them all, `bentoml serve --reload`) makes it listen again.
+
+While serving, a worker takes one connection each time the socket polls ready, not every queued
+one (asyncio and uvloop accept until the queue is empty): every worker polls the same socket, so a
+burst of new connections (a client opening its pool, a proxy reconnecting) is shared between them,
+where one worker used to take all 32 of a burst while the other idled — each connection then stays
+with its worker for its life, and the busy worker's queue, its admission 429s and the replica's
+tail latency followed (docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -32,13 +39,18 @@ import ctypes
 import functools
 import logging
 import os
+import select
 import signal
 import socket
 import struct
+import sys
+import time
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
+
+from serving.accept_balance import HOLD_BACK_S, PUBLISH_EVERY_S, RECHECK_S, ConnectionTable
 
 # How long a worker keeps serving new connections after SIGTERM, reporting not ready meanwhile (a
 # load balancer polling /readyz stops sending): short against any grace period (compose 40 s,
@@ -82,16 +94,80 @@ class DrainingServer(uvicorn.Server):
         self._captured_drain_signal = False
         self._drain: asyncio.Task | None = None
         self._listeners: list[tuple[socket.socket, int]] = []  # (this worker's duplicate, the inherited fd)
+        self._polled: list[socket.socket] = []  # the inherited TCP sockets this worker takes connections from
+        self._table: ConnectionTable | None = None  # the replica's open connections per worker
+        self._held_since: float | None = None  # when this worker began leaving a connection to a sibling
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._handoffs: set[asyncio.Task] = set()
         self._accepted, self._filtered = 0, False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # A socket inherited after a previous generation of workers stopped it (circus restarting the
-        # workers, `bentoml serve --reload`): without the filter, uvicorn's listen() revives it.
+        # workers, `bentoml serve --reload`): without the filter, listen() revives it.
         for sock in sockets or []:
             with contextlib.suppress(OSError):  # ENOENT: no filter, the usual case
                 sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-        await super().startup(sockets)
+        tcp = [sock for sock in sockets or [] if sock.family in (socket.AF_INET, socket.AF_INET6)]
+        await super().startup(None if sockets is None else [sock for sock in sockets if sock not in tcp])
+        if self.should_exit:  # the application failed to start
+            return
+        if tcp:
+            self._table = ConnectionTable.for_this_worker()
+            self._publish()
+        for sock in tcp:  # polled here at its inherited number, one connection at a time (serving/accept_balance.py)
+            sock.listen(self.config.backlog)
+            sock.setblocking(False)
+            self._polled.append(sock)
+            self._poll(sock)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._stop_polling()  # uvicorn's own stop (no drain ran: e.g. the application failed)
+        await super().shutdown(sockets)
+
+    def _holding(self) -> int:
+        return len(self.server_state.connections) + len(self._handoffs)
+
+    def _publish(self) -> None:
+        """This worker's connections into the replica's table, now and every PUBLISH_EVERY_S (they also close)."""
+        if self._table is not None:
+            self._table.publish(self._holding())
+            self._timers["publish"] = asyncio.get_running_loop().call_later(PUBLISH_EVERY_S, self._publish)
+
+    def _poll(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable, sock)
+
+    def _on_readable(self, sock: socket.socket) -> None:
+        """Take one queued connection, unless a live sibling holds fewer than this worker: then leave it to
+        them and look again in RECHECK_S, for at most HOLD_BACK_S (serving/accept_balance.py)."""
+        fewest = self._table.fewest_elsewhere() if self._table is not None else None
+        if fewest is not None and self._holding() > fewest:
+            now = time.monotonic()
+            self._held_since = self._held_since or now
+            if now - self._held_since < HOLD_BACK_S:
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(sock.fileno())
+                self._timers[f"look {sock.fileno()}"] = loop.call_later(RECHECK_S, self._look_again, sock)
+                return
+        self._held_since = None
+        self._accept(sock, 1)
+        if self._table is not None:
+            self._table.publish(self._holding())
+
+    def _look_again(self, sock: socket.socket) -> None:
+        if sock in self._polled:
+            if not select.select([sock], [], [], 0)[0]:
+                self._held_since = None  # a sibling took it
+            self._poll(sock)
+
+    def _stop_polling(self) -> None:
+        loop = asyncio.get_running_loop()
+        for timer in self._timers.values():
+            timer.cancel()
+        for sock in self._polled:
+            loop.remove_reader(sock.fileno())
+        self._polled = []
+        if self._table is not None:  # a stopping worker takes no more: its siblings stop leaving connections to it
+            self._table.publish(sys.maxsize)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         global _draining
@@ -118,23 +194,35 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
 
     def _take_over_listeners(self) -> None:
-        """Own duplicates of the listening sockets, polled here; uvicorn's servers stop polling them."""
+        """Own duplicates of the listening sockets, polled here for every queued connection; the inherited
+        numbers close (other workers read that as this one no longer taking connections)."""
         loop = asyncio.get_running_loop()
-        for server in self.servers:
+
+        def own(fd: int) -> None:
+            with contextlib.suppress(OSError):  # closed already (it stopped listening under uvloop)
+                dup = socket.socket(fileno=os.dup(fd))
+                dup.setblocking(False)
+                self._listeners.append((dup, fd))
+                loop.add_reader(dup.fileno(), self._accept, dup, None)
+
+        polled = self._polled
+        self._stop_polling()
+        for sock in polled:
+            own(sock.fileno())
+            sock.close()
+        for server in self.servers:  # the split topology's model process: its Unix socket, uvicorn's server
             for sock in server.sockets:
-                with contextlib.suppress(OSError):  # closed already (it stopped listening under uvloop)
-                    dup = socket.socket(fileno=os.dup(sock.fileno()))
-                    dup.setblocking(False)
-                    self._listeners.append((dup, sock.fileno()))
-                    loop.add_reader(dup.fileno(), self._accept_all, dup)
+                own(sock.fileno())
             server.close()
 
-    def _accept_all(self, sock: socket.socket) -> bool:
-        """Take every queued connection and hand it to uvicorn's protocol; False once the socket stopped listening."""
+    def _accept(self, sock: socket.socket, most: int | None) -> bool:
+        """Take up to `most` queued connections (None: all) and hand each to uvicorn's protocol; False once the
+        socket stopped listening."""
         loop = asyncio.get_running_loop()
         factory = functools.partial(self.config.http_protocol_class, config=self.config,
                                     server_state=self.server_state, app_state=self.lifespan.state)  # fmt: skip
-        while True:
+        taken = 0
+        while most is None or taken < most:
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -144,6 +232,7 @@ class DrainingServer(uvicorn.Server):
             except OSError:  # EINVAL: another worker (or this one) stopped the socket listening
                 loop.remove_reader(sock.fileno())
                 return False
+            taken += 1
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -154,6 +243,7 @@ class DrainingServer(uvicorn.Server):
             task = loop.create_task(loop.connect_accepted_socket(factory, conn, ssl=self.config.ssl))
             self._handoffs.add(task)
             task.add_done_callback(self._handoffs.discard)
+        return True
 
     def _stop_listening(self) -> None:
         """No new connection completes, the queued ones are taken, then the socket stops listening (refuses);
@@ -171,7 +261,7 @@ class DrainingServer(uvicorn.Server):
                     self._filtered = True
                 except OSError as exc:  # then a connection completing in the next microseconds may be reset
                     log.warning("could not filter the listening socket (%s); stopping it all the same", exc)
-                if self._accept_all(sock):
+                if self._accept(sock, None):
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RD)  # LISTEN -> CLOSE, for the one socket every process shares
                     log.info("stopped listening: later connections are refused")
