@@ -27,6 +27,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 
 from serving.request_timing import RequestTiming
 
@@ -35,6 +36,10 @@ TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
 # whose query string is left out.
 CALLER_DETAILS = ("http.user_agent", "user_agent.", "net.peer.", "client.", "url.query")
 URLS = ("http.url", "url.full", "http.target")
+# The ASGI instrumentation's spans of each ASGI message (three or more per request; BentoML passes it no
+# `exclude_spans`): never recorded, as they hold nothing the request span lacks and cost as much as the parts.
+MESSAGE_SPANS = (" http receive", " http send")
+BATCH_PARTS = ("queue", "model")  # the parts whose span says the batch's rows
 PROTOCOL_ENV = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 
 
@@ -56,13 +61,15 @@ def tracer_provider(service_name: str):
         from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
         if not any(os.environ.get(name) for name in PROTOCOL_ENV):  # the Python SDK's own default is gRPC
             os.environ[PROTOCOL_ENV[0]] = "http/protobuf"
         exporters, _, _ = _import_exporters(_get_exporter_names("traces"), [], [])
         # the variables win over the default name (Resource.create alone would let the default win)
         resource = Resource.create({SERVICE_NAME: service_name}).merge(OTELResourceDetector().detect())
-        _provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER[_ARG]
+        sampler = MessageSpansDropped(_get_from_env_or_default())  # OTEL_TRACES_SAMPLER[_ARG]'s
+        _provider = TracerProvider(resource=resource, sampler=sampler)
         _provider.add_span_processor(CallerDetailsDropped())  # first: the exporters see the spans without them
         for exporter in exporters.values():
             _provider.add_span_processor(BatchSpanProcessor(exporter()))
@@ -70,6 +77,21 @@ def tracer_provider(service_name: str):
         # would add a second request span beside BentoML's
         BentoMLContainer.tracer_provider.set(_provider)
     return _provider
+
+
+class MessageSpansDropped(Sampler):
+    """The configured sampler's decision, except for the ASGI message spans (`MESSAGE_SPANS`): dropped."""
+
+    def __init__(self, configured: Sampler) -> None:
+        self.configured = configured
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):
+        if name.endswith(MESSAGE_SPANS):
+            return SamplingResult(Decision.DROP)
+        return self.configured.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"MessageSpansDropped{{{self.configured.get_description()}}}"
 
 
 def _without_caller_details(attributes) -> dict:
@@ -105,7 +127,6 @@ class RequestSpans:
         epoch_ns = time.time_ns() - time.perf_counter_ns()  # perf_counter() seconds -> epoch nanoseconds
         for name, seconds in timing.parts.items():
             start = epoch_ns + round(1e9 * timing.began[name])
-            span = self.tracer.start_span(name, attributes=self.model, start_time=start)  # a child of the current
-            if name in ("queue", "model") and timing.batch_rows is not None:
-                span.set_attribute("servable.batch.rows", timing.batch_rows)
+            batch = {"servable.batch.rows": timing.batch_rows} if name in BATCH_PARTS and timing.batch_rows else None
+            span = self.tracer.start_span(name, attributes=batch, start_time=start)  # a child of the current span
             span.end(end_time=start + round(1e9 * seconds))
