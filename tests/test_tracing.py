@@ -138,6 +138,7 @@ def _check_traces(receiver: Receiver, calls, parts: list[str], service: str, mod
     assert found, [s.name for _, s in receiver.spans()]
     spans = receiver.spans()
     assert {res["service.name"] for res, _ in spans} == {service}
+    assert not [s.name for _, s in spans if s.name.endswith((" http send", " http receive"))]  # not recorded
     by_trace: dict[bytes, list] = {}
     for _, span in spans:
         by_trace.setdefault(span.trace_id, []).append(span)
