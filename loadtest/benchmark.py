@@ -378,6 +378,7 @@ def open_loop_point(model: str, config: str, base_url: str, data, fmt: str, rate
 
 LENGTH_BUCKETS_OFF = "served default, length buckets off"
 TIMING_OFF = "served default, timing headers off"
+TRACING_ON = "served default, tracing on"
 
 
 def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str = "image") -> dict[str, dict[str, str]]:
@@ -400,6 +401,7 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str 
         configs["served default, 2 ORT threads per worker"] = {"INTRA_OP_THREADS": "2"}
         configs["served default, ORT spinning on"] = {"INTRA_OP_SPINNING": "true"}
         configs[TIMING_OFF] = {"SERVER_TIMING": "false"}  # what the timing headers cost (docs/benchmark.md)
+        configs[TRACING_ON] = {"OTEL_TRACES_EXPORTER": "otlp"}  # every span to a local sink (loadtest/otlp_sink.py)
     if model == "text":  # texts of mixed lengths: padding with and without length buckets (docs/benchmark.md)
         configs[LENGTH_BUCKETS_OFF] = {"LENGTH_BUCKETS": "false"}
     if has_cuda:
@@ -409,13 +411,19 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str 
 
 
 def start_served(model: str, tag: str, config: dict[str, str], label: str, log_dir: Path):
-    """The model's BentoML service with `config`'s settings (keys without the SERVABLE_<MODEL>_SERVE_ prefix)."""
+    """The model's BentoML service with `config`'s settings (keys without the SERVABLE_<MODEL>_SERVE_ prefix; OTEL_*
+    variables as they are, with tracing on sent to the run's OTLP sink)."""
     from deploy import launch
     from servable.config import SERVED_MODELS
 
     prefix = SERVED_MODELS[model].env_prefix
     settings = {"MODEL_TAG": tag, "MAX_CONCURRENCY": "256", **config}  # 256: no 429 from the harness's clients
-    env = {**{prefix + k: v for k, v in settings.items()}, "SERVABLE_AUTH_KEYS": f"bench:{KEY}"}
+    env = {**{k if k.startswith("OTEL_") else prefix + k: v for k, v in settings.items()},
+           "SERVABLE_AUTH_KEYS": f"bench:{KEY}"}  # fmt: skip
+    if "OTEL_TRACES_EXPORTER" in env:
+        from loadtest import otlp_sink
+
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_sink.endpoint()
     name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label}".lower()).strip("-")
     return launch.start_ready(launch.SERVICES[model], env, log_path=log_dir / f"{name}.log", timeout_s=240)
 

@@ -284,9 +284,6 @@ class ServeCommon(BaseSettings):
     runner_max_age_s: float = Field(
         1e9, gt=0, description="split topology: seconds before BentoML recycles that client session."
     )
-    tracing: bool = Field(
-        False, description="OpenTelemetry spans on the inference routes (off: they skip the tracing middleware)."
-    )
     warmup_batches: list[int] | None = Field(
         None,
         description="Batch sizes run once at start-up before ready; unset: every size the batcher can form (1 to "

@@ -59,6 +59,7 @@ class Batched(NamedTuple):
     queue_s: float  # from submission to its batch's start
     model_s: float  # its batch's run
     batch_rows: int  # rows in its batch (its own and its batch-mates')
+    started: float  # time.perf_counter() when its batch began to run
 
 
 class BatchCost:
@@ -245,7 +246,8 @@ class Batcher:
                 for call in batch:
                     end = begin + len(call.rows)
                     if not call.future.done():
-                        call.future.set_result(Batched(out[begin:end], start - call.queued_at, model_s, len(rows)))
+                        done = Batched(out[begin:end], start - call.queued_at, model_s, len(rows), start)
+                        call.future.set_result(done)
                     begin = end
 
     def seed(self, timings: Sequence[tuple[int, float]]) -> None:

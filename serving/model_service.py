@@ -32,7 +32,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse, Response
 
 from servable.config import AuthSettings, ServeCommon
-from serving import audit, metrics, path_labels, schemas, v2
+from serving import audit, metrics, path_labels, schemas, tracing, v2
 from serving.access_log import AccessLogMiddleware, configure_json_logging
 from serving.adapters.base import Adapter, Parsed
 from serving.adapters.explains import Explains
@@ -50,6 +50,7 @@ from serving.path_labels import RestorePath, known_paths
 from serving.playground import playground_routes
 from serving.request_timing import RequestTiming
 from serving.topology import InProcess, Split
+from serving.tracing import RequestSpans
 
 log = logging.getLogger("servable.service")
 
@@ -64,8 +65,9 @@ def service_config(settings: ServeCommon, routes: list[str]) -> dict:
         "traffic": {"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency},
         "logging": {"access": {"enabled": False}},
     }
-    if not settings.tracing:  # OpenTelemetry's ASGI middleware skips these paths (regex search on the URL)
-        config["tracing"] = {"excluded_urls": [*routes, "/v2/", *PROBES]}
+    # OpenTelemetry's ASGI middleware (BentoML's) skips these paths (a regex search on the URL): the probes always,
+    # the inference routes unless tracing is on (serving/tracing.py)
+    config["tracing"] = {"excluded_urls": [*PROBES] if tracing.enabled() else [*routes, "/v2/", *PROBES]}
     return config
 
 
@@ -132,7 +134,7 @@ def model_service(adapter_cls: type[Adapter], settings: ServeCommon):
     # One process per GPU, each pinned to its device; on CPU, model_workers processes.
     n = settings.model_workers
     workers: Any = [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(n)] if settings.on_gpu() and n > 1 else n
-    config = service_config(settings, [])
+    config = service_config(settings, ["/predict", "/explain"])
     config["runner_connection"] = {"max_requests": settings.runner_max_requests,
                                    "max_age": float(settings.runner_max_age_s)}  # fmt: skip
     service = bentoml.service(name=adapter_cls.entry.model_service_name, workers=workers, **config)(Model)
@@ -162,6 +164,10 @@ class Replica:
             self.feedback = FeedbackHook(self.name, self.adapter.head, self.adapter.feedback_content)
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
+        provider = tracing.tracer_provider(adapter_cls.entry.service_name)
+        manifest = self.model.manifest if self.model.ready else None
+        self.spans = None if provider is None or manifest is None else RequestSpans(provider, manifest.name,
+                                                                                  manifest.version)  # fmt: skip
         entry = adapter_cls.entry
         audit.set_model_tag(entry.service_name, self.model.art.tag if self.model.art else settings.model_tag)
         # Everything loaded so far (BentoML, FastAPI, the model, the tokenizer) lives as long as the
@@ -196,7 +202,8 @@ class Replica:
             self.topology.admit(min(len(items), self.settings.max_items), timing.deadline)
 
     def decoded(self, timing: RequestTiming) -> None:
-        timing.parts["decode"] = seconds = time.perf_counter() - timing.start
+        seconds = time.perf_counter() - timing.start
+        timing.part("decode", timing.start, seconds)
         metrics.PREPROCESS_SECONDS.labels(model=self.name).observe(seconds)
 
     async def decode(self, request: Request, timing: RequestTiming) -> Parsed:
@@ -216,7 +223,8 @@ class Replica:
         start = time.perf_counter()
         scored = await self.topology.score(parsed.rows, timing.deadline)
         metrics.MODEL_CALL_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
-        timing.parts |= scored.parts
+        for name, (began, seconds) in scored.parts.items():
+            timing.part(name, began, seconds)
         timing.batch_rows, values = scored.batch_rows, scored.values
         self.adapter.head.observe(self.name, values)
         key_name = request.scope.get("state", {}).get("key_name")  # None when auth is off
@@ -252,9 +260,16 @@ class Replica:
         return {"model": self.model.art.tag, "variant": self.model.variant,
                 "predictions": self.adapter.encode(values, parsed)}  # fmt: skip
 
-    def respond(self, response: Response, timing: RequestTiming, since: float) -> Response:
-        """The answer, with its timing headers (serving/request_timing.py) unless turned off."""
-        return timing.attach(response, since) if self.settings.server_timing else response
+    def respond(self, response: Response, timing: RequestTiming, since: float, parsed: Parsed) -> Response:
+        """The answer, with its timing headers (serving/request_timing.py) unless turned off, and its spans where
+        tracing is on (serving/tracing.py)."""
+        if self.spans is None:
+            return timing.attach(response, since) if self.settings.server_timing else response
+        timing.encoded(since)
+        if self.settings.server_timing:
+            response.headers.update(timing.headers())
+        self.spans.record(timing, len(parsed.rows), sum(self.adapter.cost_units(r) for r in parsed.rows))
+        return response
 
     def stop(self) -> None:
         if self.topology is not None:
@@ -342,7 +357,7 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         parsed = await rep.decode(request, timing)
         values = await rep.predict(request, parsed, timing)
         since = time.perf_counter()
-        return rep.respond(JSONResponse(rep.answer(values, parsed)), timing, since)
+        return rep.respond(JSONResponse(rep.answer(values, parsed)), timing, since, parsed)
 
     if isinstance(doc, Explains):
         explain_docs = doc.explain_docs
@@ -411,7 +426,8 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         rep.decoded(timing)
         values = await rep.predict(request, parsed, timing)
         since = time.perf_counter()
-        return rep.respond(v2.response(rep.model.manifest, adapter.head.output_data(values), req), timing, since)
+        answer = v2.response(rep.model.manifest, adapter.head.output_data(values), req)
+        return rep.respond(answer, timing, since, parsed)
 
     meta = {"tags": ["v2"], "responses": schemas.responses(schemas.V2ModelMetadata, *V2_ERRORS)}
     ready = {"tags": ["v2"], "responses": schemas.responses(schemas.V2ModelReady, *V2_ERRORS)}
@@ -455,6 +471,7 @@ def serve(cls: type[ModelService]) -> tuple[Any, Any]:
     middleware; in the split topology, with its model process as a BentoML dependency."""
     adapter_cls, settings = cls.adapter, cls.settings
     entry = adapter_cls.entry
+    tracing.tracer_provider(entry.service_name)  # before BentoML builds its middleware (None: tracing is off)
     model = None
     if settings.resolved_topology() == "split":
         model = model_service(adapter_cls, settings)

@@ -6,7 +6,8 @@ The deadline counts from the moment the route starts reading the request: the cl
 (serving/batcher.py). The parts, in milliseconds: `decode` (reading, validation, pre-processing),
 `queue` and `model` (the wait for a batch and the run of the batch it rode in; in the split topology
 `model_call`, both and the transport together, as the model process's batching is not visible from
-the front worker), `encode` (the answer's JSON) and `total`.
+the front worker), `encode` (the answer's JSON) and `total`. Each part's start is kept beside its length:
+where tracing is on, the parts become spans (serving/tracing.py).
 """
 
 from __future__ import annotations
@@ -40,12 +41,20 @@ class RequestTiming:
     start: float  # time.perf_counter() when the route began
     deadline: float  # time.perf_counter() by which the answer is due
     parts: dict[str, float] = field(default_factory=dict)  # seconds
+    began: dict[str, float] = field(default_factory=dict)  # each part's time.perf_counter() start
     batch_rows: int | None = None
 
     @classmethod
     def begin(cls, headers: Headers, default_ms: float, max_ms: float) -> RequestTiming:
         start = time.perf_counter()
         return cls(start, start + deadline_ms(headers, default_ms, max_ms) / 1000)
+
+    def part(self, name: str, start: float, seconds: float) -> None:
+        self.parts[name], self.began[name] = seconds, start
+
+    def encoded(self, since: float) -> None:
+        """The answer is rendered: its rendering since `since` is the encode part."""
+        self.part("encode", since, time.perf_counter() - since)
 
     def headers(self) -> dict[str, str]:
         total = time.perf_counter() - self.start
@@ -57,6 +66,6 @@ class RequestTiming:
 
     def attach(self, response: Response, since: float) -> Response:
         """`response` (just rendered; its rendering since `since` is the encode part) with the timing headers."""
-        self.parts["encode"] = time.perf_counter() - since
+        self.encoded(since)
         response.headers.update(self.headers())
         return response

@@ -53,7 +53,7 @@ class Scored:
     """One request's prediction, and where its time went (serving/request_timing.py)."""
 
     values: np.ndarray
-    parts: dict[str, float]  # seconds: queue and model (in-process), or model_call (split)
+    parts: dict[str, tuple[float, float]]  # (start, seconds): queue and model (in-process), or model_call (split)
     batch_rows: int | None = None  # the batch it rode in, where this worker knows it
 
 
@@ -89,7 +89,8 @@ class InProcess:
         except BatchFailed:
             raise Unavailable from None
         self.queue_wait.observe(done.queue_s)
-        return Scored(done.values, {"queue": done.queue_s, "model": done.model_s}, done.batch_rows)
+        parts = {"queue": (done.started - done.queue_s, done.queue_s), "model": (done.started, done.model_s)}
+        return Scored(done.values, parts, done.batch_rows)
 
     async def explain(self, parsed, deadline: float) -> dict:
         try:
@@ -127,7 +128,7 @@ class Split:
         worker neither sees its queue nor admits by predicted wait; `deadline` is not used here)."""
         start = time.perf_counter()
         values = await self._call(rows)
-        return Scored(values, {"model_call": time.perf_counter() - start})
+        return Scored(values, {"model_call": (start, time.perf_counter() - start)})
 
     async def _explain_chunk(self, rows: list, deadline: float) -> np.ndarray:
         """One chunk scored by the model process's explain lane (serving/explain_lane.py): it waits there while

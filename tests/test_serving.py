@@ -716,10 +716,11 @@ def test_split_topology_starts_and_answers_like_the_in_process_one(text_run, tex
         server.stop()
 
 
-def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
+def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on(monkeypatch):
     """OpenTelemetry's ASGI middleware (BentoML adds it to every service) excludes the inference routes,
-    the V2 routes and the probes unless SERVABLE_*_SERVE_TRACING=true. In the split topology BentoML's
-    client to the model process is told not to recycle its session every 100 calls."""
+    the V2 routes, the probes and the model process's routes unless tracing is on (OTEL_TRACES_EXPORTER names
+    an exporter: serving/tracing.py). In the split topology BentoML's client to the model process is told not
+    to recycle its session every 100 calls."""
     from opentelemetry.util.http import ExcludeList
 
     from servable.config import ImageServeSettings
@@ -730,7 +731,16 @@ def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
     for url in ("http://h/classify", "http://h/v2/models/m/infer", "http://h/readyz", "http://h/metrics"):
         assert skipped.url_disabled(url), url
     assert not skipped.url_disabled("http://h/info")
-    assert "tracing" not in service_config(ImageServeSettings(tracing=True), ["/classify"])
+    for off_values in ("", "none", " None "):
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", off_values)
+        assert service_config(ImageServeSettings(), ["/classify"])["tracing"]["excluded_urls"] == off
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    on = ExcludeList(service_config(ImageServeSettings(), ["/classify"])["tracing"]["excluded_urls"])
+    assert not any(on.url_disabled(url) for url in ("http://h/classify", "http://h/v2/models/m/infer"))
+    assert on.url_disabled("http://h/readyz") and on.url_disabled("http://h/metrics")
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert service_config(ImageServeSettings(), ["/classify"])["tracing"]["excluded_urls"] == off
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER")
     import serving.image_service as image_service
 
     assert image_service.ImageModel is None  # in-process on this CPU machine: no model process at all
@@ -742,6 +752,8 @@ def test_tracing_is_skipped_on_the_hot_routes_unless_turned_on():
     # By default (BentoML's own is 100 calls per session, reached within seconds under load) and as set.
     split = model_service(TextAdapter, TextServeSettings(topology="split"))
     assert split.config["runner_connection"]["max_requests"] >= 10**6
+    model_skipped = ExcludeList(split.config["tracing"]["excluded_urls"])
+    assert all(model_skipped.url_disabled(f"http://h/{route}") for route in ("predict", "explain", "readyz"))
     split = model_service(TextAdapter, TextServeSettings(topology="split", runner_max_requests=10**9))
     assert split.config["runner_connection"]["max_requests"] == 10**9
 
