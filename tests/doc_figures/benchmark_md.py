@@ -334,3 +334,63 @@ FIGURES = [
         f"{d['models'][0]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.0f} — not met | "
         f"{d['models'][1]['tail_ratios']['p99/p50 served fp32 batching on @70%']:.1f} — not met |"), "history: tail"),
 ]  # fmt: skip
+
+
+# The photo mix, the production topology and even connections (2026-12-06): the tree with balanced accept, and
+# the commit before it (the event loop's accept), each one run of the same command.
+PHOTO_PROXY = "docs/results/benchmark/photo-proxy/after/benchmark.json"
+PHOTO_PROXY_BEFORE = "docs/results/benchmark/photo-proxy/before/benchmark.json"
+PHOTO_PROXY_TARGETS = (  # (model, the target's name as the report writes it, up to its goal; the page's words)
+    ("image", "served default req/s at 32 clients ≥ 1.6x", "bundled images: req/s ≥ 1.6 × the peer's"),
+    ("image", "served default p99 at 32 clients ≤", "bundled images: p99 ≤ the peer's"),
+    ("image", "served default [photo mix] req/s at 32 clients ≥", "photo mix: req/s ≥ 2.2 × the peer's"),
+    ("image", "served default [photo mix] p99 at 32 clients ≤", "photo mix: p99 ≤ the peer's"),
+    ("image", "p99 ≤ 3x p50 at 70 % of saturation (served default)", "bundled images: p99 ≤ 3 × p50 at 70 %"),
+    ("image", "p99 ≤ 3x p50 at 70 % of saturation (served default [photo mix])", "photo mix: p99 ≤ 3 × p50 at 70 %"),
+    ("image", "served default via nginx TLS x2 at 32", "behind nginx (TLS), 2 replicas: ≥ 0.9 of direct"),
+    ("image", "served default via nginx TLS x2 / ", "behind nginx: the lead over the peer ≥ 0.9 of direct"),
+    ("text", "served default req/s at 32 clients ≥ 2.5x", "req/s ≥ 2.5 × the peer's"),
+    ("text", "served default p99 at 32 clients ≤", "p99 ≤ the peer's"),
+    ("text", "p99 ≤ 3x p50 at 70 % of saturation (served default)", "p99 ≤ 3 × p50 at 70 %"),
+    ("text", "served default via nginx TLS x2 at 32", "behind nginx (TLS), 2 replicas: ≥ 0.9 of direct"),
+    ("text", "served default via nginx TLS x2 / ", "behind nginx: the lead over the peer ≥ 0.9 of direct"),
+)
+
+
+def photo_proxy_target(model: str, name_start: str, words: str) -> Callable[[dict], str]:
+    """A row of the section's targets table: the target's figures compared, its ratio and verdict."""
+
+    def row(d: dict) -> str:
+        t = target(d, model, name_start)
+        met = {True: "yes", False: "no", None: "n/a"}[t["met"]]
+        return f"| {model} | {words} | {t['measured']} | {t['ratio']} | {met} |"
+
+    return row
+
+
+def open_loop_row(label: str) -> Callable[[dict], str]:
+    """A row of the section's before/after table: each open-loop point at 70 %, p50 / p99 and failed requests."""
+
+    def row(d: dict) -> str:
+        cells = [f"{p['p50_ms']:.0f} / {p['p99_ms']:.0f} ({p['p99_ms'] / p['p50_ms']:.1f}), {p['errors']}"
+                 for m in d["models"] for p in m["points"] if p["kind"] == "served-open"]  # fmt: skip
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    return row
+
+
+def host_cpu(d: dict) -> str:
+    """The host's CPU share during the proxied points, lowest-highest."""
+    shares = [p["host_cpu"] for m in d["models"] for p in m["points"] if p.get("host_cpu") is not None]
+    low, high = f"{100 * min(shares):.0f}", f"{100 * max(shares):.0f}"
+    return f"{low} %" if low == high else f"{low}-{high} %"
+
+
+FIGURES += [
+    *(Figure("docs/benchmark.md", PHOTO_PROXY, photo_proxy_target(*t), f"photo/proxy target: {t[2]}")
+      for t in PHOTO_PROXY_TARGETS),
+    Figure("docs/benchmark.md", PHOTO_PROXY, open_loop_row("balanced accept"), "open loop at 70 %, after"),
+    Figure("docs/benchmark.md", PHOTO_PROXY_BEFORE, open_loop_row("the event loop's accept (`2350bc8`)"),
+           "open loop at 70 %, before"),
+    Figure("docs/benchmark.md", PHOTO_PROXY, lambda d: f"the host's CPU was {host_cpu(d)} busy", "host CPU, proxied"),
+]  # fmt: skip
