@@ -23,12 +23,10 @@ SIGTERM or SIGINT instead:
 A second signal cuts the window short. A worker started on a socket that a previous generation
 of workers stopped (circus restarting them all, `bentoml serve --reload`) makes it listen again.
 
-While serving, a worker takes one connection each time the socket polls ready, not every queued
-one (asyncio and uvloop accept until the queue is empty): every worker polls the same socket, so a
-burst of new connections (a client opening its pool, a proxy reconnecting) is shared between them,
-where one worker used to take all 32 of a burst while the other idled — each connection then stays
-with its worker for its life, and the busy worker's queue, its admission 429s and the replica's
-tail latency followed (docs/benchmark.md).
+While serving, a worker takes one connection at a time from the socket, and leaves a queued one to a
+sibling that holds fewer (serving/accept_balance.py), where asyncio and uvloop accept until the queue
+is empty: one worker used to take a whole burst of new connections (a client opening its pool, a
+proxy reconnecting) while the other idled, and each connection stays with its worker for its life.
 """
 
 from __future__ import annotations
@@ -155,7 +153,9 @@ class DrainingServer(uvicorn.Server):
 
     def _look_again(self, sock: socket.socket) -> None:
         if sock in self._polled:
-            if not select.select([sock], [], [], 0)[0]:
+            queued = select.poll()
+            queued.register(sock, select.POLLIN)
+            if not queued.poll(0):
                 self._held_since = None  # a sibling took it
             self._poll(sock)
 
