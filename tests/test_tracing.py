@@ -79,7 +79,7 @@ def traced(image_run, tmp_path_factory):
 
     assert not [k for k in os.environ if k.startswith("OTEL_")], "the test sets the OTEL_* variables itself"
     receivers = {name: Receiver() for name in ("inprocess", "split", "off")}
-    base = {"SERVABLE_IMAGE_MODEL_TAG": image_run.tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}",
+    base = {"SERVABLE_IMAGE_SERVE_MODEL_TAG": image_run.tag, "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}",
             "SERVABLE_IMAGE_SERVE_VARIANT": "fp32", "SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000",
             **UNTHROTTLED_AUTH, "OTEL_BSP_SCHEDULE_DELAY": "100"}  # fmt: skip
     envs = {
