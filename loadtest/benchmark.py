@@ -410,6 +410,11 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str 
     return configs
 
 
+def log_name(*words: str) -> str:
+    """A server's log file stem: its model and label, lower case, runs of other characters as one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", " ".join(words).lower()).strip("-")
+
+
 def start_served(model: str, tag: str, config: dict[str, str], label: str, log_dir: Path):
     """The model's BentoML service with `config`'s settings (keys without the SERVABLE_<MODEL>_SERVE_ prefix; OTEL_*
     variables as they are, with tracing on sent to the run's OTLP sink)."""
@@ -424,7 +429,7 @@ def start_served(model: str, tag: str, config: dict[str, str], label: str, log_d
         from loadtest import otlp_sink
 
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_sink.endpoint()
-    name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label}".lower()).strip("-")
+    name = log_name(model, label)
     return launch.start_ready(launch.SERVICES[model], env, log_path=log_dir / f"{name}.log", timeout_s=240)
 
 
@@ -483,7 +488,7 @@ def proxied_points(model: str, art, args, data: real_inputs.Inputs, log_dir: Pat
 
     out = []
     for label in (DEFAULT, PEER):
-        name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label} proxied".lower()).strip("-")
+        name = log_name(model, label, "proxied")
         workdir = log_dir / name
         peers = [start_peer(ORT_PEER.module, art.tag, log_dir / f"{name}-{i}.log", ORT_PEER.uvicorn_args)
                  for i in range(PROXY_REPLICAS)] if label == PEER else []  # fmt: skip
@@ -540,7 +545,7 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
         if peer and main_fmt not in PEER_FORMATS:
             res.notes.append(f"`{label}` not run: it takes no {main_fmt} requests.")
             continue
-        name = re.sub(r"[^a-z0-9]+", "-", f"{model} {label}".lower()).strip("-")
+        name = log_name(model, label)
         server = (start_peer(peer.module, art.tag, log_dir / f"{name}.log", peer.uvicorn_args) if peer
                   else start_served(model, art.tag, res.configs[label], label, log_dir))  # fmt: skip
         kind = peer.kind if peer else "served"

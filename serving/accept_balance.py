@@ -66,6 +66,3 @@ class ConnectionTable:
     def fewest_elsewhere(self) -> int | None:
         """The fewest connections a live sibling holds; None when no sibling has published lately."""
         return min((n for slot, n in self.live().items() if slot != self.index), default=None)
-
-    def close(self) -> None:
-        self._map.close()
