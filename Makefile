@@ -44,8 +44,8 @@ serve: setup  ## serve both registered models on 127.0.0.1 (image :3000, sentime
 demo: setup  ## start both services, call them with curl as the README shows, stop them
 	$(BIN)/python -m deploy.launch --demo
 
-reliability: setup  ## fuzzing, hostile inputs, overload, SIGTERM, corrupted artifact -> docs/results/reliability.json
-	SERVABLE_RELIABILITY_REPORT=docs/results/reliability.json $(BIN)/pytest -q -s tests/test_reliability.py
+reliability: setup  ## fuzzing, hostile inputs, overload, SIGTERM, corrupted artifact, slow clients -> docs/results/reliability.json
+	SERVABLE_RELIABILITY_REPORT=docs/results/reliability.json $(BIN)/pytest -q -s tests/test_reliability.py tests/test_slow_clients.py
 
 config-docs: setup  ## regenerate docs/configuration.md from servable/config.py
 	$(BIN)/python -m servable.config_docs

@@ -20,6 +20,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reliability_report():
+    """The figures the reliability and slow-client tests recorded, printed and written at the end."""
+    yield
+    from tests import reliability_report
+
+    reliability_report.write()
+
+
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")

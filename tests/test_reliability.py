@@ -1,7 +1,8 @@
 """Reliability and security against the real servers: fuzzing, hostile inputs, overload, faults.
 
 Figures (requests, failures, 5xx, latencies, memory) are printed and, with
-SERVABLE_RELIABILITY_REPORT=path.json, written for docs/reliability.md (`make reliability`).
+SERVABLE_RELIABILITY_REPORT=path.json, written for docs/reliability.md (`make reliability`;
+tests/reliability_report.py).
 """
 
 from __future__ import annotations
@@ -38,25 +39,11 @@ from deploy import launch
 from servable import artifact
 from tests.conftest import API_KEY, _serve
 from tests.polling import wait_for
+from tests.reliability_report import REPORT
 from tests.test_preprocessing import _bomb_png
 
 KEY = {"x-api-key": API_KEY}
 ROOT = Path(__file__).resolve().parents[1]
-REPORT: dict[str, dict] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_report():
-    yield
-    print("\nreliability figures:", json.dumps(REPORT, indent=1))
-    if path := os.environ.get("SERVABLE_RELIABILITY_REPORT"):
-        from servable.machine import describe_machine
-
-        # where and when, so a figure quoted from this file names its machine (tests/test_doc_figures.py)
-        about = {"command": "make reliability", "machine": describe_machine(), "load_average_1m": os.getloadavg()[0],
-                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
-        with open(path, "w") as f:
-            json.dump(about | REPORT, f, indent=2)
 
 
 # ---------------------------------------------------------------- property-based API fuzzing

@@ -27,6 +27,7 @@ from deploy import render
 from serving import http_guard
 from tests import stack_fixtures
 from tests.conftest import API_KEY
+from tests.reliability_report import REPORT
 
 local_stack = stack_fixtures.local_stack  # the fixture, used by name below
 KEY = {"x-api-key": API_KEY}
@@ -195,6 +196,7 @@ def test_slow_header_and_slow_body_attack_from_one_address_leaves_other_clients_
         "slow_body_max_life_s": round(max(lifetimes["body"], default=0), 2), "attack_replies": replies,
     }  # fmt: skip
     print("\nslow-client attack on the proxy:", json.dumps(figures))
+    REPORT["slow_clients_proxy"] = figures
     assert figures["good_requests"] >= 30 and figures["good_ok"] == figures["good_requests"], (good, figures)
     # the attack was real: hundreds held at once, and the first wave of each kind was closed by nginx
     assert figures["attack_held_max"] >= N_SLOW_HEADER, figures
@@ -294,6 +296,7 @@ def test_replica_bounds_headers_and_slow_clients_and_keeps_serving(text_server):
     got = dict(zip(cases, asyncio.run(run()), strict=True))
     figures = {name: (reply.split(b"\r\n", 1)[0].decode(), round(took, 2)) for name, (reply, took) in got.items()}
     print("\nreplica limits:", json.dumps(figures))
+    REPORT["slow_clients_replica"] = figures
 
     def answered(name: str, status: int, reason: str, within_s: float) -> None:
         reply, took = got[name]
