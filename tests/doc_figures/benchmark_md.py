@@ -473,3 +473,9 @@ FIGURES += [
         f"text {served_peer(d, 'text')} against {served_peer(core_run('calibrated-head-old'), 'text')}"),
         "calibrated head"),
 ]  # fmt: skip
+
+FIGURES += [
+    Figure("docs/deployment-answers.md", BENCH, lambda d: (
+        f"the default serves {over(d, 'image', PEER)} the FastAPI + ORT peer's images/s and "
+        f"{over(d, 'text', PEER)} its texts/s at 32 clients"), "the default against the FastAPI + ORT peer"),
+]  # fmt: skip
