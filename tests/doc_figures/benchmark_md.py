@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.doc_figures.common import BENCH, ROOT, Figure, bench_c32, int8_gain, point, rps, share, whole
+from tests.doc_figures.common import BENCH, ROOT, Figure, bench_c32, int8_gain, point, results, rps, share, whole
 
 BENCH_QUIET = "docs/results/benchmark-quiet/benchmark.json"  # the split design's history run, 2026-11-25
 PROFILES = "docs/results/profiles/profiles.json"
@@ -393,4 +393,89 @@ FIGURES += [
     Figure("docs/benchmark.md", PHOTO_PROXY_BEFORE, open_loop_row("the event loop's accept (`2350bc8`)"),
            "open loop at 70 %, before"),
     Figure("docs/benchmark.md", PHOTO_PROXY, lambda d: f"the host's CPU was {host_cpu(d)} busy", "host CPU, proxied"),
+]  # fmt: skip
+
+
+def raw_speed(d: dict, model: str) -> dict[str, float]:
+    """raw ORT fp32 items/s by batch (b1, b4, ...) of one model."""
+    return {p["config"].removeprefix("raw ORT fp32 "): p["items_s"] for m in d["models"] if m["model"] == model
+            for p in m["points"] if p["config"].startswith("raw ORT fp32")}  # fmt: skip
+
+
+def slower_machine(d: dict) -> str:
+    """How much slower the history run's machine (benchmark-quiet) was per raw ORT call than the reference run's."""
+    quiet = results(BENCH_QUIET)
+    ratios = {(m, b): raw_speed(d, m)[b] / raw_speed(quiet, m)[b] for m in ("image", "text") for b in ("b1", "best")
+              if b == "b1"} | {(m, "best"): max(raw_speed(d, m).values()) / max(raw_speed(quiet, m).values())
+                               for m in ("image", "text")}  # fmt: skip
+    text = max(ratios["text", "b1"], ratios["text", "best"])
+    return (f"{min(ratios.values()):.1f}-{max(ratios.values()):.1f}x slower per raw ORT fp32 call than this AMD EPYC: "
+            f"{ratios['image', 'b1']:.1f}x for an image at batch 1, {ratios['image', 'best']:.1f}x at its best batch, "
+            f"{text:.1f}x for text")  # fmt: skip
+
+
+CORE_REDESIGN = "docs/results/core-redesign/"
+
+
+def rounds_row(label: str, key: str, with_ratio: bool = True) -> Callable[[dict], str]:
+    """A row of a core-redesign table: each round's served / peer req/s (= ratio), and the median ratio."""
+
+    def row(d: dict) -> str:
+        rounds = d[key]["rounds"]
+        cells = [f"{whole(r['served_rps'])} / {whole(r['peer_rps'])}" + (f" = {r['ratio']:.2f}" if with_ratio else "")
+                 for r in rounds]  # fmt: skip
+        joined = " | ".join(cells) if with_ratio else ", ".join(cells)
+        return f"| {label} | {joined} | **{d[key]['median_ratio']:.2f}** |"
+
+    return row
+
+
+def own_drop(d: dict) -> str:
+    """The image served default's own req/s, new against old, lower by this much in the rounds where it fell."""
+    drops = [1 - n["served_rps"] / o["served_rps"] for n, o in zip(d["image/new"]["rounds"], d["image/old"]["rounds"],
+                                                                   strict=True)]  # fmt: skip
+    fell = [x for x in drops if x >= 0.05]
+    return f"{100 * min(fell):.0f}-{100 * max(fell):.0f} %"
+
+
+def core_run(name: str) -> dict:
+    return results(f"{CORE_REDESIGN}{name}.json")
+
+
+def c32(d: dict, model: str, config: str) -> float:
+    return next(p["rps"] for m in d["models"] if m["model"] == model for p in m["points"]
+                if p["config"] == config and p["concurrency"] == 32)  # fmt: skip
+
+
+def served_peer(d: dict, model: str) -> str:
+    served, peer = c32(d, model, "served default"), c32(d, model, "fastapi+ort peer")
+    return f"{whole(served)} / {whole(peer)} = {served / peer:.2f}"
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", BENCH, slower_machine, "the history run's machine against the reference run's"),
+    *(Figure("docs/benchmark.md", f"{CORE_REDESIGN}{file}.json", rounds_row(label, key, file != "loop-mend-ratios"),
+             f"core redesign {file}: {label}")
+      for file, rows in (
+          ("ratios", (("image, before", "image/old"), ("image, redesign", "image/new"),
+                      ("text, before", "text/old"), ("text, redesign", "text/new"))),
+          ("final-ratios", (("image, before the redesign", "image/old"), ("image, final tree", "image/new"),
+                            ("text, before the redesign", "text/old"), ("text, final tree", "text/new"))),
+          ("loop-mend-ratios", (("image, before the redesign", "image/old"), ("image, mended tree", "image/new"),
+                                ("text, before the redesign", "text/old"), ("text, mended tree", "text/new"))))
+      for label, key in rows),
+    Figure("docs/benchmark.md", f"{CORE_REDESIGN}ratios.json", lambda d: (
+        f"the served default's own req/s {own_drop(d)} lower in rounds 1 and 3"), "core redesign: image's own drop"),
+    Figure("docs/benchmark.md", f"{CORE_REDESIGN}final-ratios.json", lambda d: (
+        f"its own req/s {own_drop(d)} lower in every round"), "final tree: image's own drop"),
+    Figure("docs/benchmark.md", f"{CORE_REDESIGN}calibrated-head-new.json", lambda d: (
+        f"image {served_peer(d, 'image')} against {served_peer(core_run('calibrated-head-old'), 'image')}, "
+        f"text {served_peer(d, 'text')} against {served_peer(core_run('calibrated-head-old'), 'text')}"),
+        "calibrated head"),
+]  # fmt: skip
+
+FIGURES += [
+    Figure("docs/deployment-answers.md", BENCH, lambda d: (
+        f"the default serves {over(d, 'image', PEER)} the FastAPI + ORT peer's images/s and "
+        f"{over(d, 'text', PEER)} its texts/s at 32 clients"), "the default against the FastAPI + ORT peer"),
 ]  # fmt: skip

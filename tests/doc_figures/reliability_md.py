@@ -29,7 +29,7 @@ def hostile_row(figures: dict) -> str:
 
 def overload_row(o: dict) -> str:
     return (
-        f"| overload: {o['callers']} concurrent callers, replica limit `max_concurrency={o['max_concurrency']}`, "
+        f"| overload: {o['callers']} concurrent callers, per-worker limit `max_concurrency={o['max_concurrency']}`, "
         f"one 32-text request per batch, deadline {o['deadline_ms']:,} ms (3.5 × one batch alone) | "
         f"{o['callers']} callers for {o['seconds']} s (a refused one waits as Retry-After says), after "
         f"{o['learning_s']} s of the same load: "
@@ -102,6 +102,9 @@ FIGURES = [
         f"{d['text']['p99_last_window_ms']:.0f} ms, every minute between "
         f"{min(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} and "
         f"{max(w['p99_ms'] for m in ('image', 'text') for w in d[m]['windows']):.0f} ms"), "soak run 4"),
+    Figure("docs/reliability.md", SOAK3, lambda d: (
+        f"finished task of the run ({d['image']['requests'] + d['text']['requests']:,}, both models' requests)"),
+        "soak run 3, the generator's finished tasks"),
     Figure("docs/reliability.md", SOAK4, rss_growth, "soak run 4, worker RSS"),
     Figure("docs/reliability.md", SOAK4, lambda d: (
         "generator lag at most "
