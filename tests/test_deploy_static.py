@@ -77,7 +77,8 @@ def test_dockerfile_runtime_stage_properties():
     # the locked serve set, hashes checked (no torch, no compiler), then the project without dependencies
     assert "pip install --require-hashes --no-deps --only-binary=:all: -r requirements/serve.txt" in stages["builder"]
     # no secret is baked in: keys come from a mounted file
-    assert "SERVABLE_AUTH_KEYS_FILE=/run/secrets/api_keys" in final
+    # at the path compose, Kubernetes and the podman script mount the key file
+    assert "SERVABLE_AUTH_KEYS_FILE=/run/secrets/servable/api_keys" in final
     assert "SERVABLE_AUTH_KEYS=" not in final.replace("SERVABLE_AUTH_KEYS_FILE", "")
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignore  # deny by default ...
