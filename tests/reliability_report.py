@@ -1,6 +1,6 @@
-"""The reliability figures of one test session, written to SERVABLE_RELIABILITY_REPORT when it is set.
+"""The reliability figures of one pytest run, written to SERVABLE_RELIABILITY_REPORT when it is set.
 
-`make reliability` runs the reliability suite and the slow-client attacks in one session, so their
+`make reliability` runs the reliability suite and the slow-client attacks in one pytest run, so their
 figures land in one file (docs/results/reliability.json) with the machine, the load and the date:
 docs/reliability.md quotes that file, and tests/doc_figures/ compares each quoted figure with it.
 """
@@ -15,7 +15,7 @@ REPORT: dict[str, dict] = {}
 
 
 def write() -> None:
-    """Print this session's figures and, with SERVABLE_RELIABILITY_REPORT=path.json, write them there."""
+    """Print the recorded figures and, with SERVABLE_RELIABILITY_REPORT=path.json, write them there."""
     if not REPORT:
         return
     print("\nreliability figures:", json.dumps(REPORT, indent=1))
