@@ -263,7 +263,8 @@ def test_replica_bounds_headers_and_slow_clients_and_keeps_serving(text_server):
     are answered 431 at once; a header growing past the limit in pieces is refused without waiting
     for its end; a header that stops arriving is answered 408 and an idle connection closed after
     the header timeout; a chunk declared far over the body limit that stops arriving is answered
-    408 after the body timeout. Then the replica still answers."""
+    408 after the body timeout; a body declared at 1 GiB is answered 413 at once. Then the replica still
+    answers."""
     port = text_server.port
     head = b"POST /sentiment HTTP/1.1\r\nhost: 127.0.0.1\r\nx-api-key: " + API_KEY.encode() + b"\r\n"
 
@@ -288,6 +289,8 @@ def test_replica_bounds_headers_and_slow_clients_and_keeps_serving(text_server):
         "idle": [b""],
         "chunk_stalls": [head + b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
                          b"40000000\r\n" + b'{"text": "a'],  # a 1 GiB chunk declared, 11 bytes sent
+        "declared_too_large": [head + b"content-type: application/json\r\ncontent-length: 1073741824\r\n\r\n"
+                               b'{"text": "a'],  # 1 GiB declared: refused from the header, before any body
     }  # fmt: skip
 
     async def run():
@@ -308,6 +311,7 @@ def test_replica_bounds_headers_and_slow_clients_and_keeps_serving(text_server):
     answered("growing_header", 431, "headers_too_large", 3)
     answered("header_timeout", 408, "header_timeout", http_guard.HEADER_TIMEOUT_S + SLACK_S)
     answered("chunk_stalls", 408, "body_timeout", http_guard.BODY_TIMEOUT_S + SLACK_S)
+    answered("declared_too_large", 413, "body_too_large", 2)
     assert got["idle"][0] == b"" and http_guard.HEADER_TIMEOUT_S - 1 <= got["idle"][1] <= (
         http_guard.HEADER_TIMEOUT_S + SLACK_S
     ), figures

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tests.doc_figures.common import Figure, machine_of, span
 
 SOAK3, SOAK4 = "docs/results/soak-run3.json", "docs/results/soak.json"
@@ -63,13 +65,48 @@ def sigterm_run(d: dict) -> str:
     o = s["outcomes"]
     unclean = sum(n for kind, n in o.items() if kind not in ("200", "503", "refused"))
     return (
-        f"in the {machine_of(d)} run above, the one that failed: {s['requests']} requests, {o.get('200', 0)} × 200 "
+        f"in the {machine_of(d)} run above: {s['requests']} requests, {o.get('200', 0)} × 200 "
         f"and {o.get('refused', 0)} refused, {unclean} reset, {s['in_flight_at_sigterm']} in flight at the signal, "
         f"{s['answered_though_sent_after_sigterm']} sent after it and answered, refusals from "
         f"{s['refused_after_s']:.2f} s after the signal, `/readyz` 503 {s['readiness_after_sigterm']['503']} times "
         f"in between, the late request on an early connection answered `{s['late_request_on_early_connection']}`, "
         f"exit {s['exit_s']:.2f} s after SIGTERM (grace period {s['grace_period_s']:.0f} s)"
     )
+
+
+def slow_clients_proxy(d: dict) -> str:
+    """The attack on the local stack's nginx (tests/test_slow_clients.py), as the slow-client section quotes it."""
+    f = d["slow_clients_proxy"]
+    refused = sum(n for reply, n in f["attack_replies"].items() if reply.endswith("429 too_many_connections"))
+    return (
+        f"Figures: {f['good_ok']} of {f['good_requests']} good requests answered 200, the slowest in "
+        f"{f['good_max_latency_s']:.3f} s; {f['attack_connections']:,} attack connections, at most "
+        f"{f['attack_held_max']} held at once; all {f['slow_header_closed_by_proxy']} slow-header connections closed "
+        f"by nginx, the first no sooner than {f['slow_header_min_close_s']:.2f} s after its TCP connect, none living "
+        f"longer than {f['slow_header_max_life_s']:.2f} s after its handshake; {f['slow_body_closed_by_proxy']} "
+        f"stalled bodies closed by nginx, none living longer than {f['slow_body_max_life_s']:.2f} s; {refused} of the "
+        "attacker's requests refused `429 too_many_connections`"
+    )
+
+
+# the replica's own limits: each case's row of the slow-client section, as its answer and the seconds to it
+REPLICA_ROWS = {
+    "too_many_headers": "| 2,000 header fields | `{code}` `too_many_headers` (over 100 fields) | {s:.2f} s |",
+    "headers_too_large": "| one 64 KiB header | `{code}` `headers_too_large` (over 40 KiB of request line + headers) | "
+                         "{s:.2f} s |",
+    "growing_header": "not a reset | {s:.2f} s |",
+    "header_timeout": "| a header that stops arriving | `{code}` `header_timeout` | {s:.1f} s (the header timeout) |",
+    "idle": "| a connection that sends nothing | closed | {s:.1f} s (the header timeout) |",
+    "chunk_stalls": "| `{code}` `body_timeout` (the body paused 10 s) | {s:.1f} s (the body timeout) |",
+}  # fmt: skip
+
+
+def replica_row(case: str, doc: str) -> Callable[[dict], str]:
+    def quote(d: dict) -> str:
+        status, seconds = d["slow_clients_replica"][case]
+        return doc.format(code=status.split()[1] if status else "", s=seconds)
+
+    return quote
 
 
 FIGURES = [
@@ -133,9 +170,9 @@ FIGURES = [
     Figure("docs/reliability.md", RELIABILITY, lambda d: (
         f"`make reliability` on {d['date'].split()[0]} on an Intel Xeon machine (2 cores, no GPU, Python 3.11), shared "
         f"with other test suites at a load average of about {d['load_average_1m']:.0f}"), "suite run"),
-    Figure("docs/reliability.md", RELIABILITY, lambda d: (
-        f"the single-replica SIGTERM test failed: {d['sigterm_single_replica']['outcomes']['200']} × 200 and "
-        f"{d['sigterm_single_replica']['outcomes']['refused']} refused"), "SIGTERM run"),
+    Figure("docs/reliability.md", RELIABILITY, slow_clients_proxy, "slow clients, the proxy"),
+    *(Figure("docs/reliability.md", RELIABILITY, replica_row(case, doc), f"slow clients, the replica: {case}")
+      for case, doc in REPLICA_ROWS.items()),
     Figure("docs/reliability.md", RELIABILITY, sigterm_run, "SIGTERM test's figures"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_images"]), "hostile images"),
     Figure("docs/reliability.md", RELIABILITY, lambda d: hostile_row(d["hostile_texts"]), "hostile texts"),
