@@ -59,6 +59,8 @@ def test_each_queued_item_says_why_and_nothing_is_stored_without_opt_in(tmp_path
     # Without the caller's opt-in nothing is stored: not the low-confidence row, not the sampled one, not a
     # shadow disagreement; and an opted-in caller whose key may not store stores nothing either.
     assert observe({}) == [] and observe({"x-servable-feedback": "flag"}) == [] and disagree({}, [0, 1, 2]) == []
+    for row in range(3):  # each reason alone, without consent
+        assert asyncio.run(hook.observe({}, texts[row : row + 1], probs[row : row + 1], "m:v1", "k")) == []
     keyed = _hook(tmp_path, confidence_threshold=0.6, sample_share=share, flag_keys="bob")
     assert asyncio.run(keyed.observe(OPT_IN, texts, probs, "m:v1", "alice")) == []
     assert asyncio.run(keyed.observe_disagreement(OPT_IN, texts, probs, "m:v1", "alice", [2])) == []
@@ -165,6 +167,22 @@ def test_a_run_with_extra_data_is_gated_like_the_default_run(kind):
         assert gate["lines"][0].startswith("gate: 40 extra example(s) added to training (--extra-data)")
     with pytest.raises(ValueError, match="extra-data"):
         gates.document(run, "x:1", "test", path=ROOT / "never-written.json")
+
+
+def test_the_model_card_shows_the_extra_data_per_class_and_its_checksum():
+    from training.model_card import render_model_card
+
+    run = default_run("image", extra_data="/data/fb-images")
+    run.provenance["extra_data"] = {
+        "path": "/data/fb-images", "sha256": "ab" * 32, "added_to": "train", "read": 41, "added": 38,
+        "by_label": {"Sandal": 30, "Bag": 8}, "dropped": {"copies_of_held_out": 2, "duplicates": 1},
+        "feedback": {"model": "fashion-cnn", "model_tags": ["fashion-cnn:v1"], "exported_at": "2026-12-01T10:00:00"},
+    }  # fmt: skip
+    card = render_model_card(run)
+    assert "### Extra data added to training" in card and "ab" * 32 in card
+    assert "38 labelled example(s) added to the training split only" in card
+    assert "of 41 read, 2 dropped as copies of held-out examples and 1 as repeats" in card
+    assert "| Sandal | 30 |" in card and "| Bag | 8 |" in card and "`fashion-cnn:v1`" in card
 
 
 # ---------------------------------------------------------------- --extra-data runs at the fixtures' sizes
@@ -292,6 +310,52 @@ def test_text_training_adds_the_labelled_export_and_keeps_held_out_sentences_out
     card = artifact.load(run.tag).file(MODEL_CARD).read_text()
     assert "### Extra data added to training" in card and "| negative | 8 |" in card and "| positive | 16 |" in card
     assert want in card and "feedback queue of `sentiment-bert`" in card
+
+
+def test_extra_texts_join_the_training_split_only_and_copies_of_held_out_sentences_are_dropped(tmp_path):
+    from training.data_text import TextSplits
+    from training.extra_data import add_texts
+
+    splits = TextSplits(labels=["negative", "positive"], train=[("good film", 1)], val=[("Bad acting.", 0)],
+                        test=[("A dull plot", 0)], ood_test=[("Broke in a day", 0)],
+                        domains={"train": ["m"], "val": ["m"], "test": ["m"], "ood_test": ["amazon"]})  # fmt: skip
+    held_out = {k: list(getattr(splits, k)) for k in ("val", "test", "ood_test")}
+    extra = tmp_path / "extra.csv"
+    extra.write_text("text,label\nWorks great,positive\nbad acting!,negative\na DULL plot,negative\n"
+                     "broke in a day,negative\nWorks great,positive\nNot worth it,negative\n")  # fmt: skip
+    record = add_texts(splits, extra)
+    assert splits.train == [("good film", 1), ("Works great", 1), ("Not worth it", 0)]
+    assert splits.domains["train"] == ["m", "extra data", "extra data"]
+    assert {k: getattr(splits, k) for k in held_out} == held_out
+    assert record["added"] == 2 and record["read"] == 6 and record["by_label"] == {"negative": 1, "positive": 1}
+    assert record["dropped"] == {"copies_of_held_out": 3, "duplicates": 1}
+
+
+def test_extra_images_join_the_training_split_only_and_copies_of_held_out_images_are_dropped(tmp_path):
+    from servable.preprocessing import ImagePreprocessing, to_model_pixels
+    from training.data_images import ImageSplits
+    from training.extra_data import add_images
+
+    prep = ImagePreprocessing(size=16, color_mode="L")
+    rng = np.random.default_rng(0)
+    raw = [(rng.random((16, 16)) * 255).astype(np.uint8) for _ in range(6)]
+    px = np.stack([to_model_pixels(Image.fromarray(r), prep) for r in raw])
+    splits = ImageSplits(labels=["T-shirt/top", "Bag"], train_x=px[:2], train_y=np.array([0, 1]), val_x=px[2:3],
+                         val_y=np.array([0]), test_x=px[3:4], test_y=np.array([1]))  # fmt: skip
+    for folder, picks in (("T-shirt_top", [2, 4]), ("Bag", [3, 5, 5])):  # 2: a val copy, 3: a test copy, 5 twice
+        (tmp_path / folder).mkdir()
+        for n, i in enumerate(picks):
+            (tmp_path / folder / f"{n}.png").write_bytes(_png(raw[i]))
+    record = add_images(splits, tmp_path, prep, progress=False)
+    assert len(splits.train_x) == 4 and splits.train_y.tolist() == [0, 1, 1, 0]
+    assert np.array_equal(splits.train_x[2:], px[[5, 4]]) and np.array_equal(splits.val_x, px[2:3])
+    assert np.array_equal(splits.test_x, px[3:4]) and len(splits.val_y) == len(splits.test_y) == 1
+    assert record["by_label"] == {"T-shirt/top": 1, "Bag": 1} and record["read"] == 5
+    assert record["dropped"] == {"copies_of_held_out": 2, "duplicates": 1}
+    (tmp_path / "Sock").mkdir()
+    (tmp_path / "Sock" / "0.png").write_bytes(_png(raw[0]))
+    with pytest.raises(DataError, match="class 'Sock' is not a label of this model"):
+        add_images(splits, tmp_path, prep, progress=False)
 
 
 def test_extra_data_with_a_label_the_model_does_not_have_is_a_clear_error(tmp_path):
