@@ -97,7 +97,7 @@ class FeedbackHook:
         if not self.settings.enabled:
             return []
         consent, flagged = parse_header(headers.get(HEADER))
-        reasons = self._request_reasons(items, low, flagged)
+        reasons = self._request_reasons(items, low, flagged, consent)
         return await self._queue(consent, key_name, reasons, items, values, confidence, model_tag)
 
     async def observe_disagreement(self, headers, items: list, values: np.ndarray, model_tag: str,
@@ -110,16 +110,17 @@ class FeedbackHook:
             return []
         consent, flagged = parse_header(headers.get(HEADER))
         confidence = self.head.confidence(values)
-        queued = self._request_reasons(items, self._low(confidence, len(values)), flagged)
+        queued = self._request_reasons(items, self._low(confidence, len(values)), flagged, consent)
         reasons = {i: SHADOW_DISAGREE for i in rows if i not in queued and 0 <= i < len(items) and items[i] is not None}
         return await self._queue(consent, key_name, reasons, items, values, confidence, model_tag)
 
     def _low(self, confidence: np.ndarray | None, n: int) -> np.ndarray:
         return np.zeros(n, bool) if confidence is None else confidence < self.settings.confidence_threshold
 
-    def _request_reasons(self, items: list, low: np.ndarray, flagged: bool) -> dict[int, str]:
-        """Row -> why the request path queues it: the caller's flag, else low confidence, else the sample."""
-        share, out = self.settings.sample_share, {}
+    def _request_reasons(self, items: list, low: np.ndarray, flagged: bool, consent: bool) -> dict[int, str]:
+        """Row -> why the request path queues it: the caller's flag, else low confidence, else the sample (drawn
+        from opted-in requests only: no input of another request is even hashed)."""
+        share, out = (self.settings.sample_share if consent else 0.0), {}
         for i, item in enumerate(items):
             if item is None:
                 continue
