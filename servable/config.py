@@ -67,6 +67,13 @@ class TrainCommon(BaseSettings):
         0.8, gt=0, le=1, description="The abstention threshold keeps this share of validation answers above it."
     )
     limit: int | None = Field(None, ge=10, description="Use at most this many training examples.")
+    extra_data: Path | None = Field(
+        None, description="Labelled data ADDED to the training split (never to validation or test), e.g. an export "
+        "of the feedback queue (python -m serving.feedback export): image, a folder root/<class>/*; text, a "
+        "CSV/JSONL with text,label (or a folder holding feedback.csv). Its labels must be the model's; copies of "
+        "held-out examples are dropped. Recorded with its checksum in the artifact and model card. The data "
+        "option (--data-dir, --data-file) replaces the data instead.",
+    )  # fmt: skip
     test_limit: int | None = Field(None, ge=10, description="Evaluate on at most this many test examples.")
     quantize: bool = Field(True, description="Also produce and measure an int8 ONNX model.")
     register_model: bool = Field(True, description="Register the artifact in the BentoML model store.")
@@ -481,7 +488,8 @@ class AuditSettings(BaseSettings):
 
 
 class FeedbackSettings(BaseSettings):
-    """Opt-in feedback loop: low-confidence or flagged predictions queued for labelling, only with consent."""
+    """Opt-in feedback loop: low-confidence, flagged, sampled or shadow-disagreeing predictions queued for
+    labelling, only with consent."""
 
     model_config = _cfg("SERVABLE_FEEDBACK_")
 
@@ -490,6 +498,11 @@ class FeedbackSettings(BaseSettings):
     confidence_threshold: float = Field(
         0.6, ge=0, le=1, description="Top-1 probability below which a prediction is low-confidence."
     )
+    sample_share: float = Field(
+        0.0, ge=0, le=1, description="Share of opted-in predictions queued whatever their confidence (reason "
+        "`sampled`: an unbiased sample beside the uncertain ones); chosen by a hash of the input, so the same input "
+        "is always in or out.",
+    )  # fmt: skip
     retention_days: float = Field(30.0, gt=0, description="Queued items older than this are deleted.")
     max_items: int = Field(10_000, ge=1, description="Most queued items per model; when full, new ones are dropped.")
     max_bytes: int = Field(

@@ -99,7 +99,7 @@ def test_feedback_hook_stores_only_with_consent(tmp_path):
     both = observe(on, "opt-in, flag")  # flagged: both, whatever the confidence
     assert len(both) == 2
     metas = {it.meta["id"]: it.meta for it in on.store.items("m")}
-    assert metas[low[0]]["reason"] == "low_confidence" and metas[both[1]]["reason"] == "flagged"
+    assert metas[low[0]]["reason"] == "low-confidence" and metas[both[1]]["reason"] == "flagged"
     assert metas[low[0]]["predicted_label"] == "negative" and metas[low[0]]["label"] is None
     assert metas[low[0]]["pii_redacted"] == {"email": 1, "phone": 1, "number": 1}
     assert set(metas[low[0]]) == {"id", "model", "model_tag", "kind", "predicted_label", "confidence", "reason",
@@ -128,7 +128,7 @@ def test_queue_limit_and_retention_on_write_and_by_cli(tmp_path):
     settings = FeedbackSettings(dir=tmp_path / "fb", retention_days=7, max_items=3)
     store = FeedbackStore(settings)
     common = dict(model="m", model_tag="m:v1", kind="text", predicted_label="negative", confidence=0.5,
-                  reason="low_confidence")  # fmt: skip
+                  reason="low-confidence")  # fmt: skip
     old = [store.add(content=f"old {i}", now=time.time() - 8 * 86400, **common) for i in range(2)]
     fresh = store.add(content="fresh", **common)
     assert store.count("m") == 3
@@ -222,7 +222,7 @@ def test_cli_labels_and_exports_a_text_set_the_training_loader_reads(tmp_path):
     store = FeedbackStore(FeedbackSettings(dir=tmp_path / "fb"))
     reviews = [(f"{EMAIL} says film {i} was {'great' if i % 2 else 'awful'}", i % 2) for i in range(12)]
     common = dict(model="sentiment-bert", model_tag="sentiment-bert:v1", kind="text", predicted_label="positive",
-                  confidence=0.55, reason="low_confidence")  # fmt: skip
+                  confidence=0.55, reason="low-confidence")  # fmt: skip
     items = [store.add(content=t, **common) for t, _ in reviews]
     labels = ["negative", "positive"]
     assert "label=None" in _cli(tmp_path / "fb", "list", "--unlabelled")
@@ -243,7 +243,8 @@ def test_cli_labels_and_exports_a_text_set_the_training_loader_reads(tmp_path):
     assert splits.labels == labels and len(splits.train) + len(splits.val) + len(splits.test) == 12
     prov = splits.provenance["feedback"]
     assert prov["source"] == "feedback queue" and prov["model_tags"] == ["sentiment-bert:v1"]
-    assert prov["counts"] == {"items": 12, "by_label": {"negative": 6, "positive": 6}} and prov["pii_scrubbed"]
+    counts = {"items": 12, "by_label": {"negative": 6, "positive": 6}, "by_reason": {"low-confidence": 12}}
+    assert prov["counts"] == counts and prov["pii_scrubbed"]
     assert "exported_at" in prov and json.loads((out / PROVENANCE_FILE).read_text()) == prov
     assert EMAIL not in (out / "feedback.csv").read_text()
     assert "not empty" in _cli(tmp_path / "fb", "export", "--model", "sentiment-bert", "--out", str(out), check=False)
@@ -263,7 +264,7 @@ def test_exported_image_folder_loads_and_trains(tmp_path):
     for i in picked:
         item = store.add(model="fashion-cnn", model_tag="fashion-cnn:v1", kind="image",
                          content=png_from_image_bytes(_png(x[i])), predicted_label="Shirt", confidence=0.4,
-                         reason="low_confidence")  # fmt: skip
+                         reason="low-confidence")  # fmt: skip
         store.label(item.meta["id"], names[int(y[i])])
     out = tmp_path / "export"
     prov = store.export("fashion-cnn", out)

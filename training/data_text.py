@@ -228,7 +228,7 @@ def load_bundled(
     )  # fmt: skip
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     raw = path.read_bytes()
@@ -265,7 +265,7 @@ def load_user_file(path: Path, seed: int, val_fraction: float, test_fraction: fl
     """A CSV/TSV/JSONL file with `text` and `label` columns (label names are free) and an optional `domain`
     column; rows without one belong to a domain named after the file. The split is stratified by domain
     and label."""
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise DataError(f"data file {path} has no rows")
     missing = {"text", "label"} - set(rows[0])

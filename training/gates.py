@@ -9,7 +9,9 @@ kind in training/tasks.py, holds:
   a run fails when it falls more than `tolerance` below one of them;
 - `int8_max_drop`: the claim about int8 ("at most one point of test accuracy lost"); a run fails above it;
 - `recipe` and `data_counts`: what the documented run trained on. Only a run with the same recipe and the
-  same data is gated: a user's own data or flags have no documented figure, and the log says so.
+  same data is gated: a user's own data or flags have no documented figure, and the log says so. Examples
+  added with `--extra-data` (`ADDED_TO_TRAINING`) leave the held-out sets as they are, so such a run is gated
+  like the one without them.
 
 Fields in `NOT_RECIPE` say where a run is stored, shown or computed, not what it learns; a run that differs
 from the documented one only there is still the documented run (the tolerance covers what the hardware
@@ -37,6 +39,10 @@ FIGURES = {
     "int8_agreement": "int8/fp32 agreement on the test set",
 }
 NOT_GATED = "no documented figure for this configuration; not gated"
+# --extra-data adds examples to the training split only: the held-out sets, and so the documented figures, are
+# the bundled data's, and a retrain on labelled feedback is held to them like any run (provenance `counts` stay
+# the bundled split's; the added examples are in `extra_data`)
+ADDED_TO_TRAINING = ("extra_data",)
 
 
 class GateFailed(RuntimeError):
@@ -50,7 +56,7 @@ def load_documented(path: Path | None = None) -> dict[str, Any]:
 
 
 def recipe(training_config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in training_config.items() if k not in NOT_RECIPE}
+    return {k: v for k, v in training_config.items() if k not in NOT_RECIPE + ADDED_TO_TRAINING}
 
 
 def measured(metrics: dict[str, Any]) -> dict[str, float]:
@@ -87,7 +93,7 @@ def _verdict(manifest: ModelManifest, documented: dict[str, Any]) -> dict[str, A
     if entry.get("data_counts") is not None and counts != entry["data_counts"]:
         reason = f"{NOT_GATED} (data counts {counts} differ from the documented run's {entry['data_counts']})"
         return {"gated": False, "reason": reason, "measured": run}
-    tol = entry["tolerance"]
+    tol, extra = entry["tolerance"], manifest.provenance.get("extra_data")
     checks = []
     for name, value in entry["figures"].items():
         got = run.get(name)
@@ -97,7 +103,8 @@ def _verdict(manifest: ModelManifest, documented: dict[str, Any]) -> dict[str, A
     checks.append({"figure": "int8_accuracy_drop", "documented": claim, "bound": claim, "compare": "<=",
                    "measured": drop, "passed": drop is not None and drop <= claim + 1e-12})  # fmt: skip
     return {"gated": True, "documented_run": entry["run"], "tolerance": tol, "checks": checks,
-            "passed": all(c["passed"] for c in checks)}  # fmt: skip
+            "passed": all(c["passed"] for c in checks),
+            **({"extra_data_added": extra["added"]} if extra else {})}  # fmt: skip
 
 
 def describe(gate: dict[str, Any]) -> list[str]:
@@ -107,6 +114,9 @@ def describe(gate: dict[str, Any]) -> list[str]:
         int8 = f"int8 loses {100 * drop:.2f} points of test accuracy; " if drop is not None else ""
         return [f"gate: {int8}{gate['reason']}"]
     lines = []
+    if "extra_data_added" in gate:
+        lines.append(f"gate: {gate['extra_data_added']} extra example(s) added to training (--extra-data); "
+                     "held-out sets the documented run's")  # fmt: skip
     for c in gate["checks"]:
         if c["figure"] == "int8_accuracy_drop":
             got = "not measured" if c["measured"] is None else f"{100 * c['measured']:.2f} points"
@@ -144,6 +154,8 @@ def markdown_table(documented: dict[str, Any]) -> str:
 def document(manifest: ModelManifest, tag: str, machine: str, path: Path | None = None) -> dict[str, Any]:
     """Make a registered run the documented one of its kind: its figures, recipe and data counts. The
     tolerance and the int8 claim are policy: kept from the previous entry."""
+    if manifest.provenance.get("extra_data"):
+        raise ValueError(f"{tag} was trained with --extra-data: the documented run is one on the bundled data alone")
     path = path or DOCUMENTED
     data = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     kind = for_task(manifest.task).kind

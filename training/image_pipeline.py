@@ -19,6 +19,7 @@ from servable.explain import Occlusion, background_fill, normalised_fill, probab
 from servable.preprocessing import ImagePreprocessing, normalize, to_model_pixels
 from training import calibration, onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
+from training.extra_data import add_images
 from training.gallery import image_gallery
 from training.image_model import BackboneHead, ImageClassifier, build_augmentation, normalize_batch
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
@@ -186,6 +187,9 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
     version, staging = make_run_dir(cfg)
     prep = ImagePreprocessing(size=cfg.image_size, color_mode="RGB" if cfg.data_dir else "L")
     splits = load_splits(cfg, prep)
+    if cfg.extra_data is not None:  # training split only; the held-out ones stay the data's own
+        extra = add_images(splits, cfg.extra_data, prep, cfg.progress)
+        tqdm.write(f"extra data: {extra['added']} image(s) added to training from {cfg.extra_data}")
     model, history, stopper, stopped = fine_tune(cfg, splits, prep)
     metrics = export_and_measure(cfg, model, splits, prep, staging)
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")

@@ -112,12 +112,30 @@ def _data(m: ModelManifest) -> str:
                      "the Servable repository")  # fmt: skip
     else:
         lines.append("- the data is the user's: its licence and consent are theirs to check")
-    counts = p.pop("counts", {})
+    counts, extra = p.pop("counts", {}), p.pop("extra_data", None)
     for key in sorted(p):
         lines.append(f"- {key.replace('_', ' ')}: {_show(p[key])}")
     names = {"train": "training", "val": "validation", "test": "test", "ood_test": "out-of-domain test"}
     if counts:
         lines += ["", _table(["split", "examples"], [[names.get(k, k), f"{v:,}"] for k, v in counts.items()])]
+    if extra:
+        lines += ["", _extra_data(extra)]
+    return "\n".join(lines)
+
+
+def _extra_data(e: dict) -> str:
+    """What `--extra-data` added to the training split (training/extra_data.py)."""
+    fb = e.get("feedback")
+    lines = ["### Extra data added to training", "",
+             f"{e['added']:,} labelled example(s) added to the training split only (validation and test are the "
+             f"data's own, as in the table above), from `{e['path']}` (sha256 `{e['sha256']}`); of "
+             f"{e['read']:,} read, {e['dropped']['copies_of_held_out']} dropped as copies of held-out examples and "
+             f"{e['dropped']['duplicates']} as repeats."]  # fmt: skip
+    if fb:
+        tags = ", ".join(f"`{t}`" for t in fb.get("model_tags", []))
+        lines.append(f"Source: the feedback queue of `{fb.get('model')}` (predictions of {tags}), exported "
+                     f"{fb.get('exported_at')}.")  # fmt: skip
+    lines += ["", _table(["class", "examples added"], [[k, f"{v:,}"] for k, v in e["by_label"].items()])]
     return "\n".join(lines)
 
 

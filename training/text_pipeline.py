@@ -16,6 +16,7 @@ from servable.explain import Occlusion, probabilities
 from servable.preprocessing import TextPreprocessing, encode_texts, load_tokenizer
 from training import calibration, onnx_tools
 from training.data_text import TextSplits, load_bundled, load_user_file
+from training.extra_data import add_texts
 from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import by_domain, classification_report, domain_table
@@ -199,6 +200,9 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     seed_everything(cfg.seed)
     version, staging = make_run_dir(cfg)
     splits = load_splits(cfg)
+    if cfg.extra_data is not None:  # training split only; the held-out ones stay the data's own
+        extra = add_texts(splits, cfg.extra_data)
+        tqdm.write(f"extra data: {extra['added']} text(s) added to training from {cfg.extra_data}")
     tokenizer, model, history, stopper, stopped, source = fine_tune(cfg, splits)
     metrics, prep = export_and_measure(cfg, model, tokenizer, splits, staging)
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")

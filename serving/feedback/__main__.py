@@ -2,8 +2,11 @@
 
   list [--model M] [--unlabelled]   one line per item (id, model, reason, prediction, label)
   show ID                           the item's metadata and its (scrubbed) text or image path
+  select --model M --count N --out DIR
+                                    a labelling sheet (DIR/labels.csv, empty label column) of N unlabelled
+                                    items, balanced across predicted classes
   label ID LABEL                    set the label of one item
-  import-labels FILE.csv            apply `id,label` rows
+  import-labels FILE.csv            apply `id,label` rows (a filled-in sheet)
   export --model M --out DIR        labelled items as a training set + feedback_provenance.json
   purge                             delete items older than the retention period
 
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 from servable.config import FeedbackSettings
+from serving.feedback import selection
 from serving.feedback.store import FeedbackError, FeedbackStore
 
 
@@ -35,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     show = sub.add_parser("show", help="one item: metadata and content")
     show.add_argument("id")
+    sel = sub.add_parser("select", help="a labelling sheet of unlabelled items, balanced across predicted classes")
+    sel.add_argument("--model", required=True)
+    sel.add_argument("--count", type=int, required=True, help="items on the sheet (round-robin over classes)")
+    sel.add_argument("--out", type=Path, required=True, help="a new folder for labels.csv (and images/)")
     lab = sub.add_parser("label", help="label one item")
     lab.add_argument("id")
     lab.add_argument("label")
@@ -70,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(it.content_path.read_text(encoding="utf-8"))
             else:
                 print(it.content_path)
+        elif args.command == "select":
+            chosen = selection.balanced(store.items(args.model), args.count)
+            sheet = selection.write_sheet(chosen, args.out)
+            counts = ", ".join(f"{k} {v}" for k, v in selection.by_class(chosen).items())
+            print(f"{len(chosen)} item(s) to label in {sheet} (by predicted class: {counts})")
+            print(f"fill in its label column, then: python -m serving.feedback import-labels {sheet}")
         elif args.command == "label":
             it = store.label(args.id, args.label)
             print(f"{it.meta['id']}: {it.meta['label']}")
@@ -80,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             prov = store.export(args.model, args.out)
             where = args.out / prov["file"] if prov["kind"] == "text" else args.out
-            how = "text --data-file" if prov["kind"] == "text" else "image --data-dir"
+            kind, only = ("text", "--data-file") if prov["kind"] == "text" else ("image", "--data-dir")
             print(f"exported {prov['counts']['items']} item(s) to {where}")
-            print(f"train with: python -m training {how} {where}")
+            print(f"add them to the bundled training data: python -m training {kind} --extra-data {args.out}")
+            print(f"or train on them alone: python -m training {kind} {only} {where}")
         elif args.command == "purge":
             print(f"deleted {store.purge()} item(s) older than {store.settings.retention_days:g} days")
     except (FeedbackError, OSError) as exc:

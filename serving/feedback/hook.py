@@ -2,11 +2,13 @@
 
 Header `x-servable-feedback` carries comma-separated tokens: `opt-in` (the caller consents to its
 input being stored for labelling) and `flag` (queue this prediction whatever its confidence, e.g.
-because it looks wrong). An item is queued when the loop is enabled AND the caller opted in AND
-(its top-1 probability is below the threshold OR it is flagged) AND the caller's API key is one the
-operator allows to store (`SERVABLE_FEEDBACK_FLAG_KEYS`: any other key holder cannot make the
-service keep inputs). Anything else stores nothing. The queue is bounded in items, in bytes and per
-item (`FeedbackStore.add`); an item over a bound is dropped and counted, never a failed request.
+because it looks wrong). An item is queued when the loop is enabled AND the caller opted in AND the
+caller's API key is one the operator allows to store (`SERVABLE_FEEDBACK_FLAG_KEYS`: any other key
+holder cannot make the service keep inputs) AND it has a reason: flagged, low-confidence (top-1
+probability below the threshold), sampled (`SERVABLE_FEEDBACK_SAMPLE_SHARE`), or shadow-disagree (the
+shadow lane's candidate answered otherwise: `observe_disagreement`). Anything else stores nothing.
+The queue is bounded in items, in bytes and per item (`FeedbackStore.add`); an item over a bound is
+dropped and counted, never a failed request.
 Low-confidence predictions are counted either way (a drift signal without content).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +26,8 @@ import bentoml
 import numpy as np
 
 from servable.config import FeedbackSettings
-from serving.feedback.store import Dropped, FeedbackStore
+from serving.feedback.store import FLAGGED, SAMPLED, SHADOW_DISAGREE, Dropped, FeedbackStore
+from serving.feedback.store import LOW_CONFIDENCE as LOW_CONFIDENCE_REASON
 from serving.heads import Head
 
 log = logging.getLogger("servable.feedback")
@@ -87,31 +91,66 @@ class FeedbackHook:
         when auth is off). Returns the ids stored. Never raises: feedback must not fail a request that was
         answered."""
         confidence = self.head.confidence(values)  # None: the task has no such measure, only flags count
-        low = np.zeros(len(values), bool) if confidence is None else confidence < self.settings.confidence_threshold
+        low = self._low(confidence, len(values))
         if low.any():
             LOW_CONFIDENCE.labels(model=self.model).inc(int(low.sum()))
         if not self.settings.enabled:
             return []
         consent, flagged = parse_header(headers.get(HEADER))
-        wanted = [i for i in range(len(values)) if (low[i] or flagged) and items[i] is not None]
-        if not wanted:
+        reasons = self._request_reasons(items, low, flagged, consent)
+        return await self._queue(consent, key_name, reasons, items, values, confidence, model_tag)
+
+    async def observe_disagreement(self, headers, items: list, values: np.ndarray, model_tag: str,
+                                   key_name: str | None, rows: list[int]) -> list[str]:  # fmt: skip
+        """The shadow lane's call, after it scored a request: `rows` are those whose candidate answered other
+        than the live model (`values`, the live answer that was sent). Queued with reason `shadow-disagree`
+        under the rules of `observe` (loop on, the caller's opt-in, a key allowed to store); a row the
+        request already queued (low-confidence, flagged or sampled) is not queued twice. Never raises."""
+        if not self.settings.enabled:
+            return []
+        consent, flagged = parse_header(headers.get(HEADER))
+        confidence = self.head.confidence(values)
+        queued = self._request_reasons(items, self._low(confidence, len(values)), flagged, consent)
+        reasons = {i: SHADOW_DISAGREE for i in rows if i not in queued and 0 <= i < len(items) and items[i] is not None}
+        return await self._queue(consent, key_name, reasons, items, values, confidence, model_tag)
+
+    def _low(self, confidence: np.ndarray | None, n: int) -> np.ndarray:
+        return np.zeros(n, bool) if confidence is None else confidence < self.settings.confidence_threshold
+
+    def _request_reasons(self, items: list, low: np.ndarray, flagged: bool, consent: bool) -> dict[int, str]:
+        """Row -> why the request path queues it: the caller's flag, else low confidence, else the sample (drawn
+        from opted-in requests only: no input of another request is even hashed)."""
+        share, out = (self.settings.sample_share if consent else 0.0), {}
+        for i, item in enumerate(items):
+            if item is None:
+                continue
+            if flagged or low[i]:
+                out[i] = FLAGGED if flagged else LOW_CONFIDENCE_REASON
+            elif share > 0 and sampled(item, share):
+                out[i] = SAMPLED
+        return out
+
+    async def _queue(self, consent: bool, key_name: str | None, reasons: dict[int, str], items: list,
+                     values: np.ndarray, confidence: np.ndarray | None, model_tag: str) -> list[str]:  # fmt: skip
+        """Store the candidate rows `reasons` names, only with the caller's consent and an allowed key."""
+        if not reasons:
             return []
         if not consent:
-            FEEDBACK_ITEMS.labels(model=self.model, outcome="no_consent").inc(len(wanted))
+            FEEDBACK_ITEMS.labels(model=self.model, outcome="no_consent").inc(len(reasons))
             return []
         if not self.settings.key_may_store(key_name):  # the key's holder may not make us keep inputs
-            FEEDBACK_ITEMS.labels(model=self.model, outcome="key_not_allowed").inc(len(wanted))
+            FEEDBACK_ITEMS.labels(model=self.model, outcome="key_not_allowed").inc(len(reasons))
             return []
         async with self._lock:
             try:
-                return await asyncio.to_thread(self._store, wanted, items, values, confidence, model_tag, flagged)
+                return await asyncio.to_thread(self._store, reasons, items, values, confidence, model_tag)
             except Exception as exc:  # disk full, permissions: logged by type only, never the content
                 log.warning("feedback item not stored: %s", type(exc).__name__)
-                FEEDBACK_ITEMS.labels(model=self.model, outcome="error").inc(len(wanted))
+                FEEDBACK_ITEMS.labels(model=self.model, outcome="error").inc(len(reasons))
                 return []
 
-    def _store(self, wanted: list[int], items: list, values: np.ndarray, confidence: np.ndarray | None,
-               model_tag: str, flagged: bool) -> list[str]:  # fmt: skip
+    def _store(self, reasons: dict[int, str], items: list, values: np.ndarray, confidence: np.ndarray | None,
+               model_tag: str) -> list[str]:  # fmt: skip
         now = time.time()
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
@@ -120,7 +159,7 @@ class FeedbackHook:
         # Re-read before each batch of writes: other workers and replicas may share the folder.
         size, used = self.store.usage(self.model)
         stored = []
-        for i in wanted:
+        for i, reason in reasons.items():
             if size >= self.settings.max_items:
                 FEEDBACK_ITEMS.labels(model=self.model, outcome="queue_full").inc()
                 continue
@@ -130,7 +169,7 @@ class FeedbackHook:
                     model=self.model, model_tag=model_tag, kind="text" if isinstance(content, str) else "image",
                     content=content, predicted_label=self.head.summary(values[i]),
                     confidence=0.0 if confidence is None else float(confidence[i]),
-                    reason="flagged" if flagged else "low_confidence", now=now, room=self.settings.max_bytes - used,
+                    reason=reason, now=now, room=self.settings.max_bytes - used,
                 )  # fmt: skip
             except Dropped as exc:
                 FEEDBACK_ITEMS.labels(model=self.model, outcome=exc.outcome).inc()
@@ -141,3 +180,10 @@ class FeedbackHook:
         QUEUE_SIZE.labels(model=self.model).set(size)
         QUEUE_BYTES.labels(model=self.model).set(used)
         return stored
+
+
+def sampled(item: str | bytes, share: float) -> bool:
+    """Whether an input is in the `share` sample: by a hash of its content, so a resent input is always in or
+    always out (no second chance of being stored) and the shadow lane can tell it was queued already."""
+    data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") < share * 2**64

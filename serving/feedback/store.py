@@ -29,6 +29,10 @@ from pathlib import Path
 from servable.config import FeedbackSettings
 from serving.feedback.pii import scrub
 
+# Why an item was queued (its sidecar's `reason`). In this order the labelling sheet takes them within a
+# predicted class (serving/feedback/selection.py): a caller's flag first, sampled items last.
+FLAGGED, SHADOW_DISAGREE, LOW_CONFIDENCE, SAMPLED = "flagged", "shadow-disagree", "low-confidence", "sampled"
+REASONS = (FLAGGED, SHADOW_DISAGREE, LOW_CONFIDENCE, SAMPLED)
 PROVENANCE_FILE = "feedback_provenance.json"
 TEXT_EXPORT_FILE = "feedback.csv"
 SUFFIX = {"image": ".png", "text": ".txt"}
@@ -106,6 +110,8 @@ class FeedbackStore:
         when the item is over `max_item_bytes`, or its files would not fit in `room` bytes (the budget left)."""
         if kind not in SUFFIX:
             raise FeedbackError(f"unknown kind {kind!r}")
+        if reason not in REASONS:
+            raise FeedbackError(f"unknown reason {reason!r}; one of {', '.join(REASONS)}")
         now = time.time() if now is None else now
         pii: dict[str, int] = {}
         if kind == "text":
@@ -242,7 +248,8 @@ class FeedbackStore:
         provenance: dict = {"source": "feedback queue", "queue_dir": str(self.root.resolve()), "model": model,
                             "model_tags": sorted({it.meta["model_tag"] for it in labelled}), "kind": kind,
                             "counts": {"items": len(labelled),
-                                       "by_label": dict(Counter(it.meta["label"] for it in labelled))},
+                                       "by_label": dict(Counter(it.meta["label"] for it in labelled)),
+                                       "by_reason": dict(Counter(it.meta.get("reason") for it in labelled))},
                             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
                             "retention_days": self.settings.retention_days}  # fmt: skip
         if kind == "image":
