@@ -53,6 +53,7 @@ COMPOSE_STATE = DEPLOY / "compose.release.json"
 COMPOSE_TARGETS = render.COMPOSE_TARGETS  # the canary's scrape target: <variant>/<kind>-canary.json
 K8S_RELEASE = DEPLOY / "k8s" / "releases" / "canary"
 K8S_BASE_OVERLAY = DEPLOY / "k8s" / "overlays" / "cpu"
+K8S_NAMESPACE = "servable"  # the overlays' (a release's base without one: this)
 
 
 class Refused(RuntimeError):
@@ -234,7 +235,10 @@ def compose_plan(step: str, kind: str, states: dict[str, ModelState], variant: s
 
 def k8s_plan(step: str, kind: str, states: dict[str, ModelState], base: Path) -> Plan:
     rel = os.path.relpath(base, K8S_RELEASE)
-    doc: dict = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [rel],
+    # the component's objects are added here, outside the base's namespace transformer: give them its namespace
+    namespace = yaml.safe_load((base / "kustomization.yaml").read_text()).get("namespace") or K8S_NAMESPACE
+    doc: dict = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": namespace,
+                 "resources": [rel],
                  "components": [], "images": [], "patches": []}  # fmt: skip
     for k, st in states.items():
         e = SERVED_MODELS[k]
@@ -303,7 +307,7 @@ def k8s_plan(step: str, kind: str, states: dict[str, ModelState], base: Path) ->
     plan = Plan([], {K8S_RELEASE / "kustomization.yaml": head + yaml.safe_dump(doc, sort_keys=False, width=200),
                      K8S_RELEASE / "release-state.json": json.dumps({k: v.__dict__ for k, v in states.items()},
                                                                     indent=2) + "\n"})  # fmt: skip
-    out = K8S_RELEASE.relative_to(DEPLOY.parent)
+    out = _shown(K8S_RELEASE)
     plan.commands = [f"kubectl apply -k {out}", f"kubectl -n servable rollout status deployment/servable-{kind}"]
     if states[kind].canary:
         plan.commands.append(f"kubectl -n servable rollout status deployment/{render.k8s_canary_name(kind)}")
@@ -345,6 +349,11 @@ def local_request(stack: Path, request: dict, timeout_s: float) -> None:
 
 
 # ---------------------------------------------------------------- the command
+
+
+def _shown(path: Path) -> Path:
+    """A path as the repository's (the commands run from its root), else as it is."""
+    return path.relative_to(DEPLOY.parent) if path.is_relative_to(DEPLOY.parent) else path
 
 
 def describe(step: str, kind: str, before: ModelState, after: ModelState) -> list[str]:
@@ -421,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in plan.changes:
             print("  " + line)
         for path, text in plan.files.items():
-            print(f"  write {path.relative_to(DEPLOY.parent) if path.is_relative_to(DEPLOY.parent) else path}")
+            print(f"  write {_shown(path)}")
             if args.dry_run:
                 print("".join(f"    | {line}\n" for line in text.splitlines()), end="")
         if args.dry_run:
