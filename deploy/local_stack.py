@@ -605,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"routes:     {routes}\n"
                   f"prometheus: {stack.prometheus_url}\n"
                   f"try:        curl -s --cacert {stack.ca_file} -H 'x-api-key: {key}' <route> ...\n"
+                  f"release:    python -m deploy.release canary|promote|rollback ... --target local --stack {workdir}\n"
                   "Ctrl-C stops everything.", flush=True)  # fmt: skip
             while all(s.proc.poll() is None for s in stack.all_replicas()):
                 stack.handle_request()  # python -m deploy.release --target local --stack <workdir>

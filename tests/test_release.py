@@ -337,3 +337,31 @@ def test_local_canary_share_promote_and_rollback_without_a_failed_request(image_
             for t in threads:
                 t.join(timeout=90)
         assert sent[0] > 20 and not failed, (sent[0], failed[:5])
+
+
+def test_the_k8s_scrape_config_gives_a_canarys_pods_their_models_job():
+    """deploy.md's relabelling (Prometheus anchors its regexes) keeps the canary's pods and names their job as
+    the stable pods' (the per-version rules group by job), and keeps nothing else."""
+    import re
+
+    from tests.test_doc_commands import blocks
+
+    deploy_md = Path(render.DEPLOY.parent / "docs" / "deploy.md")
+    (config,) = [yaml.safe_load(t) for _, lang, _, t in blocks(deploy_md) if lang == "yaml" and "scrape_configs" in t]
+    relabels = [r for r in config["scrape_configs"][0]["relabel_configs"]
+                if r["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]]  # fmt: skip
+
+    def job(name: str) -> str | None:
+        out = None
+        for r in relabels:
+            m = re.fullmatch(r["regex"], name) if "regex" in r else re.fullmatch("(.*)", name)
+            if r.get("action") == "keep":
+                if not m:
+                    return None
+            elif r.get("target_label") == "job" and m:
+                out = m.expand(r.get("replacement", "$1").replace("$", "\\"))
+        return out
+
+    for kind in render.SERVED_MODELS:
+        assert job(f"servable-{kind}") == job(render.k8s_canary_name(kind)) == f"servable-{kind}"
+    assert job("servable-image-shadowy") is None and job("other") is None
