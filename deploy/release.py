@@ -187,7 +187,8 @@ def shadow_env(kind: str, tag: str | None, share: float) -> dict[str, str]:
     return {f"{p}SHADOW_TAG": tag or "", f"{p}SHADOW_SHARE": f"{share:g}" if tag else "0"}
 
 
-def compose_plan(step: str, kind: str, states: dict[str, ModelState], variant: str) -> Plan:
+def compose_plan(step: str, kind: str, states: dict[str, ModelState], variant: str, roll: bool) -> Plan:
+    """The override, the state and the canary's scrape target; `roll`: the stable replicas' settings changed."""
     s = states[kind]
     files = " ".join(
         f"-f {p}"
@@ -226,10 +227,10 @@ def compose_plan(step: str, kind: str, states: dict[str, ModelState], variant: s
             f"{dc} up -d --no-deps {kind}-canary-1   # wait until it is healthy (docker compose ps)",
             f"{dc} up -d --no-deps nginx   # recreated with the new pools: a few seconds without it",
         ]
-    elif step == "shadow":
-        plan.commands = [rollout]
-    else:  # promote, rollback: the stable replicas roll to their tag, then the canary leaves the pool
-        plan.commands = [rollout, f"{dc} up -d --no-deps nginx", f"{dc} rm -sf {kind}-canary-1"]
+    else:  # shadow, promote, rollback: the stable replicas roll to their settings, then a canary leaves the pool
+        plan.commands = [rollout] if roll else []
+        if step != "shadow":
+            plan.commands += [f"{dc} up -d --no-deps nginx", f"{dc} rm -sf {kind}-canary-1"]
     return plan
 
 
@@ -251,18 +252,10 @@ def k8s_plan(step: str, kind: str, states: dict[str, ModelState], base: Path) ->
         }
         if st.image:
             stable["image"] = st.image
-        doc["patches"].append(
-            {
-                "patch": yaml.safe_dump(
-                    {
-                        "apiVersion": "apps/v1",
-                        "kind": "Deployment",
-                        "metadata": {"name": f"servable-{k}"},
-                        "spec": {"template": {"spec": {"containers": [stable]}}},
-                    }
-                )
-            }
-        )
+        if st.image or st.shadow:  # else as the base deploys it (a release overlay's exact tags stay)
+            deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"servable-{k}"},
+                          "spec": {"template": {"spec": {"containers": [stable]}}}}  # fmt: skip
+            doc["patches"].append({"patch": yaml.safe_dump(deployment)})
         if not st.canary:
             continue
         doc["components"].append(os.path.relpath(render.K8S_COMPONENTS / f"canary-{k}", K8S_RELEASE))
@@ -419,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             print("rollback: no figures checked (a roll back is never refused)")
         states = {**states, kind: after}
         if args.target == "compose":
-            plan = compose_plan(args.step, kind, states, args.variant)
+            roll = (before.tag, before.shadow) != (after.tag, after.shadow)
+            plan = compose_plan(args.step, kind, states, args.variant, roll)
         elif args.target == "k8s":
             plan = k8s_plan(args.step, kind, states, args.k8s_base.resolve())
         else:

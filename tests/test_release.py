@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -199,7 +200,30 @@ def test_split_servers_gives_the_canary_its_weight():
 def test_the_k8s_canary_overlay_renders_with_its_weight_image_and_tag(prometheus, out, capsys, tmp_path):
     prometheus.figures = {AGREEMENT: 0.99, TRAFFIC: 1.0, ERRORS: 0.0, P99: 0.1}
     image = f"registry.example.com/servable@{DIGEST}"
-    common = ("--model", "image", "--target", "k8s", "--prometheus", prometheus.url)
+    # the deployed overlay: a release pinning the stable model's exact tag (as deploy/k8s_release.py writes)
+    base = tmp_path / "deployed"
+    base.mkdir()
+    pinned = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "servable-image"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "image",
+                            "env": [{"name": "SERVABLE_IMAGE_SERVE_MODEL_TAG", "value": "fashion-cnn:v7"}],
+                        }
+                    ]
+                }
+            }
+        },
+    }
+    (base / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(release.K8S_BASE_OVERLAY, base)],
+        "patches": [{"patch": yaml.safe_dump(pinned)}]}))  # fmt: skip
+    common = ("--model", "image", "--target", "k8s", "--prometheus", prometheus.url, "--k8s-base", str(base))
     assert _release(capsys, "canary", "--tag", "fashion-cnn:t2", *common)[0] == 2  # no --image: refused
     rc, text = _release(capsys, "canary", "--tag", "fashion-cnn:t2", "--weight", "15", "--image", image, *common)
     assert rc == 0 and "kubectl apply -k" in text, text
@@ -222,7 +246,8 @@ def test_the_k8s_canary_overlay_renders_with_its_weight_image_and_tag(prometheus
     assert ingress["namespace"] == "servable"
     img, env = container(docs[("Deployment", "servable-image-canary")])
     assert img == image and env["SERVABLE_IMAGE_SERVE_MODEL_TAG"] == "fashion-cnn:t2"
-    assert container(docs[("Deployment", "servable-image")])[0] == "servable:cpu"  # the stable one unchanged
+    img, env = container(docs[("Deployment", "servable-image")])  # the stable one as deployed
+    assert img == "servable:cpu" and env["SERVABLE_IMAGE_SERVE_MODEL_TAG"] == "fashion-cnn:v7"
     # the stable Service does not select the canary's pods (else its share would not be the weight)
     selector = docs[("Service", "servable-image")]["spec"]["selector"]
     labels = docs[("Deployment", "servable-image-canary")]["spec"]["template"]["metadata"]["labels"]
@@ -237,7 +262,7 @@ def test_the_k8s_canary_overlay_renders_with_its_weight_image_and_tag(prometheus
     assert not [k for k in docs if k[1].endswith("-canary")]
     assert _release(capsys, "rollback", *common)[0] == 0
     img, env = container(rendered()[("Deployment", "servable-image")])
-    assert img == "servable:cpu" and env["SERVABLE_IMAGE_SERVE_MODEL_TAG"] == "fashion-cnn:latest"
+    assert img == "servable:cpu" and env["SERVABLE_IMAGE_SERVE_MODEL_TAG"] == "fashion-cnn:v7"  # as deployed before
 
 
 # ---------------------------------------------------------------- the local stack, for real
