@@ -87,6 +87,19 @@ def stop_replica(server: launch.Server, crash: bool = False) -> None:
     server.stop(crash=crash)
 
 
+def _children(pid: int) -> set[int]:
+    """The process ids whose parent is `pid` (nginx's workers)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
 def make_self_signed(out: Path) -> Path:
     """A local CA and a server certificate for 127.0.0.1 in `out` (deploy/tls/make_self_signed.sh)."""
     done = subprocess.run(["bash", str(MAKE_CERT), str(out)], capture_output=True, text=True, timeout=60, check=False)
@@ -195,6 +208,13 @@ class LocalStack:
         self.counts |= dict.fromkeys(upstreams or {}, 0)
         self.replicas: dict[str, list[launch.Server]] = {kind: list((upstreams or {}).get(kind, []))
                                                          for kind in SERVED_MODELS}  # fmt: skip
+        # A canary per kind (deploy/release.py): its replicas, tag and share of the pool's requests (percent);
+        # `previous`: the tag a promotion replaced (what a roll back returns to).
+        self.canary: dict[str, list[launch.Server]] = {kind: [] for kind in SERVED_MODELS}
+        self.canary_tags: dict[str, str] = {}
+        self.canary_weight: dict[str, int] = dict.fromkeys(SERVED_MODELS, 0)
+        self.previous: dict[str, str] = {}
+        self.keys_file = self.dir / "api_keys"
         self.rate_limit, self.rate_burst, self.conn_limit = rate_limit, rate_burst, conn_limit
         self.explain_limits = {"explain_rate_limit": explain_rate_limit, "explain_rate_burst": explain_rate_burst}
         self.tls_dir = Path(tls_dir) if tls_dir else self.dir / "tls"  # a mounted real certificate, or generated
@@ -241,32 +261,51 @@ class LocalStack:
 
     def start(self, timeout_s: float = 300.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        keys_file = self.dir / "api_keys"
-        keys_file.write_text("".join(f"{n}:{k}\n" for n, k in self.api_keys.items()))
-        keys_file.chmod(0o600)
+        self.keys_file.write_text("".join(f"{n}:{k}\n" for n, k in self.api_keys.items()))
+        self.keys_file.chmod(0o600)
         # All replicas start at once (on 2 cores they take most of the start-up time) ...
         for kind, count in self.counts.items():
-            entry = SERVED_MODELS[kind]
-            p = entry.env_prefix
-            # One HTTP worker per replica: the stack's 2+2 replicas already share this machine's cores.
-            env = {f"{p}INTRA_OP_THREADS": "1", f"{p}WORKERS": "1", "SERVABLE_AUTH_KEYS": "",
-                   "SERVABLE_AUTH_KEYS_FILE": str(keys_file), **self.extra_env,
-                   f"{p}MODEL_TAG": self.tags[kind]}  # fmt: skip
-            for i in range(count):
-                name = f"{kind}-{i + 1}"
-                # launch.start gives each replica its own BENTOML_HOME (metrics), sharing the model store.
-                server = launch.start(entry.service, env, log_path=self.dir / f"{name}.log", cwd=ROOT)
-                self.replicas[kind].append(server)
+            self.replicas[kind] += self._start_replicas(kind, self.tags[kind], count, wait_s=None)
         # ... and the proxy starts only once all of them are ready (compose: service_healthy).
-        deadline = time.monotonic() + timeout_s
-        for server in self.all_replicas():
-            if not launch.wait_until(server, timeout_s=max(1.0, deadline - time.monotonic())):
-                raise RuntimeError(f"replica {server.url} not ready in {timeout_s:.0f}s:\n{server.log()[-3000:]}")
+        self._wait_ready(self.all_replicas(), timeout_s)
         self._start_nginx()
         self._start_prometheus()
+        self.write_state()
+
+    def _start_replicas(self, kind: str, tag: str, count: int, wait_s: float | None = 300.0,
+                        env: Mapping[str, str] | None = None, name: str = "") -> list[launch.Server]:  # fmt: skip
+        """`count` replicas of `kind` serving `tag` (with `env` on top), ready within wait_s (None: no wait)."""
+        entry = SERVED_MODELS[kind]
+        p = entry.env_prefix
+        # One HTTP worker per replica: the stack's 2+2 replicas already share this machine's cores.
+        env = {f"{p}INTRA_OP_THREADS": "1", f"{p}WORKERS": "1", "SERVABLE_AUTH_KEYS": "",
+               "SERVABLE_AUTH_KEYS_FILE": str(self.keys_file), **self.extra_env, **(env or {}),
+               f"{p}MODEL_TAG": tag}  # fmt: skip
+        servers = []
+        try:
+            for i in range(count):
+                log_name = f"{name or kind}-{i + 1}"
+                while (self.dir / f"{log_name}.log").exists():  # a replaced replica's log stays
+                    log_name += "+"
+                # launch.start gives each replica its own BENTOML_HOME (metrics), sharing the model store.
+                servers.append(launch.start(entry.service, env, log_path=self.dir / f"{log_name}.log", cwd=ROOT))
+            if wait_s is not None:
+                self._wait_ready(servers, wait_s)
+        except BaseException:
+            for server in servers:
+                stop_replica(server)
+            raise
+        return servers
+
+    @staticmethod
+    def _wait_ready(servers: list[launch.Server], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for server in servers:
+            if not launch.wait_until(server, timeout_s=max(1.0, deadline - time.monotonic())):
+                raise RuntimeError(f"replica {server.url} not ready in {timeout_s:.0f}s:\n{server.log()[-3000:]}")
 
     def all_replicas(self) -> list[launch.Server]:
-        return [server for servers in self.replicas.values() for server in servers]
+        return [server for servers in (*self.replicas.values(), *self.canary.values()) for server in servers]
 
     def addresses(self, kind: str, running_only: bool = False) -> list[str]:
         servers = self.replicas.get(kind, [])
@@ -278,18 +317,24 @@ class LocalStack:
         self.nginx = self._nginx("nginx", self.dir, self.proxy_port, self.http_port, self.rate_limit, self.rate_burst)
 
     def _nginx(self, name: str, prefix: Path, https_port: int, http_port: int, rate_limit: str,
-               rate_burst: int, dead: tuple[str, ...] = (), explain_limits: dict | None = None) -> Proc:  # fmt: skip
+               rate_burst: int, dead: tuple[str, ...] = (), explain_limits: dict | None = None,
+               reload: Proc | None = None) -> Proc:  # fmt: skip
         """One nginx from the shared configuration, its rendered config, pid, temp files and logs under
         `prefix`; `dead`: addresses nothing listens on, listed first in each pool, then the running
-        replicas only (one retry then always reaches a live one)."""
+        replicas only (one retry then always reaches a live one). `reload`: that running nginx reads the
+        configuration again instead (graceful: its old workers finish their requests)."""
         pools = {kind: [*dead, *self.addresses(kind, running_only=bool(dead))] for kind in self.replicas}
+        canary = {kind: ([f"127.0.0.1:{s.port}" for s in self.canary[kind]], self.canary_weight[kind])
+                  for kind in self.canary}  # fmt: skip
         values = render.nginx_values(pools, "127.0.0.1", https_port,
                                      str(prefix / "nginx-access.log"), tls_cert=str(self.tls_dir / "server.crt"),
                                      tls_key=str(self.tls_dir / "server.key"), http_port=http_port,
                                      rate_limit=rate_limit, rate_burst=rate_burst,
                                      conn_limit=self.conn_limit,
-                                     **(explain_limits or self.explain_limits))  # fmt: skip
+                                     **(explain_limits or self.explain_limits), canary=canary)  # fmt: skip
         cmd = write_nginx_config(prefix, render.nginx_conf_files(values), _which("nginx"))
+        if reload is not None:
+            return self._reload(reload, cmd)
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
@@ -328,11 +373,148 @@ class LocalStack:
                                               explain))  # fmt: skip
         return f"https://127.0.0.1:{https_port}"
 
+    def _reload(self, nginx: Proc, cmd: list[str]) -> Proc:
+        """nginx -t, then SIGHUP: the master starts workers with the new pools and the old ones stop taking
+        requests and finish those they hold; returns once the old workers have exited (bounded), so that a
+        replica the new pools left out may then be stopped without failing a request."""
+        check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30, check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx -t failed, the running proxy is unchanged:\n{check.stderr}")
+        old = _children(nginx.proc.pid)
+        os.kill(nginx.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while _children(nginx.proc.pid) & old:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx's old workers {sorted(old)} still running 60 s after the reload")
+            time.sleep(0.2)
+        return nginx
+
+    def reload_nginx(self) -> None:
+        """The stack's nginx with the current pools (stable and canary replicas, the canary's weight)."""
+        assert self.nginx is not None
+        self._nginx("nginx", self.dir, self.proxy_port, self.http_port, self.rate_limit, self.rate_burst,
+                    reload=self.nginx)  # fmt: skip
+        self.write_targets(self.dir / "prometheus")
+
+    # ---------------------------------------------------------------- canary, promote, roll back
+
+    def set_canary(self, kind: str, tag: str, weight: int) -> None:
+        """`weight` percent of `kind`'s requests to replicas serving `tag` (as many as the stable ones),
+        started and ready first when none serve it yet; a canary of another tag is replaced."""
+        render.split_servers([], [], weight)  # the weight's bounds, before anything starts
+        if self.canary[kind] and self.canary_tags[kind] != tag:
+            self.set_canary(kind, self.canary_tags[kind], 0)
+            self._retire(kind)
+        if not self.canary[kind]:
+            self.canary[kind] = self._start_replicas(kind, tag, max(1, len(self.replicas[kind])), name=f"{kind}-canary")
+            self.canary_tags[kind] = tag
+        self.canary_weight[kind] = weight
+        self.reload_nginx()
+
+    def _retire(self, kind: str) -> None:
+        """Stop the canary replicas (after a reload that left them out of the pool)."""
+        old, self.canary[kind] = self.canary[kind], []
+        self.canary_tags.pop(kind, None)
+        self.canary_weight[kind] = 0
+        self.reload_nginx()
+        for server in old:
+            stop_replica(server)
+
+    def promote(self, kind: str) -> None:
+        """Every request to the canary's replicas, which then become the stable ones; the old ones stop."""
+        if not self.canary[kind]:
+            raise RuntimeError(f"{kind}: no canary to promote")
+        self.canary_weight[kind] = 100
+        self.reload_nginx()
+        old, self.replicas[kind], self.canary[kind] = self.replicas[kind], self.canary[kind], []
+        self.previous[kind], self.tags[kind] = self.tags[kind], self.canary_tags.pop(kind)
+        self.canary_weight[kind] = 0
+        self.reload_nginx()
+        for server in old:
+            stop_replica(server)
+
+    def rollback(self, kind: str) -> None:
+        """Back to the previous version: a canary stops taking requests and stops; after a promotion,
+        replicas of the tag it replaced start, take every request, and the promoted ones stop."""
+        if self.canary[kind]:
+            self.canary_weight[kind] = 0
+            self._retire(kind)
+        elif kind in self.previous:
+            self.set_canary(kind, self.previous[kind], 100)
+            self.promote(kind)
+        else:
+            raise RuntimeError(f"{kind}: no canary and no promotion to roll back")
+
+    def set_env(self, kind: str, env: Mapping[str, str]) -> None:
+        """Restart `kind`'s stable replicas with `env` on top (e.g. a shadow candidate): new ones start,
+        take the pool, then the old ones stop."""
+        new = self._start_replicas(kind, self.tags[kind], len(self.replicas[kind]), env=env)
+        old, self.replicas[kind] = self.replicas[kind], new
+        self.reload_nginx()
+        for server in old:
+            stop_replica(server)
+
+    # ---------------------------------------------------------------- the release command's requests
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "stack.json"
+
+    @property
+    def request_file(self) -> Path:
+        return self.dir / "release-request.json"
+
+    def write_state(self, **extra) -> None:
+        """stack.json: what `python -m deploy.release --target local --stack <dir>` reads (and waits on)."""
+        models = {kind: {"tag": self.tags[kind], "replicas": self.addresses(kind), "previous": self.previous.get(kind),
+                         "canary": {"tag": self.canary_tags.get(kind), "weight": self.canary_weight[kind],
+                                    "replicas": [f"127.0.0.1:{s.port}" for s in self.canary[kind]]}}
+                  for kind in self.replicas}  # fmt: skip
+        state = {"pid": os.getpid(), "proxy_url": self.proxy_url, "prometheus_url": self.prometheus_url,
+                 "models": models, **extra}  # fmt: skip
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_file)
+
+    def apply(self, step: str, kind: str, tag: str | None = None, weight: int = 0,
+              env: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """One release step (deploy/release.py says what each does)."""
+        if step == "canary":
+            self.set_canary(kind, str(tag), weight)
+        elif step == "promote":
+            self.promote(kind)
+        elif step == "rollback":
+            self.rollback(kind)
+        elif step == "shadow":
+            self.set_env(kind, env or {})
+        else:
+            raise ValueError(f"unknown release step {step!r}")
+
+    def handle_request(self) -> bool:
+        """Apply release-request.json when it holds a request not yet applied; stack.json then names it
+        (`applied`) or says why it failed (`error`). The foreground stack calls this every second."""
+        try:
+            request = json.loads(self.request_file.read_text())
+        except (OSError, ValueError):
+            return False
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        if request.get("id") in (state.get("applied"), state.get("failed")):
+            return False
+        try:
+            self.apply(request["step"], request["kind"], request.get("tag"), int(request.get("weight", 0)),
+                       request.get("env"))  # fmt: skip
+        except Exception as exc:  # the stack keeps serving what it served; the command reports why
+            self.write_state(failed=request.get("id"), error=f"{type(exc).__name__}: {exc}")
+            return True
+        self.write_state(applied=request.get("id"))
+        return True
+
     def write_targets(self, prom_dir: Path) -> None:
         targets = prom_dir / "targets"
         targets.mkdir(parents=True, exist_ok=True)
         for kind in self.replicas:
-            sd = [{"targets": self.addresses(kind), "labels": {"service": kind}}]
+            addresses = [*self.addresses(kind), *(f"127.0.0.1:{s.port}" for s in self.canary[kind])]
+            sd = [{"targets": addresses, "labels": {"service": kind}}]
             (targets / f"{kind}.json").write_text(json.dumps(sd))
         sd = [{"targets": [f"127.0.0.1:{self.prometheus_port}"], "labels": {"service": "prometheus"}}]
         (targets / "prometheus.json").write_text(json.dumps(sd))
@@ -423,8 +605,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"routes:     {routes}\n"
                   f"prometheus: {stack.prometheus_url}\n"
                   f"try:        curl -s --cacert {stack.ca_file} -H 'x-api-key: {key}' <route> ...\n"
+                  f"release:    python -m deploy.release canary|promote|rollback ... --target local --stack {workdir}\n"
                   "Ctrl-C stops everything.", flush=True)  # fmt: skip
             while all(s.proc.poll() is None for s in stack.all_replicas()):
+                stack.handle_request()  # python -m deploy.release --target local --stack <workdir>
                 time.sleep(1)
             print("a replica exited; stopping the stack", file=sys.stderr)
             return 1

@@ -24,10 +24,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+import yaml
 
 from servable.config import SERVED_MODELS, ServedModelEntry
 
@@ -60,9 +63,26 @@ def render_template(text: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def upstream_servers(addresses: list[str], max_fails: int = 3, fail_timeout_s: int = 10) -> str:
+def upstream_servers(addresses: list[str], max_fails: int = 3, fail_timeout_s: int = 10, weight: int = 1) -> str:
     """The `server ...;` lines of one upstream pool (compose passes the same text as an env var)."""
-    return " ".join(f"server {a} max_fails={max_fails} fail_timeout={fail_timeout_s}s;" for a in addresses)
+    w = f" weight={weight}" if weight != 1 else ""
+    return " ".join(f"server {a}{w} max_fails={max_fails} fail_timeout={fail_timeout_s}s;" for a in addresses)
+
+
+def split_servers(stable: list[str], canary: list[str], weight: int) -> tuple[str, str]:
+    """The `server` lines of a model's stable and canary replicas in its one pool, `weight` % of the requests
+    to the canary ones: nginx's weighted round robin gives each server its weight's share, so each stable
+    replica weighs (100 - weight) x len(canary) and each canary one weight x len(stable). A canary replica
+    that fails is skipped like any other (max_fails), and its request retried on another."""
+    if not 0 <= weight <= 100:
+        raise ValueError(f"canary weight {weight}: a percentage, 0 to 100")
+    if not canary or weight == 0:
+        return upstream_servers(stable), ""
+    if not stable or weight == 100:
+        return "", upstream_servers(canary)
+    a, b = (100 - weight) * len(canary), weight * len(stable)
+    g = math.gcd(a, b)
+    return upstream_servers(stable, weight=a // g), upstream_servers(canary, weight=b // g)
 
 
 # Per-API-key limits when nothing else is said (compose: SERVABLE_RATE_LIMIT, SERVABLE_RATE_BURST;
@@ -94,6 +114,12 @@ def upstream_var(kind: str) -> str:
     return f"{_kind_name(kind).upper()}_UPSTREAM_SERVERS"
 
 
+def canary_var(kind: str) -> str:
+    """The placeholder holding the `server ...;` lines of a model's canary replicas, in the same pool
+    (empty unless a canary runs: deploy/release.py)."""
+    return f"{_kind_name(kind).upper()}_CANARY_UPSTREAM_SERVERS"
+
+
 # A pool with no replica (a stack started without one model): nginx refuses an empty upstream, and
 # a `down` server makes its routes answer 502 instead.
 _NO_REPLICA = "server 127.0.0.1:9 down;"
@@ -104,18 +130,23 @@ def nginx_values(upstreams: Mapping[str, list[str]], listen_addr: str, listen_po
                  http_port: int = 8080, https_public_port: int | None = None, rate_limit: str = RATE_LIMIT,
                  rate_burst: int = RATE_BURST, conn_limit: int = CONN_LIMIT,
                  explain_rate_limit: str = EXPLAIN_RATE_LIMIT, explain_rate_burst: int = EXPLAIN_RATE_BURST,
-                 ) -> dict:  # fmt: skip
+                 canary: Mapping[str, tuple[list[str], int]] | None = None) -> dict:  # fmt: skip
     """Values for every placeholder of the nginx templates: each served model's pool (kind ->
-    replica addresses; a kind left out gets none), HTTPS on listen_addr:listen_port, the
+    replica addresses; a kind left out gets none; `canary`: kind -> (canary replica addresses,
+    percent of the requests they get), split_servers), HTTPS on listen_addr:listen_port, the
     redirect-only plain listener on listen_addr:http_port, the certificate, the per-key and
     per-address limits."""
     for rate in (rate_limit, explain_rate_limit):
         if not re.fullmatch(r"[0-9]+r/[sm]", rate):
             raise ValueError(f"rate limit {rate!r} is not nginx's <n>r/s or <n>r/m")
-    unknown = set(upstreams) - set(SERVED_MODELS)
+    unknown = (set(upstreams) | set(canary or {})) - set(SERVED_MODELS)
     if unknown:
         raise KeyError(f"upstreams for {sorted(unknown)}: not in SERVED_MODELS")
-    pools = {upstream_var(kind): upstream_servers(upstreams.get(kind, [])) or _NO_REPLICA for kind in SERVED_MODELS}
+    pools = {}
+    for kind in SERVED_MODELS:
+        stable, canary_servers = split_servers(upstreams.get(kind, []), *(canary or {}).get(kind, ([], 0)))
+        pools[upstream_var(kind)] = stable or ("" if canary_servers else _NO_REPLICA)
+        pools[canary_var(kind)] = canary_servers
     return {
         **pools,
         "LISTEN_ADDR": listen_addr,
@@ -155,8 +186,8 @@ def nginx_models_text() -> str:
     """servable-models.conf.template (nginx's http block): one upstream pool per served model, its
     servers a placeholder filled per environment, and which paths are playground pages."""
     pools = "".join(
-        f"upstream servable_{_kind_name(kind)} {{\n    ${{{upstream_var(kind)}}}\n    keepalive 16;\n"
-        "    keepalive_timeout 4s;\n}\n\n"
+        f"upstream servable_{_kind_name(kind)} {{\n    ${{{upstream_var(kind)}}}\n    ${{{canary_var(kind)}}}\n"
+        "    keepalive 16;\n    keepalive_timeout 4s;\n}\n\n"
         for kind in SERVED_MODELS
     )
     kinds = "|".join(SERVED_MODELS)
@@ -165,7 +196,9 @@ def nginx_models_text() -> str:
             "The placeholders are filled as\n# servable.conf.template's (compose: the nginx image's "
             "envsubst; local stack: deploy/render.py)."
         )
-        + "# Idle connections to the replicas are kept for 4 s: below the replicas' own keep-alive timeout\n"
+        + "# A pool's second line is its canary replicas (weighted: deploy/render.py::split_servers), empty\n"
+        "# unless deploy/release.py runs a canary.\n"
+        "# Idle connections to the replicas are kept for 4 s: below the replicas' own keep-alive timeout\n"
         "# (5 s, BentoML's default), so nginx never sends a request on a connection a replica is closing.\n"
         + pools
         + "# Every service serves its playground page (GET /<kind>/playground, its script and style):\n"
@@ -308,6 +341,13 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                                         "{{model}} {{label}}")]),
     ("Model version served", "short", [("max by (model, tag, variant, provider) (servable_model_info)",
                                         "{{tag}} {{variant}} {{provider}}")]),
+    ("Requests and 5xx ratio per version (canary)", "percentunit", [
+        ("servable:version_errors5xx:ratio_rate5m", "5xx {{job}} {{version}}"),
+        ("servable:version_requests:rate5m / ignoring (version) group_left sum by (job) "
+         "(servable:version_requests:rate5m)", "share of requests {{job}} {{version}}"),
+    ]),
+    ("Latency p99 per version (canary)", "s", [("servable:version_latency_seconds:p99_5m",
+                                                "p99 {{job}} {{version}}")]),
     ("Low-confidence share (drift signal)", "percentunit", [("servable:low_confidence:ratio_rate5m",
                                                              "{{job}} {{model}}")]),
     ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
@@ -651,6 +691,80 @@ def k8s_models() -> dict[Path, object]:
     return {K8S_BASE / f"{kind}.yaml": (lambda k=kind: k8s_model_text(k)) for kind in SERVED_MODELS}
 
 
+# ---------------------------------------------------------------- Kubernetes canary (a kustomize component per model)
+
+K8S_COMPONENTS = DEPLOY / "k8s" / "components"
+K8S_CANARY_IMAGE = "servable-canary"  # the canary Deployment's image name: a release sets it (deploy/release.py)
+CANARY_TRACK = "servable.dev/track"  # the label that tells a canary's objects apart (`kubectl delete -l`)
+
+
+def k8s_canary_name(kind: str) -> str:
+    """The canary's Deployment, Service and pod label app.kubernetes.io/name: not the stable Service's
+    selector (servable-<kind>), which would otherwise send its traffic to the canary's pods as well."""
+    return f"servable-{_kind_name(kind)}-canary"
+
+
+def k8s_canary_docs(kind: str) -> list[dict]:
+    """One model's canary: its Deployment and Service (the base's, renamed, one replica, the image
+    K8S_CANARY_IMAGE) and an ingress-nginx canary Ingress beside each of its Ingresses (same host and
+    paths, to the canary Service, `canary-weight` percent of the requests; 0 until a release sets it)."""
+    name, track = k8s_canary_name(kind), {CANARY_TRACK: "canary"}
+    out = []
+    for doc in yaml.safe_load_all(k8s_model_text(kind)):
+        if doc["kind"] == "Deployment":
+            doc["metadata"]["name"] = name
+            doc["metadata"]["labels"] |= {"app.kubernetes.io/name": name, **track}
+            doc["spec"]["replicas"] = 1
+            doc["spec"]["selector"]["matchLabels"] = {"app.kubernetes.io/name": name}
+            doc["spec"]["template"]["metadata"]["labels"] |= {"app.kubernetes.io/name": name, **track}
+            doc["spec"]["template"]["spec"]["containers"][0]["image"] = K8S_CANARY_IMAGE
+        elif doc["kind"] == "Service":
+            doc["metadata"] |= {"name": name, "labels": {"app.kubernetes.io/name": name, **track}}
+            doc["spec"]["selector"] = {"app.kubernetes.io/name": name}
+        else:
+            continue  # no disruption budget or autoscaler: one replica while the canary lasts
+        out.append(doc)
+    for doc in yaml.safe_load_all(k8s_ingress_text()):
+        if not doc or doc["metadata"]["name"] not in (f"servable-{kind}", f"servable-{kind}-explain"):
+            continue
+        doc["metadata"]["name"] += "-canary"
+        doc["metadata"]["labels"] = dict(track)
+        doc["metadata"]["annotations"] = {
+            "nginx.ingress.kubernetes.io/canary": "true",
+            "nginx.ingress.kubernetes.io/canary-weight": "0",
+            **doc["metadata"]["annotations"],
+        }
+        for rule in doc["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                path["backend"]["service"]["name"] = name
+        out.append(doc)
+    return out
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the Ingress' snippets) as YAML block literals, as the templates write them."""
+
+
+_BlockDumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
+                                                                  style="|" if "\n" in s else None))  # fmt: skip
+
+
+def k8s_canary_texts(kind: str) -> dict[str, str]:
+    """components/canary-<kind>/: kustomization.yaml (kind: Component) and canary.yaml."""
+    head = _generated_head(f"The canary of {kind}: a kustomize component (docs/releasing.md).")
+    return {
+        "kustomization.yaml": head + "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n"
+        "resources:\n  - canary.yaml\n",
+        "canary.yaml": head
+        + "---\n".join(yaml.dump(d, Dumper=_BlockDumper, sort_keys=False, width=120) for d in k8s_canary_docs(kind)),
+    }
+
+
+def k8s_canaries() -> dict[Path, object]:
+    return {K8S_COMPONENTS / f"canary-{kind}" / name: (lambda k=kind, n=name: k8s_canary_texts(k)[n])
+            for kind in SERVED_MODELS for name in ("kustomization.yaml", "canary.yaml")}  # fmt: skip
+
+
 # ---------------------------------------------------------------- compose: generated regions of hand-written files
 
 # compose.yaml, compose.gpu.yaml and compose_prep.sh stay one file each (the same `docker compose -f`
@@ -716,6 +830,7 @@ def compose_regions() -> dict[str, str]:
                        for kind in SERVED_MODELS for name in compose_replicas(kind))  # fmt: skip
     pools = "".join(
         f'      {upstream_var(kind)}: "{upstream_servers([f"{r}:3000" for r in compose_replicas(kind)])}"\n'
+        f'      {canary_var(kind)}: ""\n'  # a canary's replicas: deploy/release.py's override fills it
         for kind in SERVED_MODELS
     )
     healthy = "".join(
@@ -763,7 +878,7 @@ GENERATED = {
 
 def generated() -> dict[Path, object]:
     """Every generated file -> the function writing its text, for the current SERVED_MODELS."""
-    return {**GENERATED, **compose_targets(), **k8s_models()}
+    return {**GENERATED, **compose_targets(), **k8s_models(), **k8s_canaries()}
 
 
 def main(argv: list[str]) -> int:

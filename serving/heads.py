@@ -9,6 +9,7 @@ new task is a new head, not a change to the adapters or the core.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -47,8 +48,8 @@ class Head(ABC):
         """The REST answer's `predictions`, one per row."""
 
     @abstractmethod
-    def observe(self, model: str, values: np.ndarray) -> None:
-        """The prediction metrics of one request."""
+    def observe(self, labels: Mapping[str, str], values: np.ndarray) -> None:
+        """The prediction metrics of one request; `labels`: the model's (`ServedModel.labels`: model, version)."""
 
     def options(self) -> list[Option]:
         """Request options the head reads (merged with the adapter's)."""
@@ -129,11 +130,12 @@ class ClassifierHead(Head):
                  "top_k": [{"label": labels[j], "probability": round(float(p[j]), 6)} for j in row]}
                 for row, p, b in zip(order, values, below, strict=True)]  # fmt: skip
 
-    def observe(self, model: str, values: np.ndarray) -> None:
+    def observe(self, labels: Mapping[str, str], values: np.ndarray) -> None:
         top = values.argmax(1)
+        confidence = metrics.CONFIDENCE.labels(**labels)
         for i, p in zip(top, values[np.arange(len(top)), top], strict=True):
-            metrics.PREDICTIONS.labels(model=model, label=self.labels[i]).inc()
-            metrics.CONFIDENCE.labels(model=model).observe(float(p))
+            metrics.PREDICTIONS.labels(**labels, label=self.labels[i]).inc()
+            confidence.observe(float(p))
 
     def confidence(self, values: np.ndarray) -> np.ndarray:
         return values.max(1)
@@ -174,9 +176,9 @@ class RegressorHead(Head):
                  **({"interval": [round(float(v[1]), 6), round(float(v[2]), 6)]} if self.interval else {})}
                 for v in values]  # fmt: skip
 
-    def observe(self, model: str, values: np.ndarray) -> None:
-        metrics.PREDICTIONS.labels(model=model, label="value").inc(len(values))
-        summary = metrics.REGRESSION_VALUE.labels(model=model)
+    def observe(self, labels: Mapping[str, str], values: np.ndarray) -> None:
+        metrics.PREDICTIONS.labels(**labels, label="value").inc(len(values))
+        summary = metrics.REGRESSION_VALUE.labels(**labels)
         for v in values[:, 0]:
             summary.observe(float(v))
 

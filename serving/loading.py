@@ -75,6 +75,16 @@ class ServedModel:
     def name(self) -> str:
         return self.manifest.name if self.art else self.settings.model_tag.split(":")[0]
 
+    @property
+    def version(self) -> str:
+        """The served tag's version (`latest` resolved), else the configured tag's."""
+        return self.manifest.version if self.art else self.settings.model_tag.partition(":")[2] or "latest"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels of every metric about this model: its name and version (a canary's metrics stand apart)."""
+        return {"model": self.name, "version": self.version}
+
     def warm_up(self, batches: list[Any], run: Callable[[Any], np.ndarray], units: Callable[[Any], int]) -> None:
         """Run each batch once (every shape the batcher can form, serving/adapters/base.py) so that no real
         request pays a shape's first-run cost; within `warmup_budget_s`, logged. The timings seed the batcher's
@@ -95,7 +105,7 @@ class ServedModel:
                 self.warmup_timings.append((sum(units(r) for r in rows), time.perf_counter() - began))
             else:
                 log.info("warm-up: %d shapes in %.2f s", len(batches), time.perf_counter() - start)
-            metrics.MODEL_INFO.labels(model=self.name, tag=self.art.tag, variant=self.variant,
+            metrics.MODEL_INFO.labels(**self.labels, tag=self.art.tag, variant=self.variant,
                                       provider=self.provider).set(1)  # fmt: skip
         except Exception as exc:
             self.error = f"warm-up failed: {type(exc).__name__}: {exc}"
@@ -137,8 +147,8 @@ def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_sessio
             def run(rows) -> np.ndarray:
                 start = time.perf_counter()
                 out = adapter.run(model.session, rows)
-                metrics.MODEL_SECONDS.labels(model=model.name).observe(time.perf_counter() - start)
-                metrics.BATCH_SIZE.labels(model=model.name).observe(len(rows))
+                metrics.MODEL_SECONDS.labels(**model.labels).observe(time.perf_counter() - start)
+                metrics.BATCH_SIZE.labels(**model.labels).observe(len(rows))
                 return out
 
             sizes = warmup_sizes if warmup_sizes is not None else settings.warmup_sizes()

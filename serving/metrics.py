@@ -2,6 +2,8 @@
 
 BentoML's own `bentoml_service_*` metrics (request count, latency, in-progress, adaptive batch
 size) sit beside these on `/metrics`. Names and meaning are documented in docs/serving.md.
+Every metric about the served model carries `model` and `version` (the served tag's version, e.g. `t1`),
+so two versions side by side (a canary, a shadow) are told apart: `ServedModel.labels` gives both.
 """
 
 from __future__ import annotations
@@ -12,61 +14,63 @@ _LATENCY = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 PREPROCESS_SECONDS = bentoml.metrics.Histogram(
     name="servable_preprocess_seconds", documentation="Validation + decoding + pre-processing time per request",
-    labelnames=["model"], buckets=_LATENCY,
+    labelnames=["model", "version"], buckets=_LATENCY,
 )  # fmt: skip
 MODEL_CALL_SECONDS = bentoml.metrics.Histogram(
     name="servable_model_call_seconds",
     documentation="Time a request waits for the model service: batching queue + transport + model run",
-    labelnames=["model"], buckets=_LATENCY,
+    labelnames=["model", "version"], buckets=_LATENCY,
 )  # fmt: skip
 MODEL_CALL_RETRIES = bentoml.metrics.Counter(
     name="servable_model_call_retries_total",
     documentation="Model-service calls retried after a dropped connection or a stuck attempt (front -> model worker)",
-    labelnames=["model"],
+    labelnames=["model", "version"],
 )  # fmt: skip
 MODEL_SECONDS = bentoml.metrics.Histogram(
     name="servable_model_seconds", documentation="ONNX Runtime run time of one batch actually executed",
-    labelnames=["model"], buckets=_LATENCY,
+    labelnames=["model", "version"], buckets=_LATENCY,
 )  # fmt: skip
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="servable_batch_size", documentation="Items in each batch the model ran",
-    labelnames=["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+    labelnames=["model", "version"], buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
 )  # fmt: skip
 QUEUE_WAIT_SECONDS = bentoml.metrics.Histogram(
     name="servable_queue_wait_seconds",
     documentation="Time a request waited in the in-process batcher's queue before its batch ran",
-    labelnames=["model"], buckets=_LATENCY,
+    labelnames=["model", "version"], buckets=_LATENCY,
 )  # fmt: skip
 BATCH_RELEASES = bentoml.metrics.Counter(
     name="servable_batch_releases_total",
     documentation="Batches the in-process batcher released, by reason: queue_empty (it took everything queued "
     "when the model was free) or full (max_batch_size reached, calls left queued)",
-    labelnames=["model", "reason"],
+    labelnames=["model", "version", "reason"],
 )  # fmt: skip
 PADDING_RATIO = bentoml.metrics.Histogram(
     name="servable_padding_ratio", documentation="Share of padded positions in a text batch run by the model",
-    labelnames=["model"], buckets=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
+    labelnames=["model", "version"], buckets=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
 )  # fmt: skip
 PREDICTIONS = bentoml.metrics.Counter(
-    name="servable_predictions_total", documentation="Predictions by top label", labelnames=["model", "label"]
+    name="servable_predictions_total",
+    documentation="Predictions by top label",
+    labelnames=["model", "version", "label"],
 )
 CONFIDENCE = bentoml.metrics.Histogram(
     name="servable_confidence", documentation="Top-1 probability of each prediction",
-    labelnames=["model"], buckets=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+    labelnames=["model", "version"], buckets=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
 )  # fmt: skip
 REGRESSION_VALUE = bentoml.metrics.Summary(
     name="servable_regression_value", documentation="Values a regressor predicted (sum / count: their mean, a drift "
-    "signal)", labelnames=["model"],
+    "signal)", labelnames=["model", "version"],
 )  # fmt: skip
 REJECTED = bentoml.metrics.Counter(
     name="servable_rejected_total", documentation="Requests refused before inference, by reason",
-    labelnames=["model", "reason"],
+    labelnames=["model", "version", "reason"],
 )  # fmt: skip
 MODEL_INFO = bentoml.metrics.Gauge(
     name="servable_model_info", documentation="1 for the model version this replica serves",
-    labelnames=["model", "tag", "variant", "provider"], multiprocess_mode="max",
+    labelnames=["model", "version", "tag", "variant", "provider"], multiprocess_mode="max",
 )  # fmt: skip
 EXPLAIN_SECONDS = bentoml.metrics.Histogram(
     name="servable_explain_seconds", documentation="Time of one explanation: queue wait + its model rows + rendering",
-    labelnames=["model"], buckets=_LATENCY,
+    labelnames=["model", "version"], buckets=_LATENCY,
 )  # fmt: skip

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 
@@ -38,9 +38,10 @@ def dropped(exc: Exception) -> bool:
     )
 
 
-async def call_model(model: str, timeout_s: float, make_call: Callable[[], Awaitable]) -> np.ndarray:
+async def call_model(labels: Mapping[str, str], timeout_s: float, make_call: Callable[[], Awaitable]) -> np.ndarray:
     """Each attempt has its own deadline (`model_call_timeout_s`): a stuck attempt is abandoned and
-    retried, like a dropped one, instead of sitting until the request timeout (a 504)."""
+    retried, like a dropped one, instead of sitting until the request timeout (a 504). `labels`: the
+    model's metric labels (model, version)."""
     for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
         try:
             return np.asarray(await asyncio.wait_for(make_call(), timeout_s))
@@ -49,7 +50,7 @@ async def call_model(model: str, timeout_s: float, make_call: Callable[[], Await
             if (stuck or dropped(exc)) and attempt < MODEL_CALL_ATTEMPTS:
                 if stuck:
                     log.warning("model call attempt %d got no answer within %.1f s; retrying", attempt, timeout_s)
-                metrics.MODEL_CALL_RETRIES.labels(model=model).inc()
+                metrics.MODEL_CALL_RETRIES.labels(**labels).inc()
                 continue
             log.warning("model call failed (attempt %d): %s", attempt, type(exc).__name__)
             raise ModelUnavailable(type(exc).__name__) from exc

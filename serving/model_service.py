@@ -161,7 +161,9 @@ class Replica:
             # The requests' options, made once the artifact is read (top_k's bound is the label count)
             self.options = self.adapter.options()
             self.explain_options = self.adapter.explain_options() if isinstance(self.adapter, Explains) else []
-            self.feedback = FeedbackHook(self.name, self.adapter.head, self.adapter.feedback_content)
+            self.feedback = FeedbackHook(
+                self.name, self.adapter.head, self.adapter.feedback_content, version=self.model.version
+            )
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
         provider = tracing.tracer_provider(adapter_cls.entry.service_name)
@@ -204,7 +206,7 @@ class Replica:
     def decoded(self, timing: RequestTiming) -> None:
         seconds = time.perf_counter() - timing.start
         timing.part("decode", timing.start, seconds)
-        metrics.PREPROCESS_SECONDS.labels(model=self.name).observe(seconds)
+        metrics.PREPROCESS_SECONDS.labels(**self.model.labels).observe(seconds)
 
     async def decode(self, request: Request, timing: RequestTiming) -> Parsed:
         """One REST request's rows and options, validated (per request, before any batch)."""
@@ -222,11 +224,11 @@ class Replica:
         assert self.topology is not None
         start = time.perf_counter()
         scored = await self.topology.score(parsed.rows, timing.deadline)
-        metrics.MODEL_CALL_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
+        metrics.MODEL_CALL_SECONDS.labels(**self.model.labels).observe(time.perf_counter() - start)
         for name, (began, seconds) in scored.parts.items():
             timing.part(name, began, seconds)
         timing.batch_rows, values = scored.batch_rows, scored.values
-        self.adapter.head.observe(self.name, values)
+        self.adapter.head.observe(self.model.labels, values)
         key_name = request.scope.get("state", {}).get("key_name")  # None when auth is off
         await self.feedback.observe(request.headers, parsed.items, values, self.model.art.tag, key_name)  # opt-in
         return values
@@ -253,7 +255,7 @@ class Replica:
                 f"the explanation did not finish within {self.settings.explain_timeout_s:g} s; retry later",
                 {"Retry-After": "2"},
             ) from None
-        metrics.EXPLAIN_SECONDS.labels(model=self.name).observe(time.perf_counter() - start)
+        metrics.EXPLAIN_SECONDS.labels(**self.model.labels).observe(time.perf_counter() - start)
         return {"model": self.model.art.tag, "variant": self.model.variant, **found}
 
     def answer(self, values: np.ndarray, parsed: Parsed) -> dict:
@@ -345,7 +347,7 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
     @app.exception_handler(ServingError)
     async def refused(request: Request, err: ServingError) -> JSONResponse:
         if isinstance(err, ClientError):
-            metrics.REJECTED.labels(model=_replica().name, reason=err.reason).inc()
+            metrics.REJECTED.labels(**_replica().model.labels, reason=err.reason).inc()
         return err.response()
 
     @app.post(entry.route, tags=[entry.kind], summary=docs.summary, description=docs.doc,

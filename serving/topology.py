@@ -60,11 +60,11 @@ class Scored:
 class InProcess:
     def __init__(self, adapter: Adapter, model: ServedModel, run, settings: ServeCommon) -> None:
         size = settings.max_batch_size if settings.batching_enabled() else 1
-        name = model.name
+        labels = model.labels
         released = metrics.BATCH_RELEASES
-        self.queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(model=name)
+        self.queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(**labels)
         self.batcher = Batcher(run, size, settings.max_latency_ms / 1000, units=adapter.cost_units,
-                               on_batch=lambda _, why: released.labels(model=name, reason=why).inc())  # fmt: skip
+                               on_batch=lambda _, why: released.labels(**labels, reason=why).inc())  # fmt: skip
         self.batcher.seed(model.warmup_timings)  # admission's first predictions: the warm-up's batches
         self.model = model
         # Explanations get a child process of their own (serving/explain_process.py says when it starts).
@@ -110,12 +110,12 @@ class InProcess:
 
 class Split:
     def __init__(self, adapter: Adapter, model: ServedModel, client: Any, settings: ServeCommon) -> None:
-        self.adapter, self.name, self.client, self.settings = adapter, model.name, client, settings
+        self.adapter, self.labels, self.client, self.settings = adapter, model.labels, client, settings
 
     async def _call(self, rows: list) -> np.ndarray:
         wire = self.adapter.to_wire(rows)
         try:
-            return await call_model(self.name, self.settings.model_call_timeout_s,
+            return await call_model(self.labels, self.settings.model_call_timeout_s,
                                     lambda: self.client.to_async.predict(wire))  # fmt: skip
         except ModelUnavailable:
             raise Unavailable from None
@@ -138,7 +138,7 @@ class Split:
             wait_s = min(left, self.settings.model_call_timeout_s / 2)
             try:
                 ask = functools.partial(self.client.to_async.explain, rows=wire, wait_s=wait_s)
-                values = await call_model(self.name, self.settings.model_call_timeout_s, ask)
+                values = await call_model(self.labels, self.settings.model_call_timeout_s, ask)
             except ModelUnavailable:
                 raise Unavailable from None
             if len(values) == len(rows):

@@ -575,11 +575,11 @@ def test_stuck_model_call_is_abandoned_and_retried(stuck_attempts):
         return [[0.25, 0.75]]
 
     if stuck_attempts < MODEL_CALL_ATTEMPTS:
-        out = asyncio.run(call_model("stuck-test", 0.2, model_call))
+        out = asyncio.run(call_model({"model": "stuck-test", "version": "t1"}, 0.2, model_call))
         assert len(started) == stuck_attempts + 1 and np.allclose(out, [[0.25, 0.75]])
     else:
         with pytest.raises(ModelUnavailable):
-            asyncio.run(call_model("stuck-test", 0.2, model_call))
+            asyncio.run(call_model({"model": "stuck-test", "version": "t1"}, 0.2, model_call))
         assert len(started) == MODEL_CALL_ATTEMPTS
     assert all(b - a >= 0.2 for a, b in itertools.pairwise(started))
 

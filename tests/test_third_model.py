@@ -110,8 +110,9 @@ def test_info_and_metrics(tabular_server):
     assert info["provider"] == "CPUExecutionProvider"
     _rest(tabular_server, ROWS.tolist())
     metrics = requests.get(tabular_server.url + "/metrics", timeout=10).text
-    assert 'servable_predictions_total{label="value",model="house-price"}' in metrics
-    assert 'servable_regression_value_count{model="house-price"}' in metrics
+    version = info["version"]  # every metric about the model carries its version (a canary's stand apart)
+    assert f'servable_predictions_total{{label="value",model="house-price",version="{version}"}}' in metrics
+    assert f'servable_regression_value_count{{model="house-price",version="{version}"}}' in metrics
     assert f'service_name="{ENTRY.service_name}"' in metrics and f'endpoint="{ENTRY.route}"' in metrics
 
 

@@ -149,7 +149,8 @@ class TextAdapter(Adapter, Explains):
     # ------------------------------------------------------------ predict
     def _run_padded(self, session, ids: list[list[int]]) -> np.ndarray:
         feeds = pad_encodings(ids, [[0] * len(x) for x in ids], self.prep)
-        metrics.PADDING_RATIO.labels(model=self.manifest.name).observe(float(1 - feeds["attention_mask"].mean()))
+        padded = metrics.PADDING_RATIO.labels(model=self.manifest.name, version=self.manifest.version)
+        padded.observe(float(1 - feeds["attention_mask"].mean()))
         return session.run(["logits"], feeds)[0]
 
     def predict(self, session, rows) -> np.ndarray:

@@ -37,21 +37,22 @@ PURGE_EVERY_S = 60.0  # retention is applied on write, at most this often (a pur
 
 LOW_CONFIDENCE = bentoml.metrics.Counter(
     name="servable_low_confidence_total", documentation="Predictions whose top-1 probability is below the "
-    "feedback confidence threshold (a drift signal)", labelnames=["model"],
+    "feedback confidence threshold (a drift signal)", labelnames=["model", "version"],
 )  # fmt: skip
 QUEUE_SIZE = bentoml.metrics.Gauge(
     name="servable_feedback_queue_size", documentation="Items in the labelling queue of a model",
-    labelnames=["model"], multiprocess_mode="livemax",
+    labelnames=["model", "version"], multiprocess_mode="livemax",
 )  # fmt: skip
 QUEUE_BYTES = bentoml.metrics.Gauge(
     name="servable_feedback_queue_bytes", documentation="Bytes of the whole labelling queue folder, as its "
-    "writer last read it (bounded by SERVABLE_FEEDBACK_MAX_BYTES)", labelnames=["model"], multiprocess_mode="livemax",
+    "writer last read it (bounded by SERVABLE_FEEDBACK_MAX_BYTES)", labelnames=["model", "version"],
+    multiprocess_mode="livemax",
 )  # fmt: skip
 FEEDBACK_ITEMS = bentoml.metrics.Counter(
     name="servable_feedback_items_total",
     documentation="Feedback candidates by outcome: stored, no_consent, key_not_allowed, queue_full, bytes_full, "
     "too_large, error",
-    labelnames=["model", "outcome"],
+    labelnames=["model", "version", "outcome"],
 )  # fmt: skip
 
 
@@ -63,17 +64,18 @@ def parse_header(value: str | None) -> tuple[bool, bool]:
 
 class FeedbackHook:
     def __init__(self, model: str, head: Head, content: Callable[[Any], Any],
-                 settings: FeedbackSettings | None = None) -> None:  # fmt: skip
+                 settings: FeedbackSettings | None = None, *, version: str = "") -> None:  # fmt: skip
         """`head` says how sure a prediction is and what it answered; `content` makes a storable item what the
-        queue keeps (text as it is, an image as PNG bytes)."""
+        queue keeps (text as it is, an image as PNG bytes); `version`: the served tag's (the metrics' label)."""
         self.model, self.head, self.content = model, head, content
+        self.labels = {"model": model, "version": version}
         self.settings = settings or FeedbackSettings()
         self.store = FeedbackStore(self.settings)
         self._last_purge = 0.0
         self._lock = asyncio.Lock()  # one writer per process: the size check and purge stay consistent
         # Both series exist from the start (0), so the drift panel and alert have data, not silence.
-        LOW_CONFIDENCE.labels(model=model)
-        QUEUE_SIZE.labels(model=model).set(0)
+        LOW_CONFIDENCE.labels(**self.labels)
+        QUEUE_SIZE.labels(**self.labels).set(0)
         if self.settings.enabled:
             log.info("feedback loop ON for %s: queue %s, threshold %.2f, retention %g days (opt-in only)",
                      model, self.settings.dir, self.settings.confidence_threshold,
@@ -82,7 +84,7 @@ class FeedbackHook:
                 log.warning("feedback loop ON for %s but SERVABLE_FEEDBACK_FLAG_KEYS is empty: no caller may "
                             "store, nothing will be queued", model)  # fmt: skip
             with contextlib.suppress(OSError):  # an unreadable queue shows up on the first write
-                QUEUE_SIZE.labels(model=model).set(self.store.count(model))
+                QUEUE_SIZE.labels(**self.labels).set(self.store.count(model))
 
     async def observe(self, headers, items: list, values: np.ndarray, model_tag: str,
                       key_name: str | None = None) -> list[str]:  # fmt: skip
@@ -93,7 +95,7 @@ class FeedbackHook:
         confidence = self.head.confidence(values)  # None: the task has no such measure, only flags count
         low = self._low(confidence, len(values))
         if low.any():
-            LOW_CONFIDENCE.labels(model=self.model).inc(int(low.sum()))
+            LOW_CONFIDENCE.labels(**self.labels).inc(int(low.sum()))
         if not self.settings.enabled:
             return []
         consent, flagged = parse_header(headers.get(HEADER))
@@ -136,17 +138,17 @@ class FeedbackHook:
         if not reasons:
             return []
         if not consent:
-            FEEDBACK_ITEMS.labels(model=self.model, outcome="no_consent").inc(len(reasons))
+            FEEDBACK_ITEMS.labels(**self.labels, outcome="no_consent").inc(len(reasons))
             return []
         if not self.settings.key_may_store(key_name):  # the key's holder may not make us keep inputs
-            FEEDBACK_ITEMS.labels(model=self.model, outcome="key_not_allowed").inc(len(reasons))
+            FEEDBACK_ITEMS.labels(**self.labels, outcome="key_not_allowed").inc(len(reasons))
             return []
         async with self._lock:
             try:
                 return await asyncio.to_thread(self._store, reasons, items, values, confidence, model_tag)
             except Exception as exc:  # disk full, permissions: logged by type only, never the content
                 log.warning("feedback item not stored: %s", type(exc).__name__)
-                FEEDBACK_ITEMS.labels(model=self.model, outcome="error").inc(len(reasons))
+                FEEDBACK_ITEMS.labels(**self.labels, outcome="error").inc(len(reasons))
                 return []
 
     def _store(self, reasons: dict[int, str], items: list, values: np.ndarray, confidence: np.ndarray | None,
@@ -161,7 +163,7 @@ class FeedbackHook:
         stored = []
         for i, reason in reasons.items():
             if size >= self.settings.max_items:
-                FEEDBACK_ITEMS.labels(model=self.model, outcome="queue_full").inc()
+                FEEDBACK_ITEMS.labels(**self.labels, outcome="queue_full").inc()
                 continue
             content = self.content(items[i])
             try:
@@ -172,13 +174,13 @@ class FeedbackHook:
                     reason=reason, now=now, room=self.settings.max_bytes - used,
                 )  # fmt: skip
             except Dropped as exc:
-                FEEDBACK_ITEMS.labels(model=self.model, outcome=exc.outcome).inc()
+                FEEDBACK_ITEMS.labels(**self.labels, outcome=exc.outcome).inc()
                 continue
             stored.append(item.meta["id"])
             size, used = size + 1, used + item.size
-        FEEDBACK_ITEMS.labels(model=self.model, outcome="stored").inc(len(stored))
-        QUEUE_SIZE.labels(model=self.model).set(size)
-        QUEUE_BYTES.labels(model=self.model).set(used)
+        FEEDBACK_ITEMS.labels(**self.labels, outcome="stored").inc(len(stored))
+        QUEUE_SIZE.labels(**self.labels).set(size)
+        QUEUE_BYTES.labels(**self.labels).set(used)
         return stored
 
 
