@@ -80,20 +80,27 @@ class FeedbackHook:
             with contextlib.suppress(OSError):  # an unreadable queue shows up on the first write
                 QUEUE_SIZE.labels(model=model).set(self.store.count(model))
 
+    def may_store(self, headers, key_name: str | None) -> bool:
+        """Whether this caller's items could be queued at all (the loop on, the caller opted in, its key
+        allowed): a shadow lane keeps a sampled request's items for a later offer only then."""
+        consent = parse_header(headers.get(HEADER))[0]
+        return self.settings.enabled and consent and self.settings.key_may_store(key_name)
+
     async def observe(self, headers, items: list, values: np.ndarray, model_tag: str,
-                      key_name: str | None = None) -> list[str]:  # fmt: skip
+                      key_name: str | None = None, reason: str | None = None) -> list[str]:  # fmt: skip
         """After a successful prediction (`values`, the head's); `items` are the raw inputs (texts or image
         bytes), or None where there is no storable input; `key_name` is the caller's API-key name (None
-        when auth is off). Returns the ids stored. Never raises: feedback must not fail a request that was
-        answered."""
+        when auth is off). `reason` (e.g. `shadow-disagree`, serving/shadow.py): every item is offered for
+        that reason, with the same consent and key checks, and is not counted as a prediction again.
+        Returns the ids stored. Never raises: feedback must not fail a request that was answered."""
         confidence = self.head.confidence(values)  # None: the task has no such measure, only flags count
         low = np.zeros(len(values), bool) if confidence is None else confidence < self.settings.confidence_threshold
-        if low.any():
+        if low.any() and reason is None:
             LOW_CONFIDENCE.labels(model=self.model).inc(int(low.sum()))
         if not self.settings.enabled:
             return []
         consent, flagged = parse_header(headers.get(HEADER))
-        wanted = [i for i in range(len(values)) if (low[i] or flagged) and items[i] is not None]
+        wanted = [i for i in range(len(values)) if (reason or low[i] or flagged) and items[i] is not None]
         if not wanted:
             return []
         if not consent:
@@ -104,14 +111,15 @@ class FeedbackHook:
             return []
         async with self._lock:
             try:
-                return await asyncio.to_thread(self._store, wanted, items, values, confidence, model_tag, flagged)
+                why = reason or ("flagged" if flagged else "low_confidence")
+                return await asyncio.to_thread(self._store, wanted, items, values, confidence, model_tag, why)
             except Exception as exc:  # disk full, permissions: logged by type only, never the content
                 log.warning("feedback item not stored: %s", type(exc).__name__)
                 FEEDBACK_ITEMS.labels(model=self.model, outcome="error").inc(len(wanted))
                 return []
 
     def _store(self, wanted: list[int], items: list, values: np.ndarray, confidence: np.ndarray | None,
-               model_tag: str, flagged: bool) -> list[str]:  # fmt: skip
+               model_tag: str, reason: str) -> list[str]:  # fmt: skip
         now = time.time()
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
@@ -130,7 +138,7 @@ class FeedbackHook:
                     model=self.model, model_tag=model_tag, kind="text" if isinstance(content, str) else "image",
                     content=content, predicted_label=self.head.summary(values[i]),
                     confidence=0.0 if confidence is None else float(confidence[i]),
-                    reason="flagged" if flagged else "low_confidence", now=now, room=self.settings.max_bytes - used,
+                    reason=reason, now=now, room=self.settings.max_bytes - used,
                 )  # fmt: skip
             except Dropped as exc:
                 FEEDBACK_ITEMS.labels(model=self.model, outcome=exc.outcome).inc()
