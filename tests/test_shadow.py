@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import json
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -18,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy import launch
+from deploy import launch, render
 from servable import artifact
 from servable.config import FeedbackSettings, ImageServeSettings
 from serving.feedback.store import FeedbackStore
@@ -126,13 +129,11 @@ def test_shadow_off_leaves_predict_as_it_is_and_counts_nothing(image_server, ima
 # ---------------------------------------------------------------- on: classifier and regressor
 
 
-def test_classifier_shadow_scores_every_row_and_never_changes_answers(image_run, image_server, tmp_path_factory):
-    """Share 1.0, candidate t2 (t1 with two labels swapped): every row scored; agreed = rows whose live label
-    is not a swapped one; the confusion holds each live label against its candidate label; a disagreement is
-    queued for labelling (reason shadow-disagree) for the opted-in caller; the answers are byte for byte the
-    shadow-off server's."""
+@pytest.fixture(scope="module")
+def image_shadow(image_run, tmp_path_factory):
+    """The image model t1 with candidate t2 at share 1.0, one worker, the feedback loop on for the test key
+    (confidence threshold 0: only shadow disagreements are queued)."""
     tag, swapped = _register_swapped(image_run.tag, "t2")
-    live_labels = artifact.load(image_run.tag).manifest.labels
     queue_dir = tmp_path_factory.mktemp("shadow-feedback")
     server = _serve("image", image_run.tag, tmp_path_factory, {
         "SERVABLE_IMAGE_SERVE_SHADOW_TAG": tag, "SERVABLE_IMAGE_SERVE_SHADOW_SHARE": "1.0",
@@ -140,43 +141,101 @@ def test_classifier_shadow_scores_every_row_and_never_changes_answers(image_run,
         "SERVABLE_FEEDBACK_DIR": str(queue_dir), "SERVABLE_FEEDBACK_FLAG_KEYS": "tester",
         "SERVABLE_FEEDBACK_CONFIDENCE_THRESHOLD": "0",
     })  # fmt: skip
+    yield server, tag, swapped, queue_dir
+    server.stop()
+
+
+def test_classifier_shadow_scores_every_row_and_never_changes_answers(image_run, image_server, image_shadow):
+    """Share 1.0, candidate t2 (t1 with two labels swapped): every row scored; agreed = rows whose live label
+    is not a swapped one; the confusion holds each live label against its candidate label; a disagreement is
+    queued for labelling (reason shadow-disagree) for the opted-in caller; the answers are the shadow-off
+    server's, byte for byte. (The module's first test on this server: it counts from zero.)"""
+    server, tag, swapped, queue_dir = image_shadow
+    live_labels = artifact.load(image_run.tag).manifest.labels
+    got: list[str] = []
+    test_y = image_run.splits.test_y
+    # trousers (label 1, swapped) and others, two per request
+    picked = [i for i in range(len(test_y)) if int(test_y[i]) == 1][:6] + [
+        i for i in range(len(test_y)) if int(test_y[i]) not in (0, 1)][:6]  # fmt: skip
+    for a, b in zip(picked[::2], picked[1::2], strict=True):
+        files = [("image", (f"{i}.png", _png(image_run, i), "image/png")) for i in (a, b)]
+        on = requests.post(server.url + "/classify", files=files, headers=OPT_IN, timeout=60)
+        off = requests.post(image_server.url + "/classify", files=files, headers=OPT_IN, timeout=60)
+        assert on.status_code == off.status_code == 200, on.text
+        assert on.json() == off.json()
+        got += [p["label"] for p in on.json()["predictions"]]
+    rows = len(got)
+    labels = {"model": "fashion-cnn", "version": "t1", "candidate": "t2"}
+    done = wait_for(lambda: _total(_metrics(server), "servable_shadow_scored_total", **labels) == rows, 60)
+    samples = _metrics(server)
+    assert done, [s for s in samples if s.name.startswith("servable_shadow")]
+    swap = dict(zip(live_labels, swapped, strict=True))
+    disagree = sum(swap[lab] != lab for lab in got)
+    assert 0 < disagree < rows, got  # both outcomes happen, else the test proves less
+    assert _total(samples, "servable_shadow_agreed_total", **labels) == rows - disagree
+    assert _total(samples, "servable_shadow_dropped_total", **labels) == 0
+    assert _total(samples, "servable_shadow_abs_diff_count", **labels) == len(picked) // 2
+    assert _total(samples, "servable_shadow_latency_seconds_count", **labels) >= 1
+    for lab in set(got):
+        n = _total(samples, "servable_shadow_confusion_total", **labels, live_label=lab, candidate_label=swap[lab])
+        assert n == got.count(lab), lab
+    assert _total(samples, "servable_shadow_confusion_total", **labels) == rows
+    assert not [s for s in samples if s.name == "servable_model_info" and s.labels["tag"] == tag]  # not served
+    store = FeedbackStore(FeedbackSettings(dir=queue_dir))
+    assert wait_for(lambda: len(store.items("fashion-cnn")) >= disagree, 30)
+    items = [i.meta for i in store.items("fashion-cnn")]
+    assert sorted(m["predicted_label"] for m in items) == sorted(lab for lab in got if swap[lab] != lab)
+    assert {m["reason"] for m in items} == {"shadow-disagree"}
+
+
+def _prometheus(tmp_path: Path, target: str, job: str) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus scraping `target` every second as `job`, with the rules deploy/render.py generates."""
+    rules = tmp_path / "rules.yml"
+    rules.write_text(render.GENERATED[render.RULES_YML]())
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
+              "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}]}  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = launch.free_port()
+    cmd = [shutil.which("prometheus") or "/usr/bin/prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+           f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _query(url: str, expr: str) -> list[dict]:
     try:
-        got: list[str] = []
-        test_y = image_run.splits.test_y
-        # trousers (label 1, swapped) and others, two per request
-        picked = [i for i in range(len(test_y)) if int(test_y[i]) == 1][:6] + [
-            i for i in range(len(test_y)) if int(test_y[i]) not in (0, 1)][:6]  # fmt: skip
-        for a, b in zip(picked[::2], picked[1::2], strict=True):
-            files = [("image", (f"{i}.png", _png(image_run, i), "image/png")) for i in (a, b)]
-            on = requests.post(server.url + "/classify", files=files, headers=OPT_IN, timeout=60)
-            off = requests.post(image_server.url + "/classify", files=files, headers=OPT_IN, timeout=60)
-            assert on.status_code == off.status_code == 200, on.text
-            assert on.json() == off.json()
-            got += [p["label"] for p in on.json()["predictions"]]
-        rows = len(got)
-        labels = {"model": "fashion-cnn", "version": "t1", "candidate": "t2"}
-        done = wait_for(lambda: _total(_metrics(server), "servable_shadow_scored_total", **labels) == rows, 60)
-        samples = _metrics(server)
-        assert done, [s for s in samples if s.name.startswith("servable_shadow")]
-        swap = dict(zip(live_labels, swapped, strict=True))
-        disagree = sum(swap[lab] != lab for lab in got)
-        assert 0 < disagree < rows, got  # both outcomes happen, else the test proves less
-        assert _total(samples, "servable_shadow_agreed_total", **labels) == rows - disagree
-        assert _total(samples, "servable_shadow_dropped_total", **labels) == 0
-        assert _total(samples, "servable_shadow_abs_diff_count", **labels) == len(picked) // 2
-        assert _total(samples, "servable_shadow_latency_seconds_count", **labels) >= 1
-        for lab in set(got):
-            n = _total(samples, "servable_shadow_confusion_total", **labels, live_label=lab, candidate_label=swap[lab])
-            assert n == got.count(lab), lab
-        assert _total(samples, "servable_shadow_confusion_total", **labels) == rows
-        assert not [s for s in samples if s.name == "servable_model_info" and s.labels["tag"] == tag]  # not served
-        store = FeedbackStore(FeedbackSettings(dir=queue_dir))
-        assert wait_for(lambda: len(store.items("fashion-cnn")) >= disagree, 30)
-        items = [i.meta for i in store.items("fashion-cnn")]
-        assert sorted(m["predicted_label"] for m in items) == sorted(lab for lab in got if swap[lab] != lab)
-        assert {m["reason"] for m in items} == {"shadow-disagree"}
+        r = requests.get(url + "/api/v1/query", params={"query": expr}, timeout=10)
+    except requests.ConnectionError:
+        return []  # not listening yet
+    assert r.status_code == 200, (expr, r.text)
+    return r.json()["data"]["result"]
+
+
+def test_shadow_rules_alert_and_dashboard_read_a_shadowing_replica(image_run, image_shadow, tmp_path):
+    """The generated agreement rule, the alert's signal and every shadow panel of the dashboard return data from
+    a real Prometheus scraping the shadowing replica (the local stack runs no shadow); the agreement is the
+    ratio of the replica's own counters."""
+    server = image_shadow[0]
+    shadow_exprs = [e for e in render.dashboard_exprs() if "servable_shadow" in e or "servable:shadow" in e]
+    alert = "servable:shadow_agreement:ratio_rate5m"
+    rules = render.GENERATED[render.RULES_YML]()
+    assert len(shadow_exprs) >= 6 and f"expr: {alert} < " in rules
+    proc, url = _prometheus(tmp_path, server.url.removeprefix("http://"), "servable-image")
+    files = [("image", (f"{i}.png", _png(image_run, i), "image/png")) for i in range(4)]
+    try:
+        missing, deadline = [alert, *shadow_exprs], time.monotonic() + 90
+        while missing and time.monotonic() < deadline:
+            assert requests.post(server.url + "/classify", files=files, headers=KEY, timeout=60).ok
+            time.sleep(0.5)
+            missing = [e for e in missing if not _query(url, e)]
+        assert not missing, (missing, (tmp_path / "prometheus.log").read_text()[-2000:])
+        (ratio,) = _query(url, alert)
+        assert ratio["metric"] == {"__name__": alert, "model": "fashion-cnn", "version": "t1", "candidate": "t2"}
+        assert 0 <= float(ratio["value"][1]) <= 1
     finally:
-        server.stop()
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_regressor_shadow_reports_the_candidates_error(tmp_path_factory):
