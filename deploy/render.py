@@ -306,6 +306,26 @@ def selector_values() -> dict[str, str]:
 # ---------------------------------------------------------------- Grafana dashboard
 
 
+_SHADOW_BY = "sum by (model, version, candidate)"
+_SHADOW_LEGEND = "{{model}} {{version}} vs {{candidate}}"
+SHADOW_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Shadow: candidate agreement with the live answers", "percentunit", [
+        ("servable:shadow_agreement:ratio_rate5m", _SHADOW_LEGEND)]),
+    ("Shadow: mean absolute score difference (regressor: its error)", "short", [
+        (f"{_SHADOW_BY} (rate(servable_shadow_abs_diff_sum[5m])) "
+         f"/ {_SHADOW_BY} (rate(servable_shadow_abs_diff_count[5m]))", _SHADOW_LEGEND)]),
+    ("Shadow: rows scored and dropped", "reqps", [
+        (f"{_SHADOW_BY} (rate(servable_shadow_scored_total[1m]))", "scored " + _SHADOW_LEGEND),
+        (f"{_SHADOW_BY} (rate(servable_shadow_dropped_total[1m]))", "dropped " + _SHADOW_LEGEND)]),
+    ("Shadow: candidate run time per batch (p50 / p99)", "s", [
+        (f"histogram_quantile({q}, sum by (model, version, candidate, le) "
+         "(rate(servable_shadow_latency_seconds_bucket[5m])))", f"p{int(q * 100)} {_SHADOW_LEGEND}")
+        for q in (0.5, 0.99)]),
+    ("Shadow: live vs candidate label (classifiers)", "reqps", [
+        ("sum by (model, candidate, live_label, candidate_label) (rate(servable_shadow_confusion_total[5m]))",
+         "{{model}} {{live_label}} -> {{candidate}} {{candidate_label}}")]),
+]  # fmt: skip
+
 # (title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written. ${NAME}
 # placeholders are the served models' selectors (selector_values), filled when the dashboard is written.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
@@ -352,6 +372,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                                                              "{{job}} {{model}}")]),
     ("Feedback queue size (opt-in items to label)", "short", [("max by (model) (servable_feedback_queue_size)",
                                                                "{{model}}")]),
+    # Shadow scoring (serving/shadow.py): series only where a replica runs a candidate.
+    *SHADOW_PANELS,
 ]  # fmt: skip
 
 

@@ -338,6 +338,43 @@ class ServeCommon(BaseSettings):
         "0 = same priority.",
     )
 
+    # Shadow scoring (serving/shadow.py): a candidate version scores a share of the live requests' rows off
+    # the request path; the answers stay the live model's.
+    shadow_tag: str = Field(
+        "",
+        description="Shadow scoring: the candidate's model-store tag (name:version), loaded and verified beside the "
+        "served model; it must declare the same inputs and pre-processing (else the replica never becomes ready). "
+        "Empty: off.",
+    )
+    shadow_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Shadow scoring: share of live requests whose rows the candidate also scores, in a low-priority "
+        "thread after the answer's prediction. 0: off (the candidate is not loaded, the request path is unchanged).",
+    )
+    shadow_queue: int = Field(
+        64, ge=1, description="Shadow scoring: sampled requests waiting for the candidate; when full, dropped, counted."
+    )
+    shadow_tolerance: float = Field(
+        0.05,
+        ge=0,
+        description="Shadow scoring of a regressor: the candidate agrees when its value is within this share of the "
+        "live value (classifiers agree on the top label).",
+    )
+
+    def shadow_on(self) -> bool:
+        return self.shadow_share > 0
+
+    @model_validator(mode="after")
+    def _shadow_is_servable(self) -> ServeCommon:
+        if self.shadow_on() and not self.shadow_tag:
+            raise ValueError("shadow_share > 0 needs shadow_tag: the candidate version to score")
+        if self.shadow_on() and self.resolved_topology() == "split":
+            raise ValueError("shadow scoring runs in the in-process topology only (the split topology's HTTP "
+                             "workers hold no model): set shadow_share 0 or topology inprocess")  # fmt: skip
+        return self
+
     def on_gpu(self) -> bool:
         """The model is meant for a GPU: device cuda, or auto with an NVIDIA device present."""
         return self.device == "cuda" or (self.device == "auto" and gpu_present())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A shadow candidate's prediction of one request's rows against the live one (serving/shadow.py)."""
+
+    agreed: np.ndarray  # per row: the candidate's answer agrees with the live answer
+    abs_diff: float  # mean absolute difference of the scores, over the request's rows
+    pairs: list[tuple[str, str]]  # per row (live, candidate) top label; empty for a task without labels
 
 
 class Head(ABC):
@@ -50,6 +60,11 @@ class Head(ABC):
     @abstractmethod
     def observe(self, labels: Mapping[str, str], values: np.ndarray) -> None:
         """The prediction metrics of one request; `labels`: the model's (`ServedModel.labels`: model, version)."""
+
+    @abstractmethod
+    def compare(self, live: np.ndarray, candidate_head: Head, candidate: np.ndarray, tolerance: float) -> Comparison:
+        """How a shadow candidate's prediction of the same rows (`candidate`, from `candidate_head`) compares with
+        this head's `live` one, by this head's own answer; `tolerance` is the setting `shadow_tolerance`."""
 
     def options(self) -> list[Option]:
         """Request options the head reads (merged with the adapter's)."""
@@ -140,6 +155,20 @@ class ClassifierHead(Head):
     def confidence(self, values: np.ndarray) -> np.ndarray:
         return values.max(1)
 
+    def compare(self, live: np.ndarray, candidate_head: Head, candidate: np.ndarray, tolerance: float) -> Comparison:
+        """Agreement of the top label (by name: a candidate may order or extend its labels differently); the
+        probabilities' mean absolute difference over the union of both label sets (a label one side lacks is 0
+        there); `tolerance` is not used."""
+        theirs = candidate_head.labels
+        names = self.labels + [lab for lab in theirs if lab not in self.labels]
+        column = {lab: j for j, lab in enumerate(names)}
+        ours, other = np.zeros((len(live), len(names))), np.zeros((len(live), len(names)))
+        ours[:, : len(self.labels)] = live
+        other[:, [column[lab] for lab in theirs]] = candidate
+        pairs = [(self.labels[i], theirs[j]) for i, j in zip(live.argmax(1), candidate.argmax(1), strict=True)]
+        agreed = np.array([a == b for a, b in pairs], bool)
+        return Comparison(agreed, float(np.abs(ours - other).mean()), pairs)
+
     def summary(self, row: np.ndarray) -> str:
         return self.labels[int(row.argmax())]
 
@@ -184,3 +213,9 @@ class RegressorHead(Head):
 
     def summary(self, row: np.ndarray) -> str:
         return f"{float(row[0]):.6g}"
+
+    def compare(self, live: np.ndarray, candidate_head: Head, candidate: np.ndarray, tolerance: float) -> Comparison:
+        """The value's absolute error against the live value (its mean over the rows); a row agrees when that
+        error is at most `tolerance` times the live value's size."""
+        error = np.abs(candidate[:, 0].astype(np.float64) - live[:, 0])
+        return Comparison(error <= tolerance * np.abs(live[:, 0]), float(error.mean()), [])

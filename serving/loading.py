@@ -41,8 +41,10 @@ def resolve_variant(settings: ServeCommon, manifest: artifact.ModelManifest) -> 
 class ServedModel:
     """The artifact (manifest + files), and for model workers the ONNX Runtime session."""
 
-    def __init__(self, settings: ServeCommon, task: str, *, with_session: bool) -> None:
-        self.settings, self.task = settings, task
+    def __init__(self, settings: ServeCommon, task: str, *, with_session: bool, serves: bool = True) -> None:
+        """`serves` False: a shadow candidate (serving/shadow.py), scored beside the served model but never
+        announced as the version this replica serves (servable_model_info)."""
+        self.settings, self.task, self.serves = settings, task, serves
         self.art: artifact.Artifact | None = None
         self.session = None
         self.provider = "none"
@@ -105,8 +107,9 @@ class ServedModel:
                 self.warmup_timings.append((sum(units(r) for r in rows), time.perf_counter() - began))
             else:
                 log.info("warm-up: %d shapes in %.2f s", len(batches), time.perf_counter() - start)
-            metrics.MODEL_INFO.labels(**self.labels, tag=self.art.tag, variant=self.variant,
-                                      provider=self.provider).set(1)  # fmt: skip
+            if self.serves:
+                metrics.MODEL_INFO.labels(**self.labels, tag=self.art.tag, variant=self.variant,
+                                          provider=self.provider).set(1)  # fmt: skip
         except Exception as exc:
             self.error = f"warm-up failed: {type(exc).__name__}: {exc}"
             log.error("model %s NOT ready: %s", self.settings.model_tag, self.error)
@@ -133,12 +136,13 @@ class ServedModel:
 
 
 def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_session: bool,
-               warmup_sizes: list[int] | None = None):  # fmt: skip
+               warmup_sizes: list[int] | None = None, serves: bool = True):  # fmt: skip
     """(adapter, model, run): the verified artifact read by the adapter; with a session, the timed batch
     function, warmed up before the process reports ready (else run is None): `warmup_sizes` batch sizes, by
-    default the settings' (every size the batcher forms, and the adapter's other shapes)."""
+    default the settings' (every size the batcher forms, and the adapter's other shapes). `serves`: as
+    ServedModel's."""
     adapter = adapter_cls(settings)
-    model = ServedModel(settings, adapter_cls.task, with_session=with_session)
+    model = ServedModel(settings, adapter_cls.task, with_session=with_session, serves=serves)
     run = None
     if model.ready:
         adapter.load(model.art)

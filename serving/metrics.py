@@ -74,3 +74,35 @@ EXPLAIN_SECONDS = bentoml.metrics.Histogram(
     name="servable_explain_seconds", documentation="Time of one explanation: queue wait + its model rows + rendering",
     labelnames=["model", "version"], buckets=_LATENCY,
 )  # fmt: skip
+
+# Shadow scoring (serving/shadow.py): a candidate version's predictions of sampled live rows. Rows (items) are
+# counted; `version` is the served (live) version, `candidate` the candidate's.
+_SHADOW = ["model", "version", "candidate"]
+SHADOW_SCORED = bentoml.metrics.Counter(
+    name="servable_shadow_scored_total", documentation="Live rows the shadow candidate scored", labelnames=_SHADOW
+)
+SHADOW_AGREED = bentoml.metrics.Counter(
+    name="servable_shadow_agreed_total",
+    documentation="Shadow-scored rows whose candidate answer agrees with the live one (classifier: the top label; "
+    "regressor: the value within shadow_tolerance of the live value)",
+    labelnames=_SHADOW,
+)  # fmt: skip
+SHADOW_DROPPED = bentoml.metrics.Counter(
+    name="servable_shadow_dropped_total",
+    documentation="Sampled rows the candidate did not score: its queue was full (or its run failed)",
+    labelnames=_SHADOW,
+)  # fmt: skip
+SHADOW_ABS_DIFF = bentoml.metrics.Histogram(
+    name="servable_shadow_abs_diff",
+    documentation="Per shadow-scored request, the mean absolute difference of the candidate's scores from the live "
+    "ones (classifier: probabilities; regressor: the value, its error)",
+    labelnames=_SHADOW, buckets=[0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5],
+)  # fmt: skip
+SHADOW_LATENCY_SECONDS = bentoml.metrics.Histogram(
+    name="servable_shadow_latency_seconds", documentation="ONNX Runtime run time of one batch of the shadow candidate",
+    labelnames=_SHADOW, buckets=_LATENCY,
+)  # fmt: skip
+SHADOW_CONFUSION = bentoml.metrics.Counter(
+    name="servable_shadow_confusion_total", documentation="Shadow-scored rows of a classifier by (live, candidate) "
+    "top label", labelnames=[*_SHADOW, "live_label", "candidate_label"],
+)  # fmt: skip

@@ -49,6 +49,7 @@ from serving.loading import load_model
 from serving.path_labels import RestorePath, known_paths
 from serving.playground import playground_routes
 from serving.request_timing import RequestTiming
+from serving.shadow import Shadow, ShadowRefused
 from serving.topology import InProcess, Split
 from serving.tracing import RequestSpans
 
@@ -147,7 +148,7 @@ def model_service(adapter_cls: type[Adapter], settings: ServeCommon):
 
 class Replica:
     """The verified artifact, the adapter over its head, the topology (in-process or split), the explain
-    queue and the feedback hook of one HTTP worker."""
+    queue, the feedback hook and the shadow candidate (where one is set) of one HTTP worker."""
 
     def __init__(self, adapter_cls: type[Adapter], settings: ServeCommon, model_client=None) -> None:
         self.settings = settings
@@ -157,6 +158,13 @@ class Replica:
         self.decoding = DecodePool(settings.decode_threads, settings.decode_timeout_s)
         self.explain_queue = ExplainQueue(settings.explain_max_concurrency, settings.explain_max_queue,
                                           settings.explain_timeout_s)  # fmt: skip
+        self.shadow: Shadow | None = None
+        if self.model.ready and settings.shadow_on():  # a candidate scored beside the model (serving/shadow.py)
+            try:
+                self.shadow = Shadow(adapter_cls, settings, self.adapter, self.model)
+            except ShadowRefused as exc:  # never serves without the shadow it was told to run
+                self.model.error = str(exc)
+                log.error("replica stays un-ready: %s", exc)
         if self.model.ready:
             # The requests' options, made once the artifact is read (top_k's bound is the label count)
             self.options = self.adapter.options()
@@ -166,6 +174,8 @@ class Replica:
             )
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
+            if self.shadow is not None:  # share 0: predict stays the method below, untouched
+                self.predict = self.shadow.around(self.predict, self.feedback)  # type: ignore[method-assign]
         provider = tracing.tracer_provider(adapter_cls.entry.service_name)
         manifest = self.model.manifest if self.model.ready else None
         self.spans = None if provider is None or manifest is None else RequestSpans(provider, manifest.name,
@@ -276,6 +286,8 @@ class Replica:
     def stop(self) -> None:
         if self.topology is not None:
             self.topology.stop()
+        if self.shadow is not None:
+            self.shadow.stop()
         self.decoding.close()
         self.adapter.close()
 

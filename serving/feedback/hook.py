@@ -86,6 +86,12 @@ class FeedbackHook:
             with contextlib.suppress(OSError):  # an unreadable queue shows up on the first write
                 QUEUE_SIZE.labels(**self.labels).set(self.store.count(model))
 
+    def may_store(self, headers, key_name: str | None) -> bool:
+        """Whether this caller's items could be queued at all (the loop on, the caller opted in, its key
+        allowed): a shadow lane keeps a sampled request's items for a later offer only then."""
+        consent = parse_header(headers.get(HEADER))[0]
+        return self.settings.enabled and consent and self.settings.key_may_store(key_name)
+
     async def observe(self, headers, items: list, values: np.ndarray, model_tag: str,
                       key_name: str | None = None) -> list[str]:  # fmt: skip
         """After a successful prediction (`values`, the head's); `items` are the raw inputs (texts or image
