@@ -194,8 +194,9 @@ class BodyLimitMiddleware:
     """Request-size limit and body-read timeout, enforced before the app sees the body.
 
     The body is read here, up to the limit, and replayed to the app: a declared Content-Length over
-    the limit is refused before reading, a chunked upload is cut off as soon as it passes it (413),
-    and a body that stops arriving for BODY_TIMEOUT_S is answered 408 and the connection closed.
+    the limit is refused before reading, a chunked upload is cut off as soon as it passes it (413,
+    the connection closed: the rest of the body is not read), and a body that stops arriving for
+    BODY_TIMEOUT_S is answered 408 and the connection closed.
     """
 
     def __init__(self, app, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
@@ -208,7 +209,8 @@ class BodyLimitMiddleware:
         message = f"request body larger than the limit of {self.limit} bytes"
         for k, v in scope.get("headers", []):
             if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                await send_error(send, 413, "body_too_large", message)
+                # the body is still coming: close, or the connection reads (and drops) all of it
+                await send_error(send, 413, "body_too_large", message, CLOSE)
                 return
         chunks, size = [], 0
         while True:
@@ -222,7 +224,7 @@ class BodyLimitMiddleware:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await send_error(send, 413, "body_too_large", message)
+                await send_error(send, 413, "body_too_large", message, CLOSE)
                 return
             if not msg.get("more_body", False):
                 break

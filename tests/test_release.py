@@ -296,7 +296,7 @@ def test_local_canary_share_promote_and_rollback_without_a_failed_request(image_
     from it; roll back: all from the old one; traffic all along, and not one request failed."""
     from deploy.local_stack import LocalStack
 
-    old, new = image_run.tag, _second_version(image_run.tag, "t2", tmp_path)
+    old, new = image_run.tag, _second_version(image_run.tag, "canary2", tmp_path)  # t2: test_shadow's candidate
     stack = LocalStack(tmp_path / "stack", api_keys={"tester": API_KEY}, tags={"image": old},
                        replicas_per_kind={"image": 1, "text": 0}, rate_limit="1000r/s", rate_burst=1000,
                        extra_env={"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", **UNTHROTTLED_AUTH})  # fmt: skip
@@ -346,7 +346,7 @@ def test_local_canary_share_promote_and_rollback_without_a_failed_request(image_
             assert json.loads((stack.dir / "stack.json").read_text())["models"]["image"]["canary"]["weight"] == 30
             # promote checks the canary's own figures in the stack's Prometheus (the per-version rules) ...
             ready = wait_for(lambda: release.query(stack.prometheus_url, "servable:version_latency_seconds:p99_5m"
-                                                   '{job="servable-image", version="t2"}'), 90, 1)  # fmt: skip
+                                                   '{job="servable-image", version="canary2"}'), 90, 1)  # fmt: skip
             assert ready, "no per-version p99 for the canary in Prometheus"
             rc, text = _release(capsys, "promote", "--model", "image", "--target", "local", "--stack",
                                 str(stack.dir), "--max-p99", "0.000001")  # fmt: skip
