@@ -379,10 +379,14 @@ def open_loop_point(model: str, config: str, base_url: str, data, fmt: str, rate
 LENGTH_BUCKETS_OFF = "served default, length buckets off"
 TIMING_OFF = "served default, timing headers off"
 TRACING_ON = "served default, tracing on"
+SHADOW_ON = "served default, shadow 10%"
 
 
-def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str = "image") -> dict[str, dict[str, str]]:
-    """Label -> SERVABLE_<MODEL>_SERVE_ settings (without the prefix) of each served configuration."""
+def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str = "image",
+                   tag: str = "") -> dict[str, dict[str, str]]:  # fmt: skip
+    """Label -> SERVABLE_<MODEL>_SERVE_ settings (without the prefix) of each served configuration; `tag`: the
+    served model's, also the shadow candidate of SHADOW_ON (the same model: the candidate costs what the live
+    model does)."""
 
     def cpu(topology: str, variant: str, batching: bool) -> dict[str, str]:
         return {"TOPOLOGY": topology, "VARIANT": variant, "BATCHING": str(batching).lower(), "DEVICE": "cpu"}
@@ -402,6 +406,8 @@ def served_configs(variants: list[str], has_cuda: bool, quick: bool, model: str 
         configs["served default, ORT spinning on"] = {"INTRA_OP_SPINNING": "true"}
         configs[TIMING_OFF] = {"SERVER_TIMING": "false"}  # what the timing headers cost (docs/benchmark.md)
         configs[TRACING_ON] = {"OTEL_TRACES_EXPORTER": "otlp"}  # every span to a local sink (loadtest/otlp_sink.py)
+        if tag:  # what shadow scoring a tenth of the requests costs (serving/shadow.py)
+            configs[SHADOW_ON] = {"SHADOW_TAG": tag, "SHADOW_SHARE": "0.1"}
     if model == "text":  # texts of mixed lengths: padding with and without length buckets (docs/benchmark.md)
         configs[LENGTH_BUCKETS_OFF] = {"LENGTH_BUCKETS": "false"}
     if has_cuda:
@@ -535,7 +541,7 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
 
     formats = list(args.image_formats) if model == "image" else list(FORMATS[model])
     main_fmt, more_fmts = formats[0], formats[1:]  # more_fmts: measured for served default and the ORT peer
-    res.configs = served_configs(variants, has_cuda, args.quick, model)
+    res.configs = served_configs(variants, has_cuda, args.quick, model, art.tag)
     peers = {p.label: p for p in [ORT_PEER, *([] if args.no_eager else [EAGER_PEER])]}
     # The ORT peer right after served default: the pair the targets compare, measured as close in time as possible.
     order = [DEFAULT, PEER, *(c for c in res.configs if c != DEFAULT), *(c for c in peers if c != PEER)]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +38,23 @@ def sample(tests: list[str], extra: int, day: datetime.date) -> list[str]:
     return [*ALWAYS, *(rest[(start + i) % len(rest)] for i in range(min(extra, len(rest))))]
 
 
+def run_bounded(cmd: list[str], timeout_s: float) -> int:
+    """`cmd`'s exit code, or 124 past `timeout_s`. A pytest past its time gets SIGINT first, so that its fixtures'
+    finalizers stop the servers they started (each in a process group of its own, out of reach of a kill of
+    pytest's); SIGKILL only if it has not ended a minute later."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return 124
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--extra", type=int, default=1, help="rotating proofs besides the always-run ones")
@@ -48,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for test in chosen:
         start = time.monotonic()
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout, check=False, start_new_session=True).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+        rc = run_bounded(cmd, args.timeout)
         print(f"{'ok  ' if rc == 0 else 'FAIL'} {test} alone ({time.monotonic() - start:.0f} s)", flush=True)
         if rc != 0:
             failed.append(test)

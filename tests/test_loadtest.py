@@ -127,6 +127,9 @@ def test_benchmark_code_paths_against_the_test_servers(image_server, text_server
     configs = benchmark.served_configs(["fp32", "int8"], False, True, "text")
     assert configs[benchmark.LENGTH_BUCKETS_OFF] == {"LENGTH_BUCKETS": "false"}
     assert benchmark.LENGTH_BUCKETS_OFF not in benchmark.served_configs(["fp32"], False, True, "image")
+    full = benchmark.served_configs(["fp32"], False, False, "image", "fashion-cnn:v1")  # the served tag shadows itself
+    assert full[benchmark.SHADOW_ON] == {"SHADOW_TAG": "fashion-cnn:v1", "SHADOW_SHARE": "0.1"}
+    assert benchmark.SHADOW_ON not in benchmark.served_configs(["fp32"], False, False, "image")
     results = []
     for model, server, run in (("image", image_server, image_run), ("text", text_server, text_run)):
         art = artifact.load(run.tag)
