@@ -479,3 +479,30 @@ FIGURES += [
         f"the default serves {over(d, 'image', PEER)} the FastAPI + ORT peer's images/s and "
         f"{over(d, 'text', PEER)} its texts/s at 32 clients"), "the default against the FastAPI + ORT peer"),
 ]  # fmt: skip
+
+# shadow scoring's cost: the served default with and without a 10 % shadow share, and the peer, in one run
+SHADOW_RUNS = {"1": "docs/results/benchmark/shadow-cost/benchmark.json",
+               "2": "docs/results/benchmark/shadow-cost/run2/benchmark.json"}  # fmt: skip
+SHADOW = "served default, shadow 10%"
+
+
+def shadow_row(run: str, model: str) -> Callable[[dict], str]:
+    def quote(d: dict) -> str:
+        cells = [bench_c32(d, model, c) for c in ("served default", SHADOW, PEER)]
+        return f"| {run} | {model} | " + " | ".join(f"{whole(p['rps'])}, {whole(p['p99_ms'])} ms" for p in cells) + " |"
+
+    return quote
+
+
+def shadow_change(d: dict, model: str, key: str) -> float:
+    return bench_c32(d, model, SHADOW)[key] / bench_c32(d, model, "served default")[key] - 1
+
+
+FIGURES += [
+    *(Figure("docs/benchmark.md", path, shadow_row(run, model), f"shadow cost, run {run}, {model}")
+      for run, path in SHADOW_RUNS.items() for model in ("image", "text")),
+    Figure("docs/benchmark.md", SHADOW_RUNS["1"], lambda d: (
+        f"(image {-shadow_change(d, 'image', 'rps'):.1%} lower, text {shadow_change(d, 'text', 'rps'):.0%} higher: "
+        f"noise) and raised p99 by\n{shadow_change(d, 'image', 'p99_ms'):.0%} (image) and "
+        f"{shadow_change(d, 'text', 'p99_ms'):.0%} (text)").replace("%", " %"), "shadow cost, run 1 changes"),
+]  # fmt: skip
