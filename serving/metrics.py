@@ -70,3 +70,9 @@ EXPLAIN_SECONDS = bentoml.metrics.Histogram(
     name="servable_explain_seconds", documentation="Time of one explanation: queue wait + its model rows + rendering",
     labelnames=["model"], buckets=_LATENCY,
 )  # fmt: skip
+# Input drift (serving/drift.py): per HTTP worker; a replica's /metrics shows the largest of its live workers'.
+DRIFT_PSI = bentoml.metrics.Gauge(
+    name="servable_drift_psi", documentation="Population-stability index of an input feature (or the predicted-class "
+    "mix) over the worker's last DRIFT_WINDOW requests, against the training reference in the artifact",
+    labelnames=["model", "version", "feature"], multiprocess_mode="livemax",
+)  # fmt: skip
