@@ -39,8 +39,7 @@ class DriftMonitor:
         self.size, self.alert = window, alert
         self.stride = max(1, window // 10)
         self.requests = 0
-        self.gauges = [metrics.DRIFT_PSI.labels(model=model, version=version, feature=n) for n in self.names]
-        self.model, self.over = model, set[str]()
+        self.model, self.version, self.over = model, version, set[str]()
         self.classes = drift_reference.PREDICTED_CLASS in reference.features
 
     @classmethod
@@ -61,10 +60,11 @@ class DriftMonitor:
             if name in stats
         ]
         idx = np.concatenate(parts) if parts else np.empty(0, np.int64)  # fmt: skip
-        np.add.at(self.counts, idx, 1)
+        n = len(self.counts)
+        self.counts += np.bincount(idx, minlength=n)
         self.window.append(idx)
         if len(self.window) > self.size:
-            np.subtract.at(self.counts, self.window.popleft(), 1)
+            self.counts -= np.bincount(self.window.popleft(), minlength=n)
         self.requests += 1
         if len(self.window) == self.size and self.requests % self.stride == 0:
             self.publish()
@@ -80,12 +80,9 @@ class DriftMonitor:
 
     def publish(self) -> None:
         """Set the gauges; log a warning line when a feature crosses DRIFT_PSI_ALERT (and when it is back under)."""
-        found = self.psi()
-        for name, gauge in zip(self.names, self.gauges, strict=True):
-            if name not in found:
-                continue
-            value = found[name]
-            gauge.set(value)
+        for name, value in self.psi().items():
+            # the series appears with the first full window (a gauge made earlier would export a 0 meanwhile)
+            metrics.DRIFT_PSI.labels(model=self.model, version=self.version, feature=name).set(value)
             if (value > self.alert) != (name in self.over):
                 self.over ^= {name}
                 log.warning("input drift: %s %s PSI %.3f is %s DRIFT_PSI_ALERT %g over the last %d requests",
