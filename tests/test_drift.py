@@ -77,13 +77,12 @@ def test_training_writes_the_reference_into_the_artifact(image_run, text_run):
     )
 
 
-def test_serving_computes_the_statistics_training_recorded(image_run, text_run):
-    """Parity: the serving adapters' decode, fed the training inputs as a client sends them, yields statistics
+def test_serving_computes_the_image_statistics_training_recorded(image_run):
+    """Parity: the serving adapter's decode, fed the training images as a client sends them, yields statistics
     whose histograms are the artifact's reference (one function, `servable/drift_reference.py`, on the same
     pre-processed values on both sides)."""
     from servable import artifact
     from serving.adapters.image import ImageAdapter
-    from serving.adapters.text import TextAdapter
     from serving.loading import load_model
 
     adapter, _, _ = load_model(ImageAdapter, ImageServeSettings(model_tag=image_run.tag, max_items=10_000),
@@ -98,6 +97,14 @@ def test_serving_computes_the_statistics_training_recorded(image_run, text_run):
     raw = np.asarray(Image.open(io.BytesIO(_png(x[0][:, :, 0]))).resize((28, 28)))
     _, _, one = adapter.decode("image", [_png(raw)])
     assert one["pixels"].tolist() == [784.0] and one["aspect"].tolist() == [1.0]
+
+
+def test_serving_computes_the_text_statistics_training_recorded(text_run):
+    """Parity, text: the serving adapter's decode of the training texts gives the artifact's length and
+    unknown-token histograms."""
+    from servable import artifact
+    from serving.adapters.text import TextAdapter
+    from serving.loading import load_model
 
     text, _, _ = load_model(TextAdapter, TextServeSettings(model_tag=text_run.tag, max_items=10_000),
                             with_session=False)  # fmt: skip
