@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="calls per timing round")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    print(f"drift cost per request of one item, median of 5 rounds of {args.requests} calls; {describe_machine()}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"drift cost per request of one item, median of 5 rounds of {args.requests} calls; {describe_machine()}; "
+          f"load average {load}")  # fmt: skip
     for kind, case in (("image", image_case), ("text", text_case)):
         found = case(args.requests, rng)
         drift = sum(v for k, v in found.items() if k in ("statistics", "window + PSI"))
