@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from servable.config import SERVED_MODELS, ServedModelEntry
+from servable.config import SERVED_MODELS, ServeCommon, ServedModelEntry
 
 DEPLOY = Path(__file__).resolve().parent
 NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
@@ -374,6 +374,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                                                                "{{model}}")]),
     # Shadow scoring (serving/shadow.py): series only where a replica runs a candidate.
     *SHADOW_PANELS,
+    ("Input drift: PSI against the training reference (alert above DRIFT_PSI_ALERT)", "short", [
+        ("servable:drift_psi:max", "{{model}} {{version}} {{feature}}")]),
 ]  # fmt: skip
 
 
@@ -489,7 +491,12 @@ def templated_text(template: Path) -> str:
         "# and SERVED_MODELS (servable/config.py) by `python -m deploy.render`: do not edit by hand\n"
         "# (`python -m deploy.render --check` fails when it is stale).\n"
     )
-    return head + render_template(template.read_text(), selector_values())
+    return head + render_template(template.read_text(), selector_values() | threshold_values())
+
+
+def threshold_values() -> dict[str, str]:
+    """The ${NAME} placeholders of alert thresholds that are settings: their defaults (servable/config.py)."""
+    return {"DRIFT_PSI_ALERT": f"{ServeCommon.model_fields['drift_psi_alert'].default:g}"}
 
 
 # ---------------------------------------------------------------- Kubernetes base (kustomize)

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from servable.drift_reference import DriftReference
 from servable.explain import Occlusion
 from servable.preprocessing import ImagePreprocessing, TextPreprocessing
 
@@ -64,6 +65,11 @@ class ModelManifest(BaseModel):
     calibration: Calibration | None = Field(None, description="None (older artifacts): temperature 1, no threshold")
     occlusion: Occlusion | None = Field(
         None, description="What a masked patch or word is in explanations; None (older artifacts): image mean, word cut"
+    )
+    drift_reference: DriftReference | None = Field(
+        None,
+        description="The training inputs' distributions for drift (servable/drift_reference.py); None (older "
+        "artifacts): the replica exports no drift",
     )
     provenance: dict[str, Any]
     versions: dict[str, str]

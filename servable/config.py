@@ -375,6 +375,20 @@ class ServeCommon(BaseSettings):
                              "workers hold no model): set shadow_share 0 or topology inprocess")  # fmt: skip
         return self
 
+    # ---- input drift (serving/drift.py, docs/serving.md#drift)
+    drift_window: int = Field(
+        500,
+        ge=1,
+        description="Requests in each HTTP worker's rolling window of input statistics; the population-stability "
+        "index (servable_drift_psi) is exported once a window is full, against the artifact's reference.",
+    )
+    drift_psi_alert: float = Field(
+        0.2,
+        gt=0,
+        description="PSI above which a feature counts as drifted: the ServableInputDrift alert's threshold "
+        "(rendered from this default by deploy/render.py) and the replica's own warning line.",
+    )
+
     def on_gpu(self) -> bool:
         """The model is meant for a GPU: device cuda, or auto with an NVIDIA device present."""
         return self.device == "cuda" or (self.device == "auto" and gpu_present())

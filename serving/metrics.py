@@ -106,3 +106,9 @@ SHADOW_CONFUSION = bentoml.metrics.Counter(
     name="servable_shadow_confusion_total", documentation="Shadow-scored rows of a classifier by (live, candidate) "
     "top label", labelnames=[*_SHADOW, "live_label", "candidate_label"],
 )  # fmt: skip
+# Input drift (serving/drift.py): per HTTP worker; a replica's /metrics shows the largest of its live workers'.
+DRIFT_PSI = bentoml.metrics.Gauge(
+    name="servable_drift_psi", documentation="Population-stability index of an input feature (or the predicted-class "
+    "mix) over the worker's last DRIFT_WINDOW requests, against the training reference in the artifact",
+    labelnames=["model", "version", "feature"], multiprocess_mode="livemax",
+)  # fmt: skip

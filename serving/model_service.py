@@ -38,6 +38,7 @@ from serving.adapters.base import Adapter, Parsed
 from serving.adapters.explains import Explains
 from serving.auth import OPEN_PATHS, ApiKeyMiddleware
 from serving.decoding import DecodePool
+from serving.drift import DriftMonitor
 from serving.errors import ClientError, JsonRouterErrors, ServingError
 from serving.explain_lane import ExplainLane, PredictionsInFlight
 from serving.explain_queue import ExplainBusy, ExplainQueue, ExplainTimeout
@@ -172,6 +173,7 @@ class Replica:
             self.feedback = FeedbackHook(
                 self.name, self.adapter.head, self.adapter.feedback_content, version=self.model.version
             )
+            self.drift = DriftMonitor.of(self.model.manifest, settings)  # None: the artifact has no reference
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
             if self.shadow is not None:  # share 0: predict stays the method below, untouched
@@ -196,12 +198,15 @@ class Replica:
             raise ServingError(503, "not_ready", f"model not ready: {self.model.error or 'loading'}",
                                {"Retry-After": "5"})  # fmt: skip
 
-    async def rows(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+    async def rows(self, name: str, items: Any, options: dict[str, Any] | None = None) -> Parsed:
         """The adapter's decode of one request's items: on the event loop when the adapter says they are cheap,
         else in this worker's decode pool, under the request's decode deadline."""
         if self.adapter.inline(name, items):
-            return self.adapter.decode(name, items)
-        return await self.decoding.run(self.adapter.decode, name, items)
+            decoded = self.adapter.decode(name, items)
+        else:
+            decoded = await self.decoding.run(self.adapter.decode, name, items)
+        rows, stored, *drift = decoded  # an adapter's drift statistics, where its artifact has a reference
+        return Parsed(rows, stored, options or {}, drift[0] if drift else {})
 
     def clock(self, request: Request) -> RequestTiming:
         """The request's deadline (serving/request_timing.py) and the record of where its time goes."""
@@ -224,7 +229,7 @@ class Replica:
         name, items, given = await self.adapter.read(request, tuple(o.name for o in options))
         self.admit(items, timing)
         parsed_options = parse_options(options, given)
-        parsed = Parsed(*await self.rows(name, items), parsed_options)
+        parsed = await self.rows(name, items, parsed_options)
         self.decoded(timing)
         return parsed
 
@@ -239,6 +244,8 @@ class Replica:
             timing.part(name, began, seconds)
         timing.batch_rows, values = scored.batch_rows, scored.values
         self.adapter.head.observe(self.model.labels, values)
+        if self.drift is not None:
+            self.drift.observe(parsed.drift, values)
         key_name = request.scope.get("state", {}).get("key_name")  # None when auth is off
         await self.feedback.observe(request.headers, parsed.items, values, self.model.art.tag, key_name)  # opt-in
         return values
@@ -436,7 +443,7 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
         timing, adapter = rep.clock(request), rep.adapter
         req = await v2.read_request(request, adapter.inputs(), adapter.head.outputs(), settings.max_items)
         rep.admit(req.data, timing)
-        parsed = Parsed(*await rep.rows(req.name, req.data))
+        parsed = await rep.rows(req.name, req.data)
         rep.decoded(timing)
         values = await rep.predict(request, parsed, timing)
         since = time.perf_counter()

@@ -28,7 +28,9 @@ def local_stack(image_run, text_run, tmp_path_factory):
     from deploy.local_stack import LocalStack
 
     # as tests/conftest.py's servers: a generous batching queue bound on a busy 2-core machine
+    # and a drift window of a few requests, so the tests' little traffic exports drift (servable_drift_psi)
     slack = {"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", "SERVABLE_TEXT_SERVE_MAX_LATENCY_MS": "5000",
+             "SERVABLE_IMAGE_SERVE_DRIFT_WINDOW": "4", "SERVABLE_TEXT_SERVE_DRIFT_WINDOW": "4",
              **UNTHROTTLED_AUTH}  # fmt: skip
     stack = LocalStack(tmp_path_factory.mktemp("stack"), image_run.tag, text_run.tag, STACK_KEYS, extra_env=slack,
                        rate_limit="1000r/s", rate_burst=1000)  # fmt: skip

@@ -259,7 +259,7 @@ def test_bucketed_run_restores_the_callers_order_and_matches_one_padded_batch(te
     for buckets in (True, False):
         adapter = TextAdapter(TextServeSettings(model_tag=text_run.tag, length_buckets=buckets))
         adapter.load(art)
-        rows, _ = adapter.decode("text", texts)
+        rows, *_ = adapter.decode("text", texts)
         session = onnx_tools.cpu_session(art.onnx_path("fp32"))
         counted[buckets] = CountingSession(session)
         runs[buckets] = adapter.run(counted[buckets], rows)

@@ -141,12 +141,12 @@ def test_a_thumbnail_decoded_on_the_loop_has_its_header_opened_once(image_run, m
     blue, red = png("blue"), png("red")
     items = [blue]
     assert adapter.inline("image", items)
-    rows, stored = adapter.decode("image", items)
+    rows, stored, _ = adapter.decode("image", items)
     assert opened == [blue] and stored == [blue]  # one open, by inline; decode reused it
 
     assert adapter.inline("image", [blue])
     other = [red]  # not the items inline checked: opened here, and decoded as itself
-    rows_red, _ = adapter.decode("image", other)
-    fresh, _ = adapter.decode("image", [red])
+    rows_red, *_ = adapter.decode("image", other)
+    fresh, *_ = adapter.decode("image", [red])
     assert opened[-2:] == [red, red] and np.array_equal(rows_red[0], fresh[0])
     assert not np.array_equal(rows_red[0], rows[0])  # red, not the blue that inline checked

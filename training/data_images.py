@@ -15,7 +15,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from servable.idx import read_idx
-from servable.preprocessing import DRAFT_FACTOR, ImagePreprocessing, InvalidImage, decode_image, to_model_pixels
+from servable.preprocessing import (
+    DRAFT_FACTOR,
+    ImageLimits,
+    ImagePreprocessing,
+    InvalidImage,
+    load_image,
+    open_image,
+    to_model_pixels,
+)
 
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -38,6 +46,7 @@ class ImageSplits:
     test_x: np.ndarray
     test_y: np.ndarray
     provenance: dict = field(default_factory=dict)
+    train_sizes: np.ndarray | None = None  # int (N, 2): each training image's width and height as read, if known
 
 
 def _to_pixels(images: np.ndarray, cfg: ImagePreprocessing, progress: bool, desc: str) -> np.ndarray:
@@ -90,6 +99,7 @@ def load_fashion_mnist(
         val_y=y[val_idx],
         test_x=_to_pixels(tx[test_idx], cfg, progress, "prepare test"),
         test_y=ty[test_idx],
+        train_sizes=np.tile(x.shape[2:0:-1], (len(train_idx), 1)),  # every item is one 28 x 28 image
         provenance={
             "source": "Fashion-MNIST (Debian package dataset-fashion-mnist)",
             "path": str(root),
@@ -142,12 +152,15 @@ def load_image_folder(
 ) -> ImageSplits:  # fmt: skip
     """Decode a user's folder with Pillow; a stratified train/val/test split by seed."""
     classes, items = scan_image_folder(root)
-    pixels, labels, unreadable = [], [], []
+    pixels, labels, sizes, unreadable = [], [], [], []
     for path, ci in tqdm(items, desc="decode images", disable=None if progress else True, leave=False, unit="img"):
         try:
-            image = decode_image(path.read_bytes(), draft=DRAFT_FACTOR * cfg.size)  # as serving decodes it
+            opened = open_image(path.read_bytes(), ImageLimits(formats=None))
+            size = opened.size  # as declared, before the draft scaling: what serving's drift statistics read
+            image = load_image(opened, draft=DRAFT_FACTOR * cfg.size)  # as serving decodes it
             pixels.append(to_model_pixels(image, cfg))
             labels.append(ci)
+            sizes.append(size)
         except InvalidImage as exc:
             unreadable.append(f"{path} ({exc})")
     if unreadable:
@@ -162,7 +175,7 @@ def load_image_folder(
         labels=classes,
         train_x=x[train_idx], train_y=y[train_idx],
         val_x=x[val_idx], val_y=y[val_idx],
-        test_x=x[test_idx], test_y=y[test_idx],
+        test_x=x[test_idx], test_y=y[test_idx], train_sizes=np.asarray(sizes)[train_idx],
         provenance={
             "source": "image folder",
             "path": str(root.resolve()),

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
+from servable import drift_reference
 from servable.artifact import Artifact, ModelManifest
 from servable.config import ImageTrainConfig
 from servable.explain import Occlusion, background_fill, normalised_fill, probabilities
@@ -181,6 +182,21 @@ def export_and_measure(cfg: ImageTrainConfig, model, splits: ImageSplits, prep, 
     return metrics
 
 
+def drift_reference_of(splits: ImageSplits, prep: ImagePreprocessing, session, seed: int, batch: int = 256):
+    """The training images' reference distributions (servable/drift_reference.py): the statistics a replica
+    computes of each upload, from the same normalised rows, and the exported model's predicted classes."""
+    idx = drift_reference.reference_sample(len(splits.train_x), seed)
+    parts = []
+    for i in range(0, len(idx), batch):
+        part = idx[i : i + batch]
+        x = splits.train_x[part]
+        sizes = None if splits.train_sizes is None else splits.train_sizes[part]
+        parts.append(drift_reference.image_statistics(normalize(x, prep), sizes, prep)
+                     | drift_reference.class_statistics(onnx_predict(session, x, prep)))  # fmt: skip
+    stats = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return drift_reference.reference(stats, splits.labels, "train")
+
+
 def train_image(cfg: ImageTrainConfig) -> ImageRun:
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -205,6 +221,7 @@ def train_image(cfg: ImageTrainConfig) -> ImageRun:
         onnx={k: f"model.{k}.onnx" if k != "fp32" else "model.onnx" for k in metrics["test"]},
         image_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
         provenance=splits.provenance, versions={}, calibration=cal, occlusion=occlusion,
+        drift_reference=drift_reference_of(splits, prep, fp32, cfg.seed),
     )  # fmt: skip
     # The PyTorch weights stay beside the artifact (not in it: serving is torch-free); the
     # benchmark's PyTorch-eager peer loads them.

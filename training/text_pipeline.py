@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from servable import drift_reference
 from servable.artifact import Artifact, ModelManifest
 from servable.config import TextTrainConfig
 from servable.explain import Occlusion, probabilities
@@ -195,6 +196,17 @@ def export_and_measure(cfg: TextTrainConfig, model, tokenizer, splits: TextSplit
     return metrics, prep
 
 
+def drift_reference_of(splits: TextSplits, session, tok, prep: TextPreprocessing, seed: int):
+    """The training texts' reference distributions (servable/drift_reference.py): the statistics a replica
+    computes of each text, from the served tokenizer's ids, and the exported model's predicted classes."""
+    rows = [splits.train[i] for i in drift_reference.reference_sample(len(splits.train), seed)]
+    texts = [t for t, _ in rows]
+    ids = [e.ids for e in tok.encode_batch(texts)]
+    stats = drift_reference.text_statistics(texts, ids, drift_reference.unk_id(tok))
+    stats |= drift_reference.class_statistics(onnx_predict(session, tok, rows, prep))
+    return drift_reference.reference(stats, splits.labels, "train")
+
+
 def train_text(cfg: TextTrainConfig) -> TextRun:
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -219,7 +231,7 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
         onnx={k: "model.onnx" if k == "fp32" else f"model.{k}.onnx" for k in metrics["test"]},
         text_preprocessing=prep, training_config=cfg.model_dump(mode="json"), metrics=metrics,
         provenance=splits.provenance, versions={"transformers": __import__("transformers").__version__},
-        calibration=cal, occlusion=occlusion,
+        calibration=cal, occlusion=occlusion, drift_reference=drift_reference_of(splits, session, tok, prep, cfg.seed),
     )  # fmt: skip
     # PyTorch weights beside the artifact (serving is torch-free); the benchmark's eager peer loads them.
     model.save_pretrained(staging.parent / "pytorch_model")

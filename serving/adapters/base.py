@@ -5,6 +5,7 @@ A model is four verbs over a head (serving/heads.py):
 - `read(request, options)` + `decode(name, items)`: one request's items of a declared input (REST:
   the model's body formats; V2: the tensor, already checked against the declaration by the core),
   validated and pre-processed into rows, per request, before any batch. One decode for every protocol.
+  (With a drift reference in the artifact, decode also returns the items' drift statistics.)
 - `predict(session, rows)`: the model's raw outputs for a batch of rows (no softmax, no metrics:
   the head and the core do those once).
 - `encode(values, parsed)`: the REST answer's predictions (default: the head's).
@@ -33,6 +34,7 @@ class Parsed:
     rows: list[Any]  # model inputs, one per item
     items: list[Any]  # what the opt-in feedback hook may store (None where nothing storable)
     options: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, np.ndarray] = field(default_factory=dict)  # the items' drift statistics (serving/drift.py)
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,16 @@ class Adapter(ABC):
         return False
 
     @abstractmethod
-    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]] | tuple[list[Any], list[Any], dict]:
         """(rows, storable items) from a declared input's items: a REST request's, or a V2 tensor's (FP32: a
-        float32 array of the checked shape; BYTES: a list of str from JSON or bytes from binary data)."""
+        float32 array of the checked shape; BYTES: a list of str from JSON or bytes from binary data). A model
+        whose artifact has a drift reference adds a third element: the items' statistics
+        (servable/drift_reference.py), from what decoding made."""
+
+    @property
+    def drift(self) -> bool:
+        """Whether the served artifact has a drift reference (then decode returns the items' statistics)."""
+        return self.manifest is not None and self.manifest.drift_reference is not None
 
     @abstractmethod
     def openapi_body(self) -> dict:

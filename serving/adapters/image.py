@@ -13,7 +13,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from servable import explain
+from servable import drift_reference, explain
 from servable.config import SERVED_MODELS, ImageServeSettings
 from servable.preprocessing import (
     WEB_FORMATS,
@@ -185,11 +185,11 @@ class ImageAdapter(Adapter, Explains):
         self._checked = (items, blobs, images)
         return True
 
-    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any], dict]:
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
             if not np.isfinite(items).all():
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")
-            return list(items), [None] * len(items)
+            return list(items), [None] * len(items), self.statistics(items, None)
         checked = self._checked
         if checked is not None and checked[0] is items:  # opened and checked by `inline` just now
             self._checked = None
@@ -197,11 +197,17 @@ class ImageAdapter(Adapter, Explains):
         else:
             blobs = self._images(items)
             images, _ = self._opened(blobs)  # every image's bounds and the request's, before any is decoded
+        sizes = [img.size for img in images]  # as declared (a JPEG's draft decoding changes the image's own)
         rows = []
         for i, img in enumerate(images):
             with refused(i):
                 rows.append(preprocess_opened(img, self.prep))
-        return rows, list(blobs)
+        return rows, list(blobs), self.statistics(rows, sizes)
+
+    def statistics(self, rows: Any, sizes: list[tuple[int, int]] | None) -> dict[str, np.ndarray]:
+        """The images' drift statistics (brightness and contrast from the rows, the upload's size and aspect; a
+        pre-processed tensor has no upload size); none without a reference in the artifact."""
+        return drift_reference.image_statistics(rows, sizes, self.prep) if self.drift else {}
 
     # ------------------------------------------------------------ predict
     def predict(self, session, rows) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from servable import explain
+from servable import drift_reference, explain
 from servable.config import SERVED_MODELS, TextServeSettings
 from servable.preprocessing import load_tokenizer, pad_encodings
 from serving import metrics, schemas
@@ -84,6 +84,7 @@ class TextAdapter(Adapter, Explains):
         super().load(art)
         self.prep = art.manifest.text_preprocessing
         self.tokenizer = load_tokenizer(art.file(self.prep.tokenizer_file), self.prep)
+        self.unk_id = drift_reference.unk_id(self.tokenizer)
 
     def make_head(self, labels: list[str]) -> ClassifierHead:
         return ClassifierHead(labels, scores=True)
@@ -138,13 +139,15 @@ class TextAdapter(Adapter, Explains):
         # a review or two tokenise in well under a millisecond; a request of long texts goes to the pool
         return sum(len(t) for t in items if isinstance(t, str | bytes)) <= INLINE_CHARS
 
-    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]]:
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any], dict]:
         if not items:
             raise ClientError(422, "no_text", "send text or a non-empty texts list")
         if len(items) > self.settings.max_items:
             raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} texts per request")
         checked = [self.check_text(i, t) for i, t in enumerate(items)]
-        return [e.ids for e in self.tokenizer.encode_batch(checked)], checked
+        ids = [e.ids for e in self.tokenizer.encode_batch(checked)]
+        # drift statistics: the texts' lengths and unknown-token shares, from the ids just made
+        return ids, checked, drift_reference.text_statistics(checked, ids, self.unk_id) if self.drift else {}
 
     # ------------------------------------------------------------ predict
     def _run_padded(self, session, ids: list[list[int]]) -> np.ndarray:
