@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from servable.preprocessing import DRAFT_FACTOR, ImagePreprocessing, InvalidImage, decode_image, to_model_pixels
+from servable.preprocessing import (
+    DRAFT_FACTOR,
+    ImageLimits,
+    ImagePreprocessing,
+    InvalidImage,
+    load_image,
+    open_image,
+    to_model_pixels,
+)
 from serving.feedback.store import TEXT_EXPORT_FILE, safe_dir_name
 from training.data_images import IMAGE_SUFFIXES, DataError, ImageSplits, feedback_provenance
 from training.data_text import MAX_TEXT_CHARS, TextSplits, dedupe, normalise, read_rows
@@ -76,10 +84,12 @@ def add_images(splits: ImageSplits, root: Path, prep: ImagePreprocessing, progre
     if not found:
         raise DataError(f"extra data {root}: no images in class sub-folders (root/<class>/*.png)")
     held_out = {_pixel_key(x) for x in (*splits.val_x, *splits.test_x)}
-    pixels, y, seen, copies, duplicates, unreadable = [], [], set(), 0, 0, []
+    pixels, y, sizes, seen, copies, duplicates, unreadable = [], [], [], set(), 0, 0, []
     for path, ci in tqdm(found, desc="decode extra data", disable=None if progress else True, leave=False):
         try:
-            x = to_model_pixels(decode_image(path.read_bytes(), draft=DRAFT_FACTOR * prep.size), prep)
+            opened = open_image(path.read_bytes(), ImageLimits(formats=None))
+            size = opened.size  # as declared: the drift reference's upload size (training/data_images.py)
+            x = to_model_pixels(load_image(opened, draft=DRAFT_FACTOR * prep.size), prep)
         except InvalidImage as exc:
             unreadable.append(f"{path} ({exc})")
             continue
@@ -92,12 +102,15 @@ def add_images(splits: ImageSplits, root: Path, prep: ImagePreprocessing, progre
             seen.add(key)
             pixels.append(x)
             y.append(ci)
+            sizes.append(size)
     if unreadable:
         raise DataError(f"extra data: {len(unreadable)} unreadable image(s), fix or remove them: "
                         + "; ".join(unreadable[:5]))  # fmt: skip
     if pixels:
         splits.train_x = np.concatenate([splits.train_x, np.stack(pixels).astype(splits.train_x.dtype)])
         splits.train_y = np.concatenate([splits.train_y, np.asarray(y, dtype=splits.train_y.dtype)])
+        if splits.train_sizes is not None:  # one (width, height) per training image, the added ones too
+            splits.train_sizes = np.concatenate([splits.train_sizes, np.asarray(sizes, splits.train_sizes.dtype)])
     record = _record(root, [f for f, _ in found], y, splits.labels, len(found), copies, duplicates)
     splits.provenance["extra_data"] = record
     return record
