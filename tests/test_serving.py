@@ -639,23 +639,29 @@ def test_a_hostile_request_never_fails_a_good_batch_mate(image_server, shipped_t
         r = requests.post(txt, json={"text": texts[k]}, headers=KEY, timeout=60)
         return ("txt", k), r.status_code, r.json()
 
-    batches_before = _metric(image_server, "servable_batch_size_count")
-    with cf.ThreadPoolExecutor(24) as ex:
-        results = list(ex.map(call, range(252)))
-    for (what, k), status, body in results:
-        if what == "bad":
-            assert (status, body.get("reason")) == bad[k][1:], (k, status, body)
-            continue
-        assert status == 200, body
-        p = body["predictions"][0]
-        if what == "img":
-            assert p["probability"] == pytest.approx(float(alone_img[k].max()), abs=1e-4)
-        else:
-            assert p["scores"]["positive"] == pytest.approx(float(alone_txt[k][1]), abs=1e-4)
-    assert {k for (what, k), *_ in results if what == "bad"} == set(range(len(bad)))  # every bad kind was sent
-    batches = _metric(image_server, "servable_batch_size_count") - batches_before
-    # The good images ran beside each other (84 sent, in fewer batches), so a batch-mate's failure would show.
-    assert 0 < batches < 84, batches
+    # The good images must share batches for a batch-mate's failure to show. Whether they do depends on the
+    # machine's timing (on a quiet machine each may finish before the next arrives), so a burst with no
+    # shared batch is sent again, at most three times; every burst's answers are checked.
+    for _ in range(3):
+        batches_before = _metric(image_server, "servable_batch_size_count")
+        with cf.ThreadPoolExecutor(24) as ex:
+            results = list(ex.map(call, range(252)))
+        for (what, k), status, body in results:
+            if what == "bad":
+                assert (status, body.get("reason")) == bad[k][1:], (k, status, body)
+                continue
+            assert status == 200, body
+            p = body["predictions"][0]
+            if what == "img":
+                assert p["probability"] == pytest.approx(float(alone_img[k].max()), abs=1e-4)
+            else:
+                assert p["scores"]["positive"] == pytest.approx(float(alone_txt[k][1]), abs=1e-4)
+        assert {k for (what, k), *_ in results if what == "bad"} == set(range(len(bad)))  # every bad kind was sent
+        batches = _metric(image_server, "servable_batch_size_count") - batches_before
+        assert batches > 0, batches
+        if batches < 84:  # the 84 good images ran in fewer batches: some beside each other
+            break
+    assert batches < 84, f"no shared batch in three bursts of 84 good images: {batches}"
 
 
 def test_variant_auto_serves_int8_on_cpu_only_within_the_accuracy_bound():
