@@ -146,6 +146,13 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
+def decode_training_image(data: bytes, cfg: ImagePreprocessing) -> tuple[np.ndarray, tuple[int, int]]:
+    """A training file's model pixels, decoded as serving decodes an upload, and its (width, height) as
+    declared, before the draft scaling: the upload size serving's drift statistics read. InvalidImage if broken."""
+    opened = open_image(data, ImageLimits(formats=None))
+    return to_model_pixels(load_image(opened, draft=DRAFT_FACTOR * cfg.size), cfg), opened.size
+
+
 def load_image_folder(
     root: Path, cfg: ImagePreprocessing, *, seed: int, val_fraction: float,
     limit: int | None, test_fraction: float = 0.1, progress: bool = True,
@@ -155,10 +162,8 @@ def load_image_folder(
     pixels, labels, sizes, unreadable = [], [], [], []
     for path, ci in tqdm(items, desc="decode images", disable=None if progress else True, leave=False, unit="img"):
         try:
-            opened = open_image(path.read_bytes(), ImageLimits(formats=None))
-            size = opened.size  # as declared, before the draft scaling: what serving's drift statistics read
-            image = load_image(opened, draft=DRAFT_FACTOR * cfg.size)  # as serving decodes it
-            pixels.append(to_model_pixels(image, cfg))
+            x, size = decode_training_image(path.read_bytes(), cfg)
+            pixels.append(x)
             labels.append(ci)
             sizes.append(size)
         except InvalidImage as exc:

@@ -24,17 +24,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from servable.preprocessing import (
-    DRAFT_FACTOR,
-    ImageLimits,
-    ImagePreprocessing,
-    InvalidImage,
-    load_image,
-    open_image,
-    to_model_pixels,
-)
+from servable.preprocessing import ImagePreprocessing, InvalidImage
 from serving.feedback.store import TEXT_EXPORT_FILE, safe_dir_name
-from training.data_images import IMAGE_SUFFIXES, DataError, ImageSplits, feedback_provenance
+from training.data_images import (
+    IMAGE_SUFFIXES,
+    DataError,
+    ImageSplits,
+    decode_training_image,
+    feedback_provenance,
+)
 from training.data_text import MAX_TEXT_CHARS, TextSplits, dedupe, normalise, read_rows
 
 EXTRA_DOMAIN = "extra data"  # a text row's domain when its file has no `domain` column
@@ -87,9 +85,7 @@ def add_images(splits: ImageSplits, root: Path, prep: ImagePreprocessing, progre
     pixels, y, sizes, seen, copies, duplicates, unreadable = [], [], [], set(), 0, 0, []
     for path, ci in tqdm(found, desc="decode extra data", disable=None if progress else True, leave=False):
         try:
-            opened = open_image(path.read_bytes(), ImageLimits(formats=None))
-            size = opened.size  # as declared: the drift reference's upload size (training/data_images.py)
-            x = to_model_pixels(load_image(opened, draft=DRAFT_FACTOR * prep.size), prep)
+            x, size = decode_training_image(path.read_bytes(), prep)
         except InvalidImage as exc:
             unreadable.append(f"{path} ({exc})")
             continue
