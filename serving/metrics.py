@@ -70,6 +70,13 @@ MODEL_INFO = bentoml.metrics.Gauge(
     name="servable_model_info", documentation="1 for the model version this replica serves",
     labelnames=["model", "version", "tag", "variant", "provider"], multiprocess_mode="max",
 )  # fmt: skip
+# Each HTTP worker's admission limit; summed over a replica's live workers it is the replica's capacity, which
+# BentoML's in-flight gauge (also summed over the workers) is compared with (ServableReplicaSaturated).
+CONCURRENCY_LIMIT = bentoml.metrics.Gauge(
+    name="servable_concurrency_limit", documentation="Requests an HTTP worker admits at once (max_concurrency); a "
+    "replica's /metrics shows the sum over its live workers", labelnames=["model", "version"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
 EXPLAIN_SECONDS = bentoml.metrics.Histogram(
     name="servable_explain_seconds", documentation="Time of one explanation: queue wait + its model rows + rendering",
     labelnames=["model", "version"], buckets=_LATENCY,

@@ -174,6 +174,7 @@ class Replica:
                 self.name, self.adapter.head, self.adapter.feedback_content, version=self.model.version
             )
             self.drift = DriftMonitor.of(self.model.manifest, settings)  # None: the artifact has no reference
+            metrics.CONCURRENCY_LIMIT.labels(**self.model.labels).set(settings.max_concurrency)
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
             if self.shadow is not None:  # share 0: predict stays the method below, untouched

@@ -15,6 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
+from servable.config import SERVED_MODELS
 from servable.preprocessing import encode_texts, load_tokenizer, preprocess_image
 from serving.heads import softmax
 from tests.conftest import API_KEY, SECRET_SENTENCE
@@ -356,6 +357,12 @@ def test_metrics_after_traffic(image_server, text_server):
     provider = requests.get(text_server.url + "/info", headers=KEY, timeout=10).json()["provider"]
     served = re.findall(r'servable_model_info\{[^}]*provider="([^"]+)"[^}]*\} 1', text)
     assert served and set(served) == {provider}, (served, provider)  # the metric says what the session uses
+    # The replica's capacity for ServableReplicaSaturated: every live HTTP worker's limit, summed (not one
+    # worker's). Both workers must have loaded: poll until the sum stops short of nothing.
+    settings = SERVED_MODELS["text"].settings()  # the test server's settings: its env sets no limit or workers
+    want = settings.max_concurrency * settings.http_workers()
+    limit = wait_for(lambda: _metric(text_server, "servable_concurrency_limit") == want, 60)
+    assert limit, (_metric(text_server, "servable_concurrency_limit"), want)
 
 
 def _server_timing(r: requests.Response) -> dict[str, float]:
