@@ -64,7 +64,9 @@ def render() -> str:
         "",
         "Generated from `servable/config.py` by `python -m servable.config_docs`; do not edit by hand",
         "(`tests/test_config.py` fails when this file is stale). Every field is an environment variable",
-        "(prefix + upper-case name); training fields are also CLI flags (`--kebab-case`).",
+        "(prefix + upper-case name); training fields are also CLI flags (`--kebab-case`). A variable under",
+        "one of these prefixes that names no field is ignored, and the replica or the training command logs a",
+        "warning with the nearest field's name (`servable/setting_names.py`).",
         "",
     ]
     for title, cls, how in sections():

@@ -32,6 +32,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse, Response
 
 from servable.config import AuthSettings, ServeCommon
+from servable.setting_names import warn_unknown
 from serving import audit, metrics, path_labels, schemas, tracing, v2
 from serving.access_log import AccessLogMiddleware, configure_json_logging
 from serving.adapters.base import Adapter, Parsed
@@ -75,6 +76,7 @@ def service_config(settings: ServeCommon, routes: list[str]) -> dict:
 
 def install_middleware(service, settings: ServeCommon, name: str) -> None:
     configure_json_logging()
+    warn_unknown(log)  # a misspelt SERVABLE_* variable would otherwise leave a default in force silently
     audit.configure()
     # Uploads stay in memory (never spooled to a temp file): the body limit bounds their size.
     MultiPartParser.spool_max_size = settings.max_body_bytes + 1

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from pydantic_settings import CliApp
 
 from servable.config import AuthSettings, ImageTrainConfig, TextTrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_env_overrides(monkeypatch):
@@ -128,3 +133,36 @@ def test_key_file_replaced_by_mv_is_seen_within_the_reload_interval(tmp_path, ca
     os.remove(keys)  # a deleted file revokes its keys at the next look
     now[0] += KeyStore.RELOAD_INTERVAL_S
     assert store.identify("ci-key-00001") is None and "disappeared" in caplog.text
+
+
+def test_a_misspelt_setting_variable_is_named_with_the_nearest_real_one(monkeypatch, caplog):
+    from servable.setting_names import unknown_settings, warn_unknown
+
+    env = {"SERVABLE_IMAGE_MODEL_TAG": "x", "SERVABLE_TEXT_SERVE_WORKRS": "2", "SERVABLE_AUTH_KEY": "k",
+           "SERVABLE_TEXT_SERVE_WORKERS": "2", "SERVABLE_BIND": "0.0.0.0", "PATH": "/bin"}  # fmt: skip
+    assert unknown_settings(env) == {"SERVABLE_IMAGE_MODEL_TAG": "SERVABLE_IMAGE_SERVE_MODEL_TAG",
+                                     "SERVABLE_TEXT_SERVE_WORKRS": "SERVABLE_TEXT_SERVE_WORKERS",
+                                     "SERVABLE_AUTH_KEY": "SERVABLE_AUTH_KEYS"}  # fmt: skip
+    monkeypatch.setenv("SERVABLE_IMAGE_SERVE_MAX_CONCURRENCYY", "9")
+    with caplog.at_level("WARNING"):
+        warn_unknown(logging.getLogger("test"))
+    assert "SERVABLE_IMAGE_SERVE_MAX_CONCURRENCYY is set but names no setting" in caplog.text
+    assert "did you mean SERVABLE_IMAGE_SERVE_MAX_CONCURRENCY?" in caplog.text
+
+
+def test_every_setting_variable_the_repository_names_is_a_setting():
+    """Compose, Kubernetes, the Makefile, the docs and the tests name no SERVABLE_* variable under a settings
+    prefix that no setting reads (the bare prefixes, written as prefixes, excepted)."""
+    from servable.setting_names import known_names, unknown_settings
+
+    # (this file's misspellings are deliberate)
+    files = subprocess.run(["git", "ls-files", "--", ".", ":!docs/results", ":!tests/test_config.py"], cwd=ROOT,
+                           capture_output=True,
+                           text=True, check=True).stdout.split()  # fmt: skip
+    named = {m for f in files if (ROOT / f).is_file()
+             for m in re.findall(r"SERVABLE_[A-Z0-9_]*[A-Z0-9]", (ROOT / f).read_text(errors="replace"))}  # fmt: skip
+    _, prefixes = known_names()
+    retired = {"SERVABLE_IMAGE_MODEL_TAG", "SERVABLE_TEXT_MODEL_TAG"}  # test_deploy_static checks they are gone
+    unknown = {v: near for v, near in unknown_settings(dict.fromkeys(named, "")).items()
+               if v + "_" not in prefixes and v not in retired}  # fmt: skip
+    assert not unknown, unknown

@@ -6,6 +6,7 @@ One training subcommand per entry of training/tasks.py::TASKS (`image`, `text`),
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydantic import Field, create_model
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from servable.config import LimitedDataConfig
+from servable.setting_names import warn_unknown
 from training.data_images import DataError
 from training.gates import GateFailed
 from training.tasks import TASKS, TrainableTask
@@ -182,6 +184,7 @@ Train = create_model("Train", __base__=TrainBase, **SUBCOMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
+    warn_unknown(logging.getLogger("servable.training"))
     if not sys.stderr.isatty():  # a log: transformers' own bars (weights loading, saving) stay off too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
