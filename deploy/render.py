@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from servable.config import SERVED_MODELS, ServeCommon, ServedModelEntry
+from servable.config import SERVED_MODELS, ServedModelEntry
 
 DEPLOY = Path(__file__).resolve().parent
 NGINX_TEMPLATE = DEPLOY / "nginx" / "servable.conf.template"
@@ -491,12 +491,7 @@ def templated_text(template: Path) -> str:
         "# and SERVED_MODELS (servable/config.py) by `python -m deploy.render`: do not edit by hand\n"
         "# (`python -m deploy.render --check` fails when it is stale).\n"
     )
-    return head + render_template(template.read_text(), selector_values() | threshold_values())
-
-
-def threshold_values() -> dict[str, str]:
-    """The ${NAME} placeholders of alert thresholds that are settings: their defaults (servable/config.py)."""
-    return {"DRIFT_PSI_ALERT": f"{ServeCommon.model_fields['drift_psi_alert'].default:g}"}
+    return head + render_template(template.read_text(), selector_values())
 
 
 # ---------------------------------------------------------------- Kubernetes base (kustomize)

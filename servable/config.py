@@ -385,8 +385,8 @@ class ServeCommon(BaseSettings):
     drift_psi_alert: float = Field(
         0.2,
         gt=0,
-        description="PSI above which a feature counts as drifted: the ServableInputDrift alert's threshold "
-        "(rendered from this default by deploy/render.py) and the replica's own warning line.",
+        description="PSI above which a feature counts as drifted: the ServableInputDrift alert's threshold (the "
+        "replica exports it as servable_drift_psi_alert) and the replica's own warning line.",
     )
 
     def on_gpu(self) -> bool:

@@ -41,6 +41,7 @@ class DriftMonitor:
         self.requests = 0
         self.model, self.version, self.over = model, version, set[str]()
         self.classes = drift_reference.PREDICTED_CLASS in reference.features
+        metrics.DRIFT_PSI_ALERT.labels(model=model, version=version).set(alert)
 
     @classmethod
     def of(cls, manifest: ModelManifest, settings: ServeCommon) -> DriftMonitor | None:

@@ -119,3 +119,10 @@ DRIFT_PSI = bentoml.metrics.Gauge(
     "mix) over the worker's last DRIFT_WINDOW requests, against the training reference in the artifact",
     labelnames=["model", "version", "feature"], multiprocess_mode="livemax",
 )  # fmt: skip
+# The replica's own DRIFT_PSI_ALERT: ServableInputDrift compares the PSI with it, so a deployment that sets
+# another threshold alerts on that one (not on the default the rules were rendered with).
+DRIFT_PSI_ALERT = bentoml.metrics.Gauge(
+    name="servable_drift_psi_alert", documentation="The PSI above which this replica counts a feature as drifted "
+    "(DRIFT_PSI_ALERT); the input-drift alert's threshold", labelnames=["model", "version"],
+    multiprocess_mode="livemax",
+)  # fmt: skip

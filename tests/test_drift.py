@@ -187,6 +187,8 @@ def test_image_drift_quiet_on_the_fixture_data_and_fires_on_inverted_images(imag
     quiet = _psi(image_drift_server)
     assert set(quiet) == IMAGE_FEATURES, quiet
     assert all(v < THRESHOLD for v in quiet.values()), quiet
+    metrics = requests.get(image_drift_server.url + "/metrics", timeout=10).text  # the alert's threshold
+    assert re.search(rf"^servable_drift_psi_alert{{[^}}]*}} {THRESHOLD}$", metrics, re.M), metrics[-2000:]
     _send_images(image_drift_server, 255 - images)
     shifted = _psi(image_drift_server)
     assert shifted["brightness"] > THRESHOLD, shifted

@@ -28,7 +28,10 @@ from tests.polling import wait_for
 
 local_stack = stack_fixtures.local_stack  # the fixture, used by name below
 KEY = {"x-api-key": API_KEY}
-COMPARISON = re.compile(r"^(?P<signal>.+?)\s*(?:==|!=|>=|<=|>|<)\s*-?[0-9.]+$", re.S)
+# `<signal> <op> <threshold>`: a number, or a series joined on labels (a setting the replicas export)
+COMPARISON = re.compile(
+    r"^(?P<signal>.+?)\s*(?:==|!=|>=|<=|>|<)\s*(?:-?[0-9.]+|on \([^)]*\) group_left \(\)\s*(?P<threshold>.+))$", re.S
+)
 # Shadow scoring's series exist only where a replica runs a candidate (serving/shadow.py); the stack runs
 # none: tests/test_shadow.py queries those expressions against a real Prometheus scraping one that does.
 SHADOW_ONLY = re.compile(r"servable[_:]shadow")
@@ -79,6 +82,8 @@ def rule_exprs() -> tuple[list[str], list[tuple[str, str]], list[str]]:
                     m = COMPARISON.match(rule["expr"].strip())
                     assert m, f"alert {rule['alert']} is not written as `<signal> <op> <threshold>`"
                     alerts.append((rule["alert"], m.group("signal")))
+                    if m.group("threshold"):
+                        alerts.append((f"{rule['alert']} threshold", m.group("threshold")))
     return records, alerts, gpu_only
 
 
