@@ -13,11 +13,13 @@ from tests.doc_figures.common import (
     on_off,
     point,
     rps,
+    span,
     tenths,
     whole,
 )
 
 EXPLAIN = "docs/results/explain/explain_load.json"
+EXPLAIN_THREAD = "docs/results/explain/explain_load-thread.json"  # the earlier design, an explain thread
 
 
 def mem(data: dict, model: str, role: str) -> str:
@@ -99,6 +101,13 @@ FIGURES = [
         f"({p99_rise(d, 'image')[0]:.1f} → {p99_rise(d, 'image')[1]:.1f} ms); for text by "
         f"{p99_rise(d, 'text')[1] - p99_rise(d, 'text')[0]:.2g} ms ({p99_rise(d, 'text')[0]:.1f} → "
         f"{p99_rise(d, 'text')[1]:.1f} ms)"), "explain load: p99 rise"),
+    # serving.md: the load of each explain-load run (the 1-minute load average, as read before and after it)
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"(load average {d['load_average_before'][0]:.1f} before, {d['load_average_after'][0]:.1f} after; the file "
+        "records no date or time)"), "explain load: quiet machine"),
+    Figure("docs/serving.md", EXPLAIN_THREAD, lambda d: (
+        "the machine shared with other test suites at a load average of "
+        f"{span(d['load_average_before'] + d['load_average_after'])}; no time recorded"), "explain load: thread run"),
     # serving.md: how often an answer below the abstention threshold is right, on each model's test set
     *(Figure("docs/serving.md", f"docs/results/calibration/{name}.json", lambda d, what=what: (
         f"{whole(100 * d['sets']['test']['accuracy_below_threshold'])} % {what} "
