@@ -8,10 +8,11 @@ import re
 import statistics
 from collections.abc import Callable
 
-from tests.doc_figures.common import BENCH, DOCUMENTED, Figure
+from tests.doc_figures.common import BENCH, DOCUMENTED, Figure, span
 
 GALLERY = "docs/results/training/gallery/{}/summary.json"
 LIMITED = "docs/results/limited_data/limited_data.json"
+CLIP = "docs/results/training/clip-norms.json"  # the default runs' per-epoch gradient norms (their history.json)
 
 # training.md's limited-data table: its row labels, the arm of each; bold marks the best of the three models
 LIMITED_ROWS = {
@@ -105,6 +106,36 @@ def same_as_documented(c: dict) -> str:
     return (
         f"`{c['tag']}`, the same recipe run again in a `make all` on the same day, whose release gate found "
         f"its fp32 figures {verdict} this run's ({test} in domain, {ood} out of domain)"
+    )
+
+
+def epochs(d: dict, model: str) -> list[dict]:
+    return d["models"][model]["epochs"]
+
+
+def clipping_measured(d: dict) -> str:
+    """training.md's clipping section: the share of steps clipped, the mean norms, the runs' tags."""
+    clipped = {m: " then ".join(dict.fromkeys(str(round(e["clipped_fraction"], 2)) for e in epochs(d, m)))
+               for m in ("image", "text")}  # fmt: skip
+    return (f"(`clipped_fraction` {clipped['image']} for the image model, {clipped['text']} for the text model): the "
+            f"gradient norm before clipping averaged {span(e['grad_norm'] for e in epochs(d, 'image'))} (image) and "
+            f"{span(e['grad_norm'] for e in epochs(d, 'text'))} (text)")  # fmt: skip
+
+
+def clipping_thresholds(d: dict) -> str:
+    """Each epoch's largest norm, the highest first (the epoch after unfreezing), and the thresholds derived."""
+    from training.loop import clip_threshold  # imports torch: only when run
+
+    image = sorted((e for e in epochs(d, "image")), key=lambda e: -e["grad_norm_max"])
+    top, *rest = image
+    assert (top["stage"], top["epoch"]) == ("finetune", 1), top  # "the first epoch after unfreezing the backbone"
+    text = max(e["grad_norm_max"] for e in epochs(d, "text"))
+    others = " and ".join(f"{e['grad_norm_max']:.1f}" for e in sorted(rest, key=lambda e: e["grad_norm_max"]))
+    return (
+        f"stood in: {top['grad_norm_max']:.1f} for the image model (the first epoch after unfreezing the "
+        f"backbone; {others} in the other two) and {text:.1f} for the text model, so the measured thresholds are "
+        f"`--clip-norm {clip_threshold(epochs(d, 'image')):.3g}` (image) and "
+        f"`{clip_threshold(epochs(d, 'text')):.3g}` (text)"
     )
 
 
@@ -203,6 +234,11 @@ FIGURES = [
         "gallery: image run"),
     Figure("docs/training.md", GALLERY.format("text"), lambda d: (
         f"{d['accuracy']:.4f} on the {d['test_examples']:,} test sentences for `{d['model']}`)"), "gallery: text run"),
+    # training.md: gradient clipping, from the default runs' recorded norms
+    Figure("docs/training.md", CLIP, clipping_measured, "clipping: shares and mean norms"),
+    Figure("docs/training.md", CLIP, clipping_thresholds, "clipping: largest norms and thresholds"),
+    Figure("docs/training.md", CLIP, lambda d: (
+        f"runs (`{d['models']['image']['tag']}`, `{d['models']['text']['tag']}`;"), "clipping: the runs"),
     # training.md: make limited-data's table
     *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
       for label in LIMITED_ROWS),
