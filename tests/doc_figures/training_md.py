@@ -11,6 +11,9 @@ from collections.abc import Callable
 from tests.doc_figures.common import BENCH, DOCUMENTED, Figure, span
 
 GALLERY = "docs/results/training/gallery/{}/summary.json"
+MISTAKES = "docs/results/training/gallery/{}/gallery.json"  # the gallery's mistakes, the most confident first
+PER_CLASS = "docs/results/training/gallery/{}/per_class.md"
+NUMBERS = {8: "eight", 10: "ten"}
 LIMITED = "docs/results/limited_data/limited_data.json"
 CLIP = "docs/results/training/clip-norms.json"  # the default runs' per-epoch gradient norms (their history.json)
 
@@ -139,6 +142,18 @@ def clipping_thresholds(d: dict) -> str:
     )
 
 
+def weakest_class(d: dict) -> str:
+    rows = d["tables"]["class"][0]
+    weakest = min(rows, key=lambda c: float(rows[c]["F1"]))
+    return f"The weakest class is {weakest} (F1 {float(rows[weakest]['F1']):.2f} in"
+
+
+def word_score(mistakes: list[dict], word: str) -> str:
+    """The drop in the wrong class's log-odds without this word, in the one mistake that holds it."""
+    (found,) = [w["score"] for m in mistakes for w in m["words"] if w["word"] == word]
+    return f"{found:.1f}"
+
+
 def rendered(module: str, name: str) -> Figure:
     """A table of training.md rendered by its module's markdown_table from the JSON the module wrote."""
 
@@ -239,6 +254,20 @@ FIGURES = [
     Figure("docs/training.md", CLIP, clipping_thresholds, "clipping: largest norms and thresholds"),
     Figure("docs/training.md", CLIP, lambda d: (
         f"runs (`{d['models']['image']['tag']}`, `{d['models']['text']['tag']}`;"), "clipping: the runs"),
+    # training.md: the galleries' mistakes and per-class figures (python -m training gallery)
+    Figure("docs/training.md", MISTAKES.format("image"), lambda g: (
+        f"The {NUMBERS[len(g)]} most confident mistakes (`{MISTAKES.format('image')}`) are all at "
+        f"{min(m['confidence'] for m in g):.4f} or more confidence"), "gallery: image mistakes"),
+    Figure("docs/training.md", PER_CLASS.format("image"), weakest_class, "gallery: weakest image class"),
+    Figure("docs/training.md", MISTAKES.format("text"), lambda g: (
+        f"(the {NUMBERS[len(g)]} most confident mistakes; each word with the drop in the log-odds of the wrong class "
+        f"without it; `{MISTAKES.format('text')}`). All {NUMBERS[len(g)]} are at "
+        f"{min(m['confidence'] for m in g):.3f} or more confidence;"), "gallery: text mistakes"),
+    Figure("docs/training.md", MISTAKES.format("text"), lambda g: (
+        f'removing "nonsense." lowers the negative log-odds by {word_score(g, "nonsense.")}), "The Enterprise is '
+        f'**losing** speed." ({word_score(g, "losing")}), "...it\'s also **disappointing**..." '
+        f'({word_score(g, "disappointing")}), and negatives read as positive on "**lightweight,**" '
+        f'({word_score(g, "lightweight,")}) or "**solid**" ({word_score(g, "solid")})'), "gallery: text word scores"),
     # training.md: make limited-data's table
     *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
       for label in LIMITED_ROWS),
