@@ -40,6 +40,23 @@ def memory_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
     return row
 
 
+def role_rss(d: dict, run: str, phase: str, model: str, role: str) -> float:
+    """The RSS of every process of a role in a replica, together."""
+    return sum(p["rss_mib"] for p in d["runs"][run]["phases"][phase][model]["processes"] if p["role"] == role)
+
+
+def memory_reading(d: dict) -> str:
+    """benchmark.md's reading of the memory table: what the change took away at rest."""
+    at_rest = {m: (rss(d, "before", "at_rest", m), rss(d, "after", "at_rest", m)) for m in ("image", "text")}
+    gone = " / ".join(whole(role_rss(d, "before", "at_rest", m, "explain_process")) for m in ("image", "text"))
+    trackers = {whole(role_rss(d, "before", "at_rest", m, "resource_tracker")) for m in ("image", "text")}
+    (tracker,) = trackers  # one figure for both models, as the page says it
+    return (f"(image {at_rest['image'][0]:.0f} → {at_rest['image'][1]:.0f} MiB, text {at_rest['text'][0]:.0f} → "
+            f"{at_rest['text'][1]:.0f} MiB): the two explain processes ({gone} MiB) and their resource trackers "
+            f"({tracker} MiB) are gone, nothing else moved. PSS falls less "
+            f"({share(pss_both(d, 'after'), pss_both(d, 'before'))} for both replicas)")  # fmt: skip
+
+
 def pss_both(d: dict, run: str) -> float:
     return sum(d["runs"][run]["phases"]["at_rest"][m]["pss_mib"] for m in ("image", "text"))
 
@@ -258,6 +275,24 @@ FIGURES = [
         f"for images sent {point(d, 'image', 'served default @70%')['target_rps']:,.0f} req/s; its p99 was "
         f"{point(d, 'image', 'served default @70%')['p99_ms']:.0f} ms and {point(d, 'image', 'served default @70%')['errors']} requests"),  # noqa: E501
         "open-loop point"),
+    # benchmark.md: how long the reference run took, and the readings of its figures in the prose
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"--out docs/results/benchmark` ({d['elapsed_s'] / 60:.1f} min), AMD EPYC"), "reference run: duration"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"({d['elapsed_s'] / 60:.1f} min on the reference machine, an AMD EPYC: elapsed_s in {BENCH})"),
+        "reference run: duration, make benchmark"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"took the p99 to {bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms"), "gc.freeze: p99 after"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"the same settings measured {rps(d, 'text', 'served default')} and "
+        f"{rps(d, 'text', 'served int8 inprocess batching on')} texts/s in this run"), "text: two runs of the default"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"`python -m loadtest.benchmark --out docs/results/benchmark-quiet` ({d['elapsed_s'] / 60:.1f} min)"),
+        "history: duration"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "much faster than under load ({} images/s, {} texts/s at batch 1)".format(
+            *(whole(p["items_s"]) for m in d["models"] for p in m["points"] if p["config"] == "raw ORT fp32 b1"))),
+        "history: raw ORT at batch 1"),
     # benchmark.md: memory at rest, from make memory (three labelled runs), and on the redesigned core
     *(Figure("docs/benchmark.md", MEMORY, memory_row(m, phase, label), f"memory: {m}, {label}")
       for m in ("image", "text") for phase, label in MEMORY_PHASES),
@@ -280,6 +315,22 @@ FIGURES = [
         f"| resource tracker, each (2 before, none after) | {each_pair(d, 'before', 'resource_tracker')} | none; "
         f"{each(d, 'after', 'after_one_explanation', 'image', 'resource_tracker')} once an explain process started |"),
         "memory: resource tracker"),
+    Figure("docs/benchmark.md", MEMORY, memory_reading, "memory: at rest, reading"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"one worker has its child ({each(d, 'after', 'after_one_explanation', 'image', 'explain_process')} MiB "
+        f"image, {each(d, 'after', 'after_one_explanation', 'text', 'explain_process')} MiB text, plus "
+        f"{each(d, 'after', 'after_one_explanation', 'image', 'resource_tracker')} MiB for the tracker)"),
+        "memory: after one explanation, reading"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        "load reached both workers: "
+        f"{d['runs']['after_with_recommended']['phases']['under_load']['image']['largest_total_rss_mib']:.0f} MiB;"),
+        "memory: both workers explaining"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"the arbiter goes from {each(d, 'after', 'at_rest', 'image', 'arbiter')} to "
+        f"{each(d, 'after_with_recommended', 'at_rest', 'image', 'arbiter')} MiB and a replica at rest to "
+        f"{share(rss(d, 'after_with_recommended', 'at_rest', 'image'), rss(d, 'before', 'at_rest', 'image'))} (image) "
+        f"and {share(rss(d, 'after_with_recommended', 'at_rest', 'text'), rss(d, 'before', 'at_rest', 'text'))} (text) "
+        "of before"), "memory: the recommended change, reading"),
     *(Figure("docs/benchmark.md", MEMORY_FINAL, final_tree_row(m, phase, label), f"memory, core redesign: {m}, {label}")
       for phase, label in MEMORY_PHASES for m in ("image", "text")),
     # benchmark.md: the profiles' load, the core redesign's arbiter, and the split design's history run
