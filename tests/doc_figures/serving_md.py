@@ -63,6 +63,16 @@ def p99_rise(d: dict, model: str) -> tuple[float, float]:
     return m["predict_alone"]["predict"]["p99_ms"], m["with_explain_load_default"]["predict"]["p99_ms"]
 
 
+def image_rows_s(d: dict) -> float:
+    """Model rows a second the image explanations ran: explanations a second times the rows of one."""
+    m = d["models"]["image"]
+    return m["with_explain_load_default"]["explain"]["explanations_per_s"] * m["cost"]["explain"]["model_rows_mean"]
+
+
+def nice0_p99(d: dict, model: str) -> float:
+    return d["models"][model]["with_explain_load_explain_nice_0"]["predict"]["p99_ms"]
+
+
 FIGURES = [
     # serving.md: the defaults per device, from the benchmark's reference run
     Figure("docs/serving.md", BENCH, lambda d: (
@@ -108,6 +118,14 @@ FIGURES = [
     Figure("docs/serving.md", EXPLAIN_THREAD, lambda d: (
         "the machine shared with other test suites at a load average of "
         f"{span(d['load_average_before'] + d['load_average_after'])}; no time recorded"), "explain load: thread run"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        "explanations a second ({:,.0f} model rows a second, {:.0f} times the predictions' rows)".format(
+            round(image_rows_s(d), -2), image_rows_s(d) / d["settings"]["rate"]["image"])), "explain load: rows"),
+    Figure("docs/serving.md", EXPLAIN_THREAD, lambda d: (
+        f"Predict p99 rose from {p99_rise(d, 'image')[0]:.1f} to {p99_rise(d, 'image')[1]:.1f} ms (image) and from "
+        f"{p99_rise(d, 'text')[0]:.1f} to {p99_rise(d, 'text')[1]:.1f} ms (text) under the same explain load, and the "
+        f"thread's lower priority was no protection (at normal priority: {nice0_p99(d, 'image'):.1f} and "
+        f"{nice0_p99(d, 'text'):.1f} ms;"), "explain load: thread run, p99"),
     # serving.md: how often an answer below the abstention threshold is right, on each model's test set
     *(Figure("docs/serving.md", f"docs/results/calibration/{name}.json", lambda d, what=what: (
         f"{whole(100 * d['sets']['test']['accuracy_below_threshold'])} % {what} "
