@@ -18,10 +18,20 @@ MACHINES = ("AMD EPYC", "Intel Xeon")
 
 @cache
 def results(path: str) -> dict | list:
-    """A results file's figures: a JSON file under docs/results/, or a markdown one (a model card, a per-class
-    table) read by model_card."""
+    """A results file's figures: a JSON file under docs/results/, a markdown one (a model card, a per-class
+    table) read by model_card, or a printed report (.txt) read by printed_report."""
     text = (ROOT / path).read_text()
+    if path.endswith(".txt"):
+        return printed_report(text)
     return model_card(text) if path.endswith(".md") else json.loads(text)
+
+
+def printed_report(text: str) -> dict:
+    """A report a command printed (`python -m loadtest.drift_cost > docs/results/drift_cost.txt`): its first line
+    (what, then the machine after the first `;`) and each further line's label and figure."""
+    head, *lines = text.splitlines()
+    figures = {m[1]: float(m[2]) for m in (re.match(r"\s*(.+?)\s{2,}([\d.]+)\b", line) for line in lines) if m}
+    return {"machine": head.split("; ")[1], "figures": figures, "text": text}
 
 
 def model_card(text: str) -> dict:

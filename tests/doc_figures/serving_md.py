@@ -19,6 +19,7 @@ from tests.doc_figures.common import (
 )
 
 EXPLAIN = "docs/results/explain/explain_load.json"
+DRIFT_COST = "docs/results/drift_cost.txt"  # python -m loadtest.drift_cost's printed report
 EXPLAIN_THREAD = "docs/results/explain/explain_load-thread.json"  # the earlier design, an explain thread
 
 
@@ -126,6 +127,15 @@ FIGURES = [
         f"{p99_rise(d, 'text')[0]:.1f} to {p99_rise(d, 'text')[1]:.1f} ms (text) under the same explain load, and the "
         f"thread's lower priority was no protection (at normal priority: {nice0_p99(d, 'image'):.1f} and "
         f"{nice0_p99(d, 'text'):.1f} ms;"), "explain load: thread run, p99"),
+    # serving.md: the drift monitor's cost per request (python -m loadtest.drift_cost)
+    Figure("docs/serving.md", DRIFT_COST, lambda d: (
+        "an image costs {} µs ({} µs for its statistics, {} µs for the window and its share of the PSI), about a "
+        "quarter of its own decode and pre-processing ({} µs for a 28 × 28 PNG at 64 px); a text {} µs ({} µs and "
+        "{} µs), a third of its tokenisation ({} µs)").format(
+            *(whole(d["figures"][f"image {k}"]) for k in ("drift in all", "statistics", "window + PSI")),
+            whole(d["figures"]["image decode + pre-processing (28 x 28 PNG -> 64 x 64)"]),
+            *(d["figures"][f"text  {k}"] for k in ("drift in all", "statistics", "window + PSI", "tokenisation"))),
+        "drift cost"),
     # serving.md: how often an answer below the abstention threshold is right, on each model's test set
     *(Figure("docs/serving.md", f"docs/results/calibration/{name}.json", lambda d, what=what: (
         f"{whole(100 * d['sets']['test']['accuracy_below_threshold'])} % {what} "
