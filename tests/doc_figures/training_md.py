@@ -154,6 +154,35 @@ def word_score(mistakes: list[dict], word: str) -> str:
     return f"{found:.1f}"
 
 
+def mean_acc(d: dict, arm: str, size: int) -> float:
+    return d["summary"][arm][str(size)]["mean"]
+
+
+def scratch_learned(d: dict) -> str:
+    runs = [r for arm in ("efficientnet-scratch", "small-cnn") for size in d["runs"][arm] for r in d["runs"][arm][size]]
+    learned = [r for r in runs if r["train_loss"][-1] < r["train_loss"][0]]
+    last = [r["train_acc"][-1] for r in runs]
+    return (
+        f"**Every from-scratch run learned** ({len(learned)} of {len(runs)}: loss fell, training accuracy "
+        f"{min(last):.2f}-{max(last):.2f} on the last epoch)"
+    )
+
+
+def pseudo_labels(d: dict) -> str:
+    """How many pseudo-labels cleared the cut per size (mean over seeds) and how often they were right."""
+    runs = d["runs"]["pseudo-label"]
+    count = {int(s): statistics.mean(r["pseudo_labels"] for r in runs[s]) for s in runs}
+    right = {int(s): statistics.mean(r["pseudo_label_accuracy"] for r in runs[s]) for s in runs}
+    upper = [s for s in count if s >= 1000]
+    (right_up,) = {f"{100 * right[s]:.0f}" for s in upper}
+    return (
+        f"were right {right_up} % of the time from 1,000 labels up ({min(count[s] for s in upper):,.0f}-"
+        f"{max(count[s] for s in upper):,.0f} of them per size, on average), so they added little the model did "
+        f"not already know; at 300 labels only {count[300]:.0f} cleared the 0.95 cut, {100 * right[300]:.0f} % "
+        "right"
+    )
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
@@ -306,6 +335,22 @@ FIGURES = [
         f'**losing** speed." ({word_score(g, "losing")}), "...it\'s also **disappointing**..." '
         f'({word_score(g, "disappointing")}), and negatives read as positive on "**lightweight,**" '
         f'({word_score(g, "lightweight,")}) or "**solid**" ({word_score(g, "solid")})'), "gallery: text word scores"),
+    # training.md: the readings of make limited-data's table
+    Figure("docs/training.md", LIMITED, lambda d: (
+        f"(`make limited-data`, {d['date'][:10]}, AMD EPYC, 2 cores, no GPU: {d['minutes']} minutes of compute"),
+        "limited data: the run"),
+    Figure("docs/training.md", LIMITED, lambda d: (
+        f"by {100 * (mean_acc(d, 'small-cnn', 300) - mean_acc(d, 'pretrained', 300)):.0f} points at 300 labels over "
+        "the pretrained one"), "limited data: the small CNN's lead"),
+    Figure("docs/training.md", LIMITED, lambda d: (
+        "at 10,000 labels the pretrained network is first ({:.3f}, against {:.3f} and {:.3f})".format(
+            *(mean_acc(d, arm, 10000) for arm in ("pretrained", "small-cnn", "efficientnet-scratch")))),
+        "limited data: the crossing"),
+    Figure("docs/training.md", LIMITED, scratch_learned, "limited data: every from-scratch run learned"),
+    Figure("docs/training.md", LIMITED, pseudo_labels, "limited data: pseudo-labels"),
+    Figure("docs/training.md", LIMITED, lambda d: "the rarest class got {} of the chosen labels".format(span(
+        (100 * r["smallest_class_share"] for runs in d["runs"]["active"].values() for r in runs), " %")),
+        "limited data: active learning's rarest class"),
     # training.md: the readings of the calibration tables
     Figure("docs/training.md", "docs/results/calibration/fashion-cnn.json", image_calibration, "calibration: image"),
     Figure("docs/training.md", "docs/results/calibration/sentiment-bert.json", text_calibration, "calibration: text"),
