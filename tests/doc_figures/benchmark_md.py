@@ -57,6 +57,27 @@ def memory_reading(d: dict) -> str:
             f"({share(pss_both(d, 'after'), pss_both(d, 'before'))} for both replicas)")  # fmt: skip
 
 
+def admission_spread(d: dict) -> str:
+    """How far apart the rounds of one tree are: the old tree's image ratios."""
+    old = [r["ratio"] for r in d["image/old"]]
+    return (f"The rounds of one tree differ by up to {100 * (max(old) / min(old) - 1):.0f} % (the old tree's image "
+            f"runs: {min(old):.2f} and {max(old):.2f})")  # fmt: skip
+
+
+def admission_new(d: dict, model: str, key: str, form: str = ".2f") -> str:
+    return " and ".join(f"{r[key]:{form}}" for r in d[f"{model}/new"])
+
+
+def admission_first_100(d: dict) -> str:
+    """The first 100 requests' p99 after ready against the steady p99, each round."""
+    worst = max(r["first_over_steady"] for m in ("image", "text") for r in d[f"{m}/new"])
+    return (
+        f"image p99 {admission_new(d, 'image', 'first100_p99', '.0f')} ms against the steady "
+        f"{admission_new(d, 'image', 'served_p99', '.0f')} ms; text {admission_new(d, 'text', 'first100_p99', '.0f')} "
+        f"ms against {admission_new(d, 'text', 'served_p99', '.0f')} ms; at most {worst:.2f} times the steady p99"
+    )
+
+
 def pss_both(d: dict, run: str) -> float:
     return sum(d["runs"][run]["phases"]["at_rest"][m]["pss_mib"] for m in ("image", "text"))
 
@@ -275,6 +296,12 @@ FIGURES = [
         f"for images sent {point(d, 'image', 'served default @70%')['target_rps']:,.0f} req/s; its p99 was "
         f"{point(d, 'image', 'served default @70%')['p99_ms']:.0f} ms and {point(d, 'image', 'served default @70%')['errors']} requests"),  # noqa: E501
         "open-loop point"),
+    # benchmark.md: the admission rounds' reading
+    Figure("docs/benchmark.md", ADMISSION, admission_spread, "admission: spread of rounds"),
+    Figure("docs/benchmark.md", ADMISSION, lambda d: (
+        f"image {admission_new(d, 'image', 'on_over_off')}, text {admission_new(d, 'text', 'on_over_off')}. The "
+        "target of"), "admission: timing headers on / off"),
+    Figure("docs/benchmark.md", ADMISSION, admission_first_100, "admission: first 100 requests"),
     # benchmark.md: how long the reference run took, and the readings of its figures in the prose
     Figure("docs/benchmark.md", BENCH, lambda d: (
         f"--out docs/results/benchmark` ({d['elapsed_s'] / 60:.1f} min), AMD EPYC"), "reference run: duration"),
