@@ -570,6 +570,17 @@ def c32(d: dict, model: str, config: str) -> float:
                 if p["config"] == config and p["concurrency"] == 32)  # fmt: skip
 
 
+def header_once(d: dict) -> str:
+    """The two alternating rounds of the header-once change, old → new, and the peer's range across the four runs."""
+    runs = [d] + [core_run(f"header-once-{n}") for n in ("new-1", "old-2", "new-2")]
+    served = [whole(c32(r, "image", "served default")) for r in runs]
+    peer = [c32(r, "image", "fastapi+ort peer") for r in runs]
+    return (
+        f"served default {served[0]} → {served[1]} and {served[2]} → {served[3]} req/s at 32 clients. The FastAPI "
+        f"peer's own figures moved from {whole(min(peer))} to {whole(max(peer))} req/s across these four runs"
+    )
+
+
 def served_peer(d: dict, model: str) -> str:
     served, peer = c32(d, model, "served default"), c32(d, model, "fastapi+ort peer")
     return f"{whole(served)} / {whole(peer)} = {served / peer:.2f}"
@@ -591,6 +602,7 @@ FIGURES += [
         f"the served default's own req/s {own_drop(d)} lower in rounds 1 and 3"), "core redesign: image's own drop"),
     Figure("docs/benchmark.md", f"{CORE_REDESIGN}final-ratios.json", lambda d: (
         f"its own req/s {own_drop(d)} lower in every round"), "final tree: image's own drop"),
+    Figure("docs/benchmark.md", f"{CORE_REDESIGN}header-once-old-1.json", header_once, "header once: rounds"),
     Figure("docs/benchmark.md", f"{CORE_REDESIGN}calibrated-head-new.json", lambda d: (
         f"image {served_peer(d, 'image')} against {served_peer(core_run('calibrated-head-old'), 'image')}, "
         f"text {served_peer(d, 'text')} against {served_peer(core_run('calibrated-head-old'), 'text')}"),
