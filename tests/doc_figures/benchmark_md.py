@@ -317,6 +317,10 @@ FIGURES = [
         f"`python -m loadtest.benchmark --out docs/results/benchmark-quiet` ({d['elapsed_s'] / 60:.1f} min)"),
         "history: duration"),
     Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "without batching it was far worse (p99 {:.1f} s, {} errors)".format(*next(
+            (p["p99_ms"] / 1000, p["errors"]) for m in d["models"] if m["model"] == "text" for p in m["points"]
+            if p["config"] == "served fp32 batching off @70%"))), "history: text at 70 %, batching off"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
         "much faster than under load ({} images/s, {} texts/s at batch 1)".format(
             *(whole(p["items_s"]) for m in d["models"] for p in m["points"] if p["config"] == "raw ORT fp32 b1"))),
         "history: raw ORT at batch 1"),
