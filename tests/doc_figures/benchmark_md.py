@@ -309,6 +309,9 @@ FIGURES = [
         f"({d['elapsed_s'] / 60:.1f} min on the reference machine, an AMD EPYC: elapsed_s in {BENCH})"),
         "reference run: duration, make benchmark"),
     Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"one client sees {point(d, 'image', 'served default', 1)['p50_ms']:.1f} ms for an image"),
+        "batcher without a window: one client"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
         f"took the p99 to {bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms"), "gc.freeze: p99 after"),
     Figure("docs/benchmark.md", BENCH, lambda d: (
         f"the same settings measured {rps(d, 'text', 'served default')} and "
