@@ -40,6 +40,44 @@ def memory_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
     return row
 
 
+def role_rss(d: dict, run: str, phase: str, model: str, role: str) -> float:
+    """The RSS of every process of a role in a replica, together."""
+    return sum(p["rss_mib"] for p in d["runs"][run]["phases"][phase][model]["processes"] if p["role"] == role)
+
+
+def memory_reading(d: dict) -> str:
+    """benchmark.md's reading of the memory table: what the change took away at rest."""
+    at_rest = {m: (rss(d, "before", "at_rest", m), rss(d, "after", "at_rest", m)) for m in ("image", "text")}
+    gone = " / ".join(whole(role_rss(d, "before", "at_rest", m, "explain_process")) for m in ("image", "text"))
+    trackers = {whole(role_rss(d, "before", "at_rest", m, "resource_tracker")) for m in ("image", "text")}
+    (tracker,) = trackers  # one figure for both models, as the page says it
+    return (f"(image {at_rest['image'][0]:.0f} → {at_rest['image'][1]:.0f} MiB, text {at_rest['text'][0]:.0f} → "
+            f"{at_rest['text'][1]:.0f} MiB): the two explain processes ({gone} MiB) and their resource trackers "
+            f"({tracker} MiB) are gone, nothing else moved. PSS falls less "
+            f"({share(pss_both(d, 'after'), pss_both(d, 'before'))} for both replicas)")  # fmt: skip
+
+
+def admission_spread(d: dict) -> str:
+    """How far apart the rounds of one tree are: the old tree's image ratios."""
+    old = [r["ratio"] for r in d["image/old"]]
+    return (f"The rounds of one tree differ by up to {100 * (max(old) / min(old) - 1):.0f} % (the old tree's image "
+            f"runs: {min(old):.2f} and {max(old):.2f})")  # fmt: skip
+
+
+def admission_new(d: dict, model: str, key: str, form: str = ".2f") -> str:
+    return " and ".join(f"{r[key]:{form}}" for r in d[f"{model}/new"])
+
+
+def admission_first_100(d: dict) -> str:
+    """The first 100 requests' p99 after ready against the steady p99, each round."""
+    worst = max(r["first_over_steady"] for m in ("image", "text") for r in d[f"{m}/new"])
+    return (
+        f"image p99 {admission_new(d, 'image', 'first100_p99', '.0f')} ms against the steady "
+        f"{admission_new(d, 'image', 'served_p99', '.0f')} ms; text {admission_new(d, 'text', 'first100_p99', '.0f')} "
+        f"ms against {admission_new(d, 'text', 'served_p99', '.0f')} ms; at most {worst:.2f} times the steady p99"
+    )
+
+
 def pss_both(d: dict, run: str) -> float:
     return sum(d["runs"][run]["phases"]["at_rest"][m]["pss_mib"] for m in ("image", "text"))
 
@@ -258,6 +296,37 @@ FIGURES = [
         f"for images sent {point(d, 'image', 'served default @70%')['target_rps']:,.0f} req/s; its p99 was "
         f"{point(d, 'image', 'served default @70%')['p99_ms']:.0f} ms and {point(d, 'image', 'served default @70%')['errors']} requests"),  # noqa: E501
         "open-loop point"),
+    # benchmark.md: the admission rounds' reading
+    Figure("docs/benchmark.md", ADMISSION, admission_spread, "admission: spread of rounds"),
+    Figure("docs/benchmark.md", ADMISSION, lambda d: (
+        f"image {admission_new(d, 'image', 'on_over_off')}, text {admission_new(d, 'text', 'on_over_off')}. The "
+        "target of"), "admission: timing headers on / off"),
+    Figure("docs/benchmark.md", ADMISSION, admission_first_100, "admission: first 100 requests"),
+    # benchmark.md: how long the reference run took, and the readings of its figures in the prose
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"--out docs/results/benchmark` ({d['elapsed_s'] / 60:.1f} min), AMD EPYC"), "reference run: duration"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"({d['elapsed_s'] / 60:.1f} min on the reference machine, an AMD EPYC: elapsed_s in {BENCH})"),
+        "reference run: duration, make benchmark"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"one client sees {point(d, 'image', 'served default', 1)['p50_ms']:.1f} ms for an image"),
+        "batcher without a window: one client"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"took the p99 to {bench_c32(d, 'image', 'served default')['p99_ms']:.0f} ms"), "gc.freeze: p99 after"),
+    Figure("docs/benchmark.md", BENCH, lambda d: (
+        f"the same settings measured {rps(d, 'text', 'served default')} and "
+        f"{rps(d, 'text', 'served int8 inprocess batching on')} texts/s in this run"), "text: two runs of the default"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        f"`python -m loadtest.benchmark --out docs/results/benchmark-quiet` ({d['elapsed_s'] / 60:.1f} min)"),
+        "history: duration"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "without batching it was far worse (p99 {:.1f} s, {} errors)".format(*next(
+            (p["p99_ms"] / 1000, p["errors"]) for m in d["models"] if m["model"] == "text" for p in m["points"]
+            if p["config"] == "served fp32 batching off @70%"))), "history: text at 70 %, batching off"),
+    Figure("docs/benchmark.md", BENCH_QUIET, lambda d: (
+        "much faster than under load ({} images/s, {} texts/s at batch 1)".format(
+            *(whole(p["items_s"]) for m in d["models"] for p in m["points"] if p["config"] == "raw ORT fp32 b1"))),
+        "history: raw ORT at batch 1"),
     # benchmark.md: memory at rest, from make memory (three labelled runs), and on the redesigned core
     *(Figure("docs/benchmark.md", MEMORY, memory_row(m, phase, label), f"memory: {m}, {label}")
       for m in ("image", "text") for phase, label in MEMORY_PHASES),
@@ -280,6 +349,22 @@ FIGURES = [
         f"| resource tracker, each (2 before, none after) | {each_pair(d, 'before', 'resource_tracker')} | none; "
         f"{each(d, 'after', 'after_one_explanation', 'image', 'resource_tracker')} once an explain process started |"),
         "memory: resource tracker"),
+    Figure("docs/benchmark.md", MEMORY, memory_reading, "memory: at rest, reading"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"one worker has its child ({each(d, 'after', 'after_one_explanation', 'image', 'explain_process')} MiB "
+        f"image, {each(d, 'after', 'after_one_explanation', 'text', 'explain_process')} MiB text, plus "
+        f"{each(d, 'after', 'after_one_explanation', 'image', 'resource_tracker')} MiB for the tracker)"),
+        "memory: after one explanation, reading"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        "load reached both workers: "
+        f"{d['runs']['after_with_recommended']['phases']['under_load']['image']['largest_total_rss_mib']:.0f} MiB;"),
+        "memory: both workers explaining"),
+    Figure("docs/benchmark.md", MEMORY, lambda d: (
+        f"the arbiter goes from {each(d, 'after', 'at_rest', 'image', 'arbiter')} to "
+        f"{each(d, 'after_with_recommended', 'at_rest', 'image', 'arbiter')} MiB and a replica at rest to "
+        f"{share(rss(d, 'after_with_recommended', 'at_rest', 'image'), rss(d, 'before', 'at_rest', 'image'))} (image) "
+        f"and {share(rss(d, 'after_with_recommended', 'at_rest', 'text'), rss(d, 'before', 'at_rest', 'text'))} (text) "
+        "of before"), "memory: the recommended change, reading"),
     *(Figure("docs/benchmark.md", MEMORY_FINAL, final_tree_row(m, phase, label), f"memory, core redesign: {m}, {label}")
       for phase, label in MEMORY_PHASES for m in ("image", "text")),
     # benchmark.md: the profiles' load, the core redesign's arbiter, and the split design's history run
@@ -386,7 +471,52 @@ def host_cpu(d: dict) -> str:
     return f"{low} %" if low == high else f"{low}-{high} %"
 
 
+def served_32(d: dict, model: str, config: str) -> dict:
+    """A closed-loop point at 32 clients, whatever its request format."""
+    return next(p for m in d["models"] if m["model"] == model for p in m["points"]
+                if p["config"] == config and p["concurrency"] == 32)  # fmt: skip
+
+
+def tails(d: dict) -> str:
+    """Each open-loop point's p99 / p50 at 70 %, in the page's order: bundled images, photo mix, text."""
+    return ", ".join(f"{p['p99_ms'] / p['p50_ms']:.1f}" for m in d["models"] for p in m["points"]
+                     if p["kind"] == "served-open")  # fmt: skip
+
+
+def photo_mix_cost(d: dict) -> str:
+    served, photo = (served_32(d, "image", c) for c in ("served default", "served default [photo mix]"))
+    peer, peer_photo = (served_32(d, "image", c) for c in ("fastapi+ort peer", "fastapi+ort peer [photo mix]"))
+    lead = target(d, "image", "served default [photo mix] req/s at 32 clients ≥")["ratio"].split(", ")[1]
+    return (
+        f"throughput ({whole(photo['rps'])} against {whole(served['rps'])} req/s) and the peer about "
+        f"{100 * (1 - peer_photo['rps'] / peer['rps']):.0f} %. Its lead over the peer is {lead} (target 2.2: not "
+        f"met), with a lower p99 ({photo['p99_ms']:.0f} against {peer_photo['p99_ms']:.0f} ms)"
+    )
+
+
+def proxied(d: dict, model: str, name_start: str) -> list[str]:
+    """A proxied target's ratios: [drift-corrected, as measured] or its one ratio."""
+    return [r.split(" ")[0] for r in target(d, model, name_start)["ratio"].split(", ")]
+
+
 FIGURES += [
+    Figure("docs/benchmark.md", PHOTO_PROXY_BEFORE, lambda d: (
+        f"reached {rps(d, 'image', 'served default')} req/s at 32 clients against"), "accept fix: before"),
+    Figure("docs/benchmark.md", PHOTO_PROXY, lambda d: f"against {rps(d, 'image', 'served default')} after it",
+           "accept fix: after"),
+    Figure("docs/benchmark.md", PHOTO_PROXY, lambda d: (
+        "p99 / p50 was {} for the bundled images, {} for the photo mix and {} for text.".format(*tails(d).split(", "))),
+        "tails at 70 %, after"),
+    Figure("docs/benchmark.md", PHOTO_PROXY_BEFORE, lambda d: (
+        "Before the fix the figures were {}, {} and {}, so".format(*tails(d).split(", "))), "tails at 70 %, before"),
+    Figure("docs/benchmark.md", PHOTO_PROXY, photo_mix_cost, "photo mix: its cost"),
+    Figure("docs/benchmark.md", PHOTO_PROXY, lambda d: (
+        f"kept {proxied(d, 'image', 'served default via nginx TLS x2 at 32')[1]} of the direct figure (target 0.9: "
+        f"not met). Text kept {proxied(d, 'text', 'served default via nginx TLS x2 at 32')[1]} as measured, but "
+        f"{proxied(d, 'text', 'served default via nginx TLS x2 at 32')[0]} after the machine-drift correction, so its "
+        "target is not met either. The lead over the peer behind the same nginx was "
+        f"{proxied(d, 'image', 'served default via nginx TLS x2 / ')[0]} of the direct lead for images and "
+        f"{proxied(d, 'text', 'served default via nginx TLS x2 / ')[0]} for text"), "behind nginx: reading"),
     *(Figure("docs/benchmark.md", PHOTO_PROXY, photo_proxy_target(*t), f"photo/proxy target: {t[2]}")
       for t in PHOTO_PROXY_TARGETS),
     Figure("docs/benchmark.md", PHOTO_PROXY, open_loop_row("balanced accept"), "open loop at 70 %, after"),
@@ -447,6 +577,17 @@ def c32(d: dict, model: str, config: str) -> float:
                 if p["config"] == config and p["concurrency"] == 32)  # fmt: skip
 
 
+def header_once(d: dict) -> str:
+    """The two alternating rounds of the header-once change, old → new, and the peer's range across the four runs."""
+    runs = [d] + [core_run(f"header-once-{n}") for n in ("new-1", "old-2", "new-2")]
+    served = [whole(c32(r, "image", "served default")) for r in runs]
+    peer = [c32(r, "image", "fastapi+ort peer") for r in runs]
+    return (
+        f"served default {served[0]} → {served[1]} and {served[2]} → {served[3]} req/s at 32 clients. The FastAPI "
+        f"peer's own figures moved from {whole(min(peer))} to {whole(max(peer))} req/s across these four runs"
+    )
+
+
 def served_peer(d: dict, model: str) -> str:
     served, peer = c32(d, model, "served default"), c32(d, model, "fastapi+ort peer")
     return f"{whole(served)} / {whole(peer)} = {served / peer:.2f}"
@@ -468,6 +609,7 @@ FIGURES += [
         f"the served default's own req/s {own_drop(d)} lower in rounds 1 and 3"), "core redesign: image's own drop"),
     Figure("docs/benchmark.md", f"{CORE_REDESIGN}final-ratios.json", lambda d: (
         f"its own req/s {own_drop(d)} lower in every round"), "final tree: image's own drop"),
+    Figure("docs/benchmark.md", f"{CORE_REDESIGN}header-once-old-1.json", header_once, "header once: rounds"),
     Figure("docs/benchmark.md", f"{CORE_REDESIGN}calibrated-head-new.json", lambda d: (
         f"image {served_peer(d, 'image')} against {served_peer(core_run('calibrated-head-old'), 'image')}, "
         f"text {served_peer(d, 'text')} against {served_peer(core_run('calibrated-head-old'), 'text')}"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from tests.doc_figures.common import Figure, span, whole
 
 COMPOSE, COMPOSE_FRESH = "docs/results/compose-up.json", "docs/results/compose-up-fresh-clone.json"
@@ -14,12 +16,20 @@ def replica_memory(d: dict, model: str) -> str:
     return f"{model} {of('memory_at_rest_mib')} / {of('memory_under_load_mib')} MiB"
 
 
+def started(d: dict) -> str:
+    """The run's start as the file records it, to the minute (its end is not recorded)."""
+    return f"{datetime.fromisoformat(d['date']):%Y-%m-%d %H:%M} UTC"
+
+
 def rollout_s(d: dict, step: str) -> str:
     return whole(d["rollout"]["durations_s"][step])
 
 
 FIGURES = [
     # deploy.md: the compose stack's last runs (tests/test_compose_up.py's figures)
+    Figure("docs/deploy.md", COMPOSE, lambda d: f"Started {started(d)}, on a machine", "compose run: start"),
+    Figure("docs/deploy.md", COMPOSE_FRESH, lambda d: f"started {started(d)}: `make compose-up-test`",
+           "compose run from a fresh clone: start"),
     Figure("docs/deploy.md", COMPOSE, lambda d: f"**9 passed in {whole(d['durations_s']['total'])} s**", "compose run"),
     Figure("docs/deploy.md", COMPOSE, lambda d: (
         "| images (cached; a first build takes minutes more, its timings not kept) | "

@@ -13,11 +13,14 @@ from tests.doc_figures.common import (
     on_off,
     point,
     rps,
+    span,
     tenths,
     whole,
 )
 
 EXPLAIN = "docs/results/explain/explain_load.json"
+DRIFT_COST = "docs/results/drift_cost.txt"  # python -m loadtest.drift_cost's printed report
+EXPLAIN_THREAD = "docs/results/explain/explain_load-thread.json"  # the earlier design, an explain thread
 
 
 def mem(data: dict, model: str, role: str) -> str:
@@ -61,6 +64,16 @@ def p99_rise(d: dict, model: str) -> tuple[float, float]:
     return m["predict_alone"]["predict"]["p99_ms"], m["with_explain_load_default"]["predict"]["p99_ms"]
 
 
+def image_rows_s(d: dict) -> float:
+    """Model rows a second the image explanations ran: explanations a second times the rows of one."""
+    m = d["models"]["image"]
+    return m["with_explain_load_default"]["explain"]["explanations_per_s"] * m["cost"]["explain"]["model_rows_mean"]
+
+
+def nice0_p99(d: dict, model: str) -> float:
+    return d["models"][model]["with_explain_load_explain_nice_0"]["predict"]["p99_ms"]
+
+
 FIGURES = [
     # serving.md: the defaults per device, from the benchmark's reference run
     Figure("docs/serving.md", BENCH, lambda d: (
@@ -99,6 +112,30 @@ FIGURES = [
         f"({p99_rise(d, 'image')[0]:.1f} → {p99_rise(d, 'image')[1]:.1f} ms); for text by "
         f"{p99_rise(d, 'text')[1] - p99_rise(d, 'text')[0]:.2g} ms ({p99_rise(d, 'text')[0]:.1f} → "
         f"{p99_rise(d, 'text')[1]:.1f} ms)"), "explain load: p99 rise"),
+    # serving.md: the load of each explain-load run (the 1-minute load average, as read before and after it)
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        f"(load average {d['load_average_before'][0]:.1f} before, {d['load_average_after'][0]:.1f} after; the file "
+        "records no date or time)"), "explain load: quiet machine"),
+    Figure("docs/serving.md", EXPLAIN_THREAD, lambda d: (
+        "the machine shared with other test suites at a load average of "
+        f"{span(d['load_average_before'] + d['load_average_after'])}; no time recorded"), "explain load: thread run"),
+    Figure("docs/serving.md", EXPLAIN, lambda d: (
+        "explanations a second ({:,.0f} model rows a second, {:.0f} times the predictions' rows)".format(
+            round(image_rows_s(d), -2), image_rows_s(d) / d["settings"]["rate"]["image"])), "explain load: rows"),
+    Figure("docs/serving.md", EXPLAIN_THREAD, lambda d: (
+        f"Predict p99 rose from {p99_rise(d, 'image')[0]:.1f} to {p99_rise(d, 'image')[1]:.1f} ms (image) and from "
+        f"{p99_rise(d, 'text')[0]:.1f} to {p99_rise(d, 'text')[1]:.1f} ms (text) under the same explain load, and the "
+        f"thread's lower priority was no protection (at normal priority: {nice0_p99(d, 'image'):.1f} and "
+        f"{nice0_p99(d, 'text'):.1f} ms;"), "explain load: thread run, p99"),
+    # serving.md: the drift monitor's cost per request (python -m loadtest.drift_cost)
+    Figure("docs/serving.md", DRIFT_COST, lambda d: (
+        "an image costs {} µs ({} µs for its statistics, {} µs for the window and its share of the PSI), about a "
+        "quarter of its own decode and pre-processing ({} µs for a 28 × 28 PNG at 64 px); a text {} µs ({} µs and "
+        "{} µs), a third of its tokenisation ({} µs)").format(
+            *(whole(d["figures"][f"image {k}"]) for k in ("drift in all", "statistics", "window + PSI")),
+            whole(d["figures"]["image decode + pre-processing (28 x 28 PNG -> 64 x 64)"]),
+            *(d["figures"][f"text  {k}"] for k in ("drift in all", "statistics", "window + PSI", "tokenisation"))),
+        "drift cost"),
     # serving.md: how often an answer below the abstention threshold is right, on each model's test set
     *(Figure("docs/serving.md", f"docs/results/calibration/{name}.json", lambda d, what=what: (
         f"{whole(100 * d['sets']['test']['accuracy_below_threshold'])} % {what} "

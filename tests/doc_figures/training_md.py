@@ -8,10 +8,14 @@ import re
 import statistics
 from collections.abc import Callable
 
-from tests.doc_figures.common import BENCH, DOCUMENTED, Figure
+from tests.doc_figures.common import BENCH, DOCUMENTED, Figure, span
 
 GALLERY = "docs/results/training/gallery/{}/summary.json"
+MISTAKES = "docs/results/training/gallery/{}/gallery.json"  # the gallery's mistakes, the most confident first
+PER_CLASS = "docs/results/training/gallery/{}/per_class.md"
+NUMBERS = {8: "eight", 10: "ten"}
 LIMITED = "docs/results/limited_data/limited_data.json"
+CLIP = "docs/results/training/clip-norms.json"  # the default runs' per-epoch gradient norms (their history.json)
 
 # training.md's limited-data table: its row labels, the arm of each; bold marks the best of the three models
 LIMITED_ROWS = {
@@ -105,6 +109,115 @@ def same_as_documented(c: dict) -> str:
     return (
         f"`{c['tag']}`, the same recipe run again in a `make all` on the same day, whose release gate found "
         f"its fp32 figures {verdict} this run's ({test} in domain, {ood} out of domain)"
+    )
+
+
+def epochs(d: dict, model: str) -> list[dict]:
+    return d["models"][model]["epochs"]
+
+
+def clipping_measured(d: dict) -> str:
+    """training.md's clipping section: the share of steps clipped, the mean norms, the runs' tags."""
+    clipped = {m: " then ".join(dict.fromkeys(str(round(e["clipped_fraction"], 2)) for e in epochs(d, m)))
+               for m in ("image", "text")}  # fmt: skip
+    return (f"(`clipped_fraction` {clipped['image']} for the image model, {clipped['text']} for the text model): the "
+            f"gradient norm before clipping averaged {span(e['grad_norm'] for e in epochs(d, 'image'))} (image) and "
+            f"{span(e['grad_norm'] for e in epochs(d, 'text'))} (text)")  # fmt: skip
+
+
+def clipping_thresholds(d: dict) -> str:
+    """Each epoch's largest norm, the highest first (the epoch after unfreezing), and the thresholds derived."""
+    from training.loop import clip_threshold  # imports torch: only when run
+
+    image = sorted((e for e in epochs(d, "image")), key=lambda e: -e["grad_norm_max"])
+    top, *rest = image
+    assert (top["stage"], top["epoch"]) == ("finetune", 1), top  # "the first epoch after unfreezing the backbone"
+    text = max(e["grad_norm_max"] for e in epochs(d, "text"))
+    others = " and ".join(f"{e['grad_norm_max']:.1f}" for e in sorted(rest, key=lambda e: e["grad_norm_max"]))
+    return (
+        f"stood in: {top['grad_norm_max']:.1f} for the image model (the first epoch after unfreezing the "
+        f"backbone; {others} in the other two) and {text:.1f} for the text model, so the measured thresholds are "
+        f"`--clip-norm {clip_threshold(epochs(d, 'image')):.3g}` (image) and "
+        f"`{clip_threshold(epochs(d, 'text')):.3g}` (text)"
+    )
+
+
+def weakest_class(d: dict) -> str:
+    rows = d["tables"]["class"][0]
+    weakest = min(rows, key=lambda c: float(rows[c]["F1"]))
+    return f"The weakest class is {weakest} (F1 {float(rows[weakest]['F1']):.2f} in"
+
+
+def word_score(mistakes: list[dict], word: str) -> str:
+    """The drop in the wrong class's log-odds without this word, in the one mistake that holds it."""
+    (found,) = [w["score"] for m in mistakes for w in m["words"] if w["word"] == word]
+    return f"{found:.1f}"
+
+
+def mean_acc(d: dict, arm: str, size: int) -> float:
+    return d["summary"][arm][str(size)]["mean"]
+
+
+def scratch_learned(d: dict) -> str:
+    runs = [r for arm in ("efficientnet-scratch", "small-cnn") for size in d["runs"][arm] for r in d["runs"][arm][size]]
+    learned = [r for r in runs if r["train_loss"][-1] < r["train_loss"][0]]
+    last = [r["train_acc"][-1] for r in runs]
+    return (
+        f"**Every from-scratch run learned** ({len(learned)} of {len(runs)}: loss fell, training accuracy "
+        f"{min(last):.2f}-{max(last):.2f} on the last epoch)"
+    )
+
+
+def pseudo_labels(d: dict) -> str:
+    """How many pseudo-labels cleared the cut per size (mean over seeds) and how often they were right."""
+    runs = d["runs"]["pseudo-label"]
+    count = {int(s): statistics.mean(r["pseudo_labels"] for r in runs[s]) for s in runs}
+    right = {int(s): statistics.mean(r["pseudo_label_accuracy"] for r in runs[s]) for s in runs}
+    upper = [s for s in count if s >= 1000]
+    (right_up,) = {f"{100 * right[s]:.0f}" for s in upper}
+    return (
+        f"were right {right_up} % of the time from 1,000 labels up ({min(count[s] for s in upper):,.0f}-"
+        f"{max(count[s] for s in upper):,.0f} of them per size, on average), so they added little the model did "
+        f"not already know; at 300 labels only {count[300]:.0f} cleared the 0.95 cut, {100 * right[300]:.0f} % "
+        "right"
+    )
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def image_calibration(d: dict) -> str:
+    """training.md's reading of the image model's calibration table."""
+    s = d["sets"]
+    test, rot, noise, digits = s["test"], s["test rotated ±25°"], s["test with noise σ 10"], s["digits"]
+    shifted_ece = [v for x in (rot, noise) for v in x["ece"].values()]
+    below = sorted(pct(x["below_threshold_share"]).removesuffix(" %") for x in (rot, noise))
+    ece, rot_ece = test["ece"], rot["ece"]
+    return (
+        f"(ECE {ece['raw']:.3f}; T = {d['temperature']:.2f} softens it slightly, to {ece['calibrated']:.3f}), and at "
+        f"80 % coverage it is right {pct(test['selective_accuracy_at_80pct'])} of the time. Out of domain it stays "
+        f"roughly honest on average (ECE {min(shifted_ece):.2f}–{max(shifted_ece):.2f}) but *under*-confident on the "
+        "rotated images, where the temperature fitted in domain makes ECE a little worse "
+        f"({rot_ece['raw']:.3f} → {rot_ece['calibrated']:.3f}): a temperature is fitted for one distribution. What "
+        f"the threshold buys is the larger effect: {below[0]}–{below[1]} % of the shifted answers fall below it, and "
+        f"those above it are right {pct(rot['accuracy_above_threshold'])} (rotated) and "
+        f"{pct(noise['accuracy_above_threshold'])} (noise) of the time, against {pct(rot['accuracy'])} and "
+        f"{pct(noise['accuracy'])} overall; {pct(digits['below_threshold_share'])} of the digits"
+    )
+
+
+def text_calibration(d: dict) -> str:
+    """training.md's reading of the text model's calibration table."""
+    test, amazon = d["sets"]["test"], d["sets"]["amazon (held out)"]
+    (right,) = {pct(x["selective_accuracy_at_80pct"]) for x in (test, amazon)}  # "in and out of domain": one figure
+    (below_right,) = {f"{x['accuracy_below_threshold']:.2f}" for x in (test, amazon)}
+    return (
+        f"(mean top-1 probability {test['mean_confidence']['raw']:.2f} for {test['accuracy']:.2f} accuracy; ECE "
+        f"{test['ece']['raw']:.3f}); T = {d['temperature']:.2f} brings ECE to {test['ece']['calibrated']:.3f} in "
+        f"domain and {amazon['ece']['calibrated']:.3f} on the held-out Amazon reviews, where its accuracy happens "
+        f"to match the in-domain one. At 80 % coverage it is right {right} of the time in and out of domain; the "
+        f"answers below the threshold ({d['abstain_below']:.3f}) are right about {pct(float(below_right))} of the time"
     )
 
 
@@ -203,6 +316,44 @@ FIGURES = [
         "gallery: image run"),
     Figure("docs/training.md", GALLERY.format("text"), lambda d: (
         f"{d['accuracy']:.4f} on the {d['test_examples']:,} test sentences for `{d['model']}`)"), "gallery: text run"),
+    # training.md: gradient clipping, from the default runs' recorded norms
+    Figure("docs/training.md", CLIP, clipping_measured, "clipping: shares and mean norms"),
+    Figure("docs/training.md", CLIP, clipping_thresholds, "clipping: largest norms and thresholds"),
+    Figure("docs/training.md", CLIP, lambda d: (
+        f"runs (`{d['models']['image']['tag']}`, `{d['models']['text']['tag']}`;"), "clipping: the runs"),
+    # training.md: the galleries' mistakes and per-class figures (python -m training gallery)
+    Figure("docs/training.md", MISTAKES.format("image"), lambda g: (
+        f"The {NUMBERS[len(g)]} most confident mistakes (`{MISTAKES.format('image')}`) are all at "
+        f"{min(m['confidence'] for m in g):.4f} or more confidence"), "gallery: image mistakes"),
+    Figure("docs/training.md", PER_CLASS.format("image"), weakest_class, "gallery: weakest image class"),
+    Figure("docs/training.md", MISTAKES.format("text"), lambda g: (
+        f"(the {NUMBERS[len(g)]} most confident mistakes; each word with the drop in the log-odds of the wrong class "
+        f"without it; `{MISTAKES.format('text')}`). All {NUMBERS[len(g)]} are at "
+        f"{min(m['confidence'] for m in g):.3f} or more confidence;"), "gallery: text mistakes"),
+    Figure("docs/training.md", MISTAKES.format("text"), lambda g: (
+        f'removing "nonsense." lowers the negative log-odds by {word_score(g, "nonsense.")}), "The Enterprise is '
+        f'**losing** speed." ({word_score(g, "losing")}), "...it\'s also **disappointing**..." '
+        f'({word_score(g, "disappointing")}), and negatives read as positive on "**lightweight,**" '
+        f'({word_score(g, "lightweight,")}) or "**solid**" ({word_score(g, "solid")})'), "gallery: text word scores"),
+    # training.md: the readings of make limited-data's table
+    Figure("docs/training.md", LIMITED, lambda d: (
+        f"(`make limited-data`, {d['date'][:10]}, AMD EPYC, 2 cores, no GPU: {d['minutes']} minutes of compute"),
+        "limited data: the run"),
+    Figure("docs/training.md", LIMITED, lambda d: (
+        f"by {100 * (mean_acc(d, 'small-cnn', 300) - mean_acc(d, 'pretrained', 300)):.0f} points at 300 labels over "
+        "the pretrained one"), "limited data: the small CNN's lead"),
+    Figure("docs/training.md", LIMITED, lambda d: (
+        "at 10,000 labels the pretrained network is first ({:.3f}, against {:.3f} and {:.3f})".format(
+            *(mean_acc(d, arm, 10000) for arm in ("pretrained", "small-cnn", "efficientnet-scratch")))),
+        "limited data: the crossing"),
+    Figure("docs/training.md", LIMITED, scratch_learned, "limited data: every from-scratch run learned"),
+    Figure("docs/training.md", LIMITED, pseudo_labels, "limited data: pseudo-labels"),
+    Figure("docs/training.md", LIMITED, lambda d: "the rarest class got {} of the chosen labels".format(span(
+        (100 * r["smallest_class_share"] for runs in d["runs"]["active"].values() for r in runs), " %")),
+        "limited data: active learning's rarest class"),
+    # training.md: the readings of the calibration tables
+    Figure("docs/training.md", "docs/results/calibration/fashion-cnn.json", image_calibration, "calibration: image"),
+    Figure("docs/training.md", "docs/results/calibration/sentiment-bert.json", text_calibration, "calibration: text"),
     # training.md: make limited-data's table
     *(Figure("docs/training.md", LIMITED, limited_row(label), f"limited data: {LIMITED_ROWS[label]}")
       for label in LIMITED_ROWS),
