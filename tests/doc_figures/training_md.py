@@ -320,7 +320,8 @@ FIGURES = [
     Figure("docs/training.md", CLIP, clipping_measured, "clipping: shares and mean norms"),
     Figure("docs/training.md", CLIP, clipping_thresholds, "clipping: largest norms and thresholds"),
     Figure("docs/training.md", CLIP, lambda d: (
-        f"runs (`{d['models']['image']['tag']}`, `{d['models']['text']['tag']}`;"), "clipping: the runs"),
+        f"`make all` of 2026-12-06 on the default recipe (`{d['models']['image']['tag']}`,\n"
+        f"`{d['models']['text']['tag']}`,"), "clipping: the runs"),
     # training.md: the galleries' mistakes and per-class figures (python -m training gallery)
     Figure("docs/training.md", MISTAKES.format("image"), lambda g: (
         f"The {NUMBERS[len(g)]} most confident mistakes (`{MISTAKES.format('image')}`) are all at "
