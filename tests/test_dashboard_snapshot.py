@@ -8,6 +8,7 @@ series alike) are the dashboard's, run as Grafana would run them. Seconds, no mo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -29,6 +30,7 @@ CONFUSION = "Shadow: live vs candidate label (classifiers)"
 DRIFT = "Input drift: PSI against the training reference"
 FEEDBACK = "Feedback queue size"  # no exporter series: its panel must be reported, not drawn blank and passed
 PAIR = {"model": "fashion-cnn", "version": "v1", "candidate": "v2"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,17 @@ def test_a_broken_query_and_a_row_are_reported_and_selected(prometheus, tmp_path
     assert (tmp_path / "shots" / "broken.png").exists()
     assert snap.main(["--prometheus", prometheus, "--dashboard", str(path), "--panel", "nothing like it", "--out",
                       str(tmp_path)]) == 2  # fmt: skip
+
+
+def test_the_release_pictures_are_recorded_panels_of_the_current_dashboard():
+    """Each picture docs/releasing.md shows from img/releasing/ is one that release.json records with data, from
+    a release with no failed request, named after a panel the dashboard still has (a renamed or removed panel
+    leaves a stale picture: this fails until `make release-pictures` draws them again)."""
+    shown = re.findall(r"!\[[^\]]*\]\(img/releasing/([^)]+\.png)\)", (ROOT / "docs" / "releasing.md").read_text())
+    record = json.loads((ROOT / "docs" / "img" / "releasing" / "release.json").read_text())
+    recorded = {p["file"]: p for p in record["panels"]}
+    panels = {f"{snap.slug(p['title'])}.png" for p in snap.load_dashboard()["panels"]}
+    assert len(shown) >= 5 and set(shown) <= set(recorded) and set(shown) <= panels, (shown, recorded, panels)
+    assert all(recorded[f]["has_data"] for f in shown), [f for f in shown if not recorded[f]["has_data"]]
+    assert record["command"].startswith("python -m loadtest.release_pictures") and record["machine"]
+    assert record["traffic"]["requests"] > 100 and record["traffic"]["failed"] == 0, record["traffic"]
