@@ -147,7 +147,7 @@ def play(live: str, candidate: str, workdir: Path, phase_s: float, out: Path, co
                 time.sleep(phase_s)
                 step("shadow", "--tag", candidate, "--share", "0.5")
                 time.sleep(phase_s)
-                # The fixture models are tiny (about 40 % accurate): any agreement passes, but the figure must exist.
+                # The fixture models are tiny (about 40 % accurate): 0 passes any agreement, but the figure must exist.
                 step("canary", "--tag", candidate, "--weight", "30", "--min-agreement", str(min_agreement))
                 time.sleep(phase_s)
                 traffic.shifted.set()
@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live", help="the image model's served tag (default: the fixture model's v1, trained now)")
     ap.add_argument("--candidate", help="the new version's tag (default: the fixture model's v2, trained now)")
     ap.add_argument("--phase", type=float, default=90, help="seconds of traffic in each phase")
-    ap.add_argument("--min-agreement", type=float, default=0.0,
-                    help="the canary step's threshold (default 0: the fixture models' agreement is low)")  # fmt: skip
+    ap.add_argument("--min-agreement", type=float, default=None,
+                    help="the canary step's threshold (default: deploy.release's with --live, else 0: the fixture "
+                         "models agree on few images)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if bool(args.live) != bool(args.candidate):
@@ -189,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.live:  # a model store of its own, before anything imports bentoml
             os.environ["BENTOML_HOME"] = str(scratch / "bentoml")
             args.live, args.candidate = fixture_versions(scratch / "runs")
+            args.min_agreement = 0.0 if args.min_agreement is None else args.min_agreement
+        if args.min_agreement is None:
+            from deploy.release import Thresholds
+
+            args.min_agreement = Thresholds.min_agreement
         args.out.mkdir(parents=True, exist_ok=True)
         for old in args.out.glob("*.png"):
             old.unlink()
