@@ -161,7 +161,7 @@ memory: setup  ## resident memory per replica and per process: at rest, after on
 	$(BIN)/python -m loadtest.memory $(MEMORY_ARGS)
 
 # ---------------------------------------------------------------- deployment (deploy/, docs/deploy.md)
-.PHONY: stack validate-deploy dashboard bake-models image-cpu-podman compose-up-test compose-prep compose-rollout k8s-release release
+.PHONY: stack validate-deploy dashboard bake-models image-cpu-podman compose-up-test compose-prep compose-rollout k8s-release release release-pictures
 STACK_ARGS ?=
 MODELS ?= fashion-cnn:latest sentiment-bert:latest
 
@@ -188,6 +188,9 @@ compose-rollout:  ## roll KIND=image|text replica by replica to the tag compose 
 release: setup  ## ship a model version: STEP=shadow|canary|promote|rollback MODEL=image TARGET=local|compose|k8s [TAG= WEIGHT= STACK= RELEASE_ARGS=--dry-run] (docs/releasing.md)
 	@test -n "$(STEP)" -a -n "$(MODEL)" -a -n "$(TARGET)" || { echo "usage: make release STEP=canary MODEL=image TAG=fashion-cnn:v2 WEIGHT=10 TARGET=local STACK=<workdir>"; exit 2; }
 	$(BIN)/python -m deploy.release $(STEP) --model $(MODEL) --target $(TARGET) $(if $(TAG),--tag $(TAG)) $(if $(WEIGHT),--weight $(WEIGHT)) $(if $(STACK),--stack $(STACK)) $(RELEASE_ARGS)
+
+release-pictures: setup  ## a release played on the local stack (fixture models, or LIVE= CANDIDATE= tags), its dashboard panels drawn -> docs/img/releasing/
+	$(BIN)/python -m loadtest.release_pictures $(if $(LIVE),--live $(LIVE) --candidate $(CANDIDATE))
 
 k8s-release: setup  ## the image of the model pair to push, then (DIGEST_FROM=podman|docker or DIGEST=sha256:...) its release overlay by digest
 	$(BIN)/python -m deploy.k8s_release --variant $(or $(VARIANT),cpu) --registry $(or $(REGISTRY),registry.example.com/servable) $(if $(DIGEST),--digest $(DIGEST)) $(if $(DIGEST_FROM),--digest-from $(DIGEST_FROM)) $(MODELS)

@@ -326,6 +326,8 @@ SHADOW_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
          "{{model}} {{live_label}} -> {{candidate}} {{candidate_label}}")]),
 ]  # fmt: skip
 
+DRIFT_PANEL = "Input drift: PSI against the training reference (alert above DRIFT_PSI_ALERT)"
+
 # (title, unit, [(PromQL, legend)]): the one place the dashboard's queries are written. ${NAME}
 # placeholders are the served models' selectors (selector_values), filled when the dashboard is written.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
@@ -374,9 +376,16 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
                                                                "{{model}}")]),
     # Shadow scoring (serving/shadow.py): series only where a replica runs a candidate.
     *SHADOW_PANELS,
-    ("Input drift: PSI against the training reference (alert above DRIFT_PSI_ALERT)", "short", [
-        ("servable:drift_psi:max", "{{model}} {{version}} {{feature}}")]),
+    # the alert's threshold is a series: each model version's replicas export their own DRIFT_PSI_ALERT
+    (DRIFT_PANEL, "short", [("servable:drift_psi:max", "{{model}} {{version}} {{feature}}"),
+                            ("min by (job, model, version) (servable_drift_psi_alert)",
+                             "alert threshold {{model}} {{version}}")]),
 ]  # fmt: skip
+
+# Panels that draw an alert's threshold (Grafana: a dashed line): title -> the alert, whose own expression
+# (`<signal> < value` or `> value`, in the rendered rules) gives the value.
+# (The drift panel plots its threshold as a series instead: the replicas export it.)
+PANEL_ALERTS = {SHADOW_PANELS[0][0]: "ServableShadowDisagreement"}
 
 
 def panels() -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -390,6 +399,22 @@ def dashboard_exprs() -> list[str]:
     return [expr for _, _, targets in panels() for expr, _ in targets]
 
 
+def alert_threshold(alert: str) -> float:
+    """The value an alert of the rendered rules compares its signal with (`expr: <signal> < 0.9`)."""
+    rules = yaml.safe_load(templated_text(RULES_TEMPLATE))
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    return float(re.fullmatch(r".*[<>]=?\s*([0-9.eE+-]+)", expr.strip(), re.S)[1])
+
+
+def field_defaults(title: str, unit: str) -> dict:
+    """A panel's unit, and its alert's threshold as a dashed red line where PANEL_ALERTS names one."""
+    if title not in PANEL_ALERTS:
+        return {"unit": unit}
+    steps = [{"color": "green", "value": None}, {"color": "red", "value": alert_threshold(PANEL_ALERTS[title])}]
+    return {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps},
+            "custom": {"thresholdsStyle": {"mode": "dashed"}}}  # fmt: skip
+
+
 def dashboard() -> dict:
     out = []
     for i, (title, unit, targets) in enumerate(panels()):
@@ -397,7 +422,7 @@ def dashboard() -> dict:
             "id": i + 1, "type": "timeseries", "title": title,
             "datasource": {"type": "prometheus", "uid": "prometheus"},
             "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "fieldConfig": {"defaults": field_defaults(title, unit), "overrides": []},
             "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max"]}},
             "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
                          "datasource": {"type": "prometheus", "uid": "prometheus"}}

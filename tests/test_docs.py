@@ -162,3 +162,18 @@ def test_each_proof_references_the_code_it_proves(claim, impl, tests):
     for path, name in tests:
         source = _function_source(path, name)
         assert any(h in source for h in wanted), f"{path}::{name} never reaches {[p for p, _ in impl]} ({claim})"
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+# The written pages; docs/results/ holds the reports runs write beside their figures (not checked here).
+PAGES = [d for d in DOCS if not d.is_relative_to(ROOT / "docs" / "results")]
+
+
+@pytest.mark.parametrize("doc", PAGES, ids=lambda d: d.relative_to(ROOT).as_posix())
+def test_every_embedded_image_exists(doc):
+    """An image a page embeds (`![...](path)`, relative to the page) is in the repository."""
+    missing = [src for src in IMAGE.findall(doc.read_text())
+               if "://" not in src and not (doc.parent / src.split("#")[0]).is_file()]  # fmt: skip
+    assert not missing, f"{doc.relative_to(ROOT)} embeds images that do not exist: {missing}"

@@ -91,7 +91,7 @@ def test_each_step_refuses_on_failing_or_missing_figures_and_goes_on_when_they_p
     # no shadow figure at all: refused, nothing written
     rc, text = _release(capsys, *canary)
     assert rc == 2 and "no data for shadow agreement" in text and not any(out.iterdir()), text
-    assert 'candidate="t2"' in prometheus.queries[-1] and 'job="servable-image"' in prometheus.queries[-1]
+    assert 'candidate="t2"' in prometheus.queries[-1] and 'model="fashion-cnn"' in prometheus.queries[-1]
     prometheus.figures[AGREEMENT] = 0.80  # below --min-agreement's default 0.95
     rc, text = _release(capsys, *canary)
     assert rc == 2 and "shadow agreement: 0.8 (must be >= 0.95): FAILED" in text and not any(out.iterdir())
