@@ -66,3 +66,26 @@ class ConnectionTable:
     def fewest_elsewhere(self) -> int | None:
         """The fewest connections a live sibling holds; None when no sibling has published lately."""
         return min((n for slot, n in self.live().items() if slot != self.index), default=None)
+
+
+class AllWorkersUp:
+    """Whether every HTTP worker the replica starts has been up at once, seen in the connection table.
+
+    Each worker answers /readyz for itself, so a replica whose first worker had warmed up turned ready while
+    the second still loaded: the burst that readiness let in then landed on one worker (the other takes no
+    connections yet). Until every worker has published, this says no; after that it always says yes: a
+    worker that dies and restarts later must not take the whole replica out of its load balancer."""
+
+    def __init__(self, workers: int, table: ConnectionTable | None) -> None:
+        self.workers, self.table = min(workers, SLOTS), table
+        self.seen = table is None or self.workers <= 1  # nothing to wait for
+
+    @classmethod
+    def for_this_worker(cls, workers: int) -> AllWorkersUp:
+        return cls(workers, ConnectionTable.for_this_worker())
+
+    def __call__(self) -> bool:
+        if not self.seen:
+            assert self.table is not None
+            self.seen = len(self.table.live()) >= self.workers
+        return self.seen

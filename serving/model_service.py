@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from servable.config import AuthSettings, ServeCommon
 from servable.setting_names import warn_unknown
 from serving import audit, metrics, path_labels, schemas, tracing, v2
+from serving.accept_balance import AllWorkersUp
 from serving.access_log import AccessLogMiddleware, configure_json_logging
 from serving.adapters.base import Adapter, Parsed
 from serving.adapters.explains import Explains
@@ -316,9 +317,10 @@ class ModelService:
         client = getattr(self, "model_service", None)  # split topology: BentoML's client of the model process
         self.replica = Replica(self.adapter, self.settings, client)
         path_labels.activate(self.known_path)  # made-up paths: one metrics label (serving/path_labels.py)
+        self.all_workers_up = AllWorkersUp.for_this_worker(self.settings.http_workers())
 
     def __is_ready__(self) -> bool:
-        return self.replica.ready and not draining()
+        return self.replica.ready and not draining() and self.all_workers_up()
 
     @bentoml.on_shutdown
     async def stop_explanations(self) -> None:
@@ -420,8 +422,9 @@ def routes(app: FastAPI, adapter_cls: type[Adapter], settings: ServeCommon) -> N
 
     @app.get("/v2/health/ready", tags=["v2"], summary="V2 Ready", responses={503: {"description": "not ready"}})
     async def v2_ready():
-        rep = _replica()
-        ready = rep.ready and not draining() and rep.topology is not None and await rep.topology.ready()
+        service = bentoml.get_current_service()  # /readyz's answer, and the split topology's model process
+        rep = service.replica
+        ready = service.__is_ready__() and rep.topology is not None and await rep.topology.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/v2", tags=["v2"], summary="V2 Server Metadata",

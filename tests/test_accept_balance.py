@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from serving import accept_balance
-from serving.accept_balance import ConnectionTable
+from serving.accept_balance import STALE_S, ConnectionTable
 from tests.conftest import API_KEY
 
 
@@ -61,13 +61,53 @@ def test_a_burst_of_new_connections_is_shared_evenly_between_the_workers(image_s
     workers = len(_connections_per_worker(image_server))
     if workers < 2:
         pytest.skip("one HTTP worker (one CPU core): nothing to balance")
-    # Ready answers from the first worker ready; the other may still be warming up, taking no connections yet.
+    # A ready replica has every worker taking connections (test_readyz_turns_200_only_once_every_worker_...)
     (path,) = image_server.log_path.parent.rglob(accept_balance.TABLE_FILE)
-    table, deadline = ConnectionTable(path, accept_balance.SLOTS - 1), time.monotonic() + 120
-    while len(table.live()) < workers and time.monotonic() < deadline:
-        time.sleep(0.2)
+    table = ConnectionTable(path, accept_balance.SLOTS - 1)
     assert len(table.live()) == workers, table.live()
     for _ in range(3):
         held = asyncio.run(_burst(image_server, 32))
         assert sum(held) >= 32 and max(held) - min(held) <= 2, held
         time.sleep(2 * accept_balance.PUBLISH_EVERY_S)  # the closed connections leave the table
+
+
+def test_a_replica_is_ready_once_every_worker_has_been_up_and_stays_so(tmp_path):
+    """Readiness waits for the second worker's first publish, then holds when a worker goes (a restart must not
+    take the replica out of its load balancer)."""
+    from serving.accept_balance import AllWorkersUp
+
+    first, second = ConnectionTable(tmp_path / "t.bin", 0), ConnectionTable(tmp_path / "t.bin", 1)
+    first.publish(0)
+    ready = AllWorkersUp(2, first)
+    assert not ready()
+    second.publish(0)
+    assert ready()
+    time.sleep(STALE_S + 0.1)  # both gone stale: still ready
+    assert ready()
+    assert AllWorkersUp(1, first)() and AllWorkersUp(2, None)()  # one worker, or no table: nothing to wait for
+
+
+def test_readyz_turns_200_only_once_every_worker_takes_connections(image_run, tmp_path):
+    """/readyz polled every 20 ms from the replica's start: at its first 200 both workers are in the connection
+    table (each publishes once it serves), so a burst let in by readiness finds both; before, the first worker
+    up answered 200 while the second still loaded its model."""
+    from deploy import launch
+    from servable.config import SERVED_MODELS
+
+    prefix = SERVED_MODELS["image"].env_prefix
+    env = {f"{prefix}MODEL_TAG": image_run.tag, f"{prefix}WORKERS": "2", "SERVABLE_AUTH_KEYS": f"tester:{API_KEY}"}
+    server = launch.start(launch.SERVICES["image"], env, log_path=tmp_path / "server.log")
+    try:
+        deadline, tables = time.monotonic() + 180, []
+        while time.monotonic() < deadline and server.proc.poll() is None:
+            tables = tables or list(tmp_path.rglob(accept_balance.TABLE_FILE))
+            if launch.get(server.url + "/readyz", timeout=2)[0] == 200:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"never ready:\n{server.log()[-3000:]}")
+        (path,) = tables or list(tmp_path.rglob(accept_balance.TABLE_FILE))
+        live = ConnectionTable(path, accept_balance.SLOTS - 1).live()
+        assert len(live) == 2, (live, server.log()[-2000:])
+    finally:
+        server.stop()
