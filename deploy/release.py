@@ -229,8 +229,11 @@ def compose_plan(step: str, kind: str, states: dict[str, ModelState], variant: s
         ]
     else:  # shadow, promote, rollback: the stable replicas roll to their settings, then a canary leaves the pool
         plan.commands = [rollout] if roll else []
-        if step != "shadow":
-            plan.commands += [f"{dc} up -d --no-deps nginx", f"{dc} rm -sf {kind}-canary-1"]
+        if step != "shadow":  # the canary is no service of the files now: compose removes it as an orphan
+            plan.commands += [
+                f"{dc} up -d --no-deps nginx   # the pools without the canary",
+                f"{dc} up -d --no-deps --remove-orphans nginx   # the canary's container removed",
+            ]
     return plan
 
 

@@ -390,3 +390,72 @@ def test_the_k8s_scrape_config_gives_a_canarys_pods_their_models_job():
     for kind in render.SERVED_MODELS:
         assert job(f"servable-{kind}") == job(render.k8s_canary_name(kind)) == f"servable-{kind}"
     assert job("servable-image-shadowy") is None and job("other") is None
+
+
+def test_each_checks_query_finds_the_series_the_rules_record(tmp_path):
+    """The queries the steps send (release.shadow_checks, canary_checks), answered by the generated rules
+    in promtool over the raw series of a shadowing replica and of a canary replica: a selector naming a
+    label a rule drops has no data, and the step is refused whatever the figures (the agreement rule had
+    no `job`, so every canary with the shadow check was refused on a real Prometheus)."""
+    th = release.Thresholds()
+    shadow, (traffic, errors, p99) = (
+        release.shadow_checks("image", "fashion-cnn:t2", th),
+        release.canary_checks("image", "fashion-cnn:t2", th),
+    )
+    live = 'job="servable-image", instance="image-1:3000"'
+    canary = 'job="servable-image", instance="image-canary-1:3000"'
+    request = f'{canary}, service_name="image_classifier", endpoint="/classify"'
+    series = {
+        f'servable_shadow_scored_total{{{live}, model="fashion-cnn", version="t1", candidate="t2"}}': "0+60x20",
+        f'servable_shadow_agreed_total{{{live}, model="fashion-cnn", version="t1", candidate="t2"}}': "0+60x20",
+        f'servable_model_info{{{canary}, model="fashion-cnn", version="t2"}}': "1x20",
+        f'bentoml_service_request_total{{{request}, http_response_code="200"}}': "0+60x20",
+        f'bentoml_service_request_duration_seconds_bucket{{{request}, le="0.1"}}': "0+60x20",
+        f'bentoml_service_request_duration_seconds_bucket{{{request}, le="+Inf"}}': "0+60x20",
+    }
+    expected = {  # the query -> the one sample it must give (labels as promtool prints them)
+        shadow[0].expr: ('servable:shadow_agreement:ratio_rate5m{job="servable-image", model="fashion-cnn", '
+                         'version="t1", candidate="t2"}', 1),
+        traffic.expr: ('servable:version_requests:rate5m{job="servable-image", version="t2"}', 1),
+        errors.expr: ('servable:version_errors5xx:ratio_rate5m{job="servable-image", version="t2"}', 0),
+        p99.expr: ('servable:version_latency_seconds:p99_5m{job="servable-image", version="t2"}', 0.099),
+    }  # fmt: skip
+    test = {
+        "rule_files": [str(render.RULES_YML)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "promql_expr_test": [
+                    {"expr": expr, "eval_time": "10m", "exp_samples": [{"labels": labels, "value": value}]}
+                    for expr, (labels, value) in expected.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "release_checks_test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False, width=300))
+    run([tool("promtool"), "test", "rules", str(path)])
+
+
+def test_every_compose_command_a_step_prints_names_a_service_of_its_files(prometheus, out, capsys, tmp_path):
+    """Each `docker compose ... <service>` a step prints names a service the files define once the step
+    has written them: after promote or roll back the canary is no service of them (`docker compose rm`
+    of it fails, no such service), so its container goes as an orphan, after nginx has left it."""
+    prometheus.figures = {AGREEMENT: 0.99, TRAFFIC: 3.0, ERRORS: 0.0, P99: 0.1}
+    common = ("--model", "image", "--target", "compose", "--prometheus", prometheus.url)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    files = ["-f", str(render.COMPOSE_YML), "-f", str(release.COMPOSE_OVERRIDE)]
+    for step in (("shadow", "--tag", "fashion-cnn:t2"), ("canary", "--tag", "fashion-cnn:t2", "--weight", "10"),
+                 ("promote",), ("rollback",)):  # fmt: skip
+        rc, text = _release(capsys, *step, *common)
+        assert rc == 0, text
+        printed = [line.split("#")[0].split() for line in text.split("now run, in order:\n")[1].splitlines()]
+        services = run([tool("docker-compose"), *files, "config", "--services"], cwd=render.DEPLOY, env=env)
+        compose = [words for words in printed if words[:2] == ["docker", "compose"]]
+        assert compose or step[0] == "shadow", text
+        for words in compose:
+            assert words[-1] in services.stdout.split(), (step, " ".join(words), services.stdout)
+        if step[0] in ("promote", "rollback"):  # nginx first, without the canary; then its container goes
+            assert [w[-2:] for w in compose] == [["--no-deps", "nginx"], ["--remove-orphans", "nginx"]], text
