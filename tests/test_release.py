@@ -20,6 +20,7 @@ import requests
 import yaml
 
 from deploy import release, render
+from servable.config import SERVED_MODELS
 from tests.conftest import API_KEY, UNTHROTTLED_AUTH
 from tests.polling import wait_for
 from tests.test_deploy_static import run, tool
@@ -72,6 +73,7 @@ def out(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(release, "COMPOSE_OVERRIDE", tmp_path / "compose.release.yaml")
     monkeypatch.setattr(release, "COMPOSE_STATE", tmp_path / "compose.release.json")
     monkeypatch.setattr(release, "COMPOSE_TARGETS", tmp_path / "targets")
+    monkeypatch.setattr(release, "COMPOSE_POOLS", tmp_path / "pools")
     monkeypatch.setattr(release, "K8S_RELEASE", tmp_path / "k8s-release")
     return tmp_path
 
@@ -156,7 +158,7 @@ def test_the_compose_override_validates_and_its_pools_pass_nginx_t(prometheus, o
     prometheus.figures[AGREEMENT] = 0.99
     rc, text = _release(capsys, "canary", "--model", "image", "--tag", "fashion-cnn:t2", "--weight", "10",
                         "--target", "compose", "--prometheus", prometheus.url)  # fmt: skip
-    assert rc == 0 and "up -d --no-deps image-canary-1" in text, text
+    assert rc == 0 and "up -d --no-deps image-canary-1" in text and "exec -T nginx nginx -s reload" in text, text
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     files = ["-f", str(render.COMPOSE_YML), "-f", str(release.COMPOSE_OVERRIDE)]
     merged = yaml.safe_load(run([tool("docker-compose"), *files, "config"], cwd=render.DEPLOY, env=env).stdout)
@@ -164,25 +166,58 @@ def test_the_compose_override_validates_and_its_pools_pass_nginx_t(prometheus, o
     canary = services["image-canary-1"]
     assert canary["environment"]["SERVABLE_IMAGE_SERVE_MODEL_TAG"] == "fashion-cnn:t2"
     assert canary["image"] == services["image-1"]["image"] and canary["networks"] == services["image-1"]["networks"]
-    nginx = services["nginx"]["environment"]
-    assert "image-canary-1:3000 weight=2" in nginx["IMAGE_CANARY_UPSTREAM_SERVERS"]
-    assert nginx["IMAGE_UPSTREAM_SERVERS"].count("weight=9") == 2 and nginx["TEXT_CANARY_UPSTREAM_SERVERS"] == ""
+    # nginx is the one of compose.yaml (a reload, not a new container, takes the canary in) ...
+    plain = yaml.safe_load(run([tool("docker-compose"), "-f", str(render.COMPOSE_YML), "config"], cwd=render.DEPLOY,
+                               env=env).stdout)  # fmt: skip
+    ours, theirs = services["nginx"], plain["services"]["nginx"]
+    assert ours["environment"] == theirs["environment"] and sorted(map(str, ours["volumes"])) == sorted(
+        map(str, theirs["volumes"])
+    )
+    # ... and its image pool includes the canary's line: 22 beside two of 100, 9.9 % of the requests
+    pool = (release.COMPOSE_POOLS / "image-canary.conf").read_text()
+    assert "server image-canary-1:3000 weight=22 max_fails=3" in pool, pool
+    assert not (release.COMPOSE_POOLS / "text-canary.conf").exists()
     sd = json.loads((release.COMPOSE_TARGETS / "compose-cpu" / "image-canary.json").read_text())
     assert sd == [{"targets": ["image-canary-1:3000"], "labels": {"service": "image"}}]  # Prometheus scrapes it
 
-    # nginx takes the weighted pools (and the empty canary line of a model without one)
+    # nginx -t on compose's pools (names as addresses here) with the canary's file included, and without it
     from deploy.local_stack import make_self_signed, write_nginx_config
 
     tls = make_self_signed(tmp_path / "tls")
-    values = render.nginx_values({"image": ["127.0.0.1:10", "127.0.0.1:11"], "text": ["127.0.0.1:12"]}, "127.0.0.1",
-                                 5, str(tmp_path / "access.log"), tls_cert=str(tls / "server.crt"),
-                                 tls_key=str(tls / "server.key"), canary={"image": (["127.0.0.1:13"], 10)})  # fmt: skip
+    names = {f"{r}:3000": f"127.0.0.1:{10 + i}" for i, r in enumerate([*services, "image-canary-1"])}
+    pools = tmp_path / "nginx-pools"
+    pools.mkdir()
+
+    def addresses(text: str) -> str:
+        for name, address in names.items():
+            text = text.replace(name, address)
+        return text.replace(render.COMPOSE_POOLS_MOUNT, str(pools))
+
+    values = render.nginx_values({"image": ["127.0.0.1:1"]}, "127.0.0.1", 5, str(tmp_path / "access.log"),
+                                 tls_cert=str(tls / "server.crt"), tls_key=str(tls / "server.key"))  # fmt: skip
+    for kind in SERVED_MODELS:
+        for var in (render.upstream_var(kind), render.canary_var(kind)):
+            values[var] = addresses(services["nginx"]["environment"][var])
     conf = render.nginx_conf_files(values)
-    assert "server 127.0.0.1:13 weight=2" in conf["servable-models.conf"]
-    run([*write_nginx_config(tmp_path / "nginx", conf, tool("nginx")), "-t"])
-    # the default (no canary) is the pool as before: no weights, an empty second line
+    assert f"include {pools}/image-canary*.conf;" in conf["servable-models.conf"]
+    run([*write_nginx_config(tmp_path / "nginx", conf, tool("nginx")), "-t"])  # no canary: nothing matches
+    (pools / "image-canary.conf").write_text(addresses(pool))
+    out = run([*write_nginx_config(tmp_path / "nginx", conf, tool("nginx")), "-t"])
+    assert "successful" in out.stderr, out.stderr
+    # the local stack's default (no canary) is the pool as before: no weights, an empty second line
     assert "weight=" not in render.nginx_conf_files(render.nginx_values({"image": ["127.0.0.1:10"]}, "127.0.0.1", 5,
                                                                         "off"))["servable-models.conf"]  # fmt: skip
+
+
+def test_compose_canary_weight_gives_the_canary_its_share_beside_the_stable_replicas():
+    for stable in (1, 2, 3):
+        for weight in range(1, 100):
+            w = render.compose_canary_weight(stable, weight)
+            share = w / (w + stable * render.COMPOSE_STABLE_WEIGHT)
+            assert abs(share - weight / 100) <= 0.005, (stable, weight, w, share)  # half a point
+    for weight in (0, 100):  # no canary, or all to it: the pool without it, or promote
+        with pytest.raises(ValueError):
+            render.compose_canary_weight(2, weight)
 
 
 def test_split_servers_gives_the_canary_its_weight():
@@ -455,7 +490,8 @@ def test_every_compose_command_a_step_prints_names_a_service_of_its_files(promet
         services = run([tool("docker-compose"), *files, "config", "--services"], cwd=render.DEPLOY, env=env)
         compose = [words for words in printed if words[:2] == ["docker", "compose"]]
         assert compose or step[0] == "shadow", text
-        for words in compose:
-            assert words[-1] in services.stdout.split(), (step, " ".join(words), services.stdout)
+        for words in compose:  # up ... <service>; exec -T <service> <command>
+            service = words[words.index("-T") + 1] if "exec" in words else words[-1]
+            assert service in services.stdout.split(), (step, " ".join(words), services.stdout)
         if step[0] in ("promote", "rollback"):  # nginx first, without the canary; then its container goes
-            assert [w[-2:] for w in compose] == [["--no-deps", "nginx"], ["--remove-orphans", "nginx"]], text
+            assert [w[-2:] for w in compose] == [["-s", "reload"], ["--remove-orphans", "nginx"]], text
