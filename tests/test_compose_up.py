@@ -21,7 +21,8 @@ starts, so an alert reaches it and shows there, and nothing is sent to the pager
 Needs root, podman, runc, iptables, mmdebstrap, docker-compose (`make compose-up-test` installs them),
 Debian's mirror and PyPI for the image builds, Debian's chromium, and a model store with both models
 (SERVABLE_COMPOSE_MODEL_STORE, default ~/bentoml/models as `make all` leaves it). Writes its figures to
-SERVABLE_COMPOSE_REPORT when set (docs/results/compose-up.json); docs/deploy.md records a run.
+SERVABLE_COMPOSE_REPORT when set (docs/results/compose-up.json); docs/deploy.md records a run, and
+docs/releasing.md a run of the release test (docs/results/compose-release.json).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import pytest
 
 from deploy import render
 from servable.config import SERVED_MODELS
+from servable.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "servable-compose-test"
@@ -104,7 +106,8 @@ class Stack:
                     "SERVABLE_GRAFANA_PORT": str(self.ports["grafana"])}  # fmt: skip
         for entry in SERVED_MODELS.values():  # the defaults, whatever the caller's shell has set
             self.env.pop(f"{entry.env_prefix}MODEL_TAG", None)
-        self.report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "durations_s": {}}
+        self.report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": describe_machine(),
+                             "load_average_1m": round(os.getloadavg()[0], 1), "durations_s": {}}  # fmt: skip
         self.service: subprocess.Popen | None = None
         self.left_after_down: dict[str, list[str]] | None = None
         self.stop_health = threading.Event()
