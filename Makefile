@@ -203,7 +203,7 @@ image-cpu-podman:  ## build the CPU image with podman from a local Debian base, 
 # networks whose containers find each other by name), iptables (netavark's rules), mmdebstrap (the
 # local Debian base of deploy/podman/images.sh).
 PODMAN_PACKAGES := podman runc netavark aardvark-dns iptables mmdebstrap
-compose-up-test: setup  ## opt-in, 10 min (images cached; a first build adds about 7): every image built, compose's CPU stack up with podman + docker-compose, checked from the host, rolled out and back, torn down -> docs/results/compose-up.json
+compose-up-test: setup  ## opt-in, about 20 min (images cached; a first build adds about 7): every image built, compose's CPU stack up with podman + docker-compose, checked from the host, rolled out and back, a release run (shadow, canary, promote, rollback), torn down -> docs/results/compose-up.json
 	@requirements/apt.sh $(PODMAN_PACKAGES)
 	SERVABLE_COMPOSE_TEST=1 SERVABLE_COMPOSE_REPORT=docs/results/compose-up.json $(BIN)/pytest -q -s tests/test_compose_up.py
 

@@ -109,6 +109,26 @@ def _kind_name(kind: str) -> str:
     return kind
 
 
+# compose: each stable replica's weight in its pool, so that a canary can be given a share beside them by
+# a file nginx includes and reloads (deploy/release.py), without a new environment (a recreated nginx)
+COMPOSE_STABLE_WEIGHT = 100
+COMPOSE_POOLS = DEPLOY / "nginx" / "pools"  # mounted at /etc/nginx/pools: <kind>-canary.conf, written by a release
+COMPOSE_POOLS_MOUNT = "/etc/nginx/pools"
+
+
+def compose_stable_servers(kind: str) -> str:
+    """compose: the `server` lines of a model's stable replicas, each of COMPOSE_STABLE_WEIGHT."""
+    return upstream_servers([f"{r}:3000" for r in compose_replicas(kind)], weight=COMPOSE_STABLE_WEIGHT)
+
+
+def compose_canary_weight(stable: int, weight: int) -> int:
+    """compose: one canary replica's weight beside `stable` replicas of COMPOSE_STABLE_WEIGHT each, so that it
+    gets `weight` percent of the requests (rounded to a whole weight: within half a percentage point)."""
+    if not 0 < weight < 100:
+        raise ValueError(f"canary weight {weight}: 1 to 99 beside the stable replicas (promote gives it all)")
+    return max(1, round(COMPOSE_STABLE_WEIGHT * stable * weight / (100 - weight)))
+
+
 def upstream_var(kind: str) -> str:
     """The placeholder holding one pool's `server ...;` lines (compose: an environment variable of nginx)."""
     return f"{_kind_name(kind).upper()}_UPSTREAM_SERVERS"
@@ -878,8 +898,9 @@ def compose_regions() -> dict[str, str]:
     replicas = "".join(f"  {name}:\n    <<: *replica\n    environment: *{kind}-env\n"
                        for kind in SERVED_MODELS for name in compose_replicas(kind))  # fmt: skip
     pools = "".join(
-        f'      {upstream_var(kind)}: "{upstream_servers([f"{r}:3000" for r in compose_replicas(kind)])}"\n'
-        f'      {canary_var(kind)}: ""\n'  # a canary's replicas: deploy/release.py's override fills it
+        f'      {upstream_var(kind)}: "{compose_stable_servers(kind)}"\n'
+        # a canary's replica: the file deploy/release.py writes (none matches the pattern: no canary)
+        f'      {canary_var(kind)}: "include {COMPOSE_POOLS_MOUNT}/{kind}-canary*.conf;"\n'
         for kind in SERVED_MODELS
     )
     healthy = "".join(

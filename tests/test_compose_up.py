@@ -21,7 +21,8 @@ starts, so an alert reaches it and shows there, and nothing is sent to the pager
 Needs root, podman, runc, iptables, mmdebstrap, docker-compose (`make compose-up-test` installs them),
 Debian's mirror and PyPI for the image builds, Debian's chromium, and a model store with both models
 (SERVABLE_COMPOSE_MODEL_STORE, default ~/bentoml/models as `make all` leaves it). Writes its figures to
-SERVABLE_COMPOSE_REPORT when set (docs/results/compose-up.json); docs/deploy.md records a run.
+SERVABLE_COMPOSE_REPORT when set (docs/results/compose-up.json); docs/deploy.md records a run, and
+docs/releasing.md a run of the release test (docs/results/compose-release.json).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import resource
 import shutil
@@ -36,6 +38,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -46,6 +49,7 @@ import pytest
 
 from deploy import render
 from servable.config import SERVED_MODELS
+from servable.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "servable-compose-test"
@@ -102,7 +106,8 @@ class Stack:
                     "SERVABLE_GRAFANA_PORT": str(self.ports["grafana"])}  # fmt: skip
         for entry in SERVED_MODELS.values():  # the defaults, whatever the caller's shell has set
             self.env.pop(f"{entry.env_prefix}MODEL_TAG", None)
-        self.report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "durations_s": {}}
+        self.report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": describe_machine(),
+                             "load_average_1m": round(os.getloadavg()[0], 1), "durations_s": {}}  # fmt: skip
         self.service: subprocess.Popen | None = None
         self.left_after_down: dict[str, list[str]] | None = None
         self.stop_health = threading.Event()
@@ -278,7 +283,11 @@ def _copy_deploy(dst: Path) -> None:
 
 def _store_with_new_versions(src: Path, dst: Path) -> dict[str, tuple[str, str]]:
     """A copy of the model store with a second version of each served model's default tag (the same
-    files under a new version: what `make all` registers after retraining), readable by uid 10001."""
+    files under a new version, in the store's entry and in the artifact's manifest, whose checksum the
+    entry carries: what `make all` registers after retraining), readable by uid 10001. The replicas
+    label their metrics with the manifest's version (a release's checks select on it)."""
+    from servable.artifact import MANIFEST, sha256_file
+
     shutil.copytree(src, dst)
     new_version = datetime.now(UTC).strftime("v%Y%m%d-%H%M%S")
     tags = {}
@@ -287,8 +296,12 @@ def _store_with_new_versions(src: Path, dst: Path) -> dict[str, tuple[str, str]]
         if version == "latest":
             version = (dst / name / "latest").read_text().strip()
         shutil.copytree(dst / name / version, dst / name / new_version)
+        manifest = dst / name / new_version / MANIFEST
+        old_sha = sha256_file(manifest)
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": new_version}, indent=2))
         spec = dst / name / new_version / "model.yaml"
-        spec.write_text(spec.read_text().replace(f"version: {version}\n", f"version: {new_version}\n", 1))
+        text = spec.read_text().replace(f"version: {version}\n", f"version: {new_version}\n", 1)
+        spec.write_text(text.replace(f"manifest_sha256: {old_sha}", f"manifest_sha256: {sha256_file(manifest)}", 1))
         tags[kind] = (f"{name}:{version}", f"{name}:{new_version}")
     sh(["chmod", "-R", "o+rX", str(dst)])
     return tags
@@ -591,6 +604,190 @@ def test_rollout_and_rollback_under_load_fail_no_request(stack):
                                "p50_s": round(statistics.median(load.latencies), 3),
                                "p99_s": round(statistics.quantiles(load.latencies, n=100)[98], 3)}  # fmt: skip
     assert total > 100 and load.codes == {200: total}, load.codes
+
+
+class Answers:
+    """Clients calling /classify (and one /sentiment) through nginx all along, each answer kept with its
+    time, status and the version that gave it (the answer's `model`), so that every step's requests are
+    counted, its failures found by time, and each window's share of the canary read off."""
+
+    def __init__(self, stack: Stack, image_clients: int = 3, rate: float = 8.0):
+        self.stack, self.period, self.stop = stack, 1 / rate, threading.Event()
+        self.got: list[tuple[float, str, int | str, str]] = []  # (time, path, status or error, model)
+        self.lock = threading.Lock()
+        kinds = ["image"] * image_clients + ["text"]
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in kinds]
+
+    def _run(self, kind: str) -> None:
+        image = png()
+        with self.stack.client() as c:
+            while not self.stop.is_set():
+                key, t = {"x-api-key": self.stack.key}, time.perf_counter()
+                try:
+                    if kind == "image":
+                        r = c.post("/classify", files={"image": ("p.png", image, "image/png")}, headers=key)
+                    else:
+                        r = c.post("/sentiment", json={"texts": ["A fine film."]}, headers=key)
+                    code, model = r.status_code, (r.json().get("model", "") if r.status_code == 200 else r.text)
+                except httpx.HTTPError as e:
+                    code, model = type(e).__name__, str(e)[:200]
+                with self.lock:
+                    self.got.append((time.time(), kind, code, model))
+                self.stop.wait(max(0.0, self.period - (time.perf_counter() - t)))
+
+    def since(self, t0: float, t1: float | None = None, kind: str | None = None) -> list[tuple]:
+        with self.lock:
+            return [a for a in self.got if t0 <= a[0] < (t1 or math.inf) and kind in (None, a[1])]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+
+def as_run_here(stack: Stack, command: str) -> str:
+    """A command deploy/release.py printed, as this engine runs it: Debian's docker-compose 1.29 for the
+    doc's `docker compose` (the same subcommands and flags), and the image mapping (and lowered limits)
+    after deploy/compose.yaml; the roll-out script reads COMPOSE/ENGINE (set by the caller)."""
+    extra = " ".join(stack.files[2:])  # what FILES and the host limits add after -f deploy/compose.yaml
+    command = command.split("   #")[0].strip()  # the printed line's comment
+    assert command.count("-f deploy/compose.yaml ") == 1, command
+    return command.replace("docker compose ", "docker-compose ").replace(
+        "-f deploy/compose.yaml ", f"-f deploy/compose.yaml {extra} "
+    )
+
+
+def test_release_shadow_canary_promote_and_rollback_as_docs_releasing_md_says(stack):
+    """docs/releasing.md's Compose steps on the image model, traffic running all along: `python -m
+    deploy.release ... --target compose` against the stack's Prometheus, then the commands it prints,
+    run as printed. Shadow (the agreement recorded), canary at 20 % (the Prometheus target scraped with
+    its version; the share of answers from the new version within a binomial bound), promote (all
+    answers from it), roll back (all from the old one). Every request is counted, and a failure is
+    recorded with the command it fell in; nginx reloads for a new pool (a recreated nginx is measured
+    first, for reference)."""
+    kind, (old, new) = "image", stack.tags["image"]
+    weight = 20
+    prom = f"http://127.0.0.1:{stack.ports['prometheus']}"
+    # the release's files go to the copy's deploy/ (python -m deploy.release from its root, the way a clone runs it)
+    env = {**stack.env, "PYTHONPATH": f"{stack.repo}:{ROOT}", "COMPOSE": "docker-compose", "ENGINE": "podman",
+           "SERVABLE_IMAGE": IMAGES["servable"]}  # the canary extends image-1 from compose.yaml: its image  # fmt: skip
+    steps: list[dict] = []
+
+    def release(*args: str) -> list[str]:
+        cmd = [sys.executable, "-m", "deploy.release", *args, "--model", kind, "--target", "compose",
+               "--prometheus", prom]  # fmt: skip
+        out = sh(cmd, cwd=stack.repo, env=env, timeout=120, check=False)
+        assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout}\n{out.stderr}"
+        lines = out.stdout.splitlines()
+        return [line.strip() for line in lines[lines.index("now run, in order:") + 1 :] if line.strip()]
+
+    def run_printed(step: str, commands: list[str]) -> None:
+        for printed in commands:
+            command, nginx = as_run_here(stack, printed), stack.containers()["nginx"]
+            t0 = time.time()
+            out = sh(["bash", "-c", command], cwd=stack.repo, env=env, timeout=900, check=False)
+            t1 = time.time()
+            recreated = stack.containers()["nginx"] != nginx
+            steps.append({"step": step, "printed": printed, "ran": command, "rc": out.returncode, "t0": t0, "t1": t1,
+                          "seconds": round(t1 - t0, 1), "nginx_recreated": recreated})  # fmt: skip
+            assert out.returncode == 0, f"{command}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            if f"up -d --no-deps {kind}-canary-1" in command:  # the printed comment: wait until healthy
+                stack.wait_healthy([f"{kind}-canary-1"])
+            time.sleep(3)  # let a moment of traffic through before the next command
+
+    def figure(expr: str, timeout: float = 180) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if found := stack.prometheus(expr):
+                return found
+            time.sleep(3)
+        raise AssertionError(f"no data for {expr} in {timeout} s")
+
+    def versions(t0: float, t1: float | None = None) -> list[str]:
+        return [a[3] for a in load.since(t0, t1, kind) if a[2] == 200]
+
+    report: dict = {"model": kind, "old": old, "new": new, "weight_percent": weight}
+    stack.report["release"] = report
+    t_start = time.time()
+
+    def summary() -> list[tuple]:
+        """Every request since the first step, by command (a failure counts in the command it fell in, or
+        the 3 s after it); the failed ones returned."""
+        everything = load.since(t_start)
+        failed = [a for a in everything if a[2] != 200]
+        report["requests"] = len(everything)
+        report["answers"] = {str(c): sum(1 for a in everything if a[2] == c) for c in {a[2] for a in everything}}
+        report["commands"] = []
+        for s in steps:
+            during = [a for a in failed if s["t0"] <= a[0] < s["t1"] + 3]
+            report["commands"].append({"step": s["step"], "printed": s["printed"], "seconds": s["seconds"],
+                                       "nginx_recreated": s["nginx_recreated"],
+                                       "requests": len(load.since(s["t0"], s["t1"] + 3)), "failed": len(during),
+                                       "failed_for_s": round(during[-1][0] - during[0][0], 2) if during else 0.0,
+                                       "errors": sorted({str(a[2]) for a in during})})  # fmt: skip
+        report["failed_examples"] = [(round(a[0] - t_start, 2), a[1], str(a[2]), a[3][:120]) for a in failed[:10]]
+        return failed
+
+    with Answers(stack) as load:
+        time.sleep(5)
+        # for reference, not a release step: nginx recreated under the same traffic, what a new environment
+        # for it costs (the release's steps reload it instead)
+        nginx, t0 = stack.containers()["nginx"], time.time()
+        stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        t1 = time.time()
+        time.sleep(10)
+        assert stack.containers()["nginx"] != nginx
+        lost = [a for a in load.since(t0) if a[2] != 200]
+        report["reference_nginx_recreated"] = {
+            "command_s": round(t1 - t0, 1), "requests": len(load.since(t0)), "failed": len(lost),
+            "failed_for_s": round(lost[-1][0] - lost[0][0], 2) if lost else 0.0,
+            "errors": sorted({str(a[2]) for a in lost})}  # fmt: skip
+        t_start = time.time()
+        try:
+            # 1. shadow: the stable replicas roll to score a share with the candidate
+            run_printed("shadow", release("shadow", "--tag", new))
+            agreement = figure(f'servable:shadow_agreement:ratio_rate5m{{candidate="{new.split(":")[1]}"}}')
+            report["shadow_agreement"] = float(agreement[0]["value"][1])
+            # 2. canary: the shadow check passes in the real Prometheus; the canary starts, nginx gets the pools
+            commands = release("canary", "--tag", new, "--weight", str(weight))
+            run_printed("canary", commands)
+            t_canary = time.time()
+            instance = f"{kind}-canary-1:3000"
+            up = figure(f'up{{instance="{instance}"}} == 1')
+            info = figure(f'servable_model_info{{instance="{instance}"}}')
+            report["canary_target"] = {"job": up[0]["metric"]["job"], "version": info[0]["metric"]["version"]}
+            assert report["canary_target"] == {"job": f"servable-{kind}", "version": new.split(":")[1]}, info
+            # the canary's own figures, per version, before promote checks them
+            figure(f'servable:version_latency_seconds:p99_5m{{job="servable-{kind}", version="{new.split(":")[1]}"}}')
+            time.sleep(max(0.0, 45 - (time.time() - t_canary)))
+            share_window = versions(t_canary, time.time())
+            n, p = len(share_window), weight / 100
+            share = share_window.count(new) / n
+            bound = 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations of a binomial share
+            report["canary_share"] = {"answers": n, "from_new": share_window.count(new), "share": round(share, 4),
+                                      "bound": round(bound, 4)}  # fmt: skip
+            # 3. promote: the canary's figures pass (p99 up to 2 s: a shared two-core machine), then every answer is new
+            run_printed("promote", release("promote", "--max-p99", "2"))
+            t_promoted = time.time()
+            time.sleep(15)
+            after_promote = set(versions(t_promoted))
+            # 4. roll back: every answer from the old version again
+            run_printed("rollback", release("rollback"))
+            t_back = time.time()
+            time.sleep(15)
+            after_rollback = set(versions(t_back))
+        finally:
+            failed = summary()
+    report["after_promote"], report["after_rollback"] = sorted(after_promote), sorted(after_rollback)
+    assert abs(share - p) <= bound, report["canary_share"]
+    assert after_promote == {new}, after_promote
+    assert after_rollback == {old}, after_rollback
+    assert report["requests"] > 500 and not failed, (len(failed), report["commands"])
 
 
 def test_image_facts(stack):

@@ -201,7 +201,9 @@ def test_compose_topology():
     assert render.template_names(render.nginx_template_texts()) <= set(nginx["environment"])
     for kind in SERVED_MODELS:
         servers = nginx["environment"][render.upstream_var(kind)]
-        assert servers == render.upstream_servers([f"{kind}-1:3000", f"{kind}-2:3000"])
+        assert servers == render.upstream_servers([f"{kind}-1:3000", f"{kind}-2:3000"], weight=100)
+        assert nginx["environment"][render.canary_var(kind)] == f"include /etc/nginx/pools/{kind}-canary*.conf;"
+    assert "./nginx/pools:/etc/nginx/pools:ro" in nginx["volumes"]  # the directory: a rewritten file is seen
     # Prometheus scrapes every replica, by the names compose gives them
     for variant, services in (("gpu", gpu), ("cpu", cpu)):
         mount = next(

@@ -297,8 +297,9 @@ def test_compose_renders_a_new_model(third_model, tmp_path: Path):
     nginx = cpu["services"]["nginx"]
     assert nginx["depends_on"] == cpu["services"]["prometheus"]["depends_on"]
     assert nginx["depends_on"] == {r: {"condition": "service_healthy"} for r in replicas}
-    pool = render.upstream_servers(["tabular-1:3000", "tabular-2:3000"])
+    pool = render.upstream_servers(["tabular-1:3000", "tabular-2:3000"], weight=render.COMPOSE_STABLE_WEIGHT)
     assert nginx["environment"]["TABULAR_UPSTREAM_SERVERS"] == pool
+    assert nginx["environment"]["TABULAR_CANARY_UPSTREAM_SERVERS"] == "include /etc/nginx/pools/tabular-canary*.conf;"
     for name in ("tabular-1", "tabular-2"):
         svc = cpu["services"][name]
         assert svc["environment"]["SERVABLE_SERVICE"] == "tabular" and svc["read_only"] is True

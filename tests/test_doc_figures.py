@@ -15,10 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.doc_figures import benchmark_md, deploy_md, loadtest_md, readme_md, reliability_md, serving_md, training_md
+from tests.doc_figures import (
+    benchmark_md,
+    deploy_md,
+    loadtest_md,
+    readme_md,
+    releasing_md,
+    reliability_md,
+    serving_md,
+    training_md,
+)
 from tests.doc_figures.common import MACHINES, ROOT, machine_of, results
 
-PAGES = (benchmark_md, reliability_md, training_md, serving_md, deploy_md, loadtest_md, readme_md)
+PAGES = (benchmark_md, reliability_md, training_md, serving_md, deploy_md, loadtest_md, readme_md, releasing_md)
 FIGURES = [figure for page in PAGES for figure in page.FIGURES]
 
 

@@ -20,6 +20,7 @@ import requests
 import yaml
 
 from deploy import release, render
+from servable.config import SERVED_MODELS
 from tests.conftest import API_KEY, UNTHROTTLED_AUTH
 from tests.polling import wait_for
 from tests.test_deploy_static import run, tool
@@ -72,6 +73,7 @@ def out(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(release, "COMPOSE_OVERRIDE", tmp_path / "compose.release.yaml")
     monkeypatch.setattr(release, "COMPOSE_STATE", tmp_path / "compose.release.json")
     monkeypatch.setattr(release, "COMPOSE_TARGETS", tmp_path / "targets")
+    monkeypatch.setattr(release, "COMPOSE_POOLS", tmp_path / "pools")
     monkeypatch.setattr(release, "K8S_RELEASE", tmp_path / "k8s-release")
     return tmp_path
 
@@ -156,7 +158,7 @@ def test_the_compose_override_validates_and_its_pools_pass_nginx_t(prometheus, o
     prometheus.figures[AGREEMENT] = 0.99
     rc, text = _release(capsys, "canary", "--model", "image", "--tag", "fashion-cnn:t2", "--weight", "10",
                         "--target", "compose", "--prometheus", prometheus.url)  # fmt: skip
-    assert rc == 0 and "up -d --no-deps image-canary-1" in text, text
+    assert rc == 0 and "up -d --no-deps image-canary-1" in text and "exec -T nginx nginx -s reload" in text, text
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     files = ["-f", str(render.COMPOSE_YML), "-f", str(release.COMPOSE_OVERRIDE)]
     merged = yaml.safe_load(run([tool("docker-compose"), *files, "config"], cwd=render.DEPLOY, env=env).stdout)
@@ -164,25 +166,58 @@ def test_the_compose_override_validates_and_its_pools_pass_nginx_t(prometheus, o
     canary = services["image-canary-1"]
     assert canary["environment"]["SERVABLE_IMAGE_SERVE_MODEL_TAG"] == "fashion-cnn:t2"
     assert canary["image"] == services["image-1"]["image"] and canary["networks"] == services["image-1"]["networks"]
-    nginx = services["nginx"]["environment"]
-    assert "image-canary-1:3000 weight=2" in nginx["IMAGE_CANARY_UPSTREAM_SERVERS"]
-    assert nginx["IMAGE_UPSTREAM_SERVERS"].count("weight=9") == 2 and nginx["TEXT_CANARY_UPSTREAM_SERVERS"] == ""
+    # nginx is the one of compose.yaml (a reload, not a new container, takes the canary in) ...
+    plain = yaml.safe_load(run([tool("docker-compose"), "-f", str(render.COMPOSE_YML), "config"], cwd=render.DEPLOY,
+                               env=env).stdout)  # fmt: skip
+    ours, theirs = services["nginx"], plain["services"]["nginx"]
+    assert ours["environment"] == theirs["environment"] and sorted(map(str, ours["volumes"])) == sorted(
+        map(str, theirs["volumes"])
+    )
+    # ... and its image pool includes the canary's line: 22 beside two of 100, 9.9 % of the requests
+    pool = (release.COMPOSE_POOLS / "image-canary.conf").read_text()
+    assert "server image-canary-1:3000 weight=22 max_fails=3" in pool, pool
+    assert not (release.COMPOSE_POOLS / "text-canary.conf").exists()
     sd = json.loads((release.COMPOSE_TARGETS / "compose-cpu" / "image-canary.json").read_text())
     assert sd == [{"targets": ["image-canary-1:3000"], "labels": {"service": "image"}}]  # Prometheus scrapes it
 
-    # nginx takes the weighted pools (and the empty canary line of a model without one)
+    # nginx -t on compose's pools (names as addresses here) with the canary's file included, and without it
     from deploy.local_stack import make_self_signed, write_nginx_config
 
     tls = make_self_signed(tmp_path / "tls")
-    values = render.nginx_values({"image": ["127.0.0.1:10", "127.0.0.1:11"], "text": ["127.0.0.1:12"]}, "127.0.0.1",
-                                 5, str(tmp_path / "access.log"), tls_cert=str(tls / "server.crt"),
-                                 tls_key=str(tls / "server.key"), canary={"image": (["127.0.0.1:13"], 10)})  # fmt: skip
+    names = {f"{r}:3000": f"127.0.0.1:{10 + i}" for i, r in enumerate([*services, "image-canary-1"])}
+    pools = tmp_path / "nginx-pools"
+    pools.mkdir()
+
+    def addresses(text: str) -> str:
+        for name, address in names.items():
+            text = text.replace(name, address)
+        return text.replace(render.COMPOSE_POOLS_MOUNT, str(pools))
+
+    values = render.nginx_values({"image": ["127.0.0.1:1"]}, "127.0.0.1", 5, str(tmp_path / "access.log"),
+                                 tls_cert=str(tls / "server.crt"), tls_key=str(tls / "server.key"))  # fmt: skip
+    for kind in SERVED_MODELS:
+        for var in (render.upstream_var(kind), render.canary_var(kind)):
+            values[var] = addresses(services["nginx"]["environment"][var])
     conf = render.nginx_conf_files(values)
-    assert "server 127.0.0.1:13 weight=2" in conf["servable-models.conf"]
-    run([*write_nginx_config(tmp_path / "nginx", conf, tool("nginx")), "-t"])
-    # the default (no canary) is the pool as before: no weights, an empty second line
+    assert f"include {pools}/image-canary*.conf;" in conf["servable-models.conf"]
+    run([*write_nginx_config(tmp_path / "nginx", conf, tool("nginx")), "-t"])  # no canary: nothing matches
+    (pools / "image-canary.conf").write_text(addresses(pool))
+    out = run([*write_nginx_config(tmp_path / "nginx", conf, tool("nginx")), "-t"])
+    assert "successful" in out.stderr, out.stderr
+    # the local stack's default (no canary) is the pool as before: no weights, an empty second line
     assert "weight=" not in render.nginx_conf_files(render.nginx_values({"image": ["127.0.0.1:10"]}, "127.0.0.1", 5,
                                                                         "off"))["servable-models.conf"]  # fmt: skip
+
+
+def test_compose_canary_weight_gives_the_canary_its_share_beside_the_stable_replicas():
+    for stable in (1, 2, 3):
+        for weight in range(1, 100):
+            w = render.compose_canary_weight(stable, weight)
+            share = w / (w + stable * render.COMPOSE_STABLE_WEIGHT)
+            assert abs(share - weight / 100) <= 0.005, (stable, weight, w, share)  # half a point
+    for weight in (0, 100):  # no canary, or all to it: the pool without it, or promote
+        with pytest.raises(ValueError):
+            render.compose_canary_weight(2, weight)
 
 
 def test_split_servers_gives_the_canary_its_weight():
@@ -390,3 +425,73 @@ def test_the_k8s_scrape_config_gives_a_canarys_pods_their_models_job():
     for kind in render.SERVED_MODELS:
         assert job(f"servable-{kind}") == job(render.k8s_canary_name(kind)) == f"servable-{kind}"
     assert job("servable-image-shadowy") is None and job("other") is None
+
+
+def test_each_checks_query_finds_the_series_the_rules_record(tmp_path):
+    """The queries the steps send (release.shadow_checks, canary_checks), answered by the generated rules
+    in promtool over the raw series of a shadowing replica and of a canary replica: a selector naming a
+    label a rule drops has no data, and the step is refused whatever the figures (the agreement rule had
+    no `job`, so every canary with the shadow check was refused on a real Prometheus)."""
+    th = release.Thresholds()
+    shadow, (traffic, errors, p99) = (
+        release.shadow_checks("image", "fashion-cnn:t2", th),
+        release.canary_checks("image", "fashion-cnn:t2", th),
+    )
+    live = 'job="servable-image", instance="image-1:3000"'
+    canary = 'job="servable-image", instance="image-canary-1:3000"'
+    request = f'{canary}, service_name="image_classifier", endpoint="/classify"'
+    series = {
+        f'servable_shadow_scored_total{{{live}, model="fashion-cnn", version="t1", candidate="t2"}}': "0+60x20",
+        f'servable_shadow_agreed_total{{{live}, model="fashion-cnn", version="t1", candidate="t2"}}': "0+60x20",
+        f'servable_model_info{{{canary}, model="fashion-cnn", version="t2"}}': "1x20",
+        f'bentoml_service_request_total{{{request}, http_response_code="200"}}': "0+60x20",
+        f'bentoml_service_request_duration_seconds_bucket{{{request}, le="0.1"}}': "0+60x20",
+        f'bentoml_service_request_duration_seconds_bucket{{{request}, le="+Inf"}}': "0+60x20",
+    }
+    expected = {  # the query -> the one sample it must give (labels as promtool prints them)
+        shadow[0].expr: ('servable:shadow_agreement:ratio_rate5m{job="servable-image", model="fashion-cnn", '
+                         'version="t1", candidate="t2"}', 1),
+        traffic.expr: ('servable:version_requests:rate5m{job="servable-image", version="t2"}', 1),
+        errors.expr: ('servable:version_errors5xx:ratio_rate5m{job="servable-image", version="t2"}', 0),
+        p99.expr: ('servable:version_latency_seconds:p99_5m{job="servable-image", version="t2"}', 0.099),
+    }  # fmt: skip
+    test = {
+        "rule_files": [str(render.RULES_YML)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "promql_expr_test": [
+                    {"expr": expr, "eval_time": "10m", "exp_samples": [{"labels": labels, "value": value}]}
+                    for expr, (labels, value) in expected.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "release_checks_test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False, width=300))
+    run([tool("promtool"), "test", "rules", str(path)])
+
+
+def test_every_compose_command_a_step_prints_names_a_service_of_its_files(prometheus, out, capsys, tmp_path):
+    """Each `docker compose ... <service>` a step prints names a service the files define once the step
+    has written them: after promote or roll back the canary is no service of them (`docker compose rm`
+    of it fails, no such service), so its container goes as an orphan, after nginx has left it."""
+    prometheus.figures = {AGREEMENT: 0.99, TRAFFIC: 3.0, ERRORS: 0.0, P99: 0.1}
+    common = ("--model", "image", "--target", "compose", "--prometheus", prometheus.url)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    files = ["-f", str(render.COMPOSE_YML), "-f", str(release.COMPOSE_OVERRIDE)]
+    for step in (("shadow", "--tag", "fashion-cnn:t2"), ("canary", "--tag", "fashion-cnn:t2", "--weight", "10"),
+                 ("promote",), ("rollback",)):  # fmt: skip
+        rc, text = _release(capsys, *step, *common)
+        assert rc == 0, text
+        printed = [line.split("#")[0].split() for line in text.split("now run, in order:\n")[1].splitlines()]
+        services = run([tool("docker-compose"), *files, "config", "--services"], cwd=render.DEPLOY, env=env)
+        compose = [words for words in printed if words[:2] == ["docker", "compose"]]
+        assert compose or step[0] == "shadow", text
+        for words in compose:  # up ... <service>; exec -T <service> <command>
+            service = words[words.index("-T") + 1] if "exec" in words else words[-1]
+            assert service in services.stdout.split(), (step, " ".join(words), services.stdout)
+        if step[0] in ("promote", "rollback"):  # nginx first, without the canary; then its container goes
+            assert [w[-2:] for w in compose] == [["-s", "reload"], ["--remove-orphans", "nginx"]], text
