@@ -117,8 +117,8 @@ def version_of(tag: str) -> str:
 def shadow_checks(kind: str, tag: str, th: Thresholds) -> list[Check]:
     if not th.shadow_check:
         return []
-    # the agreement rule sums over the replicas of a model (by model, version, candidate): no job label to select
-    sel = f'model="{tag.partition(":")[0]}", candidate="{version_of(tag)}"'
+    # the agreement rule sums over a model job's replicas (by job, model, version, candidate)
+    sel = f'job="servable-{kind}", model="{tag.partition(":")[0]}", candidate="{version_of(tag)}"'
     return [Check("shadow agreement", f"servable:shadow_agreement:ratio_rate5m{{{sel}}}", ">=", th.min_agreement)]
 
 
