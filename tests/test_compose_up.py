@@ -529,7 +529,24 @@ def test_a_killed_replica_is_routed_around_and_pages(stack):
     stack.compose("exec", "-T", "nginx", "nginx", "-s", "reload")
 
 
-class Load:
+class Clients:
+    """Client threads (`threads`) that run from the start of a `with` block until its end (`stop`)."""
+
+    threads: list[threading.Thread]
+    stop: threading.Event
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+
+class Load(Clients):
     """Clients calling both endpoints through nginx, each at most `rate` calls a second (all of them
     together under the per-key limit, 50 r/s: a 429 here would be the limit, not the roll-out); every
     answer that is not a 200 counts."""
@@ -559,16 +576,6 @@ class Load:
                     self.codes[code] = self.codes.get(code, 0) + 1
                     self.latencies.append(took)
                 self.stop.wait(max(0.0, self.period - took))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
 
 
 def served_tag(stack: Stack, kind: str) -> set[str]:
@@ -606,7 +613,7 @@ def test_rollout_and_rollback_under_load_fail_no_request(stack):
     assert total > 100 and load.codes == {200: total}, load.codes
 
 
-class Answers:
+class Answers(Clients):
     """Clients calling /classify (and one /sentiment) through nginx all along, each answer kept with its
     time, status and the version that gave it (the answer's `model`), so that every step's requests are
     counted, its failures found by time, and each window's share of the canary read off."""
@@ -638,16 +645,6 @@ class Answers:
     def since(self, t0: float, t1: float | None = None, kind: str | None = None) -> list[tuple]:
         with self.lock:
             return [a for a in self.got if t0 <= a[0] < (t1 or math.inf) and kind in (None, a[1])]
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
 
 
 def as_run_here(stack: Stack, command: str) -> str:
