@@ -34,17 +34,20 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+# The image fixture's recipe (`python -m training image` takes each as a flag): 400 Fashion-MNIST images at 32 px.
+IMAGE_FIXTURE_RECIPE = {
+    "limit": 400, "test_limit": 300, "image_size": 32, "epochs_head": 1, "epochs_finetune": 2, "batch_size": 32,
+    "lr_finetune": 1e-3, "calibration_size": 64, "progress": False, "average_last": 2,
+}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def image_run(runs_dir):
     """A real fine-tune on 400 Fashion-MNIST images at 32 px: seconds, not minutes."""
     from servable.config import ImageTrainConfig
     from training.image_pipeline import train_image
 
-    cfg = ImageTrainConfig(
-        runs_dir=runs_dir, limit=400, test_limit=300, image_size=32, epochs_head=1, epochs_finetune=2,
-        batch_size=32, lr_finetune=1e-3, calibration_size=64, progress=False, version="t1", average_last=2,
-    )  # fmt: skip
-    return train_image(cfg)
+    return train_image(ImageTrainConfig(runs_dir=runs_dir, version="t1", **IMAGE_FIXTURE_RECIPE))
 
 
 @pytest.fixture(scope="session")
