@@ -12,7 +12,12 @@ test starts a second proxy with a low limit (`LocalStack.start_extra_proxy`).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import threading
+from collections.abc import Callable
+
 import pytest
+import requests
 
 from tests.conftest import API_KEY, UNTHROTTLED_AUTH
 
@@ -46,3 +51,51 @@ def local_stack(image_run, text_run, tmp_path_factory):
             yield stack
     finally:
         stack.stop()
+
+
+class ReleaseTraffic:
+    """While a release runs on a local stack: one client sending `send()` through the proxy all along (each
+    request on its own connection), every answer that is not a 200 recorded in `failed`; and the stack applying
+    the release command's requests, as `python -m deploy.local_stack` does in its loop. `send()` returns the
+    status and, for a 200, the answer's `model` (the tag that answered), else the body."""
+
+    def __init__(self, stack, send: Callable[[], tuple[int, str]], pause_s: float = 0.0) -> None:
+        self.stack, self.send, self.pause_s = stack, send, pause_s
+        self.failed: list[tuple[int, str]] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._traffic, self._serve_requests)]
+
+    def _traffic(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, model = self.send()
+            except requests.RequestException as exc:  # a refused or reset connection is a failed request too
+                status, model = 0, repr(exc)
+            self.sent += 1
+            if status != 200:
+                self.failed.append((status, model))
+            self._stop.wait(self.pause_s)
+
+    def _serve_requests(self) -> None:
+        while not self._stop.is_set():
+            self.stack.handle_request()
+            self._stop.wait(0.2)
+
+    def answers(self, n: int, workers: int = 4) -> list[str]:
+        """`n` more requests, `workers` at a time, beside the background client: the model of each answer
+        (every one a 200)."""
+        with cf.ThreadPoolExecutor(workers) as ex:
+            got = list(ex.map(lambda _: self.send(), range(n)))
+        assert {s for s, _ in got} == {200}, [g for g in got if g[0] != 200][:5]
+        return [m for _, m in got]
+
+    def __enter__(self) -> ReleaseTraffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)

@@ -4,7 +4,6 @@ read them, and the local stack's canary, promotion and roll back under traffic."
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from deploy import release, render
 from servable.config import SERVED_MODELS
 from tests.conftest import API_KEY, UNTHROTTLED_AUTH
 from tests.polling import wait_for
+from tests.stack_fixtures import ReleaseTraffic
 from tests.test_deploy_static import run, tool
 
 KEY = {"x-api-key": API_KEY}
@@ -335,68 +335,40 @@ def test_local_canary_share_promote_and_rollback_without_a_failed_request(image_
     stack = LocalStack(tmp_path / "stack", api_keys={"tester": API_KEY}, tags={"image": old},
                        replicas_per_kind={"image": 1, "text": 0}, rate_limit="1000r/s", rate_burst=1000,
                        extra_env={"SERVABLE_IMAGE_SERVE_MAX_LATENCY_MS": "5000", **UNTHROTTLED_AUTH})  # fmt: skip
-    body, stop = _png(), threading.Event()
+    body = _png()
 
     def one() -> tuple[int, str]:
         r = requests.post(stack.proxy_url + "/classify", files={"image": ("x.png", body, "image/png")}, headers=KEY,
                           timeout=60, verify=stack.ca_file)  # fmt: skip
         return r.status_code, r.json().get("model", "") if r.status_code == 200 else r.text
 
-    failed: list[tuple[int, str]] = []
-    sent = [0]
-
-    def traffic() -> None:  # one client all along, each request on its own connection
-        while not stop.is_set():
-            status, model = one()
-            sent[0] += 1
-            if status != 200:
-                failed.append((status, model))
-
-    def serve_requests() -> None:  # what `python -m deploy.local_stack` does in its loop
-        while not stop.is_set():
-            stack.handle_request()
-            time.sleep(0.2)
-
     def step(*args: str) -> str:
         rc, text = _release(capsys, *args, "--model", "image", "--target", "local", "--stack", str(stack.dir))
         assert rc == 0, text
         return text
 
-    def answers(n: int) -> list[str]:
-        with cf.ThreadPoolExecutor(4) as ex:
-            got = list(ex.map(lambda _: one(), range(n)))
-        assert {s for s, _ in got} == {200}, got
-        return [m for _, m in got]
-
-    with stack:
-        threads = [threading.Thread(target=f, daemon=True) for f in (traffic, serve_requests)]
-        for t in threads:
-            t.start()
-        try:
-            step("canary", "--tag", new, "--weight", "30", "--no-shadow-check")
-            n, p = 200, 0.3
-            share = answers(n).count(new) / n
-            bound = 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations of a binomial share
-            assert abs(share - p) <= bound, (share, p, bound)
-            assert json.loads((stack.dir / "stack.json").read_text())["models"]["image"]["canary"]["weight"] == 30
-            # promote checks the canary's own figures in the stack's Prometheus (the per-version rules) ...
-            ready = wait_for(lambda: release.query(stack.prometheus_url, "servable:version_latency_seconds:p99_5m"
-                                                   '{job="servable-image", version="canary2"}'), 90, 1)  # fmt: skip
-            assert ready, "no per-version p99 for the canary in Prometheus"
-            rc, text = _release(capsys, "promote", "--model", "image", "--target", "local", "--stack",
-                                str(stack.dir), "--max-p99", "0.000001")  # fmt: skip
-            assert rc == 2 and "canary p99 latency (s)" in text and "FAILED" in text, text  # ... and refuses
-            assert set(answers(20)) == {old, new}  # nothing changed
-            text = step("promote", "--max-p99", "30")
-            assert "ok  canary 5xx ratio: 0" in text, text
-            assert set(answers(40)) == {new}
-            step("rollback")
-            assert set(answers(40)) == {old}
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=90)
-        assert sent[0] > 20 and not failed, (sent[0], failed[:5])
+    with stack, ReleaseTraffic(stack, one) as traffic:
+        answers = traffic.answers
+        step("canary", "--tag", new, "--weight", "30", "--no-shadow-check")
+        n, p = 200, 0.3
+        share = answers(n).count(new) / n
+        bound = 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations of a binomial share
+        assert abs(share - p) <= bound, (share, p, bound)
+        assert json.loads((stack.dir / "stack.json").read_text())["models"]["image"]["canary"]["weight"] == 30
+        # promote checks the canary's own figures in the stack's Prometheus (the per-version rules) ...
+        ready = wait_for(lambda: release.query(stack.prometheus_url, "servable:version_latency_seconds:p99_5m"
+                                               '{job="servable-image", version="canary2"}'), 90, 1)  # fmt: skip
+        assert ready, "no per-version p99 for the canary in Prometheus"
+        rc, text = _release(capsys, "promote", "--model", "image", "--target", "local", "--stack",
+                            str(stack.dir), "--max-p99", "0.000001")  # fmt: skip
+        assert rc == 2 and "canary p99 latency (s)" in text and "FAILED" in text, text  # ... and refuses
+        assert set(answers(20)) == {old, new}  # nothing changed
+        text = step("promote", "--max-p99", "30")
+        assert "ok  canary 5xx ratio: 0" in text, text
+        assert set(answers(40)) == {new}
+        step("rollback")
+        assert set(answers(40)) == {old}
+    assert traffic.sent > 20 and not traffic.failed, (traffic.sent, traffic.failed[:5])
 
 
 def test_the_k8s_scrape_config_gives_a_canarys_pods_their_models_job():

@@ -231,8 +231,9 @@ def test_shadow_rules_alert_and_dashboard_read_a_shadowing_replica(image_run, im
             missing = [e for e in missing if not _query(url, e)]
         assert not missing, (missing, (tmp_path / "prometheus.log").read_text()[-2000:])
         (ratio,) = _query(url, alert)
-        assert ratio["metric"] == {"__name__": alert, "job": "servable-image", "model": "fashion-cnn", "version": "t1",
-                                  "candidate": "t2"}  # fmt: skip
+        # per job too: deploy/release.py's canary check selects the model's job
+        want = {"__name__": alert, "job": "servable-image", "model": "fashion-cnn", "version": "t1", "candidate": "t2"}
+        assert ratio["metric"] == want
         assert 0 <= float(ratio["value"][1]) <= 1
     finally:
         proc.terminate()
