@@ -229,6 +229,13 @@ class DomainStudyConfig(TextTrainConfig):
     calibrate: bool = False
     output: Path = Field(Path("docs/results/domain_study"), description="Where the JSON, table and plot go.")
 
+    @model_validator(mode="after")
+    def _bundled_domains_only(self) -> DomainStudyConfig:
+        if self.data_file is not None or self.extra_data is not None:
+            raise ValueError("the domain study holds out the bundled domains in turn: --data-file and --extra-data "
+                             "do not apply")  # fmt: skip
+        return self
+
 
 # ---------------------------------------------------------------- serving
 

@@ -23,8 +23,9 @@ def tiny_backbone(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(bundled_backbone())
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(out)  # fmt: skip
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
 
@@ -141,3 +142,24 @@ def test_a_stopped_study_resumes_without_recomputing_done_cells(tmp_path, tiny_b
     assert ran == ["amazon|0|random|20", "amazon|0|active|20"]  # the done cell is not run again
     assert base_json.stat().st_mtime_ns == trained_at  # nor the cached base model trained again
     assert results["missing"] == [] and len(results["cells"]) == 3
+
+
+def test_the_text_card_shows_the_study_headline_when_its_results_are_there(tmp_path, monkeypatch):
+    from servable.artifact import ModelManifest
+    from training import model_card
+
+    cell = lambda mean: {"mean": mean, "sd": 0.01, "n": 3}  # noqa: E731
+    results = {"config": {"seeds": [0, 1, 2]}, "machine": "AMD EPYC, 2 cores", "missing": [],
+               "summary": {"amazon": {"random": {"0": cell(0.8123), "1000": cell(0.8567)},
+                                      "active": {"0": cell(0.8123), "1000": cell(0.8721)}}}}  # fmt: skip
+    manifest = ModelManifest(name="sentiment-bert", version="v1", task="text-classification",
+                             labels=["negative", "positive"], onnx={"fp32": "model.onnx"},
+                             training_config={"data_file": None}, metrics={"test": {"fp32": {"accuracy": 0.9}}},
+                             provenance={}, versions={})  # fmt: skip
+    monkeypatch.setattr(model_card, "DOMAIN_STUDY", tmp_path / "domain_study.json")
+    assert "make domain-study" not in model_card.render_model_card(manifest)  # no results: no line, a card all the same
+    model_card.DOMAIN_STUDY.write_text(json.dumps(results))
+    card = model_card.render_model_card(manifest)
+    assert "amazon 0.812 with none; 1,000: 0.857 at random, 0.872 by the loop" in card and "AMD EPYC" in card
+    user_data = manifest.model_copy(update={"training_config": {"data_file": "reviews.csv"}})
+    assert "make domain-study" not in model_card.render_model_card(user_data)  # the study is of the bundled domains
