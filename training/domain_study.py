@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -246,6 +247,7 @@ def run_study(cfg: DomainStudyConfig) -> dict:
     if progress["cells"]:
         tqdm.write(f"resuming from {progress_path(cfg)}: {len(progress['cells'])} cells done")
     started, earlier = time.perf_counter(), progress["seconds"]
+    progress.setdefault("command", command_line(cfg))  # the first start's: a resumed run reports what began it
     todo = [c for c in all_cells(cfg) if cell_key(c[0], c[1], c[2], c[3]) not in progress["cells"]]
     data: dict[str, DomainData] = {}
     for domain, seed, arm, k in todo:
@@ -275,8 +277,10 @@ def results_of(cfg: DomainStudyConfig, progress: dict) -> dict:
     wanted = [cell_key(*c) for c in all_cells(cfg)]
     cells = [progress["cells"][key] for key in wanted if key in progress["cells"]]
     return {
-        "config": cfg.model_dump(mode="json"), "machine": describe_machine(), "command": command_line(cfg),
+        "config": cfg.model_dump(mode="json"), "machine": describe_machine(),
+        "command": progress.get("command") or command_line(cfg),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "minutes": round(progress["seconds"] / 60, 1),
+        "load_average": [round(x, 1) for x in os.getloadavg()],  # a shared machine stretches the minutes
         "sizes": progress["sizes"],
         "bases": progress["bases"], "cells": cells, "missing": [key for key in wanted if key not in progress["cells"]],
         "summary": summarize(cells),
@@ -359,16 +363,17 @@ Errors on {domain}'s test split, random arm (mean over seeds): {errors or "—"}
     text = f"""# Text: how many labels does a new domain need?
 
 Command: `{results["command"]}` ({results["minutes"]} min)
-Machine: {results["machine"]}; {results["date"]}. Results: domain_study.json.
+Machine: {results["machine"]}; {results["date"]} (load average {", ".join(map(str, results["load_average"]))}
+at the end: the minutes stretch with other work on the machine). Results: domain_study.json.
 {"All cells done." if not missing else f"**{len(missing)} cells missing**: {', '.join(missing)}."} {cost}
 
 For each domain, held out of a base model trained on the other bundled domains ({cfg.base_limit or "all"}
-training sentences, {cfg.epochs_finetune} epoch(s) of the text recipe at lr {cfg.lr_finetune:g}, one base per
+training sentences, epochs: {cfg.epochs_finetune} of the text recipe at lr {cfg.lr_finetune:g}, one base per
 seed: {", ".join(map(str, cfg.seeds))}), k labelled sentences of the domain are added, chosen at random or
 as the labelling loop chooses them (balanced across predicted classes, least confident first, from the
 base model's scores of {cfg.candidate_pool:,} candidates), and the base is fine-tuned on them plus
 {cfg.replay:g} × k replayed sentences of its own training data at lr {cfg.adapt_lr:g}, batch
-{cfg.adapt_batch_size}, at least {cfg.adapt_epochs} epochs and {cfg.adapt_min_steps} steps, keeping the epoch
+{cfg.adapt_batch_size}, for at least {cfg.adapt_min_steps} steps (and epochs: {cfg.adapt_epochs}), keeping the epoch
 with the best accuracy on the domain's validation split. The test split plays no part in any choice.
 
 {"".join(sections)}
