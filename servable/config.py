@@ -199,6 +199,44 @@ class LimitedDataConfig(ImageTrainConfig):
     output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")
 
 
+class DomainStudyConfig(TextTrainConfig):
+    """The text domain-transfer study: a base model per held-out domain, then k labelled in-domain examples added."""
+
+    model_config = _cfg("SERVABLE_DOMAIN_STUDY_")
+
+    held_out_domains: list[TextDomain] = Field(
+        ["amazon", "movies"], min_length=1,
+        description="The domains studied, each in turn held out of its base model (the others train it).",
+    )  # fmt: skip
+    labels_added: list[int] = Field([0, 50, 200, 1000], description="In-domain labelled examples added (k).")
+    seeds: list[int] = Field([0, 1, 2], description="One base model and one draw of each k per seed.")
+    base_limit: int | None = Field(3000, ge=10, description="Base model: training sentences (a prefix of the split).")
+    base_val_limit: int = Field(200, ge=10, description="Base model: validation sentences of its domains.")
+    epochs_finetune: int = 1
+    candidate_pool: int = Field(2000, ge=10, description="Unlabelled in-domain sentences both arms choose from.")
+    adapt_lr: float = Field(5e-5, gt=0, description="Adaptation: fine-tuning rate (half the base recipe's).")
+    adapt_epochs: int = Field(1, ge=1, description="Adaptation: fewest epochs (more when a set is small).")
+    adapt_min_steps: int = Field(30, ge=1, description="Adaptation: fewest optimiser steps, whatever k.")
+    adapt_batch_size: int = Field(16, ge=1, description="Adaptation: mini-batch size.")
+    adapt_val_limit: int = Field(200, ge=10, description="Adaptation: validation sentences of the new domain.")
+    replay: float = Field(0.5, ge=0, description="Adaptation: base training sentences replayed per new one.")
+    test_limit: int | None = Field(500, ge=10, description="Test sentences of the new domain scored per cell.")
+    forgetting_limit: int = Field(200, ge=10, description="Test sentences of the base's domains scored per cell.")
+    pause_file: Path | None = Field(None, description="While this file exists, wait before the next cell.")
+    register_model: bool = False
+    quantize: bool = False
+    optimize: bool = False
+    calibrate: bool = False
+    output: Path = Field(Path("docs/results/domain_study"), description="Where the JSON, table and plot go.")
+
+    @model_validator(mode="after")
+    def _bundled_domains_only(self) -> DomainStudyConfig:
+        if self.data_file is not None or self.extra_data is not None:
+            raise ValueError("the domain study holds out the bundled domains in turn: --data-file and --extra-data "
+                             "do not apply")  # fmt: skip
+        return self
+
+
 # ---------------------------------------------------------------- serving
 
 

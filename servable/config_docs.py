@@ -35,6 +35,7 @@ def sections() -> list[tuple[str, type[BaseSettings], str]]:
     return [
         *train,
         ("Limited-data experiment", config.LimitedDataConfig, "`python -m training limited-data --help`"),
+        ("Text domain-transfer study", config.DomainStudyConfig, "`python -m training domain-study --help`"),
         *serve,
         ("API-key authentication", config.AuthSettings, ENV_ONLY),
         ("Audit log", config.AuditSettings, ENV_ONLY),

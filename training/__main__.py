@@ -1,4 +1,4 @@
-"""`python -m training <kind>|limited-data|gallery|card|calibration|faithfulness|clip-threshold|document [--flags]`;
+"""`python -m training <kind>|limited-data|domain-study|gallery|card|calibration|faithfulness|clip-threshold|document`;
 every flag is also an env variable.
 
 One training subcommand per entry of training/tasks.py::TASKS (`image`, `text`), with its settings as flags.
@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import Field, create_model
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
-from servable.config import LimitedDataConfig
+from servable.config import DomainStudyConfig, LimitedDataConfig
 from servable.setting_names import warn_unknown
 from training.data_images import DataError
 from training.gates import GateFailed
@@ -42,6 +42,16 @@ class LimitedDataCommand(LimitedDataConfig):
         from training.limited_data import run_experiment
 
         run_experiment(self)
+
+
+class DomainStudyCommand(DomainStudyConfig):
+    """Text: how many labels a new domain needs (held out of a base model, k labelled sentences added, chosen at
+    random or as the labelling loop chooses); writes a table and a plot."""
+
+    def cli_cmd(self) -> None:
+        from training.domain_study import run_study
+
+        run_study(self)
 
 
 class GalleryCommand(BaseSettings):
@@ -173,6 +183,7 @@ class TrainBase(BaseSettings):
 # then the commands that work on any model.
 SUBCOMMANDS: dict[str, Any] = {kind: (CliSubCommand[train_command(task)], ...) for kind, task in TASKS.items()} | {
     "limited_data": (CliSubCommand[LimitedDataCommand], ...),
+    "domain_study": (CliSubCommand[DomainStudyCommand], ...),
     "gallery": (CliSubCommand[GalleryCommand], ...),
     "card": (CliSubCommand[CardCommand], ...),
     "calibration": (CliSubCommand[CalibrationCommand], ...),

@@ -25,6 +25,9 @@ HISTORY = "history.json"
 GALLERY = "gallery.json"
 # Flags that only say where a run went or how it showed progress: left out of the reproduce command.
 NOT_A_CHOICE = ("name", "version", "runs_dir", "progress", "register_model")
+# The text domain-transfer study's results (`make domain-study`): its headline goes on the cards of bundled-data
+# text models when the file is there.
+DOMAIN_STUDY = Path(__file__).resolve().parents[1] / "docs" / "results" / "domain_study" / "domain_study.json"
 
 
 def render_model_card(manifest: ModelManifest, history: list[dict] | None = None,
@@ -318,6 +321,9 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
         lines.append(f"- outside its training domain accuracy moves by {_points(gap)}")
     if m.metrics.get("int8_accuracy_drop") is not None:
         lines.append(f"- int8 against fp32: {_points(-m.metrics['int8_accuracy_drop'])} of test accuracy")
+    study = _domain_study(m)
+    if study:
+        lines.append(f"- {study}")
     if mistakes:
         lines += ["", "The most confident test mistakes (with their explanations in the artifact's gallery "
                   "files):", ""]  # fmt: skip
@@ -326,6 +332,37 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
             what = f"{e['true']} called {e['predicted']} at {e['confidence']:.2f}"
             lines.append(f"- {task.mistake(e, what)}")
     return "\n".join(lines)
+
+
+def _domain_study(m: ModelManifest) -> str | None:
+    """The headline of the text domain-transfer study, for a text model on the bundled data, if it was run."""
+    if m.task != "text-classification" or not for_task(m.task).bundled(m) or not DOMAIN_STUDY.is_file():
+        return None
+    return domain_study_headline(json.loads(DOMAIN_STUDY.read_text()))
+
+
+def domain_study_headline(results: dict) -> str:
+    """Test accuracy on each bundled domain held out of a base model, with k of its labelled sentences added at
+    random or as the labelling loop chooses them: means over the seeds measured."""
+    parts = []
+    for domain, arms in results["summary"].items():
+        ks = sorted({int(k) for cells in arms.values() for k in cells})
+        steps = []
+        for k in ks:
+            got = {arm: arms.get(arm, {}).get(str(k)) for arm in ("random", "active")}
+            if k == 0:
+                steps.append(f"{next(c for c in got.values() if c)['mean']:.3f} with none")
+            else:
+                said = [f"{c['mean']:.3f} {'at random' if arm == 'random' else 'by the loop'}"
+                        for arm, c in got.items() if c]  # fmt: skip
+                steps.append(f"{k:,}: " + ", ".join(said))
+        parts.append(f"{domain} " + "; ".join(steps))
+    missing = f", {len(results['missing'])} cells not yet run" if results["missing"] else ""
+    seeds = len(results["config"]["seeds"])
+    return (f"a new domain (`make domain-study`: each domain held out of a base model trained on the others, then "
+            f"k of its labelled sentences added, chosen at random or by the labelling loop; test accuracy, mean of "
+            f"up to {seeds} seeds{missing}; docs/results/domain_study/domain_study.json, {results['machine']}): "
+            + " | ".join(parts))  # fmt: skip
 
 
 def _reproduce(m: ModelManifest) -> str:

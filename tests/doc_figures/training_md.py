@@ -418,3 +418,26 @@ def methods_paired(d: dict) -> str:
 
 
 FIGURES.append(Figure("docs/training.md", LIMITED, methods_paired, "limited data: the three methods, paired by seed"))
+
+
+DOMAIN_STUDY = "docs/results/domain_study/domain_study.json"
+DOMAIN_STUDY_DOMAINS = ("amazon", "movies")  # the study's default domains, the rows training.md prints
+
+
+def domain_study_row(domain: str, arm: str) -> Callable[[dict], str]:
+    """A row of training.md's domain-study table: the report's own cells (mean ± sd (n=seeds), — when not run)."""
+
+    def row(d: dict) -> str:
+        from training.domain_study import LABELS, fmt  # the report's own format (imports torch: only when run)
+
+        cells = d["summary"].get(domain, {}).get(arm, {})
+        return (f"| {domain} | {LABELS[arm]} | "
+                + " | ".join(fmt(cells.get(str(k))) for k in d["config"]["labels_added"]) + " |")  # fmt: skip
+
+    return row
+
+
+FIGURES += [
+    Figure("docs/training.md", DOMAIN_STUDY, domain_study_row(domain, arm), f"domain study: {domain}, {arm}")
+    for domain in DOMAIN_STUDY_DOMAINS for arm in ("random", "active")
+]  # fmt: skip
