@@ -336,7 +336,8 @@ def _error_patterns(m: ModelManifest, mistakes: list[dict]) -> str:
 
 def _domain_study(m: ModelManifest) -> str | None:
     """The headline of the text domain-transfer study, for a text model on the bundled data, if it was run."""
-    if m.task != "text-classification" or not for_task(m.task).bundled(m) or not DOMAIN_STUDY.is_file():
+    task = for_task(m.task)
+    if not task.domain_study or not task.bundled(m) or not DOMAIN_STUDY.is_file():
         return None
     return domain_study_headline(json.loads(DOMAIN_STUDY.read_text()))
 

@@ -54,6 +54,7 @@ class TrainableTask(ABC):
     review_entry: str  # f(cfg, art, session, out, n) -> (true labels, probabilities, gallery entries)
     calibration_entry: str  # f(cfg, art, session) -> {set name: LabelledLogits}, "validation" first
     faithfulness_entry: str  # f(cfg, art, session, n) -> (inputs, score(inputs) -> probs, {absence: Parts maker})
+    domain_study = False  # `make domain-study` measures its bundled data's domains (its card quotes the headline)
 
     @property
     def default_name(self) -> str:
@@ -141,6 +142,8 @@ class ImageTask(TrainableTask):
 
 
 class TextTask(TrainableTask):
+    domain_study = True
+
     def intended_use(self, m: ModelManifest) -> tuple[str, list[str]]:
         labels = ", ".join(m.labels)
         max_len = m.text_preprocessing.max_length if m.text_preprocessing else m.training_config.get("max_length")
