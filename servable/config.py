@@ -155,6 +155,22 @@ class TextTrainConfig(TrainCommon):
     )
     freeze_layers: int = Field(0, ge=0, description="Keep the lowest N encoder layers frozen while fine-tuning.")
     parity_tolerance: float = Field(1e-3, gt=0, description="Max |ONNX - PyTorch| logit diff allowed.")
+    class_weights: Literal["none", "class", "domain-class"] = Field(
+        "none",
+        description="Loss weights against label imbalance: class = inverse label frequency; domain-class = "
+        "inverse frequency of each (domain, label) pair, so each domain's positives and negatives weigh the "
+        "same in total. Opt-in: measured in docs/training.md (leave one domain out).",
+    )
+    threshold_sample: int = Field(
+        200,
+        ge=0,
+        description="Bundled data: held-out-domain sentences (a seeded draw) on which that domain's decision "
+        "threshold is fitted, as a user with a few labels would; the report scores the rest with and without "
+        "it. Reported only (serving answers by the top class); 0 = off.",
+    )
+    report_json: Path | None = Field(
+        None, description="Also write the run's figures (by domain, class balance, decision thresholds) here."
+    )
 
     @model_validator(mode="after")
     def _held_out_is_not_trained(self) -> TextTrainConfig:

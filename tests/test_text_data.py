@@ -15,6 +15,7 @@ from servable.config import TextTrainConfig
 from tests.conftest import ROOT
 from training.data_text import OOD_DOMAIN, SOURCES, TRAIN_DOMAINS, _hutto, load_bundled, load_user_file, normalise
 from training.metrics import by_domain, domain_table
+from training.text_levers import class_balance, fit_threshold, loss_weights, threshold_report
 
 DATASETS = ROOT / ".cache" / "datasets"
 
@@ -172,3 +173,57 @@ def test_any_domain_can_be_held_out_and_is_then_never_trained_on(bundled):
     assert len(editorials ^ {normalise(t) for t, _ in loo.ood_test}) < 20
     with pytest.raises(ValidationError, match="held-out"):
         TextTrainConfig(held_out="movies", domains=["movies", "tweets"])
+
+
+def test_domain_class_loss_weights_give_every_domain_and_label_the_same_total_weight():
+    """The class-balanced loss (--class-weights): `class` evens the labels, `domain-class` each (domain, label)
+    pair; the weights average 1 so the learning rate means the same; `none` leaves the loss unweighted."""
+    labels = [1, 1, 1, 0, 1, 0, 0, 0, 0, 1]
+    domains = ["tweets"] * 4 + ["news"] * 6  # tweets 3 positive / 1 negative, news 2 / 4
+    assert loss_weights(labels, domains, "none") is None
+    for mode, keys in (("class", labels), ("domain-class", list(zip(domains, labels, strict=True)))):
+        w = loss_weights(labels, domains, mode)
+        assert w.mean() == pytest.approx(1.0)
+        totals = Counter()
+        for k, wi in zip(keys, w, strict=True):
+            totals[k] += wi
+        assert len(set(np.round(list(totals.values()), 6))) == 1, (mode, totals)
+    assert loss_weights(labels, domains, "domain-class")[3] == pytest.approx(10 / 4)  # the one negative tweet
+
+
+def test_a_threshold_fitted_on_labelled_sentences_fixes_a_negative_bias():
+    """A model that calls positive sentences negative (P(positive) 0.3-0.45 for them): the cut fitted on the
+    validation split stays at 0.5 where the top class is already right, the held-out domain's cut fitted on a
+    labelled sample moves below 0.5 and turns its false negatives into right answers on the rest."""
+    rng = np.random.default_rng(0)
+
+    def logits(p):  # two-class logits with P(positive) = p
+        return np.stack([np.zeros_like(p), np.log(p / (1 - p))], axis=1)
+
+    y_val = np.array([0, 1] * 50)
+    p_val = np.where(y_val == 1, rng.uniform(0.6, 0.9, 100), rng.uniform(0.1, 0.4, 100))
+    y_ood = np.array([0, 1] * 300)
+    p_ood = np.where(y_ood == 1, rng.uniform(0.3, 0.45, 600), rng.uniform(0.05, 0.25, 600))
+    sets = {"val": (logits(p_val), y_val, ["news"] * 100), "test": (logits(p_val), y_val, ["news"] * 100),
+            "ood": (logits(p_ood), y_ood, ["shops"] * 600)}  # fmt: skip
+    report = threshold_report(sets, ["negative", "positive"], sample=100, seed=0)
+    assert report["validation"]["threshold"] == 0.5
+    assert report["per_domain"]["news"]["fitted"]["accuracy"] == 1.0
+    shops = report["validation"]["domains"]["shops"]["argmax"]
+    assert shops == {"n": 600, "accuracy": 0.5, "false_positive": 0, "false_negative": 300}
+    held = report["held_out"]
+    assert held["domain"] == "shops" and held["fitted_on"] == 100 and 0.25 < held["threshold"] < 0.3
+    assert held["argmax"]["n"] == held["fitted"]["n"] == 500 and held["argmax"]["false_negative"] > 200
+    assert held["fitted"] == {"n": 500, "accuracy": 1.0, "false_positive": 0, "false_negative": 0}
+    assert threshold_report(sets, ["bad", "good"], 100, 0) is None  # no polarity, no threshold
+    assert fit_threshold(np.array([0.2, 0.8]), np.array([False, True])) == 0.5  # ties: the plain answer
+
+
+def test_the_class_balance_is_counted_per_domain_and_split(bundled):
+    balance = class_balance(bundled)
+    for split in ("train", "val", "test"):
+        strata = _strata(bundled, split)
+        for dom in TRAIN_DOMAINS:
+            n = strata[(dom, 0)] + strata[(dom, 1)]
+            assert balance[dom][split] == {"n": n, "positive_share": round(strata[(dom, 1)] / n, 4)}
+    assert balance[OOD_DOMAIN]["ood_test"]["n"] == len(bundled.ood_test)

@@ -303,3 +303,58 @@ def test_a_hub_backbone_is_fetched_only_when_hf_hub_offline_allows_it(monkeypatc
     with pytest.raises(DataError, match="HF_HUB_OFFLINE=0"):
         load_backbone("bert-base-uncased", ["negative", "positive"], 0.1)
     assert seen["local_files_only"] is local_only
+
+
+@pytest.mark.parametrize("mode", ["none", "domain-class"])
+def test_class_weights_reach_the_training_loss(mode, monkeypatch):
+    """--class-weights: every training step's loss gets the weights of its own sentences (by domain and label),
+    and weighs them; `none` trains unweighted. Fails if the weights are computed but not passed on."""
+    from servable.config import TextTrainConfig
+    from tests.conftest import ROOT
+    from training import loop
+    from training.text_levers import loss_weights
+    from training.text_pipeline import fine_tune, load_splits
+
+    seen, real = [], loop.weighted_cross_entropy
+
+    def spy(logits, y, weights):
+        seen.append(None if weights is None else weights.clone())
+        loss = real(logits, y, weights)
+        if weights is not None:  # a weighted mean of the per-sentence losses, not the plain mean
+            per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            assert loss.item() == pytest.approx(((weights * per).sum() / weights.sum()).item(), rel=1e-5)
+        return loss
+
+    monkeypatch.setattr(loop, "weighted_cross_entropy", spy)
+    cfg = TextTrainConfig(limit=48, max_length=16, epochs_finetune=1, batch_size=8, class_weights=mode,
+                          progress=False, datasets_dir=ROOT / ".cache" / "datasets")  # fmt: skip
+    splits = load_splits(cfg)
+    fine_tune(cfg, splits)
+    assert len(seen) == 6
+    expected = loss_weights([y for _, y in splits.train], splits.domains["train"], mode)
+    if mode == "none":
+        assert expected is None and all(w is None for w in seen)
+    else:
+        got = np.sort(torch.cat(seen).numpy())
+        np.testing.assert_allclose(got, np.sort(expected), rtol=1e-6)
+        assert got.min() < 0.9 and got.max() > 1.1  # the 48 sentences are not balanced: weights differ
+
+
+def test_the_run_reports_decision_thresholds_and_writes_its_figures(text_run, tmp_path):
+    """Every text run records the decision thresholds beside its figures (reported, not served): at the top
+    class they are the run's own by-domain errors; --report-json writes them with the command and machine."""
+    from servable.config import TextTrainConfig
+    from training.text_levers import write_report
+
+    report = text_run.metrics["decision_threshold"]
+    by_domain = text_run.metrics["test"]["fp32"]["by_domain"]
+    assert 0 < report["validation"]["threshold"] < 1
+    for name, d in report["validation"]["domains"].items():
+        assert d["argmax"] == {k: by_domain[name][k] for k in ("n", "accuracy", "false_positive", "false_negative")}
+    assert set(report["per_domain"]) == {"movies", "tweets", "editorials"}
+    path = tmp_path / "report.json"
+    written = write_report(path, TextTrainConfig(), text_run.splits, text_run.metrics, [], 1.0)
+    assert json.loads(path.read_text()) == written
+    assert written["machine"] and written["command"].startswith("python -m training text")
+    assert written["by_domain"] == by_domain and written["held_out"] == "amazon"
+    assert written["class_balance"]["amazon"]["ood_test"]["n"] == len(text_run.splits.ood_test)

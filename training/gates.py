@@ -30,8 +30,9 @@ from training.tasks import for_task
 DOCUMENTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "training" / "documented.json"
 # calibrate / abstain_coverage: a temperature fitted after training divides the logits, so no gated
 # figure (argmax accuracy, int8/fp32 agreement) moves with them
+# threshold_sample / report_json: a report beside the run; the model and its argmax answers stay the same
 NOT_RECIPE = ("name", "version", "runs_dir", "register_model", "progress", "device", "amp", "num_threads",
-              "calibrate", "abstain_coverage")  # fmt: skip
+              "calibrate", "abstain_coverage", "threshold_sample", "report_json")  # fmt: skip
 # gated figure -> how the log, the docs and the model card name it
 FIGURES = {
     "test_accuracy": "fp32 test accuracy",

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from servable.config import TrainCommon
 from training.runtime import amp_dtype
 
-Forward = Callable[[object], tuple[torch.Tensor, torch.Tensor]]
+# forward(batch) -> (logits, targets) or (logits, targets, per-example loss weights)
+Forward = Callable[[object], tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -98,7 +99,7 @@ def evaluate(model: nn.Module, batches: Iterable, forward: Forward, device: torc
     dtype = amp_dtype(device, amp)
     for batch in batches:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, y = forward(batch)
+            logits, y = forward(batch)[:2]  # validation loss is never weighted
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         n += len(y)
         preds.append(logits.argmax(1).cpu())
@@ -155,8 +156,8 @@ def run_stage(
                    disable=None if cfg.progress else True, unit="batch", leave=False)  # fmt: skip
         for batch in bar:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits, y = forward(batch)
-                loss = nn.functional.cross_entropy(logits.float(), y)
+                logits, y, *weights = forward(batch)
+                loss = weighted_cross_entropy(logits.float(), y, weights[0] if weights else None)
                 if cfg.l1 > 0:
                     loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params)
             optimizer.zero_grad(set_to_none=True)
@@ -188,6 +189,14 @@ def run_stage(
             tqdm.write(f"early stopping: no {stopper.monitor} gain for {cfg.patience} epoch(s)")
             return True
     return False
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy, each example's term weighted (a weighted mean) when `weights` are given."""
+    if weights is None:
+        return nn.functional.cross_entropy(logits, y)
+    per_example = nn.functional.cross_entropy(logits, y, reduction="none")
+    return (weights * per_example).sum() / weights.sum()
 
 
 def record_grad_health(log: EpochLog, grad_norms: list[torch.Tensor], clip_norm: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from training.metrics import by_domain, classification_report, domain_table
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
 from training.runtime import pick_device, seed_everything, set_threads
 from training.tasks import LabelledLogits
+from training.text_levers import loss_weights, threshold_report, write_report
 from training.text_model import LogitsOnly, freeze_encoder, head_parameters, load_backbone
 
 LATENCY_BATCHES = (1, 32)
@@ -56,8 +57,9 @@ def load_splits(cfg: TextTrainConfig) -> TextSplits:
     return splits
 
 
-def text_batches(rows, tokenizer, max_length: int, size: int, gen: torch.Generator | None = None):
-    """Dynamic padding: each batch is padded only to its own longest text.
+def text_batches(rows, tokenizer, max_length: int, size: int, gen: torch.Generator | None = None, weights=None):
+    """Dynamic padding: each batch is padded only to its own longest text. With per-row loss `weights`, a
+    batch is (encoding, labels, weights).
 
     When shuffling, texts are grouped by length inside windows of 50 batches (then the batches
     are shuffled), so little compute goes to padding while the order stays random.
@@ -77,7 +79,8 @@ def text_batches(rows, tokenizer, max_length: int, size: int, gen: torch.Generat
         chunk = [rows[j] for j in idx]
         enc = tokenizer([t for t, _ in chunk], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt")  # fmt: skip
-        yield dict(enc), torch.tensor([lab for _, lab in chunk])
+        y = torch.tensor([lab for _, lab in chunk])
+        yield (dict(enc), y) if weights is None else (dict(enc), y, torch.tensor([weights[j] for j in idx]))
 
 
 def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
@@ -87,12 +90,13 @@ def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
     model.to(device)
 
     def forward(batch):
-        enc, y = batch
-        return model(**{k: v.to(device) for k, v in enc.items()}).logits, y.to(device)
+        enc, y, *w = batch
+        return model(**{k: v.to(device) for k, v in enc.items()}).logits, y.to(device), *(t.to(device) for t in w)
 
+    weights = loss_weights([y for _, y in splits.train], splits.domains["train"], cfg.class_weights)
     common = dict(
         cfg=cfg, forward=forward, device=device,
-        train_batches=lambda: text_batches(splits.train, tokenizer, cfg.max_length, cfg.batch_size, gen),
+        train_batches=lambda: text_batches(splits.train, tokenizer, cfg.max_length, cfg.batch_size, gen, weights),
         n_train_batches=-(-len(splits.train) // cfg.batch_size),
         val_batches=lambda: text_batches(splits.val, tokenizer, cfg.max_length, 128),
         val_targets=torch.tensor([lab for _, lab in splits.val]),
@@ -101,7 +105,9 @@ def fine_tune(cfg: TextTrainConfig, splits: TextSplits):
     history: list[EpochLog] = []
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.monitor)
     per_domain = ", ".join(f"{d} {c['train']}" for d, c in splits.counts_by_domain().items() if "train" in c)
-    tqdm.write(f"training {source} on {device}: {len(splits.train)} train / {len(splits.val)} val texts ({per_domain})")
+    weighed = "" if weights is None else f"; loss weights {weights.min():.2f}-{weights.max():.2f}"
+    tqdm.write(f"training {source} on {device}: {len(splits.train)} train / {len(splits.val)} val texts ({per_domain})"
+               + weighed)  # fmt: skip
     freeze_encoder(model, True)
     stopped = run_stage(model, stage="head", params=head_parameters(model), epochs=cfg.epochs_head,
                         lr=cfg.lr_head, stopper=stopper, history=history, **common)  # fmt: skip
@@ -208,6 +214,7 @@ def drift_reference_of(splits: TextSplits, session, tok, prep: TextPreprocessing
 
 
 def train_text(cfg: TextTrainConfig) -> TextRun:
+    started = time.perf_counter()
     set_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     version, staging = make_run_dir(cfg)
@@ -220,7 +227,9 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     preds, logits = metrics.pop("predictions"), metrics.pop("test_logits")
     metrics["training"] = training_summary(history, stopper, stopped)
     session, tok = onnx_tools.cpu_session(staging / "model.onnx"), load_tokenizer(staging / prep.tokenizer_file, prep)
-    cal = calibration.calibrate(cfg, calibration_sets(splits, session, tok, prep, logits), metrics, staging)
+    sets = calibration_sets(splits, session, tok, prep, logits)
+    cal = calibration.calibrate(cfg, sets, metrics, staging)
+    metrics["decision_threshold"] = decision_thresholds(cfg, splits, sets)
     write_outputs(staging, history, np.array([lab for _, lab in splits.test]), preds["fp32"], splits.labels, metrics)
     # a masked word is the tokenizer's mask token: a word-shaped gap, not a shorter sentence
     occlusion = Occlusion(token=tokenizer.mask_token or tokenizer.unk_token)
@@ -240,7 +249,25 @@ def train_text(cfg: TextTrainConfig) -> TextRun:
     tqdm.write("test accuracy and errors by domain (FP: negative called positive, FN: positive called negative)")
     for line in domain_table({v: r["by_domain"] for v, r in metrics["test"].items()}):
         tqdm.write(line)
+    held = (metrics["decision_threshold"] or {}).get("held_out")
+    if held:
+        tqdm.write(f"held-out {held['domain']}: cut {held['threshold']:.3f} fitted on {held['fitted_on']} labelled "
+                   f"sentences; on the other {held['argmax']['n']}: top class {held['argmax']['accuracy']:.4f}, "
+                   f"own cut {held['fitted']['accuracy']:.4f} (reported, not served)")  # fmt: skip
+    if cfg.report_json is not None:
+        write_report(cfg.report_json, cfg, splits, metrics, [asdict(h) for h in history], time.perf_counter() - started)
+        tqdm.write(f"report: {cfg.report_json}")
     return TextRun(tag, staging, metrics, model, tokenizer, splits, prep)
+
+
+def decision_thresholds(cfg: TextTrainConfig, splits: TextSplits, sets: dict[str, LabelledLogits]) -> dict | None:
+    """training/text_levers.py::threshold_report on the fp32 logits of validation, test and the held-out set."""
+    by_split = {"val": ("validation", "val"), "test": ("test", "test")}
+    rows = {k: (sets[name].logits, sets[name].y, splits.domains[split]) for k, (name, split) in by_split.items()}
+    held = [k for k in sets if k.endswith("(held out)")]
+    if held:  # one held-out domain: the bundled data's
+        rows["ood"] = (sets[held[0]].logits, sets[held[0]].y, splits.domains["ood_test"])
+    return threshold_report(rows, splits.labels, cfg.threshold_sample, cfg.seed)
 
 
 def calibration_sets(
