@@ -150,6 +150,21 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def held_out_means(reports: list[dict]) -> str:
+    """The held-out accuracy averaged over the domains run, per loss weighting: top class on the whole held-out
+    set, and (on the rest after the sample) top class vs the cut fitted on the sample."""
+    parts = []
+    for mode in sorted({r["class_weights"] for r in reports}):
+        runs = [r for r in reports if r["class_weights"] == mode]
+        whole = np.mean([r["by_domain"][r["held_out"]]["accuracy"] for r in runs])
+        held = [(r.get("decision_threshold") or {}).get("held_out") for r in runs]
+        top, own = (np.mean([h[key]["accuracy"] for h in held]) if all(held) else 0.0 for key in ("argmax", "fitted"))
+        rest = f"; on the rest, top class {top:.3f}, own cut {own:.3f}" if all(held) else ""
+        names = ", ".join(sorted(r["held_out"] for r in runs))
+        parts.append(f"loss weights {mode}, mean over {len(runs)} held-out domains ({names}): {whole:.3f}{rest}")
+    return "; ".join(parts)
+
+
 def balance_table(report: dict) -> str:
     """Markdown: a run's sentences per domain and split, with the positive share."""
     splits = {"train": "train", "val": "validation", "test": "test", "ood_test": "held out (test only)"}
@@ -163,11 +178,13 @@ def balance_table(report: dict) -> str:
 def collect(paths: list[Path], out: Path) -> dict:
     """The run reports in one results file (docs/results/training/text_levers.json): runs by file name."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(paths)}
+    reports = list(runs.values())
     data = {"what": "leave one domain out: default recipe vs class-balanced loss, and decision thresholds",
-            "runs": runs, "table": table(list(runs.values()))}  # fmt: skip
+            "runs": runs, "table": table(reports), "means": held_out_means(reports)}  # fmt: skip
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data
 
 
 if __name__ == "__main__":  # python -m training.text_levers OUT.json REPORT.json ...
-    print(collect([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))["table"], end="")
+    data = collect([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))
+    print(data["table"] + data["means"])
