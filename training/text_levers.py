@@ -3,7 +3,8 @@ thresholds fitted on labelled sentences (the validation split, or a few labelled
 and the run report that measures them (`--report-json`; docs/training.md, leave one domain out).
 
 `python -m training.text_levers OUT.json REPORT.json ...` gathers run reports into one results file and prints
-their comparison table.
+their comparison table; `python -m training.text_levers balance OUT.json` writes the default split's class
+balance (no training).
 """
 
 from __future__ import annotations
@@ -172,7 +173,13 @@ def balance_table(report: dict) -> str:
     for dom, by in report["class_balance"].items():
         cells = [f"{by[s]['n']:,} ({100 * by[s]['positive_share']:.1f} % positive)" if s in by else "-" for s in splits]
         lines.append(f"| {dom} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    pooled = []
+    for s in splits:
+        parts = [by[s] for by in report["class_balance"].values() if s in by]
+        n = sum(p["n"] for p in parts)
+        share = sum(p["n"] * p["positive_share"] for p in parts) / n if s != "ood_test" and n else None
+        pooled.append("-" if share is None else f"{n:,} ({100 * share:.1f} % positive)")
+    return "\n".join([*lines, "| trained domains, pooled | " + " | ".join(pooled) + " |"]) + "\n"
 
 
 def collect(paths: list[Path], out: Path) -> dict:
@@ -185,6 +192,20 @@ def collect(paths: list[Path], out: Path) -> dict:
     return data
 
 
-if __name__ == "__main__":  # python -m training.text_levers OUT.json REPORT.json ...
-    data = collect([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))
-    print(data["table"] + data["means"])
+def balance_report(out: Path, datasets_dir: Path = Path(".cache/datasets"), seed: int = 42) -> dict:
+    """The default split's class balance by domain and split, from the data code alone (no training)."""
+    from training.data_text import load_bundled
+
+    splits = load_bundled(datasets_dir, seed, val_fraction=0.1)
+    data = {"command": f"python -m training.text_levers balance {out}", "seed": seed,
+            "held_out": splits.provenance["ood_domain"], "class_balance": class_balance(splits)}  # fmt: skip
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+if __name__ == "__main__":  # python -m training.text_levers OUT.json REPORT.json ... | balance OUT.json
+    if sys.argv[1] == "balance":
+        print(balance_table(balance_report(Path(sys.argv[2]))), end="")
+    else:
+        data = collect([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))
+        print(data["table"] + data["means"])

@@ -441,3 +441,28 @@ FIGURES += [
     Figure("docs/training.md", DOMAIN_STUDY, domain_study_row(domain, arm), f"domain study: {domain}, {arm}")
     for domain in DOMAIN_STUDY_DOMAINS for arm in ("random", "active")
 ]  # fmt: skip
+
+
+TEXT_LEVERS = "docs/results/training/text_levers.json"
+TEXT_BALANCE = "docs/results/training/text_class_balance.json"
+
+
+def text_levers(render: str) -> Callable[[dict], str]:
+    """training.md's text-lever table and means, rendered by training/text_levers.py from the runs' reports."""
+
+    def quote(d: dict) -> str:
+        from training import text_levers as tl  # imports numpy and the serving helpers only: cheap
+
+        reports = list(d["runs"].values())
+        return tl.table(reports) if render == "table" else tl.held_out_means(reports)
+
+    return quote
+
+
+def text_balance(d: dict) -> str:
+    from training.text_levers import balance_table
+
+    return balance_table(d)
+
+
+FIGURES.append(Figure("docs/training.md", TEXT_BALANCE, text_balance, "text: class balance by domain and split"))
