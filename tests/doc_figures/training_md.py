@@ -454,7 +454,7 @@ def text_levers(render: str) -> Callable[[dict], str]:
         from training import text_levers as tl  # imports numpy and the serving helpers only: cheap
 
         reports = list(d["runs"].values())
-        return tl.table(reports) if render == "table" else tl.held_out_means(reports)
+        return tl.table(reports).strip() if render == "table" else tl.held_out_means(reports)
 
     return quote
 
@@ -466,3 +466,4 @@ def text_balance(d: dict) -> str:
 
 
 FIGURES.append(Figure("docs/training.md", TEXT_BALANCE, text_balance, "text: class balance by domain and split"))
+FIGURES += [Figure("docs/training.md", TEXT_LEVERS, text_levers(r), f"text levers: {r}") for r in ("table", "means")]
