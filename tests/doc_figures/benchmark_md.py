@@ -664,6 +664,7 @@ FIGURES += [
 
 # shadow scoring's cost in alternating rounds (python -m loadtest.shadow_cost)
 SHADOW_ROUNDS = "docs/results/benchmark/shadow-cost/rounds/shadow_cost.json"
+SHADOW_WAIT50 = "docs/results/benchmark/shadow-cost/rounds-wait50/shadow_cost.json"  # an experiment, not kept
 
 
 def shadow_on(d: dict, model: str) -> list[dict]:
@@ -704,6 +705,11 @@ FIGURES += [
     Figure("docs/benchmark.md", SHADOW_ROUNDS, lambda d: (
         f"the lane scored only {shadow_scored(d, 'text')[0] / shadow_scored(d, 'text')[1]:.0%} of the sampled text rows"
     ).replace("%", " %"), "shadow rounds, the text lane starves"),
+    Figure("docs/benchmark.md", SHADOW_WAIT50, lambda d: (
+        f"image {d['models']['image']['summary']['rps_on_over_off']:.3f} of the throughput and "
+        f"{d['models']['image']['summary']['p99_on_over_off']:.3f} times the p99 of shadow off, text "
+        f"{d['models']['text']['summary']['rps_on_over_off']:.3f} and "
+        f"{d['models']['text']['summary']['p99_on_over_off']:.3f}"), "shadow rounds, a 50 ms gathering wait"),
     Figure("docs/serving.md", SHADOW_ROUNDS, lambda d: (
         f"throughput {d['models']['image']['summary']['rps_on_over_off']:.3f}\n(image) and "
         f"{d['models']['text']['summary']['rps_on_over_off']:.3f} (text) of shadow off, p99 "
