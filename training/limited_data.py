@@ -717,7 +717,8 @@ def plot(cfg: LimitedDataConfig, summary: dict) -> None:
                         label=label)  # fmt: skip
         ax.set(xscale="log", xlabel="labelled training images", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a partial study may have nothing to plot in a panel yet
+            ax.legend(fontsize=8)
     axes[0].set(ylabel=f"test accuracy (mean ± sd, up to {len(cfg.seeds)} seeds)")
     fig.tight_layout()
     fig.savefig(cfg.output / "limited_data.png", dpi=100)
