@@ -41,7 +41,7 @@ for replica in "${replicas[@]}"; do
     echo "$replica is $status after ${timeout_s}s: roll stopped; the other replicas keep the previous tag" >&2
     exit 1
   fi
-  dc exec -T nginx nginx -s reload
+  dc exec -T nginx sh -c 'nginx -t && nginx -s reload'
   echo "$replica: healthy, nginx reloaded"
 done
 echo "rolled: ${replicas[*]}"

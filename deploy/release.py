@@ -223,7 +223,7 @@ def compose_plan(step: str, kind: str, states: dict[str, ModelState], variant: s
     pools = COMPOSE_POOLS / f"{kind}-canary.conf"
     plan = Plan([], {COMPOSE_OVERRIDE: override, targets: json.dumps(sd) + "\n", pools: pool, COMPOSE_STATE: state})
     rollout = f'COMPOSE_FILES="{files}" deploy/compose_rollout.sh {kind}'
-    reload = f"{dc} exec -T nginx nginx -s reload"
+    reload = f"{dc} exec -T nginx sh -c 'nginx -t && nginx -s reload'"
     if step == "canary":
         plan.commands = [
             f"{dc} up -d --no-deps {kind}-canary-1   # wait until it is healthy (docker compose ps)",

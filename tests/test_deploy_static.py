@@ -959,9 +959,9 @@ def test_compose_rollout_rolls_one_replica_at_a_time_and_reloads_nginx(tmp_path)
              if "config" not in line]  # fmt: skip
     assert steps == [
         "up -d --no-deps --force-recreate text-1", "ps -q text-1",
-        "inspect -f {{.State.Health.Status}} id-text-1", "exec -T nginx nginx -s reload",
+        "inspect -f {{.State.Health.Status}} id-text-1", "exec -T nginx sh -c nginx -t && nginx -s reload",
         "up -d --no-deps --force-recreate text-2", "ps -q text-2",
-        "inspect -f {{.State.Health.Status}} id-text-2", "exec -T nginx nginx -s reload",
+        "inspect -f {{.State.Health.Status}} id-text-2", "exec -T nginx sh -c nginx -t && nginx -s reload",
     ]  # fmt: skip
     calls.unlink()
     failed = subprocess.run([str(DEPLOY / "compose_rollout.sh"), "text"], env={**env, "UNHEALTHY": "text-1"},

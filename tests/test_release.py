@@ -158,7 +158,8 @@ def test_the_compose_override_validates_and_its_pools_pass_nginx_t(prometheus, o
     prometheus.figures[AGREEMENT] = 0.99
     rc, text = _release(capsys, "canary", "--model", "image", "--tag", "fashion-cnn:t2", "--weight", "10",
                         "--target", "compose", "--prometheus", prometheus.url)  # fmt: skip
-    assert rc == 0 and "up -d --no-deps image-canary-1" in text and "exec -T nginx nginx -s reload" in text, text
+    reload = "exec -T nginx sh -c 'nginx -t && nginx -s reload'"
+    assert rc == 0 and "up -d --no-deps image-canary-1" in text and reload in text, text
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     files = ["-f", str(render.COMPOSE_YML), "-f", str(release.COMPOSE_OVERRIDE)]
     merged = yaml.safe_load(run([tool("docker-compose"), *files, "config"], cwd=render.DEPLOY, env=env).stdout)
@@ -466,4 +467,4 @@ def test_every_compose_command_a_step_prints_names_a_service_of_its_files(promet
             service = words[words.index("-T") + 1] if "exec" in words else words[-1]
             assert service in services.stdout.split(), (step, " ".join(words), services.stdout)
         if step[0] in ("promote", "rollback"):  # nginx first, without the canary; then its container goes
-            assert [w[-2:] for w in compose] == [["-s", "reload"], ["--remove-orphans", "nginx"]], text
+            assert [w[-2:] for w in compose] == [["-s", "reload'"], ["--remove-orphans", "nginx"]], text

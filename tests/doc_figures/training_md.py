@@ -17,6 +17,7 @@ NUMBERS = {8: "eight", 10: "ten"}
 # the first version (32 px) of make limited-data; the fair study's figures are not in training.md yet
 LIMITED = "docs/results/limited_data/first-version-32px/limited_data.json"
 CLIP = "docs/results/training/clip-norms.json"  # the default runs' per-epoch gradient norms (their history.json)
+SAFETY_NET = "docs/results/training/clip-safety-net.json"  # the default recipes at the safety-net thresholds
 
 # training.md's limited-data table: its row labels, the arm of each; bold marks the best of the three models
 LIMITED_ROWS = {
@@ -124,6 +125,30 @@ def clipping_measured(d: dict) -> str:
     return (f"(`clipped_fraction` {clipped['image']} for the image model, {clipped['text']} for the text model): the "
             f"gradient norm before clipping averaged {span(e['grad_norm'] for e in epochs(d, 'image'))} (image) and "
             f"{span(e['grad_norm'] for e in epochs(d, 'text'))} (text)")  # fmt: skip
+
+
+def clipping_safety_net(d: dict) -> str:
+    """The safety-net runs against the documented clip-1.0 runs (the same recipe and kind of machine)."""
+    from tests.doc_figures.common import results
+
+    img, txt = d["models"]["image"]["figures"], d["models"]["text"]["figures"]
+    doc = {k: m["figures"] for k, m in results(DOCUMENTED)["models"].items()}
+    assert all(e["clipped_fraction"] == 0 for m in d["models"].values() for e in m["epochs"])  # "stayed idle"
+    assert d["machine"].startswith(results(DOCUMENTED)["models"]["image"]["machine"].split(",")[0])
+    return (
+        f"| image, fp32 test accuracy | {doc['image']['test_accuracy']} | {img['fp32_test_accuracy']} |\n"
+        f"| image, int8 accuracy lost against fp32 | within the gate's 1 point | "
+        f"**{100 * img['int8_accuracy_drop']:.2f} points** |\n"
+        f"| text, fp32 test accuracy in domain | {doc['text']['test_accuracy']} | {txt['fp32_test_accuracy']} |\n"
+        f"| text, fp32 accuracy on Amazon (held out) | {doc['text']['out_of_domain_accuracy']} | "
+        f"{txt['fp32_out_of_domain_accuracy']} |"
+    )
+
+
+def clipping_safety_net_norms(d: dict) -> str:
+    image, text = (max(e["grad_norm_max"] for e in d["models"][k]["epochs"]) for k in ("image", "text"))
+    where = "(image, the first epoch after the backbone is unfrozen)"
+    return f"the largest norm {image:.1f} {where} and {text:.1f}\n(text)"
 
 
 def clipping_thresholds(d: dict) -> str:
@@ -320,6 +345,8 @@ FIGURES = [
     # training.md: gradient clipping, from the default runs' recorded norms
     Figure("docs/training.md", CLIP, clipping_measured, "clipping: shares and mean norms"),
     Figure("docs/training.md", CLIP, clipping_thresholds, "clipping: largest norms and thresholds"),
+    Figure("docs/training.md", SAFETY_NET, clipping_safety_net, "clipping: the safety-net runs against clip 1.0"),
+    Figure("docs/training.md", SAFETY_NET, clipping_safety_net_norms, "clipping: the safety-net runs' norms"),
     Figure("docs/training.md", CLIP, lambda d: (
         f"`make all` of 2026-12-06 on the default recipe (`{d['models']['image']['tag']}`,\n"
         f"`{d['models']['text']['tag']}`,"), "clipping: the runs"),

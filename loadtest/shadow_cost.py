@@ -1,0 +1,136 @@
+"""What shadow scoring costs the request path, in alternating rounds: shadow off, then on, N times.
+
+One benchmark run measures each configuration once, one after the other, and on a shared 2-core machine a
+configuration's req/s moves by up to 20 % from one run to the next (docs/benchmark.md): more than the cost
+being measured. Here the served default (`off`) and the same server scoring `--share` of its requests with
+a candidate (`on`: the served tag itself, so the candidate costs what the live model does) alternate, each
+round a fresh server under the benchmark's closed-loop client, and the medians are compared. Beside
+each point it records where the CPU went, per thread priority of the HTTP workers (the shadow lane is the
+only thread at nice 19, serving/shadow.py), and the shadow's own counters (rows scored, dropped):
+
+    python -m loadtest.shadow_cost --models text --rounds 3 --out docs/results/benchmark/shadow-cost/rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from loadtest import benchmark
+from loadtest import inputs as real_inputs
+
+SHADOW_SERIES = ("servable_shadow_scored_total", "servable_shadow_dropped_total")
+
+
+def thread_cpu_by_nice(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of every thread of `pid`'s children (the HTTP workers), by nice value."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in _children(pid):
+        for task in Path(f"/proc/{child}/task").glob("*"):
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # the thread ended between the listing and the read
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+            nice = int(fields[16])
+            out[nice] = out.get(nice, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def shadow_counters(url: str) -> dict[str, float]:
+    """The shadow's counters from the replica's /metrics (summed over its labels)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    found = dict.fromkeys(SHADOW_SERIES, 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in found:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def one_point(model: str, tag: str, label: str, config: dict[str, str], data, args, log_dir: Path) -> dict:
+    server = benchmark.start_served(model, tag, config, label, log_dir)
+    try:
+        fmt = "multipart" if model == "image" else "json"
+        path, headers, bodies = benchmark.request_bodies(model, data, fmt)
+        asyncio.run(benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.warmup, 1.0))
+        before = thread_cpu_by_nice(server.proc.pid)
+        records, secs = asyncio.run(
+            benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, 1.0)
+        )
+        after = thread_cpu_by_nice(server.proc.pid)
+        p = benchmark.to_point(model, label, "served", args.clients, records, secs, fmt=fmt)
+        cpu = {f"nice {n}": round(after[n] - before.get(n, 0.0), 2) for n in sorted(after)}
+        point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
+                 "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
+        if label == "on":
+            point["shadow"] = shadow_counters(server.url)
+        print(f"{model} {label}: {p.rps:.0f} req/s, p50 {p.p50_ms:.1f} ms, p99 {p.p99_ms:.1f} ms; worker CPU {cpu}"
+              + (f"; shadow {point['shadow']}" if "shadow" in point else ""), flush=True)  # fmt: skip
+        return point
+    finally:
+        server.stop()
+
+
+def summary(points: list[dict]) -> dict:
+    """Medians of each side and on / off ratios (throughput, p99)."""
+    med = {side: {k: statistics.median(p[k] for p in points if p["label"] == side) for k in ("rps", "p99_ms")}
+           for side in ("off", "on")}  # fmt: skip
+    return {**med, "rps_on_over_off": round(med["on"]["rps"] / med["off"]["rps"], 3),
+            "p99_on_over_off": round(med["on"]["p99_ms"] / med["off"]["p99_ms"], 3)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from servable import artifact
+    from servable.machine import describe_machine
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
+    ap.add_argument("--image-tag", default="fashion-cnn:latest")
+    ap.add_argument("--text-tag", default="sentiment-bert:latest")
+    ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
+    ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/shadow-cost/rounds"))
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data, started = real_inputs.load(args.inputs), time.time()
+    log_dir = Path(tempfile.mkdtemp(prefix="servable-shadow-cost-logs-"))  # server logs: not published
+    result = {"command": "python -m loadtest.shadow_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "about": __doc__.split("\n\n")[1].replace("\n", " "), "models": {}}  # fmt: skip
+    for model in args.models:
+        tag = artifact.load(args.image_tag if model == "image" else args.text_tag).tag  # latest -> name:version
+        on = {"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.share)}
+        points = [one_point(model, tag, label, config, data, args, log_dir)
+                  for _ in range(args.rounds) for label, config in (("off", {}), ("on", on))]  # fmt: skip
+        result["models"][model] = {"tag": tag, "share": args.share, "clients": args.clients, "points": points,
+                                   "summary": summary(points)}  # fmt: skip
+        print(f"{model}: {json.dumps(result['models'][model]['summary'])}", flush=True)
+    result["elapsed_s"] = round(time.time() - started)
+    (args.out / "shadow_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"-> {args.out / 'shadow_cost.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""loadtest/shadow_cost.py's own arithmetic: per-priority CPU of a server's children and the rounds' medians."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from loadtest.shadow_cost import summary, thread_cpu_by_nice
+
+# A child with one thread at nice 19 that spins, the main thread asleep: like a worker whose shadow lane works.
+CHILD = """
+import os, threading, time
+def spin():
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    end = time.time() + 4
+    while time.time() < end:
+        pass
+threading.Thread(target=spin).start()
+time.sleep(4.5)
+"""
+
+
+def test_cpu_is_split_by_thread_priority_over_the_servers_children():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {CHILD!r}])"]
+    )
+    try:
+        time.sleep(3)  # the spinning thread still alive: a thread that ended has left /proc
+        cpu = thread_cpu_by_nice(parent.pid)  # the parent itself (the arbiter) is not counted: only its children
+        assert cpu.get(19, 0) > 0.3 and cpu.get(19, 0) > 3 * cpu.get(0, 0), cpu
+        assert thread_cpu_by_nice(os.getpid() + 10_000_000) == {}  # no such process: nothing, no error
+    finally:
+        parent.wait(timeout=30)
+
+
+def test_summary_compares_the_medians_of_each_side():
+    points = [{"label": "off", "rps": r, "p99_ms": p} for r, p in ((100, 50), (90, 70), (120, 60))]
+    points += [{"label": "on", "rps": r, "p99_ms": p} for r, p in ((80, 66), (95, 90), (70, 40))]
+    s = summary(points)
+    assert s["off"] == {"rps": 100, "p99_ms": 60} and s["on"] == {"rps": 80, "p99_ms": 66}
+    assert s["rps_on_over_off"] == 0.8 and s["p99_on_over_off"] == 1.1
