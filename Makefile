@@ -96,7 +96,7 @@ train-image: setup  ## fine-tune, export, quantise and register the image classi
 train-text: setup  ## fine-tune, export, optimise, quantise and register the sentiment model
 	$(BIN)/python -m training text
 
-limited-data: setup  ## limited-data study: pretrained vs 2 from-scratch baselines, augmentation, pseudo-labels, active learning -> docs/results/limited_data/
+limited-data: setup  ## limited-data study: ImageNet transfer (probe, fine-tune, slower backbone) vs a small CNN; augmentation, pseudo-labels, FixMatch, rotation pre-training, active learning -> docs/results/limited_data/
 	$(BIN)/python -m training limited-data
 
 domain-study: setup  ## text domain-transfer study: labels a new domain needs, random vs the labelling loop's choice -> docs/results/domain_study/

@@ -184,32 +184,41 @@ class TextTrainConfig(TrainCommon):
 
 
 class LimitedDataConfig(ImageTrainConfig):
-    """The limited-data study: pretrained vs 2 from-scratch baselines, augmentation, pseudo-labels, active learning."""
+    """The limited-data study: transfer learning (linear probe, fine-tuned, slower backbone) vs a small CNN from
+    scratch, and augmentation, pseudo-labels, FixMatch, rotation pre-training and active learning on the small CNN."""
 
     model_config = _cfg("SERVABLE_LIMITED_")
 
     sizes: list[int] = Field([300, 1000, 3000, 10000], description="Labelled training-set sizes.")
     seeds: list[int] = Field([0, 1, 2], description="One run per seed at each size (labelled draw and init).")
     test_limit: int | None = 2000
-    image_size: int = Field(32, ge=16, le=512, description="EfficientNet input size (the small CNN uses 28).")
+    image_size: int = Field(64, ge=16, le=512, description="EfficientNet input size (the small CNN uses 28).")
     epochs_head: int = 1
     epochs_finetune: int = 3
     patience: int = 3
     monitor: Literal["val_loss", "val_acc"] = "val_acc"
     quantize: bool = False
     register_model: bool = False
-    tune_size: int = Field(1000, ge=20, description="Labelled size at which from-scratch lr and epochs are tuned.")
+    tune_size: int = Field(1000, ge=20, description="Labelled size at which each arm's lr and epochs are tuned.")
     tune_lrs: list[float] = Field([1e-3, 3e-3, 1e-2], description="From-scratch learning rates tried.")
-    tune_lrs_pretrained: list[float] = Field([3e-4, 1e-3, 3e-3], description="Fine-tuning learning rates tried.")
-    pretrained_max_epochs: int = Field(4, ge=1, description="Tuning: most fine-tuning epochs tried, pretrained.")
-    scratch_max_epochs: int = Field(6, ge=1, description="Tuning: most epochs tried, EfficientNet from scratch.")
-    small_cnn_max_epochs: int = Field(12, ge=1, description="Tuning: most epochs tried, small CNN.")
-    method_model: Literal["pretrained", "efficientnet-scratch", "small-cnn"] = Field(
-        "small-cnn", description="The model trained with and without augmentation, pseudo-labels and active learning."
+    tune_lrs_probe: list[float] = Field([1e-3, 3e-3, 1e-2], description="Linear-probe (head) learning rates tried.")
+    tune_lrs_pretrained: list[float] = Field([1e-4, 3e-4, 1e-3], description="Fine-tuning learning rates tried.")
+    tune_lrs_slow_backbone: list[float] = Field(
+        [1e-3, 3e-3, 1e-2], description="Slower-backbone fine-tuning: the head's learning rates tried."
     )
+    probe_max_epochs: int = Field(30, ge=1, description="Tuning: most epochs tried, linear probe.")
+    pretrained_max_epochs: int = Field(2, ge=1, description="Tuning: most fine-tuning epochs tried, pretrained.")
+    small_cnn_max_epochs: int = Field(12, ge=1, description="Tuning: most epochs tried, small CNN.")
+    backbone_lr_factor: float = Field(0.1, gt=0, lt=1, description="Slower-backbone arm: backbone lr / head lr.")
     unlabelled_pool: int = Field(10000, ge=10, description="Unlabelled images (rest of the training set) used.")
     pseudo_threshold: float = Field(0.95, gt=0, le=1, description="Top-1 probability a pseudo-label needs.")
     pseudo_epochs: int = Field(3, ge=1, description="Epochs of the second (self-training) round.")
+    fixmatch_steps: int = Field(200, ge=1, description="FixMatch: optimiser steps from the baseline's weights.")
+    fixmatch_mu: int = Field(3, ge=1, description="FixMatch: unlabelled images per labelled one in a step.")
+    fixmatch_weight: float = Field(1.0, ge=0, description="FixMatch: weight of the unlabelled loss.")
+    fixmatch_eval_every: int = Field(50, ge=1, description="FixMatch: steps between validations (early stopping).")
+    ssl_epochs: int = Field(4, ge=1, description="Rotation pre-training: epochs over the unlabelled pool.")
+    ssl_lr: float = Field(3e-3, gt=0, description="Rotation pre-training: learning rate.")
     active_initial: float = Field(0.5, gt=0, lt=1, description="Share of the label budget drawn at random first.")
     active_rounds: int = Field(1, ge=1, description="Uncertainty rounds that fill the rest of the budget.")
     output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")

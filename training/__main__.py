@@ -36,7 +36,8 @@ def train_command(task: TrainableTask) -> type[BaseSettings]:
 
 
 class LimitedDataCommand(LimitedDataConfig):
-    """Pretrained vs from-scratch at several training-set sizes; writes a table and a plot."""
+    """What few labelled images buy: ImageNet transfer (probe, fine-tune, slower backbone) vs a small CNN from
+    scratch, and methods on the small CNN, at several training-set sizes; writes a table and a plot."""
 
     def cli_cmd(self) -> None:
         from training.limited_data import run_experiment

@@ -62,11 +62,15 @@ def build_model(cfg: ImageTrainConfig, num_classes: int) -> BackboneHead:
     return ImageClassifier(num_classes, cfg.dropout, cfg.pretrained)
 
 
-def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessing, init_state: dict | None = None):
+def fine_tune(
+    cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessing, init_state: dict | None = None,
+    backbone_lr_factor: float = 1.0,
+):  # fmt: skip
     """Stage 1: new head on a frozen backbone. Stage 2: everything, at a lower learning rate.
 
     From scratch, stage 1 is skipped (`epochs_head=0`): there is nothing worth keeping frozen.
     `init_state` starts from trained weights instead (a second round of training, e.g. self-training).
+    `backbone_lr_factor` < 1 trains the backbone slower than the head in stage 2.
     """
     gen = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -106,9 +110,14 @@ def fine_tune(cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessi
     model.freeze_backbone(False)
     if not stopped:
         averager = weight_averager(model, cfg)
+        groups = (
+            None
+            if backbone_lr_factor == 1
+            else [(model.head.parameters(), 1.0), (model.backbone.parameters(), backbone_lr_factor)]
+        )
         stopped = run_stage(model, stage="finetune", params=list(model.parameters()),
                             epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, stopper=stopper,
-                            history=history, averager=averager, **common)  # fmt: skip
+                            history=history, averager=averager, lr_groups=groups, **common)  # fmt: skip
         keep_weight_average(averager, model, stopper, **common)
     stopper.restore(model)  # the best epoch's weights with the BatchNorm statistics measured for them
     return model.cpu().eval(), history, stopper, stopped

@@ -1,24 +1,30 @@
 """The limited-data study: what each answer to "few labelled images" buys, measured.
 
 At each labelled-set size and seed, on the same labelled images and the same test images:
-- models: ImageNet-pretrained EfficientNet-Lite0 (fine-tuned), the same network from scratch, and
-  a small CNN from scratch at the native 28 px; the from-scratch learning rates and epochs are
-  tuned first on a validation split (held-out training images, never the test set);
-- methods, on one model (`method_model`): augmentation off vs on, pseudo-labelling on the
-  unlabelled rest of the training set, and active learning (labels chosen by lowest top-1
-  probability) vs labels drawn at random at the same budget.
+- models: ImageNet-pretrained EfficientNet-Lite0 at the main job's input size, three ways (a linear
+  probe: backbone frozen, head only; the probe's head then every layer fine-tuned at one rate; the
+  same with the backbone at a tenth of the head's rate), and a small CNN from scratch at the native
+  28 px; each arm's learning rate and epochs are tuned first on a validation split (held-out
+  training images, never the test set);
+- methods, on the small CNN: augmentation off vs on, pseudo-labelling and FixMatch (consistency
+  regularisation) on the unlabelled rest of the training set, rotation-prediction pre-training on
+  that unlabelled pool, and active learning (labels chosen by lowest top-1 probability) vs labels
+  drawn at random at the same budget.
 
 Every run holds out a validation split of max(200, 10 % of the labelled size) further training
-images for early stopping (the main job's convention), the same for every arm. Writes JSON, a
-Markdown report and a plot with mean ± sd error bars to `cfg.output`.
+images for early stopping (the main job's convention), the same for every arm. A cell is one arm at
+one size and seed; progress is saved after each, and the JSON, Markdown report and plot (mean ± sd
+error bars) in `cfg.output` are rewritten after each, naming the cells still missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from servable.config import LimitedDataConfig
@@ -34,26 +41,33 @@ from servable.machine import describe_machine
 from servable.preprocessing import ImagePreprocessing
 from training.active_learning import select_labels
 from training.data_images import ImageSplits, load_fashion_mnist
-from training.image_pipeline import fine_tune, predict_proba
+from training.fixmatch import fixmatch
+from training.image_pipeline import build_model, fine_tune, predict_proba
+from training.linear_probe import features, probe_proba, train_probe
 from training.loop import EpochLog
 from training.runtime import set_threads
+from training.self_supervised import pretrain_rotation, with_backbone
 from training.semi_supervised import self_train
 
 SMALL_CNN_SIZE = 28  # Fashion-MNIST's native size
-MODELS = {  # arm -> what differs in the training config
-    "pretrained": {"architecture": "efficientnet-lite0", "pretrained": True},
-    "efficientnet-scratch": {"architecture": "efficientnet-lite0", "pretrained": False, "epochs_head": 0},
-    "small-cnn": {"architecture": "small-cnn", "pretrained": False, "epochs_head": 0, "image_size": SMALL_CNN_SIZE},
-}
-SCRATCH = ("efficientnet-scratch", "small-cnn")
+PRETRAINED = {"architecture": "efficientnet-lite0", "pretrained": True, "epochs_head": 0}
+SMALL_CNN = {"architecture": "small-cnn", "pretrained": False, "epochs_head": 0, "image_size": SMALL_CNN_SIZE}
+MODELS = {"probe": PRETRAINED, "pretrained": PRETRAINED, "slow-backbone": PRETRAINED, "small-cnn": SMALL_CNN}
+TRANSFER = ("probe", "pretrained", "slow-backbone")
+METHODS = ("no-augmentation", "pseudo-label", "fixmatch", "rotation-ssl", "active")
+ARMS = (*MODELS, *METHODS)
+TUNED = ("probe", "pretrained", "slow-backbone", "small-cnn", "rotation-ssl")  # each its own lr and epochs
+SCRATCH = ("small-cnn",)
 TUNE_VAL_IMAGES = 1000  # a choice among a few settings needs a steadier estimate than 200 images give
-METHODS = ("no-augmentation", "pseudo-label", "active")
 LABELS = {
-    "pretrained": "EfficientNet-Lite0, ImageNet-pretrained",
-    "efficientnet-scratch": "EfficientNet-Lite0, from scratch",
+    "probe": "EfficientNet-Lite0, ImageNet, linear probe",
+    "pretrained": "EfficientNet-Lite0, ImageNet, fine-tuned",
+    "slow-backbone": "EfficientNet-Lite0, ImageNet, fine-tuned, backbone at lr/10",
     "small-cnn": "small CNN (28 px), from scratch",
     "no-augmentation": "without augmentation",
     "pseudo-label": "+ pseudo-labels (self-training)",
+    "fixmatch": "+ FixMatch (consistency)",
+    "rotation-ssl": "rotation pre-training on the unlabelled pool",
     "active": "active learning (least confident)",
 }
 
@@ -79,6 +93,24 @@ class Draw:
     unlabelled: np.ndarray
 
 
+@dataclass
+class Study:
+    """What every cell shares: the settings, the pools, the tuned settings and the caches under runs_dir."""
+
+    cfg: LimitedDataConfig
+    pools: dict[int, Pool]
+    tuned: dict = field(default_factory=dict)
+    _features: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def pool(self, arm: str) -> Pool:
+        return self.pools[MODELS.get(arm, SMALL_CNN).get("image_size", self.cfg.image_size)]
+
+    def cache(self, name: str) -> Path:
+        path = progress_path(self.cfg).parent / f"cache-{config_hash(self.cfg)}" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
 def load_pools(cfg: LimitedDataConfig) -> dict[int, Pool]:
     """One pool per input size, in the same image order (the same seed), so every model sees the same images."""
     pools = {}
@@ -91,17 +123,45 @@ def load_pools(cfg: LimitedDataConfig) -> dict[int, Pool]:
     return pools
 
 
+def val_size(cfg: LimitedDataConfig, size: int) -> int:
+    return max(200, int(size * cfg.val_fraction))
+
+
 def draw(cfg: LimitedDataConfig, n_pool: int, size: int, seed: int, n_val: int | None = None) -> Draw:
     order = np.random.default_rng(seed).permutation(n_pool)
-    n_val = n_val or max(200, int(size * cfg.val_fraction))
+    n_val = n_val or val_size(cfg, size)
     rest = order[n_val:-size]
     return Draw(labelled=order[-size:], val=order[:n_val], unlabelled=rest[: cfg.unlabelled_pool])
 
 
-def arm_config(cfg: LimitedDataConfig, arm: str, seed: int, tuned: dict, **update) -> LimitedDataConfig:
-    fields = {**MODELS[arm], "seed": seed}
-    if arm in tuned:
-        fields.update(lr_finetune=tuned[arm]["lr"], epochs_finetune=tuned[arm]["epochs"])
+def ssl_pool(cfg: LimitedDataConfig, n_pool: int, seed: int) -> np.ndarray:
+    """The seed's unlabelled images for rotation pre-training: one pool for every size, clear of every
+    validation split (the first images of the seed's order) and of the labelled ones (its last)."""
+    order = np.random.default_rng(seed).permutation(n_pool)
+    start = max(TUNE_VAL_IMAGES, *(val_size(cfg, s) for s in cfg.sizes))
+    return order[start : start + cfg.unlabelled_pool]
+
+
+def tune_draw(cfg: LimitedDataConfig, pool: Pool) -> Draw:
+    return draw(cfg, len(pool.y), cfg.tune_size, cfg.seeds[0], n_val=TUNE_VAL_IMAGES)
+
+
+def scaled_epochs(cfg: LimitedDataConfig, epochs: int, size: int) -> int:
+    """Tuned epochs, or more at a smaller size: at least the optimiser steps the tuning run took."""
+    return max(epochs, math.ceil(epochs * cfg.tune_size / size))
+
+
+def arm_config(cfg: LimitedDataConfig, arm: str, seed: int, tuned: dict, size: int | None = None,
+               **update) -> LimitedDataConfig:  # fmt: skip
+    """The training config of `arm` (a method trains the small CNN): its tuned lr and epochs (scaled to `size`)."""
+    fields = {**MODELS.get(arm, SMALL_CNN), "seed": seed}
+    if arm == "probe":
+        fields["epochs_head"] = 1  # the probe's stage is the head stage
+    key = arm if arm in tuned else "small-cnn"
+    if key in tuned:
+        epochs = tuned[key]["epochs"] if size is None else scaled_epochs(cfg, tuned[key]["epochs"], size)
+        stage = ("lr_head", "epochs_head") if arm == "probe" else ("lr_finetune", "epochs_finetune")
+        fields.update(dict(zip(stage, (tuned[key]["lr"], epochs), strict=True)))
     return cfg.model_copy(update={**fields, **update})
 
 
@@ -110,78 +170,212 @@ def splits_of(pool: Pool, train_idx: np.ndarray, val_idx: np.ndarray) -> ImageSp
                        pool.test_x, pool.test_y)  # fmt: skip
 
 
-def train(run_cfg: LimitedDataConfig, pool: Pool, train_idx: np.ndarray, val_idx: np.ndarray):
+def train(run_cfg: LimitedDataConfig, pool: Pool, train_idx: np.ndarray, val_idx: np.ndarray, **kwargs):
     """One run of the project's own training (image_pipeline.fine_tune) on the chosen images."""
-    model, history, *_ = fine_tune(run_cfg, splits_of(pool, train_idx, val_idx), pool.prep)
+    model, history, *_ = fine_tune(run_cfg, splits_of(pool, train_idx, val_idx), pool.prep, **kwargs)
     return model, history
 
 
-def run_record(model, pool: Pool, history: list[EpochLog], seed: int, start: float, **extra) -> dict:
-    """Test accuracy and the evidence that the run learned: training loss and accuracy, first vs last epoch."""
-    accuracy = float((predict_proba(model, pool.test_x, pool.prep).argmax(1) == pool.test_y).mean())
+def test_accuracy(model, pool: Pool) -> float:
+    return float((predict_proba(model, pool.test_x, pool.prep).argmax(1) == pool.test_y).mean())
+
+
+def run_record(accuracy: float, history: list[EpochLog], seed: int, start: tuple[float, float], **extra) -> dict:
+    """Test accuracy and the evidence that the run learned: training loss and accuracy, first vs last epoch;
+    wall-clock and CPU seconds (on a shared machine the CPU time is the steadier cost)."""
     return {
         "seed": seed, "accuracy": accuracy, "epochs_run": len(history),
         "train_loss": [history[0].train_loss, history[-1].train_loss],
         "train_acc": [history[0].train_acc, history[-1].train_acc],
-        "best_val_acc": max(h.val_acc for h in history), "seconds": round(time.perf_counter() - start, 1), **extra,
+        "best_val_acc": max(h.val_acc for h in history), "seconds": round(time.perf_counter() - start[0], 1),
+        "cpu_seconds": round(time.process_time() - start[1], 1), **extra,
     }  # fmt: skip
 
 
-def tune(cfg: LimitedDataConfig, pools: dict[int, Pool]) -> dict:
-    """Fine-tuning (pretrained) or training (from scratch) learning rate and epochs of each model, chosen by
-    validation accuracy at `tune_size`: each model gets its own, none the others' defaults."""
-    tuned = {}
-    for arm in MODELS:
-        max_epochs = {"pretrained": cfg.pretrained_max_epochs, "efficientnet-scratch": cfg.scratch_max_epochs,
-                      "small-cnn": cfg.small_cnn_max_epochs}[arm]  # fmt: skip
-        lrs = cfg.tune_lrs_pretrained if arm == "pretrained" else cfg.tune_lrs
-        pool = pools[MODELS[arm].get("image_size", cfg.image_size)]
-        d = draw(cfg, len(pool.y), cfg.tune_size, cfg.seeds[0], n_val=TUNE_VAL_IMAGES)
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+# --- the transfer arms: features once, the probe, fine-tuning from the probe's head -------------------------
+
+
+def probe_features(study: Study) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The frozen ImageNet backbone's features of every pool image a probe can see (each seed's labelled and
+    validation images, the tuning draw's) and of the test images; computed once, cached under runs_dir."""
+    if study._features is not None:
+        return study._features
+    cfg, pool = study.cfg, study.pool("probe")
+    path = study.cache(f"features-{cfg.image_size}px.npz")
+    if path.is_file():
+        with np.load(path) as z:
+            study._features = (z["index"], z["train"], z["test"])
+            return study._features
+    parts = [tune_draw(cfg, pool).val, tune_draw(cfg, pool).labelled]
+    for seed in cfg.seeds:
+        for size in cfg.sizes:
+            d = draw(cfg, len(pool.y), size, seed)
+            parts += [d.labelled, d.val]
+    index = np.unique(np.concatenate(parts))
+    tqdm.write(f"== linear probe: backbone features of {len(index):,} training and {len(pool.test_y):,} test images")
+    backbone = build_model(arm_config(cfg, "probe", cfg.seeds[0], {}), len(pool.labels))
+    study._features = (index, features(backbone, pool.x[index], pool.prep), features(backbone, pool.test_x, pool.prep))
+    np.savez(path, index=index, train=study._features[1], test=study._features[2])
+    return study._features
+
+
+def run_probe(study: Study, run_cfg: LimitedDataConfig, d: Draw):
+    """A linear probe on `d`'s labelled images: the pretrained model (backbone untouched) and its history."""
+    pool, (index, train_f, _) = study.pool("probe"), probe_features(study)
+    rows = lambda idx: train_f[np.searchsorted(index, idx)]  # noqa: E731
+    model = build_model(run_cfg, len(pool.labels))
+    history = train_probe(run_cfg, model, rows(d.labelled), pool.y[d.labelled], rows(d.val), pool.y[d.val])
+    return model, history
+
+
+def probe_accuracy(study: Study, model) -> float:
+    pool = study.pool("probe")
+    return float((probe_proba(model, probe_features(study)[2]).argmax(1) == pool.test_y).mean())
+
+
+def fine_tune_from_probe(study: Study, arm: str, run_cfg: LimitedDataConfig, probe, d: Draw):
+    """Fine-tune every layer from the probe's head (linear probe, then fine-tune: the head does not start random
+    and so does not wreck the features in the first steps); the slower-backbone arm at cfg.backbone_lr_factor."""
+    factor = study.cfg.backbone_lr_factor if arm == "slow-backbone" else 1.0
+    return train(run_cfg, study.pool(arm), d.labelled, d.val, init_state=probe.state_dict(), backbone_lr_factor=factor)
+
+
+def ssl_backbone(study: Study, seed: int) -> dict:
+    """The small CNN's backbone pre-trained by rotation prediction on the seed's unlabelled pool (cached)."""
+    path = study.cache(f"rotation-seed{seed}.pt")
+    if path.is_file():
+        return torch.load(path)
+    cfg, pool = study.cfg, study.pool("small-cnn")
+    x = pool.x[ssl_pool(cfg, len(pool.y), seed)]
+    tqdm.write(f"== rotation pre-training, seed {seed}: {len(x):,} unlabelled images x 4 rotations")
+    start = clock()
+    run_cfg = arm_config(cfg, "small-cnn", seed, {}, lr_finetune=cfg.ssl_lr, epochs_finetune=cfg.ssl_epochs,
+                         patience=cfg.ssl_epochs)  # fmt: skip
+    backbone, history = pretrain_rotation(run_cfg, x, pool.prep, val_images=min(1000, len(x) // 5))
+    saved = {"backbone": backbone, "rotation_val_acc": max(h.val_acc for h in history), "epochs": len(history),
+             "seconds": round(time.perf_counter() - start[0], 1),
+             "cpu_seconds": round(time.process_time() - start[1], 1)}  # fmt: skip
+    torch.save(saved, path)
+    return saved
+
+
+def ssl_init(study: Study, run_cfg: LimitedDataConfig, seed: int) -> dict:
+    return with_backbone(run_cfg, ssl_backbone(study, seed)["backbone"], len(study.pool("small-cnn").labels))
+
+
+# --- tuning ------------------------------------------------------------------------------------------------
+
+
+def tune(study: Study, on_tuned=lambda: None) -> dict:
+    """Learning rate and epochs of each tuned arm, chosen by validation accuracy at `tune_size` (seed 0's draw,
+    TUNE_VAL_IMAGES held-out training images): each arm gets its own, none the others' defaults."""
+    cfg, tuned = study.cfg, study.tuned
+    grids = {
+        "probe": (cfg.tune_lrs_probe, cfg.probe_max_epochs),
+        "pretrained": (cfg.tune_lrs_pretrained, cfg.pretrained_max_epochs),
+        "slow-backbone": (cfg.tune_lrs_slow_backbone, cfg.pretrained_max_epochs),
+        "small-cnn": (cfg.tune_lrs, cfg.small_cnn_max_epochs),
+        "rotation-ssl": (cfg.tune_lrs, cfg.small_cnn_max_epochs),
+    }
+    seed = cfg.seeds[0]
+    for arm in TUNED:
+        if arm in tuned:
+            continue
+        lrs, max_epochs = grids[arm]
+        pool = study.pool(arm)
+        d = tune_draw(cfg, pool)
         curves = {}
         for lr in lrs:
             tqdm.write(f"== tuning {arm}: lr {lr:g}, up to {max_epochs} epochs on {cfg.tune_size} images")
-            run_cfg = arm_config(cfg, arm, cfg.seeds[0], {}, lr_finetune=lr, epochs_finetune=max_epochs,
-                                   patience=max_epochs)  # fmt: skip
-            _, history = train(run_cfg, pool, d.labelled, d.val)
-            curves[lr] = [h.val_acc for h in history if h.stage == "finetune"]  # epochs of the tuned stage
+            stage = ("lr_head", "epochs_head") if arm == "probe" else ("lr_finetune", "epochs_finetune")
+            run_cfg = arm_config(cfg, arm, seed, {}, **dict(zip(stage, (lr, max_epochs), strict=True)),
+                                 patience=max_epochs)  # fmt: skip
+            history = tuning_run(study, arm, run_cfg, d, seed)
+            curves[lr] = [h.val_acc for h in history if h.stage in ("head", "finetune")]
         lr, epoch = max(((lr, e) for lr, c in curves.items() for e in range(len(c))), key=lambda k: curves[k[0]][k[1]])
         tuned[arm] = {"lr": lr, "epochs": epoch + 1, "val_acc": curves[lr][epoch], "val_acc_by_lr": curves}
         tqdm.write(f"tuned {arm}: lr {lr:g}, {epoch + 1} epochs (val acc {curves[lr][epoch]:.3f})")
+        on_tuned()  # saved: a stopped study keeps the arms already tuned
     return tuned
 
 
-def run_methods(cfg: LimitedDataConfig, pool: Pool, d: Draw, size: int, seed: int, tuned: dict, teacher) -> dict:
-    """Augmentation off, pseudo-labelling and active learning on `cfg.method_model` at one size and seed."""
-    arm, out = cfg.method_model, {}
-    base_cfg = arm_config(cfg, arm, seed, tuned)
+def tuning_run(study: Study, arm: str, run_cfg: LimitedDataConfig, d: Draw, seed: int) -> list[EpochLog]:
+    if arm == "probe":
+        return run_probe(study, run_cfg, d)[1]
+    if arm in ("pretrained", "slow-backbone"):
+        probe, _ = run_probe(study, arm_config(study.cfg, "probe", seed, study.tuned), d)
+        return fine_tune_from_probe(study, arm, run_cfg, probe, d)[1]
+    init = ssl_init(study, run_cfg, seed) if arm == "rotation-ssl" else None
+    return train(run_cfg, study.pool(arm), d.labelled, d.val, init_state=init)[1]
 
-    start = time.perf_counter()
-    model, history = train(base_cfg.model_copy(update={"augment": False}), pool, d.labelled, d.val)
-    out["no-augmentation"] = run_record(model, pool, history, seed, start)
 
-    start = time.perf_counter()
-    second = base_cfg.model_copy(update={"epochs_head": 0, "epochs_finetune": cfg.pseudo_epochs})
-    splits = splits_of(pool, d.labelled, d.val)
-    student, history, pseudo = self_train(
-        second, splits, pool.prep, teacher, pool.x[d.unlabelled], cfg.pseudo_threshold
-    )
-    out["pseudo-label"] = run_record(student, pool, history, seed, start, pseudo_labels=len(pseudo.index),
-                                     pseudo_label_accuracy=pseudo.accuracy(pool.y[d.unlabelled]))  # fmt: skip
+# --- one cell: an arm at a size and seed ---------------------------------------------------------------------
 
-    start = time.perf_counter()
+
+def run_cell(study: Study, arm: str, size: int, seed: int) -> dict:
+    cfg, tuned, pool = study.cfg, study.tuned, study.pool(arm)
+    d = draw(cfg, len(pool.y), size, seed)
+    run_cfg = arm_config(cfg, arm, seed, tuned, size)
+    start = clock()
+    if arm == "probe":
+        model, history = run_probe(study, run_cfg, d)
+        return run_record(probe_accuracy(study, model), history, seed, start)
+    if arm in ("pretrained", "slow-backbone"):
+        probe, _ = run_probe(study, arm_config(cfg, "probe", seed, tuned, size), d)
+        model, history = fine_tune_from_probe(study, arm, run_cfg, probe, d)
+        return run_record(test_accuracy(model, pool), history, seed, start)
+    if arm == "small-cnn":
+        model, history = train(run_cfg, pool, d.labelled, d.val)
+        torch.save(model.state_dict(), study.cache(f"small-cnn-{size}-seed{seed}.pt"))  # the methods' teacher
+        return run_record(test_accuracy(model, pool), history, seed, start)
+    if arm == "no-augmentation":
+        model, history = train(run_cfg.model_copy(update={"augment": False}), pool, d.labelled, d.val)
+        return run_record(test_accuracy(model, pool), history, seed, start)
+    if arm == "rotation-ssl":
+        model, history = train(run_cfg, pool, d.labelled, d.val, init_state=ssl_init(study, run_cfg, seed))
+        pretext = {k: v for k, v in ssl_backbone(study, seed).items() if k != "backbone"}
+        return run_record(test_accuracy(model, pool), history, seed, start, pretext=pretext)
+    if arm in ("pseudo-label", "fixmatch"):
+        teacher = build_model(run_cfg, len(pool.labels))
+        teacher.load_state_dict(torch.load(study.cache(f"small-cnn-{size}-seed{seed}.pt")))
+        splits = splits_of(pool, d.labelled, d.val)
+        if arm == "pseudo-label":
+            second = run_cfg.model_copy(update={"epochs_finetune": cfg.pseudo_epochs})
+            model, history, pseudo = self_train(second, splits, pool.prep, teacher.eval(), pool.x[d.unlabelled],
+                                                cfg.pseudo_threshold)  # fmt: skip
+            extra = {"pseudo_labels": len(pseudo.index), "pseudo_label_accuracy": pseudo.accuracy(pool.y[d.unlabelled])}
+        else:
+            model, history, extra = fixmatch(
+                run_cfg, splits, pool.prep, teacher.state_dict(), pool.x[d.unlabelled], threshold=cfg.pseudo_threshold,
+                steps=cfg.fixmatch_steps, mu=cfg.fixmatch_mu, weight=cfg.fixmatch_weight,
+                eval_every=cfg.fixmatch_eval_every, unlabelled_y=pool.y[d.unlabelled],
+            )  # fmt: skip
+        return run_record(test_accuracy(model, pool), history, seed, start, **extra)
+    if arm == "active":
+        return run_active(cfg, pool, d, size, seed, run_cfg, start)
+    raise ValueError(f"unknown arm {arm!r}")
+
+
+def run_active(cfg: LimitedDataConfig, pool: Pool, d: Draw, size: int, seed: int, run_cfg, start) -> dict:
+    """Active learning at the baseline's budget: labels chosen by least confidence, then the baseline's training."""
 
     def predict(labelled: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        model, _ = train(base_cfg, pool, labelled, d.val)
+        model, _ = train(run_cfg, pool, labelled, d.val)
         return predict_proba(model, pool.x[candidates], pool.prep)
 
     candidates = np.concatenate([d.labelled, d.unlabelled])  # the random arm's labels come from here too
     chosen = select_labels(candidates, size, int(size * cfg.active_initial), cfg.active_rounds,
                            np.random.default_rng(seed), predict)  # fmt: skip
-    model, history = train(base_cfg, pool, chosen, d.val)
+    model, history = train(run_cfg, pool, chosen, d.val)
     counts = np.bincount(pool.y[chosen], minlength=len(pool.labels))
-    out["active"] = run_record(model, pool, history, seed, start, smallest_class_share=float(counts.min() / size))
-    return out
+    return run_record(test_accuracy(model, pool), history, seed, start, smallest_class_share=float(counts.min() / size))
 
+
+# --- progress ------------------------------------------------------------------------------------------------
 
 # Settings that do not change a result: a stopped study resumes under other values of these.
 RESUME_IGNORES = ("output", "runs_dir", "num_threads", "progress", "device")
@@ -192,12 +386,20 @@ def resume_key(cfg: LimitedDataConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_IGNORES}
 
 
+def config_hash(cfg: LimitedDataConfig) -> str:
+    return hashlib.sha256(json.dumps(resume_key(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def progress_path(cfg: LimitedDataConfig) -> Path:
     return cfg.runs_dir / "limited_data" / "progress.json"
 
 
+def empty_runs(cfg: LimitedDataConfig) -> dict[str, dict[int, list[dict]]]:
+    return {arm: {s: [] for s in cfg.sizes} for arm in ARMS}
+
+
 def load_progress(cfg: LimitedDataConfig) -> dict | None:
-    """What a stopped run of the same study finished (tuning, every completed size and seed), or None."""
+    """What a stopped run of the same study finished (tuning, every completed cell), or None."""
     path = progress_path(cfg)
     if not path.is_file():
         return None
@@ -212,81 +414,84 @@ def load_progress(cfg: LimitedDataConfig) -> dict | None:
     return saved
 
 
-def save_progress(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: float) -> None:
+def save_progress(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: tuple[float, float]) -> None:
+    """`seconds`: wall-clock and CPU seconds spent so far, over every sitting."""
     path = progress_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": resume_key(cfg), "tuned": tuned, "runs": runs, "seconds": seconds}))
+    state = {"config": resume_key(cfg), "tuned": tuned, "runs": runs, "seconds": seconds[0], "cpu_seconds": seconds[1]}
+    tmp.write_text(json.dumps(state))
     tmp.replace(path)  # atomic: a run stopped mid-write keeps the previous state
 
 
-def done(runs: dict, size: int, seed: int) -> bool:
-    return all(any(r["seed"] == seed for r in by_size[size]) for by_size in runs.values())
+def has(runs: dict, arm: str, size: int, seed: int) -> bool:
+    return any(r["seed"] == seed for r in runs[arm][size])
+
+
+def missing_cells(cfg: LimitedDataConfig, runs: dict) -> list[str]:
+    return [f"{arm} {size} seed {seed}" for size in cfg.sizes for seed in cfg.seeds for arm in ARMS
+            if not has(runs, arm, size, seed)]  # fmt: skip
 
 
 def run_experiment(cfg: LimitedDataConfig) -> dict:
-    """The whole study. Progress is saved after tuning and after each size and seed (under runs_dir),
-    so a stopped run, started again with the same settings, goes on where it stopped."""
+    """The whole study. Progress is saved after tuning and after each cell (under runs_dir), so a stopped
+    run, started again with the same settings, goes on where it stopped; the report is rewritten after each cell."""
     set_threads(cfg.num_threads)
     cfg.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    pools = load_pools(cfg)
+    study = Study(cfg, load_pools(cfg))
     saved = load_progress(cfg)
-    earlier = saved["seconds"] if saved else 0.0
-    elapsed = lambda: earlier + time.perf_counter() - started  # noqa: E731
-    tuned = saved["tuned"] if saved else tune(cfg, pools)
-    runs: dict[str, dict[int, list[dict]]] = {arm: {s: [] for s in cfg.sizes} for arm in (*MODELS, *METHODS)}
+    earlier = (saved["seconds"], saved.get("cpu_seconds", 0.0)) if saved else (0.0, 0.0)
+    cpu_started = time.process_time()
+    elapsed = lambda: (earlier[0] + time.perf_counter() - started, earlier[1] + time.process_time() - cpu_started)  # noqa: E731
+    runs = saved["runs"] if saved else empty_runs(cfg)
     if saved:
-        runs = saved["runs"]
-        finished = sum(done(runs, z, e) for z in cfg.sizes for e in cfg.seeds)
-        tqdm.write(f"resuming from {progress_path(cfg)}: tuning and {finished} size-seed pairs done")
-    save_progress(cfg, tuned, runs, elapsed())
+        study.tuned = saved["tuned"]
+        tqdm.write(f"resuming from {progress_path(cfg)}: {len(missing_cells(cfg, runs))} cells to go")
+    tune(study, lambda: save_progress(cfg, study.tuned, runs, elapsed()))
+    save_progress(cfg, study.tuned, runs, elapsed())
+    results = {}
     for size in cfg.sizes:
         for seed in cfg.seeds:
-            if done(runs, size, seed):
-                continue
-            for arm in MODELS:
-                pool = pools[MODELS[arm].get("image_size", cfg.image_size)]
-                d = draw(cfg, len(pool.y), size, seed)
+            for arm in ARMS:
+                if has(runs, arm, size, seed):
+                    continue
                 tqdm.write(f"== {arm}, {size} labelled images, seed {seed}")
-                start = time.perf_counter()
-                model, history = train(arm_config(cfg, arm, seed, tuned), pool, d.labelled, d.val)
-                runs[arm][size].append(run_record(model, pool, history, seed, start))
-                if arm == cfg.method_model:
-                    tqdm.write(f"== methods on {arm}, {size} labelled images, seed {seed}")
-                    for method, record in run_methods(cfg, pool, d, size, seed, tuned, model).items():
-                        runs[method][size].append(record)
-            save_progress(cfg, tuned, runs, elapsed())
-    results = {
-        "config": cfg.model_dump(mode="json"), "machine": describe_machine(),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command_line(cfg),
-        "minutes": round(elapsed() / 60, 1), "resumed": saved is not None, "tuned": tuned,
-        "runs": runs, "summary": summarize(runs),
-    }  # fmt: skip
-    write_report(cfg, results)
-    progress_path(cfg).unlink()
+                runs[arm][size].append(run_cell(study, arm, size, seed))
+                save_progress(cfg, study.tuned, runs, elapsed())
+                results = report(cfg, study.tuned, runs, elapsed(), saved is not None)
+    results = report(cfg, study.tuned, runs, elapsed(), saved is not None)
+    if not results["missing"]:
+        progress_path(cfg).unlink()
     return results
 
 
+def report(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: tuple[float, float], resumed: bool) -> dict:
+    results = {
+        "config": cfg.model_dump(mode="json"), "machine": describe_machine(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command_line(cfg),
+        "minutes": round(seconds[0] / 60, 1), "cpu_minutes": round(seconds[1] / 60, 1), "resumed": resumed,
+        "tuned": tuned,
+        "missing": missing_cells(cfg, runs), "runs": runs, "summary": summarize(runs),
+    }  # fmt: skip
+    write_report(cfg, results)
+    return results
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+
 def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
-    """Mean and sample sd of test accuracy per arm and size."""
+    """Mean and sample sd of test accuracy per arm and size (cells with no run yet left out)."""
     out: dict[str, dict[int, dict]] = {}
     for arm, by_size in runs.items():
         for size, records in by_size.items():
+            if not records:
+                continue
             acc = np.array([r["accuracy"] for r in records])
             sd = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
             out.setdefault(arm, {})[size] = {"mean": float(acc.mean()), "sd": sd, "n": len(acc)}
     return out
-
-
-def crossings(summary: dict, a: str, b: str, sizes: list[int]) -> str:
-    """Where the mean curves of `a` and `b` change order, in words."""
-    diff = [summary[a][s]["mean"] - summary[b][s]["mean"] for s in sizes]
-    cross = [f"between {sizes[i]:,} and {sizes[i + 1]:,}" for i in range(len(sizes) - 1) if diff[i] * diff[i + 1] < 0]
-    if cross:
-        return f"{LABELS[a]} vs {LABELS[b]}: the curves cross {', '.join(cross)} labelled images."
-    ahead = LABELS[a] if diff[0] > 0 else LABELS[b]
-    return f"{LABELS[a]} vs {LABELS[b]}: no crossing; {ahead} is ahead at every size measured."
 
 
 def command_line(cfg: LimitedDataConfig) -> str:
@@ -315,31 +520,66 @@ LEARNED_HEAD = (
 )
 
 
-def fmt(cell: dict) -> str:
-    return f"{cell['mean']:.3f} ± {cell['sd']:.3f}"
+def fmt(cell: dict | None, seeds: int | None = None) -> str:
+    """mean ± sd; with fewer seeds than the study's, how many ran; '–' for a cell not yet run."""
+    if cell is None:
+        return "–"
+    text = f"{cell['mean']:.3f} ± {cell['sd']:.3f}"
+    return text if seeds is None or cell.get("n", seeds) >= seeds else f"{text} ({cell['n']} of {seeds} seeds)"
+
+
+def by_seed(runs: dict, arm: str, size: int) -> dict[int, float]:
+    return {r["seed"]: r["accuracy"] for r in runs[arm][size]}
+
+
+def headline(cfg: LimitedDataConfig, summary: dict) -> list[str]:
+    """Per size measured: the best transfer arm against the small CNN and the best small-CNN arm, in words."""
+    lines = []
+    for s in cfg.sizes:
+        transfer = {a: summary[a][s]["mean"] for a in TRANSFER if s in summary.get(a, {})}
+        scratch = {a: summary[a][s]["mean"] for a in ("small-cnn", *METHODS) if s in summary.get(a, {})}
+        if not transfer or "small-cnn" not in scratch:
+            continue
+        best_t, best_s = max(transfer, key=transfer.get), max(scratch, key=scratch.get)
+        gap = transfer[best_t] - scratch["small-cnn"]
+        verdict = "transfer learning is ahead" if gap > 0 else "the small CNN from scratch is ahead"
+        lines.append(
+            f"- {s:,} labels: {verdict}: best transfer arm {LABELS[best_t]} {transfer[best_t]:.3f} vs the small CNN "
+            f"{scratch['small-cnn']:.3f} ({100 * gap:+.1f} points); best small-CNN arm: {LABELS[best_s]} "
+            f"{scratch[best_s]:.3f}."
+        )
+    return lines
 
 
 def write_report(cfg: LimitedDataConfig, results: dict) -> None:
     summary, runs, tuned, sizes = results["summary"], results["runs"], results["tuned"], cfg.sizes
+    n_seeds = len(cfg.seeds)
     plot(cfg, summary)
-    method = cfg.method_model
     head = "| labelled images | " + " | ".join(f"{s:,}" for s in sizes) + " |\n|---|" + "---:|" * len(sizes) + "\n"
 
     def row(arm: str, label: str | None = None) -> str:
-        return f"| {label or LABELS[arm]} | " + " | ".join(fmt(summary[arm][s]) for s in sizes) + " |\n"
+        cells = (fmt(summary.get(arm, {}).get(s), n_seeds) for s in sizes)
+        return f"| {label or LABELS[arm]} | " + " | ".join(cells) + " |\n"
 
     def paired(arm: str, base: str) -> str:
         cells = []
         for s in sizes:
-            d = np.array([r["accuracy"] for r in runs[arm][s]]) - np.array([r["accuracy"] for r in runs[base][s]])
-            cells.append(f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f}")
-        return f"| {LABELS[arm]} − {LABELS[base] if base != method else 'baseline'} | " + " | ".join(cells) + " |\n"
+            a, b = by_seed(runs, arm, s), by_seed(runs, base, s)
+            d = np.array([a[k] - b[k] for k in sorted(a.keys() & b.keys())])
+            cells.append("–" if not len(d) else f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f}")
+        return (
+            f"| {LABELS[arm]} − {LABELS[base] if base != 'small-cnn' else 'baseline'} | " + " | ".join(cells) + " |\n"
+        )
+
+    def mean_of(arm: str, key: str, s: int, form: str) -> str:
+        values = [r[key] for r in runs[arm][s] if key in r]
+        return form.format(np.mean(values)) if values else "–"
 
     learned = "".join(
         f"| {LABELS[arm]} | {s:,} | {min(r['train_loss'][0] for r in runs[arm][s]):.3f} → "
         f"{max(r['train_loss'][1] for r in runs[arm][s]):.3f} | {min(r['train_acc'][1] for r in runs[arm][s]):.3f} | "
         f"{min(r['accuracy'] for r in runs[arm][s]):.3f} | {np.mean([r['epochs_run'] for r in runs[arm][s]]):.1f} |\n"
-        for arm in SCRATCH for s in sizes
+        for arm in SCRATCH for s in sizes if runs[arm][s]
     )  # fmt: skip
     scratch_runs = [r for arm in SCRATCH for s in sizes for r in runs[arm][s]]
     failed = [r for r in scratch_runs if not learned_run(r)]
@@ -354,18 +594,41 @@ def write_report(cfg: LimitedDataConfig, results: dict) -> None:
         for arm, t in tuned.items()
     )
     pseudo = "; ".join(
-        f"{s:,}: {np.mean([r['pseudo_labels'] for r in runs['pseudo-label'][s]]):,.0f} pseudo-labels, "
-        f"{np.mean([r['pseudo_label_accuracy'] for r in runs['pseudo-label'][s]]):.3f} of them right"
-        for s in sizes
+        f"{s:,}: {mean_of('pseudo-label', 'pseudo_labels', s, '{:,.0f}')} pseudo-labels, "
+        f"{mean_of('pseudo-label', 'pseudo_label_accuracy', s, '{:.3f}')} of them right" for s in sizes
+    )  # fmt: skip
+    fixm = "; ".join(
+        f"{s:,}: {mean_of('fixmatch', 'confident_share', s, '{:.2f}')} of the weak views confident, "
+        f"{mean_of('fixmatch', 'pseudo_label_accuracy', s, '{:.3f}')} of those right" for s in sizes
+    )  # fmt: skip
+    pretext = [r["pretext"] for s in sizes for r in runs["rotation-ssl"][s]]
+    pretext_text = (
+        f"rotation accuracy on held-out unlabelled images {min(p['rotation_val_acc'] for p in pretext):.3f}-"
+        f"{max(p['rotation_val_acc'] for p in pretext):.3f}, {max(p['cpu_seconds'] for p in pretext):.0f} CPU seconds "
+        "at most per seed" if pretext else "not run yet"
+    )  # fmt: skip
+    balance = ", ".join(
+        f"{s:,}: {min(r['smallest_class_share'] for r in runs['active'][s]):.3f}" for s in sizes if runs["active"][s]
     )
-    balance = ", ".join(f"{s:,}: {min(r['smallest_class_share'] for r in runs['active'][s]):.3f}" for s in sizes)
-    cross = "\n".join(f"- {crossings(summary, 'pretrained', b, sizes)}" for b in SCRATCH)
+    cost = "".join(
+        f"| {LABELS[arm]} | {sum(len(runs[arm][s]) for s in sizes)} | "
+        f"{sum(r['seconds'] for s in sizes for r in runs[arm][s]) / 60:.1f} | "
+        f"{sum(r.get('cpu_seconds', 0) for s in sizes for r in runs[arm][s]) / 60:.1f} |\n"
+        for arm in ARMS
+    )  # fmt: skip
+    missing = results["missing"]
+    status = "All cells ran." if not missing else (
+        f"**Partial: {len(missing)} of {len(ARMS) * len(sizes) * n_seeds} cells not run yet** (the same command "
+        f"goes on where it stopped): {', '.join(missing)}."
+    )  # fmt: skip
+    lines = headline(cfg, summary)
     seeds = ", ".join(map(str, cfg.seeds))
-    base = row(method, LABELS[method] + ", augmentation on (baseline, random labels)")
+    base = row("small-cnn", LABELS["small-cnn"] + ", augmentation on (baseline, random labels)")
     methods = base + "".join(row(m) for m in METHODS)
     text = f"""# Limited labelled data: what each answer buys
 
-Command: `{results["command"]}` ({results["minutes"]} min)
+Command: `{results["command"]}` ({results["minutes"]} min wall-clock, {results["cpu_minutes"]} CPU minutes: on a
+shared machine the CPU time is the steadier measure of cost; two cores give at most two CPU minutes a minute)
 Machine: {results["machine"]}; {results["date"]}.
 Fashion-MNIST; test set: the first {cfg.test_limit:,} test images; seeds {seeds} at every size
 (mean ± sample sd of test accuracy over the seeds). The labelled images of a seed are nested across
@@ -373,42 +636,65 @@ sizes and shared by every arm; each run also holds out max(200, 10 % of the labe
 training images as its validation split (early stopping, best epoch kept), the same for every arm.
 EfficientNet-Lite0 runs at {cfg.image_size} px, the small CNN at 28 px.
 
-## Pretrained vs two from-scratch baselines
+{status}
 
-{head}{row("pretrained")}{row("efficientnet-scratch")}{row("small-cnn")}
-{cross}
+## Headline: transfer learning vs the small CNN, per size
 
-Pretrained: {cfg.epochs_head} head epoch at lr {cfg.lr_head:g} with the backbone frozen, then the tuned
-epochs of everything at the tuned rate; all arms with augmentation on.
+{chr(10).join(lines) if lines else "No size has both yet."}
 
-### Each model tuned on the validation split; the from-scratch ones shown to learn
+## Transfer learning vs a small CNN from scratch
 
-Learning rate and epochs (of fine-tuning, for the pretrained network) chosen by validation accuracy
-(best epoch of each rate) at {cfg.tune_size:,}
+{head}{"".join(row(a) for a in MODELS)}
+- Linear probe: the ImageNet backbone frozen (its BatchNorm statistics too), its pooled features computed
+  once per image (no augmentation), a new dropout + linear head trained on them.
+- Fine-tuned: the probe's head, then every layer at one tuned rate (linear probe, then fine-tune);
+  backbone at lr/10: the same with the backbone at {cfg.backbone_lr_factor:g} × the head's tuned rate.
+- Every arm but the probe with augmentation on. Each arm runs its tuned epochs, or more at a smaller size:
+  at least as many optimiser steps as its tuning run took at {cfg.tune_size:,} labels (early stopping after
+  {cfg.patience} epochs without gain).
+
+### Each arm tuned on the validation split; the from-scratch baseline shown to learn
+
+Learning rate and epochs chosen by validation accuracy (best epoch of each rate) at {cfg.tune_size:,}
 labelled images, seed {cfg.seeds[0]}, on {TUNE_VAL_IMAGES:,} held-out training images; the test set plays no part.
 
-| model | best validation accuracy by learning rate | chosen lr | chosen epochs |
+| arm | best validation accuracy by learning rate | chosen lr | chosen epochs |
 |---|---|---:|---:|
 {tuning}
 {learned_verdict} Worst seed shown for each figure:
 
 {LEARNED_HEAD}{learned}
-## Methods for limited labels, on the {LABELS[method]}
+## Methods for limited labels, on the {LABELS["small-cnn"]}
 
 {head}{methods}
 Paired by seed (same labelled draw and initialisation), difference in test accuracy:
 
-{head}{paired("no-augmentation", method)}{paired("pseudo-label", method)}{paired("active", method)}
+{head}{"".join(paired(m, "small-cnn") for m in METHODS)}
 - Augmentation: kornia flips, small affine jitter and random erasing (the main job's), on vs off.
 - Pseudo-labelling: the baseline model labels {cfg.unlabelled_pool:,} unlabelled training images; those
   with top-1 probability ≥ {cfg.pseudo_threshold} join the labelled ones for {cfg.pseudo_epochs} more epochs
   from the baseline's weights. Mean per size: {pseudo}.
+- FixMatch: from the baseline's weights, {cfg.fixmatch_steps} steps of a labelled batch plus {cfg.fixmatch_mu} times
+  as many of the same {cfg.unlabelled_pool:,} unlabelled images; a weak view's prediction with top-1 probability
+  ≥ {cfg.pseudo_threshold} is the label a strong view (rotation, shear, contrast, solarisation, cut-out) must get
+  (weight {cfg.fixmatch_weight:g}); validation every {cfg.fixmatch_eval_every} steps, best kept. Mean per size: {fixm}.
+- Rotation pre-training: the small CNN learns which of 0°, 90°, 180°, 270° each of {cfg.unlabelled_pool:,}
+  unlabelled images (one pool per seed, clear of every labelled and validation image) is turned by,
+  {cfg.ssl_epochs} epochs at lr {cfg.ssl_lr:g}; then its backbone is fine-tuned under a new head at its own tuned
+  rate. Pretext: {pretext_text}.
 - Active learning at an equal budget: {cfg.active_initial:.0%} of the labels at random, the rest in
   {cfg.active_rounds} round(s) of the least confident (lowest top-1 probability, the signal the serving
   feedback loop queues) among the unlabelled images, then the baseline's training on the chosen set;
   compared with the baseline, whose labels are all random. Smallest class share of the chosen
-  labels (0.100 = balanced), lowest seed: {balance}.
+  labels (0.100 = balanced), lowest seed: {balance or "not run yet"}.
+- Generated (synthetic) data: not measured. A generator good enough to add information (a class-conditional
+  diffusion model or GAN trained on the same few labels) costs more than this whole study on two CPU cores.
 
+## Cost of each arm (cells run so far)
+
+| arm | cells | wall-clock minutes | CPU minutes |
+|---|---:|---:|---:|
+{cost}
 ![accuracy vs labelled images](limited_data.png)
 """
     (cfg.output / "limited_data.md").write_text(text)
@@ -418,18 +704,22 @@ Paired by seed (same labelled draw and initialisation), difference in test accur
 
 def plot(cfg: LimitedDataConfig, summary: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    panels = ((axes[0], (*MODELS,), "pretrained vs from scratch"),
-              (axes[1], (cfg.method_model, *METHODS), f"methods, {LABELS[cfg.method_model]}"))  # fmt: skip
+    panels = ((axes[0], tuple(MODELS), "transfer learning vs from scratch"),
+              (axes[1], ("small-cnn", *METHODS), f"methods, {LABELS['small-cnn']}"))  # fmt: skip
     for ax, arms, title in panels:
         for arm in arms:
-            cells = [summary[arm][s] for s in cfg.sizes]
-            label = LABELS[arm] + (" (baseline)" if ax is axes[1] and arm == cfg.method_model else "")
-            ax.errorbar(cfg.sizes, [c["mean"] for c in cells], yerr=[c["sd"] for c in cells], fmt="o-",
-                        capsize=3, label=label)  # fmt: skip
+            sizes = [s for s in cfg.sizes if s in summary.get(arm, {})]
+            if not sizes:
+                continue
+            cells = [summary[arm][s] for s in sizes]
+            label = LABELS[arm] + (" (baseline)" if ax is axes[1] and arm == "small-cnn" else "")
+            ax.errorbar(sizes, [c["mean"] for c in cells], yerr=[c["sd"] for c in cells], fmt="o-", capsize=3,
+                        label=label)  # fmt: skip
         ax.set(xscale="log", xlabel="labelled training images", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set(ylabel=f"test accuracy (mean ± sd, {len(cfg.seeds)} seeds)")
+        if ax.get_legend_handles_labels()[0]:  # a partial study may have nothing to plot in a panel yet
+            ax.legend(fontsize=8)
+    axes[0].set(ylabel=f"test accuracy (mean ± sd, up to {len(cfg.seeds)} seeds)")
     fig.tight_layout()
     fig.savefig(cfg.output / "limited_data.png", dpi=100)
     plt.close(fig)

@@ -132,15 +132,20 @@ def run_stage(
     history: list[EpochLog],
     on_train_start: Callable[[], None] = lambda: None,
     averager: AveragedModel | None = None,
+    lr_groups: Sequence[tuple[Sequence[nn.Parameter], float]] | None = None,
 ) -> bool:
     """Train `params` for up to `epochs`; returns True when early stopping ended the stage.
+
+    `lr_groups` splits `params` into groups, each at `lr` times its factor (discriminative rates, e.g. a
+    backbone slower than its head); the first group's rate is the one logged.
 
     With an `averager`, the weights at the end of each of the last `cfg.average_last` epochs are
     folded into its running average (see `keep_weight_average`).
     """
     if epochs == 0:
         return False
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(p), "lr": lr * f} for p, f in lr_groups] if lr_groups else [{"params": list(params)}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, epochs * n_train_batches, cfg.warmup_fraction)
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
