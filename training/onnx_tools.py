@@ -81,9 +81,12 @@ def quantize_static_int8(fp32: Path, out: Path, input_name: str, calibration: It
     """Static int8 (QDQ, per-channel weights) calibrated on real training inputs (CNNs)."""
     prepped = out.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+    # reduce_range: 7-bit weights. On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8 x s8 kernels add pairs of
+    # products in int16 and saturate; full-range weights then cost far more accuracy there than on a VNNI CPU
+    # (measured: docs/results/training/int8-reduce-range.json). ONNX Runtime's quantisation guide advises it.
     quantize_static(
         str(prepped), str(out), _ArrayReader(input_name, calibration),
-        quant_format=QuantFormat.QDQ, per_channel=True,
+        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
     )  # fmt: skip
     prepped.unlink()
