@@ -203,9 +203,26 @@ def balance_report(out: Path, datasets_dir: Path = Path(".cache/datasets"), seed
     return data
 
 
-if __name__ == "__main__":  # python -m training.text_levers OUT.json REPORT.json ... | balance OUT.json
-    if sys.argv[1] == "balance":
-        print(balance_table(balance_report(Path(sys.argv[2]))), end="")
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.text_levers",
+                                 description="Gather leave-one-domain-out runs' reports into tables, or print the "
+                                 "class balance by domain and split.")  # fmt: skip
+    sub = ap.add_subparsers(dest="what", required=True)
+    gather = sub.add_parser("gather", help="OUT.json REPORT.json ...: the runs' tables, written to OUT.json")
+    gather.add_argument("out", type=Path)
+    gather.add_argument("reports", type=Path, nargs="+")
+    balance = sub.add_parser("balance", help="OUT.json: the class balance by domain and split (no training)")
+    balance.add_argument("out", type=Path)
+    args = ap.parse_args(argv)
+    if args.what == "balance":
+        print(balance_table(balance_report(args.out)), end="")
     else:
-        data = collect([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))
+        data = collect(args.reports, args.out)
         print(data["table"] + data["means"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
