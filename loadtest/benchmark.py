@@ -349,15 +349,19 @@ def http_points(model: str, config: str, kind: str, base_url: str, data, fmt: st
     return out
 
 
-def padding_share(base_url: str) -> float:
-    """Mean share of padded token positions over the text batches a server ran (servable_padding_ratio)."""
+def metric_totals(base_url: str, names: Sequence[str]) -> dict[str, float]:
+    """Each series' value from a server's /metrics, summed over its labels (0 where absent)."""
     import urllib.request
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    total = {k: sum(float(v) for v in re.findall(rf"^servable_padding_ratio_{k}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-             for k in ("sum", "count")}  # fmt: skip
-    return total["sum"] / total["count"] if total["count"] else float("nan")
+    return {n: sum((float(v) for v in re.findall(rf"^{n}(?:{{[^}}]*}})? (\S+)$", text, re.M)), 0.0) for n in names}
+
+
+def padding_share(base_url: str) -> float:
+    """Mean share of padded token positions over the text batches a server ran (servable_padding_ratio)."""
+    padded, batches = metric_totals(base_url, ["servable_padding_ratio_sum", "servable_padding_ratio_count"]).values()
+    return padded / batches if batches else float("nan")
 
 
 def show(p: Point) -> Point:

@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from loadtest import benchmark
@@ -53,17 +52,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def shadow_counters(url: str) -> dict[str, float]:
-    """The shadow's counters from the replica's /metrics (summed over its labels)."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    found = dict.fromkeys(SHADOW_SERIES, 0.0)
-    for line in text.splitlines():
-        name = line.split("{")[0].split(" ")[0]
-        if name in found:
-            found[name] += float(line.rsplit(" ", 1)[1])
-    return found
-
-
 def one_point(model: str, tag: str, label: str, config: dict[str, str], data, args, log_dir: Path) -> dict:
     server = benchmark.start_served(model, tag, config, label, log_dir)
     try:
@@ -80,7 +68,7 @@ def one_point(model: str, tag: str, label: str, config: dict[str, str], data, ar
         point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
                  "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
         if label == "on":
-            point["shadow"] = shadow_counters(server.url)
+            point["shadow"] = benchmark.metric_totals(server.url, SHADOW_SERIES)
         print(f"{model} {label}: {p.rps:.0f} req/s, p50 {p.p50_ms:.1f} ms, p99 {p.p99_ms:.1f} ms; worker CPU {cpu}"
               + (f"; shadow {point['shadow']}" if "shadow" in point else ""), flush=True)  # fmt: skip
         return point
