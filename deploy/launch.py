@@ -30,8 +30,37 @@ SERVICES = {kind: e.service for kind, e in SERVED_MODELS.items()}
 DEFAULT_PORTS = {kind: e.port for kind, e in SERVED_MODELS.items()}
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, below the kernel's ephemeral range, not handed out before by this process.
+
+    A port the kernel picks for bind(0) comes from the ephemeral range, which outgoing connections use
+    too: between this check and the server's own bind, a client socket could take it (CI once failed
+    so, "Address already in use"). Below that range only listeners take ports.
+    """
+    low = _ephemeral_low()
+    top = low - 1 if low > 11024 else 65535
+    for _ in range(200):
+        port = secrets.randbelow(top - 10000 + 1) + 10000
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -48,6 +48,7 @@ import httpx
 import pytest
 
 from deploy import render
+from deploy.launch import free_port
 from servable.config import SERVED_MODELS
 from servable.machine import describe_machine
 
@@ -63,12 +64,6 @@ CONTAINERS_CONF = ROOT / "deploy" / "podman" / "containers.conf"
 pytestmark = pytest.mark.skipif(
     os.environ.get("SERVABLE_COMPOSE_TEST") != "1", reason="opt-in: SERVABLE_COMPOSE_TEST=1 runs the compose stack"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sh(cmd: list[str], timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:

@@ -13,7 +13,6 @@ import os
 import posixpath
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ import requests
 import yaml
 
 from deploy import k8s_release, render
+from deploy.launch import free_port
 from servable.config import SERVED_MODELS
 from tests.test_deploy_static import _ingress_route, run, tool
 
@@ -367,12 +367,6 @@ class _Replica(BaseHTTPRequestHandler):
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _controller_conf(controller: dict, ingresses: list[dict], port: int, upstream: int, tmp: Path) -> str:
     """A config laid out as ingress-nginx lays out the Ingresses of one host: http-snippet in http, the
     server-snippet in the one server, a location per path (regex, longest path first) with its own
@@ -412,7 +406,7 @@ def test_the_ingress_snippets_refuse_queries_limit_per_key_and_send_the_headers_
     replica = ThreadingHTTPServer(("127.0.0.1", 0), _Replica)
     threading.Thread(target=replica.serve_forever, daemon=True).start()
     kind, entry = next(iter(SERVED_MODELS.items()))
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "nginx.conf"
     ingresses = [rendered["Ingress", f"servable-{kind}"], rendered["Ingress", f"servable-{kind}-explain"]]
     conf.write_text(_controller_conf(controller, ingresses, port, replica.server_address[1], tmp_path))
