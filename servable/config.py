@@ -210,6 +210,9 @@ class LimitedDataConfig(ImageTrainConfig):
     pretrained_max_epochs: int = Field(2, ge=1, description="Tuning: most fine-tuning epochs tried, pretrained.")
     small_cnn_max_epochs: int = Field(12, ge=1, description="Tuning: most epochs tried, small CNN.")
     backbone_lr_factor: float = Field(0.1, gt=0, lt=1, description="Slower-backbone arm: backbone lr / head lr.")
+    finetune_frozen_bn: bool = Field(
+        True, description="Transfer fine-tune arms: the backbone's BatchNorm keeps its ImageNet statistics."
+    )
     unlabelled_pool: int = Field(10000, ge=10, description="Unlabelled images (rest of the training set) used.")
     pseudo_threshold: float = Field(0.95, gt=0, le=1, description="Top-1 probability a pseudo-label needs.")
     pseudo_epochs: int = Field(3, ge=1, description="Epochs of the second (self-training) round.")

@@ -94,6 +94,27 @@ def test_slower_backbone_rate_moves_the_backbone_less():
     assert moved[0.1]["head"] > 0.5 * moved[1.0]["head"], moved
 
 
+def bn_statistics(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k}
+
+
+def test_frozen_batchnorm_fine_tune_keeps_the_imagenet_statistics():
+    """With frozen_bn the backbone's BatchNorm running statistics leave fine-tuning bit-identical while its
+    weights move; without it they follow the few-label batches."""
+    cfg = LimitedDataConfig(**{**PRETRAINED_32, "epochs_head": 0}, epochs_finetune=1, lr_finetune=1e-3, batch_size=16,
+                            progress=False)  # fmt: skip
+    prep = ImagePreprocessing(size=32, color_mode="L")
+    splits = tiny_splits(32, 32)
+    start = build_model(cfg, 10).state_dict()
+    before = {k.removeprefix("backbone."): v for k, v in start.items() if k.startswith("backbone.") and "running_" in k}
+    for frozen, same in ((True, True), (False, False)):
+        model, *_ = fine_tune(cfg, splits, prep, init_state=start, frozen_bn=frozen)
+        after = bn_statistics(model)
+        assert before.keys() == after.keys() and before
+        assert all(torch.equal(before[k], after[k]) for k in after) is same, f"frozen_bn={frozen}"
+        assert mean_move(model, start, "backbone") > 0, "the backbone's weights did not train"
+
+
 def test_fixmatch_learns_from_the_unlabelled_pool():
     """The unlabelled images are drawn and, above the threshold, teach: at threshold 0 every weak view is
     confident and the unlabelled loss is positive; above 1 none is, the unlabelled loss is 0 and the weights

@@ -22,6 +22,12 @@ class BackboneHead(nn.Module):
     def freeze_backbone(self, frozen: bool) -> None:
         self.backbone.requires_grad_(not frozen)
 
+    def hold_batchnorm_statistics(self) -> None:
+        """The backbone's BatchNorm layers keep their running statistics (eval mode) while the weights train."""
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
     def hold_frozen_batchnorm(self) -> None:
         """While frozen, BatchNorm keeps its ImageNet statistics (eval mode) too."""
         if not any(p.requires_grad for p in self.backbone.parameters()):

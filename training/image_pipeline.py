@@ -64,13 +64,14 @@ def build_model(cfg: ImageTrainConfig, num_classes: int) -> BackboneHead:
 
 def fine_tune(
     cfg: ImageTrainConfig, splits: ImageSplits, prep: ImagePreprocessing, init_state: dict | None = None,
-    backbone_lr_factor: float = 1.0,
+    backbone_lr_factor: float = 1.0, frozen_bn: bool = False,
 ):  # fmt: skip
     """Stage 1: new head on a frozen backbone. Stage 2: everything, at a lower learning rate.
 
     From scratch, stage 1 is skipped (`epochs_head=0`): there is nothing worth keeping frozen.
     `init_state` starts from trained weights instead (a second round of training, e.g. self-training).
-    `backbone_lr_factor` < 1 trains the backbone slower than the head in stage 2.
+    `backbone_lr_factor` < 1 trains the backbone slower than the head in stage 2; `frozen_bn` keeps the
+    backbone's BatchNorm statistics in stage 2 (a few hundred labels give batches too noisy to re-estimate them).
     """
     gen = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -117,7 +118,9 @@ def fine_tune(
         )
         stopped = run_stage(model, stage="finetune", params=list(model.parameters()),
                             epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, stopper=stopper,
-                            history=history, averager=averager, lr_groups=groups, **common)  # fmt: skip
+                            history=history, averager=averager, lr_groups=groups,
+                            on_train_start=model.hold_batchnorm_statistics if frozen_bn else lambda: None,
+                            **common)  # fmt: skip
         keep_weight_average(averager, model, stopper, **common)
     stopper.restore(model)  # the best epoch's weights with the BatchNorm statistics measured for them
     return model.cpu().eval(), history, stopper, stopped

@@ -241,7 +241,15 @@ def fine_tune_from_probe(study: Study, arm: str, run_cfg: LimitedDataConfig, pro
     """Fine-tune every layer from the probe's head (linear probe, then fine-tune: the head does not start random
     and so does not wreck the features in the first steps); the slower-backbone arm at cfg.backbone_lr_factor."""
     factor = study.cfg.backbone_lr_factor if arm == "slow-backbone" else 1.0
-    return train(run_cfg, study.pool(arm), d.labelled, d.val, init_state=probe.state_dict(), backbone_lr_factor=factor)
+    return train(
+        run_cfg,
+        study.pool(arm),
+        d.labelled,
+        d.val,
+        init_state=probe.state_dict(),
+        backbone_lr_factor=factor,
+        frozen_bn=study.cfg.finetune_frozen_bn,
+    )
 
 
 def ssl_backbone(study: Study, seed: int) -> dict:
@@ -551,6 +559,13 @@ def headline(cfg: LimitedDataConfig, summary: dict) -> list[str]:
     return lines
 
 
+BN_FROZEN = (
+    "Both keep the backbone's ImageNet BatchNorm statistics (eval mode) while its weights train: "
+    "batches of a few hundred labels would re-estimate them noisily."
+)
+BN_TRAINED = "Both re-estimate the backbone's BatchNorm statistics from the training batches."
+
+
 def write_report(cfg: LimitedDataConfig, results: dict) -> None:
     summary, runs, tuned, sizes = results["summary"], results["runs"], results["tuned"], cfg.sizes
     n_seeds = len(cfg.seeds)
@@ -649,6 +664,7 @@ EfficientNet-Lite0 runs at {cfg.image_size} px, the small CNN at 28 px.
   once per image (no augmentation), a new dropout + linear head trained on them.
 - Fine-tuned: the probe's head, then every layer at one tuned rate (linear probe, then fine-tune);
   backbone at lr/10: the same with the backbone at {cfg.backbone_lr_factor:g} × the head's tuned rate.
+  {BN_FROZEN if cfg.finetune_frozen_bn else BN_TRAINED}
 - Every arm but the probe with augmentation on. Each arm runs its tuned epochs, or more at a smaller size:
   at least as many optimiser steps as its tuning run took at {cfg.tune_size:,} labels (early stopping after
   {cfg.patience} epochs without gain).
