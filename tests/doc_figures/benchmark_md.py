@@ -662,7 +662,7 @@ FIGURES += [
         f"{whole(bench_c32(d, 'text', SHADOW)['p99_ms'])} ms"), "shadow cost, lane at nice 0"),
 ]  # fmt: skip
 
-# shadow scoring's cost in alternating rounds (python -m loadtest.shadow_cost)
+# shadow scoring's cost in alternating rounds (python -m loadtest.setting_cost --shadow-share 0.1)
 SHADOW_ROUNDS = "docs/results/benchmark/shadow-cost/rounds/shadow_cost.json"
 SHADOW_WAIT50 = "docs/results/benchmark/shadow-cost/rounds-wait50/shadow_cost.json"  # an experiment, not kept
 

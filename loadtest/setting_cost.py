@@ -1,14 +1,20 @@
-"""What shadow scoring costs the request path, in alternating rounds: shadow off, then on, N times.
+"""What a serving setting costs the request path, in alternating rounds: without it (`off`), with it (`on`), N times.
 
 One benchmark run measures each configuration once, one after the other, and on a shared 2-core machine a
-configuration's req/s moves by up to 20 % from one run to the next (docs/benchmark.md): more than the cost
-being measured. Here the served default (`off`) and the same server scoring `--share` of its requests with
-a candidate (`on`: the served tag itself, so the candidate costs what the live model does) alternate, each
-round a fresh server under the benchmark's closed-loop client, and the medians are compared. Beside
-each point it records where the CPU went, per thread priority of the HTTP workers (the shadow lane is the
-only thread at nice 19, serving/shadow.py), and the shadow's own counters (rows scored, dropped):
+configuration's req/s moves by up to 20 % from one run to the next (docs/benchmark.md): more than the costs
+being measured here. So the two configurations alternate, each round a fresh server under the benchmark's
+closed-loop client, and the medians are compared. Beside each point it records where the CPU went, per
+thread priority of the HTTP workers (the shadow lane is their only thread at nice 19, serving/shadow.py),
+and with a shadow on, its own counters (rows scored, dropped). Settings are named without their
+SERVABLE_<MODEL>_SERVE_ prefix:
 
-    python -m loadtest.shadow_cost --models text --rounds 3 --out docs/results/benchmark/shadow-cost/rounds
+    python -m loadtest.setting_cost --shadow-share 0.1 --rounds 3 \
+        --out docs/results/benchmark/shadow-cost/rounds/shadow_cost.json
+    python -m loadtest.setting_cost --on SERVER_TIMING=true --off SERVER_TIMING=false --rounds 3 \
+        --out docs/results/benchmark/timing-cost/setting_cost.json
+
+`--shadow-share S` is `--on SHADOW_TAG=<the served tag> SHADOW_SHARE=S`: the candidate is the served model
+itself, so it costs what the live model does.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def one_point(model: str, tag: str, label: str, config: dict[str, str], data, ar
         cpu = {f"nice {n}": round(after[n] - before.get(n, 0.0), 2) for n in sorted(after)}
         point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
                  "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
-        if label == "on":
+        if "SHADOW_SHARE" in config:
             point["shadow"] = benchmark.metric_totals(server.url, SHADOW_SERIES)
         print(f"{model} {label}: {p.rps:.0f} req/s, p50 {p.p50_ms:.1f} ms, p99 {p.p99_ms:.1f} ms; worker CPU {cpu}"
               + (f"; shadow {point['shadow']}" if "shadow" in point else ""), flush=True)  # fmt: skip
@@ -84,6 +90,17 @@ def summary(points: list[dict]) -> dict:
             "p99_on_over_off": round(med["on"]["p99_ms"] / med["off"]["p99_ms"], 3)}  # fmt: skip
 
 
+def settings(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE arguments as a dict (KEY without the model's SERVABLE_<MODEL>_SERVE_ prefix)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from servable import artifact
     from servable.machine import describe_machine
@@ -92,31 +109,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
     ap.add_argument("--image-tag", default="fashion-cnn:latest")
     ap.add_argument("--text-tag", default="sentiment-bert:latest")
-    ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--on", nargs="+", default=[], metavar="KEY=VALUE", help="settings of the `on` side")
+    ap.add_argument("--off", nargs="+", default=[], metavar="KEY=VALUE", help="settings of the `off` side")
+    ap.add_argument("--shadow-share", type=float, default=0.0,
+                    help="on side: shadow this share of requests with the served tag as candidate")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
-    ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/shadow-cost/rounds"))
+    ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/setting-cost/setting_cost.json"))
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        on, off = settings(args.on), settings(args.off)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    if not (on or off or args.shadow_share):
+        ap.error("nothing to compare: give --on/--off settings or --shadow-share")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     data, started = real_inputs.load(args.inputs), time.time()
-    log_dir = Path(tempfile.mkdtemp(prefix="servable-shadow-cost-logs-"))  # server logs: not published
-    result = {"command": "python -m loadtest.shadow_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
+    log_dir = Path(tempfile.mkdtemp(prefix="servable-setting-cost-logs-"))  # server logs: not published
+    result = {"command": "python -m loadtest.setting_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "about": __doc__.split("\n\n")[1].replace("\n", " "), "models": {}}  # fmt: skip
     for model in args.models:
         tag = artifact.load(args.image_tag if model == "image" else args.text_tag).tag  # latest -> name:version
-        on = {"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.share)}
+        on_side = {**on, **({"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.shadow_share)} if args.shadow_share else {})}
         points = [one_point(model, tag, label, config, data, args, log_dir)
-                  for _ in range(args.rounds) for label, config in (("off", {}), ("on", on))]  # fmt: skip
-        result["models"][model] = {"tag": tag, "share": args.share, "clients": args.clients, "points": points,
+                  for _ in range(args.rounds) for label, config in (("off", off), ("on", on_side))]  # fmt: skip
+        result["models"][model] = {"tag": tag, "on": on_side, "off": off, "clients": args.clients, "points": points,
                                    "summary": summary(points)}  # fmt: skip
+        if args.shadow_share:
+            result["models"][model]["share"] = args.shadow_share
         print(f"{model}: {json.dumps(result['models'][model]['summary'])}", flush=True)
     result["elapsed_s"] = round(time.time() - started)
-    (args.out / "shadow_cost.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out / 'shadow_cost.json'}")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"-> {args.out}")
     return 0
 
 

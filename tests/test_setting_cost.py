@@ -1,4 +1,5 @@
-"""loadtest/shadow_cost.py's own arithmetic: per-priority CPU of a server's children and the rounds' medians."""
+"""loadtest/setting_cost.py's own arithmetic: per-priority CPU of a server's children, the rounds' medians and the
+KEY=VALUE settings."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from loadtest.shadow_cost import summary, thread_cpu_by_nice
+import pytest
+
+from loadtest.setting_cost import main, settings, summary, thread_cpu_by_nice
 
 # A child with one thread at nice 19 that spins, the main thread asleep: like a worker whose shadow lane works.
 CHILD = """
@@ -41,3 +44,12 @@ def test_summary_compares_the_medians_of_each_side():
     s = summary(points)
     assert s["off"] == {"rps": 100, "p99_ms": 60} and s["on"] == {"rps": 80, "p99_ms": 66}
     assert s["rps_on_over_off"] == 0.8 and s["p99_on_over_off"] == 1.1
+
+
+def test_settings_are_key_value_pairs_and_an_empty_comparison_is_refused():
+    assert settings(["SERVER_TIMING=false", "X=a=b", "EMPTY="]) == {"SERVER_TIMING": "false", "X": "a=b", "EMPTY": ""}
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        settings(["SERVER_TIMING"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--models", "image"])  # neither --on/--off nor --shadow-share: refused before any server starts
+    assert exc.value.code == 2
