@@ -425,9 +425,10 @@ def log_name(*words: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", " ".join(words).lower()).strip("-")
 
 
-def start_served(model: str, tag: str, config: dict[str, str], label: str, log_dir: Path):
+def start_served(model: str, tag: str, config: dict[str, str], label: str, log_dir: Path, cwd: Path | None = None):
     """The model's BentoML service with `config`'s settings (keys without the SERVABLE_<MODEL>_SERVE_ prefix; OTEL_*
-    variables as they are, with tracing on sent to the run's OTLP sink)."""
+    variables as they are, with tracing on sent to the run's OTLP sink); `cwd`: serve the code in that folder
+    (an exported revision) instead of this tree's."""
     from deploy import launch
     from servable.config import SERVED_MODELS
 
@@ -440,7 +441,7 @@ def start_served(model: str, tag: str, config: dict[str, str], label: str, log_d
 
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_sink.endpoint()
     name = log_name(model, label)
-    return launch.start_ready(launch.SERVICES[model], env, log_path=log_dir / f"{name}.log", timeout_s=240)
+    return launch.start_ready(launch.SERVICES[model], env, log_path=log_dir / f"{name}.log", timeout_s=240, cwd=cwd)
 
 
 def start_peer(module: str, tag: str, log_path: Path, uvicorn_args: Sequence[str] = ()):

@@ -13,8 +13,9 @@ SERVABLE_<MODEL>_SERVE_ prefix:
     python -m loadtest.setting_cost --on SERVER_TIMING=true --off SERVER_TIMING=false --rounds 3 \
         --out docs/results/benchmark/timing-cost/setting_cost.json
 
-`--shadow-share S` is `--on SHADOW_TAG=<the served tag> SHADOW_SHARE=S`: the candidate is the served model
-itself, so it costs what the live model does.
+`--off-rev REV` serves the off side from a git revision's code (a before/after pair of the request path),
+`--peer` adds the FastAPI + ONNX Runtime peer to every round, and `--shadow-share S` is `--on SHADOW_TAG=<the
+served tag> SHADOW_SHARE=S`: the candidate is the served model itself, so it costs what the live model does.
 """
 
 from __future__ import annotations
@@ -58,8 +59,15 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def one_point(model: str, tag: str, label: str, config: dict[str, str], data, args, log_dir: Path) -> dict:
-    server = benchmark.start_served(model, tag, config, label, log_dir)
+def one_point(model: str, tag: str, label: str, config: dict[str, str], data, args, log_dir: Path,
+              cwd: Path | None = None) -> dict:  # fmt: skip
+    """One closed-loop point of a fresh server: the served default with `config` (from `cwd`'s code when given),
+    or, for label "peer", the FastAPI + ONNX Runtime peer."""
+    if label == "peer":
+        peer = benchmark.ORT_PEER
+        server = benchmark.start_peer(peer.module, tag, log_dir / f"{model}-peer.log", peer.uvicorn_args)
+    else:
+        server = benchmark.start_served(model, tag, config, label, log_dir, cwd=cwd)
     try:
         fmt = "multipart" if model == "image" else "json"
         path, headers, bodies = benchmark.request_bodies(model, data, fmt)
@@ -69,7 +77,8 @@ def one_point(model: str, tag: str, label: str, config: dict[str, str], data, ar
             benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, 1.0)
         )
         after = thread_cpu_by_nice(server.proc.pid)
-        p = benchmark.to_point(model, label, "served", args.clients, records, secs, fmt=fmt)
+        p = benchmark.to_point(model, label, "peer" if label == "peer" else "served", args.clients, records, secs,
+                               fmt=fmt)  # fmt: skip
         cpu = {f"nice {n}": round(after[n] - before.get(n, 0.0), 2) for n in sorted(after)}
         point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
                  "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
@@ -83,11 +92,19 @@ def one_point(model: str, tag: str, label: str, config: dict[str, str], data, ar
 
 
 def summary(points: list[dict]) -> dict:
-    """Medians of each side and on / off ratios (throughput, p99)."""
+    """Medians of each side and on / off ratios (throughput, p99); with peer points (one per round, in round
+    order like the sides'), the median of each side's per-round throughput over the peer's."""
+    sides = ("off", "on", "peer") if any(p["label"] == "peer" for p in points) else ("off", "on")
     med = {side: {k: statistics.median(p[k] for p in points if p["label"] == side) for k in ("rps", "p99_ms")}
-           for side in ("off", "on")}  # fmt: skip
-    return {**med, "rps_on_over_off": round(med["on"]["rps"] / med["off"]["rps"], 3),
-            "p99_on_over_off": round(med["on"]["p99_ms"] / med["off"]["p99_ms"], 3)}  # fmt: skip
+           for side in sides}  # fmt: skip
+    out = {**med, "rps_on_over_off": round(med["on"]["rps"] / med["off"]["rps"], 3),
+           "p99_on_over_off": round(med["on"]["p99_ms"] / med["off"]["p99_ms"], 3)}  # fmt: skip
+    if "peer" in sides:
+        by = {side: [p["rps"] for p in points if p["label"] == side] for side in sides}
+        for side in ("off", "on"):
+            ratios = [s / q for s, q in zip(by[side], by["peer"], strict=True)]
+            out[f"{side}_over_peer"] = round(statistics.median(ratios), 3)
+    return out
 
 
 def settings(pairs: list[str]) -> dict[str, str]:
@@ -113,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--off", nargs="+", default=[], metavar="KEY=VALUE", help="settings of the `off` side")
     ap.add_argument("--shadow-share", type=float, default=0.0,
                     help="on side: shadow this share of requests with the served tag as candidate")  # fmt: skip
+    ap.add_argument("--off-rev", default="", metavar="REV",
+                    help="off side: serve this git revision's code (exported), the on side this tree's")  # fmt: skip
+    ap.add_argument("--peer", action="store_true", help="each round also measures the FastAPI + ONNX Runtime peer")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=15.0)
@@ -124,19 +144,29 @@ def main(argv: list[str] | None = None) -> int:
         on, off = settings(args.on), settings(args.off)
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
-    if not (on or off or args.shadow_share):
-        ap.error("nothing to compare: give --on/--off settings or --shadow-share")
+    if not (on or off or args.shadow_share or args.off_rev):
+        ap.error("nothing to compare: give --on/--off settings, --shadow-share or --off-rev")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data, started = real_inputs.load(args.inputs), time.time()
     log_dir = Path(tempfile.mkdtemp(prefix="servable-setting-cost-logs-"))  # server logs: not published
+    off_code = None
+    if args.off_rev:
+        from loadtest.memory import export_rev, working_tree
+
+        off_code = log_dir / "off-code"
+        off_code.mkdir()
+        code = {"off": export_rev(args.off_rev, off_code, [], []), "on": working_tree()}
     result = {"command": "python -m loadtest.setting_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "about": __doc__.split("\n\n")[1].replace("\n", " "), "models": {}}  # fmt: skip
+    if args.off_rev:
+        result["code"] = code
     for model in args.models:
         tag = artifact.load(args.image_tag if model == "image" else args.text_tag).tag  # latest -> name:version
         on_side = {**on, **({"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.shadow_share)} if args.shadow_share else {})}
-        points = [one_point(model, tag, label, config, data, args, log_dir)
-                  for _ in range(args.rounds) for label, config in (("off", off), ("on", on_side))]  # fmt: skip
+        sides = [("off", off, off_code), ("on", on_side, None)] + ([("peer", {}, None)] if args.peer else [])
+        points = [one_point(model, tag, label, config, data, args, log_dir, cwd)
+                  for _ in range(args.rounds) for label, config, cwd in sides]  # fmt: skip
         result["models"][model] = {"tag": tag, "on": on_side, "off": off, "clients": args.clients, "points": points,
                                    "summary": summary(points)}  # fmt: skip
         if args.shadow_share:

@@ -53,3 +53,11 @@ def test_settings_are_key_value_pairs_and_an_empty_comparison_is_refused():
     with pytest.raises(SystemExit) as exc:
         main(["--models", "image"])  # neither --on/--off nor --shadow-share: refused before any server starts
     assert exc.value.code == 2
+
+
+def test_summary_with_the_peer_takes_each_rounds_ratio_before_the_median():
+    """Round by round: off 100/50, 90/30, 120/60 = 2, 3, 2; on 80/50, 95/30, 70/60 = 1.6, 3.17, 1.17."""
+    points = [{"label": side, "rps": r, "p99_ms": 10} for trio in ((100, 80, 50), (90, 95, 30), (120, 70, 60))
+              for side, r in zip(("off", "on", "peer"), trio, strict=True)]  # fmt: skip
+    s = summary(points)
+    assert s["off_over_peer"] == 2.0 and s["on_over_peer"] == 1.6 and s["peer"]["rps"] == 50
