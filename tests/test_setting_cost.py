@@ -4,6 +4,7 @@ KEY=VALUE settings."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,29 +13,34 @@ import pytest
 
 from loadtest.setting_cost import main, settings, summary, thread_cpu_by_nice
 
-# A child with one thread at nice 19 that spins, the main thread asleep: like a worker whose shadow lane works.
+# A child with one thread at nice 19 that spins until it has used 0.5 s of CPU (however long a busy machine
+# makes that take), then stays alive, the main thread asleep: like a worker whose shadow lane works.
 CHILD = """
 import os, threading, time
 def spin():
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    end = time.time() + 4
-    while time.time() < end:
+    while time.thread_time() < 0.5:
         pass
-threading.Thread(target=spin).start()
-time.sleep(4.5)
+    time.sleep(60)
+threading.Thread(target=spin, daemon=True).start()
+time.sleep(60)
 """
 
 
 def test_cpu_is_split_by_thread_priority_over_the_servers_children():
     parent = subprocess.Popen(
-        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {CHILD!r}])"]
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {CHILD!r}])"],
+        start_new_session=True,
     )
     try:
-        time.sleep(3)  # the spinning thread still alive: a thread that ended has left /proc
-        cpu = thread_cpu_by_nice(parent.pid)  # the parent itself (the arbiter) is not counted: only its children
-        assert cpu.get(19, 0) > 0.3 and cpu.get(19, 0) > 3 * cpu.get(0, 0), cpu
+        deadline, cpu = time.monotonic() + 50, {}
+        while time.monotonic() < deadline and cpu.get(19, 0) < 0.45:
+            time.sleep(0.5)
+            cpu = thread_cpu_by_nice(parent.pid)  # the parent itself (the arbiter) is not counted: only its children
+        assert cpu.get(19, 0) >= 0.45 and cpu.get(19, 0) > 3 * cpu.get(0, 0), cpu
         assert thread_cpu_by_nice(os.getpid() + 10_000_000) == {}  # no such process: nothing, no error
     finally:
+        os.killpg(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
 
 
@@ -61,3 +67,15 @@ def test_summary_with_the_peer_takes_each_rounds_ratio_before_the_median():
               for side, r in zip(("off", "on", "peer"), trio, strict=True)]  # fmt: skip
     s = summary(points)
     assert s["off_over_peer"] == 2.0 and s["on_over_peer"] == 1.6 and s["peer"]["rps"] == 50
+
+
+def test_timing_headers_cost_is_their_rendering_over_the_workers_cpu_per_answer():
+    from loadtest.timing_cost import headers_seconds, report
+
+    seconds = headers_seconds(number=2000, repeat=3)
+    assert 0 < seconds < 1e-3, seconds  # rendering five numbers: microseconds, not nothing, not milliseconds
+    point = {"label": "off", "rps": 100.0, "seconds": 10.0, "worker_cpu_s": {"nice 0": 9.0, "nice 19": 1.0}}
+    rounds = {"models": {"text": {"points": [point, {**point, "label": "on"}], "summary": {"rps_on_over_off": 0.99}}}}
+    out = report(rounds, 5e-6)  # 10 s of worker CPU for 1,000 answers: 10 ms each; 5 µs of it is 0.05 %
+    assert out["models"]["text"] == {"worker_cpu_ms_per_answer": 10.0, "headers_share_of_cpu": 0.0005,
+                                     "rounds_rps_on_over_off": 0.99}  # fmt: skip
