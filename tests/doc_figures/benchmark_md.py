@@ -718,3 +718,57 @@ FIGURES += [
         f"{shadow_scored(d, 'text')[0] / shadow_scored(d, 'text')[1]:.0%}").replace("%", " %"),
         "shadow rounds in serving.md"),
 ]  # fmt: skip
+
+# text: the commit before the redesign against the current tree, the peer in each round (loadtest.setting_cost)
+TEXT_ROUNDS = "docs/results/core-redesign/text-rounds.json"
+TEXT_ROUNDS_LABELS = (
+    ("off", "before the redesign (`9e95637`)"), ("on", "current tree"), ("peer", "FastAPI + ORT peer"),
+)  # fmt: skip
+
+
+def text_rounds_row(side: str, label: str) -> Callable[[dict], str]:
+    def quote(d: dict) -> str:
+        s = d["models"]["text"]["summary"]
+        ratio = "1" if side == "peer" else f"{s[f'{side}_over_peer']:.2f}"
+        return f"| {label} | {whole(s[side]['rps'])} | {s[side]['p99_ms']:.1f} ms | {ratio} |"
+
+    return quote
+
+
+def text_rounds_keep(d: dict) -> str:
+    s = d["models"]["text"]["summary"]
+    change = s["on_over_peer"] / s["off_over_peer"] - 1
+    return (
+        f"{s['on_over_peer']:.2f} against {s['off_over_peer']:.2f}\n  before the redesign ({change:+.1%}; "
+        f"the target was at most 5 % lower), and req/s {s['rps_on_over_off']:.2f} times the older tree's"
+    ).replace("%;", " %;")
+
+
+FIGURES += [
+    *(Figure("docs/benchmark.md", TEXT_ROUNDS, text_rounds_row(side, label), f"text rounds, {side}")
+      for side, label in TEXT_ROUNDS_LABELS),
+    Figure("docs/benchmark.md", TEXT_ROUNDS, text_rounds_keep, "text rounds, the ratio kept"),
+    Figure("docs/benchmark.md", TEXT_ROUNDS, lambda d: (
+        f"{d['models']['text']['summary']['on']['p99_ms']:.1f} against "
+        f"{d['models']['text']['summary']['off']['p99_ms']:.1f} ms"), "text rounds, p99"),
+]  # fmt: skip
+
+# the timing headers' cost: their rendering over the workers' CPU per answer (loadtest.timing_cost)
+TIMING_COST = "docs/results/benchmark/timing-cost/timing_cost.json"
+
+
+def timing_table(d: dict) -> str:
+    rows = ["| model | headers, µs per answer | worker CPU per answer | headers' share |", "|---|---:|---:|---:|"]
+    rows += [f"| {m} | {d['headers_us_per_answer']:.1f} | {v['worker_cpu_ms_per_answer']:.2f} ms | "
+             f"{100 * v['headers_share_of_cpu']:.2f} % |" for m, v in d["models"].items()]  # fmt: skip
+    return "\n".join(rows)
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", TIMING_COST, timing_table, "timing headers, table"),
+    Figure("docs/benchmark.md", TIMING_COST, lambda d: (
+        f"at most {100 * max(v['headers_share_of_cpu'] for v in d['models'].values()):.2f} % of an answer's worker "
+        "CPU"), "timing headers, the bound"),
+    Figure("docs/benchmark.md", TIMING_COST, lambda d: ", ".join(
+        f"{m} {v['rounds_rps_on_over_off']:.3f}" for m, v in d["models"].items()), "timing headers, the rounds"),
+]  # fmt: skip
