@@ -772,3 +772,33 @@ FIGURES += [
     Figure("docs/benchmark.md", TIMING_COST, lambda d: ", ".join(
         f"{m} {v['rounds_rps_on_over_off']:.3f}" for m, v in d["models"].items()), "timing headers, the rounds"),
 ]  # fmt: skip
+
+# open loop at 70 % and 85 % of saturation (loadtest.benchmark --open-loop-loads 0.7 0.85)
+OPEN_LOOP_LOADS = "docs/results/benchmark/open-loop-loads/benchmark.json"
+
+
+def open_loop_rows(d: dict) -> list[dict]:
+    return [dict(p, model=m["model"]) for m in d["models"] for p in m["points"] if p["kind"] == "served-open"]
+
+
+def open_loop_table(d: dict) -> str:
+    rows = ["| model | point | req/s | p50 | p99 | p99 / p50 | failed |", "|---|---|---:|---:|---:|---:|---:|"]
+    rows += [f"| {p['model']} | {p['config']} | {p['rps']:.0f} | {p['p50_ms']:.1f} ms | {p['p99_ms']:.1f} ms | "
+             f"{p['p99_ms'] / p['p50_ms']:.1f} | {p['errors']} of {p['requests']:,} |"
+             for p in open_loop_rows(d)]  # fmt: skip
+    return "\n".join(rows)
+
+
+def open_loop_tails(d: dict) -> str:
+    at70 = [p for p in open_loop_rows(d) if p["config"].endswith("@70%")]
+    name = lambda p: p["config"].removesuffix(" @70%").removeprefix("served default").strip() or "bundled"  # noqa: E731
+    return ", ".join(f"{p['model']} {name(p)} {p['p99_ms'] / p['p50_ms']:.1f}" for p in at70)
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", OPEN_LOOP_LOADS, open_loop_table, "open loop 70/85, table"),
+    Figure("docs/benchmark.md", OPEN_LOOP_LOADS, open_loop_tails, "open loop 70/85, tails"),
+    Figure("docs/benchmark.md", OPEN_LOOP_LOADS, lambda d: next(
+        f"{p['p99_ms']:.0f} ms against a p50 of {p['p50_ms']:.0f} ms" for p in open_loop_rows(d)
+        if p["model"] == "text" and p["config"].endswith("@85%")), "open loop 70/85, text at 85"),
+]  # fmt: skip
