@@ -388,3 +388,19 @@ def test_locust_loads_a_model_added_to_served_models(tmp_path):
     checks = {c["metric"]: c for c in json.loads(Path(f"{prefix}_slo.json").read_text())["checks"]
               if c["endpoint"] == name}  # fmt: skip
     assert checks["p95_ms"]["limit"] == default.p95_ms and checks["p99_ms"]["limit"] == default.p99_ms
+
+
+def test_tail_parts_compares_the_slowest_answers_parts_with_the_middles():
+    from loadtest.tail_parts import compare, parse_timing
+
+    assert parse_timing("decode;dur=1.50, queue;dur=20.00, model;dur=3.25, total;dur=25.10") == {
+        "decode": 1.5, "queue": 20.0, "model": 3.25, "total": 25.1}  # fmt: skip
+    # 200 answers: most 10 ms with 1 ms queued; the slowest two 100 ms, 60 of them queued, 30 before the route
+    rows = [{"latency_ms": 10.0, "status": 200, "batch": 4, "queue": 1.0, "model": 5.0, "total": 9.0}] * 198
+    rows += [{"latency_ms": 100.0, "status": 200, "batch": 16, "queue": 60.0, "model": 8.0, "total": 70.0}] * 2
+    rows += [{"latency_ms": 5.0, "status": 429, "batch": 0}]
+    found = compare(rows)
+    assert found["failed"] == 1 and found["p50_ms"] == 10.0 and found["p99_ms"] == 100.0
+    slow, middle = found["slowest_1pct"], found["middle"]
+    assert slow["queue_ms"] == 60.0 and slow["outside_server_ms"] == 30.0 and slow["batch"] == 16
+    assert middle["queue_ms"] == 1.0 and middle["outside_server_ms"] == 1.0 and middle["requests"] == 40

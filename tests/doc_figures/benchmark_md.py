@@ -802,3 +802,36 @@ FIGURES += [
         f"{p['p99_ms']:.0f} ms against a p50 of {p['p50_ms']:.0f} ms" for p in open_loop_rows(d)
         if p["model"] == "text" and p["config"].endswith("@85%")), "open loop 70/85, text at 85"),
 ]  # fmt: skip
+
+# where the slow answers wait (python -m loadtest.tail_parts)
+TAIL_PARTS = "docs/results/benchmark/tail-parts/tail_parts.json"
+TAIL_COLUMNS = (("latency_ms", "latency"), ("outside_server_ms", "before the route"), ("decode_ms", "decode"),
+                ("queue_ms", "queue"), ("model_ms", "model"), ("batch", "batch rows"))  # fmt: skip
+
+
+def tail_table(d: dict) -> str:
+    rows = ["| model, answers | " + " | ".join(label for _, label in TAIL_COLUMNS) + " |",
+            "|---|" + "---:|" * len(TAIL_COLUMNS)]  # fmt: skip
+    for model, m in d["models"].items():
+        for key, label in (("middle", "middle 40-60 %"), ("slowest_1pct", "slowest 1 %")):
+            cells = [f"{m[key][c]:.1f}" + ("" if c == "batch" else " ms") for c, _ in TAIL_COLUMNS]
+            rows.append(f"| {model}, {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def tail_model(d: dict) -> str:
+    return "; ".join(
+        f"{model}: {m['middle']['batch']:.1f} rows in {m['middle']['model_ms']:.1f} ms, "
+        f"{m['slowest_1pct']['batch']:.1f} in {m['slowest_1pct']['model_ms']:.1f} ms"
+        for model, m in d["models"].items())  # fmt: skip
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", TAIL_PARTS, tail_table, "tail parts, table"),
+    Figure("docs/benchmark.md", TAIL_PARTS, tail_model, "tail parts, batch and model time"),
+    Figure("docs/benchmark.md", TAIL_PARTS, lambda d: (
+        f"{d['models']['image']['slowest_1pct']['outside_server_ms']:.1f} ms against "
+        f"{d['models']['image']['middle']['outside_server_ms']:.1f} ms"), "tail parts, before the route"),
+    Figure("docs/benchmark.md", TAIL_PARTS, lambda d: " and ".join(
+        f"{m['p99_ms'] / m['p50_ms']:.1f} ({model})" for model, m in d["models"].items()), "tail parts, ratios"),
+]  # fmt: skip
