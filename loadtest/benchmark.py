@@ -43,6 +43,7 @@ from unittest import mock
 
 import numpy as np
 
+from loadtest import cli
 from loadtest import inputs as real_inputs
 from loadtest.benchmark_report import (
     DEFAULT,
@@ -602,9 +603,7 @@ def bench_model(model: str, tag: str, args, data: real_inputs.Inputs, log_dir: P
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-tag", default="fashion-cnn:latest")
-    p.add_argument("--text-tag", default="sentiment-bert:latest")
-    p.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
+    cli.add_model_options(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per HTTP point")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -658,8 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="servable-benchmark-logs-"))  # server logs: not published
     print(f"server logs in {log_dir}", flush=True)
     start = time.monotonic()
-    tags = {"image": args.image_tag, "text": args.text_tag}
-    results = [bench_model(m, tags[m], args, data, log_dir) for m in args.models]
+    results = [bench_model(m, cli.tag_of(args, m), args, data, log_dir) for m in args.models]
     md = write_report(results, args, command.strip(), args.out, time.monotonic() - start)
     print(md.read_text())
     return 0

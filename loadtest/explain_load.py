@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest import cli
 from loadtest import inputs as real_inputs
 from loadtest.benchmark import _client_session, _headers, open_loop, pct, start_served
 from servable.config import ImageServeSettings, TextServeSettings
@@ -190,9 +191,7 @@ def run_model(model: str, tag: str, args, data, log_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
-    parser.add_argument("--image-tag", default="fashion-cnn:latest")
-    parser.add_argument("--text-tag", default="sentiment-bert:latest")
+    cli.add_model_options(parser)
     parser.add_argument("--image-rate", type=float, default=150.0, help="predictions/s, open loop")
     parser.add_argument("--text-rate", type=float, default=40.0, help="predictions/s, open loop")
     parser.add_argument("--explain-clients", type=int, default=8)
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     args.rate = {"image": args.image_rate, "text": args.text_rate}
-    tags = {"image": args.image_tag, "text": args.text_tag}
+    tags = {m: cli.tag_of(args, m) for m in cli.KINDS}
     data = real_inputs.load()
     report = {
         "command": "python -m loadtest.explain_load " + " ".join(argv if argv is not None else sys.argv[1:]),

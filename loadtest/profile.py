@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest import benchmark
+from loadtest import benchmark, cli
 from loadtest import inputs as real_inputs
 
 CONFIGS = {
@@ -50,7 +50,7 @@ def profile_one(model: str, tag: str, config: str, args, data, log_dir: Path) ->
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         records, secs = asyncio.run(
-            benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, 1.0)
+            benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, args.warmup)
         )
         _, err = spy.communicate(timeout=args.seconds + 60)
         if spy.returncode != 0 or not out.exists():
@@ -68,21 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     from servable.machine import describe_machine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
+    cli.add_model_options(ap)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--image-tag", default="fashion-cnn:latest")
-    ap.add_argument("--text-tag", default="sentiment-bert:latest")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
+    cli.add_load_options(ap, warmup=1.0)
     ap.add_argument("--out", type=Path, default=Path("docs/results/profiles"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     data = real_inputs.load(args.inputs)
     log_dir = Path(tempfile.mkdtemp(prefix="servable-profile-logs-"))
     print(f"server logs: {log_dir} (kept)")
-    tags = {"image": args.image_tag, "text": args.text_tag}
-    runs = [profile_one(m, tags[m], c, args, data, log_dir) for m in args.models for c in args.configs]
+    runs = [profile_one(m, cli.tag_of(args, m), c, args, data, log_dir) for m in args.models for c in args.configs]
     summary = {"command": " ".join(["python -m loadtest.profile", *(sys.argv[1:] if argv is None else argv)]),
                "machine": describe_machine(), "runs": runs}  # fmt: skip
     (args.out / "profiles.json").write_text(json.dumps(summary, indent=1))

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest import benchmark
+from loadtest import benchmark, cli
 from loadtest import inputs as real_inputs
 
 SHADOW_SERIES = ("servable_shadow_scored_total", "servable_shadow_dropped_total")
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from servable.machine import describe_machine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
-    ap.add_argument("--image-tag", default="fashion-cnn:latest")
-    ap.add_argument("--text-tag", default="sentiment-bert:latest")
+    cli.add_model_options(ap)
     ap.add_argument("--on", nargs="+", default=[], metavar="KEY=VALUE", help="settings of the `on` side")
     ap.add_argument("--off", nargs="+", default=[], metavar="KEY=VALUE", help="settings of the `off` side")
     ap.add_argument("--shadow-share", type=float, default=0.0,
@@ -134,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="off side: serve this git revision's code (exported), the on side this tree's")  # fmt: skip
     ap.add_argument("--peer", action="store_true", help="each round also measures the FastAPI + ONNX Runtime peer")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
+    cli.add_load_options(ap)
     ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/setting-cost/setting_cost.json"))
     args = ap.parse_args(argv)
     try:
@@ -162,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.off_rev:
         result["code"] = code
     for model in args.models:
-        tag = artifact.load(args.image_tag if model == "image" else args.text_tag).tag  # latest -> name:version
+        tag = artifact.load(cli.tag_of(args, model)).tag  # latest -> name:version
         on_side = {**on, **({"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.shadow_share)} if args.shadow_share else {})}
         sides = [("off", off, off_code), ("on", on_side, None)] + ([("peer", {}, None)] if args.peer else [])
         points = [one_point(model, tag, label, config, data, args, log_dir, cwd)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest import benchmark
+from loadtest import benchmark, cli
 from loadtest import inputs as real_inputs
 
 PARTS = ("decode", "queue", "model", "encode", "total")
@@ -93,14 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from servable.machine import describe_machine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["image", "text"], choices=["image", "text"])
-    ap.add_argument("--image-tag", default="fashion-cnn:latest")
-    ap.add_argument("--text-tag", default="sentiment-bert:latest")
+    cli.add_model_options(ap)
     ap.add_argument("--load", type=float, default=0.7, help="share of the closed-loop saturation sent")
-    ap.add_argument("--clients", type=int, default=32, help="closed-loop clients that measure saturation")
-    ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
+    cli.add_load_options(ap)  # --clients: the closed loop that measures saturation
     ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/tail-parts/tail_parts.json"))
     args = ap.parse_args(argv)
     data, log_dir = real_inputs.load(args.inputs), Path(tempfile.mkdtemp(prefix="servable-tail-parts-logs-"))
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load": args.load, "models": {}}  # fmt: skip
     for model in args.models:
-        tag = artifact.load(args.image_tag if model == "image" else args.text_tag).tag
+        tag = artifact.load(cli.tag_of(args, model)).tag
         server = benchmark.start_served(model, tag, {}, "served default", log_dir)
         try:
             fmt = "multipart" if model == "image" else "json"

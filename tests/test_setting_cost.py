@@ -1,5 +1,5 @@
-"""loadtest/setting_cost.py's own arithmetic: per-priority CPU of a server's children, the rounds' medians and the
-KEY=VALUE settings."""
+"""The load-test tools' own arithmetic and options: setting_cost (per-priority CPU of a server's children, the
+rounds' medians, KEY=VALUE settings), timing_cost, and the options loadtest/cli.py gives every tool."""
 
 from __future__ import annotations
 
@@ -79,3 +79,15 @@ def test_timing_headers_cost_is_their_rendering_over_the_workers_cpu_per_answer(
     out = report(rounds, 5e-6)  # 10 s of worker CPU for 1,000 answers: 10 ms each; 5 µs of it is 0.05 %
     assert out["models"]["text"] == {"worker_cpu_ms_per_answer": 10.0, "headers_share_of_cpu": 0.0005,
                                      "rounds_rps_on_over_off": 0.99}  # fmt: skip
+
+
+def test_the_load_tools_model_options_cover_the_models_with_requests():
+    """loadtest/cli.py's models are the served entries the benchmark has request bodies for, each with its
+    service's default tag."""
+    from loadtest import benchmark, cli
+    from servable.config import SERVED_MODELS
+
+    assert set(cli.KINDS) == set(benchmark.FORMATS) and set(cli.KINDS) <= set(SERVED_MODELS)
+    args = benchmark.parse([])
+    tags = {k: cli.tag_of(args, k) for k in cli.KINDS}
+    assert tags == {"image": "fashion-cnn:latest", "text": "sentiment-bert:latest"}
