@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -287,7 +287,6 @@ async def open_loop(
     request as the generator's own event loop starts it: a late generator, not a slow server."""
     records: list[tuple[float, float, bool]] = []
     async with _client_session(connections) as session:
-        t_start = time.perf_counter()
 
         async def fire(t_sched: float, body: bytes) -> None:
             if send_lag is not None:
@@ -295,18 +294,27 @@ async def open_loop(
             ok = await _one(session, url, headers, body, failures)
             records.append((t_sched, time.perf_counter(), ok))
 
-        # Only the requests in flight are held: a list of every task of a 20-minute soak (half a million)
-        # made each full garbage collection of the generator longer, up to seconds of its own stalls.
-        pending: set[asyncio.Task] = set()
-        for i in range(int(rate * (warmup + seconds))):
-            t_sched = t_start + i / rate
-            if (delay := t_sched - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(fire(t_sched, bodies[i % len(bodies)]))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        await asyncio.gather(*pending)
+        t_start = await send_paced(fire, bodies, rate, warmup + seconds)
     return [(s, e, ok) for s, e, ok in records if s >= t_start + warmup], seconds
+
+
+async def send_paced(fire: Callable[[float, bytes], Awaitable[None]], bodies: list[bytes], rate: float,
+                     seconds: float) -> float:  # fmt: skip
+    """`fire(scheduled time, body)` at `rate` a second for `seconds`, whatever the answers do, and every call
+    finished; returns the start time (time.perf_counter()). Only the calls in flight are held: a list of every
+    task of a 20-minute soak (half a million) made each full garbage collection of the generator longer, up to
+    seconds of its own stalls."""
+    t_start = time.perf_counter()
+    pending: set[asyncio.Task] = set()
+    for i in range(int(rate * seconds)):
+        t_sched = t_start + i / rate
+        if (delay := t_sched - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(fire(t_sched, bodies[i % len(bodies)]))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    return t_start
 
 
 async def first_requests(url: str, headers, bodies: list[bytes], n: int, concurrency: int):

@@ -40,7 +40,6 @@ async def timed_open_loop(url: str, headers, bodies: list[bytes], rate: float, s
     Server-Timing parts and batch size."""
     rows: list[dict] = []
     async with benchmark._client_session() as session:
-        t_start = time.perf_counter()
 
         async def fire(t_sched: float, body: bytes) -> None:
             try:
@@ -51,20 +50,11 @@ async def timed_open_loop(url: str, headers, bodies: list[bytes], rate: float, s
                     status = r.status
             except Exception:  # a failure (network, time-out) is a row with no parts
                 parts, batch, status = {}, 0, 0
-            if t_sched >= t_start + warmup:
-                rows.append({"latency_ms": 1000 * (time.perf_counter() - t_sched), "status": status,
-                             "batch": batch, **parts})  # fmt: skip
+            rows.append({"sent": t_sched, "latency_ms": 1000 * (time.perf_counter() - t_sched), "status": status,
+                         "batch": batch, **parts})  # fmt: skip
 
-        pending: set[asyncio.Task] = set()
-        for i in range(int(rate * (warmup + seconds))):
-            t_sched = t_start + i / rate
-            if (delay := t_sched - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(fire(t_sched, bodies[i % len(bodies)]))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        await asyncio.gather(*pending)
-    return rows
+        t_start = await benchmark.send_paced(fire, bodies, rate, warmup + seconds)
+    return [r for r in rows if r.pop("sent") >= t_start + warmup]
 
 
 def mean_parts(rows: list[dict]) -> dict[str, float]:
