@@ -500,3 +500,43 @@ def text_balance(d: dict) -> str:
 
 FIGURES.append(Figure("docs/training.md", TEXT_BALANCE, text_balance, "text: class balance by domain and split"))
 FIGURES += [Figure("docs/training.md", TEXT_LEVERS, text_levers(r), f"text levers: {r}") for r in ("table", "means")]
+
+# the fair limited-data study (make limited-data), as far as it ran: sizes every arm has all seeds of
+LIMITED_FAIR = "docs/results/limited_data/limited_data.json"
+
+
+def limited_fair_sizes(d: dict) -> list[str]:
+    seeds = len(d["config"]["seeds"])
+    return [str(s) for s in d["config"]["sizes"]
+            if all(d["summary"][arm].get(str(s), {}).get("n") == seeds for arm in d["summary"])]  # fmt: skip
+
+
+def limited_fair_table(d: dict) -> str:
+    from training.limited_data import LABELS  # imports torch: only when run
+
+    sizes = limited_fair_sizes(d)
+    rows = ["| arm | " + " | ".join(f"{int(s):,} labels" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for arm in d["summary"]:
+        cells = [f"{d['summary'][arm][s]['mean']:.3f} ± {d['summary'][arm][s]['sd']:.3f}" for s in sizes]
+        rows.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def limited_fair_gap(d: dict) -> str:
+    """Per measured size: the best transfer arm's lead over the small CNN from scratch, in points."""
+    from training.limited_data import TRANSFER
+
+    out = []
+    for s in limited_fair_sizes(d):
+        best = max(d["summary"][a][s]["mean"] for a in TRANSFER)
+        out.append(f"{100 * (best - d['summary']['small-cnn'][s]['mean']):+.1f} points at {int(s):,}")
+    return ", ".join(out)
+
+
+FIGURES += [
+    Figure("docs/training.md", LIMITED_FAIR, limited_fair_table, "fair limited data: table"),
+    Figure("docs/training.md", LIMITED_FAIR, limited_fair_gap, "fair limited data: transfer's lead"),
+    Figure("docs/training.md", LIMITED_FAIR, lambda d: (
+        f"{d['minutes']:.0f} minutes of wall-clock time and {d['cpu_minutes']:.0f} CPU minutes"),
+        "fair limited data: cost so far"),
+]  # fmt: skip
