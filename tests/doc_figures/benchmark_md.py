@@ -726,9 +726,9 @@ TEXT_ROUNDS_LABELS = (
 )  # fmt: skip
 
 
-def text_rounds_row(side: str, label: str) -> Callable[[dict], str]:
+def text_rounds_row(side: str, label: str, model: str = "text") -> Callable[[dict], str]:
     def quote(d: dict) -> str:
-        s = d["models"]["text"]["summary"]
+        s = d["models"][model]["summary"]
         ratio = "1" if side == "peer" else f"{s[f'{side}_over_peer']:.2f}"
         return f"| {label} | {whole(s[side]['rps'])} | {s[side]['p99_ms']:.1f} ms | {ratio} |"
 
@@ -834,4 +834,21 @@ FIGURES += [
         f"{d['models']['image']['middle']['outside_server_ms']:.1f} ms"), "tail parts, before the route"),
     Figure("docs/benchmark.md", TAIL_PARTS, lambda d: " and ".join(
         f"{m['p99_ms'] / m['p50_ms']:.1f} ({model})" for model, m in d["models"].items()), "tail parts, ratios"),
+]  # fmt: skip
+
+# image: the same measurement as TEXT_ROUNDS
+IMAGE_ROUNDS = "docs/results/core-redesign/image-rounds.json"
+
+
+def image_rounds_lost(d: dict) -> str:
+    s = d["models"]["image"]["summary"]
+    change = s["on_over_peer"] / s["off_over_peer"] - 1
+    return (f"{s['on_over_peer']:.2f} against {s['off_over_peer']:.2f} ({change:+.0%}), its own req/s "
+            f"{s['rps_on_over_off']:.2f} times the older tree's").replace("%)", " %)")
+
+
+FIGURES += [
+    *(Figure("docs/benchmark.md", IMAGE_ROUNDS, text_rounds_row(side, label, "image"), f"image rounds, {side}")
+      for side, label in TEXT_ROUNDS_LABELS),
+    Figure("docs/benchmark.md", IMAGE_ROUNDS, image_rounds_lost, "image rounds, the ratio lost"),
 ]  # fmt: skip
