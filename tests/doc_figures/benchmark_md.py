@@ -843,8 +843,10 @@ IMAGE_ROUNDS = "docs/results/core-redesign/image-rounds.json"
 def image_rounds_lost(d: dict) -> str:
     s = d["models"]["image"]["summary"]
     change = s["on_over_peer"] / s["off_over_peer"] - 1
-    return (f"{s['on_over_peer']:.2f} against {s['off_over_peer']:.2f} ({change:+.0%}), its own req/s "
-            f"{s['rps_on_over_off']:.2f} times the older tree's").replace("%)", " %)")
+    return (
+        f"{s['on_over_peer']:.2f} against {s['off_over_peer']:.2f} ({change:+.0%}), its own req/s "
+        f"{s['rps_on_over_off']:.2f} times the older tree's"
+    ).replace("%)", " %)")
 
 
 FIGURES += [
