@@ -41,7 +41,7 @@ def profile_one(model: str, tag: str, config: str, args, data, log_dir: Path) ->
     server = benchmark.start_served(model, tag, CONFIGS[config], config, log_dir)
     out = args.out / f"{model}-{config}.svg"
     try:
-        fmt = "multipart" if model == "image" else "json"
+        fmt = benchmark.FORMATS[model][0]  # the benchmark's main format
         path, headers, bodies = benchmark.request_bodies(model, data, fmt)
         spy = subprocess.Popen(
             [py_spy(), "record", "--pid", str(server.proc.pid), "--subprocesses",

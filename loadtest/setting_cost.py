@@ -69,7 +69,7 @@ def one_point(model: str, tag: str, label: str, config: dict[str, str], data, ar
     else:
         server = benchmark.start_served(model, tag, config, label, log_dir, cwd=cwd)
     try:
-        fmt = "multipart" if model == "image" else "json"
+        fmt = benchmark.FORMATS[model][0]  # the benchmark's main format
         path, headers, bodies = benchmark.request_bodies(model, data, fmt)
         asyncio.run(benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.warmup, 1.0))
         before = thread_cpu_by_nice(server.proc.pid)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = artifact.load(cli.tag_of(args, model)).tag
         server = benchmark.start_served(model, tag, {}, "served default", log_dir)
         try:
-            fmt = "multipart" if model == "image" else "json"
+            fmt = benchmark.FORMATS[model][0]  # the benchmark's main format
             path, headers, bodies = benchmark.request_bodies(model, data, fmt)
             url = server.url + path
             records, secs = asyncio.run(benchmark.closed_loop(url, headers, bodies, args.clients, 10.0, args.warmup))

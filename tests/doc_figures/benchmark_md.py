@@ -719,14 +719,15 @@ FIGURES += [
         "shadow rounds in serving.md"),
 ]  # fmt: skip
 
-# text: the commit before the redesign against the current tree, the peer in each round (loadtest.setting_cost)
+# the commit before the redesign against the current tree, the peer in each round (loadtest.setting_cost --off-rev)
 TEXT_ROUNDS = "docs/results/core-redesign/text-rounds.json"
-TEXT_ROUNDS_LABELS = (
+IMAGE_ROUNDS = "docs/results/core-redesign/image-rounds.json"
+ROUNDS_LABELS = (
     ("off", "before the redesign (`9e95637`)"), ("on", "current tree"), ("peer", "FastAPI + ORT peer"),
 )  # fmt: skip
 
 
-def text_rounds_row(side: str, label: str, model: str = "text") -> Callable[[dict], str]:
+def rounds_row(side: str, label: str, model: str) -> Callable[[dict], str]:
     def quote(d: dict) -> str:
         s = d["models"][model]["summary"]
         ratio = "1" if side == "peer" else f"{s[f'{side}_over_peer']:.2f}"
@@ -744,10 +745,20 @@ def text_rounds_keep(d: dict) -> str:
     ).replace("%;", " %;")
 
 
+def image_rounds_lost(d: dict) -> str:
+    s = d["models"]["image"]["summary"]
+    change = s["on_over_peer"] / s["off_over_peer"] - 1
+    return (
+        f"{s['on_over_peer']:.2f} against {s['off_over_peer']:.2f} ({change:+.0%}), its own req/s "
+        f"{s['rps_on_over_off']:.2f} times the older tree's"
+    ).replace("%)", " %)")
+
+
 FIGURES += [
-    *(Figure("docs/benchmark.md", TEXT_ROUNDS, text_rounds_row(side, label), f"text rounds, {side}")
-      for side, label in TEXT_ROUNDS_LABELS),
+    *(Figure("docs/benchmark.md", path, rounds_row(side, label, model), f"{model} rounds, {side}")
+      for model, path in (("text", TEXT_ROUNDS), ("image", IMAGE_ROUNDS)) for side, label in ROUNDS_LABELS),
     Figure("docs/benchmark.md", TEXT_ROUNDS, text_rounds_keep, "text rounds, the ratio kept"),
+    Figure("docs/benchmark.md", IMAGE_ROUNDS, image_rounds_lost, "image rounds, the ratio lost"),
     Figure("docs/benchmark.md", TEXT_ROUNDS, lambda d: (
         f"{d['models']['text']['summary']['on']['p99_ms']:.1f} against "
         f"{d['models']['text']['summary']['off']['p99_ms']:.1f} ms"), "text rounds, p99"),
@@ -834,23 +845,4 @@ FIGURES += [
         f"{d['models']['image']['middle']['outside_server_ms']:.1f} ms"), "tail parts, before the route"),
     Figure("docs/benchmark.md", TAIL_PARTS, lambda d: " and ".join(
         f"{m['p99_ms'] / m['p50_ms']:.1f} ({model})" for model, m in d["models"].items()), "tail parts, ratios"),
-]  # fmt: skip
-
-# image: the same measurement as TEXT_ROUNDS
-IMAGE_ROUNDS = "docs/results/core-redesign/image-rounds.json"
-
-
-def image_rounds_lost(d: dict) -> str:
-    s = d["models"]["image"]["summary"]
-    change = s["on_over_peer"] / s["off_over_peer"] - 1
-    return (
-        f"{s['on_over_peer']:.2f} against {s['off_over_peer']:.2f} ({change:+.0%}), its own req/s "
-        f"{s['rps_on_over_off']:.2f} times the older tree's"
-    ).replace("%)", " %)")
-
-
-FIGURES += [
-    *(Figure("docs/benchmark.md", IMAGE_ROUNDS, text_rounds_row(side, label, "image"), f"image rounds, {side}")
-      for side, label in TEXT_ROUNDS_LABELS),
-    Figure("docs/benchmark.md", IMAGE_ROUNDS, image_rounds_lost, "image rounds, the ratio lost"),
 ]  # fmt: skip
