@@ -13,6 +13,11 @@ SERVABLE_<MODEL>_SERVE_ prefix:
     python -m loadtest.setting_cost --on SERVER_TIMING=true --off SERVER_TIMING=false --rounds 3 \
         --out docs/results/benchmark/timing-cost/setting_cost.json
 
+With `--slices N` the servers are not restarted: every side's server is up at once and each is loaded in
+turn, N times, in short slices (a seeded shuffled order each time). Slices seconds apart see the same
+machine, so each slice's ratios pair fairly even when the machine's speed drifts during the run; fresh
+rounds, minutes apart, do not (docs/benchmark.md, "Settled in slices").
+
 `--off-rev REV` serves the off side from a git revision's code (a before/after pair of the request path),
 `--peer` adds the FastAPI + ONNX Runtime peer to every round, and `--shadow-share S` is `--on SHADOW_TAG=<the
 served tag> SHADOW_SHARE=S`: the candidate is the served model itself, so it costs what the live model does.
@@ -24,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -59,36 +65,78 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def one_point(model: str, tag: str, label: str, config: dict[str, str], data, args, log_dir: Path,
-              cwd: Path | None = None) -> dict:  # fmt: skip
-    """One closed-loop point of a fresh server: the served default with `config` (from `cwd`'s code when given),
-    or, for label "peer", the FastAPI + ONNX Runtime peer."""
+def start(model: str, tag: str, label: str, config: dict[str, str], log_dir: Path, cwd: Path | None = None):
+    """A fresh server: the served default with `config` (from `cwd`'s code when given), or, for label "peer",
+    the FastAPI + ONNX Runtime peer."""
     if label == "peer":
         peer = benchmark.ORT_PEER
-        server = benchmark.start_peer(peer.module, tag, log_dir / f"{model}-peer.log", peer.uvicorn_args)
-    else:
-        server = benchmark.start_served(model, tag, config, label, log_dir, cwd=cwd)
+        return benchmark.start_peer(peer.module, tag, log_dir / f"{model}-peer.log", peer.uvicorn_args)
+    return benchmark.start_served(model, tag, config, label, log_dir, cwd=cwd)
+
+
+def warm(server, model: str, data, args, seconds: float) -> None:
+    """`seconds` of the benchmark's closed loop on a running server, not measured."""
+    path, headers, bodies = benchmark.request_bodies(model, data, benchmark.FORMATS[model][0])
+    asyncio.run(benchmark.closed_loop(server.url + path, headers, bodies, args.clients, seconds, 1.0))
+
+
+def measure(server, model: str, label: str, config: dict[str, str], data, args, warmup: float) -> dict:
+    """`warmup` seconds of the benchmark's closed loop on a running server, then `args.seconds` measured."""
+    warm(server, model, data, args, warmup)
+    fmt = benchmark.FORMATS[model][0]  # the benchmark's main format
+    path, headers, bodies = benchmark.request_bodies(model, data, fmt)
+    before = thread_cpu_by_nice(server.proc.pid)
+    records, secs = asyncio.run(
+        benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, 1.0)
+    )
+    after = thread_cpu_by_nice(server.proc.pid)
+    p = benchmark.to_point(model, label, "peer" if label == "peer" else "served", args.clients, records, secs,
+                           fmt=fmt)  # fmt: skip
+    cpu = {f"nice {n}": round(after[n] - before.get(n, 0.0), 2) for n in sorted(after)}
+    point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
+             "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
+    if "SHADOW_SHARE" in config:
+        point["shadow"] = benchmark.metric_totals(server.url, SHADOW_SERIES)
+    print(f"{model} {label}: {p.rps:.0f} req/s, p50 {p.p50_ms:.1f} ms, p99 {p.p99_ms:.1f} ms; worker CPU {cpu}"
+          + (f"; shadow {point['shadow']}" if "shadow" in point else ""), flush=True)  # fmt: skip
+    return point
+
+
+def in_rounds(model: str, tag: str, sides, data, args, log_dir: Path) -> list[dict]:
+    """Each round a fresh server per side, warmed up for `args.warmup`, then measured."""
+    points = []
+    for _ in range(args.rounds):
+        for label, config, cwd in sides:
+            server = start(model, tag, label, config, log_dir, cwd)
+            try:
+                points.append(measure(server, model, label, config, data, args, args.warmup))
+            finally:
+                server.stop()
+    return points
+
+
+def in_slices(model: str, tag: str, sides, data, args, log_dir: Path) -> list[dict]:
+    """Every side's server up at once (an idle one costs the others nothing), each warmed up for `args.warmup`;
+    then `args.slices` times, in a seeded shuffled order, each loaded for 2 s of warm-up and `args.seconds`
+    measured. Slices seconds apart see the same machine, so one slice's ratios are a fair pair even while the
+    machine's speed drifts."""
+    servers = {}
     try:
-        fmt = benchmark.FORMATS[model][0]  # the benchmark's main format
-        path, headers, bodies = benchmark.request_bodies(model, data, fmt)
-        asyncio.run(benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.warmup, 1.0))
-        before = thread_cpu_by_nice(server.proc.pid)
-        records, secs = asyncio.run(
-            benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, 1.0)
-        )
-        after = thread_cpu_by_nice(server.proc.pid)
-        p = benchmark.to_point(model, label, "peer" if label == "peer" else "served", args.clients, records, secs,
-                               fmt=fmt)  # fmt: skip
-        cpu = {f"nice {n}": round(after[n] - before.get(n, 0.0), 2) for n in sorted(after)}
-        point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
-                 "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
-        if "SHADOW_SHARE" in config:
-            point["shadow"] = benchmark.metric_totals(server.url, SHADOW_SERIES)
-        print(f"{model} {label}: {p.rps:.0f} req/s, p50 {p.p50_ms:.1f} ms, p99 {p.p99_ms:.1f} ms; worker CPU {cpu}"
-              + (f"; shadow {point['shadow']}" if "shadow" in point else ""), flush=True)  # fmt: skip
-        return point
+        for label, config, cwd in sides:
+            servers[label] = start(model, tag, label, config, log_dir, cwd)
+        for label, _, _ in sides:
+            warm(servers[label], model, data, args, args.warmup)
+        points = []
+        for i in range(args.slices):
+            order = list(sides)
+            random.Random(i).shuffle(order)
+            by_label = {label: measure(servers[label], model, label, config, data, args, 2.0)
+                        for label, config, _ in order}  # fmt: skip
+            points += [{**by_label[label], "slice": i} for label, _, _ in sides]  # summary() pairs them in order
+        return points
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def summary(points: list[dict]) -> dict:
@@ -99,6 +147,9 @@ def summary(points: list[dict]) -> dict:
            for side in sides}  # fmt: skip
     out = {**med, "rps_on_over_off": round(med["on"]["rps"] / med["off"]["rps"], 3),
            "p99_on_over_off": round(med["on"]["p99_ms"] / med["off"]["p99_ms"], 3)}  # fmt: skip
+    pairs = list(zip(*([p for p in points if p["label"] == side] for side in ("off", "on")), strict=True))
+    for k in ("rps", "p99_ms"):  # each round's (or slice's) own on / off, then the median: pairs share a machine
+        out[f"{k.removesuffix('_ms')}_on_over_off_paired"] = round(statistics.median(b[k] / a[k] for a, b in pairs), 3)
     if "peer" in sides:
         by = {side: [p["rps"] for p in points if p["label"] == side] for side in sides}
         for side in ("off", "on"):
@@ -131,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--off-rev", default="", metavar="REV",
                     help="off side: serve this git revision's code (exported), the on side this tree's")  # fmt: skip
     ap.add_argument("--peer", action="store_true", help="each round also measures the FastAPI + ONNX Runtime peer")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of fresh servers (without --slices)")
+    ap.add_argument("--slices", type=int, default=0,
+                    help="instead of rounds: all servers up at once, loaded in turn this many times")  # fmt: skip
     cli.add_load_options(ap)
     ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/setting-cost/setting_cost.json"))
     args = ap.parse_args(argv)
@@ -156,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
               "about": __doc__.split("\n\n")[1].replace("\n", " "), "models": {}}  # fmt: skip
     if args.off_rev:
         result["code"] = code
+    result["method"] = f"{args.slices} slices, servers up throughout" if args.slices else f"{args.rounds} rounds"
     for model in args.models:
         tag = artifact.load(cli.tag_of(args, model)).tag  # latest -> name:version
         on_side = {**on, **({"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.shadow_share)} if args.shadow_share else {})}
         sides = [("off", off, off_code), ("on", on_side, None)] + ([("peer", {}, None)] if args.peer else [])
-        points = [one_point(model, tag, label, config, data, args, log_dir, cwd)
-                  for _ in range(args.rounds) for label, config, cwd in sides]  # fmt: skip
+        points = (in_slices if args.slices else in_rounds)(model, tag, sides, data, args, log_dir)
         result["models"][model] = {"tag": tag, "on": on_side, "off": off, "clients": args.clients, "points": points,
                                    "summary": summary(points)}  # fmt: skip
         if args.shadow_share:

@@ -91,3 +91,40 @@ def test_the_load_tools_model_options_cover_the_models_with_requests():
     args = benchmark.parse([])
     tags = {k: cli.tag_of(args, k) for k in cli.KINDS}
     assert tags == {"image": "fashion-cnn:latest", "text": "sentiment-bert:latest"}
+
+
+def test_paired_ratios_take_each_rounds_own_on_over_off_before_the_median():
+    """Medians of the sides give 100 vs 80 (0.8); the pairs say 0.8, 1.056, 0.583 (median 0.8) for rps and
+    1.32, 1.286, 0.667 for p99 (median 1.286, where the medians' ratio is 1.1): a drifting machine moves both
+    sides of a pair together, so each pair's ratio, not the ratio of medians, is the fair one."""
+    points = [{"label": "off", "rps": r, "p99_ms": p} for r, p in ((100, 50), (90, 70), (120, 60))]
+    points += [{"label": "on", "rps": r, "p99_ms": p} for r, p in ((80, 66), (95, 90), (70, 40))]
+    s = summary(points)
+    assert s["rps_on_over_off_paired"] == 0.8 and s["p99_on_over_off_paired"] == 1.286
+
+
+def test_slices_start_each_server_once_and_measure_every_side_in_every_slice(monkeypatch):
+    import argparse
+
+    from loadtest import setting_cost
+
+    started, stopped, measured = [], [], []
+
+    class Server:
+        def __init__(self, label):
+            self.label = label
+
+        def stop(self):
+            stopped.append(self.label)
+
+    monkeypatch.setattr(setting_cost, "start", lambda m, t, label, *a: started.append(label) or Server(label))
+    monkeypatch.setattr(setting_cost, "warm", lambda *a: None)
+    monkeypatch.setattr(setting_cost, "measure", lambda server, m, label, *a: measured.append(label)
+                        or {"label": label, "rps": 1.0, "p99_ms": 1.0})  # fmt: skip
+    sides = [("off", {}, None), ("on", {}, None), ("peer", {}, None)]
+    args = argparse.Namespace(slices=4, warmup=0.0, seconds=1.0)
+    points = setting_cost.in_slices("image", "t", sides, None, args, None)
+    assert started == ["off", "on", "peer"] and sorted(stopped) == sorted(started)
+    assert [p["label"] for p in points] == ["off", "on", "peer"] * 4  # in side order per slice: summary pairs them
+    assert [p["slice"] for p in points] == [i for i in range(4) for _ in sides]
+    assert measured[:3] != measured[3:6] or measured[3:6] != measured[6:9]  # the order within a slice varies
