@@ -150,6 +150,10 @@ def summary(points: list[dict]) -> dict:
     pairs = list(zip(*([p for p in points if p["label"] == side] for side in ("off", "on")), strict=True))
     for k in ("rps", "p99_ms"):  # each round's (or slice's) own on / off, then the median: pairs share a machine
         out[f"{k.removesuffix('_ms')}_on_over_off_paired"] = round(statistics.median(b[k] / a[k] for a, b in pairs), 3)
+    if all(p.get("worker_cpu_s") for pair in pairs for p in pair):
+        # the workers' CPU per answer moves less with the machine's speed than req/s does
+        per = [[sum(p["worker_cpu_s"].values()) / (p["rps"] * p["seconds"]) for p in pair] for pair in pairs]
+        out["cpu_per_answer_on_over_off_paired"] = round(statistics.median(b / a for a, b in per), 3)
     if "peer" in sides:
         by = {side: [p["rps"] for p in points if p["label"] == side] for side in sides}
         for side in ("off", "on"):

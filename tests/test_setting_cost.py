@@ -128,3 +128,14 @@ def test_slices_start_each_server_once_and_measure_every_side_in_every_slice(mon
     assert [p["label"] for p in points] == ["off", "on", "peer"] * 4  # in side order per slice: summary pairs them
     assert [p["slice"] for p in points] == [i for i in range(4) for _ in sides]
     assert measured[:3] != measured[3:6] or measured[3:6] != measured[6:9]  # the order within a slice varies
+
+
+def test_cpu_per_answer_is_paired_where_the_workers_cpu_was_read():
+    """Pairs: off 10 s of CPU for 100 req/s x 10 s (10 ms an answer), on 12 s for 100 (12 ms): 1.2; then 1.0."""
+
+    def point(label, rps, cpu):
+        return {"label": label, "rps": rps, "p99_ms": 1.0, "seconds": 10.0, "worker_cpu_s": {"nice 0": cpu}}
+
+    points = [point("off", 100, 10.0), point("on", 100, 12.0), point("off", 50, 5.0), point("on", 60, 6.0)]
+    assert summary(points)["cpu_per_answer_on_over_off_paired"] == 1.1  # the median of 1.2 and 1.0
+    assert "cpu_per_answer_on_over_off_paired" not in summary([{**p, "worker_cpu_s": {}} for p in points])

@@ -846,3 +846,47 @@ FIGURES += [
     Figure("docs/benchmark.md", TAIL_PARTS, lambda d: " and ".join(
         f"{m['p99_ms'] / m['p50_ms']:.1f} ({model})" for model, m in d["models"].items()), "tail parts, ratios"),
 ]  # fmt: skip
+
+# image in slices (loadtest.setting_cost --slices): every server up, loaded in turn; paired medians
+IMAGE_SLICES = "docs/results/core-redesign/image-slices.json"
+IMAGE_SLICES_SINCE = "docs/results/core-redesign/image-slices-since-redesign.json"
+
+
+def slices_row(label: str) -> Callable[[dict], str]:
+    def quote(d: dict) -> str:
+        s = d["models"]["image"]["summary"]
+        return (f"| {label} | {s['rps_on_over_off_paired']:.3f} | {s['cpu_per_answer_on_over_off_paired']:.3f} | "
+                f"{s['p99_on_over_off_paired']:.3f} |")  # fmt: skip
+
+    return quote
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", IMAGE_SLICES, slices_row("before the redesign (`9e95637`)"), "image slices, before"),
+    Figure("docs/benchmark.md", IMAGE_SLICES_SINCE, slices_row("the redesigned tree before the later work (`c2b50c1`)"),
+           "image slices, since the redesign"),
+    Figure("docs/benchmark.md", IMAGE_SLICES, lambda d: (
+        f"{d['models']['image']['summary']['on_over_peer']:.2f} against "
+        f"{d['models']['image']['summary']['off_over_peer']:.2f} before the redesign"), "image slices, peer ratios"),
+]  # fmt: skip
+
+
+def slices_split(d: dict) -> str:
+    """The redesign's own CPU cost (before->current over since->current) and the later work's (since->current)."""
+    total = d["models"]["image"]["summary"]["cpu_per_answer_on_over_off_paired"]
+    later = results(IMAGE_SLICES_SINCE)["models"]["image"]["summary"]["cpu_per_answer_on_over_off_paired"]
+    text = (f"costs about {total / later - 1:.0%} of CPU per answer**; the work since it (admission and the\n"
+            "  timing record, even accept, the version label, the drift statistics) "
+            f"about {later - 1:.0%}")  # fmt: skip
+    return text.replace("%", " %")
+
+
+def slices_loss(d: dict) -> str:
+    s = d["models"]["image"]["summary"]
+    return f"the loss there is {1 - s['on_over_peer'] / s['off_over_peer']:.0%}".replace("%", " %")
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", IMAGE_SLICES, slices_split, "image slices, the redesign's share and the later work's"),
+    Figure("docs/benchmark.md", IMAGE_SLICES, slices_loss, "image slices, the loss in the ratio"),
+]
