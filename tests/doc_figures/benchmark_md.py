@@ -890,3 +890,20 @@ FIGURES += [
     Figure("docs/benchmark.md", IMAGE_SLICES, slices_split, "image slices, the redesign's share and the later work's"),
     Figure("docs/benchmark.md", IMAGE_SLICES, slices_loss, "image slices, the loss in the ratio"),
 ]
+
+# shadow 10 % on against off in slices (setting_cost --shadow-share 0.1 --slices 12): paired medians
+SHADOW_SLICES = {"image": "docs/results/benchmark/shadow-cost/slices-image/shadow_cost.json",
+                 "text": "docs/results/benchmark/shadow-cost/slices/shadow_cost.json"}  # fmt: skip
+
+
+def shadow_slices_row(model: str) -> Callable[[dict], str]:
+    def quote(d: dict) -> str:
+        s = d["models"][model]["summary"]
+        return (f"| {model} | {s['rps_on_over_off_paired']:.3f} | {s['p99_on_over_off_paired']:.3f} | "
+                f"{s['cpu_per_answer_on_over_off_paired']:.3f} |")  # fmt: skip
+
+    return quote
+
+
+FIGURES += [Figure("docs/benchmark.md", path, shadow_slices_row(m), f"shadow slices, {m}")
+            for m, path in SHADOW_SLICES.items()]  # fmt: skip
