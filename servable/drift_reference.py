@@ -74,10 +74,13 @@ def image_statistics(
     spread = (channel_var + (channel_mean - brightness[:, None]) ** 2).sum(1) / channels
     contrast = np.sqrt(np.maximum(spread, 0))
     out = {"brightness": brightness, "contrast": contrast}
-    if sizes is not None:
-        wh = np.asarray(sizes, np.float64).reshape(-1, 2)
-        out |= {"pixels": wh[:, 0] * wh[:, 1], "aspect": wh[:, 0] / wh[:, 1]}
-    return out
+    return out | size_statistics(sizes) if sizes is not None else out
+
+
+def size_statistics(sizes: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Per upload (width, height): its pixel count and aspect."""
+    wh = np.asarray(sizes, np.float64).reshape(-1, 2)
+    return {"pixels": wh[:, 0] * wh[:, 1], "aspect": wh[:, 0] / wh[:, 1]}
 
 
 def text_statistics(texts: Sequence[str], ids: Sequence[Sequence[int]], unk_id: int | None) -> dict[str, np.ndarray]:

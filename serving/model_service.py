@@ -176,7 +176,8 @@ class Replica:
             self.feedback = FeedbackHook(
                 self.name, self.adapter.head, self.adapter.feedback_content, version=self.model.version
             )
-            self.drift = DriftMonitor.of(self.model.manifest, settings)  # None: the artifact has no reference
+            # None: the artifact has no reference
+            self.drift = DriftMonitor.of(self.model.manifest, settings, self.adapter.drift_statistics)
             metrics.CONCURRENCY_LIMIT.labels(**self.model.labels).set(settings.max_concurrency)
             self.topology = (Split(self.adapter, self.model, model_client, settings) if model_client is not None
                              else InProcess(self.adapter, self.model, run, settings))  # fmt: skip
@@ -209,8 +210,8 @@ class Replica:
             decoded = self.adapter.decode(name, items)
         else:
             decoded = await self.decoding.run(self.adapter.decode, name, items)
-        rows, stored, *drift = decoded  # an adapter's drift statistics, where its artifact has a reference
-        return Parsed(rows, stored, options or {}, drift[0] if drift else {})
+        rows, stored, *drift = decoded  # an adapter's drift input, where its artifact has a reference
+        return Parsed(rows, stored, options or {}, drift[0] if drift else None)
 
     def clock(self, request: Request) -> RequestTiming:
         """The request's deadline (serving/request_timing.py) and the record of where its time goes."""

@@ -7,6 +7,7 @@ reference serves as before and exports no drift."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
@@ -88,15 +89,23 @@ def test_serving_computes_the_image_statistics_training_recorded(image_run):
     adapter, _, _ = load_model(ImageAdapter, ImageServeSettings(model_tag=image_run.tag, max_items=10_000),
                                with_session=False)  # fmt: skip
     x = image_run.splits.train_x  # uint8 at the model's size, as training saw them
-    _, _, stats = adapter.decode("image", [_png(a) for a in x])
+    _, _, drift_input = adapter.decode("image", [_png(a) for a in x])
+    stats = adapter.drift_statistics([drift_input])
     served = drift_reference.reference(stats, image_run.splits.labels, "served")
     ref = artifact.load(image_run.tag).manifest.drift_reference
     for name in ("brightness", "contrast"):
         assert served.features[name].counts == ref.features[name].counts, name
     # the upload's size is the file's: a 28 x 28 upload lands where the training images did
     raw = np.asarray(Image.open(io.BytesIO(_png(x[0][:, :, 0]))).resize((28, 28)))
-    _, _, one = adapter.decode("image", [_png(raw)])
+    one = adapter.drift_statistics([adapter.decode("image", [_png(raw)])[2]])
     assert one["pixels"].tolist() == [784.0] and one["aspect"].tolist() == [1.0]
+    # a chunk of requests gives each image the statistics it has alone; a pre-processed tensor has no size
+    alone = [adapter.drift_statistics([adapter.decode("image", [_png(a)])[2]]) for a in x[:3]]
+    pixels = adapter.decode("pixels", np.stack(adapter.decode("image", [_png(x[3])])[0]))[2]
+    chunk = adapter.drift_statistics([adapter.decode("image", [_png(a)])[2] for a in x[:3]] + [pixels])
+    for name in ("brightness", "contrast"):
+        np.testing.assert_allclose(chunk[name][:3], [a[name][0] for a in alone], rtol=1e-6)
+    assert len(chunk["brightness"]) == 4 and len(chunk["pixels"]) == 3
 
 
 def test_serving_computes_the_text_statistics_training_recorded(text_run):
@@ -109,7 +118,8 @@ def test_serving_computes_the_text_statistics_training_recorded(text_run):
     text, _, _ = load_model(TextAdapter, TextServeSettings(model_tag=text_run.tag, max_items=10_000),
                             with_session=False)  # fmt: skip
     texts = [t for t, _ in text_run.splits.train]
-    _, _, stats = text.decode("text", texts)
+    # two requests counted as one chunk, as a worker's drift monitor does
+    stats = text.drift_statistics([text.decode("text", part)[2] for part in (texts[:10], texts[10:])])
     served = drift_reference.reference(stats, text_run.splits.labels, "served")
     ref = artifact.load(text_run.tag).manifest.drift_reference
     for name in ("length", "oov"):
@@ -127,8 +137,40 @@ def test_an_artifact_without_a_reference_loads_and_has_no_monitor(image_run):
     del old["drift_reference"]
     older = artifact.ModelManifest.model_validate(old)
     assert older.drift_reference is None
-    assert DriftMonitor.of(older, ImageServeSettings()) is None
-    assert DriftMonitor.of(manifest, ImageServeSettings()) is not None
+    assert DriftMonitor.of(older, ImageServeSettings(), dict) is None
+    assert DriftMonitor.of(manifest, ImageServeSettings(), dict) is not None
+
+
+def test_the_window_counts_chunks_and_keeps_the_last_requests():
+    """Window 40, so chunks of 4 requests: nothing is counted or published before a chunk and a full window;
+    then the window holds the last 40 requests (up to a chunk more), so 40 shifted requests replace the
+    quiet ones and the PSI follows them."""
+    from serving.drift import DriftMonitor
+
+    edges = list(drift_reference.EDGES["brightness"])
+    reference = drift_reference.DriftReference(split="t", n=10 * (len(edges) + 1), features={
+        "brightness": drift_reference.FeatureReference(edges=edges, counts=[10] * (len(edges) + 1))})  # fmt: skip
+    # one value in each bin, the outer two included
+    mid = [edges[0] - 1.0, *((a + b) / 2 for a, b in itertools.pairwise(edges)), edges[-1] + 1.0]
+    monitor = DriftMonitor(reference, "m", "v1", 40, 0.2, _concatenate)
+    quiet = [{"brightness": np.array([mid[i % len(mid)]])} for i in range(40)]
+    for stats in quiet[:3]:
+        monitor.observe(stats, np.zeros((1, 2)))
+    assert monitor.counts.sum() == 0 and len(monitor.pending) == 3  # the chunk is not full yet
+    for stats in quiet[3:]:
+        monitor.observe(stats, np.zeros((1, 2)))
+    assert monitor.in_window == 40 and monitor.counts.sum() == 40
+    low = monitor.psi()["brightness"]
+    for _ in range(40):
+        monitor.observe({"brightness": np.array([edges[0] - 1.0])}, np.zeros((1, 2)))  # all in the first bin
+    assert 40 <= monitor.in_window < 44 and monitor.counts[0] == 40  # only the shifted requests remain
+    assert monitor.psi()["brightness"] > 1 > low
+
+
+def _concatenate(inputs):
+    from serving.adapters.base import Adapter
+
+    return Adapter.drift_statistics(None, inputs)  # the base adapter's: inputs that are statistics already
 
 
 def test_psi_is_zero_for_the_same_mix_and_grows_with_the_shift():

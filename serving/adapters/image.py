@@ -189,7 +189,7 @@ class ImageAdapter(Adapter, Explains):
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
             if not np.isfinite(items).all():
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")
-            return list(items), [None] * len(items), self.statistics(items, None)
+            return list(items), [None] * len(items), self.drift_input(list(items), None)
         checked = self._checked
         if checked is not None and checked[0] is items:  # opened and checked by `inline` just now
             self._checked = None
@@ -202,12 +202,17 @@ class ImageAdapter(Adapter, Explains):
         for i, img in enumerate(images):
             with refused(i):
                 rows.append(preprocess_opened(img, self.prep))
-        return rows, list(blobs), self.statistics(rows, sizes)
+        return rows, list(blobs), self.drift_input(rows, sizes)
 
-    def statistics(self, rows: Any, sizes: list[tuple[int, int]] | None) -> dict[str, np.ndarray]:
-        """The images' drift statistics (brightness and contrast from the rows, the upload's size and aspect; a
-        pre-processed tensor has no upload size); none without a reference in the artifact."""
-        return drift_reference.image_statistics(rows, sizes, self.prep) if self.drift else {}
+    def drift_input(self, rows: list[np.ndarray], sizes: list[tuple[int, int]] | None) -> Any:
+        """The rows and the uploads' sizes (a pre-processed tensor has none); None without a reference."""
+        return (rows, sizes) if self.drift else None
+
+    def drift_statistics(self, inputs: list[Any]) -> dict[str, np.ndarray]:
+        """Brightness and contrast of all the requests' rows in one pass; size and aspect of the uploads."""
+        out = drift_reference.image_statistics([r for rows, _ in inputs for r in rows], None, self.prep)
+        sizes = [size for _, sizes in inputs if sizes is not None for size in sizes]
+        return out | drift_reference.size_statistics(sizes) if sizes else out
 
     # ------------------------------------------------------------ predict
     def predict(self, session, rows) -> np.ndarray:

@@ -146,8 +146,12 @@ class TextAdapter(Adapter, Explains):
             raise ClientError(413, "too_many_items", f"at most {self.settings.max_items} texts per request")
         checked = [self.check_text(i, t) for i, t in enumerate(items)]
         ids = [e.ids for e in self.tokenizer.encode_batch(checked)]
-        # drift statistics: the texts' lengths and unknown-token shares, from the ids just made
-        return ids, checked, drift_reference.text_statistics(checked, ids, self.unk_id) if self.drift else {}
+        # drift input: the texts and the ids just made (their lengths and unknown-token shares, per chunk)
+        return ids, checked, (checked, ids) if self.drift else None
+
+    def drift_statistics(self, inputs: list[Any]) -> dict[str, np.ndarray]:
+        texts = [t for checked, _ in inputs for t in checked]
+        return drift_reference.text_statistics(texts, [i for _, ids in inputs for i in ids], self.unk_id)
 
     # ------------------------------------------------------------ predict
     def _run_padded(self, session, ids: list[list[int]]) -> np.ndarray:
