@@ -93,6 +93,21 @@ def text_statistics(texts: Sequence[str], ids: Sequence[Sequence[int]], unk_id: 
     return {"length": length, "oov": oov}
 
 
+def image_chunk_statistics(inputs: Sequence[tuple[Sequence[np.ndarray], Sequence[tuple[int, int]] | None]],
+                           prep: ImagePreprocessing) -> dict[str, np.ndarray]:  # fmt: skip
+    """`image_statistics` of many requests' (rows, upload sizes) in one pass; a request without sizes (a
+    pre-processed tensor) adds brightness and contrast only."""
+    out = image_statistics([r for rows, _ in inputs for r in rows], None, prep)
+    sizes = [size for _, sizes in inputs if sizes is not None for size in sizes]
+    return out | size_statistics(sizes) if sizes else out
+
+
+def text_chunk_statistics(inputs: Sequence[tuple[Sequence[str], Sequence[Sequence[int]]]],
+                          unk: int | None) -> dict[str, np.ndarray]:  # fmt: skip
+    """`text_statistics` of many requests' (texts, token ids) in one pass."""
+    return text_statistics([t for texts, _ in inputs for t in texts], [i for _, ids in inputs for i in ids], unk)
+
+
 def class_statistics(probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Per row of a classifier's prediction: the index of its top class."""
     return {PREDICTED_CLASS: np.asarray(probabilities).argmax(1)}

@@ -209,10 +209,7 @@ class ImageAdapter(Adapter, Explains):
         return (rows, sizes) if self.drift else None
 
     def drift_statistics(self, inputs: list[Any]) -> dict[str, np.ndarray]:
-        """Brightness and contrast of all the requests' rows in one pass; size and aspect of the uploads."""
-        out = drift_reference.image_statistics([r for rows, _ in inputs for r in rows], None, self.prep)
-        sizes = [size for _, sizes in inputs if sizes is not None for size in sizes]
-        return out | drift_reference.size_statistics(sizes) if sizes else out
+        return drift_reference.image_chunk_statistics(inputs, self.prep)
 
     # ------------------------------------------------------------ predict
     def predict(self, session, rows) -> np.ndarray:

@@ -150,8 +150,7 @@ class TextAdapter(Adapter, Explains):
         return ids, checked, (checked, ids) if self.drift else None
 
     def drift_statistics(self, inputs: list[Any]) -> dict[str, np.ndarray]:
-        texts = [t for checked, _ in inputs for t in checked]
-        return drift_reference.text_statistics(texts, [i for _, ids in inputs for i in ids], self.unk_id)
+        return drift_reference.text_chunk_statistics(inputs, self.unk_id)
 
     # ------------------------------------------------------------ predict
     def _run_padded(self, session, ids: list[list[int]]) -> np.ndarray:

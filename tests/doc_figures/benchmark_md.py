@@ -907,3 +907,23 @@ def shadow_slices_row(model: str) -> Callable[[dict], str]:
 
 FIGURES += [Figure("docs/benchmark.md", path, shadow_slices_row(m), f"shadow slices, {m}")
             for m, path in SHADOW_SLICES.items()]  # fmt: skip
+
+# both models against the commit before the redesign, in slices, after the drift statistics went to chunks
+SLICES_CHUNKED = "docs/results/core-redesign/slices-drift-chunked.json"
+
+
+def chunked_row(model: str) -> Callable[[dict], str]:
+    def quote(d: dict) -> str:
+        s = d["models"][model]["summary"]
+        return (f"| {model} | {s['on_over_peer']:.2f} | {s['off_over_peer']:.2f} | {s['rps_on_over_off_paired']:.3f} | "
+                f"{s['cpu_per_answer_on_over_off_paired']:.3f} | {s['p99_on_over_off_paired']:.3f} |")  # fmt: skip
+
+    return quote
+
+
+FIGURES += [Figure("docs/benchmark.md", SLICES_CHUNKED, chunked_row(m), f"slices, drift in chunks, {m}")
+            for m in ("image", "text")]  # fmt: skip
+FIGURES.append(Figure("docs/benchmark.md", "docs/results/drift_cost.txt", lambda d: (
+    f"{d['figures']['image drift in all, counted in chunks (statistics, window, PSI)']} µs per image request in all, "
+    f"where the statistics alone cost {d['figures']['image statistics, one request alone']}\nµs"),
+    "drift cost in chunks"))  # fmt: skip
