@@ -16,7 +16,7 @@ import numpy as np
 from servable import artifact
 from servable.config import ServeCommon
 from serving import metrics
-from serving.onnx_runtime import create_session
+from serving.onnx_runtime import ArenaShrinking, create_session
 
 if TYPE_CHECKING:
     from serving.adapters.base import Adapter
@@ -158,4 +158,6 @@ def load_model(adapter_cls: type[Adapter], settings: ServeCommon, *, with_sessio
             sizes = warmup_sizes if warmup_sizes is not None else settings.warmup_sizes()
             session = model.session  # the warm-up's batches are not the traffic's: unmetered
             model.warm_up(adapter.warmup_batches(sizes), lambda rows: adapter.run(session, rows), adapter.cost_units)
+            if model.ready:  # the warm-up's largest batches grew the arena: give back what rest does not need
+                adapter.run(ArenaShrinking(session), adapter.warmup_batches([1])[0])
     return adapter, model, run

@@ -52,3 +52,23 @@ def create_session(path, settings: ServeCommon) -> tuple[ort.InferenceSession, s
         log.warning("requested %s but ONNX Runtime fell back to %s", wanted, in_use)
     log.info("ONNX Runtime providers in use for %s: %s", path.name, session.get_providers())
     return session, in_use
+
+
+class ArenaShrinking:
+    """A session whose runs hand the CPU arena's free memory back to the system afterwards. ONNX Runtime keeps
+    what its largest run needed; the warm-up runs every batch shape up to the largest, so without one such run
+    after it a worker at rest held the largest batch's buffers (about 20 MiB a worker for the image model and 40
+    for the text model, measured with loadtest.memory). Load grows the arena again to what load needs."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        import onnxruntime as ort
+
+        self.session = session
+        self.options = ort.RunOptions()
+        self.options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self.session.run(output_names, input_feed, self.options)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
