@@ -100,9 +100,9 @@ def each_pair(d: dict, run: str, role: str, phase: str = "at_rest") -> str:
     return f"{each(d, run, phase, 'image', role)} / {each(d, run, phase, 'text', role)}"
 
 
-def final_tree_row(model: str, phase: str, label: str) -> Callable[[dict], str]:
+def final_tree_row(model: str, phase: str, label: str, run: str = "final") -> Callable[[dict], str]:
     def row(d: dict) -> str:
-        before, final = rss(d, "before", phase, model), rss(d, "final", phase, model)
+        before, final = rss(d, "before", phase, model), rss(d, run, phase, model)
         ratio = f" {share(final, before)} " if phase == "at_rest" else " "
         return f"| {model}, {label} | {before:.0f} | {final:.0f} |{ratio}|"
 
@@ -927,3 +927,21 @@ FIGURES.append(Figure("docs/benchmark.md", "docs/results/drift_cost.txt", lambda
     f"{d['figures']['image drift in all, counted in chunks (statistics, window, PSI)']} µs per image request in all, "
     f"where the statistics alone cost {d['figures']['image statistics, one request alone']}\nµs"),
     "drift cost in chunks"))  # fmt: skip
+
+# memory at the end of the later work, with the arena shrunk after the warm-up (loadtest.memory, two labels)
+MEMORY_NOW = "docs/results/memory/later-work.json"
+FIGURES += [Figure("docs/benchmark.md", MEMORY_NOW, final_tree_row(m, phase, label, "current"),
+                   f"memory, current tree: {m}, {label}")
+            for phase, label in MEMORY_PHASES for m in ("image", "text")]  # fmt: skip
+FIGURES.append(Figure("docs/benchmark.md", MEMORY_NOW, lambda d: "held {} (image) and {} (text)".format(
+    *(share(rss(d, "before_arena", "at_rest", m), rss(d, "before", "at_rest", m)) for m in ("image", "text"))),
+    "memory, before the arena change"))  # fmt: skip
+FIGURES.append(Figure("docs/deployment-answers.md", MEMORY_NOW, lambda d: "hold {} (image) and {} (text) of the".format(
+    *(share(rss(d, "current", "at_rest", m), rss(d, "before", "at_rest", m)) for m in ("image", "text"))),
+    "deployment answers: memory at rest"))  # fmt: skip
+
+# the benchmark after the arena change: the first 100 requests after ready against the steady p99
+ARENA_BENCH = "docs/results/benchmark/arena-shrink/benchmark.json"
+FIGURES.append(Figure("docs/benchmark.md", ARENA_BENCH, lambda d: "image {} ({}x), text {} ({}x)".format(
+    *(x for m in ("image", "text") for t in [target(d, m, "first 100 requests")] for x in (t["measured"], t["ratio"]))),
+    "arena change: first 100 requests"))  # fmt: skip
