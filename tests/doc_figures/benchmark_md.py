@@ -852,13 +852,25 @@ IMAGE_SLICES = "docs/results/core-redesign/image-slices.json"
 IMAGE_SLICES_SINCE = "docs/results/core-redesign/image-slices-since-redesign.json"
 
 
-def slices_row(label: str) -> Callable[[dict], str]:
+PAIRED = (
+    ("rps_on_over_off_paired", ".3f"),
+    ("cpu_per_answer_on_over_off_paired", ".3f"),
+    ("p99_on_over_off_paired", ".3f"),
+)  # a setting_cost summary's paired medians: req/s, CPU per answer, p99
+
+
+def summary_row(model: str, label: str, keys) -> Callable[[dict], str]:
+    """A table row of a setting_cost summary's figures: `label`, then each (key, format) of `keys`."""
+
     def quote(d: dict) -> str:
-        s = d["models"]["image"]["summary"]
-        return (f"| {label} | {s['rps_on_over_off_paired']:.3f} | {s['cpu_per_answer_on_over_off_paired']:.3f} | "
-                f"{s['p99_on_over_off_paired']:.3f} |")  # fmt: skip
+        s = d["models"][model]["summary"]
+        return f"| {label} | " + " | ".join(f"{s[k]:{form}}" for k, form in keys) + " |"
 
     return quote
+
+
+def slices_row(label: str) -> Callable[[dict], str]:
+    return summary_row("image", label, PAIRED)
 
 
 FIGURES += [
@@ -897,12 +909,7 @@ SHADOW_SLICES = {"image": "docs/results/benchmark/shadow-cost/slices-image/shado
 
 
 def shadow_slices_row(model: str) -> Callable[[dict], str]:
-    def quote(d: dict) -> str:
-        s = d["models"][model]["summary"]
-        return (f"| {model} | {s['rps_on_over_off_paired']:.3f} | {s['p99_on_over_off_paired']:.3f} | "
-                f"{s['cpu_per_answer_on_over_off_paired']:.3f} |")  # fmt: skip
-
-    return quote
+    return summary_row(model, model, (PAIRED[0], PAIRED[2], PAIRED[1]))
 
 
 FIGURES += [Figure("docs/benchmark.md", path, shadow_slices_row(m), f"shadow slices, {m}")
@@ -913,12 +920,7 @@ SLICES_CHUNKED = "docs/results/core-redesign/slices-drift-chunked.json"
 
 
 def chunked_row(model: str) -> Callable[[dict], str]:
-    def quote(d: dict) -> str:
-        s = d["models"][model]["summary"]
-        return (f"| {model} | {s['on_over_peer']:.2f} | {s['off_over_peer']:.2f} | {s['rps_on_over_off_paired']:.3f} | "
-                f"{s['cpu_per_answer_on_over_off_paired']:.3f} | {s['p99_on_over_off_paired']:.3f} |")  # fmt: skip
-
-    return quote
+    return summary_row(model, model, (("on_over_peer", ".2f"), ("off_over_peer", ".2f"), *PAIRED))
 
 
 FIGURES += [Figure("docs/benchmark.md", SLICES_CHUNKED, chunked_row(m), f"slices, drift in chunks, {m}")
