@@ -98,7 +98,7 @@ class Adapter(ABC):
         return False
 
     @abstractmethod
-    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]] | tuple[list[Any], list[Any], dict]:
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any]] | tuple[list[Any], list[Any], Any]:
         """(rows, storable items) from a declared input's items: a REST request's, or a V2 tensor's (FP32: a
         float32 array of the checked shape; BYTES: a list of str from JSON or bytes from binary data). A model
         whose artifact has a drift reference adds a third element: the items' drift input, from what decoding

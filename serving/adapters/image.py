@@ -185,7 +185,7 @@ class ImageAdapter(Adapter, Explains):
         self._checked = (items, blobs, images)
         return True
 
-    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any], dict]:
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any], Any]:
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
             if not np.isfinite(items).all():
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")

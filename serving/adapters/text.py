@@ -139,7 +139,7 @@ class TextAdapter(Adapter, Explains):
         # a review or two tokenise in well under a millisecond; a request of long texts goes to the pool
         return sum(len(t) for t in items if isinstance(t, str | bytes)) <= INLINE_CHARS
 
-    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any], dict]:
+    def decode(self, name: str, items: Any) -> tuple[list[Any], list[Any], Any]:
         if not items:
             raise ClientError(422, "no_text", "send text or a non-empty texts list")
         if len(items) > self.settings.max_items:
