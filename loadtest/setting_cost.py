@@ -16,7 +16,7 @@ SERVABLE_<MODEL>_SERVE_ prefix:
 With `--slices N` the servers are not restarted: every side's server is up at once and each is loaded in
 turn, N times, in short slices (a seeded shuffled order each time). Slices seconds apart see the same
 machine, so each slice's ratios pair fairly even when the machine's speed drifts during the run; fresh
-rounds, minutes apart, do not (docs/benchmark.md, "Settled in slices").
+rounds, minutes apart, do not (docs/benchmark.md, "Image, settled in slices").
 
 `--off-rev REV` serves the off side from a git revision's code (a before/after pair of the request path),
 `--peer` adds the FastAPI + ONNX Runtime peer to every round, and `--shadow-share S` is `--on SHADOW_TAG=<the
@@ -74,24 +74,24 @@ def start(model: str, tag: str, label: str, config: dict[str, str], log_dir: Pat
     return benchmark.start_served(model, tag, config, label, log_dir, cwd=cwd)
 
 
-def warm(server, model: str, data, args, seconds: float) -> None:
-    """`seconds` of the benchmark's closed loop on a running server, not measured."""
-    path, headers, bodies = benchmark.request_bodies(model, data, benchmark.FORMATS[model][0])
+def warm(server, request, args, seconds: float) -> None:
+    """`seconds` of the benchmark's closed loop on a running server, not measured; `request`: (path, headers,
+    pre-encoded bodies) of the model's main format, made once per model."""
+    path, headers, bodies = request
     asyncio.run(benchmark.closed_loop(server.url + path, headers, bodies, args.clients, seconds, 1.0))
 
 
-def measure(server, model: str, label: str, config: dict[str, str], data, args, warmup: float) -> dict:
+def measure(server, model: str, label: str, config: dict[str, str], request, args, warmup: float) -> dict:
     """`warmup` seconds of the benchmark's closed loop on a running server, then `args.seconds` measured."""
-    warm(server, model, data, args, warmup)
-    fmt = benchmark.FORMATS[model][0]  # the benchmark's main format
-    path, headers, bodies = benchmark.request_bodies(model, data, fmt)
+    warm(server, request, args, warmup)
+    path, headers, bodies = request
     before = thread_cpu_by_nice(server.proc.pid)
     records, secs = asyncio.run(
         benchmark.closed_loop(server.url + path, headers, bodies, args.clients, args.seconds, 1.0)
     )
     after = thread_cpu_by_nice(server.proc.pid)
     p = benchmark.to_point(model, label, "peer" if label == "peer" else "served", args.clients, records, secs,
-                           fmt=fmt)  # fmt: skip
+                           fmt=benchmark.FORMATS[model][0])  # fmt: skip
     cpu = {f"nice {n}": round(after[n] - before.get(n, 0.0), 2) for n in sorted(after)}
     point = {"label": label, "rps": round(p.rps, 1), "p50_ms": round(p.p50_ms, 1), "p99_ms": round(p.p99_ms, 1),
              "errors": p.errors, "seconds": round(secs, 1), "worker_cpu_s": cpu}  # fmt: skip
@@ -102,20 +102,20 @@ def measure(server, model: str, label: str, config: dict[str, str], data, args, 
     return point
 
 
-def in_rounds(model: str, tag: str, sides, data, args, log_dir: Path) -> list[dict]:
+def in_rounds(model: str, tag: str, sides, request, args, log_dir: Path) -> list[dict]:
     """Each round a fresh server per side, warmed up for `args.warmup`, then measured."""
     points = []
     for _ in range(args.rounds):
         for label, config, cwd in sides:
             server = start(model, tag, label, config, log_dir, cwd)
             try:
-                points.append(measure(server, model, label, config, data, args, args.warmup))
+                points.append(measure(server, model, label, config, request, args, args.warmup))
             finally:
                 server.stop()
     return points
 
 
-def in_slices(model: str, tag: str, sides, data, args, log_dir: Path) -> list[dict]:
+def in_slices(model: str, tag: str, sides, request, args, log_dir: Path) -> list[dict]:
     """Every side's server up at once (an idle one costs the others nothing), each warmed up for `args.warmup`;
     then `args.slices` times, in a seeded shuffled order, each loaded for 2 s of warm-up and `args.seconds`
     measured. Slices seconds apart see the same machine, so one slice's ratios are a fair pair even while the
@@ -125,12 +125,12 @@ def in_slices(model: str, tag: str, sides, data, args, log_dir: Path) -> list[di
         for label, config, cwd in sides:
             servers[label] = start(model, tag, label, config, log_dir, cwd)
         for label, _, _ in sides:
-            warm(servers[label], model, data, args, args.warmup)
+            warm(servers[label], request, args, args.warmup)
         points = []
         for i in range(args.slices):
             order = list(sides)
             random.Random(i).shuffle(order)
-            by_label = {label: measure(servers[label], model, label, config, data, args, 2.0)
+            by_label = {label: measure(servers[label], model, label, config, request, args, 2.0)
                         for label, config, _ in order}  # fmt: skip
             points += [{**by_label[label], "slice": i} for label, _, _ in sides]  # summary() pairs them in order
         return points
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = artifact.load(cli.tag_of(args, model)).tag  # latest -> name:version
         on_side = {**on, **({"SHADOW_TAG": tag, "SHADOW_SHARE": str(args.shadow_share)} if args.shadow_share else {})}
         sides = [("off", off, off_code), ("on", on_side, None)] + ([("peer", {}, None)] if args.peer else [])
-        points = (in_slices if args.slices else in_rounds)(model, tag, sides, data, args, log_dir)
+        request = benchmark.request_bodies(model, data, benchmark.FORMATS[model][0])  # the benchmark's main format
+        points = (in_slices if args.slices else in_rounds)(model, tag, sides, request, args, log_dir)
         result["models"][model] = {"tag": tag, "on": on_side, "off": off, "clients": args.clients, "points": points,
                                    "summary": summary(points)}  # fmt: skip
         if args.shadow_share:

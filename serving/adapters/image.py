@@ -189,7 +189,8 @@ class ImageAdapter(Adapter, Explains):
         if name == "pixels":  # pre-processed pixels, shape checked by the core: not a storable image
             if not np.isfinite(items).all():
                 raise ClientError(422, "non_finite", "pixels must be finite numbers")
-            return list(items), [None] * len(items), self.drift_input(list(items), None)
+            rows = list(items)
+            return rows, [None] * len(rows), self.drift_input(rows, None)
         checked = self._checked
         if checked is not None and checked[0] is items:  # opened and checked by `inline` just now
             self._checked = None
