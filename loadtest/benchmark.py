@@ -213,15 +213,17 @@ def answered_one(payload: bytes) -> bool:
     return len(body.get("predictions", [])) == 1
 
 
-def _client_session(connections: int = 0):
-    """An HTTP client session; `connections` bounds its open connections (0: a new one whenever none is free)."""
+def _client_session(connections: int = 0, trace_configs: Sequence = ()):
+    """An HTTP client session; `connections` bounds its open connections (0: a new one whenever none is free);
+    `trace_configs`: aiohttp's request tracing (loadtest/tail_parts.py times new connections with it)."""
     import ssl
 
     import aiohttp
 
     # A context made now, not at import: it trusts SSL_CERT_FILE as set by then (the local stack's own CA, soak).
     connector = aiohttp.TCPConnector(limit=connections, ssl=ssl.create_default_context())
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60),
+                                 trace_configs=list(trace_configs))  # fmt: skip
 
 
 def failure_kind(status: int, payload: bytes) -> str:
@@ -280,7 +282,7 @@ async def open_loop(
     connections: int = 0,
     send_lag: list[tuple[float, float]] | None = None,
 ):
-    """Requests at a fixed rate whatever the answers do; latency from the scheduled send time.
+    """Requests at a mean rate (Poisson arrivals) whatever the answers do; latency from the scheduled send time.
 
     `connections` bounds the client's connections (0: unbounded); a request finding none free waits for one,
     and that wait counts in its latency. `send_lag`, when given, gets (scheduled time, seconds late) of each
@@ -299,15 +301,20 @@ async def open_loop(
 
 
 async def send_paced(fire: Callable[[float, bytes], Awaitable[None]], bodies: list[bytes], rate: float,
-                     seconds: float) -> float:  # fmt: skip
+                     seconds: float, seed: int = 0) -> float:  # fmt: skip
     """`fire(scheduled time, body)` at `rate` a second for `seconds`, whatever the answers do, and every call
-    finished; returns the start time (time.perf_counter()). Only the calls in flight are held: a list of every
-    task of a 20-minute soak (half a million) made each full garbage collection of the generator longer, up to
-    seconds of its own stalls."""
+    finished; returns the start time (time.perf_counter()).
+
+    Arrivals are Poisson, as independent users' are: `rate × seconds` send times drawn uniformly over the
+    span and sorted (a Poisson process given its count), seeded, so a run is repeatable and its count exact.
+    Evenly spaced sends would be kinder than real traffic: no two requests ever arrive together.
+    Only the calls in flight are held: a list of every task of a 20-minute soak (half a million) made each
+    full garbage collection of the generator longer, up to seconds of its own stalls."""
+    offsets = np.sort(np.random.default_rng(seed).uniform(0.0, seconds, int(rate * seconds)))
     t_start = time.perf_counter()
     pending: set[asyncio.Task] = set()
-    for i in range(int(rate * seconds)):
-        t_sched = t_start + i / rate
+    for i, offset in enumerate(offsets.tolist()):
+        t_sched = t_start + offset
         if (delay := t_sched - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         task = asyncio.create_task(fire(t_sched, bodies[i % len(bodies)]))

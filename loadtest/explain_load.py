@@ -4,7 +4,7 @@ of one explanation: `python -m loadtest.explain_load` (`make explain-load`) -> d
 For each served model (the registered defaults, default settings):
   1. cost: explanations one at a time on an idle server (median and p95 ms, model rows), beside
      one prediction's latency;
-  2. predict alone: open-loop predictions at a fixed rate (latency from the scheduled send time,
+  2. predict alone: open-loop predictions at a mean rate, Poisson arrivals (latency from the scheduled send time,
      so a stall counts in full);
   3. the same predictions while `--explain-clients` clients send explanations back to back (more
      than a replica admits, so its queue limit answers 429 to the excess);

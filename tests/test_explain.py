@@ -638,7 +638,7 @@ def _predict_p99_ms(
 
 
 def test_split_explain_lane_keeps_predict_p99(text_run, tmp_path_factory):
-    """The split (GPU) layout on CPU, the trained text model: predict p99 at a fixed rate, alone and while
+    """The split (GPU) layout on CPU, the trained text model: predict p99 at a mean rate (Poisson), alone and while
     two clients send explanations back to back (32 to 40 rows each). Explanation rows go to the model
     process's lane (serving/explain_lane.py), scored only while no prediction is in flight there, in
     chunks of 4: a prediction shares the model with at most one chunk. Without the lane (chunks of 32

@@ -404,3 +404,87 @@ def test_tail_parts_compares_the_slowest_answers_parts_with_the_middles():
     slow, middle = found["slowest_1pct"], found["middle"]
     assert slow["queue_ms"] == 60.0 and slow["outside_server_ms"] == 30.0 and slow["batch"] == 16
     assert middle["queue_ms"] == 1.0 and middle["outside_server_ms"] == 1.0 and middle["requests"] == 40
+
+
+def test_open_loop_arrivals_are_poisson_seeded_and_exact_in_number():
+    """The open loop's send times: rate × seconds of them, in order, with exponential-like gaps (a coefficient
+    of variation near 1; evenly spaced sends have 0), the same for the same seed."""
+    import numpy as np
+
+    from loadtest import benchmark
+
+    async def schedule(seed: int) -> list[float]:
+        sent: list[float] = []
+
+        async def fire(t_sched: float, body: bytes) -> None:
+            sent.append(t_sched)
+
+        start = await benchmark.send_paced(fire, [b""], 2000.0, 0.5, seed)
+        return [t - start for t in sent]
+
+    first, again, other = (asyncio.run(schedule(s)) for s in (0, 0, 1))
+    assert len(first) == 1000 and first == sorted(first) and first[0] >= 0 and first[-1] < 0.5
+    gaps = np.diff(first)
+    assert 0.8 < gaps.std() / gaps.mean() < 1.2
+    assert first == again and first != other
+
+
+def test_the_fifo_floor_is_what_queueing_alone_gives():
+    """M/D/1 at 70 % load: p99 / p50 of the time in system about 4.3 (its known value); lower with two servers
+    sharing the queue, higher at a higher load, 1 where under 1 % of the requests wait at all."""
+    from loadtest.tail_parts import fifo_floor
+
+    one = fifo_floor(0.7)
+    assert 4.0 < one < 4.6
+    assert fifo_floor(0.7, servers=2) < one - 0.5
+    assert fifo_floor(0.85) > one + 0.5
+    assert fifo_floor(0.005) < 1.05
+
+
+def test_tail_points_record_the_share_really_sent_and_their_median():
+    from loadtest.tail_parts import input_sets, point_summary, summary
+
+    rows = [{"latency_ms": 10.0, "status": 200, "batch": 1, "late_ms": 0.1, "connect_ms": 0.0,
+             "new_connection": False, "total": 8.0}] * 99  # fmt: skip
+    rows += [{**rows[0], "latency_ms": 50.0}] * 1
+    # 70 % of 100/s sent while the saturation fell to 80/s: 70 of 90 on average
+    point = point_summary(0.7, 100.0, 80.0, rows)
+    assert point["rate"] == 70.0 and point["share_sent"] == round(70 / 90, 3)
+    assert point["p50_ms"] == 10.0 and point["p99_ms"] == 50.0 and point["p99_over_p50"] == 5.0
+    assert point["slowest_1pct"]["generator_late_ms"] == 0.1 and point["middle"]["new_connection_share"] == 0
+    found = summary([{**point, "p99_over_p50": r, "share_sent": 0.7} for r in (3.0, 6.0, 4.0)])
+    assert found["median_p99_over_p50"] == 4.0 and found["p99_over_p50_each"] == [3.0, 6.0, 4.0]
+    assert input_sets(["image", "text"], photos=True) == [("image", "bundled"), ("text", "bundled"),
+                                                          ("image", "photo mix")]  # fmt: skip
+    assert input_sets(["text"], photos=True) == [("text", "bundled")]
+
+
+def test_timed_open_loop_tells_new_connections_from_reused_ones():
+    """Against a real aiohttp server: the first answer opened its connection (timed), later ones at a rate one
+    connection keeps up with reuse it; the generator's lateness is recorded for every answer."""
+    from aiohttp import web
+
+    from loadtest.tail_parts import timed_open_loop
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response({}, headers={"server-timing": "queue;dur=1.00, total;dur=2.00", "x-batch-size": "1"})
+
+    async def scenario() -> list[dict]:
+        app = web.Application()
+        app.router.add_post("/p", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await timed_open_loop(f"http://127.0.0.1:{port}/p", {}, [b"{}"], 20.0, 1.0, 0.0)
+        finally:
+            await runner.cleanup()
+
+    rows = asyncio.run(scenario())
+    assert len(rows) == 20 and all(r["status"] == 200 and r["total"] == 2.0 and r["batch"] == 1 for r in rows)
+    new = [r for r in rows if r["new_connection"]]
+    assert 1 <= len(new) <= 3 and all(r["connect_ms"] > 0 for r in new)
+    assert all(r["connect_ms"] == 0.0 for r in rows if not r["new_connection"])
+    assert all(r["late_ms"] >= 0 for r in rows)

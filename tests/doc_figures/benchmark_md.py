@@ -951,3 +951,65 @@ ARENA_BENCH = "docs/results/benchmark/arena-shrink/benchmark.json"
 FIGURES.append(Figure("docs/benchmark.md", ARENA_BENCH, lambda d: "image {} ({}x), text {} ({}x)".format(
     *(x for m in ("image", "text") for t in [target(d, m, "first 100 requests")] for x in (t["measured"], t["ratio"]))),
     "arena change: first 100 requests"))  # fmt: skip
+
+# tails at 70 % with Poisson arrivals, 5 points per input set (python -m loadtest.tail_parts --repeats 5)
+TAILS_POISSON = "docs/results/benchmark/tail-parts-poisson/tail_parts.json"
+POISSON_PARTS = (("latency_ms", "latency", " ms"), ("outside_server_ms", "before the route", " ms"),
+                 ("generator_late_ms", "of it, the generator late", " ms"), ("decode_ms", "decode", " ms"),
+                 ("queue_ms", "queue", " ms"), ("model_ms", "model", " ms"), ("batch", "batch rows", ""))  # fmt: skip
+
+
+def poisson_table(d: dict) -> str:
+    rows = ["| input set | points | share sent (median) | p50 | p99 | p99 / p50 | each point's p99 / p50 | failed |",
+            "|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+    for name, m in d["models"].items():
+        s = m["summary"]
+        rows.append(f"| {name} | {s['points']} | {s['median_share_sent']:.2f} | {s['median_p50_ms']:.1f} ms | "
+                    f"{s['median_p99_ms']:.1f} ms | **{s['median_p99_over_p50']:.2f}** | "
+                    f"{', '.join(f'{r:.2f}' for r in s['p99_over_p50_each'])} | {s['failed']} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def poisson_parts(d: dict) -> str:
+    """Medians over the points of the middle and slowest answers' parts."""
+    rows = ["| input set, answers | " + " | ".join(label for _, label, _ in POISSON_PARTS) + " |",
+            "|---|" + "---:|" * len(POISSON_PARTS)]  # fmt: skip
+    for name, m in d["models"].items():
+        for key, label in (("middle", "middle 40-60 %"), ("slowest_1pct", "slowest 1 %")):
+            cells = [f"{statistics.median(p[key][c] for p in m['each']):.1f}{unit}" for c, _, unit in POISSON_PARTS]
+            rows.append(f"| {name}, {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def poisson_floor(d: dict) -> str:
+    floor = d["fifo_floor_p99_over_p50"]
+    return (
+        f"{floor['one queue (M/D/1)']:.2f} for one queue (M/D/1) and "
+        f"{floor['two servers, one queue (M/D/2)']:.2f} for two servers sharing one queue (M/D/2)"
+    )
+
+
+def poisson_connections(d: dict) -> str:
+    """How many points' slowest answers opened new connections, and what that cost them at most."""
+    slow = [p["slowest_1pct"] for m in d["models"].values() for p in m["each"]]
+    hit = [s for s in slow if s["new_connection_share"] > 0]
+    return (f"in {len(hit)} of {len(slow)} points some of the slowest answers opened a new connection, at most "
+            f"{100 * max(s['new_connection_share'] for s in hit):.0f} % of them, costing at most "
+            f"{max(s['new_connection_ms'] for s in hit):.1f} ms on average")  # fmt: skip
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", TAILS_POISSON, poisson_table, "poisson tails, table"),
+    Figure("docs/benchmark.md", TAILS_POISSON, poisson_parts, "poisson tails, parts"),
+    Figure("docs/benchmark.md", TAILS_POISSON, poisson_floor, "poisson tails, fifo floor"),
+    Figure("docs/benchmark.md", TAILS_POISSON, poisson_connections, "poisson tails, connections"),
+]  # fmt: skip
+
+# tracing on (every request; a 10 % sample) against off, in slices (setting_cost --slices 12): paired medians
+TRACING = {"every request": "docs/results/benchmark/tracing-cost/slices.json",
+           "10 % sampled": "docs/results/benchmark/tracing-cost/slices-sampled-10pct.json"}  # fmt: skip
+FIGURES += [Figure("docs/benchmark.md", path, summary_row(m, f"{m}, {traced}", PAIRED), f"tracing cost, {m}, {traced}")
+            for traced, path in TRACING.items() for m in ("image", "text")]  # fmt: skip
+FIGURES.append(Figure("docs/benchmark.md", TRACING["every request"], lambda d: " and ".join(
+    f"{d['models'][m]['summary']['on_over_peer']:.2f} against {d['models'][m]['summary']['off_over_peer']:.2f} ({m})"
+    for m in ("image", "text")), "tracing cost, ratios to the peer"))  # fmt: skip
