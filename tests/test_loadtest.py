@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import io
@@ -284,6 +285,23 @@ def test_failures_are_counted_by_kind():
     assert benchmark.failure_kind(503, b'["not", "an", "object"]') == "503"
 
 
+@contextlib.asynccontextmanager
+async def aiohttp_server(handle):
+    """A real aiohttp server on 127.0.0.1 answering POST /p with `handle`; yields that URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/p", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/p"
+    finally:
+        await runner.cleanup()
+
+
 def test_open_loop_keeps_to_its_connections():
     """The soak's generator bounds its connections: slow answers make requests wait for one of the
     `connections`, never open more (no handshake bursts); every request is still sent and its wait counted."""
@@ -299,20 +317,9 @@ def test_open_loop_keeps_to_its_connections():
         return web.json_response({"predictions": [{"label": "x"}]})
 
     async def scenario() -> tuple[list, list]:
-        app = web.Application()
-        app.router.add_post("/p", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
         lags: list = []
-        try:
-            records, _ = await benchmark.open_loop(
-                f"http://127.0.0.1:{port}/p", {}, [b"{}"], 200.0, 0.5, 0.0, connections=3, send_lag=lags
-            )
-        finally:
-            await runner.cleanup()
+        async with aiohttp_server(handle) as url:
+            records, _ = await benchmark.open_loop(url, {}, [b"{}"], 200.0, 0.5, 0.0, connections=3, send_lag=lags)
         return records, lags
 
     records, lags = asyncio.run(scenario())
@@ -470,17 +477,8 @@ def test_timed_open_loop_tells_new_connections_from_reused_ones():
         return web.json_response({}, headers={"server-timing": "queue;dur=1.00, total;dur=2.00", "x-batch-size": "1"})
 
     async def scenario() -> list[dict]:
-        app = web.Application()
-        app.router.add_post("/p", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            return await timed_open_loop(f"http://127.0.0.1:{port}/p", {}, [b"{}"], 20.0, 1.0, 0.0)
-        finally:
-            await runner.cleanup()
+        async with aiohttp_server(handle) as url:
+            return await timed_open_loop(url, {}, [b"{}"], 20.0, 1.0, 0.0)
 
     rows = asyncio.run(scenario())
     assert len(rows) == 20 and all(r["status"] == 200 and r["total"] == 2.0 and r["batch"] == 1 for r in rows)
