@@ -7,9 +7,9 @@ send time), keeps each answer's parts, and compares the slowest 1 % with the mid
 server's parts do not cover — the client's latency minus the server's `total` — is time before the route
 started: the connection's queue, the worker's event loop busy with other requests, the load generator.
 
-What a queue alone gives: `fifo_floor` simulates a FIFO queue with Poisson arrivals and a constant
-service time at the same load (M/D/1, and M/D/2 for two servers sharing one queue), and the result records
-its p99 / p50 beside the measured ones.
+What a queue alone gives: `loadtest/queueing.py::fifo_floor` simulates a FIFO queue with Poisson arrivals
+and a constant service time at the same load (M/D/1, and M/D/2 for two servers sharing one queue), and the
+result records its p99 / p50 beside the measured ones.
 
 A machine whose speed drifts within minutes makes one point's "70 %" anything from 50 % to 100 %, so
 `--repeats N` runs N points per input set, each between two saturation measurements (closed loop, the
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from loadtest import benchmark, cli
 from loadtest import inputs as real_inputs
+from loadtest.queueing import fifo_floor
 
 PARTS = ("decode", "queue", "model", "encode", "total")
 TIMING = re.compile(r"(\w+);dur=([\d.]+)")
@@ -111,25 +112,6 @@ def compare(rows: list[dict]) -> dict:
     return {"p50_ms": round(ok[n // 2]["latency_ms"], 1), "p99_ms": round(ok[int(0.99 * n)]["latency_ms"], 1),
             "failed": len(rows) - n, "middle": mean_parts(ok[int(0.4 * n) : int(0.6 * n)]),
             "slowest_1pct": mean_parts(ok[int(0.99 * n) :])}  # fmt: skip
-
-
-def fifo_floor(load: float, servers: int = 1, requests: int = 200_000, seed: int = 0) -> float:
-    """p99 / p50 of the time in system of a FIFO queue with Poisson arrivals and one constant service time
-    (M/D/c), each of `servers` busy `load` of the time: what queueing alone gives at that load, with no
-    variance in the work. A server whose requests queue (the batcher's, one per worker) cannot be expected
-    below it; batching can only beat it where a batch of n costs less than n single rows."""
-    import heapq
-
-    import numpy as np
-
-    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / (load * servers), requests)).tolist()
-    free, sojourn = [0.0] * servers, []
-    for t in arrivals:
-        end = max(t, heapq.heappop(free)) + 1.0
-        heapq.heappush(free, end)
-        sojourn.append(end - t)
-    p50, p99 = np.percentile(sojourn[requests // 10 :], [50, 99])  # the first tenth: the queue filling
-    return float(p99 / p50)
 
 
 def saturation_rps(url: str, headers, bodies: list[bytes], clients: int, warmup: float) -> float:
