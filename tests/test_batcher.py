@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import BatchCost, Batcher, BatchFailed, QueueTimeout, WouldBeLate
+from serving.batcher import LATE_CAP, BatchCost, Batcher, BatchFailed, QueueTimeout, WouldBeLate
 
 
 class Model:
@@ -194,6 +194,38 @@ def test_a_call_predicted_past_its_deadline_is_refused_at_once_and_one_within_it
     err, took = refused
     assert took < 0.005 and 0.2 < err.predicted_s < 0.4 and 0.15 < err.budget_s <= 0.2
     assert [a.values[0, 0] for a in answered] == [1, 2, 4] and [3] not in model.batches
+
+
+def test_one_stalled_batch_does_not_refuse_a_queue_that_will_answer_in_time():
+    """The running batch has taken 20 times its prediction (a stall): the queued calls are predicted at most
+    LATE_CAP times the cost model, so a call the queue can answer within its deadline is admitted, and is."""
+    stall = threading.Event()
+
+    class Stalled(Model):
+        def __call__(self, rows: list) -> np.ndarray:
+            if rows == [0]:
+                stall.wait(2)  # the first batch stalls until the test lets it go
+            return super().__call__(rows)
+
+    model = Stalled(delay=0.001)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=32, max_wait_s=5)
+        batcher.seed([(1, 0.01), (10, 0.1)])  # 10 ms a row, as the warm-up found it
+        running = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.sleep(0.2)  # 20 times the running batch's 10 ms
+        queued = [asyncio.ensure_future(batcher.submit([i])) for i in range(1, 11)]
+        await asyncio.sleep(0)
+        # uncapped: (10 + 1) rows x 10 ms x 20 = 2.2 s, refused; capped: 0.22 s, within 0.4 / HEADROOM
+        predicted = batcher.predicted_wait(1, 1, time.perf_counter())
+        late_call = asyncio.ensure_future(batcher.submit([11], deadline=time.perf_counter() + 0.5))
+        await asyncio.sleep(0.05)
+        stall.set()
+        return predicted, await late_call, await running, await asyncio.gather(*queued)
+
+    predicted, answer, *_ = asyncio.run(main())
+    assert 0.1 < predicted <= LATE_CAP * 11 * 0.01 + 1e-6, predicted
+    assert answer.values[0, 0] == 11
 
 
 # ---------------------------------------------------------------- text length buckets (serving/adapters/text.py)
