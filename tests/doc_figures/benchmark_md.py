@@ -1013,3 +1013,50 @@ FIGURES += [Figure("docs/benchmark.md", path, summary_row(m, f"{m}, {traced}", P
 FIGURES.append(Figure("docs/benchmark.md", TRACING["every request"], lambda d: " and ".join(
     f"{d['models'][m]['summary']['on_over_peer']:.2f} against {d['models'][m]['summary']['off_over_peer']:.2f} ({m})"
     for m in ("image", "text")), "tracing cost, ratios to the peer"))  # fmt: skip
+
+# the benchmark on Poisson arrivals: before the lateness cap (poisson-targets) and with it (late-cap), same command
+POISSON_TARGETS, LATE_CAP_RUN = (
+    "docs/results/benchmark/poisson-targets/benchmark.json",
+    "docs/results/benchmark/late-cap/benchmark.json",
+)
+TWO_RUN_TARGETS = (  # (model, the target's name as the report writes it, up to its goal; the page's words)
+    ("image", "served default [photo mix] req/s at 32 clients ≥", "photo mix: req/s ≥ 2.2 × the peer's"),
+    ("image", "p99 ≤ 3x p50 at 70 % of saturation (served default)", "bundled images: p99 ≤ 3 × p50 at 70 %"),
+    ("image", "p99 ≤ 3x p50 at 70 % of saturation (served default [photo mix])", "photo mix: p99 ≤ 3 × p50 at 70 %"),
+    ("image", "served default via nginx TLS x2 at 32", "behind nginx (TLS), 2 replicas: ≥ 0.9 of direct"),
+    ("image", "served default via nginx TLS x2 / ", "behind nginx: the lead over the peer ≥ 0.9 of direct"),
+    ("text", "served default req/s at 32 clients ≥ 2.5x", "req/s ≥ 2.5 × the peer's"),
+    ("text", "p99 ≤ 3x p50 at 70 % of saturation (served default)", "p99 ≤ 3 × p50 at 70 %"),
+    ("text", "served default via nginx TLS x2 at 32", "behind nginx (TLS), 2 replicas: ≥ 0.9 of direct"),
+    ("text", "served default via nginx TLS x2 / ", "behind nginx: the lead over the peer ≥ 0.9 of direct"),
+)  # fmt: skip
+
+
+def two_run_target(model: str, name_start: str, words: str) -> Callable[[dict], str]:
+    """A target's ratio and verdict in the run before the cap and in the run with it (this figure's source)."""
+
+    def cell(d: dict) -> str:
+        t = target(d, model, name_start)
+        return f"{t['ratio']} ({ {True: 'met', False: 'not met', None: 'n/a'}[t['met']] })"
+
+    return lambda d: f"| {model} | {words} | {cell(results(POISSON_TARGETS))} | {cell(d)} |"
+
+
+def photo_failures(label: str) -> Callable[[dict], str]:
+    """A run's failed requests on the photo mix: closed loop at 128 clients, open loop at 85 %."""
+
+    def row(d: dict) -> str:
+        pts = {p["config"] + (f" c={p['concurrency']}" if p["kind"] != "served-open" else ""): p
+               for m in d["models"] if m["model"] == "image" for p in m["points"]}  # fmt: skip
+        at128, at85 = pts["served default [photo mix] c=128"], pts["served default [photo mix] @85%"]
+        return f"| {label} | {at128['errors']} of {at128['requests']:,} | {at85['errors']} of {at85['requests']:,} |"
+
+    return row
+
+
+FIGURES += [Figure("docs/benchmark.md", LATE_CAP_RUN, two_run_target(*t), f"two runs: {t[0]}, {t[2]}")
+            for t in TWO_RUN_TARGETS]  # fmt: skip
+FIGURES += [
+    Figure("docs/benchmark.md", POISSON_TARGETS, photo_failures("before the cap (`7f464de`)"), "late cap: before"),
+    Figure("docs/benchmark.md", LATE_CAP_RUN, photo_failures("with the cap"), "late cap: after"),
+]
