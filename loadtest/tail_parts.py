@@ -17,7 +17,7 @@ same server), and records the share each point really sent; the summary is the m
 `--photos` adds the image model's photo mix (loadtest/inputs.py) as a second image input set.
 
     python -m loadtest.tail_parts --models image text --load 0.7 --repeats 5 --photos \
-        --out docs/results/benchmark/tail-parts/tail_parts.json
+        --out docs/results/benchmark/tail-parts-poisson/tail_parts.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest import benchmark, cli
+from loadtest import benchmark, cli, setting_cost
 from loadtest import inputs as real_inputs
 from loadtest.queueing import fifo_floor
 
@@ -115,7 +115,7 @@ def compare(rows: list[dict]) -> dict:
 
 
 def saturation_rps(url: str, headers, bodies: list[bytes], clients: int, warmup: float) -> float:
-    """Answered requests a second with `clients` closed-loop clients, over 5 s."""
+    """Answered requests a second with `clients` closed-loop clients, over SATURATION_SECONDS."""
     records, secs = asyncio.run(benchmark.closed_loop(url, headers, bodies, clients, SATURATION_SECONDS, warmup))
     return sum(1 for *_, ok in records if ok) / secs
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                     help="a serve setting for every model, without its prefix (e.g. INTRA_OP_THREADS=2)")  # fmt: skip
     cli.add_load_options(ap)  # --clients: the closed loop that measures saturation
-    ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/tail-parts/tail_parts.json"))
+    ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/tail-parts-poisson/tail_parts.json"))
     args = ap.parse_args(argv)
     data, log_dir = real_inputs.load(args.inputs), Path(tempfile.mkdtemp(prefix="servable-tail-parts-logs-"))
     result = {"command": "python -m loadtest.tail_parts " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                                           "two servers, one queue (M/D/2)": round(fifo_floor(args.load, 2), 2)},
               "models": {}}  # fmt: skip
     servers, tags = {}, {m: artifact.load(cli.tag_of(args, m)).tag for m in args.models}
-    settings = dict(kv.split("=", 1) for kv in args.setting)
+    try:
+        settings = setting_cost.settings(args.setting)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
     try:
         for model, inputs in input_sets(args.models, args.photos):
             if model not in servers:

@@ -1060,3 +1060,7 @@ FIGURES += [
     Figure("docs/benchmark.md", POISSON_TARGETS, photo_failures("before the cap (`7f464de`)"), "late cap: before"),
     Figure("docs/benchmark.md", LATE_CAP_RUN, photo_failures("with the cap"), "late cap: after"),
 ]
+LATE_CAP_SLICES = "docs/results/benchmark/late-cap/slices.json"
+FIGURES += [
+    Figure("docs/benchmark.md", LATE_CAP_SLICES, chunked_row(m), f"late cap slices, {m}") for m in ("image", "text")
+]
