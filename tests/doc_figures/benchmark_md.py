@@ -1010,6 +1010,9 @@ TRACING = {"every request": "docs/results/benchmark/tracing-cost/slices.json",
            "10 % sampled": "docs/results/benchmark/tracing-cost/slices-sampled-10pct.json"}  # fmt: skip
 FIGURES += [Figure("docs/benchmark.md", path, summary_row(m, f"{m}, {traced}", PAIRED), f"tracing cost, {m}, {traced}")
             for traced, path in TRACING.items() for m in ("image", "text")]  # fmt: skip
+TRACING_NONE = "docs/results/benchmark/tracing-cost/slices-sampled-none.json"  # tracing on, sampler ratio 0; image
+FIGURES.append(Figure("docs/benchmark.md", TRACING_NONE, summary_row("image", "image, none sampled (ratio 0)", PAIRED),
+                      "tracing cost, image, none sampled"))  # fmt: skip
 FIGURES.append(Figure("docs/benchmark.md", TRACING["every request"], lambda d: " and ".join(
     f"{d['models'][m]['summary']['on_over_peer']:.2f} against {d['models'][m]['summary']['off_over_peer']:.2f} ({m})"
     for m in ("image", "text")), "tracing cost, ratios to the peer"))  # fmt: skip
