@@ -125,9 +125,9 @@ def input_sets(models: list[str], photos: bool) -> list[tuple[str, str]]:
     return [(m, "bundled") for m in models] + ([("image", "photo mix")] if photos and "image" in models else [])
 
 
-def point_summary(load: float, sat_before: float, sat_after: float, rows: list[dict]) -> dict:
-    """One open-loop point: the share of the saturation around it that it sent, its p50/p99 and parts."""
-    rate = load * sat_before
+def point_summary(rate: float, sat_before: float, sat_after: float, rows: list[dict]) -> dict:
+    """One open-loop point sent at `rate`: the share of the saturation around it that it sent, its p50/p99
+    and parts."""
     found = compare(rows)
     return {"saturation_before_rps": round(sat_before, 1), "saturation_after_rps": round(sat_after, 1),
             "rate": round(rate, 1), "share_sent": round(rate / ((sat_before + sat_after) / 2), 3),
@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_load_options(ap)  # --clients: the closed loop that measures saturation
     ap.add_argument("--out", type=Path, default=Path("docs/results/benchmark/tail-parts-poisson/tail_parts.json"))
     args = ap.parse_args(argv)
+    try:  # a bad --setting is an error before any work
+        settings = setting_cost.settings(args.setting)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
     data, log_dir = real_inputs.load(args.inputs), Path(tempfile.mkdtemp(prefix="servable-tail-parts-logs-"))
     result = {"command": "python -m loadtest.tail_parts " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": describe_machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -169,10 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                                           "two servers, one queue (M/D/2)": round(fifo_floor(args.load, 2), 2)},
               "models": {}}  # fmt: skip
     servers, tags = {}, {m: artifact.load(cli.tag_of(args, m)).tag for m in args.models}
-    try:
-        settings = setting_cost.settings(args.setting)
-    except argparse.ArgumentTypeError as exc:
-        ap.error(str(exc))
     try:
         for model, inputs in input_sets(args.models, args.photos):
             if model not in servers:
@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             points: list[dict] = []
             sat = saturation_rps(url, headers, bodies, args.clients, args.warmup)
             for k in range(args.repeats):
-                rows = asyncio.run(timed_open_loop(url, headers, bodies, args.load * sat, args.seconds, args.warmup,
-                                                   seed=k))  # fmt: skip
+                rate = args.load * sat
+                rows = asyncio.run(timed_open_loop(url, headers, bodies, rate, args.seconds, args.warmup, seed=k))
                 after = saturation_rps(url, headers, bodies, args.clients, args.warmup)
-                points.append(point_summary(args.load, sat, after, rows))
+                points.append(point_summary(rate, sat, after, rows))
                 print(f"{model} [{inputs}] {k + 1}/{args.repeats}: share {points[-1]['share_sent']}, p50 "
                       f"{points[-1]['p50_ms']} ms, p99 {points[-1]['p99_ms']} ms, ratio {points[-1]['p99_over_p50']}",
                       flush=True)  # fmt: skip

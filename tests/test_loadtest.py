@@ -456,7 +456,7 @@ def test_tail_points_record_the_share_really_sent_and_their_median():
              "new_connection": False, "total": 8.0}] * 99  # fmt: skip
     rows += [{**rows[0], "latency_ms": 50.0}] * 1
     # 70 % of 100/s sent while the saturation fell to 80/s: 70 of 90 on average
-    point = point_summary(0.7, 100.0, 80.0, rows)
+    point = point_summary(70.0, 100.0, 80.0, rows)
     assert point["rate"] == 70.0 and point["share_sent"] == round(70 / 90, 3)
     assert point["p50_ms"] == 10.0 and point["p99_ms"] == 50.0 and point["p99_over_p50"] == 5.0
     assert point["slowest_1pct"]["generator_late_ms"] == 0.1 and point["middle"]["new_connection_share"] == 0
