@@ -224,6 +224,11 @@ class LimitedDataConfig(ImageTrainConfig):
     ssl_lr: float = Field(3e-3, gt=0, description="Rotation pre-training: learning rate.")
     active_initial: float = Field(0.5, gt=0, lt=1, description="Share of the label budget drawn at random first.")
     active_rounds: int = Field(1, ge=1, description="Uncertainty rounds that fill the rest of the budget.")
+    jobs: int = Field(
+        0, ge=0, description="Cells trained at once, each in its own process with an equal share of the cores "
+        "(two cells on a core each finish sooner than one after the other on both); 0 = one per core, at most 4 "
+        "(each holds the image pools, about 1.2 GB); 1 = one at a time in this process.",
+    )  # fmt: skip
     output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")
 
 

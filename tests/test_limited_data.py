@@ -6,6 +6,9 @@ to end at tiny sizes (real data, real training), report and resume included."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -202,7 +205,7 @@ def quick_config(tmp_path) -> LimitedDataConfig:
         tune_lrs_probe=[3e-3], tune_lrs_pretrained=[1e-3], tune_lrs_slow_backbone=[3e-3], probe_max_epochs=2,
         pretrained_max_epochs=1, small_cnn_max_epochs=2, unlabelled_pool=100, pseudo_epochs=1, pseudo_threshold=0.2,
         fixmatch_steps=2, fixmatch_eval_every=1, ssl_epochs=1, progress=False, output=tmp_path / "out",
-        runs_dir=tmp_path / "runs",
+        runs_dir=tmp_path / "runs", jobs=1,
     )  # fmt: skip
 
 
@@ -263,3 +266,49 @@ def test_a_stopped_study_goes_on_where_it_stopped(tmp_path, monkeypatch):
     for arm, by_size in results["runs"].items():
         assert by_size[60] == saved["runs"][arm]["60"], arm  # kept, not trained again
         assert len(by_size[120]) == 1, arm
+
+
+def test_cells_run_in_parallel_processes_after_the_cells_they_read(tmp_path):
+    """`python -m training limited-data` with two jobs, as a user runs it: the cells run in two worker
+    processes, pseudo-labels and FixMatch start only after the small CNN they start from has finished, and
+    every cell is recorded with its CPU time counted in the study's."""
+    cfg = quick_config(tmp_path).model_copy(update={"jobs": 2, "num_threads": 1, "tune_lrs": [3e-3]})
+    default = LimitedDataConfig().model_dump(mode="json")
+    env = {**os.environ, **{f"SERVABLE_LIMITED_{k.upper()}": json.dumps(v) if not isinstance(v, str) else v
+                            for k, v in cfg.model_dump(mode="json").items() if v != default[k]}}  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "training", "limited-data"], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((cfg.output / "limited_data.json").read_text())
+    assert not results["missing"] and all(len(by[size]) == 1 for by in results["runs"].values() for size in by)
+    log = run.stdout.splitlines()
+    started = {line[3:].split(" labelled")[0]: i for i, line in enumerate(log) if line.startswith("== ")}
+    ended = {line[5:].split(" labelled")[0]: i for i, line in enumerate(log) if line.startswith("done ")}
+    assert len(ended) == len(ARMS) * 2
+    assert len({line.rsplit("process ", 1)[1] for line in log if line.startswith("done ")}) == 2
+    for size in (60, 120):
+        for arm in ("pseudo-label", "fixmatch"):
+            assert started[f"{arm}, {size}"] > ended[f"small-cnn, {size}"], (arm, size)
+    cells_cpu = sum(r["cpu_seconds"] for by in results["runs"].values() for rs in by.values() for r in rs)
+    assert results["cpu_minutes"] >= round(cells_cpu / 60, 1) - 0.1
+
+
+def test_a_cell_waits_for_the_small_cnn_and_the_rotation_backbone_it_reads(tmp_path):
+    """Pseudo-labels and FixMatch wait for their size and seed's small CNN; while a seed's first rotation cell
+    pre-trains the backbone, its other rotation cells wait; once the backbone is cached they need not."""
+    from training.limited_data import Study, empty_runs, ready
+
+    cfg = quick_config(tmp_path)
+    study, runs = Study(cfg, {}), empty_runs(cfg)
+    for arm in ("pseudo-label", "fixmatch"):
+        assert not ready((arm, 60, 0), runs, [], study)
+    assert ready(("small-cnn", 60, 0), runs, [], study) and ready(("no-augmentation", 60, 0), runs, [], study)
+    runs["small-cnn"][60].append({"seed": 0})
+    assert ready(("pseudo-label", 60, 0), runs, [], study) and not ready(("fixmatch", 120, 0), runs, [], study)
+    assert not ready(("fixmatch", 60, 1), runs, [], study)  # another seed's small CNN
+    first = ("rotation-ssl", 60, 0)
+    assert ready(first, runs, [], study)
+    assert not ready(("rotation-ssl", 120, 0), runs, [first], study)
+    assert ready(("rotation-ssl", 120, 1), runs, [first], study)  # another seed's backbone
+    study.cache("rotation-seed0.pt").write_bytes(b"cached")
+    assert ready(("rotation-ssl", 120, 0), runs, [first], study)

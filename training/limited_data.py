@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing import get_context
 from pathlib import Path
 
 import matplotlib
@@ -386,7 +389,7 @@ def run_active(cfg: LimitedDataConfig, pool: Pool, d: Draw, size: int, seed: int
 # --- progress ------------------------------------------------------------------------------------------------
 
 # Settings that do not change a result: a stopped study resumes under other values of these.
-RESUME_IGNORES = ("output", "runs_dir", "num_threads", "progress", "device")
+RESUME_IGNORES = ("output", "runs_dir", "num_threads", "progress", "device", "jobs")
 
 
 def resume_key(cfg: LimitedDataConfig) -> dict:
@@ -436,9 +439,14 @@ def has(runs: dict, arm: str, size: int, seed: int) -> bool:
     return any(r["seed"] == seed for r in runs[arm][size])
 
 
-def missing_cells(cfg: LimitedDataConfig, runs: dict) -> list[str]:
-    return [f"{arm} {size} seed {seed}" for size in cfg.sizes for seed in cfg.seeds for arm in ARMS
+def cells_to_run(cfg: LimitedDataConfig, runs: dict) -> list[tuple[str, int, int]]:
+    """(arm, size, seed) of every cell not run yet, in the study's order: by size, then seed, then arm."""
+    return [(arm, size, seed) for size in cfg.sizes for seed in cfg.seeds for arm in ARMS
             if not has(runs, arm, size, seed)]  # fmt: skip
+
+
+def missing_cells(cfg: LimitedDataConfig, runs: dict) -> list[str]:
+    return [f"{arm} {size} seed {seed}" for arm, size, seed in cells_to_run(cfg, runs)]
 
 
 def run_experiment(cfg: LimitedDataConfig) -> dict:
@@ -451,27 +459,103 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
     saved = load_progress(cfg)
     earlier = (saved["seconds"], saved.get("cpu_seconds", 0.0)) if saved else (0.0, 0.0)
     cpu_started = time.process_time()
-    elapsed = lambda: (earlier[0] + time.perf_counter() - started, earlier[1] + time.process_time() - cpu_started)  # noqa: E731
+    cells_cpu = [0.0]  # CPU of cells run in worker processes, which this process's clock does not see
+    elapsed = lambda: (earlier[0] + time.perf_counter() - started,  # noqa: E731
+                       earlier[1] + time.process_time() - cpu_started + cells_cpu[0])  # fmt: skip
     runs = saved["runs"] if saved else empty_runs(cfg)
     if saved:
         study.tuned = saved["tuned"]
         tqdm.write(f"resuming from {progress_path(cfg)}: {len(missing_cells(cfg, runs))} cells to go")
     tune(study, lambda: save_progress(cfg, study.tuned, runs, elapsed()))
     save_progress(cfg, study.tuned, runs, elapsed())
-    results = {}
-    for size in cfg.sizes:
-        for seed in cfg.seeds:
-            for arm in ARMS:
-                if has(runs, arm, size, seed):
-                    continue
-                tqdm.write(f"== {arm}, {size} labelled images, seed {seed}")
-                runs[arm][size].append(run_cell(study, arm, size, seed))
-                save_progress(cfg, study.tuned, runs, elapsed())
-                results = report(cfg, study.tuned, runs, elapsed(), saved is not None)
+
+    def done(arm: str, size: int, record: dict, in_worker: bool) -> None:
+        runs[arm][size].append(record)
+        cells_cpu[0] += record["cpu_seconds"] if in_worker else 0.0
+        save_progress(cfg, study.tuned, runs, elapsed())
+        report(cfg, study.tuned, runs, elapsed(), saved is not None)
+
+    jobs, threads = job_shape(cfg)
+    todo = cells_to_run(cfg, runs)
+    if jobs == 1:
+        for arm, size, seed in todo:
+            tqdm.write(f"== {arm}, {size} labelled images, seed {seed}")
+            done(arm, size, run_cell(study, arm, size, seed), in_worker=False)
+    elif todo:
+        if any(arm in TRANSFER for arm, *_ in todo):
+            probe_features(study)  # computed here once, not by every worker at the same time
+        run_in_workers(study, runs, todo, jobs, threads, lambda arm, size, seed, record: done(arm, size, record, True))
     results = report(cfg, study.tuned, runs, elapsed(), saved is not None)
     if not results["missing"]:
         progress_path(cfg).unlink()
     return results
+
+
+# --- cells in parallel: one process per job, each with its share of the cores ----------------------------------
+
+
+def job_shape(cfg: LimitedDataConfig) -> tuple[int, int]:
+    """(cells at once, torch threads per cell). Small models use two threads poorly, so two cells on one
+    core each finish sooner than one after the other on both (measured: docs/training.md)."""
+    cores = os.cpu_count() or 1
+    jobs = cfg.jobs or min(cores, 4)
+    return jobs, cfg.num_threads or max(1, cores // jobs)
+
+
+def ready(cell: tuple[str, int, int], runs: dict, running: list[tuple[str, int, int]], study: Study) -> bool:
+    """A cell may start once what it reads exists: pseudo-labels and FixMatch start from the small CNN of the
+    same size and seed (its saved weights); the first rotation cell of a seed pre-trains and caches the
+    backbone the seed's other rotation cells load, so they wait for it."""
+    arm, size, seed = cell
+    if arm in ("pseudo-label", "fixmatch"):
+        return has(runs, "small-cnn", size, seed)
+    if arm == "rotation-ssl" and not study.cache(f"rotation-seed{seed}.pt").is_file():
+        return not any(a == arm and s == seed for a, _, s in running)
+    return True
+
+
+_WORKER: Study | None = None  # a worker process's own copy of the study (pools loaded once per process)
+
+
+def _start_worker(cfg: LimitedDataConfig, tuned: dict) -> None:
+    global _WORKER
+    set_threads(cfg.num_threads)
+    _WORKER = Study(cfg, load_pools(cfg), tuned)
+
+
+def _worker_cell(arm: str, size: int, seed: int) -> tuple[int, dict]:
+    assert _WORKER is not None
+    return os.getpid(), run_cell(_WORKER, arm, size, seed)
+
+
+def run_in_workers(study: Study, runs: dict, todo: list[tuple[str, int, int]], jobs: int, threads: int,
+                   on_done) -> None:  # fmt: skip
+    """Run `todo`'s cells `jobs` at a time in spawned processes (each with `threads` torch threads), in the
+    study's order except where a cell waits for another; `on_done(arm, size, seed, record)` as each ends
+    (it records the cell in `runs`, which `ready` reads)."""
+    # the plain config class: a subclass (the CLI's command) lives in a __main__ the workers do not import
+    fields = {**study.cfg.model_dump(), "num_threads": threads, "progress": False}
+    worker_cfg = LimitedDataConfig.model_construct(**fields)
+    todo = list(todo)
+    running: dict[Future, tuple[str, int, int]] = {}
+    context = get_context("spawn")  # a fork of a process that has run torch threads can hang
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(worker_cfg, study.tuned)) as pool:  # fmt: skip
+        while todo or running:
+            for cell in list(todo):
+                if len(running) < jobs and ready(cell, runs, list(running.values()), study):
+                    todo.remove(cell)
+                    tqdm.write(f"== {cell[0]}, {cell[1]} labelled images, seed {cell[2]}")
+                    running[pool.submit(_worker_cell, *cell)] = cell
+            if not running:
+                raise RuntimeError(f"cells wait for something no cell will make: {todo}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                arm, size, seed = running.pop(f)
+                pid, record = f.result()
+                tqdm.write(f"done {arm}, {size} labelled images, seed {seed}: test accuracy {record['accuracy']:.3f} "
+                           f"(process {pid})")  # fmt: skip
+                on_done(arm, size, seed, record)
 
 
 def report(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: tuple[float, float], resumed: bool) -> dict:
