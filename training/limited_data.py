@@ -185,13 +185,13 @@ def test_accuracy(model, pool: Pool) -> float:
 
 def run_record(accuracy: float, history: list[EpochLog], seed: int, start: tuple[float, float], **extra) -> dict:
     """Test accuracy and the evidence that the run learned: training loss and accuracy, first vs last epoch;
-    wall-clock and CPU seconds (on a shared machine the CPU time is the steadier cost)."""
+    wall-clock and CPU seconds (on a shared machine the CPU time is the steadier cost) and the torch threads."""
     return {
         "seed": seed, "accuracy": accuracy, "epochs_run": len(history),
         "train_loss": [history[0].train_loss, history[-1].train_loss],
         "train_acc": [history[0].train_acc, history[-1].train_acc],
         "best_val_acc": max(h.val_acc for h in history), "seconds": round(time.perf_counter() - start[0], 1),
-        "cpu_seconds": round(time.process_time() - start[1], 1), **extra,
+        "cpu_seconds": round(time.process_time() - start[1], 1), "threads": torch.get_num_threads(), **extra,
     }  # fmt: skip
 
 
