@@ -487,3 +487,28 @@ def test_timed_open_loop_tells_new_connections_from_reused_ones():
     assert 1 <= len(new) <= 3 and all(r["connect_ms"] > 0 for r in new)
     assert all(r["connect_ms"] == 0.0 for r in rows if not r["new_connection"])
     assert all(r["late_ms"] >= 0 for r in rows)
+
+
+def test_text_ceiling_times_every_variant_in_buckets_and_derives_the_ceiling(text_run, tmp_path):
+    """`loadtest.text_ceiling`: each ONNX variant of the artifact timed at every batch size, a batch padded only
+    within its length buckets (as the served adapter runs it), and the ceiling computed from the timings."""
+    from loadtest import text_ceiling
+    from servable import artifact
+
+    art = artifact.load(text_run.tag)
+    prep = art.manifest.text_preprocessing
+    tok = text_ceiling.load_tokenizer(art.file(prep.tokenizer_file), prep)
+    short, long = tok.encode_batch(["Fine.", " ".join(["a really long and rambling sentence"] * 6)])
+    padded = text_ceiling.batches([short, long, short, long], 4, 0.3, prep)
+    assert [len(x["input_ids"]) for x in padded] == [2, 2]  # two buckets, not one padded to the longest
+    assert padded[0]["input_ids"].shape[1] == len(short.ids)
+    out = tmp_path / "ceiling.json"
+    assert text_ceiling.main(["--tag", text_run.tag, "--texts", "24", "--repeats", "1", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert set(d["one_thread"]) == set(art.manifest.onnx)
+    for by_batch in d["one_thread"].values():
+        assert list(by_batch) == ["1", "2", "4", "8", "16"]  # 32 needs more than 24 texts
+        assert all(v["wall_ms"] > 0 and v["cpu_ms"] > 0 for v in by_batch.values())
+    best_int8 = min(v["wall_ms"] for v in d["one_thread"]["int8"].values())
+    assert d["model_only_ceiling"] == round(d["one_thread"]["fp32"]["1"]["wall_ms"] / best_int8, 2)
+    assert d["peer_session"]["wall_ms"] > 0 and d["fused_attention_nodes"]["fp32"] == 0

@@ -1059,3 +1059,52 @@ LATE_CAP_SLICES = "docs/results/benchmark/late-cap/slices.json"
 FIGURES += [
     Figure("docs/benchmark.md", LATE_CAP_SLICES, chunked_row(m), f"late cap slices, {m}") for m in ("image", "text")
 ]
+
+# the text model alone, timed by variant and batch size: the ceiling of text's ratio to the peer
+TEXT_CEILING = "docs/results/benchmark/text-ceiling/text_ceiling.json"
+CEILING_BATCHES = ("1", "2", "4", "8", "16", "32")
+
+
+def ceiling_table(d: dict) -> str:
+    rows = ["| variant | fused attention nodes | " + " | ".join(f"batch {b}" for b in CEILING_BATCHES) + " |",
+            "|---|---:|" + "---:|" * len(CEILING_BATCHES)]  # fmt: skip
+    for name, by in d["one_thread"].items():
+        cells = " | ".join(f"{by[b]['wall_ms']:.2f}" for b in CEILING_BATCHES)
+        rows.append(f"| {name} | {d['fused_attention_nodes'][name]} | {cells} |")
+    return "\n".join(rows)
+
+
+def ceiling_ms(variant: str, batch: str) -> Callable[[dict], float]:
+    return lambda d: d["one_thread"][variant][batch]["wall_ms"]
+
+
+def ceiling_words(d: dict) -> str:
+    ceiling, int8, fp32, peer = d["model_only_ceiling"], ceiling_ms("int8", "1")(d), ceiling_ms("fp32", "1")(d), d[
+        "peer_session"]  # fmt: skip
+    return (
+        f"The model-only ceiling is {ceiling:.2f}**: with both servers spending nothing outside the model and every "
+        f"core busy, the served default (int8, {int8:.2f} ms) would answer {ceiling:.2f} times as many texts as the "
+        f"peer (fp32, at best {fp32:.2f} ms of one core a text). The peer's own session, with ONNX Runtime's default "
+        f"threads, spends {peer['cpu_ms']:.2f} ms of CPU a text ({peer['wall_ms']:.2f} ms wall"
+    )
+
+
+def fused_words(d: dict) -> str:
+    one, many = ceiling_ms("fused-attention-int8", "1")(d), ceiling_ms("fused-attention-int8", "32")(d)
+    less = [100 * (1 - ms / ceiling_ms("int8", b)(d)) for ms, b in ((one, "1"), (many, "32"))]
+    return (f"{one:.2f} ms alone and {many:.2f} ms in batches of 32 ({less[0]:.0f} % and {less[1]:.0f} % less than "
+            "the shipped int8)")  # fmt: skip
+
+
+FIGURES += [
+    Figure("docs/benchmark.md", TEXT_CEILING, ceiling_table, "text ceiling: table"),
+    Figure("docs/benchmark.md", TEXT_CEILING, lambda d: (
+        f"int8 costs {ceiling_ms('int8', '1')(d):.2f} ms a text alone and {ceiling_ms('int8', '32')(d):.2f} ms in "
+        "batches of 32"), "text ceiling: batching saves nothing"),
+    Figure("docs/benchmark.md", TEXT_CEILING, ceiling_words, "text ceiling: the ceiling"),
+    Figure("docs/benchmark.md", TEXT_CEILING, lambda d: (
+        f"an int8 text costing about {ceiling_ms('fp32', '1')(d) / 2.5:.1f} ms"), "text ceiling: what 2.5 needs"),
+    Figure("docs/benchmark.md", TEXT_CEILING, fused_words, "text ceiling: fused attention"),
+    Figure("docs/benchmark.md", TEXT_CEILING, lambda d: f"{d['mean_tokens']} tokens a sentence on average",
+           "text ceiling: sentence length"),
+]  # fmt: skip
