@@ -1108,3 +1108,15 @@ FIGURES += [
     Figure("docs/benchmark.md", TEXT_CEILING, lambda d: f"{d['mean_tokens']} tokens a sentence on average",
            "text ceiling: sentence length"),
 ]  # fmt: skip
+
+BUCKET_WASTE = "docs/results/benchmark/bucket-waste/slices.json"  # text, bucket waste 0.1 (on) against 0.3 (off)
+
+
+def bucket_waste_paired(d: dict) -> str:
+    m = d["models"]["text"]["summary"]
+    return (f"req/s {m['rps_on_over_off_paired']:.3f} times, workers' CPU per answer "
+            f"{m['cpu_per_answer_on_over_off_paired']:.3f} times, p99 {m['p99_on_over_off_paired']:.3f} times; "
+            f"ratio to the peer {m['on_over_peer']:.2f} against {m['off_over_peer']:.2f}")  # fmt: skip
+
+
+FIGURES.append(Figure("docs/benchmark.md", BUCKET_WASTE, bucket_waste_paired, "bucket waste: paired"))
