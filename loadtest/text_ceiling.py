@@ -1,10 +1,10 @@
 """What one text costs the model alone: the ceiling of the text model's ratio to the FastAPI + ORT peer.
 
 Times the artifact's ONNX variants on the benchmark's review sentences, tokenised beforehand, split
-into length buckets as the served adapter splits a batch (`TextServeSettings.bucket_waste`), one
-intra-op thread (as each served worker runs), at several batch sizes: milliseconds of one core per
-text, best of `--repeats`. Beside them, the peer's own session (fp32, ONNX Runtime's default
-options, one text at a time, as `loadtest/ort_peer.py` runs it).
+into length buckets as the served adapter splits a batch (`TextServeSettings.bucket_waste`), in the
+session a served CPU worker builds (`serving.onnx_runtime.create_session`: one intra-op thread), at
+several batch sizes: milliseconds of one core per text, best of `--repeats`. Beside them, the peer's
+own session (fp32, ONNX Runtime's default options, one text at a time, as `loadtest/ort_peer.py` runs it).
 
 If both servers spent nothing outside the model and kept every core busy, the served default's
 throughput over the peer's would be the peer model's cost per text over the served one's: the
@@ -26,21 +26,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from loadtest import cli
 from loadtest.inputs import review_sentences
 from servable import artifact
 from servable.config import TextServeSettings
 from servable.preprocessing import load_tokenizer, pad_encodings
 from serving.adapters.text import length_buckets
+from serving.onnx_runtime import create_session
 
 BATCHES = (1, 2, 4, 8, 16, 32)
-
-
-def session(path: Path, threads: int | None) -> ort.InferenceSession:
-    """One intra-op thread as a served worker runs; None: ONNX Runtime's defaults, as the peer runs."""
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def batches(encodings, batch: int, waste: float, prep) -> list[dict[str, np.ndarray]]:
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from servable.machine import describe_machine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tag", default="sentiment-bert:latest")
+    ap.add_argument("--tag", default=cli.default_tag("text"), help="the text model's store tag")
     ap.add_argument("--texts", type=int, default=512, help="review sentences timed (the benchmark's set)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH", help="another ONNX file to time")
@@ -89,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     prep = art.manifest.text_preprocessing
     tok = load_tokenizer(art.file(prep.tokenizer_file), prep)
     encodings = tok.encode_batch(review_sentences(args.texts))
-    waste = TextServeSettings().bucket_waste
+    settings = TextServeSettings(device="cpu")  # a served CPU worker's: one intra-op thread, its length buckets
+    waste = settings.bucket_waste
     files = {name: art.onnx_path(name) for name in art.manifest.onnx}
     files.update(dict(e.split("=", 1) for e in args.extra))
     sizes = [b for b in BATCHES if b <= args.texts]  # a batch size needs that many texts
     variants, attention = {}, {}
     for name, path in files.items():
-        sess = session(Path(path), threads=1)
+        sess, _ = create_session(Path(path), settings)
         variants[name] = {str(b): ms_per_text(sess, batches(encodings, b, waste, prep), args.repeats) for b in sizes}
         attention[name] = fused_attention_nodes(Path(path))
         print(name, "  ".join(f"batch {b}: {v['wall_ms']:.2f} ms" for b, v in variants[name].items()))
-    peer = ms_per_text(session(art.onnx_path("fp32"), threads=None), batches(encodings, 1, waste, prep), args.repeats)
+    peer_session = ort.InferenceSession(str(art.onnx_path("fp32")), providers=["CPUExecutionProvider"])  # as ort_peer
+    peer = ms_per_text(peer_session, batches(encodings, 1, waste, prep), args.repeats)
     print(f"peer's session (fp32, default options, one text at a time): {peer['wall_ms']:.2f} ms wall, "
           f"{peer['cpu_ms']:.2f} ms CPU per text")  # fmt: skip
     served = min(v["wall_ms"] for v in variants["int8"].values()) if "int8" in variants else None
