@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from servable.config import LimitedDataConfig
+from servable.config import LimitedDataConfig, cpu_cores
 from servable.machine import describe_machine
 from servable.preprocessing import ImagePreprocessing
 from training.active_learning import select_labels
@@ -497,7 +497,7 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
 def job_shape(cfg: LimitedDataConfig) -> tuple[int, int]:
     """(cells at once, torch threads per cell). Small models use two threads poorly, so two cells on one
     core each finish sooner than one after the other on both (measured: docs/training.md)."""
-    cores = os.cpu_count() or 1
+    cores = cpu_cores()  # its CPU set and a container's CPU quota, as the serving workers count them
     jobs = cfg.jobs or min(cores, 4)
     return jobs, cfg.num_threads or max(1, cores // jobs)
 
