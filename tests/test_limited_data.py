@@ -313,3 +313,18 @@ def test_a_cell_waits_for_the_small_cnn_and_the_rotation_backbone_it_reads(tmp_p
     assert ready(("rotation-ssl", 120, 1), runs, [first], study)  # another seed's backbone
     study.cache("rotation-seed0.pt").write_bytes(b"cached")
     assert ready(("rotation-ssl", 120, 0), runs, [first], study)
+
+
+def test_workers_take_the_largest_labelled_sets_first_and_the_small_cnn_before_its_methods(tmp_path):
+    """The costly cells start first, so the study does not end on one long cell with the other workers idle;
+    within a size the study's order stays, so a seed's small CNN is handed out before the methods that read it."""
+    from training.limited_data import cells_to_run, empty_runs, largest_first
+
+    cfg = quick_config(tmp_path)
+    order = largest_first(cells_to_run(cfg, empty_runs(cfg)))
+    sizes = [size for _, size, _ in order]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    for size in cfg.sizes:
+        for seed in cfg.seeds:
+            arms = [arm for arm, s, sd in order if (s, sd) == (size, seed)]
+            assert arms.index("small-cnn") < min(arms.index("pseudo-label"), arms.index("fixmatch"))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from servable.config import ImageTrainConfig
 from servable.preprocessing import ImagePreprocessing
 from training.data_images import ImageSplits
-from training.image_model import BackboneHead
+from training.image_model import BackboneHead, channels_last, to_default_layout, to_training_layout
 from training.image_pipeline import build_model, recompute_batchnorm
 from training.loop import EarlyStopping, EpochLog, val_metrics, warmup_cosine
 from training.runtime import seed_everything
@@ -102,6 +102,7 @@ def fixmatch(
     gen = seed_everything(cfg.seed)
     model = build_model(cfg, len(splits.labels))
     model.load_state_dict(init_state)
+    model = to_training_layout(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_finetune, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, steps, cfg.warmup_fraction)
     stopper, history, stats = EarlyStopping(cfg.patience, cfg.min_delta, cfg.monitor), [], FixMatchStats()
@@ -109,7 +110,7 @@ def fixmatch(
 
     def forward(batch):
         x, y = batch
-        return model(standardise(unit(x.numpy()), prep)), y
+        return model(channels_last(standardise(unit(x.numpy()), prep))), y
 
     def val_batches():
         recompute_batchnorm(model, splits.train_x, prep, cpu)
@@ -129,7 +130,7 @@ def fixmatch(
         stats.unlabelled_seen.update(ui.tolist())
         xl, yl, xu = unit(splits.train_x[li]), torch.from_numpy(splits.train_y[li]), unit(unlabelled_x[ui])
         views = torch.cat([augment(xl, gen, False), augment(xu, gen, False), augment(xu, gen, True)])
-        logits = model(standardise(views, prep))
+        logits = model(channels_last(standardise(views, prep)))
         l_lab, l_weak, l_strong = logits[: len(li)], logits[len(li) : len(li) + len(ui)], logits[len(li) + len(ui) :]
         conf, pseudo = torch.softmax(l_weak.detach(), 1).max(1)
         mask = (conf >= threshold).float()
@@ -159,4 +160,4 @@ def fixmatch(
             if stopper.update(val, model, ("fixmatch", len(history))):
                 break
     stopper.restore(model)
-    return model.eval(), history, stats.summary()
+    return to_default_layout(model).eval(), history, stats.summary()

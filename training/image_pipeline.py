@@ -22,7 +22,15 @@ from training import calibration, onnx_tools
 from training.data_images import ImageSplits, load_fashion_mnist, load_image_folder
 from training.extra_data import add_images
 from training.gallery import image_gallery
-from training.image_model import BackboneHead, ImageClassifier, build_augmentation, normalize_batch
+from training.image_model import (
+    BackboneHead,
+    ImageClassifier,
+    build_augmentation,
+    channels_last,
+    normalize_batch,
+    to_default_layout,
+    to_training_layout,
+)
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
@@ -78,7 +86,7 @@ def fine_tune(
     model = build_model(cfg, len(splits.labels))
     if init_state is not None:
         model.load_state_dict(init_state)
-    model = model.to(device)
+    model = to_training_layout(model, device)
     augment = build_augmentation().to(device) if cfg.augment else None
 
     def forward(batch):
@@ -86,7 +94,7 @@ def fine_tune(
         x = normalize_batch(x.to(device, non_blocking=True), prep)
         if augment is not None and model.training:
             x = augment(x)
-        return model(x), y.to(device)
+        return model(channels_last(x)), y.to(device)
 
     def val_batches():
         if not cfg.pretrained:  # every evaluation of a from-scratch network sees its current statistics
@@ -123,7 +131,7 @@ def fine_tune(
                             **common)  # fmt: skip
         keep_weight_average(averager, model, stopper, **common)
     stopper.restore(model)  # the best epoch's weights with the BatchNorm statistics measured for them
-    return model.cpu().eval(), history, stopper, stopped
+    return to_default_layout(model.cpu()).eval(), history, stopper, stopped
 
 
 PRECISE_BN_IMAGES = 1024

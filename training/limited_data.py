@@ -270,7 +270,9 @@ def ssl_backbone(study: Study, seed: int) -> dict:
     saved = {"backbone": backbone, "rotation_val_acc": max(h.val_acc for h in history), "epochs": len(history),
              "seconds": round(time.perf_counter() - start[0], 1),
              "cpu_seconds": round(time.process_time() - start[1], 1)}  # fmt: skip
-    torch.save(saved, path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)  # whole or absent: `ready` lets the seed's other rotation cells start once the file exists
     return saved
 
 
@@ -514,6 +516,13 @@ def ready(cell: tuple[str, int, int], runs: dict, running: list[tuple[str, int, 
     return True
 
 
+def largest_first(todo: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """The order cells are handed to the workers: the largest labelled sets first, otherwise the study's
+    order (a seed's small CNN before the methods that start from it). A cell's cost grows with its size;
+    run smallest first, the last 10,000-label cell ran alone for minutes while the other worker sat idle."""
+    return sorted(todo, key=lambda cell: -cell[1])  # stable: the study's order within a size
+
+
 _WORKER: Study | None = None  # a worker process's own copy of the study (pools loaded once per process)
 
 
@@ -530,13 +539,13 @@ def _worker_cell(arm: str, size: int, seed: int) -> tuple[int, dict]:
 
 def run_in_workers(study: Study, runs: dict, todo: list[tuple[str, int, int]], jobs: int, threads: int,
                    on_done) -> None:  # fmt: skip
-    """Run `todo`'s cells `jobs` at a time in spawned processes (each with `threads` torch threads), in the
-    study's order except where a cell waits for another; `on_done(arm, size, seed, record)` as each ends
-    (it records the cell in `runs`, which `ready` reads)."""
+    """Run `todo`'s cells `jobs` at a time in spawned processes (each with `threads` torch threads), largest
+    labelled sets first (`largest_first`) except where a cell waits for another; `on_done(arm, size, seed,
+    record)` as each ends (it records the cell in `runs`, which `ready` reads)."""
     # the plain config class: a subclass (the CLI's command) lives in a __main__ the workers do not import
     fields = {**study.cfg.model_dump(), "num_threads": threads, "progress": False}
     worker_cfg = LimitedDataConfig.model_construct(**fields)
-    todo = list(todo)
+    todo = largest_first(todo)
     running: dict[Future, tuple[str, int, int]] = {}
     context = get_context("spawn")  # a fork of a process that has run torch threads can hang
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
