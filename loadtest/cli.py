@@ -8,6 +8,7 @@ options here, not in every tool.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from loadtest import inputs as real_inputs
@@ -39,3 +40,11 @@ def add_load_options(ap: argparse.ArgumentParser, clients: int = 32, seconds: fl
     ap.add_argument("--seconds", type=float, default=seconds, help="measured seconds per point")
     ap.add_argument("--warmup", type=float, default=warmup, help="seconds of load before each point")
     ap.add_argument("--inputs", type=Path, default=real_inputs.DEFAULT_DIR)
+
+
+def write_result(out: Path, result: dict) -> int:
+    """A tool's results file: `result` as JSON at `out` (its folder made), where it went printed; the exit status."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"-> {out}")
+    return 0

@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             report["models"][model] = run_model(model, tags[model], args, data, Path(logs))
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows here
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "explain_load.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {args.out / 'explain_load.json'}")
-    return 0
+    return cli.write_result(args.out / "explain_load.json", report)
 
 
 if __name__ == "__main__":

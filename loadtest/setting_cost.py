@@ -226,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             result["models"][model]["share"] = args.shadow_share
         print(f"{model}: {json.dumps(result['models'][model]['summary'])}", flush=True)
     result["elapsed_s"] = round(time.time() - started)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out}")
-    return 0
+    return cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ A measured ratio above that comes from what the peer loses elsewhere, not from t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               "mean_tokens": round(float(np.mean([len(e.ids) for e in encodings])), 1), "bucket_waste": waste,
               "one_thread": variants, "fused_attention_nodes": attention, "peer_session": peer,
               "model_only_ceiling": ceiling}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out}")
-    return 0
+    return cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from starlette.responses import Response
 
+from loadtest import cli
 from serving.request_timing import RequestTiming
 
 
@@ -80,15 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m loadtest.timing_cost " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command, "machine": describe_machine(), "rounds": str(args.rounds),
               **report(rounds, headers_seconds())}  # fmt: skip
-    out = args.out or args.rounds.with_name("timing_cost.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
     for model, m in result["models"].items():
         print(
             f"{model}: headers {result['headers_us_per_answer']} µs of {m['worker_cpu_ms_per_answer']} ms CPU "
             f"per answer = {m['headers_share_of_cpu']:.3%}; rounds' on/off req/s {m['rounds_rps_on_over_off']}"
         )
-    print(f"-> {out}")
-    return 0
+    return cli.write_result(args.out or args.rounds.with_name("timing_cost.json"), result)
 
 
 if __name__ == "__main__":
