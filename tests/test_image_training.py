@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -360,3 +362,33 @@ def test_cli_reports_data_errors_without_traceback(tmp_path, capsys):
     code = main(["image", "--data-dir", str(tmp_path / "missing"), "--runs-dir", str(tmp_path)])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_training_process_reuses_freed_tensor_memory_instead_of_faulting_in_fresh_pages():
+    """prepare_process keeps freed memory in the heap: training steps of the small CNN (batch 64, channels-last,
+    as the study trains it) fault in fresh, kernel-zeroed pages for their activations at every step without
+    it, and several times fewer with it."""
+    code = """
+import resource, sys, torch
+from training.runtime import prepare_process
+from training.small_cnn import SmallCNN
+prepare_process(1) if sys.argv[1] == "prepared" else torch.set_num_threads(1)
+model = SmallCNN(10, 0.2).to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW(model.parameters())
+x, y = torch.randn(64, 3, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (64,))
+def step():
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+step(); step()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+    faults = {}
+    for mode in ("prepared", "plain"):
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        faults[mode] = int(run.stdout.split()[-1])
+    assert faults["prepared"] * 4 < faults["plain"], faults

@@ -43,7 +43,7 @@ from serving.feedback.selection import balanced
 from serving.feedback.store import Item
 from training.data_text import BUNDLED_DOMAINS, Row, TextSplits, load_bundled, stratified_split
 from training.metrics import by_domain
-from training.runtime import set_threads
+from training.runtime import prepare_process
 from training.text_pipeline import fine_tune, text_batches
 
 ARMS = ("random", "active")
@@ -241,7 +241,7 @@ def wait_while_paused(cfg: DomainStudyConfig) -> None:
 def run_study(cfg: DomainStudyConfig) -> dict:
     """The whole study, cell by cell; a stopped run started again with the same settings skips the done cells
     (and the cached base models)."""
-    set_threads(cfg.num_threads)
+    prepare_process(cfg.num_threads)
     cfg.output.mkdir(parents=True, exist_ok=True)
     progress = load_progress(cfg)
     if progress["cells"]:

@@ -34,7 +34,7 @@ from training.image_model import (
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import classification_report
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
-from training.runtime import pick_device, seed_everything, set_threads
+from training.runtime import pick_device, prepare_process, seed_everything
 from training.small_cnn import SmallCNN
 from training.tasks import LabelledLogits
 
@@ -218,7 +218,7 @@ def drift_reference_of(splits: ImageSplits, prep: ImagePreprocessing, session, s
 
 
 def train_image(cfg: ImageTrainConfig) -> ImageRun:
-    set_threads(cfg.num_threads)
+    prepare_process(cfg.num_threads)
     seed_everything(cfg.seed)
     version, staging = make_run_dir(cfg)
     prep = ImagePreprocessing(size=cfg.image_size, color_mode="RGB" if cfg.data_dir else "L")

@@ -48,7 +48,7 @@ from training.fixmatch import fixmatch
 from training.image_pipeline import build_model, fine_tune, predict_proba
 from training.linear_probe import features, probe_proba, train_probe
 from training.loop import EpochLog
-from training.runtime import set_threads
+from training.runtime import prepare_process
 from training.self_supervised import pretrain_rotation, with_backbone
 from training.semi_supervised import self_train
 
@@ -454,7 +454,7 @@ def missing_cells(cfg: LimitedDataConfig, runs: dict) -> list[str]:
 def run_experiment(cfg: LimitedDataConfig) -> dict:
     """The whole study. Progress is saved after tuning and after each cell (under runs_dir), so a stopped
     run, started again with the same settings, goes on where it stopped; the report is rewritten after each cell."""
-    set_threads(cfg.num_threads)
+    prepare_process(cfg.num_threads)
     cfg.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     study = Study(cfg, load_pools(cfg))
@@ -528,7 +528,7 @@ _WORKER: Study | None = None  # a worker process's own copy of the study (pools 
 
 def _start_worker(cfg: LimitedDataConfig, tuned: dict) -> None:
     global _WORKER
-    set_threads(cfg.num_threads)
+    prepare_process(cfg.num_threads)
     _WORKER = Study(cfg, load_pools(cfg), tuned)
 
 

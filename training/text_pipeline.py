@@ -22,7 +22,7 @@ from training.gallery import text_gallery
 from training.loop import EarlyStopping, EpochLog, keep_weight_average, run_stage, weight_averager
 from training.metrics import by_domain, classification_report, domain_table
 from training.run_dir import finish, make_run_dir, training_summary, write_outputs
-from training.runtime import pick_device, seed_everything, set_threads
+from training.runtime import pick_device, prepare_process, seed_everything
 from training.tasks import LabelledLogits
 from training.text_levers import loss_weights, threshold_report, write_report
 from training.text_model import LogitsOnly, freeze_encoder, head_parameters, load_backbone
@@ -215,7 +215,7 @@ def drift_reference_of(splits: TextSplits, session, tok, prep: TextPreprocessing
 
 def train_text(cfg: TextTrainConfig) -> TextRun:
     started = time.perf_counter()
-    set_threads(cfg.num_threads)
+    prepare_process(cfg.num_threads)
     seed_everything(cfg.seed)
     version, staging = make_run_dir(cfg)
     splits = load_splits(cfg)
