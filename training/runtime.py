@@ -37,10 +37,10 @@ KEEP_FREED_BYTES = 1 << 30
 def prepare_process(threads: int) -> None:
     """A training process's compute set-up: `threads` torch threads (0: torch's default) and freed memory kept.
 
-    glibc hands each allocation over 32 MB (a batch's activations at 64 px) to its own mmap and unmaps it when
-    the tensor is freed, so the kernel zeroes fresh pages at every training step: the limited-data study spent
-    a tenth of its CPU time in the kernel that way. Raising the mmap and trim thresholds keeps freed memory in
-    the heap for the next step. No-op where the C library is not glibc."""
+    By default glibc serves a large allocation (a batch's activations) from its own mmap and gives the free
+    top of its heap back to the kernel past a few MB, so the kernel zeroes fresh pages for every training
+    step: the limited-data study spent a tenth of its CPU time in the kernel that way. Raising the mmap and
+    trim thresholds keeps freed memory in the heap for the next step. No-op where the C library has no mallopt."""
     if threads > 0:
         torch.set_num_threads(threads)
     libc = ctypes.util.find_library("c")
