@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from servable.config import DomainStudyConfig
+from servable.files import write_atomically
 from servable.machine import describe_machine
 from serving.feedback.selection import balanced
 from serving.feedback.store import Item
@@ -228,9 +229,7 @@ def load_progress(cfg: DomainStudyConfig) -> dict:
 def save_progress(cfg: DomainStudyConfig, progress: dict) -> None:
     path = progress_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(progress))
-    tmp.replace(path)  # atomic: a run stopped mid-write keeps the previous state
+    write_atomically(path, json.dumps(progress).encode())  # a run stopped mid-write keeps the previous state
 
 
 def wait_while_paused(cfg: DomainStudyConfig) -> None:

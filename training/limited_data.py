@@ -20,6 +20,7 @@ error bars) in `cfg.output` are rewritten after each, naming the cells still mis
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from servable.config import LimitedDataConfig, cpu_cores
+from servable.files import write_atomically
 from servable.machine import describe_machine
 from servable.preprocessing import ImagePreprocessing
 from training.active_learning import select_labels
@@ -270,9 +272,9 @@ def ssl_backbone(study: Study, seed: int) -> dict:
     saved = {"backbone": backbone, "rotation_val_acc": max(h.val_acc for h in history), "epochs": len(history),
              "seconds": round(time.perf_counter() - start[0], 1),
              "cpu_seconds": round(time.process_time() - start[1], 1)}  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    torch.save(saved, tmp)
-    tmp.replace(path)  # whole or absent: `ready` lets the seed's other rotation cells start once the file exists
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    write_atomically(path, buffer.getvalue())  # whole or absent: `ready` starts the seed's other rotation cells on it
     return saved
 
 
@@ -431,10 +433,8 @@ def save_progress(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: tupl
     """`seconds`: wall-clock and CPU seconds spent so far, over every sitting."""
     path = progress_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     state = {"config": resume_key(cfg), "tuned": tuned, "runs": runs, "seconds": seconds[0], "cpu_seconds": seconds[1]}
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)  # atomic: a run stopped mid-write keeps the previous state
+    write_atomically(path, json.dumps(state).encode())  # a run stopped mid-write keeps the previous state
 
 
 def has(runs: dict, arm: str, size: int, seed: int) -> bool:

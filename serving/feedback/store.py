@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from servable.config import FeedbackSettings
+from servable.files import write_atomically
 from serving.feedback.pii import scrub
 
 # Why an item was queued (its sidecar's `reason`). In this order the labelling sheet takes them within a
@@ -48,13 +49,6 @@ class Dropped(FeedbackError):
     def __init__(self, outcome: str, message: str) -> None:
         super().__init__(message)
         self.outcome = outcome
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers never see a half-written file: write aside, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def safe_dir_name(label: str) -> str:
@@ -137,8 +131,8 @@ class FeedbackStore:
         sidecar, meta_bytes = folder / f"{item_id}.json", json.dumps(meta, indent=1).encode()
         if room is not None and len(data) + len(meta_bytes) > room:
             raise Dropped("bytes_full", f"the queue's byte budget ({self.settings.max_bytes}) is full")
-        _atomic_write(sidecar.with_suffix(SUFFIX[kind]), data)
-        _atomic_write(sidecar, meta_bytes)  # last: its presence means complete
+        write_atomically(sidecar.with_suffix(SUFFIX[kind]), data)
+        write_atomically(sidecar, meta_bytes)  # last: its presence means complete
         return Item(meta, sidecar, len(data) + len(meta_bytes))
 
     # ---------------------------------------------------------------- reading
@@ -186,7 +180,7 @@ class FeedbackStore:
             raise FeedbackError("the label is empty")
         item = self.get(item_id)
         item.meta.update(label=label, labelled_at=datetime.now(UTC).isoformat(timespec="seconds"))
-        _atomic_write(item.path, json.dumps(item.meta, indent=1).encode())
+        write_atomically(item.path, json.dumps(item.meta, indent=1).encode())
         return item
 
     def import_labels(self, csv_path: Path) -> tuple[int, list[str]]:
