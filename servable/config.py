@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -183,6 +183,13 @@ class TextTrainConfig(TrainCommon):
         return self
 
 
+def jobs_field(each_holds: str) -> Any:
+    """A study's `jobs` setting (training/cell_pool.py runs its cells)."""
+    return Field(0, ge=0, description="Cells trained at once, each in its own process with an equal share of the "
+                 "cores (two cells on a core each finish sooner than one after the other on both); 0 = one per core, "
+                 f"at most 4 ({each_holds}); 1 = one at a time in this process.")  # fmt: skip
+
+
 class LimitedDataConfig(ImageTrainConfig):
     """The limited-data study: transfer learning (linear probe, fine-tuned, slower backbone) vs a small CNN from
     scratch, and augmentation, pseudo-labels, FixMatch, rotation pre-training and active learning on the small CNN."""
@@ -224,11 +231,7 @@ class LimitedDataConfig(ImageTrainConfig):
     ssl_lr: float = Field(3e-3, gt=0, description="Rotation pre-training: learning rate.")
     active_initial: float = Field(0.5, gt=0, lt=1, description="Share of the label budget drawn at random first.")
     active_rounds: int = Field(1, ge=1, description="Uncertainty rounds that fill the rest of the budget.")
-    jobs: int = Field(
-        0, ge=0, description="Cells trained at once, each in its own process with an equal share of the cores "
-        "(two cells on a core each finish sooner than one after the other on both); 0 = one per core, at most 4 "
-        "(each holds the image pools, about 1.2 GB); 1 = one at a time in this process.",
-    )  # fmt: skip
+    jobs: int = jobs_field("each holds the image pools, about 1.2 GB")
     output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")
 
 
@@ -256,6 +259,7 @@ class DomainStudyConfig(TextTrainConfig):
     test_limit: int | None = Field(500, ge=10, description="Test sentences of the new domain scored per cell.")
     forgetting_limit: int = Field(200, ge=10, description="Test sentences of the base's domains scored per cell.")
     pause_file: Path | None = Field(None, description="While this file exists, wait before the next cell.")
+    jobs: int = jobs_field("each holds a BERT being fine-tuned, about 1 GB")
     register_model: bool = False
     quantize: bool = False
     optimize: bool = False

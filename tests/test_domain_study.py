@@ -34,7 +34,7 @@ def tiny(tmp_path, backbone: str, **update) -> DomainStudyConfig:
     fields = dict(
         backbone=backbone, held_out_domains=["amazon"], seeds=[0], labels_added=[0, 20], base_limit=120,
         base_val_limit=40, candidate_pool=80, adapt_val_limit=40, test_limit=60, forgetting_limit=30,
-        adapt_min_steps=2, batch_size=16, progress=False, num_threads=1,
+        adapt_min_steps=2, batch_size=16, progress=False, num_threads=1, jobs=1,
         runs_dir=tmp_path / "runs", output=tmp_path / "out",
     )  # fmt: skip
     return DomainStudyConfig(**(fields | update))
@@ -142,6 +142,32 @@ def test_a_stopped_study_resumes_without_recomputing_done_cells(tmp_path, tiny_b
     assert ran == ["amazon|0|random|20", "amazon|0|active|20"]  # the done cell is not run again
     assert base_json.stat().st_mtime_ns == trained_at  # nor the cached base model trained again
     assert results["missing"] == [] and len(results["cells"]) == 3
+
+
+def test_adaptations_wait_for_their_base_and_the_bases_start_each_seed():
+    assert domain_study.ready(("amazon", 0, "base", 0), {})
+    assert not domain_study.ready(("amazon", 0, "random", 50), {"movies|0": {}, "amazon|1": {}})
+    assert domain_study.ready(("amazon", 0, "random", 50), {"amazon|0": {}})
+    cfg = DomainStudyConfig(held_out_domains=["amazon", "movies"], seeds=[0, 1], labels_added=[0, 50, 200])
+    order = domain_study.start_order(all_cells(cfg))
+    assert order[:4] == [("amazon", 0, "base", 0), ("movies", 0, "base", 0), ("amazon", 0, "random", 200),
+                         ("amazon", 0, "active", 200)]  # fmt: skip
+    assert [c[1] for c in order] == [0] * 10 + [1] * 10
+
+
+def test_cells_in_parallel_processes_give_what_one_process_gives(tmp_path, tiny_backbone):
+    """Two worker processes of one thread each, against the same study run cell after cell in this process with
+    one thread: the same accuracy, errors and chosen labels in every cell (each cell seeds itself and reads
+    only its base)."""
+    alone = run_study(tiny(tmp_path / "alone", tiny_backbone, labels_added=[0, 20, 40]))
+    side_by_side = run_study(tiny(tmp_path / "parallel", tiny_backbone, labels_added=[0, 20, 40], jobs=2))
+    keep = ("domain", "seed", "arm", "k", "accuracy", "false_positive", "false_negative", "base_domains_accuracy",
+            "chosen_positive_share", "epochs_run", "best_epoch")  # fmt: skip
+    cells = lambda r: sorted(({k: c.get(k) for k in keep} for c in r["cells"]), key=str)  # noqa: E731
+    assert len(side_by_side["cells"]) == 5 and side_by_side["missing"] == []
+    assert cells(side_by_side) == cells(alone)
+    assert side_by_side["bases"] and [b["best_val_acc"] for b in side_by_side["bases"].values()] == [
+        b["best_val_acc"] for b in alone["bases"].values()]  # fmt: skip
 
 
 def test_the_text_card_shows_the_study_headline_when_its_results_are_there(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ from servable.files import write_atomically
 from servable.machine import describe_machine
 from serving.feedback.selection import balanced
 from serving.feedback.store import Item
+from training import cell_pool
 from training.data_text import BUNDLED_DOMAINS, Row, TextSplits, load_bundled, stratified_split
 from training.metrics import by_domain
 from training.runtime import prepare_process
@@ -239,32 +240,80 @@ def wait_while_paused(cfg: DomainStudyConfig) -> None:
 
 def run_study(cfg: DomainStudyConfig) -> dict:
     """The whole study, cell by cell; a stopped run started again with the same settings skips the done cells
-    (and the cached base models)."""
-    prepare_process(cfg.num_threads)
+    (and the cached bases). With `jobs` > 1 the cells run side by side in worker processes (cell_pool.py): a
+    seed's base cells (k = 0, which train the bases) first, then its adaptations once their base is there,
+    the largest k first."""
+    jobs, threads = cell_pool.job_shape(cfg.jobs, cfg.num_threads)
     cfg.output.mkdir(parents=True, exist_ok=True)
     progress = load_progress(cfg)
     if progress["cells"]:
         tqdm.write(f"resuming from {progress_path(cfg)}: {len(progress['cells'])} cells done")
     started, earlier = time.perf_counter(), progress["seconds"]
     progress.setdefault("command", command_line(cfg))  # the first start's: a resumed run reports what began it
-    todo = [c for c in all_cells(cfg) if cell_key(c[0], c[1], c[2], c[3]) not in progress["cells"]]
-    data: dict[str, DomainData] = {}
-    for domain, seed, arm, k in todo:
-        wait_while_paused(cfg)
-        if domain not in data:
-            data[domain] = load_domain(cfg, domain)
-            progress["sizes"][domain] = sizes_of(data[domain])
-        base_key = f"{domain}{SEPARATOR}{seed}"
-        tqdm.write(f"== {domain} held out, seed {seed}: {arm}, k = {k}")
-        base = train_base(cfg, data[domain], seed)
-        progress["bases"][base_key] = {key: v for key, v in base.items() if key not in ("pool_probs", "config")}
-        progress["cells"][cell_key(domain, seed, arm, k)] = run_cell(cfg, data[domain], base, seed, arm, k)
+    todo = [c for c in all_cells(cfg) if cell_key(*c) not in progress["cells"]]
+
+    def done(cell: tuple[str, int, str, int], record: dict) -> None:
+        domain, seed = cell[0], cell[1]
+        progress["sizes"][domain] = record.pop("sizes")
+        progress["bases"][f"{domain}{SEPARATOR}{seed}"] = record.pop("base")
+        progress["cells"][cell_key(*cell)] = record
         progress["seconds"] = round(earlier + time.perf_counter() - started, 1)
         save_progress(cfg, progress)
         write_report(cfg, results_of(cfg, progress))
+
+    if jobs == 1:
+        _start_worker(cfg.model_copy(update={"num_threads": threads}))  # this process is the worker
+        for cell in todo:
+            tqdm.write(f"== {name(cell)}")
+            done(cell, _worker_cell(*cell))
+    elif todo:
+        # the plain config class: a subclass (the CLI's command) lives in a __main__ the workers do not import
+        worker_cfg = DomainStudyConfig.model_construct(**{**cfg.model_dump(), "num_threads": threads, "jobs": 1,
+                                                           "progress": False})  # fmt: skip
+        cell_pool.run_in_workers(start_order(todo), jobs, _start_worker, (worker_cfg,), _worker_cell,
+                                 lambda cell, running: ready(cell, progress["bases"]), done, name)  # fmt: skip
     results = results_of(cfg, progress)
     write_report(cfg, results)
     return results
+
+
+def ready(cell: tuple[str, int, str, int], bases: dict) -> bool:
+    """A base cell (k = 0) trains its base; an adaptation starts from it, so it waits until the base is done."""
+    domain, seed, _, k = cell
+    return k == 0 or f"{domain}{SEPARATOR}{seed}" in bases
+
+
+def start_order(todo: list[tuple[str, int, str, int]]) -> list[tuple[str, int, str, int]]:
+    """Seed by seed (a stopped run still has whole seeds), each seed's bases first, then the largest k first: the
+    dearest cells are not left to run alone at the end while the other workers sit idle."""
+    return sorted(todo, key=lambda c: (c[1], c[3] != 0, -c[3]))  # stable: the study's order otherwise
+
+
+def name(cell: tuple[str, int, str, int]) -> str:
+    domain, seed, arm, k = cell
+    return f"{domain} held out, seed {seed}: {arm}, k = {k}"
+
+
+_WORKER: dict = {}  # a worker process's settings and the domains' data it has loaded
+
+
+def _start_worker(cfg: DomainStudyConfig) -> None:
+    prepare_process(cfg.num_threads)
+    _WORKER.clear()
+    _WORKER["cfg"] = cfg
+
+
+def _worker_cell(domain: str, seed: int, arm: str, k: int) -> dict:
+    """One cell, with its base model (trained here when not cached) and its domain's sizes for the report."""
+    cfg = _WORKER["cfg"]
+    wait_while_paused(cfg)
+    if domain not in _WORKER:
+        _WORKER[domain] = load_domain(cfg, domain)
+    data = _WORKER[domain]
+    base = train_base(cfg, data, seed)
+    record = run_cell(cfg, data, base, seed, arm, k)
+    return {**record, "base": {key: v for key, v in base.items() if key not in ("pool_probs", "config")},
+            "sizes": sizes_of(data)}  # fmt: skip
 
 
 def sizes_of(d: DomainData) -> dict:

@@ -23,13 +23,10 @@ import hashlib
 import io
 import json
 import math
-import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing import get_context
 from pathlib import Path
 
 import matplotlib
@@ -40,10 +37,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from servable.config import LimitedDataConfig, cpu_cores
+from servable.config import LimitedDataConfig
 from servable.files import write_atomically
 from servable.machine import describe_machine
 from servable.preprocessing import ImagePreprocessing
+from training import cell_pool
 from training.active_learning import select_labels
 from training.data_images import ImageSplits, load_fashion_mnist
 from training.fixmatch import fixmatch
@@ -477,7 +475,7 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
         save_progress(cfg, study.tuned, runs, elapsed())
         report(cfg, study.tuned, runs, elapsed(), saved is not None)
 
-    jobs, threads = job_shape(cfg)
+    jobs, threads = cell_pool.job_shape(cfg.jobs, cfg.num_threads)
     todo = cells_to_run(cfg, runs)
     if jobs == 1:
         for arm, size, seed in todo:
@@ -494,14 +492,6 @@ def run_experiment(cfg: LimitedDataConfig) -> dict:
 
 
 # --- cells in parallel: one process per job, each with its share of the cores ----------------------------------
-
-
-def job_shape(cfg: LimitedDataConfig) -> tuple[int, int]:
-    """(cells at once, torch threads per cell). Small models use two threads poorly, so two cells on one
-    core each finish sooner than one after the other on both (measured: docs/training.md)."""
-    cores = cpu_cores()  # its CPU set and a container's CPU quota, as the serving workers count them
-    jobs = cfg.jobs or min(cores, 4)
-    return jobs, cfg.num_threads or max(1, cores // jobs)
 
 
 def ready(cell: tuple[str, int, int], runs: dict, running: list[tuple[str, int, int]], study: Study) -> bool:
@@ -532,9 +522,9 @@ def _start_worker(cfg: LimitedDataConfig, tuned: dict) -> None:
     _WORKER = Study(cfg, load_pools(cfg), tuned)
 
 
-def _worker_cell(arm: str, size: int, seed: int) -> tuple[int, dict]:
+def _worker_cell(arm: str, size: int, seed: int) -> dict:
     assert _WORKER is not None
-    return os.getpid(), run_cell(_WORKER, arm, size, seed)
+    return run_cell(_WORKER, arm, size, seed)
 
 
 def run_in_workers(study: Study, runs: dict, todo: list[tuple[str, int, int]], jobs: int, threads: int,
@@ -545,26 +535,12 @@ def run_in_workers(study: Study, runs: dict, todo: list[tuple[str, int, int]], j
     # the plain config class: a subclass (the CLI's command) lives in a __main__ the workers do not import
     fields = {**study.cfg.model_dump(), "num_threads": threads, "progress": False}
     worker_cfg = LimitedDataConfig.model_construct(**fields)
-    todo = largest_first(todo)
-    running: dict[Future, tuple[str, int, int]] = {}
-    context = get_context("spawn")  # a fork of a process that has run torch threads can hang
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(worker_cfg, study.tuned)) as pool:  # fmt: skip
-        while todo or running:
-            for cell in list(todo):
-                if len(running) < jobs and ready(cell, runs, list(running.values()), study):
-                    todo.remove(cell)
-                    tqdm.write(f"== {cell[0]}, {cell[1]} labelled images, seed {cell[2]}")
-                    running[pool.submit(_worker_cell, *cell)] = cell
-            if not running:
-                raise RuntimeError(f"cells wait for something no cell will make: {todo}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                arm, size, seed = running.pop(f)
-                pid, record = f.result()
-                tqdm.write(f"done {arm}, {size} labelled images, seed {seed}: test accuracy {record['accuracy']:.3f} "
-                           f"(process {pid})")  # fmt: skip
-                on_done(arm, size, seed, record)
+    cell_pool.run_in_workers(
+        largest_first(todo), jobs, _start_worker, (worker_cfg, study.tuned), _worker_cell,
+        ready=lambda cell, running: ready(cell, runs, running, study),
+        on_done=lambda cell, record: on_done(*cell, record),
+        name=lambda cell: f"{cell[0]}, {cell[1]} labelled images, seed {cell[2]}",
+    )  # fmt: skip
 
 
 def report(cfg: LimitedDataConfig, tuned: dict, runs: dict, seconds: tuple[float, float], resumed: bool) -> dict:
