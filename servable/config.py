@@ -183,11 +183,10 @@ class TextTrainConfig(TrainCommon):
         return self
 
 
-def jobs_field(each_holds: str) -> Any:
+def jobs_field(why: str) -> Any:
     """A study's `jobs` setting (training/cell_pool.py runs its cells)."""
     return Field(0, ge=0, description="Cells trained at once, each in its own process with an equal share of the "
-                 "cores (two cells on a core each finish sooner than one after the other on both); 0 = one per core, "
-                 f"at most 4 ({each_holds}); 1 = one at a time in this process.")  # fmt: skip
+                 f"cores ({why}); 0 = one per core, at most 4; 1 = one at a time in this process.")  # fmt: skip
 
 
 class LimitedDataConfig(ImageTrainConfig):
@@ -231,7 +230,10 @@ class LimitedDataConfig(ImageTrainConfig):
     ssl_lr: float = Field(3e-3, gt=0, description="Rotation pre-training: learning rate.")
     active_initial: float = Field(0.5, gt=0, lt=1, description="Share of the label budget drawn at random first.")
     active_rounds: int = Field(1, ge=1, description="Uncertainty rounds that fill the rest of the budget.")
-    jobs: int = jobs_field("each holds the image pools, about 1.2 GB")
+    jobs: int = jobs_field(
+        "two cells on a core each finish sooner than one after the other on both; each process "
+        "holds the image pools, about 1.2 GB"
+    )
     output: Path = Field(Path("docs/results/limited_data"), description="Where the JSON, table and plot go.")
 
 
@@ -259,7 +261,10 @@ class DomainStudyConfig(TextTrainConfig):
     test_limit: int | None = Field(500, ge=10, description="Test sentences of the new domain scored per cell.")
     forgetting_limit: int = Field(200, ge=10, description="Test sentences of the base's domains scored per cell.")
     pause_file: Path | None = Field(None, description="While this file exists, wait before the next cell.")
-    jobs: int = jobs_field("each holds a BERT being fine-tuned, about 1 GB")
+    jobs: int = jobs_field(
+        "for this BERT, level with one after the other on all the cores; each process holds a BERT being "
+        "fine-tuned, about 2 GB"
+    )
     register_model: bool = False
     quantize: bool = False
     optimize: bool = False

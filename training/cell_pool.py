@@ -1,9 +1,10 @@
 """A study's cells side by side: one spawned process per job, each with its share of the cores.
 
-Both studies (training/limited_data.py, training/domain_study.py) are many small trainings. A small model uses
-two threads poorly, so two cells on one core each finish sooner than one after the other on both (measured:
-docs/training.md). The caller says which cells may start (`ready`: a cell that reads what another writes waits
-for it) and records each result as it comes back (`on_done`), so progress is saved cell by cell.
+Both studies (training/limited_data.py, training/domain_study.py) are many small trainings. The limited-data
+study's small models use two threads poorly, so two cells on one core each finish sooner than one after the
+other on both; for the domain study's BERT the two are level (both measured: docs/training.md). The caller
+says which cells may start (`ready`: a cell that reads what another writes waits for it) and records each
+result as it comes back (`on_done`), so progress is saved cell by cell.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import json
 import re
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.doc_figures.common import BENCH, DOCUMENTED, Figure, span
 
@@ -473,6 +474,57 @@ def domain_study_row(domain: str, arm: str) -> Callable[[dict], str]:
 FIGURES += [
     Figure("docs/training.md", DOMAIN_STUDY, domain_study_row(domain, arm), f"domain study: {domain}, {arm}")
     for domain in DOMAIN_STUDY_DOMAINS for arm in ("random", "active")
+]  # fmt: skip
+
+DOMAIN_STUDY_ONE_PROCESS = "docs/results/domain_study/one-process/domain_study.json"
+CELL_FIGURES = ("accuracy", "false_positive", "false_negative", "base_domains_accuracy", "chosen_positive_share",
+                "epochs_run", "best_epoch", "replayed")  # fmt: skip
+
+
+def domain_study_cost(d: dict) -> str:
+    assert not d["missing"] and "Xeon" in d["machine"]
+    bases = [b["seconds"] / 60 for b in d["bases"].values()]
+    medians = [statistics.median(c["seconds"] / 60 for c in d["cells"] if c["k"] == k)
+               for k in d["config"]["labels_added"][1:]]  # fmt: skip
+    assert max(medians) == medians[-1]  # "k = 1,000 the dearest"
+    own = (sum(b["seconds"] for b in d["bases"].values()) + sum(c["seconds"] for c in d["cells"])) / 60
+    return (f"**{d['minutes']} minutes for the {len(d['cells'])} cells, in one sitting**, within the study's budget of "
+            f"about 30 minutes on 2 cores. A base model took {min(bases):.1f}-{max(bases):.1f} minutes, an adaptation "
+            f"cell a median of {min(medians):.1f}-{max(medians):.1f} minutes by k (k = 1,000 the dearest); the bases' "
+            f"and cells' own times add up to {own:.1f} minutes")  # fmt: skip
+
+
+def same_cells_as_one_process(d: dict) -> str:
+    """The run of the cells one after the other: every cell's figures equal the side-by-side run's."""
+    parallel = json.loads((Path(__file__).resolve().parents[2] / DOMAIN_STUDY).read_text())
+    key = lambda c: (c["domain"], c["seed"], c["arm"], c["k"])  # noqa: E731
+    ours = {key(c): [c.get(f) for f in CELL_FIGURES] for c in d["cells"]}
+    assert ours == {key(c): [c.get(f) for f in CELL_FIGURES] for c in parallel["cells"]}
+    return f"{d['minutes']} minutes of compute in two sittings"
+
+
+DOMAIN_STUDY_THREADS = "docs/results/domain_study/threads/two-threads.json"
+
+
+def threads_level(d: dict) -> str:
+    """One base model on two threads against one (the two runs' files sit side by side) and beside another cell."""
+    root = Path(__file__).resolve().parents[2]
+    two = d["bases"]["amazon|0"]["seconds"]
+    one = json.loads((root / DOMAIN_STUDY_THREADS).with_name("one-thread.json").read_text())["bases"]["amazon|0"]
+    beside = json.loads((root / DOMAIN_STUDY).read_text())["bases"]["amazon|0"]["seconds"]
+    side_by_side, threads = 2 * one["seconds"] / beside, one["seconds"] / two  # each: bases per one-thread base time
+    assert abs(side_by_side - threads) < 0.1 * threads, (side_by_side, threads)  # "level"
+    return (
+        f"one base model alone took {one['seconds']} s on one thread and {two} s on two ({threads:.2f} times as "
+        f"fast), against {beside} s on one thread beside another cell"
+    )
+
+
+FIGURES += [
+    Figure("docs/training.md", DOMAIN_STUDY_THREADS, threads_level, "domain study: threads against processes"),
+    Figure("docs/training.md", DOMAIN_STUDY, domain_study_cost, "domain study: cost, side by side"),
+    Figure("docs/training.md", DOMAIN_STUDY_ONE_PROCESS, same_cells_as_one_process,
+           "domain study: the same cells one after the other"),
 ]  # fmt: skip
 
 
