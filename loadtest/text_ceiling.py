@@ -69,7 +69,7 @@ def fused_attention_nodes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from servable.machine import describe_machine
+    from servable.machine import describe_machine, int8_instructions
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tag", default=cli.default_tag("text"), help="the text model's store tag")
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = round(variants["fp32"]["1"]["wall_ms"] / served, 2) if served else None
     print(f"model-only ceiling of the served int8 over the peer's fp32: {ceiling}")
     command = "python -m loadtest.text_ceiling " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": command, "machine": describe_machine(), "tag": str(art.tag), "texts": args.texts,
+    result = {"command": command, "machine": describe_machine(), "int8_instructions": int8_instructions(),
+              "tag": str(art.tag), "texts": args.texts,
               "mean_tokens": round(float(np.mean([len(e.ids) for e in encodings])), 1), "bucket_waste": waste,
               "one_thread": variants, "fused_attention_nodes": attention, "peer_session": peer,
               "model_only_ceiling": ceiling}  # fmt: skip

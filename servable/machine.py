@@ -19,6 +19,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+INT8_INSTRUCTIONS = ("avx_vnni", "avx512_vnni", "amx_int8")  # int8 dot products in one instruction
+
+
+def int8_instructions(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of the CPU's int8 dot-product instructions it has: without them (AVX2 alone) ONNX Runtime's int8
+    kernels add pairs of products in int16, and an int8 model gains much less over fp32 (docs/benchmark.md)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [name for name in INT8_INSTRUCTIONS if name in flags]
+
+
 def gpu_name() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
