@@ -269,23 +269,26 @@ def test_a_stopped_study_goes_on_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_cells_run_in_parallel_processes_after_the_cells_they_read(tmp_path):
-    """`python -m training limited-data` with two jobs, as a user runs it: the cells run in two worker
-    processes, pseudo-labels and FixMatch start only after the small CNN they start from has finished, and
+    """`python -m training limited-data` with two jobs, as a user runs it: the cells run in worker processes
+    (two at most), pseudo-labels and FixMatch start only after the small CNN they start from has finished, and
     every cell is recorded with its CPU time counted in the study's."""
     cfg = quick_config(tmp_path).model_copy(update={"jobs": 2, "num_threads": 1, "tune_lrs": [3e-3]})
     default = LimitedDataConfig().model_dump(mode="json")
     env = {**os.environ, **{f"SERVABLE_LIMITED_{k.upper()}": json.dumps(v) if not isinstance(v, str) else v
                             for k, v in cfg.model_dump(mode="json").items() if v != default[k]}}  # fmt: skip
-    run = subprocess.run([sys.executable, "-m", "training", "limited-data"], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    with subprocess.Popen([sys.executable, "-m", "training", "limited-data"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:  # fmt: skip
+        stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((cfg.output / "limited_data.json").read_text())
     assert not results["missing"] and all(len(by[size]) == 1 for by in results["runs"].values() for size in by)
-    log = run.stdout.splitlines()
+    log = stdout.splitlines()
     started = {line[3:].split(" labelled")[0]: i for i, line in enumerate(log) if line.startswith("== ")}
     ended = {line[5:].split(" labelled")[0]: i for i, line in enumerate(log) if line.startswith("done ")}
     assert len(ended) == len(ARMS) * 2
-    assert len({line.rsplit("process ", 1)[1] for line in log if line.startswith("done ")}) == 2
+    # worker processes, not the command's own; not always both: one can take every quick cell while the other starts
+    workers = {line.rsplit("process ", 1)[1].rstrip(")") for line in log if line.startswith("done ")}
+    assert 1 <= len(workers) <= 2 and str(proc.pid) not in workers
     for size in (60, 120):
         for arm in ("pseudo-label", "fixmatch"):
             assert started[f"{arm}, {size}"] > ended[f"small-cnn, {size}"], (arm, size)
