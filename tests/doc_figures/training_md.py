@@ -7,9 +7,8 @@ import json
 import re
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
-from tests.doc_figures.common import BENCH, DOCUMENTED, Figure, span
+from tests.doc_figures.common import BENCH, DOCUMENTED, ROOT, Figure, span
 
 GALLERY = "docs/results/training/gallery/{}/summary.json"
 MISTAKES = "docs/results/training/gallery/{}/gallery.json"  # the gallery's mistakes, the most confident first
@@ -496,7 +495,7 @@ def domain_study_cost(d: dict) -> str:
 
 def same_cells_as_one_process(d: dict) -> str:
     """The run of the cells one after the other: every cell's figures equal the side-by-side run's."""
-    parallel = json.loads((Path(__file__).resolve().parents[2] / DOMAIN_STUDY).read_text())
+    parallel = json.loads((ROOT / DOMAIN_STUDY).read_text())
     key = lambda c: (c["domain"], c["seed"], c["arm"], c["k"])  # noqa: E731
     ours = {key(c): [c.get(f) for f in CELL_FIGURES] for c in d["cells"]}
     assert ours == {key(c): [c.get(f) for f in CELL_FIGURES] for c in parallel["cells"]}
@@ -508,10 +507,9 @@ DOMAIN_STUDY_THREADS = "docs/results/domain_study/threads/two-threads.json"
 
 def threads_level(d: dict) -> str:
     """One base model on two threads against one (the two runs' files sit side by side) and beside another cell."""
-    root = Path(__file__).resolve().parents[2]
     two = d["bases"]["amazon|0"]["seconds"]
-    one = json.loads((root / DOMAIN_STUDY_THREADS).with_name("one-thread.json").read_text())["bases"]["amazon|0"]
-    beside = json.loads((root / DOMAIN_STUDY).read_text())["bases"]["amazon|0"]["seconds"]
+    one = json.loads((ROOT / DOMAIN_STUDY_THREADS).with_name("one-thread.json").read_text())["bases"]["amazon|0"]
+    beside = json.loads((ROOT / DOMAIN_STUDY).read_text())["bases"]["amazon|0"]["seconds"]
     side_by_side, threads = 2 * one["seconds"] / beside, one["seconds"] / two  # each: bases per one-thread base time
     assert abs(side_by_side - threads) < 0.1 * threads, (side_by_side, threads)  # "level"
     return (
