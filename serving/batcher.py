@@ -8,8 +8,9 @@ runs as the next batch. So batches grow with load by themselves and never cost l
 Each call has a deadline. Admission is by predicted wait: a new call whose answer the batcher
 predicts after its deadline (the batch running now, the batches queued ahead of it and its own,
 each timed by `BatchCost`) is refused at once (`WouldBeLate`, a 429 with Retry-After) instead of
-waiting to be refused late. A call still queued at its deadline (the prediction was wrong) is refused
-then (`QueueTimeout`, a 503), never run late. A batch that raises fails only its own callers
+waiting to be refused late. When a batch forms, a call in it that the batch would answer after its
+deadline (the prediction at admission was wrong: the batches ahead ran slower) is refused then
+(`QueueTimeout`, a 503), never run late, and its rows leave the batch. A batch that raises fails only its own callers
 (`BatchFailed`); the next batch runs as usual.
 """
 
@@ -202,7 +203,15 @@ class Batcher:
         return await call.future
 
     def _next_batch(self) -> tuple[list[_Call], Release]:
-        """Calls for the next batch, oldest first, up to max_batch_size rows (a larger call runs alone)."""
+        """Calls for the next batch, oldest first, up to max_batch_size rows (a larger call runs alone), less
+        those it would answer late; empty only when nothing is queued."""
+        while True:
+            batch, why = self._take()
+            kept = self._in_time(batch)
+            if kept or not self._pending:
+                return kept, why
+
+    def _take(self) -> tuple[list[_Call], Release]:
         batch: list[_Call] = []
         rows, now = 0, time.perf_counter()
         while self._pending:
@@ -210,7 +219,7 @@ class Batcher:
             if call.future.done():  # the caller went away
                 self._pending.popleft()
                 continue
-            if now > call.deadline:
+            if now > call.deadline:  # already late: refused before it takes a place in the batch
                 self._pending.popleft()
                 call.future.set_exception(QueueTimeout(f"still queued at its deadline ({now - call.queued_at:.3f} s)"))
                 continue
@@ -219,6 +228,19 @@ class Batcher:
             batch.append(self._pending.popleft())
             rows += len(call.rows)
         return batch, "queue_empty"
+
+    def _in_time(self, batch: list[_Call]) -> list[_Call]:
+        """The calls this batch would answer by their deadlines, by the cost model; the others are refused now
+        rather than answered late. Dropping calls only shortens the batch, so the kept ones stay in time."""
+        if not batch:
+            return batch
+        end, kept = time.perf_counter() + self.cost.predict(sum(call.units for call in batch)), []
+        for call in batch:
+            if call.deadline < end:
+                call.future.set_exception(QueueTimeout(f"its batch would answer it {end - call.deadline:.3f} s late"))
+            else:
+                kept.append(call)
+        return kept
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()

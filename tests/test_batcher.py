@@ -102,6 +102,31 @@ def test_calls_that_waited_past_the_bound_are_refused_not_run_late():
     assert model.batches == [[1]]
 
 
+def test_a_call_its_batch_would_answer_late_is_refused_when_the_batch_forms_and_its_mates_run():
+    """The running batch takes four times what the warm-up predicted, so a call admitted on that prediction
+    cannot be answered by its deadline any more: it is refused when its batch forms (a 503), not run late,
+    and its batch-mate with time to spare runs without it."""
+    model = Model(delay=0.2)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=4, max_wait_s=5)
+        batcher.seed([(1, 0.05)])  # the warm-up found 50 ms a row; every batch here takes 200 ms
+        running = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        # predicted at admission: ~40 ms of the running batch and 100 ms for a 2-row batch: admitted
+        tight = asyncio.ensure_future(batcher.submit([2], deadline=start + 0.25))
+        spare = asyncio.ensure_future(batcher.submit([3], deadline=start + 5))
+        tight_answer = await asyncio.gather(tight, return_exceptions=True)
+        refused_after = time.perf_counter() - start
+        return await running, tight_answer[0], refused_after, await spare
+
+    first, tight, refused_after, spare = asyncio.run(main())
+    assert isinstance(tight, QueueTimeout), tight
+    assert refused_after < 0.25, "refused by its deadline, not after"
+    assert model.batches == [[1], [3]] and spare.values[0, 0] == 3 and first.values[0, 0] == 1
+
+
 def test_a_call_larger_than_the_batch_runs_alone_and_a_cancelled_call_is_skipped():
     model = Model(delay=0.05)
 

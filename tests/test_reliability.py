@@ -477,9 +477,11 @@ def _long_texts(text_run, n: int = 8) -> list[str]:
 
 def test_overload_answers_200_within_the_deadline_or_429_at_once_and_recovers(small_text_server, text_run):
     """Under overload every answer is a 200 within the request's deadline (`x-request-deadline-ms`) or a fast
-    429, never a late answer and never a 503 from waiting: requests over `max_concurrency` in flight per
-    worker get 429 at once (BentoML); a request let in whose answer the batcher predicts past its deadline
-    gets 429 `would_miss_deadline` with Retry-After at once (serving/batcher.py). Its deadline: 3.5 times
+    429, never a late answer: requests over `max_concurrency` in flight per worker get 429 at once (BentoML);
+    a request let in whose answer the batcher predicts past its deadline gets 429 `would_miss_deadline` with
+    Retry-After at once (serving/batcher.py). Where that prediction was wrong (the batches ahead ran slower
+    than the recent ones), the request is refused when its batch forms, a 503 `overloaded` by its deadline,
+    not run late; few are. Its deadline: 3.5 times
     one batch's model time, measured first, so a request waiting behind others can be admitted; a caller
     refused waits as Retry-After says (at most 1 s here; BentoML's 429 has none: 50 ms). The batcher learns
     how long a batch takes from the batches it runs, so a load that slows the machine suddenly (here 16
@@ -499,9 +501,10 @@ def test_overload_answers_200_within_the_deadline_or_429_at_once_and_recovers(sm
             is_json = r.headers.get("content-type", "").startswith("application/json")
             reason = r.json().get("reason") if is_json else None
             total = re.search(r"total;dur=([0-9.]+)", r.headers.get("server-timing", ""))
-            return r.status_code, took, reason, r.headers.get("retry-after"), total and float(total[1])
+            timing = r.headers.get("server-timing", "")
+            return r.status_code, took, reason, r.headers.get("retry-after"), total and float(total[1]), timing
         except requests.RequestException:
-            return 0, time.perf_counter() - start, None, None, None
+            return 0, time.perf_counter() - start, None, None, None, ""
 
     begin = time.monotonic()
     judged_from = begin + OVERLOAD_LEARN_S
@@ -520,7 +523,9 @@ def test_overload_answers_200_within_the_deadline_or_429_at_once_and_recovers(sm
     learning = Counter(r[0] for at, r in sent if at < judged_from)
     codes = [c for c, *_ in results]
     refused = [s for c, s, *_ in results if c == 429]
-    served_ms = [t for c, _, _, _, t in results if c == 200]
+    served_ms = [t for c, _, _, _, t, _ in results if c == 200]
+    # a 503 carries no Server-Timing: its time is the client's (tests/test_batcher.py pins "by its deadline")
+    wrong_ms = [1000 * s for c, s, why, *_ in results if c == 503 and why == "overloaded"]
     REPORT["overload"] = {
         "sent": len(codes), "ok": codes.count(200), "429": codes.count(429), "503": codes.count(503),
         "429_would_miss_deadline": sum(1 for c, _, why, *_ in results if c == 429 and why == "would_miss_deadline"),
@@ -528,17 +533,19 @@ def test_overload_answers_200_within_the_deadline_or_429_at_once_and_recovers(sm
         "max_refusal_latency_s": round(max(refused, default=0), 3),
         "max_latency_s": round(max(s for _, s, *_ in results), 3), "max_concurrency": 6, "callers": OVERLOAD_CALLERS,
         "seconds": OVERLOAD_SECONDS, "deadline_ms": round(deadline_ms),
-        "max_served_ms": round(max(served_ms, default=0), 1),
+        "max_served_ms": round(max(served_ms, default=0), 1), "max_503_client_ms": round(max(wrong_ms, default=0)),
+        "slowest_200_timing": max((r for r in results if r[0] == 200), key=lambda r: r[4], default=[""])[-1],
         "learning_s": OVERLOAD_LEARN_S, "learning_statuses": {str(k): v for k, v in sorted(learning.items())},
     }  # fmt: skip
-    assert set(codes) <= {200, 429}, REPORT["overload"]  # no 503 from waiting, no other error
+    assert set(codes) <= {200, 429, 503} and len(wrong_ms) == codes.count(503), REPORT["overload"]  # no other error
+    assert len(wrong_ms) <= len(codes) // 10, f"a wrong prediction is the exception: {REPORT['overload']}"
     assert codes.count(429) >= len(codes) // 4, (
         f"{OVERLOAD_CALLERS} callers against max_concurrency=6: many 429s {REPORT}"
     )
     assert codes.count(200) > 0
     assert REPORT["overload"]["429_would_miss_deadline"] > 0, f"no request was refused by admission: {REPORT}"
     assert max(refused) < 1.0, "429s must be fast, not queued"
-    for code, _, reason, retry, _ in results:
+    for code, _, reason, retry, *_ in results:
         if reason == "would_miss_deadline":
             assert code == 429 and retry and int(retry) >= 1
     # none late: each 200's time in the replica within its deadline (a prediction off by a little is

@@ -41,7 +41,8 @@ def overload_row(o: dict) -> str:
         f"{o['callers']} callers for {o['seconds']} s (a refused one waits as Retry-After says), after "
         f"{o['learning_s']} s of the same load: "
         f"{o['sent']:,} | {o['ok']:,} × 200 (the slowest {o['max_served_ms']:,.0f} ms in the replica), "
-        f"{o['429']:,} × 429 ({o['429_would_miss_deadline']:,} `would_miss_deadline`), **{o['503']} × 503**, "
+        f"{o['429']:,} × 429 ({o['429_would_miss_deadline']:,} `would_miss_deadline`), {o['503']} × 503 `overloaded` "
+        "(a wrong prediction, refused as its batch formed), "
         f"{o['5xx_other']} other 5xx, {o['no_answer']} unanswered; full service right after | "
         f"refusals ≤ {o['max_refusal_latency_s']:.2f} s |"
     )
