@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE := 1
 # (SERVABLE_AUTH_KEYS_FILE), see docs/deploy.md.
 export SERVABLE_AUTH_KEYS ?= demo:servable-demo-key
 
-.PHONY: all summary time-all setup apt lock lock-torch data kubectl proofs-alone mutation-check train-image train-text limited-data domain-study serve demo reliability config-docs test lint clean
+.PHONY: all summary time-all setup apt lock lock-torch data kubectl proofs-alone mutation-check train-image train-text limited-data backbone-mpnet domain-study serve demo reliability config-docs test lint clean
 
 # The main job's stages, in order (make time-all reads them from this line): the load test's SLO verdict ends it.
 all: setup train-image train-text summary demo loadtest  ## the main job, end to end on the bundled defaults
@@ -98,6 +98,9 @@ train-text: setup  ## fine-tune, export, optimise, quantise and register the sen
 
 limited-data: setup  ## limited-data study: ImageNet transfer (probe, fine-tune, slower backbone) vs a small CNN; augmentation, pseudo-labels, FixMatch, rotation pre-training, active learning -> docs/results/limited_data/
 	$(BIN)/python -m training limited-data
+
+backbone-mpnet: setup  ## opt-in larger text backbone (all-mpnet-base-v2, 5 pinned PyPI wheels, 404 MB) -> .cache/backbones/all-mpnet-base-v2
+	$(BIN)/python -m training backbone mpnet
 
 domain-study: setup  ## text domain-transfer study: labels a new domain needs, random vs the labelling loop's choice -> docs/results/domain_study/
 	$(BIN)/python -m training domain-study

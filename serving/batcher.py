@@ -8,10 +8,10 @@ runs as the next batch. So batches grow with load by themselves and never cost l
 Each call has a deadline. Admission is by predicted wait: a new call whose answer the batcher
 predicts after its deadline (the batch running now, the batches queued ahead of it and its own,
 each timed by `BatchCost`) is refused at once (`WouldBeLate`, a 429 with Retry-After) instead of
-waiting to be refused late. When a batch forms, a call in it that the batch would answer after its
-deadline (the prediction at admission was wrong: the batches ahead ran slower) is refused then
-(`QueueTimeout`, a 503), never run late, and its rows leave the batch. A batch that raises fails only its own callers
-(`BatchFailed`); the next batch runs as usual.
+waiting to be refused late. When a batch forms, a call in it that waited for an earlier batch and
+that this batch would answer after its deadline (the prediction at admission was wrong: the batches
+ahead ran slower) is refused then (`QueueTimeout`, a 503), never run late, and its rows leave the
+batch. A batch that raises fails only its own callers (`BatchFailed`); the next batch runs as usual.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ class Batcher:
         self.cost = BatchCost()
         self._pending: collections.deque[_Call] = collections.deque()
         self._running: tuple[int, float] | None = None  # (units, start) of the batch in the model thread
+        self._free_at = 0.0  # time.perf_counter() when the model last finished a batch
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One model thread: batches run one after another, the event loop keeps parsing requests.
@@ -230,13 +231,15 @@ class Batcher:
         return batch, "queue_empty"
 
     def _in_time(self, batch: list[_Call]) -> list[_Call]:
-        """The calls this batch would answer by their deadlines, by the cost model; the others are refused now
-        rather than answered late. Dropping calls only shortens the batch, so the kept ones stay in time."""
+        """The calls this batch would answer by their deadlines, by the cost model; of those that waited for an
+        earlier batch (their admission predicted that wait), the others are refused now rather than answered
+        late. A call that found the model free runs now, as its admission judged. Dropping calls only shortens
+        the batch, so the kept ones stay in time."""
         if not batch:
             return batch
         end, kept = time.perf_counter() + self.cost.predict(sum(call.units for call in batch)), []
         for call in batch:
-            if call.deadline < end:
+            if call.queued_at < self._free_at and call.deadline < end:
                 call.future.set_exception(QueueTimeout(f"its batch would answer it {end - call.deadline:.3f} s late"))
             else:
                 kept.append(call)
@@ -267,7 +270,7 @@ class Batcher:
                             call.future.set_exception(BatchFailed(type(exc).__name__))
                     continue
                 finally:
-                    self._running = None
+                    self._running, self._free_at = None, time.perf_counter()
                 model_s = time.perf_counter() - start
                 self.cost.observe(units, model_s)
                 begin = 0

@@ -119,7 +119,7 @@ MUTATIONS = (
              ("tests/test_batcher.py::test_bucketed_run_restores_the_callers_order_and_matches_one_padded_batch",)),
     Mutation("overload-late-at-dispatch",
              "a call its batch would answer after its deadline is refused when the batch forms (503 `overloaded`)",
-             "serving/batcher.py", "if call.deadline < end:", "if False:",
+             "serving/batcher.py", "if call.queued_at < self._free_at and call.deadline < end:", "if False:",
              ("tests/test_batcher.py::test_a_call_its_batch_would_answer_late_is_refused_when_the_batch_forms_and_its_mates_run",)),
     Mutation("admission-off", "a request predicted past its deadline is refused at once (429 `would_miss_deadline`)",
              "serving/batcher.py", "if now + predicted / HEADROOM > deadline:", "if False:",

@@ -127,6 +127,22 @@ def test_a_call_its_batch_would_answer_late_is_refused_when_the_batch_forms_and_
     assert model.batches == [[1], [3]] and spare.values[0, 0] == 3 and first.values[0, 0] == 1
 
 
+def test_a_call_that_finds_the_model_free_runs_as_its_admission_judged():
+    """Admission times a call to a free model as the warm-up found it; the batch it forms at once does not
+    refuse it again on the strength of slower recent batches (a short deadline answered, as before)."""
+    model = Model(delay=0.05)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=4, max_wait_s=5)
+        batcher.seed([(1, 0.001)])  # the warm-up found 1 ms; the batches here take 50 ms
+        await batcher.submit([1])
+        await asyncio.sleep(0.01)  # the model is free
+        assert batcher.cost.predict(1) > 0.01  # the recent batches predict far past the next deadline
+        return await batcher.submit([2], deadline=time.perf_counter() + 0.005)
+
+    assert asyncio.run(main()).values[0, 0] == 2 and model.batches == [[1], [2]]
+
+
 def test_a_call_larger_than_the_batch_runs_alone_and_a_cancelled_call_is_skipped():
     model = Model(delay=0.05)
 

