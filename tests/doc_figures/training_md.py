@@ -551,6 +551,30 @@ def text_balance(d: dict) -> str:
 FIGURES.append(Figure("docs/training.md", TEXT_BALANCE, text_balance, "text: class balance by domain and split"))
 FIGURES += [Figure("docs/training.md", TEXT_LEVERS, text_levers(r), f"text levers: {r}") for r in ("table", "means")]
 
+# the opt-in MPNet backbone (make backbone-mpnet), held out on the same shortened recipe, and its cost per text
+TEXT_LEVERS_MPNET = "docs/results/training/text_levers_mpnet.json"
+MPNET_CEILING = "docs/results/benchmark/text-ceiling/mpnet/text_ceiling.json"
+
+
+def mpnet_train_minutes(d: dict) -> str:
+    runs = sorted(d["runs"].values(), key=lambda r: r["held_out"])
+    return " and ".join(f"{r['train_seconds'] / 60:.0f}" for r in runs) + " minutes"
+
+
+def mpnet_ms_per_text(d: dict) -> str:
+    """fp32 MiniLM and MPNet at batch 1 and 32, one thread: wall ms per text, and MPNet over MiniLM."""
+    small, large = d["one_thread"]["fp32"], d["one_thread"]["mpnet"]
+    return ", ".join(f"batch {b}: {small[b]['wall_ms']:.1f} against {large[b]['wall_ms']:.1f} ms "
+                     f"({large[b]['wall_ms'] / small[b]['wall_ms']:.1f} times)" for b in ("1", "32"))  # fmt: skip
+
+
+FIGURES += [Figure("docs/training.md", TEXT_LEVERS_MPNET, text_levers(r), f"mpnet held out: {r}")
+            for r in ("table", "means")]  # fmt: skip
+FIGURES += [
+    Figure("docs/training.md", TEXT_LEVERS_MPNET, mpnet_train_minutes, "mpnet: training minutes per run"),
+    Figure("docs/training.md", MPNET_CEILING, mpnet_ms_per_text, "mpnet: model cost per text"),
+]  # fmt: skip
+
 # the fair limited-data study (make limited-data): one sitting from nothing, and the earlier run over several sittings
 LIMITED_FAIR = "docs/results/limited_data/limited_data.json"
 LIMITED_SITTINGS = "docs/results/limited_data/several-sittings/limited_data.json"
