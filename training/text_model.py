@@ -35,7 +35,7 @@ def hub_offline() -> bool:
 
 def load_backbone(name: str | None, labels: list[str], dropout: float):
     """Tokenizer + sequence classifier from a local dir or a Hugging Face name (offline cache)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     source = str(bundled_backbone()) if name is None else name
     if name is not None and name.startswith(("/", ".", "~")):  # a path, never a hub name
@@ -47,13 +47,15 @@ def load_backbone(name: str | None, labels: list[str], dropout: float):
     local_only = hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(
+            source, num_labels=len(labels), id2label=dict(enumerate(labels)), local_files_only=local_only,
+            label2id={lab: i for i, lab in enumerate(labels)},
+        )  # fmt: skip
         # The head's dropout where the architecture has a setting for it (BERT's classifier_dropout); others
         # (MPNet) keep their checkpoint's dropout, which their head shares with the encoder.
-        head = {"classifier_dropout": dropout} if _has_head_dropout(source, local_only) else {}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(labels), id2label=dict(enumerate(labels)), local_files_only=local_only,
-            label2id={lab: i for i, lab in enumerate(labels)}, **head,
-        )  # fmt: skip
+        if hasattr(config, "classifier_dropout"):
+            config.classifier_dropout = dropout
+        model = AutoModelForSequenceClassification.from_pretrained(source, config=config, local_files_only=local_only)
     except (OSError, ValueError) as exc:  # transformers' "not found / not cached / bad repo id" errors
         reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         raise DataError(
@@ -64,12 +66,6 @@ def load_backbone(name: str | None, labels: list[str], dropout: float):
     if not tokenizer.is_fast:
         raise DataError(f"{source} has no fast tokenizer (tokenizer.json); serving needs one")
     return tokenizer, model, source
-
-
-def _has_head_dropout(source: str, local_only: bool) -> bool:
-    from transformers import AutoConfig
-
-    return hasattr(AutoConfig.from_pretrained(source, local_files_only=local_only), "classifier_dropout")
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
